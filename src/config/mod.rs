@@ -1,0 +1,440 @@
+//! Configuration: serde structs, load -> parse -> validate.
+//!
+//! Every key has a default, unknown keys are errors, and every error names
+//! `file:line:column` and the key path. The reference file `portcullis.yaml`
+//! at the top of the repository is also the embedded default.
+
+mod units;
+
+pub use units::{Bytes, Secs, parse_size};
+
+use crate::yaml::{self, YamlError};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The annotated reference config, embedded as the default.
+pub const DEFAULT_CONFIG: &str = include_str!("../../portcullis.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Yaml(#[from] YamlError),
+    #[error("{file}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our name in the greeting, EHLO replies and the log.
+    pub hostname: String,
+    pub listen: Vec<Listen>,
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub smtp: Smtp,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// Expect a PROXY v1/v2 header from a load balancer on this listener.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Peers allowed to send a PROXY header; anyone else is refused.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIdentity {
+    Auto,
+    Xclient,
+    ProxyV1,
+    ProxyV2,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    #[serde(default = "default_identity")]
+    pub client_identity: ClientIdentity,
+    /// Name we give in our own EHLO to upstream; defaults to `hostname`.
+    #[serde(default)]
+    pub helo_name: Option<String>,
+    #[serde(default)]
+    pub timeouts: UpstreamTimeouts,
+    /// How often upstream's EHLO capabilities are probed again.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: Secs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTimeouts {
+    pub connect: Secs,
+    pub command: Secs,
+    pub data: Secs,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Secs(Duration::from_secs(10)),
+            command: Secs(Duration::from_secs(60)),
+            data: Secs(Duration::from_secs(600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_message_size: Bytes,
+    pub max_recipients: usize,
+    pub max_errors: usize,
+    /// Bytes of message data buffered across all sessions at once.
+    pub memory_budget: Bytes,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1000,
+            max_connections_per_ip: 20,
+            max_message_size: Bytes(25 << 20),
+            max_recipients: 100,
+            max_errors: 10,
+            memory_budget: Bytes(512 << 20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Idle time allowed between client commands.
+    pub command: Secs,
+    /// Idle time allowed between reads while the client sends DATA.
+    pub data: Secs,
+    /// Total lifetime of one client session.
+    pub session: Secs,
+    /// On SIGTERM, how long transactions in flight may take to finish.
+    pub shutdown: Secs,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            command: Secs(Duration::from_secs(300)),
+            data: Secs(Duration::from_secs(600)),
+            session: Secs(Duration::from_secs(1800)),
+            shutdown: Secs(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Smtp {
+    /// Longest command line accepted, CRLF included (RFC 5321: 512).
+    pub max_command_line: usize,
+    /// Longest message text line, CRLF excluded (RFC 5321: 998).
+    pub max_line_length: usize,
+    /// What to do with a bare CR or LF in a message (SMTP smuggling defence).
+    pub bare_newline: BareNewline,
+}
+
+impl Default for Smtp {
+    fn default() -> Self {
+        Self {
+            max_command_line: 512,
+            max_line_length: 998,
+            bare_newline: BareNewline::Reject,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewline {
+    /// Read to the real end of data, then refuse with 550 5.5.2.
+    Reject,
+    /// Turn bare CR/LF into CRLF; only CRLF.CRLF still ends the message.
+    Normalize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Logfmt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// tracing filter directive: `info`, `debug`, `portcullis=debug`.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+fn default_identity() -> ClientIdentity {
+    ClientIdentity::Auto
+}
+
+fn default_probe_interval() -> Secs {
+    Secs(Duration::from_secs(60))
+}
+
+impl Config {
+    /// Loads and validates a config file; `None` means the embedded default.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Self::parse(&text, p)
+            }
+            None => Self::parse(DEFAULT_CONFIG, Path::new("<embedded portcullis.yaml>")),
+        }
+    }
+
+    /// Parses and validates config text read from `file`.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = yaml::parse(text, file)?;
+        cfg.validate(text, file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str, file: &Path) -> Result<(), ConfigError> {
+        let fail = |key: &str, message: String| {
+            let (line, column) = locate_key(text, key);
+            Err(ConfigError::Invalid {
+                file: file.display().to_string(),
+                line,
+                column,
+                key: key.to_string(),
+                message,
+            })
+        };
+        if !is_domain_like(&self.hostname) {
+            return fail("hostname", format!("{:?} is not a host name", self.hostname));
+        }
+        if self.listen.is_empty() {
+            return fail("listen", "at least one listener is needed".into());
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if !l.trusted_proxies.is_empty() && !l.proxy_protocol {
+                return fail(
+                    &format!("listen[{i}].trusted_proxies"),
+                    "set only with proxy_protocol: true".into(),
+                );
+            }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return fail(
+                    &format!("listen[{i}].proxy_protocol"),
+                    "needs trusted_proxies (the load balancers allowed to send PROXY headers)"
+                        .into(),
+                );
+            }
+        }
+        if let Some(h) = &self.upstream.helo_name {
+            if !is_domain_like(h) {
+                return fail("upstream.helo_name", format!("{h:?} is not a host name"));
+            }
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+            ("limits.max_recipients", l.max_recipients),
+            ("limits.max_errors", l.max_errors),
+        ] {
+            if v == 0 {
+                return fail(key, "must be at least 1".into());
+            }
+        }
+        if l.memory_budget < l.max_message_size {
+            return fail(
+                "limits.memory_budget",
+                format!(
+                    "{} is smaller than limits.max_message_size ({})",
+                    l.memory_budget, l.max_message_size
+                ),
+            );
+        }
+        if !(512..=65536).contains(&self.smtp.max_command_line) {
+            return fail(
+                "smtp.max_command_line",
+                "must be between 512 and 65536".into(),
+            );
+        }
+        if self.smtp.max_line_length < 998 {
+            return fail("smtp.max_line_length", "must be at least 998 (RFC 5321)".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return fail("log.level", format!("invalid filter: {e}"));
+        }
+        Ok(())
+    }
+
+    /// The name we use in EHLO towards upstream.
+    pub fn upstream_helo(&self) -> &str {
+        self.upstream.helo_name.as_deref().unwrap_or(&self.hostname)
+    }
+
+    /// True when `ip` may send a PROXY header on listener `l`.
+    pub fn is_trusted_proxy(l: &Listen, ip: IpAddr) -> bool {
+        l.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// A loose host-name check: labels of letters, digits and hyphens.
+fn is_domain_like(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Finds the line and column of the last segment of a dotted key path, for
+/// errors found after parsing. Falls back to 1:1.
+fn locate_key(text: &str, key: &str) -> (usize, usize) {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let last = last.split('[').next().unwrap_or(last);
+    let needle = format!("{last}:");
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start().trim_start_matches("- ");
+        if t.starts_with(&needle) {
+            return (i + 1, line.len() - t.len() + 1);
+        }
+    }
+    (1, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("t.yaml"))
+    }
+
+    #[test]
+    fn embedded_default_loads() {
+        let c = Config::load(None).expect("embedded config is valid");
+        assert_eq!(c.listen[0].addr, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.upstream.addr, "127.0.0.1:25".parse().unwrap());
+        assert_eq!(c.limits.max_message_size, Bytes(25 << 20));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_location_and_path() {
+        let e = parse(
+            "hostname: mx.test\nlisten: [{addr: 127.0.0.1:1}]\nupstream:\n  addr: 127.0.0.1:2\n  timeouts:\n    conect: 5s\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("t.yaml:6:5: upstream.timeouts"), "{e}");
+        assert!(e.contains("unknown field `conect`"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_size_are_located() {
+        let e = parse(
+            "hostname: mx.test\nlisten: [{addr: 127.0.0.1:1}]\nupstream: {addr: 127.0.0.1:2}\ntimeouts:\n  command: soon\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("t.yaml:5:3: timeouts.command: invalid duration \"soon\""), "{e}");
+        let e = parse(
+            "hostname: mx.test\nlisten: [{addr: 127.0.0.1:1}]\nupstream: {addr: 127.0.0.1:2}\nlimits:\n  max_message_size: 25Mib\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("t.yaml:5:") && e.contains("limits.max_message_size"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let e = parse(
+            "hostname: mx.test\nlisten: [{addr: 127.0.0.1:1}]\nupstream: {addr: 127.0.0.1:2}\nlimits:\n  max_recipients: 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "t.yaml:5:3: limits.max_recipients: must be at least 1");
+        let e = parse(
+            "hostname: mx.test\nlisten:\n  - addr: 127.0.0.1:1\n    proxy_protocol: true\nupstream: {addr: 127.0.0.1:2}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("t.yaml:4:5: listen[0].proxy_protocol"), "{e}");
+    }
+
+    #[test]
+    fn identity_spellings() {
+        for (s, want) in [
+            ("auto", ClientIdentity::Auto),
+            ("xclient", ClientIdentity::Xclient),
+            ("proxy-v1", ClientIdentity::ProxyV1),
+            ("proxy-v2", ClientIdentity::ProxyV2),
+            ("none", ClientIdentity::None),
+        ] {
+            let c = parse(&format!(
+                "hostname: mx.test\nlisten: [{{addr: 127.0.0.1:1}}]\nupstream: {{addr: 127.0.0.1:2, client_identity: {s}}}\n"
+            ))
+            .unwrap();
+            assert_eq!(c.upstream.client_identity, want);
+        }
+    }
+}

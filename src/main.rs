@@ -1,0 +1,98 @@
+//! The `portcullis` command: run the gate, or check a config.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use portcullis::config::Config;
+use portcullis::server::Server;
+use portcullis::upstream::ProbeError;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Anti-spam filtering SMTP proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (with the embedded default config unless --config is given).
+    Run {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and exit non-zero on any error.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Check { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!(
+                    "config ok: {} listener(s), upstream {}",
+                    c.listen.len(),
+                    c.upstream.addr
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run { config } => match run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portcullis: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = Config::load(config.as_deref())?;
+    portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let server = Server::bind(cfg).await?;
+        let upstream = server.upstream();
+        match upstream.probe().await {
+            Ok(id) => tracing::info!(upstream = %upstream.addr, identity = id.as_str(), "upstream ready"),
+            // Refuse to run when the client address cannot be passed on.
+            Err(e @ ProbeError::NoIdentity(_)) => return Err(anyhow::anyhow!(e)),
+            Err(e) => tracing::warn!(
+                upstream = %upstream.addr,
+                error = %e,
+                "upstream not reachable yet: answering 4xx until it is"
+            ),
+        }
+        for a in server.local_addrs() {
+            tracing::info!(listen = %a, version = env!("CARGO_PKG_VERSION"), "listening");
+        }
+        server.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The listener side: accept loops, connection limits, incoming PROXY
+//! headers, session tasks, and graceful shutdown.
+
+pub mod limits;
+pub mod shutdown;
+pub mod tls;
+
+use crate::checks::{self, Pipeline};
+use crate::config::{Config, Listen};
+use crate::smtp::proxy_header;
+use crate::smtp::reply::{self, Reply};
+use crate::smtp::{Peer, Session, Shared};
+use crate::telemetry::RefusedConnection;
+use crate::upstream::Upstream;
+use limits::{ConnectionLimits, MemoryBudget};
+use shutdown::{Phase, Shutdown};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+pub struct Server {
+    listeners: Vec<(TcpListener, Listen)>,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    shutdown: Arc<Shutdown>,
+}
+
+/// After the drain deadline, how long sessions get to write their 421.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+impl Server {
+    /// Binds every listener and builds what sessions share. Does not touch upstream.
+    pub async fn bind(cfg: Config) -> Result<Server, ServerError> {
+        let cfg = Arc::new(cfg);
+        let mut listeners = Vec::new();
+        for l in &cfg.listen {
+            let sock = TcpListener::bind(l.addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: l.addr,
+                    source,
+                })?;
+            listeners.push((sock, l.clone()));
+        }
+        let tls = match &cfg.tls {
+            Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
+        let checks = Pipeline::new(vec![Box::new(checks::Limits {
+            max_message_size: cfg.limits.max_message_size.0,
+            max_recipients: cfg.limits.max_recipients,
+        })]);
+        let shared = Arc::new(Shared {
+            upstream: Arc::new(Upstream::new(&cfg)),
+            budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
+            checks,
+            tls,
+            cfg: Arc::clone(&cfg),
+        });
+        Ok(Server {
+            listeners,
+            limits: ConnectionLimits::new(
+                cfg.limits.max_connections,
+                cfg.limits.max_connections_per_ip,
+            ),
+            shared,
+            shutdown: Arc::new(Shutdown::new()),
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn upstream(&self) -> Arc<Upstream> {
+        Arc::clone(&self.shared.upstream)
+    }
+
+    pub fn shutdown_handle(&self) -> Arc<Shutdown> {
+        Arc::clone(&self.shutdown)
+    }
+
+    /// Serves until `stop` resolves, then drains: no new connections,
+    /// transactions in flight get `timeouts.shutdown` to finish, the rest 421.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let refresh = self.shared.upstream.spawn_refresh();
+        let tracker = TaskTracker::new();
+        let mut accept_loops = Vec::new();
+        for (listener, conf) in self.listeners {
+            accept_loops.push(tokio::spawn(accept_loop(
+                listener,
+                conf,
+                Arc::clone(&self.shared),
+                Arc::clone(&self.limits),
+                Arc::clone(&self.shutdown),
+                tracker.clone(),
+            )));
+        }
+        stop.await;
+        tracing::info!(open = self.limits.open(), "shutting down: draining sessions");
+        self.shutdown.set(Phase::Draining);
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        let deadline = self.shared.cfg.timeouts.shutdown.0;
+        if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+            tracing::warn!(open = self.limits.open(), "drain deadline passed: closing the rest with 421");
+            self.shutdown.set(Phase::Abort);
+            let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
+        }
+        refresh.abort();
+        tracing::info!("stopped");
+    }
+}
+
+fn session_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}{:06x}", epoch as u32, n)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    conf: Listen,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    shutdown: Arc<Shutdown>,
+    tracker: TaskTracker,
+) {
+    let mut signal = shutdown.signal();
+    let conf = Arc::new(conf);
+    loop {
+        let accepted = tokio::select! {
+            _ = signal.reached(Phase::Draining) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                tracker.spawn(connection(
+                    sock,
+                    peer,
+                    Arc::clone(&conf),
+                    Arc::clone(&shared),
+                    Arc::clone(&limits),
+                    shutdown.signal(),
+                ));
+            }
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(sock: &mut TcpStream, id: &str, ip: std::net::IpAddr, r: &Reply, reason: &str, limit: Duration) {
+    let mut out = Vec::new();
+    r.write_to(&mut out);
+    let _ = tokio::time::timeout(limit, async {
+        let _ = sock.write_all(&out).await;
+        let _ = sock.shutdown().await;
+    })
+    .await;
+    RefusedConnection {
+        session: id,
+        client_ip: ip,
+        code: r.code,
+        enhanced: &r.enhanced_code().unwrap_or_default(),
+        reason,
+    }
+    .emit();
+}
+
+async fn connection(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    conf: Arc<Listen>,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    signal: shutdown::ShutdownSignal,
+) {
+    let _ = sock.set_nodelay(true);
+    let id = session_id();
+    let wait = shared.cfg.timeouts.command.0;
+    let Ok(local) = sock.local_addr() else { return };
+    let (client, local, initial) = if conf.proxy_protocol {
+        if !Config::is_trusted_proxy(&conf, peer.ip().to_canonical()) {
+            refuse(&mut sock, &id, peer.ip(), &reply::PROXY_REFUSED, "proxy:untrusted", wait).await;
+            return;
+        }
+        match proxy_header::read(&mut sock, wait).await {
+            Ok(p) => (
+                p.source.unwrap_or(peer),
+                p.destination.unwrap_or(local),
+                p.rest,
+            ),
+            Err(e) => {
+                tracing::info!(session = %id, proxy = %peer, error = %e, "bad PROXY header");
+                refuse(&mut sock, &id, peer.ip(), &reply::PROXY_REFUSED, "proxy:invalid", wait).await;
+                return;
+            }
+        }
+    } else {
+        (peer, local, Vec::new())
+    };
+    let _guard = match limits.acquire(client.ip()) {
+        Ok(g) => g,
+        Err(r) => {
+            refuse(&mut sock, &id, client.ip(), &reply::TOO_MANY_CONNECTIONS, r.reason(), wait).await;
+            return;
+        }
+    };
+    let peer = Peer {
+        id,
+        addr: client,
+        local,
+    };
+    Session::new(Box::new(sock), peer, shared, signal, initial)
+        .run()
+        .await;
+}

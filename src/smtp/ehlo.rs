@@ -1,0 +1,124 @@
+//! Our EHLO reply: what we implement and upstream also supports.
+
+use crate::smtp::command::{MailCmd, RcptCmd};
+use crate::upstream::Capabilities;
+
+/// What this session offered the client, fixed at EHLO time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offer {
+    pub size: u64,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub starttls: bool,
+}
+
+impl Offer {
+    /// `upstream` is `None` until upstream has answered a probe; then we offer
+    /// only what needs nothing from it.
+    pub fn new(upstream: Option<&Capabilities>, max_size: u64, starttls: bool) -> Offer {
+        let up = upstream.cloned().unwrap_or_default();
+        // Never announce more than upstream takes.
+        let size = match up.size {
+            Some(s) if s > 0 => s.min(max_size),
+            _ => max_size,
+        };
+        Offer {
+            size,
+            eight_bit_mime: up.eight_bit_mime,
+            smtputf8: up.smtputf8,
+            dsn: up.dsn,
+            starttls,
+        }
+    }
+
+    /// The multi-line 250 reply to EHLO.
+    pub fn write_reply(&self, hostname: &str, out: &mut Vec<u8>) {
+        let mut lines: Vec<String> = vec![hostname.to_string(), "PIPELINING".into()];
+        lines.push(format!("SIZE {}", self.size));
+        if self.eight_bit_mime {
+            lines.push("8BITMIME".into());
+        }
+        if self.smtputf8 {
+            lines.push("SMTPUTF8".into());
+        }
+        if self.dsn {
+            lines.push("DSN".into());
+        }
+        if self.starttls {
+            lines.push("STARTTLS".into());
+        }
+        lines.push("ENHANCEDSTATUSCODES".into());
+        let last = lines.len() - 1;
+        for (i, l) in lines.iter().enumerate() {
+            out.extend_from_slice(if i == last { b"250 " } else { b"250-" });
+            out.extend_from_slice(l.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The first MAIL parameter we did not offer, if any.
+    pub fn unsupported_mail_param(&self, m: &MailCmd) -> Option<String> {
+        if m.body_binary || (m.body_8bit && !self.eight_bit_mime) {
+            return Some("BODY".into());
+        }
+        m.params
+            .iter()
+            .find(|p| match p.as_str() {
+                "SIZE" | "BODY" => false,
+                "SMTPUTF8" => !self.smtputf8,
+                "RET" | "ENVID" => !self.dsn,
+                _ => true,
+            })
+            .cloned()
+    }
+
+    /// The first RCPT parameter we did not offer, if any.
+    pub fn unsupported_rcpt_param(&self, r: &RcptCmd) -> Option<String> {
+        r.params
+            .iter()
+            .find(|p| !(matches!(p.as_str(), "NOTIFY" | "ORCPT") && self.dsn))
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::command::{Command, parse};
+
+    fn mail(line: &str) -> MailCmd {
+        match parse(line.as_bytes()) {
+            Ok(Command::Mail(m)) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn offers_intersection() {
+        let up = Capabilities {
+            eight_bit_mime: true,
+            dsn: true,
+            size: Some(10_000_000),
+            ..Capabilities::default()
+        };
+        let o = Offer::new(Some(&up), 25 << 20, false);
+        let mut out = Vec::new();
+        o.write_reply("mx.test", &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10000000\r\n250-8BITMIME\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n"
+        );
+        assert_eq!(o.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=8BITMIME RET=HDRS")), None);
+        assert_eq!(
+            o.unsupported_mail_param(&mail("MAIL FROM:<a@b> SMTPUTF8")),
+            Some("SMTPUTF8".into())
+        );
+        let none = Offer::new(None, 1000, true);
+        assert_eq!(
+            none.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=8BITMIME")),
+            Some("BODY".into())
+        );
+        assert_eq!(none.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=7BIT SIZE=5")), None);
+    }
+}

@@ -1,0 +1,724 @@
+//! One client session: the SMTP state machine, relaying each transaction
+//! live to upstream. Generic over the byte stream, so tests drive it over an
+//! in-memory pipe.
+//!
+//! Order of replies: commands are handled one at a time in arrival order and
+//! replies are queued; the queue is flushed whenever no complete command is
+//! buffered (RFC 2920), so pipelined batches get one write.
+
+use crate::checks::{Envelope, Outcome, Pipeline, Stage};
+use crate::config::{BareNewline, Config};
+use crate::server::limits::MemoryBudget;
+use crate::server::shutdown::{Phase, ShutdownSignal};
+use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
+use crate::smtp::data::DataReader;
+use crate::smtp::ehlo::Offer;
+use crate::smtp::reply::{self, Reply, UpstreamReply};
+use crate::telemetry::{TxnRecord, Verdict};
+use crate::upstream::{ClientIdentity, UpStage, Upstream, UpstreamConn, UpstreamError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+
+/// A client byte stream: TCP, TLS over TCP, or an in-memory pipe in tests.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What all sessions share.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub upstream: Arc<Upstream>,
+    pub budget: Arc<MemoryBudget>,
+    pub checks: Pipeline,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Who is on the other end.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+}
+
+const COMMAND_READ: usize = 1024;
+const DATA_READ: usize = 64 * 1024;
+
+/// One MAIL..end-of-transaction.
+struct Txn {
+    mail: MailCmd,
+    rcpts: usize,
+    started: Instant,
+    /// Upstream failed mid-transaction: everything else answers 4xx.
+    broken: bool,
+    /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
+    last_rcpt_refusal: Option<(u16, String, String)>,
+}
+
+enum Fill {
+    Data,
+    Closed,
+    Timeout,
+    Shutdown,
+}
+
+enum Line {
+    Command(Vec<u8>),
+    TooLong,
+    Closed,
+    Timeout,
+    Shutdown,
+}
+
+/// How a session ends.
+enum Next {
+    Continue,
+    Close,
+}
+
+pub struct Session {
+    io: Box<dyn Stream>,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    shared: Arc<Shared>,
+    peer: Peer,
+    shutdown: ShutdownSignal,
+    deadline: tokio::time::Instant,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: bool,
+    offer: Offer,
+    txn: Option<Txn>,
+    upstream: Option<UpstreamConn>,
+    /// The HELO name upstream was told about on the open connection.
+    upstream_helo: Option<String>,
+    errors: usize,
+}
+
+impl Session {
+    pub fn new(
+        io: Box<dyn Stream>,
+        peer: Peer,
+        shared: Arc<Shared>,
+        shutdown: ShutdownSignal,
+        initial: Vec<u8>,
+    ) -> Session {
+        let deadline = tokio::time::Instant::now() + shared.cfg.timeouts.session.0;
+        Session {
+            io,
+            rbuf: initial,
+            rpos: 0,
+            wbuf: Vec::with_capacity(256),
+            peer,
+            shutdown,
+            deadline,
+            helo: None,
+            esmtp: false,
+            tls: false,
+            offer: Offer::default(),
+            txn: None,
+            upstream: None,
+            upstream_helo: None,
+            errors: 0,
+            shared,
+        }
+    }
+
+    /// Runs the session to its end.
+    pub async fn run(mut self) {
+        let greeting = format!("220 {} ESMTP Portcullis\r\n", self.shared.cfg.hostname);
+        self.wbuf.extend_from_slice(greeting.as_bytes());
+        loop {
+            let line = self.next_line().await;
+            let next = match line {
+                Line::Command(l) => self.handle(&l).await,
+                Line::TooLong => self.error(reply::LINE_TOO_LONG),
+                Line::Closed => Next::Close,
+                Line::Timeout => {
+                    self.reply(&reply::TIMEOUT);
+                    Next::Close
+                }
+                Line::Shutdown => {
+                    self.reply(&reply::SHUTTING_DOWN);
+                    Next::Close
+                }
+            };
+            if let Next::Close = next {
+                break;
+            }
+        }
+        self.end_txn_abandoned("disconnect");
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+        if let Some(up) = self.upstream.take() {
+            up.quit().await;
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    /// A protocol error: reply, and hang up after `max_errors`.
+    fn error(&mut self, r: Reply) -> Next {
+        self.errors += 1;
+        if self.errors >= self.cfg().limits.max_errors {
+            self.reply(&reply::TOO_MANY_ERRORS);
+            return Next::Close;
+        }
+        self.reply(&r);
+        Next::Continue
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Flushes queued replies and reads more input.
+    async fn fill(&mut self, idle: Duration, chunk: usize) -> Fill {
+        if self.flush().await.is_err() {
+            return Fill::Closed;
+        }
+        if self.rpos > 0 {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        self.rbuf.reserve(chunk);
+        let until = (tokio::time::Instant::now() + idle).min(self.deadline);
+        // Between transactions a drain closes the session; inside one we wait
+        // for the hard deadline so the transaction can finish.
+        let stop_at = if self.txn.is_some() {
+            Phase::Abort
+        } else {
+            Phase::Draining
+        };
+        let io = &mut self.io;
+        let rbuf = &mut self.rbuf;
+        let shutdown = &mut self.shutdown;
+        tokio::select! {
+            biased;
+            _ = shutdown.reached(stop_at) => Fill::Shutdown,
+            r = tokio::time::timeout_at(until, io.read_buf(rbuf)) => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => Fill::Closed,
+                Ok(Ok(_)) => Fill::Data,
+                Err(_) => Fill::Timeout,
+            },
+        }
+    }
+
+    /// The next command line, without its line end.
+    async fn next_line(&mut self) -> Line {
+        let max = self.cfg().smtp.max_command_line;
+        let idle = self.cfg().timeouts.command.0;
+        let mut discarding = false;
+        loop {
+            let pending = &self.rbuf[self.rpos..];
+            if let Some(nl) = memchr::memchr(b'\n', pending) {
+                let start = self.rpos;
+                self.rpos += nl + 1;
+                if discarding || nl + 1 > max {
+                    return Line::TooLong;
+                }
+                let mut end = start + nl;
+                if end > start && self.rbuf[end - 1] == b'\r' {
+                    end -= 1;
+                }
+                return Line::Command(self.rbuf[start..end].to_vec());
+            }
+            if pending.len() >= max {
+                // Keep sync: drop what we have and answer once the line ends.
+                discarding = true;
+                self.rpos = self.rbuf.len();
+            }
+            match self.fill(idle, COMMAND_READ).await {
+                Fill::Data => {}
+                Fill::Closed => return Line::Closed,
+                Fill::Timeout => return Line::Timeout,
+                Fill::Shutdown => return Line::Shutdown,
+            }
+        }
+    }
+
+    async fn handle(&mut self, line: &[u8]) -> Next {
+        if memchr::memchr(0, line).is_some() {
+            return self.error(reply::NUL_IN_COMMAND);
+        }
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(CommandError::Unknown) => return self.error(reply::SYNTAX),
+            Err(CommandError::Syntax(s)) => {
+                return self.error(reply::PARAM_SYNTAX.with_text(format!("Syntax: {s}")));
+            }
+            Err(CommandError::BadParameter) => return self.error(reply::PARAM_SYNTAX),
+            Err(CommandError::UnsupportedParameter(p)) => {
+                return self.error(
+                    reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")),
+                );
+            }
+        };
+        match cmd {
+            Command::Ehlo(host) => self.hello(host, true),
+            Command::Helo(host) => self.hello(host, false),
+            Command::Mail(m) => self.mail(m).await,
+            Command::Rcpt(r) => self.rcpt(r).await,
+            Command::Data => self.data().await,
+            Command::Rset => {
+                self.reset_txn("rset").await;
+                self.reply(&reply::RSET_OK);
+                Next::Continue
+            }
+            Command::Noop => {
+                self.reply(&reply::NOOP_OK);
+                Next::Continue
+            }
+            Command::Vrfy => {
+                self.reply(&reply::VRFY);
+                Next::Continue
+            }
+            Command::Help => {
+                self.reply(&reply::HELP);
+                Next::Continue
+            }
+            Command::Quit => {
+                self.end_txn_abandoned("quit");
+                self.reply(&reply::BYE);
+                Next::Close
+            }
+            Command::StartTls => self.starttls().await,
+            Command::NotImplemented(_) => self.error(reply::NOT_IMPLEMENTED),
+        }
+    }
+
+    fn hello(&mut self, host: String, esmtp: bool) -> Next {
+        self.end_txn_abandoned("helo");
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+        let cfg = &self.shared.cfg;
+        let caps = self.shared.upstream.capabilities();
+        let starttls = self.shared.tls.is_some() && !self.tls;
+        self.offer = Offer::new(caps.as_deref(), cfg.limits.max_message_size.0, starttls);
+        if esmtp {
+            let mut out = std::mem::take(&mut self.wbuf);
+            self.offer.write_reply(&cfg.hostname, &mut out);
+            self.wbuf = out;
+        } else {
+            let line = format!("250 {}\r\n", cfg.hostname);
+            self.wbuf.extend_from_slice(line.as_bytes());
+        }
+        Next::Continue
+    }
+
+    fn envelope(&self) -> Envelope<'_> {
+        Envelope {
+            client: self.peer.addr,
+            helo: self.helo.as_deref(),
+            mail_from: self.txn.as_ref().map(|t| t.mail.address.as_str()),
+            declared_size: self.txn.as_ref().and_then(|t| t.mail.size),
+            rcpts: self.txn.as_ref().map_or(0, |t| t.rcpts),
+            message: None,
+        }
+    }
+
+    async fn mail(&mut self, m: MailCmd) -> Next {
+        if self.helo.is_none() {
+            return self.error(reply::NEED_HELO);
+        }
+        if self.txn.is_some() {
+            return self.error(reply::NESTED_MAIL);
+        }
+        if let Some(p) = self.offer.unsupported_mail_param(&m) {
+            return self.error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
+        }
+        let started = Instant::now();
+        let outcome = {
+            let mut env = self.envelope();
+            env.mail_from = Some(&m.address);
+            env.declared_size = m.size;
+            self.shared.checks.run(Stage::Mail, &env).await
+        };
+        if let Outcome::Refuse { reply, reason } = outcome {
+            self.log_mail_refused(&m, started, Stage::Mail, &reply, reason, "");
+            self.reply(&reply);
+            return Next::Continue;
+        }
+        if let Err(r) = self.ensure_upstream().await {
+            self.log_mail_refused(&m, started, Stage::Mail, &r, "upstream:unavailable", "");
+            self.reply(&r);
+            return Next::Continue;
+        }
+        let Some(up) = self.upstream.as_mut() else {
+            return Next::Continue;
+        };
+        match up.command(&m.line, UpStage::Mail).await {
+            Ok(r) => {
+                self.relay(&r);
+                if r.is_positive() {
+                    self.txn = Some(Txn {
+                        mail: m,
+                        rcpts: 0,
+                        started,
+                        broken: false,
+                        last_rcpt_refusal: None,
+                    });
+                } else {
+                    let ours = Reply {
+                        code: r.code,
+                        enhanced: None,
+                        text: r.text().into(),
+                    };
+                    self.log_mail_refused(&m, started, Stage::Mail, &ours, "upstream", &r.text());
+                }
+            }
+            Err(e) => {
+                self.upstream_failed(&e);
+                self.log_mail_refused(&m, started, Stage::Mail, &reply::UPSTREAM_LOST, "upstream:lost", &e.to_string());
+                self.reply(&reply::UPSTREAM_LOST);
+            }
+        }
+        Next::Continue
+    }
+
+    async fn rcpt(&mut self, r: RcptCmd) -> Next {
+        let Some(txn) = self.txn.as_ref() else {
+            return self.error(reply::NEED_MAIL);
+        };
+        if txn.broken {
+            self.reply(&reply::UPSTREAM_LOST);
+            return Next::Continue;
+        }
+        if let Some(p) = self.offer.unsupported_rcpt_param(&r) {
+            return self.error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
+        }
+        let outcome = self.shared.checks.run(Stage::Rcpt, &self.envelope()).await;
+        if let Outcome::Refuse { reply, reason } = outcome {
+            if let Some(t) = self.txn.as_mut() {
+                t.last_rcpt_refusal = Some((reply.code, reply.enhanced_code().unwrap_or_default(), reason.to_string()));
+            }
+            self.reply(&reply);
+            return Next::Continue;
+        }
+        let Some(up) = self.upstream.as_mut() else {
+            self.reply(&reply::UPSTREAM_LOST);
+            return Next::Continue;
+        };
+        match up.command(&r.line, UpStage::Rcpt).await {
+            Ok(rep) => {
+                self.relay(&rep);
+                if let Some(t) = self.txn.as_mut() {
+                    if rep.is_positive() {
+                        t.rcpts += 1;
+                    } else {
+                        t.last_rcpt_refusal = Some((rep.code, String::new(), "upstream".into()));
+                    }
+                }
+            }
+            Err(e) => {
+                self.upstream_failed(&e);
+                if let Some(t) = self.txn.as_mut() {
+                    t.broken = true;
+                }
+                self.reply(&reply::UPSTREAM_LOST);
+            }
+        }
+        Next::Continue
+    }
+
+    async fn data(&mut self) -> Next {
+        let Some(txn) = self.txn.as_ref() else {
+            return self.error(reply::NEED_MAIL);
+        };
+        if txn.broken {
+            self.finish_txn(0, Stage::Data, &reply::UPSTREAM_LOST, "upstream:lost", "");
+            self.reply(&reply::UPSTREAM_LOST);
+            return Next::Continue;
+        }
+        if txn.rcpts == 0 {
+            return self.error(reply::NEED_RCPT);
+        }
+        self.reply(&reply::START_DATA);
+        let cfg = Arc::clone(&self.shared.cfg);
+        let mut reader = DataReader::new(cfg.limits.max_message_size.0, cfg.smtp.max_line_length);
+        let mut msg: Vec<u8> = Vec::new();
+        let mut reservation = self.shared.budget.reservation();
+        let mut over_budget = false;
+        loop {
+            if self.rpos < self.rbuf.len() {
+                let p = reader.feed(&self.rbuf[self.rpos..], &mut msg);
+                self.rpos += p.consumed;
+                if reader.is_storing() && !reservation.ensure(msg.capacity()) {
+                    over_budget = true;
+                    reader.stop_storing();
+                }
+                if !reader.is_storing() && msg.capacity() > 0 {
+                    msg = Vec::new();
+                    reservation.release();
+                }
+                if p.done {
+                    break;
+                }
+            }
+            match self.fill(cfg.timeouts.data.0, DATA_READ).await {
+                Fill::Data => {}
+                Fill::Closed => {
+                    // Nothing reaches upstream: its connection closes before any dot.
+                    self.drop_upstream();
+                    self.end_txn_abandoned("disconnect");
+                    return Next::Close;
+                }
+                Fill::Timeout => {
+                    self.drop_upstream();
+                    self.finish_txn(reader.size(), Stage::Data, &reply::TIMEOUT, "timeout:data", "");
+                    self.reply(&reply::TIMEOUT);
+                    return Next::Close;
+                }
+                Fill::Shutdown => {
+                    self.drop_upstream();
+                    self.finish_txn(reader.size(), Stage::Data, &reply::SHUTTING_DOWN, "shutdown", "");
+                    self.reply(&reply::SHUTTING_DOWN);
+                    return Next::Close;
+                }
+            }
+        }
+        // The DATA buffer may have grown large; do not keep it while idle.
+        self.rbuf.drain(..self.rpos);
+        self.rpos = 0;
+        self.rbuf.shrink_to(COMMAND_READ);
+        let size = reader.size();
+        let a = reader.anomalies;
+        let local_refusal = if reader.oversized() {
+            Some((reply::SIZE_EXCEEDED, "limit:size"))
+        } else if over_budget {
+            Some((reply::OUT_OF_MEMORY, "limit:memory_budget"))
+        } else if a.nul {
+            Some((reply::NUL_IN_DATA, "protocol:nul"))
+        } else if a.bare_newline() && cfg.smtp.bare_newline == BareNewline::Reject {
+            Some((reply::BARE_NEWLINE, "protocol:bare_newline"))
+        } else if a.long_line {
+            Some((reply::LONG_LINE_IN_DATA, "protocol:line_length"))
+        } else {
+            None
+        };
+        let local_refusal = match local_refusal {
+            Some(r) => Some(r),
+            None => {
+                let mut env = self.envelope();
+                env.message = Some(&msg);
+                match self.shared.checks.run(Stage::Data, &env).await {
+                    Outcome::Refuse { reply, reason } => Some((reply, reason)),
+                    Outcome::Continue => None,
+                }
+            }
+        };
+        if let Some((r, reason)) = local_refusal {
+            drop(msg);
+            self.rset_upstream().await;
+            self.finish_txn(size, Stage::Data, &r, reason, "");
+            self.reply(&r);
+            return Next::Continue;
+        }
+        let result = match self.upstream.as_mut() {
+            Some(up) => up.data(b"", &msg).await,
+            None => Err(UpstreamError::Closed {
+                stage: UpStage::Data,
+            }),
+        };
+        drop(msg);
+        drop(reservation);
+        match result {
+            Ok(r) => {
+                let ours = Reply {
+                    code: r.code,
+                    enhanced: None,
+                    text: r.text().into(),
+                };
+                let reason = if r.is_positive() { "" } else { "upstream" };
+                self.finish_txn(size, Stage::Data, &ours, reason, &r.text());
+                self.relay(&r);
+                if !r.is_positive() && r.code != 354 {
+                    // A refusal at DATA (before 354) leaves upstream mid-transaction.
+                    self.rset_upstream().await;
+                }
+            }
+            Err(e) => {
+                self.upstream_failed(&e);
+                self.finish_txn(size, Stage::Data, &reply::UPSTREAM_LOST, "upstream:lost", &e.to_string());
+                self.reply(&reply::UPSTREAM_LOST);
+            }
+        }
+        Next::Continue
+    }
+
+    async fn starttls(&mut self) -> Next {
+        let Some(acceptor) = self.shared.tls.clone() else {
+            return self.error(reply::NOT_IMPLEMENTED);
+        };
+        if self.tls {
+            return self.error(reply::TLS_ALREADY);
+        }
+        self.reply(&reply::READY_TLS);
+        if self.flush().await.is_err() {
+            return Next::Close;
+        }
+        // Anything pipelined after STARTTLS was sent in clear text: discard it
+        // unanswered (CVE-2011-0411 class).
+        self.rbuf.clear();
+        self.rpos = 0;
+        let io = std::mem::replace(&mut self.io, Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())));
+        let limit = self.cfg().timeouts.command.0;
+        match tokio::time::timeout(limit, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => {
+                self.io = Box::new(tls);
+                self.tls = true;
+                self.end_txn_abandoned("starttls");
+                self.drop_upstream();
+                self.helo = None;
+                self.esmtp = false;
+                Next::Continue
+            }
+            _ => Next::Close,
+        }
+    }
+
+    /// Opens the upstream connection if needed (lazily, at the first MAIL),
+    /// or reopens it when the client changed its HELO name.
+    async fn ensure_upstream(&mut self) -> Result<(), Reply> {
+        if self.upstream.is_some() && self.upstream_helo == self.helo {
+            return Ok(());
+        }
+        if let Some(old) = self.upstream.take() {
+            old.quit().await;
+        }
+        let who = ClientIdentity {
+            addr: self.peer.addr,
+            local: self.peer.local,
+            helo: self.helo.clone(),
+            reverse: None,
+            esmtp: self.esmtp,
+        };
+        match self.shared.upstream.open(&who).await {
+            Ok(conn) => {
+                self.upstream = Some(conn);
+                self.upstream_helo = self.helo.clone();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.peer.id, error = %e, "upstream unavailable");
+                Err(reply::UPSTREAM_UNAVAILABLE)
+            }
+        }
+    }
+
+    /// Relays upstream's reply as it is, except that a 421 (upstream closing)
+    /// becomes 451: it is upstream that goes away, not this session.
+    fn relay(&mut self, r: &UpstreamReply) {
+        if r.code == 421 {
+            self.drop_upstream();
+            for line in r.raw.split_inclusive(|&b| b == b'\n') {
+                self.wbuf.extend_from_slice(b"451");
+                self.wbuf.extend_from_slice(line.get(3..).unwrap_or_default());
+            }
+        } else {
+            self.wbuf.extend_from_slice(&r.raw);
+        }
+    }
+
+    fn upstream_failed(&mut self, e: &UpstreamError) {
+        tracing::warn!(session = %self.peer.id, error = %e, stage = e.stage().as_str(), "upstream failed");
+        self.drop_upstream();
+    }
+
+    /// Closes the upstream connection at once, without QUIT (and so without
+    /// ending any DATA in progress there).
+    fn drop_upstream(&mut self) {
+        self.upstream = None;
+        self.upstream_helo = None;
+    }
+
+    async fn rset_upstream(&mut self) {
+        if let Some(up) = self.upstream.as_mut() {
+            match up.command(b"RSET", UpStage::Rset).await {
+                Ok(r) if r.is_positive() => {}
+                _ => self.drop_upstream(),
+            }
+        }
+    }
+
+    async fn reset_txn(&mut self, why: &str) {
+        if self.txn.is_some() {
+            self.end_txn_abandoned(why);
+            self.rset_upstream().await;
+        }
+    }
+
+    /// Logs and forgets a transaction that ended without a final reply.
+    fn end_txn_abandoned(&mut self, why: &str) {
+        let Some(t) = self.txn.as_ref() else { return };
+        let (verdict, code, enhanced, reason) = match (&t.last_rcpt_refusal, t.rcpts) {
+            (Some((code, enh, reason)), 0) => (Verdict::from_code(*code), *code, enh.clone(), reason.clone()),
+            _ => (Verdict::Abandoned, 0, String::new(), format!("client:{why}")),
+        };
+        self.log_txn(verdict, Stage::Rcpt, code, &enhanced, &reason, "", 0);
+        self.txn = None;
+    }
+
+    fn finish_txn(&mut self, size: u64, stage: Stage, r: &Reply, reason: &str, upstream: &str) {
+        let enhanced = r.enhanced_code().unwrap_or_default();
+        self.log_txn(Verdict::from_code(r.code), stage, r.code, &enhanced, reason, upstream, size);
+        self.txn = None;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log_txn(&self, verdict: Verdict, stage: Stage, code: u16, enhanced: &str, reason: &str, upstream: &str, size: u64) {
+        let Some(t) = self.txn.as_ref() else { return };
+        TxnRecord {
+            session: &self.peer.id,
+            client_ip: self.peer.addr.ip(),
+            helo: self.helo.as_deref().unwrap_or(""),
+            tls: self.tls,
+            mail_from: &t.mail.address,
+            rcpt_count: t.rcpts,
+            size,
+            verdict,
+            stage: stage.as_str(),
+            code,
+            enhanced,
+            reason,
+            upstream_reply: upstream,
+            duration: t.started.elapsed(),
+        }
+        .emit();
+    }
+
+    fn log_mail_refused(&self, m: &MailCmd, started: Instant, stage: Stage, r: &Reply, reason: &str, upstream: &str) {
+        let enhanced = r.enhanced_code().unwrap_or_default();
+        TxnRecord {
+            session: &self.peer.id,
+            client_ip: self.peer.addr.ip(),
+            helo: self.helo.as_deref().unwrap_or(""),
+            tls: self.tls,
+            mail_from: &m.address,
+            rcpt_count: 0,
+            size: 0,
+            verdict: Verdict::from_code(r.code),
+            stage: stage.as_str(),
+            code: r.code,
+            enhanced: &enhanced,
+            reason,
+            upstream_reply: upstream,
+            duration: started.elapsed(),
+        }
+        .emit();
+    }
+}

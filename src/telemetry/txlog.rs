@@ -1,0 +1,102 @@
+//! The transaction log line: a stable set of keys, one line per transaction.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// How a transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Reject,
+    Tempfail,
+    /// The client went away or reset before a final reply.
+    Abandoned,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accept => "accept",
+            Verdict::Reject => "reject",
+            Verdict::Tempfail => "tempfail",
+            Verdict::Abandoned => "abandoned",
+        }
+    }
+
+    /// The verdict a reply code stands for.
+    pub fn from_code(code: u16) -> Verdict {
+        match code / 100 {
+            2 | 3 => Verdict::Accept,
+            4 => Verdict::Tempfail,
+            _ => Verdict::Reject,
+        }
+    }
+}
+
+/// Everything the transaction line says.
+#[derive(Debug, Clone)]
+pub struct TxnRecord<'a> {
+    pub session: &'a str,
+    pub client_ip: IpAddr,
+    pub helo: &'a str,
+    pub tls: bool,
+    pub mail_from: &'a str,
+    pub rcpt_count: usize,
+    pub size: u64,
+    pub verdict: Verdict,
+    pub stage: &'a str,
+    pub code: u16,
+    pub enhanced: &'a str,
+    pub reason: &'a str,
+    pub upstream_reply: &'a str,
+    pub duration: Duration,
+}
+
+impl TxnRecord<'_> {
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "portcullis::txn",
+            event = "transaction",
+            session = self.session,
+            client_ip = %self.client_ip,
+            helo = self.helo,
+            tls = self.tls,
+            mail_from = self.mail_from,
+            rcpt_count = self.rcpt_count as u64,
+            size = self.size,
+            verdict = self.verdict.as_str(),
+            stage = self.stage,
+            code = self.code as u64,
+            enhanced = self.enhanced,
+            reason = self.reason,
+            upstream_reply = self.upstream_reply,
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+/// A connection refused before or at the greeting.
+#[derive(Debug, Clone)]
+pub struct RefusedConnection<'a> {
+    pub session: &'a str,
+    pub client_ip: IpAddr,
+    pub code: u16,
+    pub enhanced: &'a str,
+    pub reason: &'a str,
+}
+
+impl RefusedConnection<'_> {
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "portcullis::txn",
+            event = "refused",
+            session = self.session,
+            client_ip = %self.client_ip,
+            verdict = "reject",
+            stage = "connect",
+            code = self.code as u64,
+            enhanced = self.enhanced,
+            reason = self.reason,
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! One SMTP client connection to the MTA behind us.
+
+use super::capabilities::Capabilities;
+use super::identity::{ClientIdentity, Identity, proxy_header, xclient_line};
+use crate::smtp::data::write_stuffed;
+use crate::smtp::reply::{UpstreamReply, parse_reply};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// The stage an upstream failure happened at (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpStage {
+    Connect,
+    Greeting,
+    Ehlo,
+    Xclient,
+    Mail,
+    Rcpt,
+    Data,
+    Message,
+    Rset,
+}
+
+impl UpStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpStage::Connect => "connect",
+            UpStage::Greeting => "greeting",
+            UpStage::Ehlo => "ehlo",
+            UpStage::Xclient => "xclient",
+            UpStage::Mail => "mail",
+            UpStage::Rcpt => "rcpt",
+            UpStage::Data => "data",
+            UpStage::Message => "message",
+            UpStage::Rset => "rset",
+        }
+    }
+}
+
+/// Upstream trouble. Every variant is temporary from the client's point of
+/// view: the session answers 4xx and the sender retries.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no reply within {limit:?} at {}", stage.as_str())]
+    Timeout { stage: UpStage, limit: Duration },
+    #[error("connection closed at {}", stage.as_str())]
+    Closed { stage: UpStage },
+    #[error("i/o error at {}: {source}", stage.as_str())]
+    Io {
+        stage: UpStage,
+        source: std::io::Error,
+    },
+    #[error("malformed reply at {}", stage.as_str())]
+    BadReply { stage: UpStage },
+    #[error("refused at {}: {}", stage.as_str(), reply.text())]
+    Refused {
+        stage: UpStage,
+        reply: UpstreamReply,
+    },
+}
+
+impl UpstreamError {
+    pub fn stage(&self) -> UpStage {
+        match self {
+            UpstreamError::Connect { .. } => UpStage::Connect,
+            UpstreamError::Timeout { stage, .. }
+            | UpstreamError::Closed { stage }
+            | UpstreamError::Io { stage, .. }
+            | UpstreamError::BadReply { stage }
+            | UpstreamError::Refused { stage, .. } => *stage,
+        }
+    }
+}
+
+/// Timeouts for one upstream connection.
+#[derive(Debug, Clone, Copy)]
+pub struct UpTimeouts {
+    pub connect: Duration,
+    pub command: Duration,
+    pub data: Duration,
+}
+
+/// An open, greeted (and identified) SMTP connection to upstream.
+pub struct UpstreamConn {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    timeouts: UpTimeouts,
+    pub capabilities: Capabilities,
+}
+
+const WRITE_CHUNK: usize = 64 * 1024;
+
+impl UpstreamConn {
+    /// Connects, sends a PROXY header if asked, reads the greeting and says EHLO.
+    /// With `Identity::Xclient`, sends XCLIENT and EHLO again.
+    pub async fn open(
+        addr: SocketAddr,
+        helo_name: &str,
+        identity: Identity,
+        client: Option<&ClientIdentity>,
+        timeouts: UpTimeouts,
+    ) -> Result<UpstreamConn, UpstreamError> {
+        let stream = match timeout(timeouts.connect, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    stage: UpStage::Connect,
+                    limit: timeouts.connect,
+                });
+            }
+        };
+        // Small writes (commands, the final dot) must not wait for delayed ACKs.
+        let _ = stream.set_nodelay(true);
+        let mut conn = UpstreamConn {
+            stream,
+            rbuf: Vec::with_capacity(1024),
+            timeouts,
+            capabilities: Capabilities::default(),
+        };
+        if matches!(identity, Identity::ProxyV1 | Identity::ProxyV2) {
+            let local = conn.stream.local_addr().map_err(|source| UpstreamError::Io {
+                stage: UpStage::Connect,
+                source,
+            })?;
+            let (src, dst) = match client {
+                Some(c) => (c.addr, c.local),
+                // A probe announces itself.
+                None => (local, addr),
+            };
+            conn.write(&proxy_header(identity, src, dst), UpStage::Connect)
+                .await?;
+        }
+        let greeting = conn.read_reply(UpStage::Greeting, timeouts.connect).await?;
+        if greeting.code != 220 {
+            return Err(UpstreamError::Refused {
+                stage: UpStage::Greeting,
+                reply: greeting,
+            });
+        }
+        conn.ehlo(helo_name).await?;
+        if identity == Identity::Xclient {
+            if let Some(c) = client {
+                let offered = conn.capabilities.xclient.clone().unwrap_or_default();
+                let line = xclient_line(c, &offered);
+                let reply = conn.command(line.as_bytes(), UpStage::Xclient).await?;
+                if reply.code != 220 {
+                    return Err(UpstreamError::Refused {
+                        stage: UpStage::Xclient,
+                        reply,
+                    });
+                }
+                // After XCLIENT upstream greets again and wants a fresh EHLO,
+                // now under the client's HELO name.
+                let helo = c.helo.as_deref().unwrap_or(helo_name).to_string();
+                conn.ehlo(&helo).await?;
+            }
+        }
+        Ok(conn)
+    }
+
+    async fn ehlo(&mut self, name: &str) -> Result<(), UpstreamError> {
+        let line = format!("EHLO {name}");
+        let reply = self.command(line.as_bytes(), UpStage::Ehlo).await?;
+        if reply.code != 250 {
+            return Err(UpstreamError::Refused {
+                stage: UpStage::Ehlo,
+                reply,
+            });
+        }
+        self.capabilities = Capabilities::from_ehlo(&reply);
+        Ok(())
+    }
+
+    /// Waits briefly for a greeting without sending anything; used by the
+    /// `auto` probe to tell a PROXY-expecting listener (which stays silent).
+    pub async fn connect_silent(
+        addr: SocketAddr,
+        wait: Duration,
+        timeouts: UpTimeouts,
+    ) -> Result<Option<UpstreamReply>, UpstreamError> {
+        let stream = match timeout(timeouts.connect, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    stage: UpStage::Connect,
+                    limit: timeouts.connect,
+                });
+            }
+        };
+        let mut conn = UpstreamConn {
+            stream,
+            rbuf: Vec::new(),
+            timeouts,
+            capabilities: Capabilities::default(),
+        };
+        match conn.read_reply(UpStage::Greeting, wait).await {
+            Ok(r) => {
+                let _ = conn.command(b"QUIT", UpStage::Rset).await;
+                Ok(Some(r))
+            }
+            Err(UpstreamError::Timeout { .. }) | Err(UpstreamError::Closed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8], stage: UpStage) -> Result<(), UpstreamError> {
+        match timeout(self.timeouts.command, self.stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(UpstreamError::Io { stage, source }),
+            Err(_) => Err(UpstreamError::Timeout {
+                stage,
+                limit: self.timeouts.command,
+            }),
+        }
+    }
+
+    async fn read_reply(
+        &mut self,
+        stage: UpStage,
+        limit: Duration,
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match parse_reply(&self.rbuf) {
+                Ok(Some((reply, used))) => {
+                    self.rbuf.drain(..used);
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(_) => return Err(UpstreamError::BadReply { stage }),
+            }
+            self.rbuf.reserve(1024);
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
+                Ok(Ok(0)) => return Err(UpstreamError::Closed { stage }),
+                Ok(Ok(_)) => {}
+                Ok(Err(source)) => return Err(UpstreamError::Io { stage, source }),
+                Err(_) => return Err(UpstreamError::Timeout { stage, limit }),
+            }
+        }
+    }
+
+    /// Sends one command line (CRLF added) and returns upstream's reply.
+    pub async fn command(
+        &mut self,
+        line: &[u8],
+        stage: UpStage,
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let mut buf = Vec::with_capacity(line.len() + 2);
+        buf.extend_from_slice(line);
+        buf.extend_from_slice(b"\r\n");
+        self.write(&buf, stage).await?;
+        self.read_reply(stage, self.timeouts.command).await
+    }
+
+    /// DATA, then the message: `prefix` (our headers, already CRLF framed)
+    /// and the canonical `content`, dot-stuffed and terminated. Returns the
+    /// reply to DATA if it is not 354, else the final reply.
+    pub async fn data(
+        &mut self,
+        prefix: &[u8],
+        content: &[u8],
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let go = self.command(b"DATA", UpStage::Data).await?;
+        if go.code != 354 {
+            return Ok(go);
+        }
+        let limit = self.timeouts.data;
+        let send = async {
+            let mut chunk: Vec<u8> = Vec::with_capacity(WRITE_CHUNK.min(content.len() + 8));
+            let mut result = Ok(());
+            // Collect the framed slices; large runs are written straight through.
+            let mut pieces: Vec<&[u8]> = Vec::new();
+            write_stuffed(content, |s| pieces.push(s));
+            if !prefix.is_empty() {
+                chunk.extend_from_slice(prefix);
+            }
+            for piece in pieces {
+                if chunk.len() + piece.len() > WRITE_CHUNK {
+                    if !chunk.is_empty() {
+                        if let Err(e) = self.stream.write_all(&chunk).await {
+                            result = Err(e);
+                            break;
+                        }
+                        chunk.clear();
+                    }
+                    if piece.len() > WRITE_CHUNK {
+                        if let Err(e) = self.stream.write_all(piece).await {
+                            result = Err(e);
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                chunk.extend_from_slice(piece);
+            }
+            if result.is_ok() && !chunk.is_empty() {
+                result = self.stream.write_all(&chunk).await;
+            }
+            result
+        };
+        match timeout(limit, send).await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => {
+                return Err(UpstreamError::Io {
+                    stage: UpStage::Message,
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    stage: UpStage::Message,
+                    limit,
+                });
+            }
+        }
+        self.read_reply(UpStage::Message, limit).await
+    }
+
+    /// Ends the connection politely; errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ = timeout(Duration::from_secs(2), async {
+            let _ = self.stream.write_all(b"QUIT\r\n").await;
+            let mut b = [0u8; 512];
+            let _ = self.stream.read(&mut b).await;
+        })
+        .await;
+    }
+}

@@ -1,0 +1,205 @@
+//! The SMTP client side: everything that talks to the MTA behind us.
+//!
+//! `Upstream` is shared by all sessions. It probes upstream's EHLO at start
+//! and every `probe_interval` (what we may offer clients depends on it),
+//! resolves `client_identity: auto`, and opens per-session connections.
+
+mod capabilities;
+mod connection;
+mod identity;
+
+pub use capabilities::Capabilities;
+pub use connection::{UpStage, UpTimeouts, UpstreamConn, UpstreamError};
+pub use identity::{ClientIdentity, Identity, proxy_header, xclient_line};
+
+use crate::config::{ClientIdentity as Mode, Config};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Why a probe could not settle how to reach upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(#[from] UpstreamError),
+    #[error(
+        "upstream {0} offers no XCLIENT ADDR and does not expect a PROXY header; \
+         set upstream.client_identity to xclient (Postfix smtpd_authorized_xclient_hosts), \
+         proxy-v2/proxy-v1 (Exim hosts_proxy, Postfix smtpd_upstream_proxy_protocol), \
+         or none to pass no client address"
+    )]
+    NoIdentity(SocketAddr),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    capabilities: Option<Arc<Capabilities>>,
+    identity: Option<Identity>,
+    last_error: Option<String>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    helo: String,
+    mode: Mode,
+    pub timeouts: UpTimeouts,
+    probe_interval: Duration,
+    state: RwLock<State>,
+}
+
+/// How long the `auto` probe waits for a greeting before trying PROXY v2.
+const AUTO_GREETING_WAIT: Duration = Duration::from_secs(3);
+
+impl Upstream {
+    pub fn new(cfg: &Config) -> Upstream {
+        let t = &cfg.upstream.timeouts;
+        let fixed = match cfg.upstream.client_identity {
+            Mode::Xclient => Some(Identity::Xclient),
+            Mode::ProxyV1 => Some(Identity::ProxyV1),
+            Mode::ProxyV2 => Some(Identity::ProxyV2),
+            Mode::None => Some(Identity::None),
+            Mode::Auto => None,
+        };
+        Upstream {
+            addr: cfg.upstream.addr,
+            helo: cfg.upstream_helo().to_string(),
+            mode: cfg.upstream.client_identity,
+            timeouts: UpTimeouts {
+                connect: t.connect.0,
+                command: t.command.0,
+                data: t.data.0,
+            },
+            probe_interval: cfg.upstream.probe_interval.0,
+            state: RwLock::new(State {
+                identity: fixed,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// Upstream's capabilities from the latest EHLO, if any succeeded.
+    pub fn capabilities(&self) -> Option<Arc<Capabilities>> {
+        self.state.read().ok().and_then(|s| s.capabilities.clone())
+    }
+
+    /// How the client identity is passed, once known.
+    pub fn identity(&self) -> Option<Identity> {
+        self.state.read().ok().and_then(|s| s.identity)
+    }
+
+    fn record(&self, caps: Option<Capabilities>, identity: Option<Identity>, err: Option<String>) {
+        if let Ok(mut s) = self.state.write() {
+            if let Some(c) = caps {
+                s.capabilities = Some(Arc::new(c));
+            }
+            if identity.is_some() {
+                s.identity = identity;
+            }
+            s.last_error = err;
+        }
+    }
+
+    /// Connects once, learns upstream's EHLO and (for `auto`) how to pass the
+    /// client identity.
+    pub async fn probe(&self) -> Result<Identity, ProbeError> {
+        let result = self.probe_inner().await;
+        match &result {
+            Ok(id) => {
+                tracing::debug!(upstream = %self.addr, identity = id.as_str(), "upstream probe ok");
+            }
+            Err(e) => self.record(None, None, Some(e.to_string())),
+        }
+        result
+    }
+
+    async fn probe_inner(&self) -> Result<Identity, ProbeError> {
+        let identity = match (self.mode, self.identity()) {
+            (Mode::Auto, None) => self.detect().await?,
+            (_, Some(id)) => id,
+            (_, None) => Identity::None,
+        };
+        let conn = UpstreamConn::open(self.addr, &self.helo, identity, None, self.timeouts).await?;
+        let caps = conn.capabilities.clone();
+        conn.quit().await;
+        if self.mode == Mode::Auto && identity == Identity::Xclient && !caps.xclient_addr() {
+            // Upstream stopped offering XCLIENT since we last looked.
+            return Err(ProbeError::NoIdentity(self.addr));
+        }
+        self.record(Some(caps), Some(identity), None);
+        Ok(identity)
+    }
+
+    /// `auto`: XCLIENT when offered; a silent listener is tried with PROXY v2.
+    async fn detect(&self) -> Result<Identity, ProbeError> {
+        let wait = AUTO_GREETING_WAIT.min(self.timeouts.connect);
+        match UpstreamConn::connect_silent(self.addr, wait, self.timeouts).await? {
+            Some(_greeting) => {
+                let conn =
+                    UpstreamConn::open(self.addr, &self.helo, Identity::None, None, self.timeouts)
+                        .await?;
+                let xclient = conn.capabilities.xclient_addr();
+                conn.quit().await;
+                if xclient {
+                    Ok(Identity::Xclient)
+                } else {
+                    Err(ProbeError::NoIdentity(self.addr))
+                }
+            }
+            None => {
+                let conn = UpstreamConn::open(
+                    self.addr,
+                    &self.helo,
+                    Identity::ProxyV2,
+                    None,
+                    self.timeouts,
+                )
+                .await?;
+                conn.quit().await;
+                Ok(Identity::ProxyV2)
+            }
+        }
+    }
+
+    /// Probes again every `probe_interval` (sooner while upstream is down).
+    pub fn spawn_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let healthy = match me.probe().await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(upstream = %me.addr, error = %e, "upstream probe failed");
+                        false
+                    }
+                };
+                let wait = if healthy {
+                    me.probe_interval
+                } else {
+                    me.probe_interval.min(Duration::from_secs(5))
+                };
+                tokio::time::sleep(wait).await;
+            }
+        })
+    }
+
+    /// Opens a connection for one client session, passing its identity.
+    pub async fn open(&self, client: &ClientIdentity) -> Result<UpstreamConn, OpenError> {
+        let identity = match self.identity() {
+            Some(id) => id,
+            None => self.probe().await.map_err(OpenError::Probe)?,
+        };
+        let conn = UpstreamConn::open(self.addr, &self.helo, identity, Some(client), self.timeouts)
+            .await
+            .map_err(OpenError::Upstream)?;
+        self.record(Some(conn.capabilities.clone()), None, None);
+        Ok(conn)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Probe(ProbeError),
+    #[error("{0}")]
+    Upstream(UpstreamError),
+}
