@@ -64,7 +64,9 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         let server = Server::bind(cfg).await?;
         let upstream = server.upstream();
         match upstream.probe().await {
-            Ok(id) => tracing::info!(upstream = %upstream.addr, identity = id.as_str(), "upstream ready"),
+            Ok(id) => {
+                tracing::info!(upstream = %upstream.addr, identity = id.as_str(), "upstream ready")
+            }
             // Refuse to run when the client address cannot be passed on.
             Err(e @ ProbeError::NoIdentity(_)) => return Err(anyhow::anyhow!(e)),
             Err(e) => tracing::warn!(
@@ -84,7 +86,10 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

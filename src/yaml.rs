@@ -43,10 +43,11 @@ pub fn parse<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, YamlErro
             message.truncate(cut);
         }
         // ...and may prefix part of the key path, which we print in full.
-        if let Some((head, tail)) = message.split_once(": ") {
-            if !head.contains(' ') && path.starts_with(head) {
-                message = tail.to_string();
-            }
+        if let Some((head, tail)) = message.split_once(": ")
+            && !head.contains(' ')
+            && path.starts_with(head)
+        {
+            message = tail.to_string();
         }
         YamlError {
             file: file.display().to_string(),

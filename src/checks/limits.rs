@@ -62,11 +62,17 @@ mod tests {
         let Outcome::Refuse { reply, .. } = l.decide(Stage::Mail, &env(Some(101), 0)) else {
             panic!("not refused")
         };
-        assert_eq!((reply.code, reply.enhanced_code().unwrap().as_str()), (552, "5.3.4"));
+        assert_eq!(
+            (reply.code, reply.enhanced_code().unwrap().as_str()),
+            (552, "5.3.4")
+        );
         assert_eq!(l.decide(Stage::Rcpt, &env(None, 1)), Outcome::Continue);
         let Outcome::Refuse { reply, .. } = l.decide(Stage::Rcpt, &env(None, 2)) else {
             panic!("not refused")
         };
-        assert_eq!((reply.code, reply.enhanced_code().unwrap().as_str()), (452, "4.5.3"));
+        assert_eq!(
+            (reply.code, reply.enhanced_code().unwrap().as_str()),
+            (452, "4.5.3")
+        );
     }
 }

@@ -37,7 +37,10 @@ impl Stage {
 pub enum Outcome {
     Continue,
     /// Refuse with a 5xx (or 4xx for limits that the sender can retry).
-    Refuse { reply: Reply, reason: &'static str },
+    Refuse {
+        reply: Reply,
+        reason: &'static str,
+    },
 }
 
 /// What checks can see. Fields fill in as the dialogue goes on.

@@ -66,6 +66,13 @@ pub struct Listen {
     /// Peers allowed to send a PROXY header; anyone else is refused.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// Kernel accept queue length (bursts of connections wait here).
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+}
+
+fn default_backlog() -> u32 {
+    1024
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -265,7 +272,10 @@ impl Config {
             })
         };
         if !is_domain_like(&self.hostname) {
-            return fail("hostname", format!("{:?} is not a host name", self.hostname));
+            return fail(
+                "hostname",
+                format!("{:?} is not a host name", self.hostname),
+            );
         }
         if self.listen.is_empty() {
             return fail("listen", "at least one listener is needed".into());
@@ -285,10 +295,10 @@ impl Config {
                 );
             }
         }
-        if let Some(h) = &self.upstream.helo_name {
-            if !is_domain_like(h) {
-                return fail("upstream.helo_name", format!("{h:?} is not a host name"));
-            }
+        if let Some(h) = &self.upstream.helo_name
+            && !is_domain_like(h)
+        {
+            return fail("upstream.helo_name", format!("{h:?} is not a host name"));
         }
         let l = &self.limits;
         for (key, v) in [
@@ -317,7 +327,10 @@ impl Config {
             );
         }
         if self.smtp.max_line_length < 998 {
-            return fail("smtp.max_line_length", "must be at least 998 (RFC 5321)".into());
+            return fail(
+                "smtp.max_line_length",
+                "must be at least 998 (RFC 5321)".into(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return fail("log.level", format!("invalid filter: {e}"));
@@ -396,13 +409,19 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.starts_with("t.yaml:5:3: timeouts.command: invalid duration \"soon\""), "{e}");
+        assert!(
+            e.starts_with("t.yaml:5:3: timeouts.command: invalid duration \"soon\""),
+            "{e}"
+        );
         let e = parse(
             "hostname: mx.test\nlisten: [{addr: 127.0.0.1:1}]\nupstream: {addr: 127.0.0.1:2}\nlimits:\n  max_message_size: 25Mib\n",
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("t.yaml:5:") && e.contains("limits.max_message_size"), "{e}");
+        assert!(
+            e.contains("t.yaml:5:") && e.contains("limits.max_message_size"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -11,8 +11,11 @@ pub struct Secs(pub Duration);
 impl<'de> Deserialize<'de> for Secs {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let v = humantime::parse_duration(s.trim())
-            .map_err(|e| de::Error::custom(format!("invalid duration {s:?} ({e}); use e.g. 30s, 5m, 1h")))?;
+        let v = humantime::parse_duration(s.trim()).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); use e.g. 30s, 5m, 1h"
+            ))
+        })?;
         if v.is_zero() {
             return Err(de::Error::custom("duration must be greater than zero"));
         }
@@ -52,9 +55,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KB" | "kB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        other => return Err(format!("unknown size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, KB, MB or GB")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+            ));
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 impl<'de> Deserialize<'de> for Bytes {

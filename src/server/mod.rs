@@ -50,12 +50,10 @@ impl Server {
         let cfg = Arc::new(cfg);
         let mut listeners = Vec::new();
         for l in &cfg.listen {
-            let sock = TcpListener::bind(l.addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: l.addr,
-                    source,
-                })?;
+            let sock = bind(l).map_err(|source| ServerError::Bind {
+                addr: l.addr,
+                source,
+            })?;
             listeners.push((sock, l.clone()));
         }
         let tls = match &cfg.tls {
@@ -116,21 +114,43 @@ impl Server {
             )));
         }
         stop.await;
-        tracing::info!(open = self.limits.open(), "shutting down: draining sessions");
+        tracing::info!(
+            open = self.limits.open(),
+            "shutting down: draining sessions"
+        );
         self.shutdown.set(Phase::Draining);
         for l in accept_loops {
             let _ = l.await;
         }
         tracker.close();
         let deadline = self.shared.cfg.timeouts.shutdown.0;
-        if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
-            tracing::warn!(open = self.limits.open(), "drain deadline passed: closing the rest with 421");
+        if tokio::time::timeout(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.limits.open(),
+                "drain deadline passed: closing the rest with 421"
+            );
             self.shutdown.set(Phase::Abort);
             let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
         }
         refresh.abort();
         tracing::info!("stopped");
     }
+}
+
+/// Binds with our own backlog: the default (128) overflows under bursts and
+/// leaves clients waiting for SYN-ACK retransmits.
+fn bind(l: &Listen) -> std::io::Result<TcpListener> {
+    let sock = if l.addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(l.addr)?;
+    sock.listen(l.backlog)
 }
 
 fn session_id() -> String {
@@ -181,7 +201,14 @@ async fn accept_loop(
     }
 }
 
-async fn refuse(sock: &mut TcpStream, id: &str, ip: std::net::IpAddr, r: &Reply, reason: &str, limit: Duration) {
+async fn refuse(
+    sock: &mut TcpStream,
+    id: &str,
+    ip: std::net::IpAddr,
+    r: &Reply,
+    reason: &str,
+    limit: Duration,
+) {
     let mut out = Vec::new();
     r.write_to(&mut out);
     let _ = tokio::time::timeout(limit, async {
@@ -213,7 +240,15 @@ async fn connection(
     let Ok(local) = sock.local_addr() else { return };
     let (client, local, initial) = if conf.proxy_protocol {
         if !Config::is_trusted_proxy(&conf, peer.ip().to_canonical()) {
-            refuse(&mut sock, &id, peer.ip(), &reply::PROXY_REFUSED, "proxy:untrusted", wait).await;
+            refuse(
+                &mut sock,
+                &id,
+                peer.ip(),
+                &reply::PROXY_REFUSED,
+                "proxy:untrusted",
+                wait,
+            )
+            .await;
             return;
         }
         match proxy_header::read(&mut sock, wait).await {
@@ -224,7 +259,15 @@ async fn connection(
             ),
             Err(e) => {
                 tracing::info!(session = %id, proxy = %peer, error = %e, "bad PROXY header");
-                refuse(&mut sock, &id, peer.ip(), &reply::PROXY_REFUSED, "proxy:invalid", wait).await;
+                refuse(
+                    &mut sock,
+                    &id,
+                    peer.ip(),
+                    &reply::PROXY_REFUSED,
+                    "proxy:invalid",
+                    wait,
+                )
+                .await;
                 return;
             }
         }
@@ -234,7 +277,15 @@ async fn connection(
     let _guard = match limits.acquire(client.ip()) {
         Ok(g) => g,
         Err(r) => {
-            refuse(&mut sock, &id, client.ip(), &reply::TOO_MANY_CONNECTIONS, r.reason(), wait).await;
+            refuse(
+                &mut sock,
+                &id,
+                client.ip(),
+                &reply::TOO_MANY_CONNECTIONS,
+                r.reason(),
+                wait,
+            )
+            .await;
             return;
         }
     };

@@ -171,13 +171,22 @@ mod tests {
         assert_eq!(m.address, "");
         assert!(m.params.is_empty());
         assert_eq!(parse(b"FROB"), Err(CommandError::Unknown));
-        assert!(matches!(parse(b"MAIL TO:<a@b>"), Err(CommandError::Syntax(_))));
+        assert!(matches!(
+            parse(b"MAIL TO:<a@b>"),
+            Err(CommandError::Syntax(_))
+        ));
         assert!(matches!(
             parse(b"MAIL FROM:<a@b> FOO=1"),
             Err(CommandError::UnsupportedParameter(_))
         ));
-        assert_eq!(parse(b"XCLIENT ADDR=1.2.3.4"), Ok(Command::NotImplemented("XCLIENT")));
-        assert_eq!(parse(b"ehlo client.test"), Ok(Command::Ehlo("client.test".into())));
+        assert_eq!(
+            parse(b"XCLIENT ADDR=1.2.3.4"),
+            Ok(Command::NotImplemented("XCLIENT"))
+        );
+        assert_eq!(
+            parse(b"ehlo client.test"),
+            Ok(Command::Ehlo("client.test".into()))
+        );
         assert_eq!(parse(b"BDAT 10 LAST"), Ok(Command::NotImplemented("BDAT")));
     }
 }

@@ -222,7 +222,13 @@ mod tests {
     fn strict_end_and_unstuffing() {
         let (out, p, a) = read_all(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n");
         assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\n");
-        assert_eq!(p, Progress { consumed: 24, done: true });
+        assert_eq!(
+            p,
+            Progress {
+                consumed: 24,
+                done: true
+            }
+        );
         assert_eq!(a, Anomalies::default());
     }
 
@@ -266,7 +272,10 @@ mod tests {
                 p1
             } else {
                 let q = r.feed(&input[cut..], &mut out);
-                Progress { consumed: cut + q.consumed, done: q.done }
+                Progress {
+                    consumed: cut + q.consumed,
+                    done: q.done,
+                }
             };
             assert_eq!(out, whole, "cut at {cut}");
             assert_eq!(p2, p);

@@ -109,7 +109,10 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10000000\r\n250-8BITMIME\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n"
         );
-        assert_eq!(o.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=8BITMIME RET=HDRS")), None);
+        assert_eq!(
+            o.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=8BITMIME RET=HDRS")),
+            None
+        );
         assert_eq!(
             o.unsupported_mail_param(&mail("MAIL FROM:<a@b> SMTPUTF8")),
             Some("SMTPUTF8".into())
@@ -119,6 +122,9 @@ mod tests {
             none.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=8BITMIME")),
             Some("BODY".into())
         );
-        assert_eq!(none.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=7BIT SIZE=5")), None);
+        assert_eq!(
+            none.unsupported_mail_param(&mail("MAIL FROM:<a@b> BODY=7BIT SIZE=5")),
+            None
+        );
     }
 }

@@ -63,11 +63,17 @@ fn parse(buf: &[u8]) -> Result<Option<ProxiedPeer>, ProxyHeaderError> {
             let (source, destination) = match h.addresses {
                 ppp::v1::Addresses::Tcp4(a) => (
                     Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
+                    Some(SocketAddr::new(
+                        a.destination_address.into(),
+                        a.destination_port,
+                    )),
                 ),
                 ppp::v1::Addresses::Tcp6(a) => (
                     Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
+                    Some(SocketAddr::new(
+                        a.destination_address.into(),
+                        a.destination_port,
+                    )),
                 ),
                 ppp::v1::Addresses::Unknown => (None, None),
             };
@@ -82,11 +88,17 @@ fn parse(buf: &[u8]) -> Result<Option<ProxiedPeer>, ProxyHeaderError> {
             let (source, destination) = match (h.command, h.addresses) {
                 (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => (
                     Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
+                    Some(SocketAddr::new(
+                        a.destination_address.into(),
+                        a.destination_port,
+                    )),
                 ),
                 (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => (
                     Some(SocketAddr::new(a.source_address.into(), a.source_port)),
-                    Some(SocketAddr::new(a.destination_address.into(), a.destination_port)),
+                    Some(SocketAddr::new(
+                        a.destination_address.into(),
+                        a.destination_port,
+                    )),
                 ),
                 _ => (None, None),
             };
@@ -123,9 +135,15 @@ mod tests {
     #[tokio::test]
     async fn garbage_and_silence() {
         let mut io: &[u8] = b"EHLO x\r\n";
-        assert_eq!(read(&mut io, Duration::from_secs(1)).await.unwrap_err(), ProxyHeaderError::Invalid);
+        assert_eq!(
+            read(&mut io, Duration::from_secs(1)).await.unwrap_err(),
+            ProxyHeaderError::Invalid
+        );
         let mut io: &[u8] = b"PROXY TCP4 1.2.3.4";
-        assert_eq!(read(&mut io, Duration::from_secs(1)).await.unwrap_err(), ProxyHeaderError::Closed);
+        assert_eq!(
+            read(&mut io, Duration::from_secs(1)).await.unwrap_err(),
+            ProxyHeaderError::Closed
+        );
         let mut io: &[u8] = b"PROXY UNKNOWN\r\n";
         let p = read(&mut io, Duration::from_secs(1)).await.unwrap();
         assert_eq!(p.source, None);

@@ -101,18 +101,16 @@ pub const NUL_IN_DATA: Reply = Reply::new(554, 6, 0, "NUL byte in message");
 pub const LONG_LINE_IN_DATA: Reply = Reply::new(554, 6, 0, "Message line too long");
 pub const SIZE_EXCEEDED: Reply = Reply::new(552, 3, 4, "Message size exceeds fixed limit");
 pub const TOO_MANY_RCPTS: Reply = Reply::new(452, 5, 3, "Too many recipients");
-pub const OUT_OF_MEMORY: Reply = Reply::new(
-    452,
-    3,
-    1,
-    "Insufficient system storage, try again later",
-);
+pub const OUT_OF_MEMORY: Reply =
+    Reply::new(452, 3, 1, "Insufficient system storage, try again later");
 
-pub const TOO_MANY_CONNECTIONS: Reply = Reply::new(421, 7, 0, "Too many connections, try again later");
+pub const TOO_MANY_CONNECTIONS: Reply =
+    Reply::new(421, 7, 0, "Too many connections, try again later");
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, 7, 0, "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::new(421, 4, 2, "Timeout, closing connection");
 pub const SHUTTING_DOWN: Reply = Reply::new(421, 3, 2, "Service shutting down, try again later");
-pub const PROXY_REFUSED: Reply = Reply::new(421, 7, 0, "PROXY header required from a trusted proxy");
+pub const PROXY_REFUSED: Reply =
+    Reply::new(421, 7, 0, "PROXY header required from a trusted proxy");
 
 pub const UPSTREAM_UNAVAILABLE: Reply = Reply::new(
     451,
@@ -120,12 +118,8 @@ pub const UPSTREAM_UNAVAILABLE: Reply = Reply::new(
     1,
     "Mail server temporarily unavailable, try again later",
 );
-pub const UPSTREAM_LOST: Reply = Reply::new(
-    451,
-    4,
-    2,
-    "Connection to mail server lost, try again later",
-);
+pub const UPSTREAM_LOST: Reply =
+    Reply::new(451, 4, 2, "Connection to mail server lost, try again later");
 pub const UPSTREAM_BAD_REPLY: Reply = Reply::new(
     451,
     4,
@@ -155,6 +149,19 @@ impl UpstreamReply {
         let body = self.raw.strip_suffix(b"\r\n").unwrap_or(&self.raw);
         let last = body.rsplit(|&b| b == b'\n').next().unwrap_or(body);
         String::from_utf8_lossy(last.get(4..).unwrap_or_default()).into_owned()
+    }
+
+    /// The enhanced status code at the start of the last line, if any.
+    pub fn enhanced(&self) -> String {
+        let text = self.text();
+        let first = text.split(' ').next().unwrap_or("");
+        let parts: Vec<&str> = first.split('.').collect();
+        let ok = parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && parts[0].parse::<u16>().ok() == Some(self.class());
+        if ok { first.to_string() } else { String::new() }
     }
 
     /// Each line's text without the code and separator (for EHLO keywords).
@@ -199,7 +206,8 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(UpstreamReply, usize)>, ReplyEr
         if line.len() < 4 || !line[..3].iter().all(u8::is_ascii_digit) {
             return Err(ReplyError::Malformed);
         }
-        let this: u16 = (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
+        let this: u16 =
+            (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
         if !(200..=599).contains(&this) || code.is_some_and(|c| c != this) {
             return Err(ReplyError::Malformed);
         }
@@ -265,12 +273,24 @@ mod tests {
         assert_eq!((r.code, n), (250, 14));
         assert_eq!(r.raw, b"250-a\r\n250 b\r\n");
         assert_eq!(r.text(), "b");
+        assert_eq!(r.enhanced(), "");
+        let (r, _) = parse_reply(b"550 5.1.1 <x>: unknown\r\n").unwrap().unwrap();
+        assert_eq!(r.enhanced(), "5.1.1");
+        let (r, _) = parse_reply(b"450 5.1.1 class mismatch\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.enhanced(), "");
         let (r, _) = parse_reply(b"250\n").unwrap().unwrap();
         assert_eq!(r.raw, b"250\r\n");
-        assert_eq!(parse_reply(b"250-a\r\n251 b\r\n"), Err(ReplyError::Malformed));
+        assert_eq!(
+            parse_reply(b"250-a\r\n251 b\r\n"),
+            Err(ReplyError::Malformed)
+        );
         assert_eq!(parse_reply(b"hello\r\n"), Err(ReplyError::Malformed));
         assert_eq!(parse_reply(b"999 x\r\n"), Err(ReplyError::Malformed));
-        let (r, _) = parse_reply(b"250-mx\r\n250-PIPELINING\r\n250 \r\n").unwrap().unwrap();
+        let (r, _) = parse_reply(b"250-mx\r\n250-PIPELINING\r\n250 \r\n")
+            .unwrap()
+            .unwrap();
         let lines: Vec<_> = r.lines().collect();
         assert_eq!(lines, vec![&b"mx"[..], b"PIPELINING", b""]);
     }

@@ -54,7 +54,39 @@ struct Txn {
     /// Upstream failed mid-transaction: everything else answers 4xx.
     broken: bool,
     /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
-    last_rcpt_refusal: Option<(u16, String, String)>,
+    last_rcpt_refusal: Option<Refusal>,
+}
+
+/// A reply's code and enhanced code, for the log line.
+struct Said {
+    code: u16,
+    enhanced: String,
+}
+
+impl From<&Reply> for Said {
+    fn from(r: &Reply) -> Said {
+        Said {
+            code: r.code,
+            enhanced: r.enhanced_code().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&UpstreamReply> for Said {
+    fn from(r: &UpstreamReply) -> Said {
+        Said {
+            code: r.code,
+            enhanced: r.enhanced(),
+        }
+    }
+}
+
+/// A refusal remembered for the log line.
+struct Refusal {
+    code: u16,
+    enhanced: String,
+    reason: String,
+    upstream: String,
 }
 
 enum Fill {
@@ -339,7 +371,8 @@ impl Session {
             return self.error(reply::NESTED_MAIL);
         }
         if let Some(p) = self.offer.unsupported_mail_param(&m) {
-            return self.error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
+            return self
+                .error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
         }
         let started = Instant::now();
         let outcome = {
@@ -349,12 +382,12 @@ impl Session {
             self.shared.checks.run(Stage::Mail, &env).await
         };
         if let Outcome::Refuse { reply, reason } = outcome {
-            self.log_mail_refused(&m, started, Stage::Mail, &reply, reason, "");
+            self.log_mail_refused(&m, started, &reply, reason, "");
             self.reply(&reply);
             return Next::Continue;
         }
         if let Err(r) = self.ensure_upstream().await {
-            self.log_mail_refused(&m, started, Stage::Mail, &r, "upstream:unavailable", "");
+            self.log_mail_refused(&m, started, &r, "upstream:unavailable", "");
             self.reply(&r);
             return Next::Continue;
         }
@@ -373,17 +406,18 @@ impl Session {
                         last_rcpt_refusal: None,
                     });
                 } else {
-                    let ours = Reply {
-                        code: r.code,
-                        enhanced: None,
-                        text: r.text().into(),
-                    };
-                    self.log_mail_refused(&m, started, Stage::Mail, &ours, "upstream", &r.text());
+                    self.log_mail_refused(&m, started, &r, "upstream", &r.text());
                 }
             }
             Err(e) => {
                 self.upstream_failed(&e);
-                self.log_mail_refused(&m, started, Stage::Mail, &reply::UPSTREAM_LOST, "upstream:lost", &e.to_string());
+                self.log_mail_refused(
+                    &m,
+                    started,
+                    &reply::UPSTREAM_LOST,
+                    "upstream:lost",
+                    &e.to_string(),
+                );
                 self.reply(&reply::UPSTREAM_LOST);
             }
         }
@@ -399,12 +433,18 @@ impl Session {
             return Next::Continue;
         }
         if let Some(p) = self.offer.unsupported_rcpt_param(&r) {
-            return self.error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
+            return self
+                .error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
         }
         let outcome = self.shared.checks.run(Stage::Rcpt, &self.envelope()).await;
         if let Outcome::Refuse { reply, reason } = outcome {
             if let Some(t) = self.txn.as_mut() {
-                t.last_rcpt_refusal = Some((reply.code, reply.enhanced_code().unwrap_or_default(), reason.to_string()));
+                t.last_rcpt_refusal = Some(Refusal {
+                    code: reply.code,
+                    enhanced: reply.enhanced_code().unwrap_or_default(),
+                    reason: reason.to_string(),
+                    upstream: String::new(),
+                });
             }
             self.reply(&reply);
             return Next::Continue;
@@ -420,7 +460,12 @@ impl Session {
                     if rep.is_positive() {
                         t.rcpts += 1;
                     } else {
-                        t.last_rcpt_refusal = Some((rep.code, String::new(), "upstream".into()));
+                        t.last_rcpt_refusal = Some(Refusal {
+                            code: rep.code,
+                            enhanced: rep.enhanced(),
+                            reason: "upstream".into(),
+                            upstream: rep.text(),
+                        });
                     }
                 }
             }
@@ -479,13 +524,25 @@ impl Session {
                 }
                 Fill::Timeout => {
                     self.drop_upstream();
-                    self.finish_txn(reader.size(), Stage::Data, &reply::TIMEOUT, "timeout:data", "");
+                    self.finish_txn(
+                        reader.size(),
+                        Stage::Data,
+                        &reply::TIMEOUT,
+                        "timeout:data",
+                        "",
+                    );
                     self.reply(&reply::TIMEOUT);
                     return Next::Close;
                 }
                 Fill::Shutdown => {
                     self.drop_upstream();
-                    self.finish_txn(reader.size(), Stage::Data, &reply::SHUTTING_DOWN, "shutdown", "");
+                    self.finish_txn(
+                        reader.size(),
+                        Stage::Data,
+                        &reply::SHUTTING_DOWN,
+                        "shutdown",
+                        "",
+                    );
                     self.reply(&reply::SHUTTING_DOWN);
                     return Next::Close;
                 }
@@ -538,13 +595,8 @@ impl Session {
         drop(reservation);
         match result {
             Ok(r) => {
-                let ours = Reply {
-                    code: r.code,
-                    enhanced: None,
-                    text: r.text().into(),
-                };
                 let reason = if r.is_positive() { "" } else { "upstream" };
-                self.finish_txn(size, Stage::Data, &ours, reason, &r.text());
+                self.finish_txn(size, Stage::Data, &r, reason, &r.text());
                 self.relay(&r);
                 if !r.is_positive() && r.code != 354 {
                     // A refusal at DATA (before 354) leaves upstream mid-transaction.
@@ -553,7 +605,13 @@ impl Session {
             }
             Err(e) => {
                 self.upstream_failed(&e);
-                self.finish_txn(size, Stage::Data, &reply::UPSTREAM_LOST, "upstream:lost", &e.to_string());
+                self.finish_txn(
+                    size,
+                    Stage::Data,
+                    &reply::UPSTREAM_LOST,
+                    "upstream:lost",
+                    &e.to_string(),
+                );
                 self.reply(&reply::UPSTREAM_LOST);
             }
         }
@@ -575,7 +633,10 @@ impl Session {
         // unanswered (CVE-2011-0411 class).
         self.rbuf.clear();
         self.rpos = 0;
-        let io = std::mem::replace(&mut self.io, Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())));
+        let io = std::mem::replace(
+            &mut self.io,
+            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
+        );
         let limit = self.cfg().timeouts.command.0;
         match tokio::time::timeout(limit, acceptor.accept(io)).await {
             Ok(Ok(tls)) => {
@@ -627,7 +688,8 @@ impl Session {
             self.drop_upstream();
             for line in r.raw.split_inclusive(|&b| b == b'\n') {
                 self.wbuf.extend_from_slice(b"451");
-                self.wbuf.extend_from_slice(line.get(3..).unwrap_or_default());
+                self.wbuf
+                    .extend_from_slice(line.get(3..).unwrap_or_default());
             }
         } else {
             self.wbuf.extend_from_slice(&r.raw);
@@ -665,56 +727,119 @@ impl Session {
     /// Logs and forgets a transaction that ended without a final reply.
     fn end_txn_abandoned(&mut self, why: &str) {
         let Some(t) = self.txn.as_ref() else { return };
-        let (verdict, code, enhanced, reason) = match (&t.last_rcpt_refusal, t.rcpts) {
-            (Some((code, enh, reason)), 0) => (Verdict::from_code(*code), *code, enh.clone(), reason.clone()),
-            _ => (Verdict::Abandoned, 0, String::new(), format!("client:{why}")),
+        let (verdict, code, enhanced, reason, upstream) = match (&t.last_rcpt_refusal, t.rcpts) {
+            (Some(r), 0) => (
+                Verdict::from_code(r.code),
+                r.code,
+                r.enhanced.clone(),
+                r.reason.clone(),
+                r.upstream.clone(),
+            ),
+            _ => (
+                Verdict::Abandoned,
+                0,
+                String::new(),
+                format!("client:{why}"),
+                String::new(),
+            ),
         };
-        self.log_txn(verdict, Stage::Rcpt, code, &enhanced, &reason, "", 0);
+        let said = Said { code, enhanced };
+        self.log_txn(verdict, Stage::Rcpt, &said, &reason, &upstream, 0);
         self.txn = None;
     }
 
-    fn finish_txn(&mut self, size: u64, stage: Stage, r: &Reply, reason: &str, upstream: &str) {
-        let enhanced = r.enhanced_code().unwrap_or_default();
-        self.log_txn(Verdict::from_code(r.code), stage, r.code, &enhanced, reason, upstream, size);
+    fn finish_txn(
+        &mut self,
+        size: u64,
+        stage: Stage,
+        said: impl Into<Said>,
+        reason: &str,
+        upstream: &str,
+    ) {
+        let said = said.into();
+        self.log_txn(
+            Verdict::from_code(said.code),
+            stage,
+            &said,
+            reason,
+            upstream,
+            size,
+        );
         self.txn = None;
+    }
+
+    fn log_txn(
+        &self,
+        verdict: Verdict,
+        stage: Stage,
+        said: &Said,
+        reason: &str,
+        upstream: &str,
+        size: u64,
+    ) {
+        let Some(t) = self.txn.as_ref() else { return };
+        self.record(
+            &t.mail.address,
+            t.rcpts,
+            t.started,
+            verdict,
+            stage,
+            said,
+            reason,
+            upstream,
+            size,
+        );
+    }
+
+    /// A MAIL refused (by us or upstream): a transaction that never started.
+    fn log_mail_refused(
+        &self,
+        m: &MailCmd,
+        started: Instant,
+        said: impl Into<Said>,
+        reason: &str,
+        upstream: &str,
+    ) {
+        let said = said.into();
+        let verdict = Verdict::from_code(said.code);
+        self.record(
+            &m.address,
+            0,
+            started,
+            verdict,
+            Stage::Mail,
+            &said,
+            reason,
+            upstream,
+            0,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn log_txn(&self, verdict: Verdict, stage: Stage, code: u16, enhanced: &str, reason: &str, upstream: &str, size: u64) {
-        let Some(t) = self.txn.as_ref() else { return };
+    fn record(
+        &self,
+        mail_from: &str,
+        rcpts: usize,
+        started: Instant,
+        verdict: Verdict,
+        stage: Stage,
+        said: &Said,
+        reason: &str,
+        upstream: &str,
+        size: u64,
+    ) {
         TxnRecord {
             session: &self.peer.id,
             client_ip: self.peer.addr.ip(),
             helo: self.helo.as_deref().unwrap_or(""),
             tls: self.tls,
-            mail_from: &t.mail.address,
-            rcpt_count: t.rcpts,
+            mail_from,
+            rcpt_count: rcpts,
             size,
             verdict,
             stage: stage.as_str(),
-            code,
-            enhanced,
-            reason,
-            upstream_reply: upstream,
-            duration: t.started.elapsed(),
-        }
-        .emit();
-    }
-
-    fn log_mail_refused(&self, m: &MailCmd, started: Instant, stage: Stage, r: &Reply, reason: &str, upstream: &str) {
-        let enhanced = r.enhanced_code().unwrap_or_default();
-        TxnRecord {
-            session: &self.peer.id,
-            client_ip: self.peer.addr.ip(),
-            helo: self.helo.as_deref().unwrap_or(""),
-            tls: self.tls,
-            mail_from: &m.address,
-            rcpt_count: 0,
-            size: 0,
-            verdict: Verdict::from_code(r.code),
-            stage: stage.as_str(),
-            code: r.code,
-            enhanced: &enhanced,
+            code: said.code,
+            enhanced: &said.enhanced,
             reason,
             upstream_reply: upstream,
             duration: started.elapsed(),

@@ -25,7 +25,11 @@ pub fn init(log: &Log) -> Result<(), String> {
             )
             .try_init(),
         LogFormat::Logfmt => registry
-            .with(tracing_logfmt::builder().layer().with_writer(std::io::stdout))
+            .with(
+                tracing_logfmt::builder()
+                    .layer()
+                    .with_writer(std::io::stdout),
+            )
             .try_init(),
     }
     .map_err(|e| e.to_string())

@@ -64,7 +64,8 @@ mod tests {
 
     #[test]
     fn smtp_sink_ehlo_with_empty_last_line() {
-        let raw = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-XCLIENT NAME HELO\r\n250 \r\n";
+        let raw =
+            b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-XCLIENT NAME HELO\r\n250 \r\n";
         let (r, _) = parse_reply(raw).unwrap().unwrap();
         let c = Capabilities::from_ehlo(&r);
         assert!(c.pipelining && c.eight_bit_mime);

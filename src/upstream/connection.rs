@@ -127,10 +127,13 @@ impl UpstreamConn {
             capabilities: Capabilities::default(),
         };
         if matches!(identity, Identity::ProxyV1 | Identity::ProxyV2) {
-            let local = conn.stream.local_addr().map_err(|source| UpstreamError::Io {
-                stage: UpStage::Connect,
-                source,
-            })?;
+            let local = conn
+                .stream
+                .local_addr()
+                .map_err(|source| UpstreamError::Io {
+                    stage: UpStage::Connect,
+                    source,
+                })?;
             let (src, dst) = match client {
                 Some(c) => (c.addr, c.local),
                 // A probe announces itself.
@@ -147,22 +150,22 @@ impl UpstreamConn {
             });
         }
         conn.ehlo(helo_name).await?;
-        if identity == Identity::Xclient {
-            if let Some(c) = client {
-                let offered = conn.capabilities.xclient.clone().unwrap_or_default();
-                let line = xclient_line(c, &offered);
-                let reply = conn.command(line.as_bytes(), UpStage::Xclient).await?;
-                if reply.code != 220 {
-                    return Err(UpstreamError::Refused {
-                        stage: UpStage::Xclient,
-                        reply,
-                    });
-                }
-                // After XCLIENT upstream greets again and wants a fresh EHLO,
-                // now under the client's HELO name.
-                let helo = c.helo.as_deref().unwrap_or(helo_name).to_string();
-                conn.ehlo(&helo).await?;
+        if identity == Identity::Xclient
+            && let Some(c) = client
+        {
+            let offered = conn.capabilities.xclient.clone().unwrap_or_default();
+            let line = xclient_line(c, &offered);
+            let reply = conn.command(line.as_bytes(), UpStage::Xclient).await?;
+            if reply.code != 220 {
+                return Err(UpstreamError::Refused {
+                    stage: UpStage::Xclient,
+                    reply,
+                });
             }
+            // After XCLIENT upstream greets again and wants a fresh EHLO,
+            // now under the client's HELO name.
+            let helo = c.helo.as_deref().unwrap_or(helo_name).to_string();
+            conn.ehlo(&helo).await?;
         }
         Ok(conn)
     }

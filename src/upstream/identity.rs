@@ -71,7 +71,11 @@ pub fn xclient_line(c: &ClientIdentity, offered: &[String]) -> String {
         line.push_str(&format!(" HELO={}", xtext(helo)));
     }
     if has("PROTO") {
-        line.push_str(if c.esmtp { " PROTO=ESMTP" } else { " PROTO=SMTP" });
+        line.push_str(if c.esmtp {
+            " PROTO=ESMTP"
+        } else {
+            " PROTO=SMTP"
+        });
     }
     if has("DESTADDR") {
         match c.local.ip().to_canonical() {
@@ -170,8 +174,15 @@ mod tests {
         );
         let v2 = proxy_header(Identity::ProxyV2, c.addr, c.local);
         let parsed = ppp::v2::Header::try_from(v2.as_slice()).unwrap();
-        assert_eq!(parsed.addresses, ppp::v2::Addresses::from((c.addr, c.local)));
-        let mixed = proxy_header(Identity::ProxyV1, "[2001:db8::1]:5".parse().unwrap(), c.local);
+        assert_eq!(
+            parsed.addresses,
+            ppp::v2::Addresses::from((c.addr, c.local))
+        );
+        let mixed = proxy_header(
+            Identity::ProxyV1,
+            "[2001:db8::1]:5".parse().unwrap(),
+            c.local,
+        );
         assert_eq!(mixed, b"PROXY TCP6 2001:db8::1 ::ffff:127.0.0.1 5 25\r\n");
     }
 }

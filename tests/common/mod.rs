@@ -1,0 +1,539 @@
+//! Test helpers: a scripted upstream MTA, a Portcullis instance on
+//! 127.0.0.1:0, and a small SMTP client. Everything stays on loopback.
+#![allow(dead_code)]
+
+use portcullis::config::Config;
+use portcullis::server::Server;
+use portcullis::smtp::reply::parse_reply;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+
+/// A message the fake MTA stored (it answered 250 after the dot).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub helo: String,
+    pub xclient: Option<String>,
+    pub proxy: Option<Vec<u8>>,
+    pub mail: String,
+    pub rcpts: Vec<String>,
+    /// Unstuffed content, as a strict reader sees it.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Every command line received, with the number of its connection.
+    pub commands: Vec<(usize, String)>,
+    pub stored: Vec<Stored>,
+    /// DATA phases that ended without a final dot (connection closed).
+    pub data_aborted: usize,
+    /// Connections that reached the greeting.
+    pub connections: usize,
+}
+
+/// How the fake MTA behaves. Replies are full lines without CRLF.
+#[derive(Clone)]
+pub struct Script {
+    pub greeting: String,
+    pub ehlo_keywords: Vec<String>,
+    /// Expect a PROXY header before the greeting.
+    pub expect_proxy: bool,
+    /// Reply overrides by stage: "ehlo", "xclient", "mail", "rcpt", "data", "dot", "rset".
+    pub replies: HashMap<&'static str, String>,
+    /// Close the connection instead of replying at this stage
+    /// ("greeting", "mail", "rcpt", "data", "body", "dot").
+    pub drop_at: Option<&'static str>,
+    /// Wait this long before replying at the given stage.
+    pub delay: Option<(&'static str, Duration)>,
+    /// Misbehave only this many times (then behave); None = always.
+    pub faults: Option<usize>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            greeting: "220 fake.test ESMTP".into(),
+            ehlo_keywords: vec![
+                "PIPELINING".into(),
+                "SIZE 52428800".into(),
+                "8BITMIME".into(),
+                "DSN".into(),
+                "ENHANCEDSTATUSCODES".into(),
+                "XCLIENT NAME ADDR PROTO HELO PORT".into(),
+            ],
+            expect_proxy: false,
+            replies: HashMap::new(),
+            drop_at: None,
+            delay: None,
+            faults: None,
+        }
+    }
+}
+
+impl Script {
+    pub fn reply(mut self, stage: &'static str, line: &str) -> Self {
+        self.replies.insert(stage, line.to_string());
+        self
+    }
+    pub fn drop_at(mut self, stage: &'static str) -> Self {
+        self.drop_at = Some(stage);
+        self
+    }
+    pub fn without_xclient(mut self) -> Self {
+        self.ehlo_keywords.retain(|k| !k.starts_with("XCLIENT"));
+        self
+    }
+}
+
+pub struct FakeMta {
+    pub addr: SocketAddr,
+    pub rec: Arc<Mutex<Recorded>>,
+}
+
+impl FakeMta {
+    pub async fn start(script: Script) -> FakeMta {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(1024).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rec = Arc::new(Mutex::new(Recorded::default()));
+        let r2 = Arc::clone(&rec);
+        let script = Arc::new(script);
+        let faults = Arc::new(AtomicUsize::new(script.faults.unwrap_or(usize::MAX)));
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve(
+                    sock,
+                    Arc::clone(&script),
+                    Arc::clone(&r2),
+                    Arc::clone(&faults),
+                ));
+            }
+        });
+        FakeMta { addr, rec }
+    }
+
+    pub fn stored(&self) -> Vec<Stored> {
+        self.rec.lock().unwrap().stored.clone()
+    }
+
+    pub fn commands(&self) -> Vec<String> {
+        self.rec
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// The commands of the first connection that sent `verb` (e.g. "XCLIENT").
+    pub fn connection_with(&self, verb: &str) -> Vec<String> {
+        let rec = self.rec.lock().unwrap();
+        let Some((conn, _)) = rec.commands.iter().find(|(_, c)| c.starts_with(verb)) else {
+            return Vec::new();
+        };
+        rec.commands
+            .iter()
+            .filter(|(n, _)| n == conn)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// Commands starting with `verb` (upper-case), e.g. "MAIL".
+    pub fn count(&self, verb: &str) -> usize {
+        self.commands()
+            .iter()
+            .filter(|c| c.to_ascii_uppercase().starts_with(verb))
+            .count()
+    }
+}
+
+struct Conn {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let l: Vec<u8> = self.buf.drain(..=nl).collect();
+                let s = String::from_utf8_lossy(&l);
+                return Some(s.trim_end_matches(['\r', '\n']).to_string());
+            }
+            let mut tmp = [0u8; 65536];
+            match self.sock.read(&mut tmp).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    async fn send(&mut self, s: &str) -> bool {
+        self.sock
+            .write_all(format!("{s}\r\n").as_bytes())
+            .await
+            .is_ok()
+    }
+
+    /// Strict DATA reading: only CRLF.CRLF ends; unstuffs. None: closed first.
+    async fn data(&mut self, drop_mid: bool) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut reader = portcullis::smtp::data::DataReader::new(u64::MAX, usize::MAX);
+        loop {
+            if !self.buf.is_empty() {
+                if drop_mid {
+                    // Some of the body arrived: hang up before the dot.
+                    return None;
+                }
+                let p = reader.feed(&self.buf, &mut out);
+                self.buf.drain(..p.consumed);
+                if p.done {
+                    return Some(out);
+                }
+            }
+            let mut tmp = [0u8; 65536];
+            match self.sock.read(&mut tmp).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+}
+
+/// Takes one fault from the budget; false once it is spent.
+fn fault(left: &AtomicUsize) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+async fn serve(
+    sock: TcpStream,
+    script: Arc<Script>,
+    rec: Arc<Mutex<Recorded>>,
+    faults: Arc<AtomicUsize>,
+) {
+    let mut c = Conn {
+        sock,
+        buf: Vec::new(),
+    };
+    let stage_reply = |stage: &str, default: &str| -> String {
+        match script.replies.get(stage) {
+            Some(r) if fault(&faults) => r.clone(),
+            _ => default.to_string(),
+        }
+    };
+    let drops = |stage: &str| script.drop_at == Some(stage) && fault(&faults);
+    let delay = |stage: &str| -> Duration {
+        match script.delay {
+            Some((s, d)) if s == stage && fault(&faults) => d,
+            _ => Duration::ZERO,
+        }
+    };
+    let mut proxy = None;
+    if script.expect_proxy {
+        // Read the PROXY header: v1 up to CRLF, v2 by its length field.
+        let mut head = vec![0u8; 16];
+        if c.sock.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        if head.starts_with(b"PROXY ") {
+            while !head.ends_with(b"\r\n") {
+                let mut b = [0u8; 1];
+                if c.sock.read_exact(&mut b).await.is_err() {
+                    return;
+                }
+                head.push(b[0]);
+            }
+        } else {
+            let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+            let mut rest = vec![0u8; len];
+            if c.sock.read_exact(&mut rest).await.is_err() {
+                return;
+            }
+            head.extend_from_slice(&rest);
+        }
+        proxy = Some(head);
+    }
+    if drops("greeting") {
+        return;
+    }
+    let conn_no = {
+        let mut r = rec.lock().unwrap();
+        r.connections += 1;
+        r.connections
+    };
+    tokio::time::sleep(delay("greeting")).await;
+    if !c.send(&stage_reply("greeting", &script.greeting)).await {
+        return;
+    }
+    let mut helo = String::new();
+    let mut xclient = None;
+    let mut mail = None;
+    let mut rcpts: Vec<String> = Vec::new();
+    while let Some(line) = c.line().await {
+        rec.lock().unwrap().commands.push((conn_no, line.clone()));
+        let upper = line.to_ascii_uppercase();
+        let verb = upper.split(' ').next().unwrap_or("").to_string();
+        let ok = match verb.as_str() {
+            "EHLO" | "HELO" => {
+                helo = line[5.min(line.len())..].to_string();
+                let r = stage_reply("ehlo", "");
+                if !r.is_empty() {
+                    c.send(&r).await
+                } else {
+                    let mut lines = vec!["250-fake.test".to_string()];
+                    for k in &script.ehlo_keywords {
+                        lines.push(format!("250-{k}"));
+                    }
+                    let last = lines.pop().unwrap().replacen("250-", "250 ", 1);
+                    lines.push(last);
+                    c.send(&lines.join("\r\n")).await
+                }
+            }
+            "XCLIENT" => {
+                xclient = Some(line.clone());
+                c.send(&stage_reply("xclient", "220 fake.test ESMTP again"))
+                    .await
+            }
+            "MAIL" => {
+                if drops("mail") {
+                    return;
+                }
+                tokio::time::sleep(delay("mail")).await;
+                let r = stage_reply("mail", "250 2.1.0 Ok");
+                if r.starts_with('2') {
+                    mail = Some(line[10.min(line.len())..].to_string());
+                    rcpts.clear();
+                }
+                c.send(&r).await
+            }
+            "RCPT" => {
+                if drops("rcpt") {
+                    return;
+                }
+                tokio::time::sleep(delay("rcpt")).await;
+                let r = if upper.contains("UNKNOWN") {
+                    "550 5.1.1 <unknown>: Recipient address rejected: User unknown".to_string()
+                } else {
+                    stage_reply("rcpt", "250 2.1.5 Ok")
+                };
+                if r.starts_with('2') {
+                    rcpts.push(line[8.min(line.len())..].to_string());
+                }
+                c.send(&r).await
+            }
+            "DATA" => {
+                if drops("data") {
+                    return;
+                }
+                let r = stage_reply("data", "354 End data with <CR><LF>.<CR><LF>");
+                if !r.starts_with("354") {
+                    c.send(&r).await;
+                    continue;
+                }
+                c.send(&r).await;
+                let Some(data) = c.data(drops("body")).await else {
+                    rec.lock().unwrap().data_aborted += 1;
+                    return;
+                };
+                if drops("dot") {
+                    return;
+                }
+                tokio::time::sleep(delay("dot")).await;
+                let r = stage_reply("dot", "250 2.0.0 Ok: queued as FAKE");
+                if r.starts_with('2') {
+                    rec.lock().unwrap().stored.push(Stored {
+                        helo: helo.clone(),
+                        xclient: xclient.clone(),
+                        proxy: proxy.clone(),
+                        mail: mail.take().unwrap_or_default(),
+                        rcpts: std::mem::take(&mut rcpts),
+                        data,
+                    });
+                }
+                mail = None;
+                rcpts.clear();
+                c.send(&r).await
+            }
+            "RSET" => {
+                mail = None;
+                rcpts.clear();
+                c.send(&stage_reply("rset", "250 2.0.0 Ok")).await
+            }
+            "QUIT" => {
+                c.send("221 2.0.0 Bye").await;
+                return;
+            }
+            "NOOP" => c.send("250 2.0.0 Ok").await,
+            _ => c.send("502 5.5.2 Error: command not recognized").await,
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+/// A running Portcullis.
+pub struct Gate {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    /// Starts Portcullis on 127.0.0.1:0 with `extra` YAML appended to a
+    /// minimal config pointing at `upstream`.
+    pub async fn start(upstream: SocketAddr, extra: &str) -> Gate {
+        Self::start_with(&format!(
+            "hostname: gate.test\nlisten:\n  - addr: 127.0.0.1:0\nupstream:\n  addr: {upstream}\n  client_identity: xclient\n  timeouts: {{connect: 2s, command: 2s, data: 5s}}\n{extra}"
+        ))
+        .await
+    }
+
+    pub async fn start_with(yaml: &str) -> Gate {
+        let cfg = Config::parse(yaml, Path::new("test.yaml")).expect("test config valid");
+        let server = Server::bind(cfg).await.expect("bind");
+        let addr = server.local_addrs()[0];
+        let (tx, rx) = oneshot::channel();
+        let done = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Gate {
+            addr,
+            stop: Some(tx),
+            done,
+        }
+    }
+
+    /// Begins graceful shutdown.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A plain SMTP client for tests.
+pub struct Client {
+    pub sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let sock = TcpStream::connect(addr).await.unwrap();
+        Client {
+            sock,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects from a chosen loopback source address (e.g. 127.0.0.2).
+    pub async fn connect_from(addr: SocketAddr, from: &str) -> Client {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let sock = s.connect(addr).await.unwrap();
+        Client {
+            sock,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).await.unwrap();
+    }
+
+    pub async fn line(&mut self, s: &str) {
+        self.send(format!("{s}\r\n").as_bytes()).await;
+    }
+
+    /// Reads one full reply (all lines); returns it as text. Panics after 10 s.
+    pub async fn reply(&mut self) -> String {
+        self.try_reply(Duration::from_secs(10))
+            .await
+            .expect("a reply before timeout/close")
+    }
+
+    /// One reply, or None if the connection closed or `limit` passed.
+    pub async fn try_reply(&mut self, limit: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some((r, used))) = parse_reply(&self.buf) {
+                self.buf.drain(..used);
+                return Some(String::from_utf8_lossy(&r.raw).into_owned());
+            }
+            let mut tmp = [0u8; 8192];
+            match tokio::time::timeout_at(deadline, self.sock.read(&mut tmp)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    /// Sends a line and asserts the reply starts with `want`.
+    pub async fn cmd(&mut self, s: &str, want: &str) -> String {
+        self.line(s).await;
+        let r = self.reply().await;
+        assert!(r.starts_with(want), "{s:?}: wanted {want:?}, got {r:?}");
+        r
+    }
+
+    /// True once the server has closed the connection (within 5 s).
+    pub async fn closed(&mut self) -> bool {
+        let mut tmp = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.sock.read(&mut tmp)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// Greeting + EHLO.
+    pub async fn hello(addr: SocketAddr) -> Client {
+        let mut c = Client::connect(addr).await;
+        let g = c.reply().await;
+        assert!(g.starts_with("220 "), "{g}");
+        c.cmd("EHLO client.test", "250").await;
+        c
+    }
+
+    /// One whole transaction; returns the final reply.
+    pub async fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> String {
+        self.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        for r in rcpts {
+            self.cmd(&format!("RCPT TO:<{r}>"), "250").await;
+        }
+        self.cmd("DATA", "354").await;
+        let mut wire = Vec::new();
+        portcullis::smtp::data::write_stuffed(body, |s| wire.extend_from_slice(s));
+        self.send(&wire).await;
+        self.reply().await
+    }
+}
+
+/// A message with the given Message-ID and body.
+pub fn message(id: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: a@sender.test\r\nTo: b@example.test\r\nSubject: test\r\nMessage-ID: <{id}@sender.test>\r\n\r\n{body}"
+    )
+    .into_bytes()
+}
+
+/// Polls `f` until true or 5 s pass.
+pub async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
