@@ -334,6 +334,8 @@ async fn proxy_v1_and_v2_sequences_as_upstream_sees_them() {
             );
         }
         assert!(s.xclient.is_none());
+        // The client's HELO name travels in our EHLO.
+        assert_eq!(s.helo, "pc.test");
     }
 }
 

@@ -149,7 +149,15 @@ impl UpstreamConn {
                 reply: greeting,
             });
         }
-        conn.ehlo(helo_name).await?;
+        // With a PROXY header the address is passed; the client's HELO name
+        // goes in our EHLO, so upstream sees both as the client gave them.
+        let first_helo = match (identity, client) {
+            (Identity::ProxyV1 | Identity::ProxyV2, Some(c)) => {
+                c.helo.as_deref().unwrap_or(helo_name)
+            }
+            _ => helo_name,
+        };
+        conn.ehlo(first_helo).await?;
         if identity == Identity::Xclient
             && let Some(c) = client
         {

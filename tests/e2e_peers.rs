@@ -1,0 +1,301 @@
+//! End to end with real peers: swaks -> Portcullis -> Postfix (XCLIENT and
+//! PROXY) and -> Exim (PROXY). Ignored by default because they need the
+//! programs; `.ci/run` installs them and runs these with `--include-ignored`.
+//! Each test starts its own peer on free loopback ports under a temp dir.
+
+mod common;
+
+use common::Gate;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn render(template: &str, run: &Path, port: u16, proxy_port: u16) -> String {
+    template
+        .replace("@RUN@", &run.display().to_string())
+        .replace("@PORT@", &port.to_string())
+        .replace("@PROXY_PORT@", &proxy_port.to_string())
+}
+
+fn wait_port(port: u16) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("nothing listening on {port}");
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    text
+}
+
+/// Waits for exactly one file in a Maildir's `new/` and returns it.
+fn one_mail(dir: &Path) -> String {
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            let files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            if let Some(f) = files.first() {
+                assert_eq!(files.len(), 1, "more than one message in {}", dir.display());
+                return std::fs::read_to_string(f).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no mail arrived in {}", dir.display());
+}
+
+fn swaks(gate: std::net::SocketAddr, from_ip: &str, extra: &[&str]) -> String {
+    let mut cmd = Command::new("swaks");
+    cmd.args([
+        "--server",
+        "127.0.0.1",
+        "--port",
+        &gate.port().to_string(),
+        "--local-interface",
+        from_ip,
+        "--helo",
+        "client.sender.test",
+        "--from",
+        "alice@sender.test",
+        "--to",
+        "bob@example.test",
+        "--header",
+        "Subject: through the gate",
+        "--body",
+        "Hello from swaks.\n.leading dot line\n",
+        "--timeout",
+        "20",
+    ]);
+    cmd.args(extra);
+    run(&mut cmd)
+}
+
+struct Postfix {
+    conf: PathBuf,
+    run: PathBuf,
+    port: u16,
+    proxy_port: u16,
+}
+
+impl Postfix {
+    fn start(name: &str) -> Postfix {
+        let base =
+            std::env::temp_dir().join(format!("portcullis-e2e-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (conf, run_dir) = (base.join("conf"), base.join("run"));
+        for d in ["queue", "data", "mail"] {
+            std::fs::create_dir_all(run_dir.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(&conf).unwrap();
+        let (port, proxy_port) = (free_port(), free_port());
+        let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/postfix");
+        for f in ["main.cf", "master.cf"] {
+            let t = std::fs::read_to_string(here.join(f)).unwrap();
+            std::fs::write(conf.join(f), render(&t, &run_dir, port, proxy_port)).unwrap();
+        }
+        run(Command::new("chown").args(["postfix", run_dir.join("data").to_str().unwrap()]));
+        run(Command::new("chown").args(["nobody:nogroup", run_dir.join("mail").to_str().unwrap()]));
+        run(Command::new("postfix").arg("-c").arg(&conf).arg("check"));
+        run(Command::new("postfix").arg("-c").arg(&conf).arg("start"));
+        wait_port(port);
+        wait_port(proxy_port);
+        Postfix {
+            conf,
+            run: run_dir,
+            port,
+            proxy_port,
+        }
+    }
+
+    fn inbox(&self) -> PathBuf {
+        self.run.join("mail/inbox/new")
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("stop")
+            .output();
+    }
+}
+
+async fn gate_for(port: u16, identity: &str) -> Gate {
+    Gate::start_with(&format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream:\n  addr: 127.0.0.1:{port}\n  client_identity: {identity}\n  timeouts: {{connect: 10s, command: 30s, data: 60s}}\n"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Postfix and swaks (installed by .ci/run)"]
+async fn swaks_through_portcullis_into_postfix_with_xclient() {
+    let pf = Postfix::start("xclient");
+    let gate = gate_for(pf.port, "auto").await;
+    let addr = gate.addr;
+    let out = tokio::task::spawn_blocking(move || swaks(addr, "127.0.0.9", &[]))
+        .await
+        .unwrap();
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let mail = one_mail(&pf.inbox());
+    // Postfix saw the client, not Portcullis (127.0.0.1), through XCLIENT.
+    assert!(
+        mail.contains("from client.sender.test (unknown [127.0.0.9])"),
+        "{mail}"
+    );
+    assert!(mail.contains("Subject: through the gate"));
+    assert!(mail.contains("\n.leading dot line"), "{mail}");
+    let log = std::fs::read_to_string(pf.run.join("maillog")).unwrap_or_default();
+    assert!(log.contains("client=unknown[127.0.0.9]"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Postfix and swaks (installed by .ci/run)"]
+async fn swaks_through_portcullis_into_postfix_with_proxy_protocol() {
+    let pf = Postfix::start("proxy");
+    for (i, mode) in ["proxy-v1", "proxy-v2"].into_iter().enumerate() {
+        let gate = gate_for(pf.proxy_port, mode).await;
+        let addr = gate.addr;
+        let ip = format!("127.0.0.{}", 20 + i);
+        let ip2 = ip.clone();
+        let out = tokio::task::spawn_blocking(move || swaks(addr, &ip2, &[]))
+            .await
+            .unwrap();
+        assert!(out.contains("250 2.0.0 Ok: queued as"), "{mode}: {out}");
+        let until = Instant::now() + Duration::from_secs(30);
+        let needle = format!("from client.sender.test (unknown [{ip}])");
+        let mut found = false;
+        while Instant::now() < until && !found {
+            found = std::fs::read_dir(pf.inbox())
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok()).any(|e| {
+                        std::fs::read_to_string(e.path()).is_ok_and(|m| m.contains(&needle))
+                    })
+                })
+                .unwrap_or(false);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(found, "{mode}: no message from {ip}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a refused transaction to stay out of Postfix (Postfix installed by .ci/run)"]
+async fn refused_size_never_reaches_postfix() {
+    let pf = Postfix::start("refused");
+    let gate = gate_for(pf.port, "xclient").await;
+    let mut c = common::Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test> SIZE=999999999", "552 5.3.4")
+        .await;
+    c.cmd("QUIT", "221").await;
+    std::thread::sleep(Duration::from_millis(500));
+    let log = std::fs::read_to_string(pf.run.join("maillog")).unwrap_or_default();
+    // Refused before MAIL reached upstream: Postfix never even got a connection
+    // carrying this client (only the capability probe, as 127.0.0.1).
+    assert!(!log.contains("a@sender.test"), "{log}");
+}
+
+struct Exim {
+    run: PathBuf,
+    port: u16,
+    proxy_port: u16,
+}
+
+const EXIM: &str = "/opt/exim4/usr/sbin/exim4";
+
+impl Exim {
+    fn start(name: &str) -> Exim {
+        let exim = std::env::var("EXIM").unwrap_or_else(|_| EXIM.to_string());
+        let base =
+            std::env::temp_dir().join(format!("portcullis-e2e-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let run_dir = base.join("run");
+        for d in ["spool", "log", "mail"] {
+            std::fs::create_dir_all(run_dir.join(d)).unwrap();
+        }
+        let (port, proxy_port) = (free_port(), free_port());
+        let t = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/exim/exim.conf"),
+        )
+        .unwrap();
+        let conf = base.join("exim.conf");
+        std::fs::write(&conf, render(&t, &run_dir, port, proxy_port)).unwrap();
+        run(Command::new("chown").args([
+            "-R",
+            "Debian-exim:Debian-exim",
+            run_dir.to_str().unwrap(),
+        ]));
+        let version = run(Command::new(&exim)
+            .arg("-C")
+            .arg(&conf)
+            .arg(format!("-DEXIM_PATH={exim}"))
+            .arg("-bV"));
+        assert!(
+            version.contains("PROXY"),
+            "this Exim has no PROXY support: {version}"
+        );
+        run(Command::new(&exim)
+            .arg("-C")
+            .arg(&conf)
+            .arg(format!("-DEXIM_PATH={exim}"))
+            .arg("-DPROXY=1")
+            .args(["-bd", "-q1m"]));
+        wait_port(port);
+        wait_port(proxy_port);
+        Exim {
+            run: run_dir,
+            port,
+            proxy_port,
+        }
+    }
+}
+
+impl Drop for Exim {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.run.join("exim.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Exim (heavy build, unpacked by .ci/run) and swaks"]
+async fn swaks_through_portcullis_into_exim_with_proxy_v2() {
+    let ex = Exim::start("exim");
+    let _ = ex.port;
+    let gate = gate_for(ex.proxy_port, "auto").await;
+    let addr = gate.addr;
+    let out = tokio::task::spawn_blocking(move || swaks(addr, "127.0.0.11", &[]))
+        .await
+        .unwrap();
+    assert!(out.contains("250 OK id="), "{out}");
+    let mail = one_mail(&ex.run.join("mail/inbox/new"));
+    // Exim saw the client address from the PROXY header, not Portcullis's.
+    assert!(
+        mail.contains("from [127.0.0.11] (helo=client.sender.test)"),
+        "{mail}"
+    );
+    assert!(mail.contains("Subject: through the gate"));
+}
