@@ -33,7 +33,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr, "limits: {max_connections_per_ip: 1}\n").await;
     let mut c = Client::connect_from(gate.addr, "127.0.0.10").await;
     c.reply().await;
     c.send(b"EHLO log.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nQUIT\r\n")
@@ -42,6 +42,11 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
         c.reply().await;
     }
     assert!(c.closed().await);
+    // A connection refused by the per-IP limit gets its own line.
+    let mut first = Client::connect_from(gate.addr, "127.0.0.11").await;
+    first.reply().await;
+    let mut second = Client::connect_from(gate.addr, "127.0.0.11").await;
+    assert!(second.reply().await.starts_with("421 4.7.0"));
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<serde_json::Value> = text
@@ -64,4 +69,17 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     assert_eq!(l["reason"], "upstream");
     assert_eq!(l["upstream_reply"], "5.1.1 no such user");
     assert!(l["duration_ms"].is_number());
+    let refused: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.contains("\"refused\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(refused.len(), 1, "{text}");
+    let r = &refused[0];
+    assert_eq!(r["client_ip"], "127.0.0.11");
+    assert_eq!(r["verdict"], "reject");
+    assert_eq!(r["stage"], "connect");
+    assert_eq!(r["code"], 421);
+    assert_eq!(r["enhanced"], "4.7.0");
+    assert_eq!(r["reason"], "limit:connections_per_ip");
 }

@@ -691,3 +691,88 @@ async fn shutdown_deadline_aborts_stuck_transactions_with_421() {
     assert!(mta.stored().is_empty());
     assert_eq!(mta.count("DATA"), 0);
 }
+
+#[tokio::test]
+async fn ehlo_offers_only_what_upstream_supports() {
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start(mta.addr, "limits: {max_message_size: 10MiB}\n").await;
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    let e = c.cmd("EHLO c.test", "250").await;
+    for k in [
+        "PIPELINING",
+        "SIZE 10485760",
+        "8BITMIME",
+        "DSN",
+        "ENHANCEDSTATUSCODES",
+    ] {
+        assert!(e.contains(k), "{k} missing: {e}");
+    }
+    assert!(
+        !e.contains("SMTPUTF8") && !e.contains("STARTTLS") && !e.contains("CHUNKING"),
+        "{e}"
+    );
+    c.cmd(
+        "MAIL FROM:<a@s.test> BODY=8BITMIME RET=HDRS ENVID=x1",
+        "250",
+    )
+    .await;
+    c.cmd(
+        "RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test",
+        "250",
+    )
+    .await;
+    // The parameters reach upstream as the client wrote them.
+    let cmds = mta.commands();
+    assert!(cmds.contains(&"MAIL FROM:<a@s.test> BODY=8BITMIME RET=HDRS ENVID=x1".to_string()));
+    assert!(cmds.contains(
+        &"RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test".to_string()
+    ));
+
+    // Upstream without 8BITMIME and DSN: we offer neither, and refuse them.
+    let plain = Script {
+        ehlo_keywords: vec![
+            "PIPELINING".into(),
+            "SIZE 1000000".into(),
+            "XCLIENT ADDR HELO".into(),
+        ],
+        ..Script::default()
+    };
+    let mta = FakeMta::start(plain).await;
+    let gate = Gate::start(mta.addr, "").await;
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    let e = c.cmd("EHLO c.test", "250").await;
+    assert!(!e.contains("8BITMIME") && !e.contains("DSN"), "{e}");
+    // Upstream's smaller SIZE wins.
+    assert!(e.contains("SIZE 1000000"), "{e}");
+    c.cmd("MAIL FROM:<a@s.test> BODY=8BITMIME", "555 5.5.4")
+        .await;
+    c.cmd("MAIL FROM:<a@s.test> RET=FULL", "555 5.5.4").await;
+    c.cmd("MAIL FROM:<a@s.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test> NOTIFY=NEVER", "555 5.5.4")
+        .await;
+    assert_eq!(mta.count("MAIL"), 1);
+}
+
+#[tokio::test]
+async fn helo_client_and_rset_between_transactions() {
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start(mta.addr, "").await;
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    c.cmd("HELO old.style", "250 gate.test").await;
+    c.cmd("MAIL FROM:<a@s.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    // RSET reached upstream too, so a new MAIL is not nested there.
+    c.cmd("MAIL FROM:<c@s.test>", "250").await;
+    c.cmd("RCPT TO:<d@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: h\r\n\r\nx\r\n.\r\n").await;
+    assert!(c.reply().await.starts_with("250"));
+    assert_eq!(mta.count("RSET"), 1);
+    let s = mta.stored();
+    assert_eq!((s.len(), s[0].mail.as_str()), (1, "<c@s.test>"));
+    assert!(s[0].xclient.as_deref().unwrap().contains("PROTO=SMTP"));
+}

@@ -402,6 +402,8 @@ impl Gate {
     pub async fn start_with(yaml: &str) -> Gate {
         let cfg = Config::parse(yaml, Path::new("test.yaml")).expect("test config valid");
         let server = Server::bind(cfg).await.expect("bind");
+        // As `portcullis run` does: learn upstream's EHLO before serving.
+        let _ = server.upstream().probe().await;
         let addr = server.local_addrs()[0];
         let (tx, rx) = oneshot::channel();
         let done = tokio::spawn(server.run(async move {

@@ -1,0 +1,111 @@
+//! The `portcullis` binary: --version, check, and run with SIGTERM.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+}
+
+#[test]
+fn version() {
+    let out = bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("portcullis {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_accepts_the_reference_config_and_the_embedded_default() {
+    let out = bin()
+        .args(["check", "--config", "portcullis.yaml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin().arg("check").output().unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_reports_file_line_column_and_key_path() {
+    let dir = std::env::temp_dir().join(format!("portcullis-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.yaml");
+    std::fs::write(
+        &f,
+        "hostname: mx.test\nlisten: [{addr: 127.0.0.1:1}]\nupstream:\n  addr: 127.0.0.1:2\n  client_identity: xclient\nlimits:\n  max_recipents: 5\n",
+    )
+    .unwrap();
+    let out = bin().args(["check", "--config"]).arg(&f).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "{}:7:3: limits.max_recipents: unknown field `max_recipents`",
+            f.display()
+        )),
+        "{err}"
+    );
+    let out = bin()
+        .args(["check", "--config", "/nonexistent.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn run_serves_and_stops_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("portcullis-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("run.yaml");
+    std::fs::write(
+        &f,
+        format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\ntimeouts: {{shutdown: 2s}}\n"),
+    )
+    .unwrap();
+    let mut child = bin().args(["run", "--config"]).arg(&f).spawn().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut greeting = String::new();
+    while Instant::now() < until {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::Read;
+            let mut b = [0u8; 256];
+            let n = s.read(&mut b).unwrap_or(0);
+            greeting = String::from_utf8_lossy(&b[..n]).into_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Upstream is down, yet it starts and greets (start-up order must not matter).
+    assert!(greeting.starts_with("220 gate.test"), "{greeting:?}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < until, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
