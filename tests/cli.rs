@@ -76,18 +76,30 @@ fn run_serves_and_stops_on_sigterm() {
     let f = dir.join("run.yaml");
     std::fs::write(
         &f,
-        format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\ntimeouts: {{shutdown: 2s}}\n"),
+        format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\ntimeouts: {{shutdown: 2s}}\nlog: {{format: logfmt}}\n"),
     )
     .unwrap();
-    let mut child = bin().args(["run", "--config"]).arg(&f).spawn().unwrap();
+    let mut child = bin()
+        .args(["run", "--config"])
+        .arg(&f)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     let mut greeting = String::new();
     while Instant::now() < until {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            use std::io::Read;
+            use std::io::{Read, Write};
             let mut b = [0u8; 256];
             let n = s.read(&mut b).unwrap_or(0);
             greeting = String::from_utf8_lossy(&b[..n]).into_owned();
+            // A transaction while upstream is down: 451, and a logfmt line.
+            s.write_all(b"EHLO c.test\r\n").unwrap();
+            let _ = s.read(&mut b).unwrap();
+            s.write_all(b"MAIL FROM:<a@s.test>\r\n").unwrap();
+            let n = s.read(&mut b).unwrap();
+            let r = String::from_utf8_lossy(&b[..n]).into_owned();
+            assert!(r.starts_with("451 4.4.1"), "{r}");
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -107,5 +119,28 @@ fn run_serves_and_stops_on_sigterm() {
         }
         assert!(Instant::now() < until, "did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains("event=transaction"))
+        .unwrap_or_else(|| panic!("no transaction line in {out}"));
+    for kv in [
+        "verdict=tempfail",
+        "code=451",
+        "enhanced=4.4.1",
+        "reason=upstream:unavailable",
+        "mail_from=a@s.test",
+        "helo=c.test",
+        "stage=mail",
+    ] {
+        assert!(line.contains(kv), "{kv} missing in {line}");
     }
 }
