@@ -75,6 +75,19 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
                 "upstream not reachable yet: answering 4xx until it is"
             ),
         }
+        let reloader = server.tls_reloader();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match reloader.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                }
+            }
+        });
         for a in server.local_addrs() {
             tracing::info!(listen = %a, version = env!("CARGO_PKG_VERSION"), "listening");
         }

@@ -31,6 +31,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
         .with_writer(move || sink.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    tls_transaction(&logs).await;
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
     let gate = Gate::start(mta.addr, "limits: {max_connections_per_ip: 1}\n").await;
@@ -51,7 +52,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
-        .filter(|l| l.contains("\"transaction\""))
+        .filter(|l| l.contains("\"transaction\"") && l.contains("a@sender.test"))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 1, "{text}");
@@ -82,4 +83,79 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     assert_eq!(r["code"], 421);
     assert_eq!(r["enhanced"], "4.7.0");
     assert_eq!(r["reason"], "limit:connections_per_ip");
+    assert_eq!(l["tls"], false);
+    assert_eq!(l["tls_version"], "");
+}
+
+/// Accepted over STARTTLS: the line carries the TLS version and cipher.
+async fn tls_transaction(logs: &Captured) {
+    let dir = std::env::temp_dir().join(format!("portcullis-log-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("c.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("k.pem"), ck.signing_key.serialize_pem()).unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start(
+        mta.addr,
+        &format!(
+            "tls: {{cert: {}, key: {}}}\n",
+            dir.join("c.pem").display(),
+            dir.join("k.pem").display()
+        ),
+    )
+    .await;
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("STARTTLS", "220").await;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let config = tokio_rustls::rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = std::mem::replace(
+        &mut c.sock,
+        tokio::net::TcpStream::connect(gate.addr).await.unwrap(),
+    );
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(
+        b"EHLO t.test\r\nMAIL FROM:<t@sender.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n",
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("354") {
+        let mut b = [0u8; 1024];
+        let n = tls.read(&mut b).await.unwrap();
+        seen.extend_from_slice(&b[..n]);
+    }
+    tls.write_all(b"Subject: t\r\n\r\nx\r\n.\r\n")
+        .await
+        .unwrap();
+    let mut b = [0u8; 1024];
+    let n = tls.read(&mut b).await.unwrap();
+    assert!(b[..n].starts_with(b"250"));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = text
+        .lines()
+        .filter(|l| l.contains("t@sender.test"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .next()
+        .unwrap_or_else(|| panic!("no TLS transaction line in {text}"));
+    assert_eq!(line["verdict"], "accept");
+    assert_eq!(line["tls"], true);
+    assert_eq!(line["tls_version"], "TLSv1_3");
+    assert!(
+        line["tls_cipher"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("TLS13_")),
+        "{line}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

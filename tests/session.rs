@@ -24,13 +24,13 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
     )
     .unwrap();
     Arc::new(Shared {
-        upstream: Arc::new(Upstream::new(&cfg)),
+        upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
         checks: Pipeline::new(vec![Box::new(checks::Limits {
             max_message_size: cfg.limits.max_message_size.0,
             max_recipients: cfg.limits.max_recipients,
         })]),
-        tls: None,
+        tls: std::sync::RwLock::new(None),
         cfg: Arc::new(cfg),
     })
 }

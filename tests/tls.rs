@@ -101,3 +101,154 @@ async fn starttls_then_relay_and_pipelined_plaintext_is_discarded() {
     assert_eq!(mta.count("MAIL FROM:<INJECTED"), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn write_cert(dir: &std::path::Path, name: &str) -> rcgen::CertifiedKey<rcgen::KeyPair> {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    ck
+}
+
+/// Opens a session, STARTTLS, and returns the certificate the server showed.
+async fn server_cert(addr: std::net::SocketAddr) -> Vec<u8> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    reply(&mut tcp, &mut buf).await;
+    cmd(&mut tcp, &mut buf, "EHLO tls.test").await;
+    assert!(cmd(&mut tcp, &mut buf, "STARTTLS").await.starts_with("220"));
+    let config = ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[derive(Debug)]
+struct AnyCert;
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        _: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: tokio_rustls::rustls::pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
+    {
+        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        _: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        Ok(tokio_rustls::rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        _: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        Ok(tokio_rustls::rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[tokio::test]
+async fn certificate_reload_takes_effect_and_a_bad_one_keeps_the_old() {
+    let dir = std::env::temp_dir().join(format!("portcullis-tls-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = write_cert(&dir, "first.test");
+    let cfg = format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: 127.0.0.1:9, client_identity: none}}\ntls: {{cert: {}, key: {}}}\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
+    );
+    let server = portcullis::server::Server::bind(
+        portcullis::config::Config::parse(&cfg, std::path::Path::new("t.yaml")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addrs()[0];
+    let reloader = server.tls_reloader();
+    tokio::spawn(server.run(std::future::pending()));
+    assert_eq!(server_cert(addr).await, first.cert.der().to_vec());
+
+    let second = write_cert(&dir, "second.test");
+    reloader.reload().unwrap();
+    assert_eq!(server_cert(addr).await, second.cert.der().to_vec());
+
+    std::fs::write(dir.join("key.pem"), "not a key").unwrap();
+    assert!(reloader.reload().is_err());
+    assert_eq!(server_cert(addr).await, second.cert.der().to_vec());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn starttls_to_upstream() {
+    let dir = std::env::temp_dir().join(format!("portcullis-tls-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = write_cert(&dir, "mx.internal.test");
+    let acceptor =
+        portcullis::server::tls::acceptor(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
+    let mta = FakeMta::start(Script {
+        tls: Some(acceptor),
+        ..Script::default()
+    })
+    .await;
+    std::fs::write(dir.join("ca.pem"), ck.cert.pem()).unwrap();
+    // Verified against the CA file and name, and also encrypt-only.
+    for extra in [
+        format!(
+            "tls: starttls\n  tls_ca: {}\n  tls_name: mx.internal.test\n",
+            dir.join("ca.pem").display()
+        ),
+        "tls: starttls\n".to_string(),
+    ] {
+        let gate = Gate::start_with(&format!(
+            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream:\n  addr: {}\n  client_identity: xclient\n  {extra}",
+            mta.addr
+        ))
+        .await;
+        let mut c = common::Client::hello(gate.addr).await;
+        let r = c
+            .send_mail(
+                "a@sender.test",
+                &["b@example.test"],
+                b"Subject: t\r\n\r\nx\r\n",
+            )
+            .await;
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let stored = mta.stored();
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().all(|s| s.tls), "not over TLS");
+    // A wrong name fails verification: the client gets 4xx, nothing stored.
+    let gate = Gate::start_with(&format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream:\n  addr: {}\n  client_identity: xclient\n  tls: starttls\n  tls_ca: {}\n  tls_name: wrong.test\n",
+        mta.addr,
+        dir.join("ca.pem").display()
+    ))
+    .await;
+    let mut c = common::Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "451 4.4.1").await;
+    assert_eq!(mta.stored().len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -53,6 +53,8 @@ pub struct Config {
     #[serde(default)]
     pub smtp: Smtp,
     #[serde(default)]
+    pub greeting: Greeting,
+    #[serde(default)]
     pub log: Log,
 }
 
@@ -99,6 +101,23 @@ pub struct Upstream {
     /// How often upstream's EHLO capabilities are probed again.
     #[serde(default = "default_probe_interval")]
     pub probe_interval: Secs,
+    /// STARTTLS towards upstream.
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// CA certificate(s) to verify upstream's certificate; unset: encrypt only.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name expected in upstream's certificate (default: its IP address).
+    #[serde(default)]
+    pub tls_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    #[default]
+    None,
+    Starttls,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,6 +213,14 @@ impl Default for Smtp {
             bare_newline: BareNewline::Reject,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Greeting {
+    /// Wait this long before the 220; clients that talk first are refused
+    /// (postscreen's pregreet test). Unset: greet at once.
+    pub delay: Option<Secs>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -32,6 +32,8 @@ pub enum ServerError {
     },
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("upstream tls: {0}")]
+    UpstreamTls(#[from] crate::upstream::UpstreamTlsError),
 }
 
 pub struct Server {
@@ -65,10 +67,10 @@ impl Server {
             max_recipients: cfg.limits.max_recipients,
         })]);
         let shared = Arc::new(Shared {
-            upstream: Arc::new(Upstream::new(&cfg)),
+            upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
             checks,
-            tls,
+            tls: std::sync::RwLock::new(tls),
             cfg: Arc::clone(&cfg),
         });
         Ok(Server {
@@ -91,6 +93,12 @@ impl Server {
 
     pub fn upstream(&self) -> Arc<Upstream> {
         Arc::clone(&self.shared.upstream)
+    }
+
+    /// Reloads the TLS certificate and key (SIGHUP). New STARTTLS handshakes
+    /// use them; on error the old ones stay in force.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader(Arc::clone(&self.shared))
     }
 
     pub fn shutdown_handle(&self) -> Arc<Shutdown> {
@@ -151,6 +159,23 @@ fn bind(l: &Listen) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(l.addr)?;
     sock.listen(l.backlog)
+}
+
+/// Reloads the certificate and key from the configured files.
+#[derive(Clone)]
+pub struct TlsReloader(Arc<Shared>);
+
+impl TlsReloader {
+    pub fn reload(&self) -> Result<(), tls::TlsError> {
+        let Some(t) = &self.0.cfg.tls else {
+            return Ok(());
+        };
+        let acceptor = tls::acceptor(&t.cert, &t.key)?;
+        if let Ok(mut slot) = self.0.tls.write() {
+            *slot = Some(acceptor);
+        }
+        Ok(())
+    }
 }
 
 fn session_id() -> String {

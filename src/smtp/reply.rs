@@ -95,6 +95,8 @@ pub const PARAM_UNSUPPORTED: Reply = Reply::new(555, 5, 4, "Unsupported paramete
 pub const TLS_ALREADY: Reply = Reply::new(503, 5, 1, "Already in TLS");
 pub const TLS_UNAVAILABLE: Reply = Reply::new(454, 7, 0, "TLS not available");
 
+pub const BARE_NEWLINE_IN_COMMAND: Reply = Reply::new(500, 5, 2, "Bare <CR> or <LF> in command");
+pub const PREGREET: Reply = Reply::new(554, 5, 1, "Protocol error: talked before the greeting");
 pub const NUL_IN_COMMAND: Reply = Reply::new(500, 5, 2, "NUL byte in command");
 pub const BARE_NEWLINE: Reply = Reply::new(550, 5, 2, "Bare <CR> or <LF> received");
 pub const NUL_IN_DATA: Reply = Reply::new(554, 6, 0, "NUL byte in message");

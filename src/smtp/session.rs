@@ -14,10 +14,10 @@ use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
 use crate::smtp::data::DataReader;
 use crate::smtp::ehlo::Offer;
 use crate::smtp::reply::{self, Reply, UpstreamReply};
-use crate::telemetry::{TxnRecord, Verdict};
+use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, UpStage, Upstream, UpstreamConn, UpstreamError};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
@@ -32,7 +32,21 @@ pub struct Shared {
     pub upstream: Arc<Upstream>,
     pub budget: Arc<MemoryBudget>,
     pub checks: Pipeline,
-    pub tls: Option<TlsAcceptor>,
+    /// Swapped on SIGHUP when the certificate is reloaded.
+    pub tls: RwLock<Option<TlsAcceptor>>,
+}
+
+impl Shared {
+    fn tls_acceptor(&self) -> Option<TlsAcceptor> {
+        self.tls.read().ok().and_then(|t| t.clone())
+    }
+}
+
+/// The negotiated TLS parameters, for the log line.
+#[derive(Debug, Clone)]
+struct TlsInfo {
+    version: String,
+    cipher: String,
 }
 
 /// Who is on the other end.
@@ -98,6 +112,7 @@ enum Fill {
 
 enum Line {
     Command(Vec<u8>),
+    BareNewline,
     TooLong,
     Closed,
     Timeout,
@@ -121,7 +136,7 @@ pub struct Session {
     deadline: tokio::time::Instant,
     helo: Option<String>,
     esmtp: bool,
-    tls: bool,
+    tls: Option<TlsInfo>,
     offer: Offer,
     txn: Option<Txn>,
     upstream: Option<UpstreamConn>,
@@ -149,7 +164,7 @@ impl Session {
             deadline,
             helo: None,
             esmtp: false,
-            tls: false,
+            tls: None,
             offer: Offer::default(),
             txn: None,
             upstream: None,
@@ -161,6 +176,22 @@ impl Session {
 
     /// Runs the session to its end.
     pub async fn run(mut self) {
+        if let Some(delay) = self.shared.cfg.greeting.delay
+            && self.talks_before_greeting(delay.0).await
+        {
+            self.reply(&reply::PREGREET);
+            RefusedConnection {
+                session: &self.peer.id,
+                client_ip: self.peer.addr.ip(),
+                code: reply::PREGREET.code,
+                enhanced: &reply::PREGREET.enhanced_code().unwrap_or_default(),
+                reason: "pregreet",
+            }
+            .emit();
+            let _ = self.flush().await;
+            let _ = self.io.shutdown().await;
+            return;
+        }
         let greeting = format!("220 {} ESMTP Portcullis\r\n", self.shared.cfg.hostname);
         self.wbuf.extend_from_slice(greeting.as_bytes());
         loop {
@@ -168,6 +199,7 @@ impl Session {
             let next = match line {
                 Line::Command(l) => self.handle(&l).await,
                 Line::TooLong => self.error(reply::LINE_TOO_LONG),
+                Line::BareNewline => self.error(reply::BARE_NEWLINE_IN_COMMAND),
                 Line::Closed => Next::Close,
                 Line::Timeout => {
                     self.reply(&reply::TIMEOUT);
@@ -187,6 +219,24 @@ impl Session {
         let _ = self.io.shutdown().await;
         if let Some(up) = self.upstream.take() {
             up.quit().await;
+        }
+    }
+
+    /// postscreen's pregreet test: wait `delay` before the greeting; a
+    /// client that sends anything meanwhile is a bot that does not listen.
+    /// A client that waits simply continues in this session.
+    async fn talks_before_greeting(&mut self, delay: Duration) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        self.rbuf.reserve(COMMAND_READ);
+        let io = &mut self.io;
+        let rbuf = &mut self.rbuf;
+        let shutdown = &mut self.shutdown;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = shutdown.reached(Phase::Draining) => false,
+            r = io.read_buf(rbuf) => matches!(r, Ok(n) if n > 0),
         }
     }
 
@@ -264,10 +314,19 @@ impl Session {
                     return Line::TooLong;
                 }
                 let mut end = start + nl;
-                if end > start && self.rbuf[end - 1] == b'\r' {
+                let crlf = end > start && self.rbuf[end - 1] == b'\r';
+                if crlf {
                     end -= 1;
                 }
-                return Line::Command(self.rbuf[start..end].to_vec());
+                let line = &self.rbuf[start..end];
+                // A CR inside a command, or (in reject mode) a line ended by
+                // a bare LF, is the raw material of smuggling: refuse it.
+                if memchr::memchr(b'\r', line).is_some()
+                    || (!crlf && self.cfg().smtp.bare_newline == BareNewline::Reject)
+                {
+                    return Line::BareNewline;
+                }
+                return Line::Command(line.to_vec());
             }
             if pending.len() >= max {
                 // Keep sync: drop what we have and answer once the line ends.
@@ -339,7 +398,7 @@ impl Session {
         self.esmtp = esmtp;
         let cfg = &self.shared.cfg;
         let caps = self.shared.upstream.capabilities();
-        let starttls = self.shared.tls.is_some() && !self.tls;
+        let starttls = self.tls.is_none() && self.shared.tls_acceptor().is_some();
         self.offer = Offer::new(caps.as_deref(), cfg.limits.max_message_size.0, starttls);
         if esmtp {
             let mut out = std::mem::take(&mut self.wbuf);
@@ -619,10 +678,10 @@ impl Session {
     }
 
     async fn starttls(&mut self) -> Next {
-        let Some(acceptor) = self.shared.tls.clone() else {
+        let Some(acceptor) = self.shared.tls_acceptor() else {
             return self.error(reply::NOT_IMPLEMENTED);
         };
-        if self.tls {
+        if self.tls.is_some() {
             return self.error(reply::TLS_ALREADY);
         }
         self.reply(&reply::READY_TLS);
@@ -640,8 +699,20 @@ impl Session {
         let limit = self.cfg().timeouts.command.0;
         match tokio::time::timeout(limit, acceptor.accept(io)).await {
             Ok(Ok(tls)) => {
+                let (_, conn) = tls.get_ref();
+                self.tls = Some(TlsInfo {
+                    version: conn
+                        .protocol_version()
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                    cipher: conn
+                        .negotiated_cipher_suite()
+                        .and_then(|c| c.suite().as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                });
                 self.io = Box::new(tls);
-                self.tls = true;
                 self.end_txn_abandoned("starttls");
                 self.drop_upstream();
                 self.helo = None;
@@ -832,7 +903,9 @@ impl Session {
             session: &self.peer.id,
             client_ip: self.peer.addr.ip(),
             helo: self.helo.as_deref().unwrap_or(""),
-            tls: self.tls,
+            tls: self.tls.is_some(),
+            tls_version: self.tls.as_ref().map_or("", |t| t.version.as_str()),
+            tls_cipher: self.tls.as_ref().map_or("", |t| t.cipher.as_str()),
             mail_from,
             rcpt_count: rcpts,
             size,

@@ -2,6 +2,7 @@
 
 use super::capabilities::Capabilities;
 use super::identity::{ClientIdentity, Identity, proxy_header, xclient_line};
+use crate::smtp::Stream;
 use crate::smtp::data::write_stuffed;
 use crate::smtp::reply::{UpstreamReply, parse_reply};
 use std::net::SocketAddr;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// The stage an upstream failure happened at (for logs and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,7 @@ pub enum UpStage {
     Data,
     Message,
     Rset,
+    Tls,
 }
 
 impl UpStage {
@@ -36,6 +40,7 @@ impl UpStage {
             UpStage::Data => "data",
             UpStage::Message => "message",
             UpStage::Rset => "rset",
+            UpStage::Tls => "starttls",
         }
     }
 }
@@ -88,9 +93,20 @@ pub struct UpTimeouts {
     pub data: Duration,
 }
 
+/// Everything needed to open a connection to upstream.
+#[derive(Clone)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    /// Our own EHLO name.
+    pub helo: String,
+    pub timeouts: UpTimeouts,
+    /// STARTTLS to upstream, with the name its certificate is checked against.
+    pub tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
 /// An open, greeted (and identified) SMTP connection to upstream.
 pub struct UpstreamConn {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     rbuf: Vec<u8>,
     timeouts: UpTimeouts,
     pub capabilities: Capabilities,
@@ -98,51 +114,54 @@ pub struct UpstreamConn {
 
 const WRITE_CHUNK: usize = 64 * 1024;
 
+async fn connect(dial: &Dial) -> Result<TcpStream, UpstreamError> {
+    let addr = dial.addr;
+    match timeout(dial.timeouts.connect, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            // Small writes (commands, the final dot) must not wait for delayed ACKs.
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
+        Err(_) => Err(UpstreamError::Timeout {
+            stage: UpStage::Connect,
+            limit: dial.timeouts.connect,
+        }),
+    }
+}
+
 impl UpstreamConn {
-    /// Connects, sends a PROXY header if asked, reads the greeting and says EHLO.
-    /// With `Identity::Xclient`, sends XCLIENT and EHLO again.
+    /// Connects, sends a PROXY header if asked, reads the greeting, says
+    /// EHLO, starts TLS if configured, and with `Identity::Xclient` sends
+    /// XCLIENT and EHLO again.
     pub async fn open(
-        addr: SocketAddr,
-        helo_name: &str,
+        dial: &Dial,
         identity: Identity,
         client: Option<&ClientIdentity>,
-        timeouts: UpTimeouts,
     ) -> Result<UpstreamConn, UpstreamError> {
-        let stream = match timeout(timeouts.connect, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    stage: UpStage::Connect,
-                    limit: timeouts.connect,
-                });
-            }
-        };
-        // Small writes (commands, the final dot) must not wait for delayed ACKs.
-        let _ = stream.set_nodelay(true);
+        let tcp = connect(dial).await?;
+        let local = tcp.local_addr().map_err(|source| UpstreamError::Io {
+            stage: UpStage::Connect,
+            source,
+        })?;
         let mut conn = UpstreamConn {
-            stream,
+            stream: Box::new(tcp),
             rbuf: Vec::with_capacity(1024),
-            timeouts,
+            timeouts: dial.timeouts,
             capabilities: Capabilities::default(),
         };
         if matches!(identity, Identity::ProxyV1 | Identity::ProxyV2) {
-            let local = conn
-                .stream
-                .local_addr()
-                .map_err(|source| UpstreamError::Io {
-                    stage: UpStage::Connect,
-                    source,
-                })?;
             let (src, dst) = match client {
                 Some(c) => (c.addr, c.local),
                 // A probe announces itself.
-                None => (local, addr),
+                None => (local, dial.addr),
             };
             conn.write(&proxy_header(identity, src, dst), UpStage::Connect)
                 .await?;
         }
-        let greeting = conn.read_reply(UpStage::Greeting, timeouts.connect).await?;
+        let greeting = conn
+            .read_reply(UpStage::Greeting, dial.timeouts.connect)
+            .await?;
         if greeting.code != 220 {
             return Err(UpstreamError::Refused {
                 stage: UpStage::Greeting,
@@ -151,13 +170,17 @@ impl UpstreamConn {
         }
         // With a PROXY header the address is passed; the client's HELO name
         // goes in our EHLO, so upstream sees both as the client gave them.
-        let first_helo = match (identity, client) {
+        let helo = match (identity, client) {
             (Identity::ProxyV1 | Identity::ProxyV2, Some(c)) => {
-                c.helo.as_deref().unwrap_or(helo_name)
+                c.helo.as_deref().unwrap_or(&dial.helo)
             }
-            _ => helo_name,
+            _ => &dial.helo,
         };
-        conn.ehlo(first_helo).await?;
+        conn.ehlo(helo).await?;
+        if let Some((connector, name)) = &dial.tls {
+            conn.starttls(connector, name.clone()).await?;
+            conn.ehlo(helo).await?;
+        }
         if identity == Identity::Xclient
             && let Some(c) = client
         {
@@ -172,10 +195,44 @@ impl UpstreamConn {
             }
             // After XCLIENT upstream greets again and wants a fresh EHLO,
             // now under the client's HELO name.
-            let helo = c.helo.as_deref().unwrap_or(helo_name).to_string();
+            let helo = c.helo.as_deref().unwrap_or(&dial.helo).to_string();
             conn.ehlo(&helo).await?;
         }
         Ok(conn)
+    }
+
+    async fn starttls(
+        &mut self,
+        connector: &TlsConnector,
+        name: ServerName<'static>,
+    ) -> Result<(), UpstreamError> {
+        let reply = self.command(b"STARTTLS", UpStage::Tls).await?;
+        if reply.code != 220 {
+            return Err(UpstreamError::Refused {
+                stage: UpStage::Tls,
+                reply,
+            });
+        }
+        let plain = std::mem::replace(
+            &mut self.stream,
+            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
+        );
+        let limit = self.timeouts.command;
+        match timeout(limit, connector.connect(name, plain)).await {
+            Ok(Ok(tls)) => {
+                self.stream = Box::new(tls);
+                self.rbuf.clear();
+                Ok(())
+            }
+            Ok(Err(source)) => Err(UpstreamError::Io {
+                stage: UpStage::Tls,
+                source,
+            }),
+            Err(_) => Err(UpstreamError::Timeout {
+                stage: UpStage::Tls,
+                limit,
+            }),
+        }
     }
 
     async fn ehlo(&mut self, name: &str) -> Result<(), UpstreamError> {
@@ -194,24 +251,13 @@ impl UpstreamConn {
     /// Waits briefly for a greeting without sending anything; used by the
     /// `auto` probe to tell a PROXY-expecting listener (which stays silent).
     pub async fn connect_silent(
-        addr: SocketAddr,
+        dial: &Dial,
         wait: Duration,
-        timeouts: UpTimeouts,
     ) -> Result<Option<UpstreamReply>, UpstreamError> {
-        let stream = match timeout(timeouts.connect, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    stage: UpStage::Connect,
-                    limit: timeouts.connect,
-                });
-            }
-        };
         let mut conn = UpstreamConn {
-            stream,
+            stream: Box::new(connect(dial).await?),
             rbuf: Vec::new(),
-            timeouts,
+            timeouts: dial.timeouts,
             capabilities: Capabilities::default(),
         };
         match conn.read_reply(UpStage::Greeting, wait).await {

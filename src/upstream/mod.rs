@@ -7,15 +7,18 @@
 mod capabilities;
 mod connection;
 mod identity;
+mod tls;
 
 pub use capabilities::Capabilities;
-pub use connection::{UpStage, UpTimeouts, UpstreamConn, UpstreamError};
+pub use connection::{Dial, UpStage, UpTimeouts, UpstreamConn, UpstreamError};
 pub use identity::{ClientIdentity, Identity, proxy_header, xclient_line};
+pub use tls::UpstreamTlsError;
 
-use crate::config::{ClientIdentity as Mode, Config};
+use crate::config::{ClientIdentity as Mode, Config, UpstreamTls as UpstreamTlsMode};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// Why a probe could not settle how to reach upstream.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +43,8 @@ struct State {
 
 pub struct Upstream {
     pub addr: SocketAddr,
-    helo: String,
+    dial: Dial,
     mode: Mode,
-    pub timeouts: UpTimeouts,
     probe_interval: Duration,
     state: RwLock<State>,
 }
@@ -51,8 +53,21 @@ pub struct Upstream {
 const AUTO_GREETING_WAIT: Duration = Duration::from_secs(3);
 
 impl Upstream {
-    pub fn new(cfg: &Config) -> Upstream {
+    pub fn new(cfg: &Config) -> Result<Upstream, UpstreamTlsError> {
         let t = &cfg.upstream.timeouts;
+        let tls = match cfg.upstream.tls {
+            UpstreamTlsMode::None => None,
+            UpstreamTlsMode::Starttls => {
+                let name = match &cfg.upstream.tls_name {
+                    Some(n) => ServerName::try_from(n.clone()).map_err(|e| UpstreamTlsError {
+                        path: "upstream.tls_name".into(),
+                        message: e.to_string(),
+                    })?,
+                    None => ServerName::IpAddress(cfg.upstream.addr.ip().into()),
+                };
+                Some((tls::connector(cfg.upstream.tls_ca.as_deref())?, name))
+            }
+        };
         let fixed = match cfg.upstream.client_identity {
             Mode::Xclient => Some(Identity::Xclient),
             Mode::ProxyV1 => Some(Identity::ProxyV1),
@@ -60,21 +75,25 @@ impl Upstream {
             Mode::None => Some(Identity::None),
             Mode::Auto => None,
         };
-        Upstream {
+        Ok(Upstream {
             addr: cfg.upstream.addr,
-            helo: cfg.upstream_helo().to_string(),
-            mode: cfg.upstream.client_identity,
-            timeouts: UpTimeouts {
-                connect: t.connect.0,
-                command: t.command.0,
-                data: t.data.0,
+            dial: Dial {
+                addr: cfg.upstream.addr,
+                helo: cfg.upstream_helo().to_string(),
+                timeouts: UpTimeouts {
+                    connect: t.connect.0,
+                    command: t.command.0,
+                    data: t.data.0,
+                },
+                tls,
             },
+            mode: cfg.upstream.client_identity,
             probe_interval: cfg.upstream.probe_interval.0,
             state: RwLock::new(State {
                 identity: fixed,
                 ..State::default()
             }),
-        }
+        })
     }
 
     /// Upstream's capabilities from the latest EHLO, if any succeeded.
@@ -118,7 +137,7 @@ impl Upstream {
             (_, Some(id)) => id,
             (_, None) => Identity::None,
         };
-        let conn = UpstreamConn::open(self.addr, &self.helo, identity, None, self.timeouts).await?;
+        let conn = UpstreamConn::open(&self.dial, identity, None).await?;
         let caps = conn.capabilities.clone();
         conn.quit().await;
         if self.mode == Mode::Auto && identity == Identity::Xclient && !caps.xclient_addr() {
@@ -131,12 +150,10 @@ impl Upstream {
 
     /// `auto`: XCLIENT when offered; a silent listener is tried with PROXY v2.
     async fn detect(&self) -> Result<Identity, ProbeError> {
-        let wait = AUTO_GREETING_WAIT.min(self.timeouts.connect);
-        match UpstreamConn::connect_silent(self.addr, wait, self.timeouts).await? {
+        let wait = AUTO_GREETING_WAIT.min(self.dial.timeouts.connect);
+        match UpstreamConn::connect_silent(&self.dial, wait).await? {
             Some(_greeting) => {
-                let conn =
-                    UpstreamConn::open(self.addr, &self.helo, Identity::None, None, self.timeouts)
-                        .await?;
+                let conn = UpstreamConn::open(&self.dial, Identity::None, None).await?;
                 let xclient = conn.capabilities.xclient_addr();
                 conn.quit().await;
                 if xclient {
@@ -146,14 +163,7 @@ impl Upstream {
                 }
             }
             None => {
-                let conn = UpstreamConn::open(
-                    self.addr,
-                    &self.helo,
-                    Identity::ProxyV2,
-                    None,
-                    self.timeouts,
-                )
-                .await?;
+                let conn = UpstreamConn::open(&self.dial, Identity::ProxyV2, None).await?;
                 conn.quit().await;
                 Ok(Identity::ProxyV2)
             }
@@ -188,7 +198,7 @@ impl Upstream {
             Some(id) => id,
             None => self.probe().await.map_err(OpenError::Probe)?,
         };
-        let conn = UpstreamConn::open(self.addr, &self.helo, identity, Some(client), self.timeouts)
+        let conn = UpstreamConn::open(&self.dial, identity, Some(client))
             .await
             .map_err(OpenError::Upstream)?;
         self.record(Some(conn.capabilities.clone()), None, None);

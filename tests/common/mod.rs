@@ -25,6 +25,8 @@ pub struct Stored {
     pub rcpts: Vec<String>,
     /// Unstuffed content, as a strict reader sees it.
     pub data: Vec<u8>,
+    /// The transaction came over STARTTLS.
+    pub tls: bool,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +56,11 @@ pub struct Script {
     pub delay: Option<(&'static str, Duration)>,
     /// Misbehave only this many times (then behave); None = always.
     pub faults: Option<usize>,
+    /// Read DATA like a careless MTA that any bare CR/LF "." line fools
+    /// (and that drops NULs): a smuggling leak then shows as a 2nd message.
+    pub lenient: bool,
+    /// Offer STARTTLS with this acceptor.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Default for Script {
@@ -73,6 +80,8 @@ impl Default for Script {
             drop_at: None,
             delay: None,
             faults: None,
+            lenient: false,
+            tls: None,
         }
     }
 }
@@ -157,7 +166,7 @@ impl FakeMta {
 }
 
 struct Conn {
-    sock: TcpStream,
+    sock: Box<dyn portcullis::smtp::Stream>,
     buf: Vec<u8>,
 }
 
@@ -182,6 +191,43 @@ impl Conn {
             .write_all(format!("{s}\r\n").as_bytes())
             .await
             .is_ok()
+    }
+
+    /// A careless reader: NULs dropped, any of CRLF, LF or CR ends a line,
+    /// and a "." line ends the message. What follows is read as commands.
+    async fn lenient_data(&mut self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            self.buf.retain(|&b| b != 0);
+            let mut i = 0;
+            while let Some(rel) = self.buf[i..].iter().position(|&b| b == b'\r' || b == b'\n') {
+                let end = i + rel;
+                let mut next = end + 1;
+                if self.buf[end] == b'\r' {
+                    if next >= self.buf.len() {
+                        break; // need to know whether LF follows
+                    }
+                    if self.buf[next] == b'\n' {
+                        next += 1;
+                    }
+                }
+                let line = self.buf[i..end].to_vec();
+                i = next;
+                if line == b"." {
+                    self.buf.drain(..i);
+                    return Some(out);
+                }
+                let line = line.strip_prefix(b".").unwrap_or(&line);
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"\r\n");
+            }
+            self.buf.drain(..i);
+            let mut tmp = [0u8; 65536];
+            match self.sock.read(&mut tmp).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
     }
 
     /// Strict DATA reading: only CRLF.CRLF ends; unstuffs. None: closed first.
@@ -222,9 +268,10 @@ async fn serve(
     faults: Arc<AtomicUsize>,
 ) {
     let mut c = Conn {
-        sock,
+        sock: Box::new(sock),
         buf: Vec::new(),
     };
+    let mut tls = false;
     let stage_reply = |stage: &str, default: &str| -> String {
         match script.replies.get(stage) {
             Some(r) if fault(&faults) => r.clone(),
@@ -294,10 +341,30 @@ async fn serve(
                     for k in &script.ehlo_keywords {
                         lines.push(format!("250-{k}"));
                     }
+                    if script.tls.is_some() && !tls {
+                        lines.push("250-STARTTLS".into());
+                    }
                     let last = lines.pop().unwrap().replacen("250-", "250 ", 1);
                     lines.push(last);
                     c.send(&lines.join("\r\n")).await
                 }
+            }
+            "STARTTLS" if script.tls.is_some() && !tls => {
+                c.send("220 2.0.0 Ready to start TLS").await;
+                let plain = std::mem::replace(
+                    &mut c.sock,
+                    Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
+                );
+                let Some(acceptor) = script.tls.clone() else {
+                    return;
+                };
+                match acceptor.accept(plain).await {
+                    Ok(s) => c.sock = Box::new(s),
+                    Err(_) => return,
+                }
+                c.buf.clear();
+                tls = true;
+                true
             }
             "XCLIENT" => {
                 xclient = Some(line.clone());
@@ -341,7 +408,12 @@ async fn serve(
                     continue;
                 }
                 c.send(&r).await;
-                let Some(data) = c.data(drops("body")).await else {
+                let read = if script.lenient {
+                    c.lenient_data().await
+                } else {
+                    c.data(drops("body")).await
+                };
+                let Some(data) = read else {
                     rec.lock().unwrap().data_aborted += 1;
                     return;
                 };
@@ -358,6 +430,7 @@ async fn serve(
                         mail: mail.take().unwrap_or_default(),
                         rcpts: std::mem::take(&mut rcpts),
                         data,
+                        tls,
                     });
                 }
                 mail = None;
