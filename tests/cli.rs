@@ -1,5 +1,7 @@
 //! The `portcullis` binary: --version, check, and run with SIGTERM.
 
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -143,4 +145,58 @@ fn run_serves_and_stops_on_sigterm() {
     ] {
         assert!(line.contains(kv), "{kv} missing in {line}");
     }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate() {
+    let dir = std::env::temp_dir().join(format!("portcullis-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str| {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+        ck.cert.der().to_vec()
+    };
+    let first = write("first.test");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = dir.join("hup.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:9, client_identity: none, timeouts: {{connect: 1s}}}}\ntls: {{cert: {}, key: {}}}\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["run", "--config"])
+        .arg(&f)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < until);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(common::server_cert(addr).await, first);
+    let second = write("second.test");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while common::server_cert(addr).await != second {
+        assert!(Instant::now() < until, "certificate not reloaded on SIGHUP");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }

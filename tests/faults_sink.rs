@@ -25,11 +25,16 @@ impl Sink {
             .local_addr()
             .unwrap()
             .port();
-        let dump = std::env::temp_dir().join(format!("portcullis-sink-{}-{name}", std::process::id()));
+        let dump =
+            std::env::temp_dir().join(format!("portcullis-sink-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dump);
         std::fs::create_dir_all(&dump).unwrap();
         // smtp-sink drops privileges to nobody, which must be able to write here.
-        Command::new("chmod").arg("777").arg(&dump).status().unwrap();
+        Command::new("chmod")
+            .arg("777")
+            .arg(&dump)
+            .status()
+            .unwrap();
         let child = Command::new("smtp-sink")
             .args(["-u", "nobody", "-d"])
             .arg(format!("{}/%M.", dump.display()))
@@ -120,7 +125,10 @@ async fn run_case(name: &str, flags: &[&str], expect: &str) {
         assert_eq!(*n, 1, "{name}: {id} stored {n} times");
     }
     let accepted = results.iter().filter(|(_, r)| r.starts_with("250")).count();
-    eprintln!("{name}: client accepted {accepted}, sink stored {}", stored.len());
+    eprintln!(
+        "{name}: client accepted {accepted}, sink stored {}",
+        stored.len()
+    );
 }
 
 fn have_sink() -> bool {

@@ -776,3 +776,20 @@ async fn helo_client_and_rset_between_transactions() {
     assert_eq!((s.len(), s[0].mail.as_str()), (1, "<c@s.test>"));
     assert!(s[0].xclient.as_deref().unwrap().contains("PROTO=SMTP"));
 }
+
+#[tokio::test]
+async fn upstream_refusing_greeting_or_xclient_gives_4xx() {
+    for (stage, line) in [
+        ("greeting", "554 5.3.2 fake.test not accepting connections"),
+        ("xclient", "550 5.7.0 Error: insufficient authorization"),
+        ("ehlo", "502 5.5.2 Error: command not recognized"),
+    ] {
+        let mta = FakeMta::start(Script::default().reply(stage, line)).await;
+        let gate = Gate::start(mta.addr, "").await;
+        let mut c = Client::hello(gate.addr).await;
+        let r = c.cmd("MAIL FROM:<a@sender.test>", "451").await;
+        assert!(r.starts_with("451 4.4.1"), "{stage}: {r}");
+        assert_eq!(mta.count("MAIL"), 0, "{stage}");
+        c.cmd("NOOP", "250").await;
+    }
+}

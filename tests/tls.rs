@@ -109,68 +109,6 @@ fn write_cert(dir: &std::path::Path, name: &str) -> rcgen::CertifiedKey<rcgen::K
     ck
 }
 
-/// Opens a session, STARTTLS, and returns the certificate the server showed.
-async fn server_cert(addr: std::net::SocketAddr) -> Vec<u8> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut buf = Vec::new();
-    reply(&mut tcp, &mut buf).await;
-    cmd(&mut tcp, &mut buf, "EHLO tls.test").await;
-    assert!(cmd(&mut tcp, &mut buf, "STARTTLS").await.starts_with("220"));
-    let config = ClientConfig::builder()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert))
-        .with_no_client_auth();
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-#[derive(Debug)]
-struct AnyCert;
-
-impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        _: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: tokio_rustls::rustls::pki_types::UnixTime,
-    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
-    {
-        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        _: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        Ok(tokio_rustls::rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        _: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        Ok(tokio_rustls::rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
-        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[tokio::test]
 async fn certificate_reload_takes_effect_and_a_bad_one_keeps_the_old() {
     let dir = std::env::temp_dir().join(format!("portcullis-tls-reload-{}", std::process::id()));
@@ -189,15 +127,15 @@ async fn certificate_reload_takes_effect_and_a_bad_one_keeps_the_old() {
     let addr = server.local_addrs()[0];
     let reloader = server.tls_reloader();
     tokio::spawn(server.run(std::future::pending()));
-    assert_eq!(server_cert(addr).await, first.cert.der().to_vec());
+    assert_eq!(common::server_cert(addr).await, first.cert.der().to_vec());
 
     let second = write_cert(&dir, "second.test");
     reloader.reload().unwrap();
-    assert_eq!(server_cert(addr).await, second.cert.der().to_vec());
+    assert_eq!(common::server_cert(addr).await, second.cert.der().to_vec());
 
     std::fs::write(dir.join("key.pem"), "not a key").unwrap();
     assert!(reloader.reload().is_err());
-    assert_eq!(server_cert(addr).await, second.cert.der().to_vec());
+    assert_eq!(common::server_cert(addr).await, second.cert.der().to_vec());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
