@@ -11,13 +11,17 @@
 //! - `server`: listeners, connection limits, memory budget, PROXY in, shutdown, TLS.
 //! - `smtp`: command parser, replies, the strict DATA reader, EHLO, the session.
 //! - `upstream`: the SMTP client to the MTA (XCLIENT / PROXY out, capability probe).
-//! - `checks`: stage hooks returning outcomes (limits for now).
+//! - `checks`: limits, DNSBL, SPF/DKIM/DMARC/ARC/iprev (via mail-auth): findings.
+//! - `dns`: the resolver (configured nameservers only) and moka caches.
+//! - `verdict`: findings -> accept / tag / tempfail / reject, and the reply table.
 //! - `telemetry`: log set-up and the one line per transaction.
 
 pub mod checks;
 pub mod config;
+pub mod dns;
 pub mod server;
 pub mod smtp;
 pub mod telemetry;
 pub mod upstream;
+pub mod verdict;
 pub mod yaml;

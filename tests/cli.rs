@@ -78,7 +78,7 @@ fn run_serves_and_stops_on_sigterm() {
     let f = dir.join("run.yaml");
     std::fs::write(
         &f,
-        format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\ntimeouts: {{shutdown: 2s}}\nlog: {{format: logfmt}}\n"),
+        format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\ntimeouts: {{shutdown: 2s}}\nlog: {{format: logfmt}}\n{}", common::NO_CHECKS),
     )
     .unwrap();
     let mut child = bin()
@@ -167,9 +167,10 @@ async fn sighup_reloads_the_certificate() {
     std::fs::write(
         &f,
         format!(
-            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:9, client_identity: none, timeouts: {{connect: 1s}}}}\ntls: {{cert: {}, key: {}}}\n",
+            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:9, client_identity: none, timeouts: {{connect: 1s}}}}\ntls: {{cert: {}, key: {}}}\n{}",
             dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
+            dir.join("key.pem").display(),
+            common::NO_CHECKS
         ),
     )
     .unwrap();

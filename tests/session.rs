@@ -18,11 +18,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
     let cfg = Config::parse(
         &format!(
-            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {upstream}, client_identity: xclient, timeouts: {{connect: 2s, command: 2s, data: 5s}}}}\n{extra}"
+            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {upstream}, client_identity: xclient, timeouts: {{connect: 2s, command: 2s, data: 5s}}}}\n{extra}\n{}",
+            common::NO_CHECKS
         ),
         Path::new("t.yaml"),
     )
     .unwrap();
+    let dns = portcullis::dns::Dns::new(&cfg.dns).unwrap();
     Arc::new(Shared {
         upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
@@ -31,6 +33,7 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
             max_recipients: cfg.limits.max_recipients,
         })]),
         tls: std::sync::RwLock::new(None),
+        checker: Arc::new(portcullis::checks::Checker::new(&cfg.checks, &cfg.hostname, dns)),
         cfg: Arc::new(cfg),
     })
 }
@@ -113,7 +116,7 @@ async fn in_memory_session_relays_a_transaction() {
     assert!(c.reply().await.starts_with("221"));
     task.await.unwrap();
     let s = mta.stored();
-    assert_eq!(s[0].data, b"Subject: mem\r\n\r\n.stuffed\r\n");
+    assert_eq!(common::split_ours(&s[0].data).1, b"Subject: mem\r\n\r\n.stuffed\r\n");
     assert!(s[0].xclient.as_deref().unwrap().contains("ADDR=192.0.2.10"));
 }
 
@@ -168,7 +171,7 @@ async fn normalize_mode_turns_bare_lf_into_crlf_without_ending_data() {
     assert_eq!(s.len(), 1, "one message, nothing smuggled");
     // The bare LF became CRLF; the dot line after it is content, not an end.
     assert_eq!(
-        s[0].data,
+        common::split_ours(&s[0].data).1,
         b"Subject: n\r\n\r\nline\r\n.\r\nMAIL FROM:<evil@x>\r\n"
     );
     assert_eq!(mta.count("MAIL FROM:<EVIL"), 0);

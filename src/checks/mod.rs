@@ -1,8 +1,11 @@
 //! Checks run at each stage of the dialogue. A check returns an `Outcome`;
 //! only the session writes replies and only `upstream` talks to the MTA.
 
+pub mod auth;
+pub mod dnsbl;
 mod limits;
 
+pub use auth::{CheckLog, Checker, ConnChecks, DataChecks, TxnChecks};
 pub use limits::Limits;
 
 use crate::smtp::reply::Reply;

@@ -4,9 +4,19 @@
 //! `file:line:column` and the key path. The reference file `portcullis.yaml`
 //! at the top of the repository is also the embedded default.
 
+mod checks;
 mod units;
 
+pub use checks::{
+    Action, Allow, ChecksConfig, DnsConfig, Mode, RejectAt, ReturnFilter, Thresholds, Zone,
+    ZoneType,
+};
 pub use units::{Bytes, Secs, parse_size};
+
+/// For fields declared with `deserialize_with` (the same rule as `Secs`).
+fn deserialize_nonzero_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Secs, D::Error> {
+    Secs::deserialize(d)
+}
 
 use crate::yaml::{self, YamlError};
 use ipnet::IpNet;
@@ -54,6 +64,10 @@ pub struct Config {
     pub smtp: Smtp,
     #[serde(default)]
     pub greeting: Greeting,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub checks: ChecksConfig,
     #[serde(default)]
     pub log: Log,
 }
@@ -358,6 +372,29 @@ impl Config {
                 "smtp.max_line_length",
                 "must be at least 998 (RFC 5321)".into(),
             );
+        }
+        if self.dns.nameservers.is_empty() {
+            return fail("dns.nameservers", "at least one nameserver is needed".into());
+        }
+        if self.dns.attempts == 0 {
+            return fail("dns.attempts", "must be at least 1".into());
+        }
+        if self.dns.min_ttl > self.dns.max_ttl {
+            return fail("dns.min_ttl", "is larger than dns.max_ttl".into());
+        }
+        for (i, z) in self.checks.dnsbl.zones.iter().enumerate() {
+            if !is_domain_like(&z.zone) {
+                return fail(
+                    &format!("checks.dnsbl.zones[{i}].zone"),
+                    format!("{:?} is not a DNS zone", z.zone),
+                );
+            }
+            if matches!(z.action, Some(Action::Score(_))) {
+                return fail(
+                    &format!("checks.dnsbl.zones[{i}].action"),
+                    "use the zone's score: key for scores".into(),
+                );
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return fail("log.level", format!("invalid filter: {e}"));

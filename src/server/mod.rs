@@ -5,7 +5,8 @@ pub mod limits;
 pub mod shutdown;
 pub mod tls;
 
-use crate::checks::{self, Pipeline};
+use crate::checks::{self, Checker, Pipeline};
+use crate::dns::Dns;
 use crate::config::{Config, Listen};
 use crate::smtp::proxy_header;
 use crate::smtp::reply::{self, Reply};
@@ -32,6 +33,8 @@ pub enum ServerError {
     },
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Dns(#[from] crate::dns::DnsFailure),
     #[error("upstream tls: {0}")]
     UpstreamTls(#[from] crate::upstream::UpstreamTlsError),
 }
@@ -66,7 +69,10 @@ impl Server {
             max_message_size: cfg.limits.max_message_size.0,
             max_recipients: cfg.limits.max_recipients,
         })]);
+        let dns = Dns::new(&cfg.dns)?;
+        let checker = Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns));
         let shared = Arc::new(Shared {
+            checker,
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
             checks,
@@ -91,6 +97,10 @@ impl Server {
             .collect()
     }
 
+    pub fn checker(&self) -> Arc<Checker> {
+        Arc::clone(&self.shared.checker)
+    }
+
     pub fn upstream(&self) -> Arc<Upstream> {
         Arc::clone(&self.shared.upstream)
     }
@@ -109,6 +119,8 @@ impl Server {
     /// transactions in flight get `timeouts.shutdown` to finish, the rest 421.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let refresh = self.shared.upstream.spawn_refresh();
+        let self_test = (!self.shared.checker.dnsbl.zones.is_empty())
+            .then(|| self.shared.checker.spawn_self_test());
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
         for (listener, conf) in self.listeners {
@@ -144,6 +156,9 @@ impl Server {
             let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
         }
         refresh.abort();
+        if let Some(t) = self_test {
+            t.abort();
+        }
         tracing::info!("stopped");
     }
 }

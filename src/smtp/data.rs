@@ -184,6 +184,13 @@ impl DataReader {
 /// starts with `.` and appends the `.CRLF` terminator. `sink` gets slices in
 /// order, so large runs are passed through without copying.
 pub fn write_stuffed<'a>(content: &'a [u8], mut sink: impl FnMut(&'a [u8])) {
+    stuff_lines(content, &mut sink);
+    sink(b".\r\n");
+}
+
+/// Dot-stuffs whole lines (`content` starts at a line start) without the
+/// terminator; a missing final CRLF is added.
+pub fn stuff_lines<'a>(content: &'a [u8], mut sink: impl FnMut(&'a [u8])) {
     let finder = memchr::memmem::Finder::new(b"\r\n.");
     let mut start = 0;
     if content.first() == Some(&b'.') {
@@ -198,7 +205,6 @@ pub fn write_stuffed<'a>(content: &'a [u8], mut sink: impl FnMut(&'a [u8])) {
     if !content.is_empty() && !content.ends_with(b"\r\n") {
         sink(b"\r\n");
     }
-    sink(b".\r\n");
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ impl Reply {
 
 // The replies Portcullis itself gives; one table so codes stay consistent.
 pub const OK: Reply = Reply::new(250, 0, 0, "OK");
+pub const MAIL_OK: Reply = Reply::new(250, 1, 0, "Sender OK");
 pub const RSET_OK: Reply = Reply::new(250, 0, 0, "Flushed");
 pub const NOOP_OK: Reply = Reply::new(250, 0, 0, "OK");
 pub const VRFY: Reply = Reply::new(

@@ -6,8 +6,9 @@
 //! replies are queued; the queue is flushed whenever no complete command is
 //! buffered (RFC 2920), so pipelined batches get one write.
 
-use crate::checks::{Envelope, Outcome, Pipeline, Stage};
-use crate::config::{BareNewline, Config};
+use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
+use crate::verdict::Decision;
+use crate::config::{BareNewline, Config, RejectAt};
 use crate::server::limits::MemoryBudget;
 use crate::server::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
@@ -32,6 +33,8 @@ pub struct Shared {
     pub upstream: Arc<Upstream>,
     pub budget: Arc<MemoryBudget>,
     pub checks: Pipeline,
+    /// DNSBL, SPF, DKIM, DMARC, ARC, iprev.
+    pub checker: Arc<Checker>,
     /// Swapped on SIGHUP when the certificate is reloaded.
     pub tls: RwLock<Option<TlsAcceptor>>,
 }
@@ -69,6 +72,9 @@ struct Txn {
     broken: bool,
     /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
     last_rcpt_refusal: Option<Refusal>,
+    /// A verdict reached at MAIL, delivered at each RCPT (delayed reject).
+    refusal: Option<(Reply, String)>,
+    checks: TxnChecks,
 }
 
 /// A reply's code and enhanced code, for the log line.
@@ -143,6 +149,9 @@ pub struct Session {
     /// The HELO name upstream was told about on the open connection.
     upstream_helo: Option<String>,
     errors: usize,
+    conn_checks: ConnChecks,
+    /// Summed score of the last decision, for the log.
+    score: f64,
 }
 
 impl Session {
@@ -154,7 +163,11 @@ impl Session {
         initial: Vec<u8>,
     ) -> Session {
         let deadline = tokio::time::Instant::now() + shared.cfg.timeouts.session.0;
+        // DNSBL and iprev start now and are awaited only when needed.
+        let conn_checks = shared.checker.connect(peer.addr.ip());
         Session {
+            conn_checks,
+            score: 0.0,
             io,
             rbuf: initial,
             rpos: 0,
@@ -191,6 +204,30 @@ impl Session {
             let _ = self.flush().await;
             let _ = self.io.shutdown().await;
             return;
+        }
+        if self.shared.cfg.checks.reject_at == RejectAt::Connect {
+            let checker = Arc::clone(&self.shared.checker);
+            let (outcome, log) = checker.at_connect(&mut self.conn_checks).await;
+            let refusal = match outcome.decision {
+                Decision::Reject(r) => Some(Reply { code: 554, ..r }),
+                Decision::Tempfail(r) => Some(Reply { code: 421, ..r }),
+                _ => None,
+            };
+            if let Some(r) = refusal {
+                self.reply(&r);
+                RefusedConnection {
+                    session: &self.peer.id,
+                    client_ip: self.peer.addr.ip(),
+                    code: r.code,
+                    enhanced: &r.enhanced_code().unwrap_or_default(),
+                    reason: &outcome.reason,
+                }
+                .emit();
+                tracing::debug!(session = %self.peer.id, dnsbl = ?log.dnsbl, "refused at connect");
+                let _ = self.flush().await;
+                let _ = self.io.shutdown().await;
+                return;
+            }
         }
         let greeting = format!("220 {} ESMTP Portcullis\r\n", self.shared.cfg.hostname);
         self.wbuf.extend_from_slice(greeting.as_bytes());
@@ -445,6 +482,29 @@ impl Session {
             self.reply(&reply);
             return Next::Continue;
         }
+        let checker = Arc::clone(&self.shared.checker);
+        let helo = self.helo.clone().unwrap_or_default();
+        let (checks, verdict) = checker.at_mail(&mut self.conn_checks, &helo, &m.address).await;
+        self.score = verdict.score;
+        let refusal = match verdict.decision {
+            Decision::Reject(r) | Decision::Tempfail(r) => Some((r, verdict.reason)),
+            Decision::Accept | Decision::Tag => None,
+        };
+        if let Some(refusal) = refusal {
+            // Delayed reject: accept MAIL here (upstream never hears of it) and
+            // refuse every RCPT, so the log line names sender and recipients.
+            self.txn = Some(Txn {
+                mail: m,
+                rcpts: 0,
+                started,
+                broken: false,
+                last_rcpt_refusal: None,
+                refusal: Some(refusal),
+                checks,
+            });
+            self.reply(&reply::MAIL_OK);
+            return Next::Continue;
+        }
         if let Err(r) = self.ensure_upstream().await {
             self.log_mail_refused(&m, started, &r, "upstream:unavailable", "");
             self.reply(&r);
@@ -463,6 +523,8 @@ impl Session {
                         started,
                         broken: false,
                         last_rcpt_refusal: None,
+                        refusal: None,
+                        checks,
                     });
                 } else {
                     self.log_mail_refused(&m, started, &r, "upstream", &r.text());
@@ -489,6 +551,18 @@ impl Session {
         };
         if txn.broken {
             self.reply(&reply::UPSTREAM_LOST);
+            return Next::Continue;
+        }
+        if let Some((refusal, reason)) = txn.refusal.clone() {
+            if let Some(t) = self.txn.as_mut() {
+                t.last_rcpt_refusal = Some(Refusal {
+                    code: refusal.code,
+                    enhanced: refusal.enhanced_code().unwrap_or_default(),
+                    reason,
+                    upstream: String::new(),
+                });
+            }
+            self.reply(&refusal);
             return Next::Continue;
         }
         if let Some(p) = self.offer.unsupported_rcpt_param(&r) {
@@ -644,17 +718,45 @@ impl Session {
             self.reply(&r);
             return Next::Continue;
         }
+        let checker = Arc::clone(&self.shared.checker);
+        let Some(txn) = self.txn.as_mut() else {
+            return Next::Continue;
+        };
+        let checked = checker.at_data(&self.conn_checks, &mut txn.checks, &msg).await;
+        self.score = checked.outcome.score;
+        match checked.outcome.decision {
+            Decision::Reject(r) | Decision::Tempfail(r) => {
+                drop(msg);
+                self.rset_upstream().await;
+                self.finish_txn(size, Stage::Data, &r, &checked.outcome.reason, "");
+                self.reply(&r);
+                return Next::Continue;
+            }
+            Decision::Accept | Decision::Tag => {}
+        }
+        // Our headers first, then the message without forged
+        // Authentication-Results fields: slices, never a copy of the body.
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(checked.remove.len() + 2);
+        parts.push(checked.headers.as_bytes());
+        let mut pos = 0;
+        for r in &checked.remove {
+            parts.push(&msg[pos..r.start]);
+            pos = r.end;
+        }
+        parts.push(&msg[pos..]);
+        let reason = checked.outcome.reason.clone();
         let result = match self.upstream.as_mut() {
-            Some(up) => up.data(b"", &msg).await,
+            Some(up) => up.data(&parts).await,
             None => Err(UpstreamError::Closed {
                 stage: UpStage::Data,
             }),
         };
+        drop(parts);
         drop(msg);
         drop(reservation);
         match result {
             Ok(r) => {
-                let reason = if r.is_positive() { "" } else { "upstream" };
+                let reason = if r.is_positive() { reason.as_str() } else { "upstream" };
                 self.finish_txn(size, Stage::Data, &r, reason, &r.text());
                 self.relay(&r);
                 if !r.is_positive() && r.code != 354 {
@@ -736,7 +838,7 @@ impl Session {
             addr: self.peer.addr,
             local: self.peer.local,
             helo: self.helo.clone(),
-            reverse: None,
+            reverse: Checker::reverse_name(&self.conn_checks),
             esmtp: self.esmtp,
         };
         match self.shared.upstream.open(&who).await {
@@ -850,6 +952,7 @@ impl Session {
     ) {
         let Some(t) = self.txn.as_ref() else { return };
         self.record(
+            &t.checks.log,
             &t.mail.address,
             t.rcpts,
             t.started,
@@ -874,6 +977,7 @@ impl Session {
         let said = said.into();
         let verdict = Verdict::from_code(said.code);
         self.record(
+            &CheckLog::default(),
             &m.address,
             0,
             started,
@@ -889,6 +993,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
+        checks: &CheckLog,
         mail_from: &str,
         rcpts: usize,
         started: Instant,
@@ -916,6 +1021,14 @@ impl Session {
             reason,
             upstream_reply: upstream,
             duration: started.elapsed(),
+            reverse: Checker::reverse_name(&self.conn_checks).unwrap_or_default(),
+            spf: &checks.spf,
+            dkim: &checks.dkim,
+            dmarc: &checks.dmarc,
+            arc: &checks.arc,
+            iprev: &checks.iprev,
+            dnsbl: checks.dnsbl.join(" "),
+            score: self.score,
         }
         .emit();
     }

@@ -52,6 +52,16 @@ pub struct TxnRecord<'a> {
     pub reason: &'a str,
     pub upstream_reply: &'a str,
     pub duration: Duration,
+    /// Verified reverse name (iprev pass), else empty.
+    pub reverse: String,
+    pub spf: &'a str,
+    pub dkim: &'a str,
+    pub dmarc: &'a str,
+    pub arc: &'a str,
+    pub iprev: &'a str,
+    /// `zone=code+code` for each DNSBL listing, space separated.
+    pub dnsbl: String,
+    pub score: f64,
 }
 
 impl TxnRecord<'_> {
@@ -75,6 +85,14 @@ impl TxnRecord<'_> {
             reason = self.reason,
             upstream_reply = self.upstream_reply,
             duration_ms = self.duration.as_secs_f64() * 1000.0,
+            reverse = %self.reverse,
+            spf = self.spf,
+            dkim = self.dkim,
+            dmarc = self.dmarc,
+            arc = self.arc,
+            iprev = self.iprev,
+            dnsbl = %self.dnsbl,
+            score = self.score,
         );
     }
 }

@@ -3,7 +3,7 @@
 use super::capabilities::Capabilities;
 use super::identity::{ClientIdentity, Identity, proxy_header, xclient_line};
 use crate::smtp::Stream;
-use crate::smtp::data::write_stuffed;
+use crate::smtp::data::stuff_lines;
 use crate::smtp::reply::{UpstreamReply, parse_reply};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -319,28 +319,26 @@ impl UpstreamConn {
         self.read_reply(stage, self.timeouts.command).await
     }
 
-    /// DATA, then the message: `prefix` (our headers, already CRLF framed)
-    /// and the canonical `content`, dot-stuffed and terminated. Returns the
-    /// reply to DATA if it is not 354, else the final reply.
-    pub async fn data(
-        &mut self,
-        prefix: &[u8],
-        content: &[u8],
-    ) -> Result<UpstreamReply, UpstreamError> {
+    /// DATA, then the message as `parts` (our headers first, then the
+    /// client's message in pieces, each made of whole CRLF lines), each
+    /// dot-stuffed, then the terminator. Returns the reply to DATA if it is
+    /// not 354, else the final reply.
+    pub async fn data(&mut self, parts: &[&[u8]]) -> Result<UpstreamReply, UpstreamError> {
         let go = self.command(b"DATA", UpStage::Data).await?;
         if go.code != 354 {
             return Ok(go);
         }
         let limit = self.timeouts.data;
         let send = async {
-            let mut chunk: Vec<u8> = Vec::with_capacity(WRITE_CHUNK.min(content.len() + 8));
+            let total: usize = parts.iter().map(|p| p.len()).sum();
+            let mut chunk: Vec<u8> = Vec::with_capacity(WRITE_CHUNK.min(total + 8));
             let mut result = Ok(());
             // Collect the framed slices; large runs are written straight through.
             let mut pieces: Vec<&[u8]> = Vec::new();
-            write_stuffed(content, |s| pieces.push(s));
-            if !prefix.is_empty() {
-                chunk.extend_from_slice(prefix);
+            for part in parts {
+                stuff_lines(part, |s| pieces.push(s));
             }
+            pieces.push(b".\r\n");
             for piece in pieces {
                 if chunk.len() + piece.len() > WRITE_CHUNK {
                     if !chunk.is_empty() {

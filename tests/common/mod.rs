@@ -455,6 +455,9 @@ async fn serve(
     }
 }
 
+/// Every check off: no DNS traffic at all.
+pub const NO_CHECKS: &str = "checks:\n  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  arc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: off}\n";
+
 /// A running Portcullis.
 pub struct Gate {
     pub addr: SocketAddr,
@@ -473,7 +476,14 @@ impl Gate {
     }
 
     pub async fn start_with(yaml: &str) -> Gate {
-        let cfg = Config::parse(yaml, Path::new("test.yaml")).expect("test config valid");
+        // Tests that do not configure the checks run without them (and so
+        // without DNS); the checks tests bring their own DNS server.
+        let yaml = if yaml.contains("\nchecks:") {
+            yaml.to_string()
+        } else {
+            format!("{yaml}\n{NO_CHECKS}")
+        };
+        let cfg = Config::parse(&yaml, Path::new("test.yaml")).expect("test config valid");
         let server = Server::bind(cfg).await.expect("bind");
         // As `portcullis run` does: learn upstream's EHLO before serving.
         let _ = server.upstream().probe().await;
@@ -592,6 +602,27 @@ impl Client {
         self.send(&wire).await;
         self.reply().await
     }
+}
+
+/// Splits the header fields Portcullis prepends (Authentication-Results,
+/// X-Spam-*) off a stored message; returns them and the client's message.
+pub fn split_ours(data: &[u8]) -> (String, Vec<u8>) {
+    let text = data;
+    let mut pos = 0;
+    let mut in_ours = false;
+    while pos < text.len() {
+        let end = text[pos..].windows(2).position(|w| w == b"\r\n").map_or(text.len(), |i| pos + i + 2);
+        let line = &text[pos..end];
+        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        let ours = line.starts_with(b"Authentication-Results:") || line.starts_with(b"X-Spam-");
+        if ours || (continuation && in_ours) {
+            in_ours = true;
+            pos = end;
+        } else {
+            break;
+        }
+    }
+    (String::from_utf8_lossy(&text[..pos]).into_owned(), text[pos..].to_vec())
 }
 
 /// A message with the given Message-ID and body.

@@ -1,0 +1,214 @@
+//! DNS blocklists: queries, return-code filters, error answers, self-tests.
+//!
+//! An answer outside 127.0.0.0/8 or a Spamhaus-style error code
+//! (127.255.255.252/254/255: typo'd zone, public resolver, over quota) is
+//! never a listing: the zone is marked unusable and the gate fails open
+//! for it. RFC 5782 test entries (127.0.0.2 listed, 127.0.0.1 not; for
+//! domain lists TEST listed, INVALID not) are checked at start and every
+//! `self_test_interval`; a zone that fails is disabled until it passes.
+
+use crate::config::{Action, Zone, ZoneType};
+use crate::dns::{AAnswer, Dns};
+use futures_util::future::join_all;
+use mail_auth::dns::ToReverseName;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// One zone with its health.
+pub struct ZoneState {
+    pub conf: Zone,
+    usable: AtomicBool,
+    /// Times the zone answered with an error code or garbage.
+    pub errors: AtomicU64,
+}
+
+impl ZoneState {
+    pub fn usable(&self) -> bool {
+        self.usable.load(Ordering::Acquire)
+    }
+
+    fn disable(&self, why: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if self.usable.swap(false, Ordering::AcqRel) {
+            tracing::error!(zone = %self.conf.zone, reason = why, "DNSBL zone disabled: failing open for it");
+        }
+    }
+
+    fn enable(&self) {
+        if !self.usable.swap(true, Ordering::AcqRel) {
+            tracing::info!(zone = %self.conf.zone, "DNSBL zone passed its self-test: enabled");
+        }
+    }
+}
+
+/// A listing found for a client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub zone: String,
+    /// What was looked up: the IP, or the domain for domain lists.
+    pub subject: String,
+    pub codes: Vec<Ipv4Addr>,
+    pub txt: Option<String>,
+    pub score: f64,
+    pub action: Option<Action>,
+    pub text: Option<String>,
+}
+
+/// What one lookup in one zone came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ZoneOutcome {
+    Listed(Hit),
+    Clean,
+    /// DNS trouble; the zone is skipped for this client.
+    Failed(String),
+    /// The zone is disabled (failed self-test or gave error codes).
+    Unusable,
+}
+
+pub struct Dnsbl {
+    pub zones: Vec<Arc<ZoneState>>,
+    dns: Arc<Dns>,
+}
+
+/// Error answers that must never be read as a listing.
+fn is_error_code(a: Ipv4Addr) -> bool {
+    let o = a.octets();
+    o[0] != 127 || (o[1] == 255 && o[2] == 255 && o[3] >= 252)
+}
+
+impl Dnsbl {
+    pub fn new(zones: &[Zone], dns: Arc<Dns>) -> Dnsbl {
+        Dnsbl {
+            zones: zones
+                .iter()
+                .map(|z| {
+                    Arc::new(ZoneState {
+                        conf: z.clone(),
+                        usable: AtomicBool::new(true),
+                        errors: AtomicU64::new(0),
+                    })
+                })
+                .collect(),
+            dns,
+        }
+    }
+
+    pub fn ip_zones(&self) -> impl Iterator<Item = &Arc<ZoneState>> {
+        self.zones.iter().filter(|z| z.conf.kind == ZoneType::Ip)
+    }
+
+    pub fn domain_zones(&self) -> impl Iterator<Item = &Arc<ZoneState>> {
+        self.zones.iter().filter(|z| z.conf.kind == ZoneType::Domain)
+    }
+
+    /// The query name for `ip` in `zone` (IPv4 reversed octets, IPv6 nibbles).
+    pub fn ip_name(ip: IpAddr, zone: &str) -> String {
+        format!("{}.{}.", ip.to_canonical().to_reverse_name(), zone.trim_end_matches('.'))
+    }
+
+    /// Looks `subject` up in `zone` (an IP for ip zones, a domain for domain zones).
+    pub async fn lookup(dns: &Dns, zone: &ZoneState, subject: &str, name: &str) -> ZoneOutcome {
+        if !zone.usable() {
+            return ZoneOutcome::Unusable;
+        }
+        match dns.lookup_a(name, true).await {
+            Ok(AAnswer::NotFound) => ZoneOutcome::Clean,
+            Ok(AAnswer::Found { addrs, txt }) => {
+                if let Some(bad) = addrs.iter().find(|a| is_error_code(**a)) {
+                    zone.disable(&format!("error answer {bad} for {name}"));
+                    return ZoneOutcome::Unusable;
+                }
+                let f = &zone.conf.returns;
+                let codes: Vec<Ipv4Addr> = addrs
+                    .into_iter()
+                    .filter(|a| f.is_empty() || f.iter().any(|r| r.matches(*a)))
+                    .collect();
+                if codes.is_empty() {
+                    return ZoneOutcome::Clean;
+                }
+                ZoneOutcome::Listed(Hit {
+                    zone: zone.conf.zone.clone(),
+                    subject: subject.to_string(),
+                    codes,
+                    txt,
+                    score: zone.conf.score,
+                    action: zone.conf.action,
+                    text: zone.conf.text.clone(),
+                })
+            }
+            Err(e) => ZoneOutcome::Failed(e.to_string()),
+        }
+    }
+
+    /// All ip zones for `ip`, queried in parallel.
+    pub async fn check_ip(&self, ip: IpAddr) -> Vec<ZoneOutcome> {
+        let lookups = self.ip_zones().map(|z| {
+            let name = Self::ip_name(ip, &z.conf.zone);
+            let subject = ip.to_string();
+            let (dns, z) = (Arc::clone(&self.dns), Arc::clone(z));
+            async move { Self::lookup(&dns, &z, &subject, &name).await }
+        });
+        join_all(lookups).await
+    }
+
+    /// All domain zones for each of `domains`, in parallel.
+    pub async fn check_domains(&self, domains: &[String]) -> Vec<ZoneOutcome> {
+        let mut lookups = Vec::new();
+        for d in domains {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if d.is_empty() || d.parse::<IpAddr>().is_ok() || !d.contains('.') {
+                continue;
+            }
+            for z in self.domain_zones() {
+                let name = format!("{d}.{}.", z.conf.zone.trim_end_matches('.'));
+                let (dns, z, subject) = (Arc::clone(&self.dns), Arc::clone(z), d.clone());
+                lookups.push(async move { Self::lookup(&dns, &z, &subject, &name).await });
+            }
+        }
+        join_all(lookups).await
+    }
+
+    /// RFC 5782 section 5 test entries: the listed one must be listed and the
+    /// unlisted one must not; otherwise the zone is disabled.
+    pub async fn self_test(&self) {
+        for z in &self.zones {
+            let zone = z.conf.zone.trim_end_matches('.');
+            let (listed, unlisted) = match z.conf.kind {
+                ZoneType::Ip => (format!("2.0.0.127.{zone}."), format!("1.0.0.127.{zone}.")),
+                ZoneType::Domain => (format!("test.{zone}."), format!("invalid.{zone}.")),
+            };
+            let pos = self.dns.lookup_a(&listed, false).await;
+            let neg = self.dns.lookup_a(&unlisted, false).await;
+            let ok_pos = matches!(&pos, Ok(AAnswer::Found { addrs, .. }) if addrs.iter().all(|a| !is_error_code(*a)));
+            let ok_neg = matches!(&neg, Ok(AAnswer::NotFound));
+            if ok_pos && ok_neg {
+                z.enable();
+            } else {
+                let why = format!("self-test: {listed} -> {pos:?}, {unlisted} -> {neg:?}");
+                z.disable(&why);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_error_codes() {
+        assert_eq!(Dnsbl::ip_name("192.0.2.1".parse().unwrap(), "bl.test"), "1.2.0.192.bl.test.");
+        assert_eq!(
+            Dnsbl::ip_name("::ffff:192.0.2.1".parse().unwrap(), "bl.test."),
+            "1.2.0.192.bl.test."
+        );
+        let v6 = Dnsbl::ip_name("2001:db8::2".parse().unwrap(), "bl.test");
+        assert!(v6.starts_with("2.0.0.0.0.0.0.0") && v6.ends_with("8.b.d.0.1.0.0.2.bl.test."), "{v6}");
+        for e in ["127.255.255.252", "127.255.255.254", "127.255.255.255", "10.0.0.2"] {
+            assert!(is_error_code(e.parse().unwrap()), "{e}");
+        }
+        assert!(!is_error_code("127.0.0.2".parse().unwrap()));
+        assert!(!is_error_code("127.0.1.2".parse().unwrap()));
+    }
+}

@@ -1,0 +1,421 @@
+//! Config for DNS and the checks (DNSBL, SPF, DKIM, DMARC, ARC, iprev).
+
+use super::{Secs, deserialize_nonzero_secs};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, de};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Resolvers to ask (addr:port). Run a local one: DNSBL operators refuse
+    /// queries that come through public resolvers.
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Secs,
+    pub attempts: usize,
+    /// Answers are cached for their TTL, clamped to these bounds.
+    pub min_ttl: Secs,
+    pub max_ttl: Secs,
+    /// Entries per cache.
+    pub cache_size: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: vec![SocketAddr::from(([127, 0, 0, 1], 53))],
+            timeout: Secs(Duration::from_secs(3)),
+            attempts: 2,
+            min_ttl: Secs(Duration::from_secs(30)),
+            max_ttl: Secs(Duration::from_secs(3600)),
+            cache_size: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Not run.
+    Off,
+    /// Run, logged and put in Authentication-Results; never acted on.
+    #[default]
+    Record,
+    /// Run and acted on.
+    Enforce,
+}
+
+/// What a check result leads to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Action {
+    Accept,
+    Reject,
+    Tempfail,
+    /// Add the X-Spam headers whatever the score.
+    Tag,
+    Score(f64),
+}
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Score { score: f64 },
+        }
+        match Raw::deserialize(d)? {
+            Raw::Score { score } if score.is_finite() => Ok(Action::Score(score)),
+            Raw::Score { .. } => Err(de::Error::custom("score must be a finite number")),
+            Raw::Word(w) => match w.as_str() {
+                "accept" => Ok(Action::Accept),
+                "reject" => Ok(Action::Reject),
+                "tempfail" => Ok(Action::Tempfail),
+                "tag" => Ok(Action::Tag),
+                other => Err(de::Error::custom(format!(
+                    "unknown action {other:?}; use accept, reject, tempfail, tag or {{score: N}}"
+                ))),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectAt {
+    /// Answer 554 instead of the greeting (only DNSBL and allow-lists are known then).
+    Connect,
+    /// Delayed reject: refuse each RCPT, so the log knows sender and recipient.
+    #[default]
+    Rcpt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    pub reject_at: RejectAt,
+    pub thresholds: Thresholds,
+    pub allow: Allow,
+    pub dnsbl: Dnsbl,
+    pub spf: Spf,
+    pub dkim: Dkim,
+    pub dmarc: Dmarc,
+    pub arc: Arc,
+    pub iprev: Iprev,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        ChecksConfig {
+            reject_at: RejectAt::Rcpt,
+            thresholds: Thresholds::default(),
+            allow: Allow::default(),
+            dnsbl: Dnsbl::default(),
+            spf: Spf::default(),
+            dkim: Dkim::default(),
+            dmarc: Dmarc::default(),
+            arc: Arc::default(),
+            iprev: Iprev::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Thresholds {
+    /// Score at or above which the message is refused (550 5.7.1).
+    pub reject: Option<f64>,
+    /// Score at or above which it is deferred (451 4.7.1).
+    pub tempfail: Option<f64>,
+    /// Score at or above which X-Spam-Score / X-Spam-Flag headers are added.
+    pub tag: Option<f64>,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            reject: Some(15.0),
+            tempfail: None,
+            tag: Some(5.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Allow {
+    /// Clients that skip all checks.
+    pub clients: Vec<IpNet>,
+    /// Sender domains (and their subdomains) that skip all checks. Only
+    /// sensible together with SPF or DKIM, since senders are easy to forge.
+    pub senders: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ZoneType {
+    /// Queried with the client address (reversed octets / nibbles).
+    #[default]
+    Ip,
+    /// Queried with the HELO name, the sender domain and the reverse name.
+    Domain,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    pub zone: String,
+    #[serde(default, rename = "type")]
+    pub kind: ZoneType,
+    /// Answers that count as a listing: `127.0.0.2`, `127.0.0.[2..11]`,
+    /// `127.0.0.0/24`, or a bit mask `&0.0.0.4`. Empty: any 127/8 answer.
+    #[serde(default)]
+    pub returns: Vec<ReturnFilter>,
+    #[serde(default)]
+    pub score: f64,
+    /// `reject` refuses a listed client outright, whatever the score.
+    #[serde(default)]
+    pub action: Option<Action>,
+    /// Reply text; `{zone}`, `{ip}`, `{txt}` are filled in.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dnsbl {
+    pub mode: Mode,
+    pub zones: Vec<Zone>,
+    /// How often each zone is tested with RFC 5782's entries.
+    #[serde(deserialize_with = "deserialize_nonzero_secs")]
+    pub self_test_interval: Secs,
+    /// On a DNS failure for a zone: `accept` (fail open) or `tempfail`.
+    pub on_error: Action,
+}
+
+impl Default for Dnsbl {
+    fn default() -> Self {
+        Dnsbl {
+            mode: Mode::Enforce,
+            zones: Vec::new(),
+            self_test_interval: Secs(Duration::from_secs(600)),
+            on_error: Action::Accept,
+        }
+    }
+}
+
+/// Per-result actions for a check; results not listed are `accept`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Spf {
+    pub mode: Mode,
+    /// Also check the HELO identity (RFC 7208 section 2.3).
+    pub helo: bool,
+    pub pass: Action,
+    pub fail: Action,
+    pub softfail: Action,
+    pub neutral: Action,
+    pub none: Action,
+    pub temperror: Action,
+    pub permerror: Action,
+    pub text: Option<String>,
+}
+
+impl Default for Spf {
+    fn default() -> Self {
+        Spf {
+            mode: Mode::Enforce,
+            helo: true,
+            pass: Action::Accept,
+            fail: Action::Reject,
+            softfail: Action::Score(3.0),
+            neutral: Action::Accept,
+            none: Action::Accept,
+            temperror: Action::Tempfail,
+            permerror: Action::Score(2.0),
+            text: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dkim {
+    pub mode: Mode,
+    /// By default a failing signature only counts through DMARC.
+    pub fail: Action,
+    pub temperror: Action,
+    pub permerror: Action,
+    pub text: Option<String>,
+}
+
+impl Default for Dkim {
+    fn default() -> Self {
+        Dkim {
+            mode: Mode::Enforce,
+            fail: Action::Accept,
+            temperror: Action::Accept,
+            permerror: Action::Accept,
+            text: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dmarc {
+    pub mode: Mode,
+    /// Failing mail from a domain with p=reject: `reject` honours it.
+    pub reject: Action,
+    /// Failing mail from a domain with p=quarantine.
+    pub quarantine: Action,
+    /// Failing mail from a domain with p=none.
+    pub none: Action,
+    pub temperror: Action,
+    pub text: Option<String>,
+}
+
+impl Default for Dmarc {
+    fn default() -> Self {
+        Dmarc {
+            mode: Mode::Enforce,
+            reject: Action::Reject,
+            quarantine: Action::Score(5.0),
+            none: Action::Accept,
+            temperror: Action::Accept,
+            text: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Arc {
+    /// ARC results are recorded (Authentication-Results, log); never acted on.
+    pub mode: Mode,
+}
+
+impl Default for Arc {
+    fn default() -> Self {
+        Arc { mode: Mode::Record }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Iprev {
+    pub mode: Mode,
+    pub fail: Action,
+    pub temperror: Action,
+    pub permerror: Action,
+    pub text: Option<String>,
+}
+
+impl Default for Iprev {
+    fn default() -> Self {
+        Iprev {
+            mode: Mode::Enforce,
+            fail: Action::Score(1.0),
+            temperror: Action::Accept,
+            permerror: Action::Score(1.0),
+            text: None,
+        }
+    }
+}
+
+/// Which DNSBL answers count as a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReturnFilter {
+    /// Each octet a range (an exact value is a range of one).
+    Ranges([(u8, u8); 4]),
+    /// Any bit of the mask set in the answer.
+    Mask(Ipv4Addr),
+    Net(ipnet::Ipv4Net),
+}
+
+impl ReturnFilter {
+    pub fn matches(&self, a: Ipv4Addr) -> bool {
+        match self {
+            ReturnFilter::Ranges(r) => a
+                .octets()
+                .iter()
+                .zip(r)
+                .all(|(o, (lo, hi))| (*lo..=*hi).contains(o)),
+            ReturnFilter::Mask(m) => u32::from(a) & u32::from(*m) != 0,
+            ReturnFilter::Net(n) => n.contains(&a),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ReturnFilter, String> {
+        let s = s.trim();
+        let bad = || format!("invalid return filter {s:?}; use 127.0.0.2, 127.0.0.[2..11], 127.0.0.0/24 or &0.0.0.4");
+        if let Some(mask) = s.strip_prefix('&') {
+            return mask.parse().map(ReturnFilter::Mask).map_err(|_| bad());
+        }
+        if s.contains('/') {
+            return s.parse().map(ReturnFilter::Net).map_err(|_| bad());
+        }
+        // Split on dots outside `[lo..hi]`.
+        let mut parts: Vec<&str> = Vec::new();
+        let (mut depth, mut start) = (0, 0);
+        for (i, c) in s.char_indices() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                '.' if depth == 0 => {
+                    parts.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&s[start..]);
+        if parts.len() != 4 {
+            return Err(bad());
+        }
+        let mut r = [(0u8, 0u8); 4];
+        for (i, p) in parts.iter().enumerate() {
+            r[i] = if let Some(inner) = p.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
+                let (lo, hi) = inner.split_once("..").ok_or_else(bad)?;
+                let (lo, hi) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?);
+                if lo > hi {
+                    return Err(bad());
+                }
+                (lo, hi)
+            } else {
+                let v = p.parse().map_err(|_| bad())?;
+                (v, v)
+            };
+        }
+        Ok(ReturnFilter::Ranges(r))
+    }
+}
+
+impl<'de> Deserialize<'de> for ReturnFilter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ReturnFilter::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_filters() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let f = ReturnFilter::parse("127.0.0.2").unwrap();
+        assert!(f.matches(ip("127.0.0.2")) && !f.matches(ip("127.0.0.3")));
+        let f = ReturnFilter::parse("127.0.0.[2..11]").unwrap();
+        assert!(f.matches(ip("127.0.0.11")) && !f.matches(ip("127.0.0.12")));
+        let f = ReturnFilter::parse("&0.0.0.4").unwrap();
+        assert!(f.matches(ip("127.0.0.4")) && f.matches(ip("127.0.0.6")) && !f.matches(ip("127.0.0.2")));
+        let f = ReturnFilter::parse("127.0.1.0/24").unwrap();
+        assert!(f.matches(ip("127.0.1.5")) && !f.matches(ip("127.0.0.5")));
+        assert!(ReturnFilter::parse("127.0.0.[9..2]").is_err());
+        assert!(ReturnFilter::parse("127.0.0").is_err());
+        assert!(ReturnFilter::parse("&x").is_err());
+    }
+}

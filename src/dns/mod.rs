@@ -1,0 +1,170 @@
+//! DNS: one hickory resolver (inside mail-auth's `MessageAuthenticator`)
+//! pointed at the configured nameservers, and moka caches in front of it.
+//!
+//! - Record caches for SPF/DKIM/DMARC/iprev lookups (`RecordCache`, handed to
+//!   mail-auth), each entry kept for its TTL clamped to `[min_ttl, max_ttl]`,
+//!   negative answers included.
+//! - A DNSBL answer cache with the same TTL rule, in which concurrent
+//!   identical lookups are coalesced into one query (moka `try_get_with`).
+//!
+//! Nothing here ever consults the system resolver.
+
+mod cache;
+
+pub use cache::RecordCache;
+
+use crate::config::DnsConfig;
+use mail_auth::MessageAuthenticator;
+use mail_auth::hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
+};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The answer to an A query (with the zone's TXT reason when listed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AAnswer {
+    Found { addrs: Vec<Ipv4Addr>, txt: Option<String> },
+    /// NXDOMAIN or no A records.
+    NotFound,
+}
+
+/// A lookup that did not produce an answer (timeout, SERVFAIL, ...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("dns: {0}")]
+pub struct DnsFailure(pub String);
+
+#[derive(Debug, Clone)]
+struct Timed {
+    answer: AAnswer,
+    ttl: Duration,
+}
+
+/// Counters for tests, logs and metrics.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    /// Queries sent for DNSBL lookups (cache misses after coalescing).
+    pub queries: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+pub struct Dns {
+    auth: MessageAuthenticator,
+    records: RecordCache,
+    answers: moka::future::Cache<Box<str>, Timed>,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    pub stats: DnsStats,
+}
+
+struct TtlExpiry;
+
+impl moka::Expiry<Box<str>, Timed> for TtlExpiry {
+    fn expire_after_create(&self, _: &Box<str>, v: &Timed, _: std::time::Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+impl Dns {
+    pub fn new(cfg: &DnsConfig) -> Result<Arc<Dns>, DnsFailure> {
+        let mut servers = Vec::new();
+        for ns in &cfg.nameservers {
+            let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
+            (udp.port, tcp.port) = (ns.port(), ns.port());
+            servers.push(NameServerConfig::new(ns.ip(), true, vec![udp, tcp]));
+        }
+        let mut opts = ResolverOpts::default();
+        opts.timeout = cfg.timeout.0;
+        opts.attempts = cfg.attempts;
+        // Our caches are the only ones, so TTL handling and query counts are ours.
+        opts.cache_size = 0;
+        opts.ndots = 0;
+        let auth = MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), opts)
+            .map_err(|e| DnsFailure(e.to_string()))?
+            .with_max_negative_ttl(cfg.max_ttl.0);
+        Ok(Arc::new(Dns {
+            auth,
+            records: RecordCache::new(cfg.cache_size, cfg.min_ttl.0, cfg.max_ttl.0),
+            answers: moka::future::Cache::builder()
+                .max_capacity(cfg.cache_size)
+                .expire_after(TtlExpiry)
+                .build(),
+            min_ttl: cfg.min_ttl.0,
+            max_ttl: cfg.max_ttl.0,
+            stats: DnsStats::default(),
+        }))
+    }
+
+    /// The authenticator (SPF, DKIM, DMARC, ARC, iprev) and its record cache.
+    pub fn auth(&self) -> (&MessageAuthenticator, &RecordCache) {
+        (&self.auth, &self.records)
+    }
+
+    fn clamp(&self, ttl: Duration) -> Duration {
+        ttl.clamp(self.min_ttl, self.max_ttl)
+    }
+
+    /// A records of `name` (fully qualified), plus its TXT when found and
+    /// `want_txt`. Cached; concurrent identical lookups share one query.
+    pub async fn lookup_a(&self, name: &str, want_txt: bool) -> Result<AAnswer, DnsFailure> {
+        let key: Box<str> = format!("{name}|{want_txt}").into();
+        let mut fresh = false;
+        let got = self
+            .answers
+            .try_get_with(key, async {
+                fresh = true;
+                self.stats.queries.fetch_add(1, Ordering::Relaxed);
+                self.query_a(name, want_txt).await
+            })
+            .await;
+        if !fresh {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        match got {
+            Ok(t) => Ok(t.answer),
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                Err((*e).clone())
+            }
+        }
+    }
+
+    async fn query_a(&self, name: &str, want_txt: bool) -> Result<Timed, DnsFailure> {
+        // The capture learns the answer's expiry (record TTL, or the SOA
+        // negative TTL for NXDOMAIN) from mail-auth's cache hook.
+        let capture = cache::Capture::default();
+        let result = self.auth.ipv4_lookup(name, Some(&capture)).await;
+        let ttl = capture
+            .valid_until()
+            .map(|until| self.clamp(until.saturating_duration_since(Instant::now())))
+            .unwrap_or(self.min_ttl);
+        match result {
+            Ok(set) => {
+                let txt = if want_txt {
+                    self.auth
+                        .txt_raw_lookup(name)
+                        .await
+                        .ok()
+                        .map(|t| String::from_utf8_lossy(&t).into_owned())
+                } else {
+                    None
+                };
+                Ok(Timed {
+                    answer: AAnswer::Found {
+                        addrs: set.records.to_vec(),
+                        txt,
+                    },
+                    ttl,
+                })
+            }
+            Err(mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(_))) => Ok(Timed {
+                answer: AAnswer::NotFound,
+                ttl,
+            }),
+            Err(e) => Err(DnsFailure(e.to_string())),
+        }
+    }
+}
