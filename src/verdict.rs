@@ -51,9 +51,15 @@ pub fn decide(findings: &[Finding], t: &Thresholds) -> Outcome {
         Action::Score(s) => acc + s,
         _ => acc,
     });
-    let rejects: Vec<&Finding> = findings.iter().filter(|f| f.action == Action::Reject).collect();
+    let rejects: Vec<&Finding> = findings
+        .iter()
+        .filter(|f| f.action == Action::Reject)
+        .collect();
     if !rejects.is_empty() {
-        let auth: Vec<&&Finding> = rejects.iter().filter(|f| AUTH_CHECKS.contains(&f.check)).collect();
+        let auth: Vec<&&Finding> = rejects
+            .iter()
+            .filter(|f| AUTH_CHECKS.contains(&f.check))
+            .collect();
         let reason = join_reasons(&rejects);
         let reply = if auth.len() >= 2 {
             several_failed()
@@ -66,7 +72,10 @@ pub fn decide(findings: &[Finding], t: &Thresholds) -> Outcome {
             score,
         };
     }
-    let tempfails: Vec<&Finding> = findings.iter().filter(|f| f.action == Action::Tempfail).collect();
+    let tempfails: Vec<&Finding> = findings
+        .iter()
+        .filter(|f| f.action == Action::Tempfail)
+        .collect();
     if !tempfails.is_empty() {
         return Outcome {
             decision: Decision::Tempfail(tempfails[0].reply.clone()),
@@ -94,7 +103,10 @@ pub fn decide(findings: &[Finding], t: &Thresholds) -> Outcome {
     }
     let tagged = findings.iter().any(|f| f.action == Action::Tag);
     if tagged || t.tag.is_some_and(|r| score >= r) {
-        let mut reasons: Vec<&Finding> = findings.iter().filter(|f| f.action == Action::Tag).collect();
+        let mut reasons: Vec<&Finding> = findings
+            .iter()
+            .filter(|f| f.action == Action::Tag)
+            .collect();
         reasons.extend(scored);
         return Outcome {
             decision: Decision::Tag,
@@ -154,11 +166,17 @@ pub fn spf_fail(text: Option<&str>, domain: &str, ip: &str) -> Reply {
 }
 
 pub fn spf_temperror(domain: &str) -> Reply {
-    Reply::new(451, 7, 24, "").with_text(fill("Temporary SPF error for {domain}, try again later", &[("domain", domain)]))
+    Reply::new(451, 7, 24, "").with_text(fill(
+        "Temporary SPF error for {domain}, try again later",
+        &[("domain", domain)],
+    ))
 }
 
 pub fn spf_permerror(domain: &str) -> Reply {
-    Reply::new(550, 7, 24, "").with_text(fill("SPF record of {domain} is invalid", &[("domain", domain)]))
+    Reply::new(550, 7, 24, "").with_text(fill(
+        "SPF record of {domain} is invalid",
+        &[("domain", domain)],
+    ))
 }
 
 pub fn dkim_fail(text: Option<&str>, domain: &str) -> Reply {
@@ -167,7 +185,12 @@ pub fn dkim_fail(text: Option<&str>, domain: &str) -> Reply {
 }
 
 pub fn dkim_temperror() -> Reply {
-    Reply::new(451, 4, 3, "Temporary DNS failure verifying DKIM, try again later")
+    Reply::new(
+        451,
+        4,
+        3,
+        "Temporary DNS failure verifying DKIM, try again later",
+    )
 }
 
 pub fn dmarc_reject(text: Option<&str>, domain: &str) -> Reply {
@@ -176,7 +199,10 @@ pub fn dmarc_reject(text: Option<&str>, domain: &str) -> Reply {
 }
 
 pub fn dmarc_temperror(domain: &str) -> Reply {
-    Reply::new(451, 4, 3, "").with_text(fill("Temporary DNS failure for the DMARC policy of {domain}", &[("domain", domain)]))
+    Reply::new(451, 4, 3, "").with_text(fill(
+        "Temporary DNS failure for the DMARC policy of {domain}",
+        &[("domain", domain)],
+    ))
 }
 
 pub fn iprev_fail(text: Option<&str>, ip: &str) -> Reply {
@@ -229,30 +255,54 @@ mod tests {
     #[test]
     fn precedence_and_thresholds() {
         let spf = f("spf", Action::Reject, spf_fail(None, "a.test", "192.0.2.1"));
-        let o = decide(&[f("iprev", Action::Score(3.0), iprev_fail(None, "ip")), spf.clone()], &t());
+        let o = decide(
+            &[
+                f("iprev", Action::Score(3.0), iprev_fail(None, "ip")),
+                spf.clone(),
+            ],
+            &t(),
+        );
         assert_eq!(o.decision, Decision::Reject(spf.reply.clone()));
         assert_eq!(o.reason, "spf:x");
         assert_eq!(o.score, 3.0);
 
         let dmarc = f("dmarc", Action::Reject, dmarc_reject(None, "a.test"));
         let o = decide(&[spf, dmarc], &t());
-        let Decision::Reject(r) = o.decision else { panic!() };
+        let Decision::Reject(r) = o.decision else {
+            panic!()
+        };
         assert_eq!(r.enhanced_code().unwrap(), "5.7.26");
         assert_eq!(o.reason, "spf:x,dmarc:x");
 
         let o = decide(&[f("spf", Action::Tempfail, spf_temperror("a.test"))], &t());
-        let Decision::Tempfail(r) = o.decision else { panic!() };
-        assert_eq!((r.code, r.enhanced_code().unwrap().as_str()), (451, "4.7.24"));
+        let Decision::Tempfail(r) = o.decision else {
+            panic!()
+        };
+        assert_eq!(
+            (r.code, r.enhanced_code().unwrap().as_str()),
+            (451, "4.7.24")
+        );
 
         let s = |n| f("dnsbl", Action::Score(n), dns_tempfail());
         assert_eq!(decide(&[s(4.0)], &t()).decision, Decision::Accept);
         assert_eq!(decide(&[s(5.0)], &t()).decision, Decision::Tag);
-        assert!(matches!(decide(&[s(7.0)], &t()).decision, Decision::Tempfail(_)));
+        assert!(matches!(
+            decide(&[s(7.0)], &t()).decision,
+            Decision::Tempfail(_)
+        ));
         let o = decide(&[s(6.0), s(4.5)], &t());
-        let Decision::Reject(r) = o.decision else { panic!() };
-        assert_eq!((r.code, r.enhanced_code().unwrap().as_str()), (550, "5.7.1"));
+        let Decision::Reject(r) = o.decision else {
+            panic!()
+        };
+        assert_eq!(
+            (r.code, r.enhanced_code().unwrap().as_str()),
+            (550, "5.7.1")
+        );
         assert_eq!(o.reason, "score:dnsbl:x,dnsbl:x");
-        assert_eq!(decide(&[f("dmarc", Action::Tag, dns_tempfail())], &t()).decision, Decision::Tag);
+        assert_eq!(
+            decide(&[f("dmarc", Action::Tag, dns_tempfail())], &t()).decision,
+            Decision::Tag
+        );
     }
 
     #[test]
@@ -279,12 +329,22 @@ mod tests {
 
     #[test]
     fn dnsbl_text_names_zone_and_reason() {
-        let r = dnsbl_listed(None, "bl.test", "192.0.2.1", Some("see http://bl.test/q?192.0.2.1"));
+        let r = dnsbl_listed(
+            None,
+            "bl.test",
+            "192.0.2.1",
+            Some("see http://bl.test/q?192.0.2.1"),
+        );
         assert_eq!(
             r.text,
             "Service unavailable; client [192.0.2.1] blocked using bl.test; see http://bl.test/q?192.0.2.1"
         );
-        let r = dnsbl_listed(Some("Blocked by {zone}: {txt}\r\nX"), "bl.test", "ip", Some("why"));
+        let r = dnsbl_listed(
+            Some("Blocked by {zone}: {txt}\r\nX"),
+            "bl.test",
+            "ip",
+            Some("why"),
+        );
         assert_eq!(r.text, "Blocked by bl.test: why  X");
     }
 }

@@ -31,7 +31,10 @@ async fn byte_exact_delivery_with_dots_8bit_and_long_lines() {
     assert_eq!(stored.len(), 1);
     let (ours, theirs) = common::split_ours(&stored[0].data);
     // Only our headers are prepended; the rest arrives byte for byte.
-    assert_eq!(ours, "Authentication-Results: gate.test; none\r\nX-Spam-Flag: NO\r\nX-Spam-Score: 0.0\r\n");
+    assert_eq!(
+        ours,
+        "Authentication-Results: gate.test; none\r\nX-Spam-Flag: NO\r\nX-Spam-Score: 0.0\r\n"
+    );
     assert_eq!(theirs, content, "content must arrive byte for byte");
     assert_eq!(
         stored[0].rcpts,
@@ -80,7 +83,10 @@ async fn twenty_megabyte_message_arrives_intact() {
     let stored = mta.stored();
     assert_eq!(stored.len(), 1);
     assert!(stored[0].data.len() >= 20 << 20);
-    assert!(common::split_ours(&stored[0].data).1 == content, "20 MB message differs");
+    assert!(
+        common::split_ours(&stored[0].data).1 == content,
+        "20 MB message differs"
+    );
 }
 
 #[tokio::test]

@@ -33,7 +33,11 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
             max_recipients: cfg.limits.max_recipients,
         })]),
         tls: std::sync::RwLock::new(None),
-        checker: Arc::new(portcullis::checks::Checker::new(&cfg.checks, &cfg.hostname, dns)),
+        checker: Arc::new(portcullis::checks::Checker::new(
+            &cfg.checks,
+            &cfg.hostname,
+            dns,
+        )),
         cfg: Arc::new(cfg),
     })
 }
@@ -116,7 +120,10 @@ async fn in_memory_session_relays_a_transaction() {
     assert!(c.reply().await.starts_with("221"));
     task.await.unwrap();
     let s = mta.stored();
-    assert_eq!(common::split_ours(&s[0].data).1, b"Subject: mem\r\n\r\n.stuffed\r\n");
+    assert_eq!(
+        common::split_ours(&s[0].data).1,
+        b"Subject: mem\r\n\r\n.stuffed\r\n"
+    );
     assert!(s[0].xclient.as_deref().unwrap().contains("ADDR=192.0.2.10"));
 }
 

@@ -116,7 +116,8 @@ impl Checker {
             let dns = Arc::clone(&self.dns);
             c.iprev_task = Some(tokio::spawn(async move {
                 let (auth, cache) = dns.auth();
-                auth.verify_iprev(Parameters::new(ip).with_cache(cache)).await
+                auth.verify_iprev(Parameters::new(ip).with_cache(cache))
+                    .await
             }));
         }
         c
@@ -153,13 +154,23 @@ impl Checker {
             if let Some(t) = c.dnsbl_task.take() {
                 c.dnsbl_ip = Some(t.await.unwrap_or_default());
             }
-            self.dnsbl_findings(c.ip, c.dnsbl_ip.as_deref().unwrap_or_default(), &mut findings, &mut log);
+            self.dnsbl_findings(
+                c.ip,
+                c.dnsbl_ip.as_deref().unwrap_or_default(),
+                &mut findings,
+                &mut log,
+            );
         }
         (verdict::decide(&findings, &self.cfg.thresholds), log)
     }
 
     /// At MAIL: DNSBL (ip and domain lists), iprev and SPF, as one verdict.
-    pub async fn at_mail(&self, c: &mut ConnChecks, helo: &str, sender: &str) -> (TxnChecks, Outcome) {
+    pub async fn at_mail(
+        &self,
+        c: &mut ConnChecks,
+        helo: &str,
+        sender: &str,
+    ) -> (TxnChecks, Outcome) {
         let mut t = TxnChecks {
             helo: helo.to_string(),
             sender: sender.to_string(),
@@ -179,7 +190,12 @@ impl Checker {
         self.await_connect(c).await;
         let mut findings = Vec::new();
         let mut log = CheckLog::default();
-        self.dnsbl_findings(c.ip, c.dnsbl_ip.as_deref().unwrap_or_default(), &mut findings, &mut log);
+        self.dnsbl_findings(
+            c.ip,
+            c.dnsbl_ip.as_deref().unwrap_or_default(),
+            &mut findings,
+            &mut log,
+        );
         if self.cfg.dnsbl.mode != Mode::Off && self.dnsbl.domain_zones().next().is_some() {
             let mut domains = vec![helo.to_string()];
             domains.extend(sender_domain.clone());
@@ -196,7 +212,10 @@ impl Checker {
             let ip = c.ip.to_string();
             if self.cfg.spf.helo && helo.contains('.') && helo.parse::<IpAddr>().is_err() {
                 let out = auth
-                    .check_host(Parameters::new(SpfParameters::helo(c.ip, helo, &self.hostname)).with_cache(cache))
+                    .check_host(
+                        Parameters::new(SpfParameters::helo(c.ip, helo, &self.hostname))
+                            .with_cache(cache),
+                    )
                     .await;
                 if out.result() == SpfResult::Fail {
                     let action = self.act(self.cfg.spf.mode, self.cfg.spf.fail);
@@ -212,19 +231,32 @@ impl Checker {
             }
             let out = auth
                 .check_host(
-                    Parameters::new(SpfParameters::mail_from(c.ip, helo, &self.hostname, sender)).with_cache(cache),
+                    Parameters::new(SpfParameters::mail_from(c.ip, helo, &self.hostname, sender))
+                        .with_cache(cache),
                 )
                 .await;
             let domain = out.domain().to_string();
             let s = &self.cfg.spf;
             let (word, action, reply) = match out.result() {
                 SpfResult::Pass => ("pass", s.pass, None),
-                SpfResult::Fail => ("fail", s.fail, Some(verdict::spf_fail(s.text.as_deref(), &domain, &ip))),
+                SpfResult::Fail => (
+                    "fail",
+                    s.fail,
+                    Some(verdict::spf_fail(s.text.as_deref(), &domain, &ip)),
+                ),
                 SpfResult::SoftFail => ("softfail", s.softfail, None),
                 SpfResult::Neutral => ("neutral", s.neutral, None),
                 SpfResult::None => ("none", s.none, None),
-                SpfResult::TempError => ("temperror", s.temperror, Some(verdict::spf_temperror(&domain))),
-                SpfResult::PermError => ("permerror", s.permerror, Some(verdict::spf_permerror(&domain))),
+                SpfResult::TempError => (
+                    "temperror",
+                    s.temperror,
+                    Some(verdict::spf_temperror(&domain)),
+                ),
+                SpfResult::PermError => (
+                    "permerror",
+                    s.permerror,
+                    Some(verdict::spf_permerror(&domain)),
+                ),
             };
             log.spf = word.to_string();
             findings.push(Finding {
@@ -265,12 +297,16 @@ impl Checker {
         }
         let (auth, cache) = self.dns.auth();
         let from = msg.first_from_address().to_string();
-        let from_domain = from.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default();
+        let from_domain = from
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_string())
+            .unwrap_or_default();
         let mut results = AuthenticationResults::new(&self.hostname);
         let mut findings = std::mem::take(&mut t.findings);
 
         let dkim = if self.cfg.dkim.mode != Mode::Off || self.cfg.dmarc.mode != Mode::Off {
-            auth.verify_dkim(Parameters::new(&msg).with_cache(cache)).await
+            auth.verify_dkim(Parameters::new(&msg).with_cache(cache))
+                .await
         } else {
             Vec::new()
         };
@@ -280,9 +316,14 @@ impl Checker {
             t.log.dkim = best.to_string();
             let d = &self.cfg.dkim;
             let (action, reply) = match best {
-                "fail" => (d.fail, verdict::dkim_fail(d.text.as_deref(), &from_domain)),
+                // mail-auth reports a signature that does not verify (body
+                // hash, bad signature) as neutral; for us both are failures.
+                "fail" | "neutral" => (d.fail, verdict::dkim_fail(d.text.as_deref(), &from_domain)),
                 "temperror" => (d.temperror, verdict::dkim_temperror()),
-                "permerror" => (d.permerror, verdict::dkim_fail(d.text.as_deref(), &from_domain)),
+                "permerror" => (
+                    d.permerror,
+                    verdict::dkim_fail(d.text.as_deref(), &from_domain),
+                ),
                 _ => (Action::Accept, verdict::dkim_fail(None, &from_domain)),
             };
             if action != Action::Accept {
@@ -300,14 +341,16 @@ impl Checker {
             results = results.with_spf_result(spf, &spf_params);
         }
         if let Some(spf) = &t.spf_helo {
-            results = results.with_spf_result(spf, &SpfParameters::helo(c.ip, &t.helo, &self.hostname));
+            results =
+                results.with_spf_result(spf, &SpfParameters::helo(c.ip, &t.helo, &self.hostname));
         }
         if self.cfg.dmarc.mode != Mode::Off
             && let Some(spf) = &t.spf_mail
         {
             let dmarc = auth
                 .verify_dmarc(
-                    Parameters::new(DmarcParameters::new(&msg, &dkim, spf.domain(), spf)).with_cache(cache),
+                    Parameters::new(DmarcParameters::new(&msg, &dkim, spf.domain(), spf))
+                        .with_cache(cache),
                 )
                 .await;
             results = results.with_dmarc_result(&dmarc);
@@ -328,7 +371,11 @@ impl Checker {
                         Policy::Quarantine => m.quarantine,
                         Policy::None | Policy::Unspecified => m.none,
                     };
-                    ("fail", action, Some(verdict::dmarc_reject(m.text.as_deref(), dmarc.domain())))
+                    (
+                        "fail",
+                        action,
+                        Some(verdict::dmarc_reject(m.text.as_deref(), dmarc.domain())),
+                    )
                 }
             };
             let policy_word = match policy {
@@ -357,7 +404,9 @@ impl Checker {
             }
         }
         if self.cfg.arc.mode != Mode::Off && !msg.arc_seals().is_empty() {
-            let arc = auth.verify_arc(Parameters::new(&msg).with_cache(cache)).await;
+            let arc = auth
+                .verify_arc(Parameters::new(&msg).with_cache(cache))
+                .await;
             t.log.arc = dkim_word(arc.result()).to_string();
             results = results.with_arc_result(&arc, c.ip);
         }
@@ -366,11 +415,16 @@ impl Checker {
         }
         let outcome = verdict::decide(&findings, &self.cfg.thresholds);
         let mut headers = results.to_header();
-        if outcome.decision == verdict::Decision::Tag
-            || self.cfg.thresholds.tag.is_some()
-        {
-            let flag = if outcome.decision == verdict::Decision::Tag { "YES" } else { "NO" };
-            headers.push_str(&format!("X-Spam-Flag: {flag}\r\nX-Spam-Score: {:.1}\r\n", outcome.score));
+        if outcome.decision == verdict::Decision::Tag || self.cfg.thresholds.tag.is_some() {
+            let flag = if outcome.decision == verdict::Decision::Tag {
+                "YES"
+            } else {
+                "NO"
+            };
+            headers.push_str(&format!(
+                "X-Spam-Flag: {flag}\r\nX-Spam-Score: {:.1}\r\n",
+                outcome.score
+            ));
         }
         t.findings = findings;
         DataChecks {
@@ -382,10 +436,20 @@ impl Checker {
 
     /// `record` mode never acts.
     fn act(&self, mode: Mode, action: Action) -> Action {
-        if mode == Mode::Enforce { action } else { Action::Accept }
+        if mode == Mode::Enforce {
+            action
+        } else {
+            Action::Accept
+        }
     }
 
-    fn dnsbl_findings(&self, ip: IpAddr, outcomes: &[ZoneOutcome], findings: &mut Vec<Finding>, log: &mut CheckLog) {
+    fn dnsbl_findings(
+        &self,
+        ip: IpAddr,
+        outcomes: &[ZoneOutcome],
+        findings: &mut Vec<Finding>,
+        log: &mut CheckLog,
+    ) {
         for o in outcomes {
             match o {
                 ZoneOutcome::Listed(hit) => {
@@ -401,7 +465,12 @@ impl Checker {
                         result: codes.join("+"),
                         action: self.act(self.cfg.dnsbl.mode, action),
                         reason: format!("dnsbl:{}", hit.zone),
-                        reply: verdict::dnsbl_listed(hit.text.as_deref(), &hit.zone, &ip, hit.txt.as_deref()),
+                        reply: verdict::dnsbl_listed(
+                            hit.text.as_deref(),
+                            &hit.zone,
+                            &ip,
+                            hit.txt.as_deref(),
+                        ),
                     });
                 }
                 ZoneOutcome::Failed(e) => {
@@ -421,7 +490,13 @@ impl Checker {
         }
     }
 
-    fn iprev_finding(&self, ip: IpAddr, r: &IprevOutput, findings: &mut Vec<Finding>, log: &mut CheckLog) {
+    fn iprev_finding(
+        &self,
+        ip: IpAddr,
+        r: &IprevOutput,
+        findings: &mut Vec<Finding>,
+        log: &mut CheckLog,
+    ) {
         let i = &self.cfg.iprev;
         let (word, action) = match r.result() {
             IprevResult::Pass => ("pass", Action::Accept),
@@ -472,7 +547,11 @@ fn dkim_summary(dkim: &[mail_auth::DkimOutput]) -> &'static str {
 
 /// Byte ranges of Authentication-Results fields that claim our authserv-id
 /// (RFC 8601 section 5: a border MTA must remove them).
-fn forged_results(msg: &AuthenticatedMessage<'_>, raw: &[u8], authserv_id: &str) -> Vec<Range<usize>> {
+fn forged_results(
+    msg: &AuthenticatedMessage<'_>,
+    raw: &[u8],
+    authserv_id: &str,
+) -> Vec<Range<usize>> {
     let base = raw.as_ptr() as usize;
     let headers = msg.headers();
     let body = msg.body_offset().min(raw.len());
@@ -483,7 +562,13 @@ fn forged_results(msg: &AuthenticatedMessage<'_>, raw: &[u8], authserv_id: &str)
         }
         let id = String::from_utf8_lossy(value);
         let id = strip_comments(&id);
-        let claimed = id.split(';').next().unwrap_or("").split_whitespace().next().unwrap_or("");
+        let claimed = id
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
         if !claimed.eq_ignore_ascii_case(authserv_id) {
             continue;
         }

@@ -99,12 +99,18 @@ impl Dnsbl {
     }
 
     pub fn domain_zones(&self) -> impl Iterator<Item = &Arc<ZoneState>> {
-        self.zones.iter().filter(|z| z.conf.kind == ZoneType::Domain)
+        self.zones
+            .iter()
+            .filter(|z| z.conf.kind == ZoneType::Domain)
     }
 
     /// The query name for `ip` in `zone` (IPv4 reversed octets, IPv6 nibbles).
     pub fn ip_name(ip: IpAddr, zone: &str) -> String {
-        format!("{}.{}.", ip.to_canonical().to_reverse_name(), zone.trim_end_matches('.'))
+        format!(
+            "{}.{}.",
+            ip.to_canonical().to_reverse_name(),
+            zone.trim_end_matches('.')
+        )
     }
 
     /// Looks `subject` up in `zone` (an IP for ip zones, a domain for domain zones).
@@ -198,14 +204,25 @@ mod tests {
 
     #[test]
     fn names_and_error_codes() {
-        assert_eq!(Dnsbl::ip_name("192.0.2.1".parse().unwrap(), "bl.test"), "1.2.0.192.bl.test.");
+        assert_eq!(
+            Dnsbl::ip_name("192.0.2.1".parse().unwrap(), "bl.test"),
+            "1.2.0.192.bl.test."
+        );
         assert_eq!(
             Dnsbl::ip_name("::ffff:192.0.2.1".parse().unwrap(), "bl.test."),
             "1.2.0.192.bl.test."
         );
         let v6 = Dnsbl::ip_name("2001:db8::2".parse().unwrap(), "bl.test");
-        assert!(v6.starts_with("2.0.0.0.0.0.0.0") && v6.ends_with("8.b.d.0.1.0.0.2.bl.test."), "{v6}");
-        for e in ["127.255.255.252", "127.255.255.254", "127.255.255.255", "10.0.0.2"] {
+        assert!(
+            v6.starts_with("2.0.0.0.0.0.0.0") && v6.ends_with("8.b.d.0.1.0.0.2.bl.test."),
+            "{v6}"
+        );
+        for e in [
+            "127.255.255.252",
+            "127.255.255.254",
+            "127.255.255.255",
+            "10.0.0.2",
+        ] {
             assert!(is_error_code(e.parse().unwrap()), "{e}");
         }
         assert!(!is_error_code("127.0.0.2".parse().unwrap()));

@@ -349,7 +349,11 @@ impl ReturnFilter {
 
     pub fn parse(s: &str) -> Result<ReturnFilter, String> {
         let s = s.trim();
-        let bad = || format!("invalid return filter {s:?}; use 127.0.0.2, 127.0.0.[2..11], 127.0.0.0/24 or &0.0.0.4");
+        let bad = || {
+            format!(
+                "invalid return filter {s:?}; use 127.0.0.2, 127.0.0.[2..11], 127.0.0.0/24 or &0.0.0.4"
+            )
+        };
         if let Some(mask) = s.strip_prefix('&') {
             return mask.parse().map(ReturnFilter::Mask).map_err(|_| bad());
         }
@@ -378,7 +382,10 @@ impl ReturnFilter {
         for (i, p) in parts.iter().enumerate() {
             r[i] = if let Some(inner) = p.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
                 let (lo, hi) = inner.split_once("..").ok_or_else(bad)?;
-                let (lo, hi) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?);
+                let (lo, hi) = (
+                    lo.parse().map_err(|_| bad())?,
+                    hi.parse().map_err(|_| bad())?,
+                );
                 if lo > hi {
                     return Err(bad());
                 }
@@ -411,7 +418,9 @@ mod tests {
         let f = ReturnFilter::parse("127.0.0.[2..11]").unwrap();
         assert!(f.matches(ip("127.0.0.11")) && !f.matches(ip("127.0.0.12")));
         let f = ReturnFilter::parse("&0.0.0.4").unwrap();
-        assert!(f.matches(ip("127.0.0.4")) && f.matches(ip("127.0.0.6")) && !f.matches(ip("127.0.0.2")));
+        assert!(
+            f.matches(ip("127.0.0.4")) && f.matches(ip("127.0.0.6")) && !f.matches(ip("127.0.0.2"))
+        );
         let f = ReturnFilter::parse("127.0.1.0/24").unwrap();
         assert!(f.matches(ip("127.0.1.5")) && !f.matches(ip("127.0.0.5")));
         assert!(ReturnFilter::parse("127.0.0.[9..2]").is_err());

@@ -374,7 +374,10 @@ impl Config {
             );
         }
         if self.dns.nameservers.is_empty() {
-            return fail("dns.nameservers", "at least one nameserver is needed".into());
+            return fail(
+                "dns.nameservers",
+                "at least one nameserver is needed".into(),
+            );
         }
         if self.dns.attempts == 0 {
             return fail("dns.attempts", "must be at least 1".into());

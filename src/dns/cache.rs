@@ -37,7 +37,10 @@ where
 {
     fn new(capacity: u64, min: Duration, max: Duration) -> Self {
         Typed {
-            inner: Cache::builder().max_capacity(capacity).expire_after(Ttl).build(),
+            inner: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(Ttl)
+                .build(),
             min,
             max,
         }

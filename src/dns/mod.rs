@@ -26,7 +26,10 @@ use std::time::{Duration, Instant};
 /// The answer to an A query (with the zone's TXT reason when listed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AAnswer {
-    Found { addrs: Vec<Ipv4Addr>, txt: Option<String> },
+    Found {
+        addrs: Vec<Ipv4Addr>,
+        txt: Option<String>,
+    },
     /// NXDOMAIN or no A records.
     NotFound,
 }
@@ -63,7 +66,12 @@ pub struct Dns {
 struct TtlExpiry;
 
 impl moka::Expiry<Box<str>, Timed> for TtlExpiry {
-    fn expire_after_create(&self, _: &Box<str>, v: &Timed, _: std::time::Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &Box<str>,
+        v: &Timed,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
         Some(v.ttl)
     }
 }

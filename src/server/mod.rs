@@ -6,8 +6,8 @@ pub mod shutdown;
 pub mod tls;
 
 use crate::checks::{self, Checker, Pipeline};
-use crate::dns::Dns;
 use crate::config::{Config, Listen};
+use crate::dns::Dns;
 use crate::smtp::proxy_header;
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::{Peer, Session, Shared};

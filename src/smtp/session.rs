@@ -7,7 +7,6 @@
 //! buffered (RFC 2920), so pipelined batches get one write.
 
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
-use crate::verdict::Decision;
 use crate::config::{BareNewline, Config, RejectAt};
 use crate::server::limits::MemoryBudget;
 use crate::server::shutdown::{Phase, ShutdownSignal};
@@ -17,6 +16,7 @@ use crate::smtp::ehlo::Offer;
 use crate::smtp::reply::{self, Reply, UpstreamReply};
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, UpStage, Upstream, UpstreamConn, UpstreamError};
+use crate::verdict::Decision;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -484,7 +484,9 @@ impl Session {
         }
         let checker = Arc::clone(&self.shared.checker);
         let helo = self.helo.clone().unwrap_or_default();
-        let (checks, verdict) = checker.at_mail(&mut self.conn_checks, &helo, &m.address).await;
+        let (checks, verdict) = checker
+            .at_mail(&mut self.conn_checks, &helo, &m.address)
+            .await;
         self.score = verdict.score;
         let refusal = match verdict.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => Some((r, verdict.reason)),
@@ -722,7 +724,9 @@ impl Session {
         let Some(txn) = self.txn.as_mut() else {
             return Next::Continue;
         };
-        let checked = checker.at_data(&self.conn_checks, &mut txn.checks, &msg).await;
+        let checked = checker
+            .at_data(&self.conn_checks, &mut txn.checks, &msg)
+            .await;
         self.score = checked.outcome.score;
         match checked.outcome.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => {
@@ -756,7 +760,11 @@ impl Session {
         drop(reservation);
         match result {
             Ok(r) => {
-                let reason = if r.is_positive() { reason.as_str() } else { "upstream" };
+                let reason = if r.is_positive() {
+                    reason.as_str()
+                } else {
+                    "upstream"
+                };
                 self.finish_txn(size, Stage::Data, &r, reason, &r.text());
                 self.relay(&r);
                 if !r.is_positive() && r.code != 354 {

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, and a small SMTP client. Everything stays on loopback.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use portcullis::config::Config;
 use portcullis::server::Server;
 use portcullis::smtp::reply::parse_reply;
@@ -611,7 +613,10 @@ pub fn split_ours(data: &[u8]) -> (String, Vec<u8>) {
     let mut pos = 0;
     let mut in_ours = false;
     while pos < text.len() {
-        let end = text[pos..].windows(2).position(|w| w == b"\r\n").map_or(text.len(), |i| pos + i + 2);
+        let end = text[pos..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(text.len(), |i| pos + i + 2);
         let line = &text[pos..end];
         let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
         let ours = line.starts_with(b"Authentication-Results:") || line.starts_with(b"X-Spam-");
@@ -622,7 +627,10 @@ pub fn split_ours(data: &[u8]) -> (String, Vec<u8>) {
             break;
         }
     }
-    (String::from_utf8_lossy(&text[..pos]).into_owned(), text[pos..].to_vec())
+    (
+        String::from_utf8_lossy(&text[..pos]).into_owned(),
+        text[pos..].to_vec(),
+    )
 }
 
 /// A message with the given Message-ID and body.
