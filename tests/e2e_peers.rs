@@ -299,3 +299,81 @@ async fn swaks_through_portcullis_into_exim_with_proxy_v2() {
     );
     assert!(mail.contains("Subject: through the gate"));
 }
+
+/// Checks end to end: DNS from an authoritative server on loopback
+/// (hickory-server in-process), Postfix behind Portcullis, swaks as client.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Postfix and swaks (installed by .ci/run)"]
+async fn checks_end_to_end_into_postfix() {
+    use base64::Engine;
+    use common::dns::{FakeDns, a, txt};
+    use mail_auth::headers::HeaderWriter;
+    let der = mail_auth::crypto::Ed25519Key::generate_pkcs8().unwrap();
+    let key = mail_auth::crypto::Ed25519Key::from_pkcs8_der(&der).unwrap();
+    let p = base64::engine::general_purpose::STANDARD.encode(key.public_key());
+    let dns = FakeDns::start(
+        &["test."],
+        vec![
+            a("2.0.0.127.bl.test.", "127.0.0.2"),
+            txt("2.0.0.127.bl.test.", "Listed for testing"),
+            txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all"),
+            txt("_dmarc.signed.test.", "v=DMARC1; p=reject"),
+            txt("ed._domainkey.signed.test.", &format!("v=DKIM1; k=ed25519; p={p}")),
+        ],
+    )
+    .await;
+    let pf = Postfix::start("checks");
+    let gate = Gate::start_with(&format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: 127.0.0.1:{}, client_identity: xclient}}\ndns: {{nameservers: [{}], timeout: 2s}}\nchecks:\n  iprev: {{mode: off}}\n  spf: {{mode: enforce, helo: false}}\n  dkim: {{mode: enforce}}\n  dmarc: {{mode: enforce}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, action: reject}}]}}\n",
+        pf.port, dns.addr
+    ))
+    .await;
+
+    // A listed client: refused at RCPT naming the zone; Postfix never sees it.
+    let addr = gate.addr;
+    let out = tokio::task::spawn_blocking(move || {
+        let out = Command::new("swaks")
+            .args(["--server", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args(["--local-interface", "127.0.0.2", "--helo", "listed.test"])
+            .args(["--from", "spam@pass.test", "--to", "bob@example.test", "--timeout", "20"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.contains("<** 550 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test; Listed for testing"),
+        "{out}"
+    );
+
+    // A signed message from a clean client arrives with our results.
+    let msg = "From: alice@signed.test\r\nTo: bob@example.test\r\nSubject: signed through the gate\r\n\r\nHello.\r\n";
+    let sig = mail_auth::dkim::DkimSigner::from_key(key)
+        .domain("signed.test")
+        .selector("ed")
+        .headers(["From", "To", "Subject"])
+        .sign(msg.as_bytes())
+        .unwrap();
+    let file = pf.run.join("signed.eml");
+    // swaks sends the file's lines with CRLF itself: store it with LF.
+    std::fs::write(&file, format!("{}{msg}", sig.to_header()).replace("\r\n", "\n")).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new("swaks")
+            .args(["--server", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args(["--local-interface", "127.0.0.7", "--helo", "clean.test"])
+            .args(["--from", "alice@pass.test", "--to", "bob@example.test", "--timeout", "20"])
+            .arg("--data")
+            .arg(format!("@{}", file.display())))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let mail = one_mail(&pf.inbox());
+    assert!(mail.contains("Authentication-Results: gate.test;"), "{mail}");
+    assert!(mail.contains("dkim=pass header.d=signed.test header.s=ed"), "{mail}");
+    assert!(mail.contains("spf=pass"), "{mail}");
+    assert!(mail.contains("dmarc=pass header.from=signed.test"), "{mail}");
+    let log = std::fs::read_to_string(pf.run.join("maillog")).unwrap_or_default();
+    assert!(!log.contains("spam@pass.test") && !log.contains("127.0.0.2"), "{log}");
+}

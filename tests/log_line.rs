@@ -32,6 +32,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     tls_transaction(&logs).await;
+    checks_transaction(&logs).await;
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
     let gate = Gate::start(mta.addr, "limits: {max_connections_per_ip: 1}\n").await;
@@ -158,4 +159,43 @@ async fn tls_transaction(logs: &Captured) {
         "{line}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Refused by a DNSBL at RCPT: the line carries the check results.
+async fn checks_transaction(logs: &Captured) {
+    use common::dns::{FakeDns, a, txt};
+    let dns = FakeDns::start(
+        &["test."],
+        vec![a("2.0.0.127.bl.test.", "127.0.0.2"), txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all")],
+    )
+    .await;
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start_with(&format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: xclient}}\ndns: {{nameservers: [{}]}}\nchecks:\n  iprev: {{mode: off}}\n  spf: {{mode: enforce, helo: false}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, score: 20}}]}}\n",
+        mta.addr, dns.addr
+    ))
+    .await;
+    let mut c = Client::connect_from(gate.addr, "127.0.0.2").await;
+    c.reply().await;
+    c.cmd("EHLO listed.test", "250").await;
+    c.cmd("MAIL FROM:<bl@pass.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
+    c.cmd("QUIT", "221").await;
+    assert!(c.closed().await);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = text
+        .lines()
+        .filter(|l| l.contains("bl@pass.test"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .next()
+        .unwrap_or_else(|| panic!("no line in {text}"));
+    assert_eq!(line["verdict"], "reject");
+    assert_eq!(line["stage"], "rcpt");
+    assert_eq!(line["code"], 550);
+    assert_eq!(line["enhanced"], "5.7.1");
+    assert_eq!(line["reason"], "score:dnsbl:bl.test");
+    assert_eq!(line["dnsbl"], "bl.test=127.0.0.2");
+    assert_eq!(line["spf"], "pass");
+    assert_eq!(line["score"], 20.0);
 }
