@@ -1,43 +1,86 @@
 #!/usr/bin/env bash
 # Load benchmark: smtp-source -> Portcullis -> smtp-sink against
 # smtp-source -> smtp-sink directly, alternating in one run (machines are
-# noisy: compare within a run, quote medians and the ratio).
+# noisy: compare within a run, quote medians and ratios).
 #   benches/load.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
-# Needs smtp-source and smtp-sink (Debian package postfix). Everything on loopback.
+# Three targets per round: direct; Portcullis with checks off; Portcullis
+# with SPF + 3 DNSBL zones on (DNS from examples/bench_dns, warmed first).
+# GATE_LOG=1 adds a fourth: checks off with json info logging to a file.
+# Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
-SINK_PORT=${SINK_PORT:-12525}; GATE_PORT=${GATE_PORT:-12526}
+SINK=12525; OFF=12526; ON=12527; LOGGED=12528; DNS=127.0.0.1:15353
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
 
-cargo build --release --ignore-rust-version -q
-(smtp-sink -u nobody 127.0.0.1:$SINK_PORT 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
-cat >$TMP/gate.yaml <<YAML
+cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
+(smtp-sink -u nobody 127.0.0.1:$SINK 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
+(./target/release/examples/bench_dns $DNS >$TMP/dns.log 2>&1 & echo $! >$TMP/dns.pid)
+
+gate() { # name port checks-yaml log-level log-target
+  cat >$TMP/$1.yaml <<YAML
 hostname: gate.bench
-listen: [{addr: "127.0.0.1:$GATE_PORT"}]
-upstream: {addr: "127.0.0.1:$SINK_PORT", client_identity: none}
+listen: [{addr: "127.0.0.1:$2"}]
+upstream: {addr: "127.0.0.1:$SINK", client_identity: none}
 limits: {max_connections: 5000, max_connections_per_ip: 5000}
-log: {format: json, level: "${GATE_LOG_LEVEL:-warn}"}
+dns: {nameservers: ["$DNS"], min_ttl: 300s}
+log: {format: json, level: "$4"}
+checks:
+$3
 YAML
-(./target/release/portcullis run --config $TMP/gate.yaml >$TMP/gate.log 2>&1 & echo $! >$TMP/gate.pid)
-for p in $SINK_PORT $GATE_PORT; do
+  (./target/release/portcullis run --config $TMP/$1.yaml >"$5" 2>&1 & echo $! >$TMP/$1.pid)
+}
+OFF_CHECKS="  spf: {mode: off}
+  dkim: {mode: off}
+  dmarc: {mode: off}
+  arc: {mode: off}
+  iprev: {mode: off}
+  dnsbl: {mode: off}"
+ON_CHECKS="  dkim: {mode: off}
+  dmarc: {mode: off}
+  arc: {mode: off}
+  iprev: {mode: off}
+  spf: {mode: enforce}
+  dnsbl:
+    mode: enforce
+    zones: [{zone: bl1.test, action: reject}, {zone: bl2.test, score: 5}, {zone: bl3.test, score: 5}]"
+gate off $OFF "$OFF_CHECKS" warn $TMP/off.log
+gate on $ON "$ON_CHECKS" warn $TMP/on.log
+TARGETS="direct:$SINK off:$OFF on:$ON"
+if [ -n "${GATE_LOG:-}" ]; then
+  gate logged $LOGGED "$OFF_CHECKS" info $TMP/logged.log
+  TARGETS="$TARGETS logged:$LOGGED"
+fi
+for t in $TARGETS; do
+  p=${t#*:}
   for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
+# Warm the checks-on gate's caches.
+smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$ON
 
 rate() { # port -> msg/s
   local t0 t1
   t0=$(date +%s.%N)
   smtp-source -s $SESS -m $MSGS -l $BYTES -f a@example.test -t b@example.test 127.0.0.1:$1
   t1=$(date +%s.%N)
-  echo "$MSGS / ($t1 - $t0)" | bc -l
+  awk -v m=$MSGS -v a=$t0 -v b=$t1 'BEGIN{printf "%.1f", m/(b-a)}'
 }
-direct=(); gate=()
+declare -A all
 for r in $(seq $ROUNDS); do
-  d=$(rate $SINK_PORT); g=$(rate $GATE_PORT)
-  direct+=("$d"); gate+=("$g")
-  printf 'round %d: direct %.0f msg/s, via portcullis %.0f msg/s, ratio %.2f\n' "$r" "$d" "$g" "$(echo "$g/$d" | bc -l)"
+  line="round $r:"
+  for t in $TARGETS; do
+    v=$(rate ${t#*:}); all[${t%%:*}]+="$v "
+    line="$line ${t%%:*} $v"
+  done
+  echo "$line msg/s"
 done
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-md=$(median "${direct[@]}"); mg=$(median "${gate[@]}")
-printf 'median: direct %.0f msg/s, via portcullis %.0f msg/s, ratio %.2f (%d msgs x %d rounds, %d sessions, %d-byte bodies)\n' \
-  "$md" "$mg" "$(echo "$mg/$md" | bc -l)" "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
+median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+d=$(median "${all[direct]}")
+printf 'median msg/s: direct %.0f' "$d"
+for t in $TARGETS; do
+  n=${t%%:*}; [ $n = direct ] && continue
+  m=$(median "${all[$n]}")
+  printf ', %s %.0f (ratio %.2f)' "$n" "$m" "$(awk -v a=$m -v b=$d 'BEGIN{print a/b}')"
+done
+printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
+if [ -n "${GATE_LOG:-}" ]; then echo "log lines written: $(grep -c '"transaction"' $TMP/logged.log)"; fi

@@ -318,7 +318,10 @@ async fn checks_end_to_end_into_postfix() {
             txt("2.0.0.127.bl.test.", "Listed for testing"),
             txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all"),
             txt("_dmarc.signed.test.", "v=DMARC1; p=reject"),
-            txt("ed._domainkey.signed.test.", &format!("v=DKIM1; k=ed25519; p={p}")),
+            txt(
+                "ed._domainkey.signed.test.",
+                &format!("v=DKIM1; k=ed25519; p={p}"),
+            ),
         ],
     )
     .await;
@@ -335,7 +338,14 @@ async fn checks_end_to_end_into_postfix() {
         let out = Command::new("swaks")
             .args(["--server", "127.0.0.1", "--port", &addr.port().to_string()])
             .args(["--local-interface", "127.0.0.2", "--helo", "listed.test"])
-            .args(["--from", "spam@pass.test", "--to", "bob@example.test", "--timeout", "20"])
+            .args([
+                "--from",
+                "spam@pass.test",
+                "--to",
+                "bob@example.test",
+                "--timeout",
+                "20",
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -357,12 +367,23 @@ async fn checks_end_to_end_into_postfix() {
         .unwrap();
     let file = pf.run.join("signed.eml");
     // swaks sends the file's lines with CRLF itself: store it with LF.
-    std::fs::write(&file, format!("{}{msg}", sig.to_header()).replace("\r\n", "\n")).unwrap();
+    std::fs::write(
+        &file,
+        format!("{}{msg}", sig.to_header()).replace("\r\n", "\n"),
+    )
+    .unwrap();
     let out = tokio::task::spawn_blocking(move || {
         run(Command::new("swaks")
             .args(["--server", "127.0.0.1", "--port", &addr.port().to_string()])
             .args(["--local-interface", "127.0.0.7", "--helo", "clean.test"])
-            .args(["--from", "alice@pass.test", "--to", "bob@example.test", "--timeout", "20"])
+            .args([
+                "--from",
+                "alice@pass.test",
+                "--to",
+                "bob@example.test",
+                "--timeout",
+                "20",
+            ])
             .arg("--data")
             .arg(format!("@{}", file.display())))
     })
@@ -370,10 +391,22 @@ async fn checks_end_to_end_into_postfix() {
     .unwrap();
     assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
     let mail = one_mail(&pf.inbox());
-    assert!(mail.contains("Authentication-Results: gate.test;"), "{mail}");
-    assert!(mail.contains("dkim=pass header.d=signed.test header.s=ed"), "{mail}");
+    assert!(
+        mail.contains("Authentication-Results: gate.test;"),
+        "{mail}"
+    );
+    assert!(
+        mail.contains("dkim=pass header.d=signed.test header.s=ed"),
+        "{mail}"
+    );
     assert!(mail.contains("spf=pass"), "{mail}");
-    assert!(mail.contains("dmarc=pass header.from=signed.test"), "{mail}");
+    assert!(
+        mail.contains("dmarc=pass header.from=signed.test"),
+        "{mail}"
+    );
     let log = std::fs::read_to_string(pf.run.join("maillog")).unwrap_or_default();
-    assert!(!log.contains("spam@pass.test") && !log.contains("127.0.0.2"), "{log}");
+    assert!(
+        !log.contains("spam@pass.test") && !log.contains("127.0.0.2"),
+        "{log}"
+    );
 }

@@ -166,7 +166,10 @@ async fn checks_transaction(logs: &Captured) {
     use common::dns::{FakeDns, a, txt};
     let dns = FakeDns::start(
         &["test."],
-        vec![a("2.0.0.127.bl.test.", "127.0.0.2"), txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all")],
+        vec![
+            a("2.0.0.127.bl.test.", "127.0.0.2"),
+            txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all"),
+        ],
     )
     .await;
     let mta = FakeMta::start(Script::default()).await;
