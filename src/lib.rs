@@ -19,6 +19,8 @@
 pub mod checks;
 pub mod config;
 pub mod dns;
+pub mod explain;
+pub mod rules;
 pub mod server;
 pub mod smtp;
 pub mod telemetry;

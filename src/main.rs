@@ -22,10 +22,30 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate the config and exit non-zero on any error.
+    /// Validate the config and the rules; print a summary of the rules.
     Check {
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Run the checks and rules for one made-up transaction and print every
+    /// result, the score and the reply the client would get.
+    Explain {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        #[arg(long)]
+        helo: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        rcpt: Vec<String>,
+        /// A message file to run the DATA stage on.
+        #[arg(long)]
+        message: Option<PathBuf>,
+        /// No DNS: DNS-based checks are off, rules still run.
+        #[arg(long)]
+        no_dns: bool,
     },
 }
 
@@ -33,19 +53,68 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Check { config } => match Config::load(config.as_deref()) {
-            Ok(c) => {
-                println!(
-                    "config ok: {} listener(s), upstream {}",
-                    c.listen.len(),
-                    c.upstream.addr
-                );
-                ExitCode::SUCCESS
-            }
+            Ok(c) => match portcullis::server::load_rules(&c) {
+                Ok(rules) => {
+                    println!(
+                        "config ok: {} listener(s), upstream {}",
+                        c.listen.len(),
+                        c.upstream.addr
+                    );
+                    print!("rules ok: {}", rules.current().summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::FAILURE
             }
         },
+        Cmd::Explain {
+            config,
+            ip,
+            helo,
+            from,
+            rcpt,
+            message,
+            no_dns,
+        } => {
+            let run = || -> anyhow::Result<String> {
+                let cfg = Config::load(config.as_deref())?;
+                let msg = match &message {
+                    Some(p) => {
+                        Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
+                    }
+                    None => None,
+                };
+                let rt = tokio::runtime::Runtime::new()?;
+                rt.block_on(portcullis::explain::explain(
+                    cfg,
+                    portcullis::explain::Input {
+                        ip,
+                        helo,
+                        from,
+                        rcpts: rcpt,
+                        message: msg,
+                        no_dns,
+                    },
+                ))
+                .map_err(anyhow::Error::msg)
+            };
+            match run() {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portcullis: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -76,6 +145,9 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             ),
         }
         let reloader = server.tls_reloader();
+        let rules = server.rules();
+        // Rules also reload on file changes, debounced.
+        let _watcher = rules.watch(std::time::Duration::from_millis(500));
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -86,6 +158,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
                     Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
                 }
+                let _ = rules.reload();
             }
         });
         for a in server.local_addrs() {

@@ -78,7 +78,7 @@ fn run_serves_and_stops_on_sigterm() {
     let f = dir.join("run.yaml");
     std::fs::write(
         &f,
-        format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\ntimeouts: {{shutdown: 2s}}\nlog: {{format: logfmt}}\n{}", common::NO_CHECKS),
+        format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\ntimeouts: {{shutdown: 2s}}\nlog: {{format: logfmt}}\nrules_dir: {}\n{}", common::EMPTY_RULES, common::NO_CHECKS),
     )
     .unwrap();
     let mut child = bin()

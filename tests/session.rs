@@ -33,6 +33,10 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
             max_recipients: cfg.limits.max_recipients,
         })]),
         tls: std::sync::RwLock::new(None),
+        rules: portcullis::rules::Rules::new(
+            common::EMPTY_RULES.into(),
+            portcullis::rules::RuleSet::empty(),
+        ),
         checker: Arc::new(portcullis::checks::Checker::new(
             &cfg.checks,
             &cfg.hostname,

@@ -6,6 +6,7 @@
 use super::dnsbl::{Dnsbl, ZoneOutcome};
 use crate::config::{Action, ChecksConfig, Mode};
 use crate::dns::Dns;
+use crate::rules::{Facts, Hit, MessageFacts, RuleAction, RuleSet, RuleStage};
 use crate::verdict::{self, Finding, Outcome};
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -50,6 +51,8 @@ pub struct TxnChecks {
     spf_helo: Option<SpfOutput>,
     spf_mail: Option<SpfOutput>,
     pub log: CheckLog,
+    /// Headers added by rules (`add_header`).
+    pub add_headers: Vec<String>,
 }
 
 /// The check results for the transaction log line.
@@ -62,6 +65,8 @@ pub struct CheckLog {
     pub arc: String,
     /// `zone=code,code` for each listing.
     pub dnsbl: Vec<String>,
+    /// Rules that matched: `ID`, or `ID(shadow)`.
+    pub rules: Vec<String>,
 }
 
 /// The end-of-DATA result: decision, our header block, and forged
@@ -168,6 +173,8 @@ impl Checker {
     pub async fn at_mail(
         &self,
         c: &mut ConnChecks,
+        rules: &RuleSet,
+        tls: bool,
         helo: &str,
         sender: &str,
     ) -> (TxnChecks, Outcome) {
@@ -268,15 +275,50 @@ impl Checker {
             });
             t.spf_mail = Some(out);
         }
+        // The rules of the stages before DATA see every check result.
+        let dnsbl_zones: Vec<String> = log
+            .dnsbl
+            .iter()
+            .map(|d| d.split('=').next().unwrap_or("").to_string())
+            .collect();
+        let reverse = Self::reverse_name(c);
+        let facts = Facts {
+            ip: Some(c.ip),
+            reverse: reverse.as_deref(),
+            helo: Some(helo),
+            mail_from: Some(sender),
+            tls,
+            spf: &log.spf,
+            iprev: &log.iprev,
+            dnsbl: dnsbl_zones.iter().map(String::as_str).collect(),
+            ..Facts::default()
+        };
+        let mut hits = Vec::new();
+        for stage in [RuleStage::Connect, RuleStage::Helo, RuleStage::Mail] {
+            hits.extend(rules.evaluate(stage, &facts));
+        }
+        let accepted = apply_rule_hits(&hits, &mut findings, &mut log, &mut t.add_headers);
+        t.log = log;
+        if accepted {
+            // An allow-list rule: skip the remaining checks and rules.
+            t.skipped = true;
+            return (t, verdict::decide(&[], &self.cfg.thresholds));
+        }
         let outcome = verdict::decide(&findings, &self.cfg.thresholds);
         t.findings = findings;
-        t.log = log;
         (t, outcome)
     }
 
     /// At the end of DATA: DKIM, DMARC, ARC; the final verdict over all
     /// findings; our Authentication-Results header; forged ones to remove.
-    pub async fn at_data(&self, c: &ConnChecks, t: &mut TxnChecks, message: &[u8]) -> DataChecks {
+    pub async fn at_data(
+        &self,
+        c: &ConnChecks,
+        t: &mut TxnChecks,
+        rules: &RuleSet,
+        facts: Facts<'_>,
+        message: &[u8],
+    ) -> DataChecks {
         let Some(msg) = AuthenticatedMessage::parse(message) else {
             // No header block at all: nothing to verify or to remove.
             let outcome = verdict::decide(&t.findings, &self.cfg.thresholds);
@@ -413,7 +455,32 @@ impl Checker {
         if let Some(r) = &c.iprev {
             results = results.with_iprev_result(r, c.ip);
         }
-        let outcome = verdict::decide(&findings, &self.cfg.thresholds);
+        let mut accepted = false;
+        if rules.has_stage(RuleStage::Data) {
+            let parsed = MessageFacts::parse(message);
+            let dnsbl_zones: Vec<String> = t
+                .log
+                .dnsbl
+                .iter()
+                .map(|d| d.split('=').next().unwrap_or("").to_string())
+                .collect();
+            let facts = Facts {
+                message: Some(&parsed),
+                spf: &t.log.spf,
+                dkim: &t.log.dkim,
+                dmarc: &t.log.dmarc,
+                iprev: &t.log.iprev,
+                dnsbl: dnsbl_zones.iter().map(String::as_str).collect(),
+                ..facts
+            };
+            let hits = rules.evaluate(RuleStage::Data, &facts);
+            accepted = apply_rule_hits(&hits, &mut findings, &mut t.log, &mut t.add_headers);
+        }
+        let outcome = if accepted {
+            verdict::decide(&[], &self.cfg.thresholds)
+        } else {
+            verdict::decide(&findings, &self.cfg.thresholds)
+        };
         let mut headers = results.to_header();
         if outcome.decision == verdict::Decision::Tag || self.cfg.thresholds.tag.is_some() {
             let flag = if outcome.decision == verdict::Decision::Tag {
@@ -426,11 +493,48 @@ impl Checker {
                 outcome.score
             ));
         }
+        for h in &t.add_headers {
+            headers.push_str(h);
+        }
         t.findings = findings;
         DataChecks {
             outcome,
             headers,
             remove,
+        }
+    }
+
+    /// Rules of the RCPT stage for one recipient: its own verdict (a reject
+    /// refuses this recipient only); scores and headers join the transaction.
+    pub fn at_rcpt(
+        &self,
+        rules: &RuleSet,
+        t: &mut TxnChecks,
+        facts: &Facts<'_>,
+    ) -> Option<Outcome> {
+        if t.skipped || !rules.has_stage(RuleStage::Rcpt) {
+            return None;
+        }
+        let hits = rules.evaluate(RuleStage::Rcpt, facts);
+        let mut findings = Vec::new();
+        if apply_rule_hits(&hits, &mut findings, &mut t.log, &mut t.add_headers) {
+            t.skipped = true;
+            return None;
+        }
+        let refusal: Vec<Finding> = findings
+            .iter()
+            .filter(|f| matches!(f.action, Action::Reject | Action::Tempfail))
+            .cloned()
+            .collect();
+        t.findings.extend(
+            findings
+                .into_iter()
+                .filter(|f| !matches!(f.action, Action::Reject | Action::Tempfail)),
+        );
+        if refusal.is_empty() {
+            None
+        } else {
+            Some(verdict::decide(&refusal, &self.cfg.thresholds))
         }
     }
 
@@ -521,6 +625,49 @@ impl Checker {
             });
         }
     }
+}
+
+/// Turns rule hits into findings, log entries and headers. Returns true
+/// when an enforced `accept` (allow-list) rule matched.
+fn apply_rule_hits(
+    hits: &[Hit],
+    findings: &mut Vec<Finding>,
+    log: &mut CheckLog,
+    headers: &mut Vec<String>,
+) -> bool {
+    let mut accepted = false;
+    for h in hits {
+        log.rules.push(if h.shadow {
+            format!("{}(shadow)", h.id)
+        } else {
+            h.id.clone()
+        });
+        if h.shadow {
+            continue;
+        }
+        let (action, reply) = match &h.action {
+            RuleAction::Reject(r) => (Action::Reject, r.clone()),
+            RuleAction::Tempfail(r) => (Action::Tempfail, r.clone()),
+            RuleAction::Score(s) => (Action::Score(*s), verdict::spam_score(*s)),
+            RuleAction::Accept => {
+                accepted = true;
+                continue;
+            }
+            RuleAction::AddHeader(line) => {
+                headers.push(line.clone());
+                continue;
+            }
+            RuleAction::Log => continue,
+        };
+        findings.push(Finding {
+            check: "rule",
+            result: "match".into(),
+            action,
+            reason: format!("rule:{}", h.id),
+            reply,
+        });
+    }
+    accepted
 }
 
 fn dkim_word(r: &DkimResult) -> &'static str {

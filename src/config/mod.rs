@@ -68,6 +68,9 @@ pub struct Config {
     pub dns: DnsConfig,
     #[serde(default)]
     pub checks: ChecksConfig,
+    /// Directory of rule files (`*.yaml`). Unset: `rules` if it exists.
+    #[serde(default)]
+    pub rules_dir: Option<PathBuf>,
     #[serde(default)]
     pub log: Log,
 }

@@ -8,6 +8,7 @@ pub mod tls;
 use crate::checks::{self, Checker, Pipeline};
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
+use crate::rules::{RuleSet, Rules};
 use crate::smtp::proxy_header;
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::{Peer, Session, Shared};
@@ -35,6 +36,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Dns(#[from] crate::dns::DnsFailure),
+    #[error("{0}")]
+    Rules(#[from] crate::rules::RuleErrors),
     #[error("upstream tls: {0}")]
     UpstreamTls(#[from] crate::upstream::UpstreamTlsError),
 }
@@ -69,9 +72,11 @@ impl Server {
             max_message_size: cfg.limits.max_message_size.0,
             max_recipients: cfg.limits.max_recipients,
         })]);
+        let rules = load_rules(&cfg)?;
         let dns = Dns::new(&cfg.dns)?;
         let checker = Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns));
         let shared = Arc::new(Shared {
+            rules,
             checker,
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
@@ -95,6 +100,10 @@ impl Server {
             .iter()
             .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
+    }
+
+    pub fn rules(&self) -> Arc<Rules> {
+        Arc::clone(&self.shared.rules)
     }
 
     pub fn checker(&self) -> Arc<Checker> {
@@ -161,6 +170,20 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+}
+
+/// The configured rules, or the default `rules` directory when it exists.
+pub fn load_rules(cfg: &Config) -> Result<Arc<Rules>, crate::rules::RuleErrors> {
+    let (dir, required) = match &cfg.rules_dir {
+        Some(d) => (d.clone(), true),
+        None => (std::path::PathBuf::from("rules"), false),
+    };
+    if !required && !dir.is_dir() {
+        tracing::info!("no rules directory: running without rules");
+        return Ok(Rules::new(dir, RuleSet::empty()));
+    }
+    let set = RuleSet::load_dir(&dir)?;
+    Ok(Rules::new(dir, set))
 }
 
 /// Binds with our own backlog: the default (128) overflows under bursts and

@@ -8,6 +8,7 @@
 
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
 use crate::config::{BareNewline, Config, RejectAt};
+use crate::rules::{Facts, RuleSet, Rules};
 use crate::server::limits::MemoryBudget;
 use crate::server::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
@@ -35,6 +36,8 @@ pub struct Shared {
     pub checks: Pipeline,
     /// DNSBL, SPF, DKIM, DMARC, ARC, iprev.
     pub checker: Arc<Checker>,
+    /// The administrators' rules, reloadable.
+    pub rules: Arc<Rules>,
     /// Swapped on SIGHUP when the certificate is reloaded.
     pub tls: RwLock<Option<TlsAcceptor>>,
 }
@@ -75,6 +78,8 @@ struct Txn {
     /// A verdict reached at MAIL, delivered at each RCPT (delayed reject).
     refusal: Option<(Reply, String)>,
     checks: TxnChecks,
+    /// Recipients upstream accepted (for the rules at DATA).
+    rcpt_list: Vec<String>,
 }
 
 /// A reply's code and enhanced code, for the log line.
@@ -152,6 +157,8 @@ pub struct Session {
     conn_checks: ConnChecks,
     /// Summed score of the last decision, for the log.
     score: f64,
+    /// The rules this session started with (a reload affects new sessions).
+    rules: Arc<RuleSet>,
 }
 
 impl Session {
@@ -166,6 +173,7 @@ impl Session {
         // DNSBL and iprev start now and are awaited only when needed.
         let conn_checks = shared.checker.connect(peer.addr.ip());
         Session {
+            rules: shared.rules.current(),
             conn_checks,
             score: 0.0,
             io,
@@ -484,8 +492,15 @@ impl Session {
         }
         let checker = Arc::clone(&self.shared.checker);
         let helo = self.helo.clone().unwrap_or_default();
+        let rules = Arc::clone(&self.rules);
         let (checks, verdict) = checker
-            .at_mail(&mut self.conn_checks, &helo, &m.address)
+            .at_mail(
+                &mut self.conn_checks,
+                &rules,
+                self.tls.is_some(),
+                &helo,
+                &m.address,
+            )
             .await;
         self.score = verdict.score;
         let refusal = match verdict.decision {
@@ -503,6 +518,7 @@ impl Session {
                 last_rcpt_refusal: None,
                 refusal: Some(refusal),
                 checks,
+                rcpt_list: Vec::new(),
             });
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
@@ -527,6 +543,7 @@ impl Session {
                         last_rcpt_refusal: None,
                         refusal: None,
                         checks,
+                        rcpt_list: Vec::new(),
                     });
                 } else {
                     self.log_mail_refused(&m, started, &r, "upstream", &r.text());
@@ -572,12 +589,47 @@ impl Session {
                 .error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
         }
         let outcome = self.shared.checks.run(Stage::Rcpt, &self.envelope()).await;
-        if let Outcome::Refuse { reply, reason } = outcome {
+        let mut refusal = match outcome {
+            Outcome::Refuse { reply, reason } => Some((reply, reason.to_string())),
+            Outcome::Continue => None,
+        };
+        if refusal.is_none() {
+            // Rules of the RCPT stage, for this recipient.
+            let checker = Arc::clone(&self.shared.checker);
+            let rules = Arc::clone(&self.rules);
+            let reverse = Checker::reverse_name(&self.conn_checks);
+            let tls = self.tls.is_some();
+            let ip = self.peer.addr.ip();
+            let helo = self.helo.clone();
+            if let Some(t) = self.txn.as_mut() {
+                let facts = Facts {
+                    ip: Some(ip),
+                    reverse: reverse.as_deref(),
+                    helo: helo.as_deref(),
+                    mail_from: Some(&t.mail.address),
+                    rcpts: vec![r.address.as_str()],
+                    rcpt_count: t.rcpts,
+                    tls,
+                    ..Facts::default()
+                };
+                let mut checks = std::mem::take(&mut t.checks);
+                if let Some(o) = checker.at_rcpt(&rules, &mut checks, &facts) {
+                    match o.decision {
+                        Decision::Reject(reply) | Decision::Tempfail(reply) => {
+                            refusal = Some((reply, o.reason))
+                        }
+                        Decision::Accept | Decision::Tag => {}
+                    }
+                }
+                t.checks = checks;
+            }
+        }
+        if let Some((reply, reason)) = refusal {
             if let Some(t) = self.txn.as_mut() {
                 t.last_rcpt_refusal = Some(Refusal {
                     code: reply.code,
                     enhanced: reply.enhanced_code().unwrap_or_default(),
-                    reason: reason.to_string(),
+                    reason,
                     upstream: String::new(),
                 });
             }
@@ -594,6 +646,7 @@ impl Session {
                 if let Some(t) = self.txn.as_mut() {
                     if rep.is_positive() {
                         t.rcpts += 1;
+                        t.rcpt_list.push(r.address.clone());
                     } else {
                         t.last_rcpt_refusal = Some(Refusal {
                             code: rep.code,
@@ -724,8 +777,21 @@ impl Session {
         let Some(txn) = self.txn.as_mut() else {
             return Next::Continue;
         };
+        let rules = Arc::clone(&self.rules);
+        let reverse = Checker::reverse_name(&self.conn_checks);
+        let facts = Facts {
+            ip: Some(self.peer.addr.ip()),
+            reverse: reverse.as_deref(),
+            helo: self.helo.as_deref(),
+            mail_from: Some(&txn.mail.address),
+            rcpts: txn.rcpt_list.iter().map(String::as_str).collect(),
+            rcpt_count: txn.rcpts,
+            tls: self.tls.is_some(),
+            size: Some(size),
+            ..Facts::default()
+        };
         let checked = checker
-            .at_data(&self.conn_checks, &mut txn.checks, &msg)
+            .at_data(&self.conn_checks, &mut txn.checks, &rules, facts, &msg)
             .await;
         self.score = checked.outcome.score;
         match checked.outcome.decision {
@@ -1036,6 +1102,7 @@ impl Session {
             arc: &checks.arc,
             iprev: &checks.iprev,
             dnsbl: checks.dnsbl.join(" "),
+            rules: checks.rules.join(" "),
             score: self.score,
         }
         .emit();

@@ -61,6 +61,8 @@ pub struct TxnRecord<'a> {
     pub iprev: &'a str,
     /// `zone=code+code` for each DNSBL listing, space separated.
     pub dnsbl: String,
+    /// Rules that matched, `ID` or `ID(shadow)`, space separated.
+    pub rules: String,
     pub score: f64,
 }
 
@@ -92,6 +94,7 @@ impl TxnRecord<'_> {
             arc = self.arc,
             iprev = self.iprev,
             dnsbl = %self.dnsbl,
+            rules = %self.rules,
             score = self.score,
         );
     }

@@ -460,6 +460,9 @@ async fn serve(
 /// Every check off: no DNS traffic at all.
 pub const NO_CHECKS: &str = "checks:\n  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  arc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: off}\n";
 
+/// A rules directory with no rules.
+pub const EMPTY_RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/rules-empty");
+
 /// A running Portcullis.
 pub struct Gate {
     pub addr: SocketAddr,
@@ -480,11 +483,14 @@ impl Gate {
     pub async fn start_with(yaml: &str) -> Gate {
         // Tests that do not configure the checks run without them (and so
         // without DNS); the checks tests bring their own DNS server.
-        let yaml = if yaml.contains("\nchecks:") {
+        let mut yaml = if yaml.contains("\nchecks:") {
             yaml.to_string()
         } else {
             format!("{yaml}\n{NO_CHECKS}")
         };
+        if !yaml.contains("rules_dir:") {
+            yaml.push_str(&format!("\nrules_dir: {}\n", EMPTY_RULES));
+        }
         let cfg = Config::parse(&yaml, Path::new("test.yaml")).expect("test config valid");
         let server = Server::bind(cfg).await.expect("bind");
         // As `portcullis run` does: learn upstream's EHLO before serving.

@@ -1,0 +1,335 @@
+//! Rules: YAML files administrators write in `rules_dir`, loaded in name
+//! order, validated in full (errors name `file:line:column` and the rule),
+//! compiled to RegexSets, and swapped atomically on reload. Sessions keep
+//! the set they started with.
+
+mod engine;
+pub mod model;
+
+pub use engine::{Facts, Hit, MessageFacts, Rule, RuleAction};
+pub use model::{RuleMode, RuleStage};
+
+use crate::yaml;
+use arc_swap::ArcSwap;
+use engine::{Compiled, Compiler};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// One problem in the rules, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub rule: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if let Some(r) = &self.rule {
+            write!(f, "{r}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every error found, not only the first.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct RuleErrors(pub Vec<RuleError>);
+
+impl fmt::Display for RuleErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A loaded, compiled set of rules.
+pub struct RuleSet {
+    compiled: Compiled,
+    pub files: Vec<PathBuf>,
+    pub loaded_at: SystemTime,
+}
+
+impl RuleSet {
+    pub fn empty() -> RuleSet {
+        RuleSet {
+            compiled: Compiled::empty(),
+            files: Vec::new(),
+            loaded_at: SystemTime::now(),
+        }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.compiled.rules
+    }
+
+    pub fn evaluate(&self, stage: RuleStage, facts: &Facts<'_>) -> Vec<Hit> {
+        self.compiled.evaluate(stage, facts)
+    }
+
+    pub fn has_stage(&self, stage: RuleStage) -> bool {
+        self.compiled.rules.iter().any(|r| r.stage == stage)
+    }
+
+    /// Loads every `*.yaml` in `dir`, in name order.
+    pub fn load_dir(dir: &Path) -> Result<RuleSet, RuleErrors> {
+        let top = |message: String| {
+            RuleErrors(vec![RuleError {
+                file: dir.display().to_string(),
+                line: 1,
+                column: 1,
+                rule: None,
+                message,
+            }])
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| top(format!("cannot read rules directory: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml") && p.is_file())
+            .collect();
+        files.sort();
+        let mut texts = Vec::new();
+        for f in &files {
+            let text =
+                std::fs::read_to_string(f).map_err(|e| top(format!("{}: {e}", f.display())))?;
+            texts.push((f.clone(), text));
+        }
+        let refs: Vec<(PathBuf, &str)> =
+            texts.iter().map(|(p, t)| (p.clone(), t.as_str())).collect();
+        Self::load_texts(dir, &refs)
+    }
+
+    /// Loads rule files given as (path, text); list files are read from `dir`.
+    pub fn load_texts(dir: &Path, files: &[(PathBuf, &str)]) -> Result<RuleSet, RuleErrors> {
+        let read_list = |name: &str| -> Result<Vec<String>, String> {
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("list file {}: {e}", path.display()))?;
+            Ok(text
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect())
+        };
+        let mut compiler = Compiler::new(&read_list);
+        let mut errors = Vec::new();
+        let mut rules = Vec::new();
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for (path, text) in files {
+            let file = path.display().to_string();
+            let parsed: model::RuleFile = match yaml::parse(text, path) {
+                Ok(f) => f,
+                Err(e) => {
+                    errors.push(RuleError {
+                        file: e.file,
+                        line: e.line,
+                        column: e.column,
+                        rule: None,
+                        message: if e.path.is_empty() || e.path == "." {
+                            e.message
+                        } else {
+                            format!("{}: {}", e.path, e.message)
+                        },
+                    });
+                    continue;
+                }
+            };
+            for def in parsed.rules {
+                let id = def.id.0.clone();
+                let (line, column) = locate_rule(text, &id, None);
+                if let Some(other) = seen.get(&id) {
+                    errors.push(RuleError {
+                        file: file.clone(),
+                        line,
+                        column,
+                        rule: Some(id.clone()),
+                        message: format!("duplicate rule id (first defined in {other})"),
+                    });
+                    continue;
+                }
+                seen.insert(id.clone(), format!("{file}:{line}"));
+                match compiler.rule(def) {
+                    Ok(r) => rules.push(r),
+                    Err(e) => {
+                        let (line, column) = locate_rule(text, &id, e.near.as_deref());
+                        errors.push(RuleError {
+                            file: file.clone(),
+                            line,
+                            column,
+                            rule: Some(e.rule),
+                            message: e.message,
+                        });
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(RuleErrors(errors));
+        }
+        let compiled = compiler.finish(rules).map_err(|m| {
+            RuleErrors(vec![RuleError {
+                file: dir.display().to_string(),
+                line: 1,
+                column: 1,
+                rule: None,
+                message: m,
+            }])
+        })?;
+        Ok(RuleSet {
+            compiled,
+            files: files.iter().map(|(p, _)| p.clone()).collect(),
+            loaded_at: SystemTime::now(),
+        })
+    }
+
+    /// `portcullis check`'s summary: rules per stage and action, shadow rules.
+    pub fn summary(&self) -> String {
+        let mut by: BTreeMap<(RuleStage, &str), usize> = BTreeMap::new();
+        let mut shadow = Vec::new();
+        for r in self.rules() {
+            *by.entry((r.stage, r.action.kind())).or_default() += 1;
+            if r.mode == RuleMode::Shadow {
+                shadow.push(r.id.as_str());
+            }
+        }
+        let mut out = format!(
+            "{} rules from {} files\n",
+            self.rules().len(),
+            self.files.len()
+        );
+        for ((stage, action), n) in by {
+            out.push_str(&format!("  {:<8} {:<10} {n}\n", stage.as_str(), action));
+        }
+        out.push_str(&format!(
+            "  shadow: {}\n",
+            if shadow.is_empty() {
+                "none".to_string()
+            } else {
+                shadow.join(", ")
+            }
+        ));
+        out
+    }
+}
+
+/// Finds the rule's `id:` line; with `near`, the first line after it that
+/// contains that text (the offending regex, list file or key).
+fn locate_rule(text: &str, id: &str, near: Option<&str>) -> (usize, usize) {
+    let mut start = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start().trim_start_matches("- ").trim_start();
+        if let Some(rest) = t.strip_prefix("id:")
+            && rest.trim().trim_matches(['"', '\'']) == id
+        {
+            start = Some(i);
+            let col = line.find("id:").unwrap_or(0) + 1;
+            if near.is_none() {
+                return (i + 1, col);
+            }
+            break;
+        }
+    }
+    let Some(start) = start else { return (1, 1) };
+    if let Some(n) = near {
+        for (i, line) in text.lines().enumerate().skip(start) {
+            if let Some(c) = line.find(n) {
+                return (i + 1, c + 1);
+            }
+            let t = line.trim_start().trim_start_matches("- ");
+            if i > start && t.starts_with("id:") {
+                break;
+            }
+        }
+    }
+    let line = text.lines().nth(start).unwrap_or("");
+    (start + 1, line.find("id:").unwrap_or(0) + 1)
+}
+
+/// The live rule set with its reload bookkeeping.
+pub struct Rules {
+    dir: PathBuf,
+    current: ArcSwap<RuleSet>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl Rules {
+    pub fn new(dir: PathBuf, set: RuleSet) -> Arc<Rules> {
+        Arc::new(Rules {
+            dir,
+            current: ArcSwap::from_pointee(set),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        })
+    }
+
+    /// The set new sessions use.
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.current.load_full()
+    }
+
+    /// Loads the directory again; swaps only if everything is valid.
+    pub fn reload(&self) -> Result<usize, RuleErrors> {
+        match RuleSet::load_dir(&self.dir) {
+            Ok(set) => {
+                let n = set.rules().len();
+                self.current.store(Arc::new(set));
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(rules = n, dir = %self.dir.display(), "rules reloaded");
+                Ok(n)
+            }
+            Err(e) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(errors = %e, "rules reload failed; the previous rules stay in force");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads when files in the rules directory change (debounced).
+    pub fn watch(self: &Arc<Self>, debounce: Duration) -> Option<notify::RecommendedWatcher> {
+        use notify::Watcher;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.send(());
+            }
+        })
+        .map_err(
+            |e| tracing::warn!(error = %e, "cannot watch the rules directory; reload with SIGHUP"),
+        )
+        .ok()?;
+        if let Err(e) = watcher.watch(&self.dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, "cannot watch the rules directory; reload with SIGHUP");
+            return None;
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                // Editors write in several steps: wait until it is quiet.
+                loop {
+                    match tokio::time::timeout(debounce, rx.recv()).await {
+                        Ok(Some(())) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+                let _ = me.reload();
+            }
+        });
+        Some(watcher)
+    }
+}
