@@ -107,9 +107,16 @@ impl DataReader {
     /// Consumes bytes of `input` up to and including the end-of-data line,
     /// appending unstuffed content to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Progress {
-        if memchr::memchr(0, input).is_some() {
+        let p = self.scan(input, out);
+        // Only bytes of this message count: a NUL in pipelined commands after
+        // the terminator is not the message's (found by the fuzzer).
+        if memchr::memchr(0, &input[..p.consumed]).is_some() {
             self.anomalies.nul = true;
         }
+        p
+    }
+
+    fn scan(&mut self, input: &[u8], out: &mut Vec<u8>) -> Progress {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -287,6 +294,16 @@ mod tests {
             assert_eq!(p2, p);
             assert_eq!(r.anomalies, a);
         }
+    }
+
+    #[test]
+    fn nul_after_the_end_is_not_the_messages() {
+        // Reduced from a cargo-fuzz crash: a NUL in what follows the dot.
+        let (_, p, a) = read_all(b"x\r\n.\r\nNOOP\x00\r\n");
+        assert!(p.done);
+        assert!(!a.nul);
+        let (_, _, a) = read_all(b"x\x00\r\n.\r\n");
+        assert!(a.nul);
     }
 
     #[test]
