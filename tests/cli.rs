@@ -201,3 +201,90 @@ async fn sighup_reloads_the_certificate() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_prints_a_rules_summary() {
+    let out = bin()
+        .args(["check", "--config", "portcullis.yaml"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("rules ok:") && text.contains("shadow: HELO_OUR_NAME"),
+        "{text}"
+    );
+    assert!(text.contains("data     reject"), "{text}");
+}
+
+#[test]
+fn explain_prints_every_result_and_the_reply() {
+    let out = bin()
+        .args([
+            "explain",
+            "--config",
+            "portcullis.yaml",
+            "--ip",
+            "192.0.2.10",
+            "--helo",
+            "localhost",
+        ])
+        .args([
+            "--from",
+            "a@sender.test",
+            "--rcpt",
+            "b@example.test",
+            "--no-dns",
+        ])
+        .args(["--message", "tests/messages/exe-attachment.eml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "client [192.0.2.10] helo localhost from <a@sender.test> to <b@example.test>",
+        "rules: HELO_LOCALHOST_FROM_OUTSIDE HELO_NOT_FQDN(shadow)",
+        "score 5.0: accept, tagged as spam",
+        "RCPT <b@example.test>: accepted by the checks",
+        "EXECUTABLE_ATTACHMENT_NAME",
+        "Authentication-Results: localhost; none",
+        "reply after DATA: 554 5.7.1 Executable attachments are not accepted",
+    ] {
+        assert!(text.contains(want), "{want:?} missing in:\n{text}");
+    }
+    // A clean client and message: relayed.
+    let dir = std::env::temp_dir().join(format!("portcullis-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = dir.join("ok.eml");
+    std::fs::write(&m, "From: a@sender.test\r\nDate: Sun, 29 Nov 2026 00:00:00 +0000\r\nSubject: hello\r\n\r\nhi\r\n").unwrap();
+    let out = bin()
+        .args([
+            "explain",
+            "--config",
+            "portcullis.yaml",
+            "--ip",
+            "192.0.2.10",
+            "--helo",
+            "mx.sender.test",
+        ])
+        .args([
+            "--from",
+            "a@sender.test",
+            "--rcpt",
+            "b@example.test",
+            "--no-dns",
+            "--message",
+        ])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("reply after DATA: relayed upstream"),
+        "{text}"
+    );
+    assert!(text.contains("rules: none matched"), "{text}");
+}
