@@ -595,45 +595,44 @@ fn eval(n: &Node, f: &Facts<'_>, m: &mut Matches<'_>) -> bool {
             have.iter()
                 .any(|h| !h.is_empty() && words.iter().any(|w| w.eq_ignore_ascii_case(h)))
         }
-        Node::Match(t, leaf) => {
-            let vals = values(t, f);
-            match leaf {
-                Leaf::Exact { set, case } => vals.iter().any(|v| {
-                    if *case {
-                        set.contains(*v)
-                    } else {
-                        set.contains(&v.to_lowercase())
-                    }
-                }),
-                Leaf::Domain(ds) => vals.iter().any(|v| {
-                    let v = match t {
-                        Target::MailFrom | Target::Rcpt => {
-                            v.rsplit_once('@').map_or(*v, |(_, d)| d)
-                        }
-                        _ => v,
-                    };
-                    let v = v.trim_end_matches('.').to_ascii_lowercase();
-                    ds.iter().any(|d| v == *d || v.ends_with(&format!(".{d}")))
-                }),
-                Leaf::Regex(idx) => {
-                    if vals.is_empty() {
-                        return false;
-                    }
-                    let hits = m.done.entry(t.clone()).or_insert_with(|| {
-                        let Some(set) = m.sets.get(t) else {
-                            return Vec::new();
-                        };
-                        let mut any = vec![false; set.len()];
-                        for v in &vals {
-                            for i in set.matches(v).into_iter() {
-                                any[i] = true;
-                            }
-                        }
-                        any
-                    });
-                    idx.iter().any(|i| hits.get(*i).copied().unwrap_or(false))
+        Node::Match(t, leaf) => match leaf {
+            Leaf::Exact { set, case } => values(t, f).iter().any(|v| {
+                if *case {
+                    set.contains(*v)
+                } else {
+                    set.contains(&v.to_lowercase())
                 }
+            }),
+            Leaf::Domain(ds) => values(t, f).iter().any(|v| {
+                let v = match t {
+                    Target::MailFrom | Target::Rcpt => v.rsplit_once('@').map_or(*v, |(_, d)| d),
+                    _ => v,
+                };
+                let v = v.trim_end_matches('.').to_ascii_lowercase();
+                ds.iter().any(|d| v == *d || v.ends_with(&format!(".{d}")))
+            }),
+            Leaf::Regex(idx) => {
+                // Each target's RegexSet runs once per evaluation; later
+                // leaves of the same target only look the result up.
+                if !m.done.contains_key(t) {
+                    let vals = values(t, f);
+                    let any = match m.sets.get(t) {
+                        Some(set) if !vals.is_empty() => {
+                            let mut any = vec![false; set.len()];
+                            for v in &vals {
+                                for i in set.matches(v).into_iter() {
+                                    any[i] = true;
+                                }
+                            }
+                            any
+                        }
+                        _ => Vec::new(),
+                    };
+                    m.done.insert(t.clone(), any);
+                }
+                let hits = m.done.get(t).map(Vec::as_slice).unwrap_or_default();
+                idx.iter().any(|i| hits.get(*i).copied().unwrap_or(false))
             }
-        }
+        },
     }
 }
