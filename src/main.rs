@@ -127,6 +127,7 @@ fn main() -> ExitCode {
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config.as_deref())?;
+    let config = config.clone();
     portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
@@ -145,6 +146,8 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             ),
         }
         let reloader = server.tls_reloader();
+        let config_reloader = server.config_reloader();
+        let config_path = config.clone();
         let rules = server.rules();
         // Rules also reload on file changes, debounced.
         let _watcher = rules.watch(std::time::Duration::from_millis(500));
@@ -159,6 +162,9 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
                     Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
                 }
                 let _ = rules.reload();
+                if let Some(p) = &config_path {
+                    let _ = config_reloader.reload(p);
+                }
             }
         });
         for a in server.local_addrs() {

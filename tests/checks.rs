@@ -675,3 +675,51 @@ async fn reject_at_connect_answers_554_instead_of_the_greeting() {
     let mut c = Client::connect_from(gate.addr, "127.0.0.7").await;
     assert!(c.reply().await.starts_with("220"));
 }
+
+#[tokio::test]
+async fn config_reload_swaps_the_checks_for_new_sessions_and_refuses_a_bad_file() {
+    let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let off = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: off}\n";
+    let dir = std::env::temp_dir().join(format!("portcullis-cfg-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gate.yaml");
+    let rules = format!("rules_dir: {}\n", common::EMPTY_RULES);
+    std::fs::write(
+        &file,
+        format!("{}{rules}", config(mta.addr, dns.addr, "127.0.0.1:0", off)),
+    )
+    .unwrap();
+    let cfg = portcullis::config::Config::load(Some(&file)).unwrap();
+    let server = portcullis::server::Server::bind(cfg).await.unwrap();
+    let addr = server.local_addrs()[0];
+    let reloader = server.config_reloader();
+    tokio::spawn(server.run(std::future::pending()));
+
+    let mut before = session(addr, "127.0.0.2").await;
+    // Same listener (port 0 is rebound only on restart), now with a DNSBL.
+    std::fs::write(
+        &file,
+        format!("{}{rules}", config(mta.addr, dns.addr, "127.0.0.1:0", BL)),
+    )
+    .unwrap();
+    reloader.reload(&file).unwrap();
+    let mut after = session(addr, "127.0.0.2").await;
+    after.cmd("MAIL FROM:<a@pass.test>", "250").await;
+    after.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
+    // The session that started before keeps its checks.
+    before.cmd("MAIL FROM:<a@pass.test>", "250").await;
+    before.cmd("RCPT TO:<b@example.test>", "250").await;
+
+    // A broken file: refused, counted, the running checks stay.
+    std::fs::write(&file, "hostname: gate.test\nlisten: [}\n").unwrap();
+    let e = reloader.reload(&file).unwrap_err();
+    assert!(e.contains("gate.yaml:2:"), "{e}");
+    assert_eq!(
+        reloader.failed.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let mut c = session(addr, "127.0.0.2").await;
+    c.cmd("MAIL FROM:<a@pass.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
+}

@@ -37,7 +37,7 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
             common::EMPTY_RULES.into(),
             portcullis::rules::RuleSet::empty(),
         ),
-        checker: Arc::new(portcullis::checks::Checker::new(
+        checker: arc_swap::ArcSwap::from_pointee(portcullis::checks::Checker::new(
             &cfg.checks,
             &cfg.hostname,
             dns,

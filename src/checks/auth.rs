@@ -87,17 +87,6 @@ impl Checker {
         }
     }
 
-    /// Tests every DNSBL zone now and then every `self_test_interval`.
-    pub fn spawn_self_test(self: &Arc<Self>) -> JoinHandle<()> {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                me.dnsbl.self_test().await;
-                tokio::time::sleep(me.cfg.dnsbl.self_test_interval.0).await;
-            }
-        })
-    }
-
     /// Starts the DNSBL and iprev lookups for a new client, in the background.
     pub fn connect(&self, ip: IpAddr) -> ConnChecks {
         let ip = ip.to_canonical();

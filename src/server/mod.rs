@@ -77,7 +77,7 @@ impl Server {
         let checker = Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns));
         let shared = Arc::new(Shared {
             rules,
-            checker,
+            checker: arc_swap::ArcSwap::new(checker),
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
             checks,
@@ -107,7 +107,16 @@ impl Server {
     }
 
     pub fn checker(&self) -> Arc<Checker> {
-        Arc::clone(&self.shared.checker)
+        self.shared.checker.load_full()
+    }
+
+    /// Applies a reloaded config where that is safe.
+    pub fn config_reloader(&self) -> ConfigReloader {
+        ConfigReloader {
+            shared: Arc::clone(&self.shared),
+            ok: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     pub fn upstream(&self) -> Arc<Upstream> {
@@ -128,8 +137,18 @@ impl Server {
     /// transactions in flight get `timeouts.shutdown` to finish, the rest 421.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let refresh = self.shared.upstream.spawn_refresh();
-        let self_test = (!self.shared.checker.dnsbl.zones.is_empty())
-            .then(|| self.shared.checker.spawn_self_test());
+        // Tests the DNSBL zones of whichever checks are current (they can be
+        // swapped by a config reload).
+        let shared = Arc::clone(&self.shared);
+        let self_test = Some(tokio::spawn(async move {
+            loop {
+                let checker = shared.checker.load_full();
+                if !checker.dnsbl.zones.is_empty() {
+                    checker.dnsbl.self_test().await;
+                }
+                tokio::time::sleep(checker.cfg.dnsbl.self_test_interval.0).await;
+            }
+        }));
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
         for (listener, conf) in self.listeners {
@@ -197,6 +216,58 @@ fn bind(l: &Listen) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(l.addr)?;
     sock.listen(l.backlog)
+}
+
+/// Reloads the config file: the checks and DNS settings take effect for new
+/// sessions; other sections need a restart and are reported as such.
+#[derive(Clone)]
+pub struct ConfigReloader {
+    shared: Arc<Shared>,
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+}
+
+impl ConfigReloader {
+    pub fn reload(&self, path: &std::path::Path) -> Result<(), String> {
+        let result = Config::load(Some(path)).map_err(|e| e.to_string()).and_then(|new| {
+            let old = &self.shared.cfg;
+            let mut restart = Vec::new();
+            let changed = |a: String, b: String| a != b;
+            if changed(format!("{:?}", old.listen), format!("{:?}", new.listen)) {
+                restart.push("listen");
+            }
+            if changed(format!("{:?}", old.upstream), format!("{:?}", new.upstream)) {
+                restart.push("upstream");
+            }
+            if changed(format!("{:?}", old.limits), format!("{:?}", new.limits)) {
+                restart.push("limits");
+            }
+            if changed(format!("{:?}", old.timeouts), format!("{:?}", new.timeouts)) {
+                restart.push("timeouts");
+            }
+            if changed(format!("{:?}", old.smtp), format!("{:?}", new.smtp)) {
+                restart.push("smtp");
+            }
+            if !restart.is_empty() {
+                tracing::warn!(sections = ?restart, "config reload: these sections only change on restart");
+            }
+            let dns = Dns::new(&new.dns).map_err(|e| e.to_string())?;
+            let checker = Checker::new(&new.checks, &old.hostname, dns);
+            self.shared.checker.store(Arc::new(checker));
+            Ok(())
+        });
+        match &result {
+            Ok(()) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(config = %path.display(), "config reloaded: checks and DNS apply to new sessions");
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "config reload failed; the running config stays in force");
+            }
+        }
+        result
+    }
 }
 
 /// Reloads the certificate and key from the configured files.

@@ -18,6 +18,7 @@ use crate::smtp::reply::{self, Reply, UpstreamReply};
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, UpStage, Upstream, UpstreamConn, UpstreamError};
 use crate::verdict::Decision;
+use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -34,8 +35,8 @@ pub struct Shared {
     pub upstream: Arc<Upstream>,
     pub budget: Arc<MemoryBudget>,
     pub checks: Pipeline,
-    /// DNSBL, SPF, DKIM, DMARC, ARC, iprev.
-    pub checker: Arc<Checker>,
+    /// DNSBL, SPF, DKIM, DMARC, ARC, iprev; swapped when the config reloads.
+    pub checker: ArcSwap<Checker>,
     /// The administrators' rules, reloadable.
     pub rules: Arc<Rules>,
     /// Swapped on SIGHUP when the certificate is reloaded.
@@ -159,6 +160,8 @@ pub struct Session {
     score: f64,
     /// The rules this session started with (a reload affects new sessions).
     rules: Arc<RuleSet>,
+    /// Likewise the checks.
+    checker: Arc<Checker>,
 }
 
 impl Session {
@@ -171,8 +174,10 @@ impl Session {
     ) -> Session {
         let deadline = tokio::time::Instant::now() + shared.cfg.timeouts.session.0;
         // DNSBL and iprev start now and are awaited only when needed.
-        let conn_checks = shared.checker.connect(peer.addr.ip());
+        let checker = shared.checker.load_full();
+        let conn_checks = checker.connect(peer.addr.ip());
         Session {
+            checker,
             rules: shared.rules.current(),
             conn_checks,
             score: 0.0,
@@ -214,7 +219,7 @@ impl Session {
             return;
         }
         if self.shared.cfg.checks.reject_at == RejectAt::Connect {
-            let checker = Arc::clone(&self.shared.checker);
+            let checker = Arc::clone(&self.checker);
             let (outcome, log) = checker.at_connect(&mut self.conn_checks).await;
             let refusal = match outcome.decision {
                 Decision::Reject(r) => Some(Reply { code: 554, ..r }),
@@ -490,7 +495,7 @@ impl Session {
             self.reply(&reply);
             return Next::Continue;
         }
-        let checker = Arc::clone(&self.shared.checker);
+        let checker = Arc::clone(&self.checker);
         let helo = self.helo.clone().unwrap_or_default();
         let rules = Arc::clone(&self.rules);
         let (checks, verdict) = checker
@@ -595,7 +600,7 @@ impl Session {
         };
         if refusal.is_none() {
             // Rules of the RCPT stage, for this recipient.
-            let checker = Arc::clone(&self.shared.checker);
+            let checker = Arc::clone(&self.checker);
             let rules = Arc::clone(&self.rules);
             let reverse = Checker::reverse_name(&self.conn_checks);
             let tls = self.tls.is_some();
@@ -773,7 +778,7 @@ impl Session {
             self.reply(&r);
             return Next::Continue;
         }
-        let checker = Arc::clone(&self.shared.checker);
+        let checker = Arc::clone(&self.checker);
         let Some(txn) = self.txn.as_mut() else {
             return Next::Continue;
         };
