@@ -193,18 +193,8 @@ async fn dnsbl_return_code_filters_and_ipv6() {
 async fn error_answers_never_reject_and_disable_the_zone() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let server = portcullis::server::Server::bind(
-        portcullis::config::Config::parse(
-            &config(mta.addr, dns.addr, "127.0.0.1:0", BL),
-            std::path::Path::new("t.yaml"),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let checker = server.checker();
-    let addr = server.local_addrs()[0];
-    tokio::spawn(server.run(std::future::pending()));
+    let running = common::start_server(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
+    let (checker, addr) = (running.checker, running.addr);
     // 127.0.0.5 gets 127.255.255.254 from bl.test, 127.0.0.6 from err.test.
     for ip in ["127.0.0.5", "127.0.0.6"] {
         let mut c = session(addr, ip).await;
@@ -241,18 +231,8 @@ async fn error_answers_never_reject_and_disable_the_zone() {
 async fn self_test_disables_a_broken_zone() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let server = portcullis::server::Server::bind(
-        portcullis::config::Config::parse(
-            &config(mta.addr, dns.addr, "127.0.0.1:0", BL),
-            std::path::Path::new("t.yaml"),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let checker = server.checker();
-    let addr = server.local_addrs()[0];
-    tokio::spawn(server.run(std::future::pending()));
+    let running = common::start_server(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
+    let (checker, addr) = (running.checker, running.addr);
     checker.dnsbl.self_test().await;
     let state = |z: &str| {
         checker

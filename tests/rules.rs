@@ -294,23 +294,17 @@ async fn shadow_rules_change_nothing_but_log_and_counters() {
         &[("50-env.yaml", &shadow), ("lists/senders.txt", "")],
     );
     let mta = FakeMta::start(Script::default()).await;
-    let server = portcullis::server::Server::bind(
-        portcullis::config::Config::parse(
-            &format!(
-                "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: xclient}}\nrules_dir: {}\n{}",
-                mta.addr,
-                dir.display(),
-                common::NO_CHECKS
-            ),
-            Path::new("t.yaml"),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let rules = server.rules();
-    let addr = server.local_addrs()[0];
-    tokio::spawn(server.run(std::future::pending()));
+    let running = common::start_server(&format!(
+        "hostname: gate.test
+listen: [{{addr: 127.0.0.1:0}}]
+upstream: {{addr: {}, client_identity: xclient}}
+rules_dir: {}
+",
+        mta.addr,
+        dir.display()
+    ))
+    .await;
+    let (rules, addr) = (running.rules, running.addr);
     let mut c = Client::hello(addr).await;
     c.cmd("MAIL FROM:<a@ok.test>", "250").await;
     // The shadow rule matches, but the recipient still reaches upstream.
@@ -456,23 +450,17 @@ async fn reload_takes_effect_for_new_sessions_and_a_broken_set_keeps_the_old() {
     let v2 = "rules:\n  - id: BLOCK_TWO\n    description: x\n    when: {mail_from: {exact: two@x.test}}\n    action: reject\n";
     let dir = rules_dir("reload", &[("50.yaml", v1)]);
     let mta = FakeMta::start(Script::default()).await;
-    let server = portcullis::server::Server::bind(
-        portcullis::config::Config::parse(
-            &format!(
-                "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: xclient}}\nrules_dir: {}\n{}",
-                mta.addr,
-                dir.display(),
-                common::NO_CHECKS
-            ),
-            Path::new("t.yaml"),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let rules = server.rules();
-    let addr = server.local_addrs()[0];
-    tokio::spawn(server.run(std::future::pending()));
+    let running = common::start_server(&format!(
+        "hostname: gate.test
+listen: [{{addr: 127.0.0.1:0}}]
+upstream: {{addr: {}, client_identity: xclient}}
+rules_dir: {}
+",
+        mta.addr,
+        dir.display()
+    ))
+    .await;
+    let (rules, addr) = (running.rules, running.addr);
     let _watch = rules.watch(Duration::from_millis(200));
 
     // A session that starts now keeps the old set for its whole life.

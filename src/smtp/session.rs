@@ -578,16 +578,7 @@ impl Session {
             return Next::Continue;
         }
         if let Some((refusal, reason)) = txn.refusal.clone() {
-            if let Some(t) = self.txn.as_mut() {
-                t.last_rcpt_refusal = Some(Refusal {
-                    code: refusal.code,
-                    enhanced: refusal.enhanced_code().unwrap_or_default(),
-                    reason,
-                    upstream: String::new(),
-                });
-            }
-            self.reply(&refusal);
-            return Next::Continue;
+            return self.refuse_rcpt(refusal, reason);
         }
         if let Some(p) = self.offer.unsupported_rcpt_param(&r) {
             return self
@@ -630,16 +621,7 @@ impl Session {
             }
         }
         if let Some((reply, reason)) = refusal {
-            if let Some(t) = self.txn.as_mut() {
-                t.last_rcpt_refusal = Some(Refusal {
-                    code: reply.code,
-                    enhanced: reply.enhanced_code().unwrap_or_default(),
-                    reason,
-                    upstream: String::new(),
-                });
-            }
-            self.reply(&reply);
-            return Next::Continue;
+            return self.refuse_rcpt(reply, reason);
         }
         let Some(up) = self.upstream.as_mut() else {
             self.reply(&reply::UPSTREAM_LOST);
@@ -670,6 +652,21 @@ impl Session {
                 self.reply(&reply::UPSTREAM_LOST);
             }
         }
+        Next::Continue
+    }
+
+    /// Refuses one recipient ourselves (it never reaches upstream), keeping
+    /// the refusal for the log line.
+    fn refuse_rcpt(&mut self, reply: Reply, reason: String) -> Next {
+        if let Some(t) = self.txn.as_mut() {
+            t.last_rcpt_refusal = Some(Refusal {
+                code: reply.code,
+                enhanced: reply.enhanced_code().unwrap_or_default(),
+                reason,
+                upstream: String::new(),
+            });
+        }
+        self.reply(&reply);
         Next::Continue
     }
 

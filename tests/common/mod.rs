@@ -463,6 +463,45 @@ pub const NO_CHECKS: &str = "checks:\n  spf: {mode: off}\n  dkim: {mode: off}\n 
 /// A rules directory with no rules.
 pub const EMPTY_RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/rules-empty");
 
+/// A running Portcullis with its handles (rules, checks, reloaders), for
+/// tests that look inside or reload. Same defaults as `Gate`.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub rules: std::sync::Arc<portcullis::rules::Rules>,
+    pub checker: std::sync::Arc<portcullis::checks::Checker>,
+    pub config: portcullis::server::ConfigReloader,
+    pub tls: portcullis::server::TlsReloader,
+}
+
+pub async fn start_server(yaml: &str) -> Running {
+    let cfg =
+        Config::parse(&with_defaults(yaml), Path::new("test.yaml")).expect("test config valid");
+    let server = Server::bind(cfg).await.expect("bind");
+    let running = Running {
+        addr: server.local_addrs()[0],
+        rules: server.rules(),
+        checker: server.checker(),
+        config: server.config_reloader(),
+        tls: server.tls_reloader(),
+    };
+    tokio::spawn(server.run(std::future::pending()));
+    running
+}
+
+/// Tests that do not configure the checks run without them (and so without
+/// DNS); tests that do not name a rules directory run without rules.
+fn with_defaults(yaml: &str) -> String {
+    let mut yaml = if yaml.contains("\nchecks:") {
+        yaml.to_string()
+    } else {
+        format!("{yaml}\n{NO_CHECKS}")
+    };
+    if !yaml.contains("rules_dir:") {
+        yaml.push_str(&format!("\nrules_dir: {EMPTY_RULES}\n"));
+    }
+    yaml
+}
+
 /// A running Portcullis.
 pub struct Gate {
     pub addr: SocketAddr,
@@ -481,17 +520,8 @@ impl Gate {
     }
 
     pub async fn start_with(yaml: &str) -> Gate {
-        // Tests that do not configure the checks run without them (and so
-        // without DNS); the checks tests bring their own DNS server.
-        let mut yaml = if yaml.contains("\nchecks:") {
-            yaml.to_string()
-        } else {
-            format!("{yaml}\n{NO_CHECKS}")
-        };
-        if !yaml.contains("rules_dir:") {
-            yaml.push_str(&format!("\nrules_dir: {}\n", EMPTY_RULES));
-        }
-        let cfg = Config::parse(&yaml, Path::new("test.yaml")).expect("test config valid");
+        let cfg =
+            Config::parse(&with_defaults(yaml), Path::new("test.yaml")).expect("test config valid");
         let server = Server::bind(cfg).await.expect("bind");
         // As `portcullis run` does: learn upstream's EHLO before serving.
         let _ = server.upstream().probe().await;
