@@ -703,3 +703,84 @@ async fn config_reload_swaps_the_checks_for_new_sessions_and_refuses_a_bad_file(
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
 }
+
+#[tokio::test]
+async fn rules_on_check_results_and_reverse_name() {
+    let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-check-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("50.yaml"),
+        r#"
+rules:
+  - id: REVERSE_GOOD
+    description: verified reverse name
+    when: {reverse: {domain: good.test}}
+    action: {add_header: {name: X-Reverse, value: good}}
+  - id: IPREV_FAIL
+    description: iprev result
+    when:
+      all:
+        - iprev: [fail]
+        - not: {client_ip: {cidr: [127.0.0.0/8]}}
+    action: {reject: {code: 550, enhanced: 5.7.25, text: "iprev rule"}}
+  - id: SPF_PASS_DNSBL
+    description: spf and dnsbl results together
+    when:
+      all:
+        - spf: [pass]
+        - dnsbl: [bl.test]
+    action: {tempfail: {text: "listed and passing"}}
+  - id: DMARC_FAIL_REJECT_POLICY
+    description: dmarc result with policy
+    when: {dmarc: ["fail:reject"]}
+    action: {reject: {text: "dmarc rule"}}
+  - id: DKIM_NONE
+    description: dkim result
+    when: {dkim: [none]}
+    action: {add_header: {name: X-Dkim, value: none}}
+"#,
+    )
+    .unwrap();
+    let checks = "  spf: {mode: record, helo: false}\n  dkim: {mode: record}\n  dmarc: {mode: record}\n  iprev: {mode: record}\n  dnsbl: {mode: record, zones: [{zone: bl.test}]}\n";
+    let cfg =
+        proxied_config(mta.addr, dns.addr, checks) + &format!("rules_dir: {}\n", dir.display());
+    let gate = Gate::start_with(&cfg).await;
+
+    // reverse + dkim: headers added; dmarc fail with p=reject: refused by the rule.
+    let mut c = proxied(gate.addr, "203.0.113.9", "good.test").await;
+    let r = c
+        .send_mail(
+            "x@proxied.test",
+            &["b@example.test"],
+            b"From: x@proxied.test\r\nSubject: r\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    let all = String::from_utf8_lossy(&mta.stored().last().unwrap().data).into_owned();
+    assert!(
+        all.contains("X-Reverse: good\r\n") && all.contains("X-Dkim: none\r\n"),
+        "{all}"
+    );
+    let r = c
+        .send_mail(
+            "x@proxied.test",
+            &["b@example.test"],
+            b"From: x@reject.test\r\nSubject: r\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("550 5.7.1 dmarc rule"), "{r}");
+
+    // iprev fail.
+    let mut c = proxied(gate.addr, "203.0.113.8", "liar.test").await;
+    c.cmd("MAIL FROM:<x@proxied.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "550 5.7.25 iprev rule")
+        .await;
+
+    // spf pass and listed (127.0.0.2 through the proxy header).
+    let mut c = proxied(gate.addr, "127.0.0.2", "x.test").await;
+    c.cmd("MAIL FROM:<x@pass.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "451 4.7.1 listed and passing")
+        .await;
+}
