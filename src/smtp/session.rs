@@ -817,6 +817,7 @@ impl Session {
         }
         parts.push(&msg[pos..]);
         let reason = checked.outcome.reason.clone();
+        let tagged = checked.outcome.decision == Decision::Tag;
         let result = match self.upstream.as_mut() {
             Some(up) => up.data(&parts).await,
             None => Err(UpstreamError::Closed {
@@ -833,7 +834,14 @@ impl Session {
                 } else {
                     "upstream"
                 };
-                self.finish_txn(size, Stage::Data, &r, reason, &r.text());
+                if tagged && r.is_positive() {
+                    // Accepted by upstream, but marked as spam by us.
+                    let said = Said::from(&r);
+                    self.log_txn(Verdict::Tag, Stage::Data, &said, reason, &r.text(), size);
+                    self.txn = None;
+                } else {
+                    self.finish_txn(size, Stage::Data, &r, reason, &r.text());
+                }
                 self.relay(&r);
                 if !r.is_positive() && r.code != 354 {
                     // A refusal at DATA (before 354) leaves upstream mid-transaction.

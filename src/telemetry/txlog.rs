@@ -7,6 +7,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Accept,
+    /// Accepted with X-Spam-Flag: YES.
+    Tag,
     Reject,
     Tempfail,
     /// The client went away or reset before a final reply.
@@ -17,6 +19,7 @@ impl Verdict {
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Accept => "accept",
+            Verdict::Tag => "tag",
             Verdict::Reject => "reject",
             Verdict::Tempfail => "tempfail",
             Verdict::Abandoned => "abandoned",
