@@ -514,7 +514,7 @@ impl Gate {
     /// minimal config pointing at `upstream`.
     pub async fn start(upstream: SocketAddr, extra: &str) -> Gate {
         Self::start_with(&format!(
-            "hostname: gate.test\nlisten:\n  - addr: 127.0.0.1:0\nupstream:\n  addr: {upstream}\n  client_identity: xclient\n  timeouts: {{connect: 2s, command: 2s, data: 5s}}\n{extra}"
+            "hostname: gate.test\nlisten:\n  - addr: 127.0.0.1:0\nupstream:\n  addr: {upstream}\n  client_identity: xclient\n  timeouts: {{connect: 5s, command: 10s, data: 5s}}\n{extra}"
         ))
         .await
     }
