@@ -23,6 +23,7 @@ pub mod explain;
 pub mod rules;
 pub mod server;
 pub mod smtp;
+pub mod stats;
 pub mod telemetry;
 pub mod upstream;
 pub mod verdict;

@@ -27,6 +27,23 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Rejection rates from Portcullis log files (json or logfmt; .gz too),
+    /// or from standard input.
+    Stats {
+        files: Vec<PathBuf>,
+        /// Only lines at or after this time (RFC 3339 prefix, UTC: 2026-11-29T08).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only lines before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Also write a self-contained HTML report with charts.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
     /// Run the checks and rules for one made-up transaction and print every
     /// result, the score and the reply the client would get.
     Explain {
@@ -70,6 +87,19 @@ fn main() -> ExitCode {
             },
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Stats {
+            files,
+            since,
+            until,
+            json,
+            html,
+        } => match stats(files, since, until, json, html) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portcullis: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -123,6 +153,42 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn stats(
+    files: Vec<PathBuf>,
+    since: Option<String>,
+    until: Option<String>,
+    json: bool,
+    html: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Read};
+    let mut readers: Vec<Box<dyn Read>> = Vec::new();
+    if files.is_empty() {
+        readers.push(Box::new(std::io::stdin()));
+    }
+    for f in &files {
+        let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+        if f.extension().is_some_and(|e| e == "gz") {
+            readers.push(Box::new(flate2::read::MultiGzDecoder::new(file)));
+        } else {
+            readers.push(Box::new(file));
+        }
+    }
+    let lines = readers
+        .into_iter()
+        .flat_map(|r| BufReader::new(r).lines().map_while(Result::ok));
+    let report = portcullis::stats::compute(lines, &portcullis::stats::Window { since, until });
+    if let Some(path) = html {
+        std::fs::write(&path, report.to_html())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {

@@ -1,0 +1,467 @@
+//! `portcullis stats`: rejection rates from Portcullis's own log lines
+//! (json or logfmt, plain or gzip), as a table, JSON, or an HTML report.
+
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+
+/// One transaction or refused-connection line, reduced to what stats use.
+#[derive(Debug, Default, Clone)]
+struct Line {
+    time: String,
+    event: String,
+    verdict: String,
+    reason: String,
+    code: String,
+    client_ip: String,
+    mail_from: String,
+    dnsbl: String,
+    rules: String,
+}
+
+/// Parses one log line (json or logfmt); `None` for lines that are not ours.
+fn parse_line(l: &str) -> Option<Line> {
+    let l = l.trim();
+    let fields: HashMap<String, String> = if l.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        v.as_object()?
+            .iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), s)
+            })
+            .collect()
+    } else {
+        logfmt(l)
+    };
+    let event = fields.get("event")?.clone();
+    if event != "transaction" && event != "refused" {
+        return None;
+    }
+    let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
+    Some(Line {
+        time: fields
+            .get("timestamp")
+            .or_else(|| fields.get("ts"))
+            .cloned()
+            .unwrap_or_default(),
+        event,
+        verdict: get("verdict"),
+        reason: get("reason"),
+        code: get("code"),
+        client_ip: get("client_ip"),
+        mail_from: get("mail_from"),
+        dnsbl: get("dnsbl"),
+        rules: get("rules"),
+    })
+}
+
+/// `key=value key="quoted value"` pairs.
+fn logfmt(l: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut chars = l.chars().peekable();
+    loop {
+        while chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c == ' ' {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'=') {
+            chars.next();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            if let Some(n) = chars.next() {
+                                value.push(n);
+                            }
+                        }
+                        '"' => break,
+                        c => value.push(c),
+                    }
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == ' ' {
+                        break;
+                    }
+                    value.push(c);
+                    chars.next();
+                }
+            }
+        }
+        out.insert(key, value);
+    }
+    out
+}
+
+/// A count with its share of all transactions.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Count {
+    pub name: String,
+    pub count: u64,
+    /// Percent of all transactions.
+    pub rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Hour {
+    pub hour: String,
+    pub transactions: u64,
+    pub rejected: u64,
+    pub tempfailed: u64,
+    /// Rejections by reason in this hour.
+    pub reasons: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Report {
+    pub transactions: u64,
+    pub refused_connections: u64,
+    /// Refused connections by reason (rate: percent of refused connections).
+    pub refused_reasons: Vec<Count>,
+    pub verdicts: Vec<Count>,
+    pub reject_reasons: Vec<Count>,
+    pub rules: Vec<Count>,
+    /// What shadow rules would have hit.
+    pub shadow_rules: Vec<Count>,
+    pub codes: Vec<Count>,
+    pub dnsbl_zones: Vec<Count>,
+    pub hours: Vec<Hour>,
+    pub top_networks: Vec<Count>,
+    pub top_sender_domains: Vec<Count>,
+}
+
+/// Only lines within [since, until) count; both compare as text on the
+/// RFC 3339 UTC timestamps, so `2026-11-29` and `2026-11-29T13` work.
+#[derive(Debug, Default, Clone)]
+pub struct Window {
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+fn network(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+        }
+        Err(_) => ip.to_string(),
+    }
+}
+
+fn counts(m: HashMap<String, u64>, total: u64, top: Option<usize>) -> Vec<Count> {
+    let mut v: Vec<Count> = m
+        .into_iter()
+        .map(|(name, count)| Count {
+            name,
+            count,
+            rate: if total == 0 {
+                0.0
+            } else {
+                100.0 * count as f64 / total as f64
+            },
+        })
+        .collect();
+    v.sort_by(|a, b| b.count.cmp(&a.count).then(a.name.cmp(&b.name)));
+    if let Some(n) = top {
+        v.truncate(n);
+    }
+    v
+}
+
+pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
+    let mut r = Report::default();
+    let (
+        mut verdicts,
+        mut reasons,
+        mut rules,
+        mut shadow,
+        mut codes,
+        mut zones,
+        mut nets,
+        mut senders,
+    ) = (
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+    );
+    let mut hours: BTreeMap<String, Hour> = BTreeMap::new();
+    let mut refused: HashMap<String, u64> = HashMap::new();
+    for raw in lines {
+        let Some(l) = parse_line(&raw) else { continue };
+        if w.since.as_deref().is_some_and(|s| l.time.as_str() < s)
+            || w.until.as_deref().is_some_and(|u| l.time.as_str() >= u)
+        {
+            continue;
+        }
+        if l.event == "refused" {
+            r.refused_connections += 1;
+            *refused.entry(l.reason.clone()).or_insert(0) += 1;
+            continue;
+        }
+        r.transactions += 1;
+        *verdicts.entry(l.verdict.clone()).or_insert(0) += 1;
+        if !l.code.is_empty() && l.code != "0" {
+            *codes.entry(l.code.clone()).or_insert(0) += 1;
+        }
+        let hour_key: String = l.time.chars().take(13).collect();
+        let h = hours.entry(hour_key.clone()).or_insert_with(|| Hour {
+            hour: hour_key,
+            transactions: 0,
+            rejected: 0,
+            tempfailed: 0,
+            reasons: BTreeMap::new(),
+        });
+        h.transactions += 1;
+        for rule in l.rules.split_whitespace() {
+            match rule.strip_suffix("(shadow)") {
+                Some(id) => *shadow.entry(id.to_string()).or_insert(0) += 1,
+                None => *rules.entry(rule.to_string()).or_insert(0) += 1,
+            }
+        }
+        for z in l.dnsbl.split_whitespace() {
+            *zones
+                .entry(z.split('=').next().unwrap_or(z).to_string())
+                .or_insert(0) += 1;
+        }
+        match l.verdict.as_str() {
+            "reject" => {
+                h.rejected += 1;
+                let reason = if l.reason.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    l.reason.clone()
+                };
+                *h.reasons.entry(reason.clone()).or_insert(0) += 1;
+                *reasons.entry(reason).or_insert(0) += 1;
+                *nets.entry(network(&l.client_ip)).or_insert(0) += 1;
+                if let Some((_, d)) = l.mail_from.rsplit_once('@') {
+                    *senders.entry(d.to_ascii_lowercase()).or_insert(0) += 1;
+                } else {
+                    *senders.entry("<>".to_string()).or_insert(0) += 1;
+                }
+            }
+            "tempfail" => h.tempfailed += 1,
+            _ => {}
+        }
+    }
+    let t = r.transactions;
+    r.refused_reasons = counts(refused, r.refused_connections, None);
+    r.verdicts = counts(verdicts, t, None);
+    r.reject_reasons = counts(reasons, t, None);
+    r.rules = counts(rules, t, None);
+    r.shadow_rules = counts(shadow, t, None);
+    r.codes = counts(codes, t, None);
+    r.dnsbl_zones = counts(zones, t, None);
+    r.top_networks = counts(nets, t, Some(10));
+    r.top_sender_domains = counts(senders, t, Some(10));
+    r.hours = hours.into_values().collect();
+    r
+}
+
+impl Report {
+    pub fn to_text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "transactions: {}   refused connections: {}",
+            self.transactions, self.refused_connections
+        );
+        let section = |o: &mut String, title: &str, v: &[Count]| {
+            if v.is_empty() {
+                return;
+            }
+            let _ = writeln!(o, "\n{title}");
+            for c in v {
+                let _ = writeln!(o, "  {:<40} {:>8} {:>7.2}%", c.name, c.count, c.rate);
+            }
+        };
+        section(&mut o, "verdicts", &self.verdicts);
+        section(
+            &mut o,
+            "refused connections by reason (% of refused)",
+            &self.refused_reasons,
+        );
+        section(&mut o, "rejections by reason", &self.reject_reasons);
+        section(&mut o, "rules (enforced)", &self.rules);
+        section(&mut o, "shadow rules (would have hit)", &self.shadow_rules);
+        section(&mut o, "reply codes", &self.codes);
+        section(&mut o, "DNSBL zones", &self.dnsbl_zones);
+        if !self.hours.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nper hour (UTC)       transactions  rejected  tempfailed  reject rate"
+            );
+            for h in &self.hours {
+                let rate = if h.transactions == 0 {
+                    0.0
+                } else {
+                    100.0 * h.rejected as f64 / h.transactions as f64
+                };
+                let _ = writeln!(
+                    o,
+                    "  {:<18} {:>12} {:>9} {:>11} {:>11.2}%",
+                    h.hour, h.transactions, h.rejected, h.tempfailed, rate
+                );
+            }
+        }
+        section(&mut o, "top refused client networks", &self.top_networks);
+        section(
+            &mut o,
+            "top refused sender domains",
+            &self.top_sender_domains,
+        );
+        o
+    }
+
+    /// A self-contained HTML page: tables and an inline SVG chart of the
+    /// rejection rate per hour, stacked by reason. No scripts, no network.
+    pub fn to_html(&self) -> String {
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', "&quot;")
+        };
+        let mut o = String::from(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Portcullis rejection report</title>\n<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style></head><body>\n",
+        );
+        let _ = writeln!(
+            o,
+            "<h1>Portcullis rejection report</h1>\n<p>{} transactions, {} refused connections.</p>",
+            self.transactions, self.refused_connections
+        );
+        // Chart: one bar per hour, height = rejection rate, stacked by reason.
+        let reasons: Vec<String> = self.reject_reasons.iter().map(|c| c.name.clone()).collect();
+        let palette = [
+            "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+            "#1f77b4", "#2ca02c",
+        ];
+        let (bw, ch) = (24.0, 200.0);
+        let width = 60.0 + bw * self.hours.len().max(1) as f64;
+        let _ = writeln!(
+            o,
+            "<h2>Rejection rate per hour, by reason</h2>\n<svg width=\"{width}\" height=\"{}\" role=\"img\" aria-label=\"rejection rate per hour\">",
+            ch + 40.0
+        );
+        let _ = writeln!(
+            o,
+            "<line x1=\"50\" y1=\"10\" x2=\"50\" y2=\"{}\" stroke=\"black\"/><text x=\"5\" y=\"15\" font-size=\"10\">100%</text><text x=\"5\" y=\"{}\" font-size=\"10\">0%</text>",
+            ch + 10.0,
+            ch + 10.0
+        );
+        for (i, h) in self.hours.iter().enumerate() {
+            let x = 55.0 + bw * i as f64;
+            let mut y = ch + 10.0;
+            for (j, reason) in reasons.iter().enumerate() {
+                let n = h.reasons.get(reason).copied().unwrap_or(0);
+                if n == 0 || h.transactions == 0 {
+                    continue;
+                }
+                let hgt = ch * n as f64 / h.transactions as f64;
+                y -= hgt;
+                let _ = writeln!(
+                    o,
+                    "<rect x=\"{x}\" y=\"{y:.1}\" width=\"{}\" height=\"{hgt:.1}\" fill=\"{}\"><title>{} {}: {n}</title></rect>",
+                    bw - 4.0,
+                    palette[j % palette.len()],
+                    esc(&h.hour),
+                    esc(reason)
+                );
+            }
+            let _ = writeln!(
+                o,
+                "<text x=\"{x}\" y=\"{}\" font-size=\"8\">{}</text>",
+                ch + 25.0,
+                esc(h.hour.get(11..13).unwrap_or(""))
+            );
+        }
+        let _ = writeln!(o, "</svg>\n<p>");
+        for (j, reason) in reasons.iter().enumerate() {
+            let _ = write!(
+                o,
+                "<span style=\"color:{}\">&#9632;</span> {} &nbsp; ",
+                palette[j % palette.len()],
+                esc(reason)
+            );
+        }
+        let _ = writeln!(o, "</p>");
+        let table = |o: &mut String, title: &str, v: &[Count]| {
+            let _ = writeln!(
+                o,
+                "<h2>{}</h2>\n<table><tr><th>name</th><th>count</th><th>% of transactions</th></tr>",
+                esc(title)
+            );
+            for c in v {
+                let _ = writeln!(
+                    o,
+                    "<tr><td>{}</td><td>{}</td><td>{:.2}</td></tr>",
+                    esc(&c.name),
+                    c.count,
+                    c.rate
+                );
+            }
+            let _ = writeln!(o, "</table>");
+        };
+        table(&mut o, "Verdicts", &self.verdicts);
+        table(&mut o, "Rejections by reason", &self.reject_reasons);
+        table(&mut o, "Rules (enforced)", &self.rules);
+        table(&mut o, "Shadow rules (would have hit)", &self.shadow_rules);
+        table(&mut o, "Reply codes", &self.codes);
+        table(&mut o, "DNSBL zones", &self.dnsbl_zones);
+        table(&mut o, "Top refused client networks", &self.top_networks);
+        table(
+            &mut o,
+            "Top refused sender domains",
+            &self.top_sender_domains,
+        );
+        o.push_str("</body></html>\n");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logfmt_pairs() {
+        let m = logfmt(
+            r#"ts=2026-11-29T01:00:00Z event=transaction reason="spf:fail x" empty= q="a\"b""#,
+        );
+        assert_eq!(m["reason"], "spf:fail x");
+        assert_eq!(m["empty"], "");
+        assert_eq!(m["q"], "a\"b");
+        assert_eq!(m["event"], "transaction");
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(network("192.0.2.77"), "192.0.2.0/24");
+        assert_eq!(network("2001:db8:1:2::5"), "2001:db8:1::/48");
+    }
+}

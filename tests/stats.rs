@@ -1,0 +1,191 @@
+//! `portcullis stats` on a fixture log with known figures.
+
+use std::io::Write;
+use std::process::Command;
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stats.log");
+
+fn stats(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("stats")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn figures_are_exact_and_json_parses_back() {
+    let json: serde_json::Value = serde_json::from_str(&stats(&["--json", FIXTURE])).unwrap();
+    assert_eq!(json["transactions"], 7);
+    assert_eq!(json["refused_connections"], 1);
+    let by = |key: &str| -> Vec<(String, u64, f64)> {
+        json[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().to_string(),
+                    c["count"].as_u64().unwrap(),
+                    (c["rate"].as_f64().unwrap() * 100.0).round() / 100.0,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        by("verdicts"),
+        vec![
+            ("reject".into(), 3, 42.86),
+            ("accept".into(), 2, 28.57),
+            ("tag".into(), 1, 14.29),
+            ("tempfail".into(), 1, 14.29)
+        ]
+    );
+    assert_eq!(
+        by("reject_reasons"),
+        vec![
+            ("dnsbl:zen.spamhaus.org".into(), 1, 14.29),
+            ("rule:EXECUTABLE_ATTACHMENT_NAME".into(), 1, 14.29),
+            ("spf:fail".into(), 1, 14.29)
+        ]
+    );
+    assert_eq!(
+        by("rules"),
+        vec![
+            ("EXECUTABLE_ATTACHMENT_NAME".into(), 1, 14.29),
+            ("SUBJECT_X".into(), 1, 14.29)
+        ]
+    );
+    assert_eq!(
+        by("shadow_rules"),
+        vec![
+            ("HELO_NOT_FQDN".into(), 1, 14.29),
+            ("NO_DATE_HEADER".into(), 1, 14.29)
+        ]
+    );
+    assert_eq!(
+        by("codes"),
+        vec![
+            ("250".into(), 3, 42.86),
+            ("550".into(), 2, 28.57),
+            ("451".into(), 1, 14.29),
+            ("554".into(), 1, 14.29)
+        ]
+    );
+    assert_eq!(
+        by("dnsbl_zones"),
+        vec![("zen.spamhaus.org".into(), 1, 14.29)]
+    );
+    assert_eq!(
+        by("refused_reasons"),
+        vec![("limit:connections_per_ip".into(), 1, 100.0)]
+    );
+    assert_eq!(
+        by("top_networks"),
+        vec![
+            ("203.0.113.0/24".into(), 2, 28.57),
+            ("2001:db8:5::/48".into(), 1, 14.29)
+        ]
+    );
+    assert_eq!(
+        by("top_sender_domains"),
+        vec![("spam.test".into(), 2, 28.57), ("<>".into(), 1, 14.29)]
+    );
+    let hours = json["hours"].as_array().unwrap();
+    assert_eq!(hours.len(), 2);
+    assert_eq!(
+        (
+            hours[0]["hour"].as_str().unwrap(),
+            hours[0]["transactions"].as_u64().unwrap(),
+            hours[0]["rejected"].as_u64().unwrap(),
+            hours[0]["tempfailed"].as_u64().unwrap()
+        ),
+        ("2026-11-29T08", 4, 2, 1)
+    );
+    assert_eq!(
+        (
+            hours[1]["transactions"].as_u64().unwrap(),
+            hours[1]["rejected"].as_u64().unwrap()
+        ),
+        (3, 1)
+    );
+}
+
+#[test]
+fn window_gzip_stdin_and_text_table() {
+    let j: serde_json::Value =
+        serde_json::from_str(&stats(&["--json", "--since", "2026-11-29T09", FIXTURE])).unwrap();
+    assert_eq!(
+        (
+            j["transactions"].as_u64(),
+            j["refused_connections"].as_u64()
+        ),
+        (Some(3), Some(1))
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&stats(&["--json", "--until", "2026-11-29T08:25", FIXTURE])).unwrap();
+    assert_eq!(j["transactions"], 2);
+
+    // The same log gzipped gives the same report.
+    let gz = std::env::temp_dir().join(format!("portcullis-stats-{}.log.gz", std::process::id()));
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all(&std::fs::read(FIXTURE).unwrap()).unwrap();
+    enc.finish().unwrap();
+    assert_eq!(stats(&[gz.to_str().unwrap()]), stats(&[FIXTURE]));
+
+    // Standard input.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("stats")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(FIXTURE).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text, stats(&[FIXTURE]));
+    assert!(
+        text.starts_with("transactions: 7   refused connections: 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  reject                                          3   42.86%"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  2026-11-29T08                 4         2           1       50.00%"),
+        "{text}"
+    );
+}
+
+#[test]
+fn html_report_is_self_contained_with_its_chart() {
+    let path = std::env::temp_dir().join(format!("portcullis-report-{}.html", std::process::id()));
+    stats(&["--html", path.to_str().unwrap(), FIXTURE]);
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert!(!html.contains("<script") && !html.contains("http://") && !html.contains("https://"));
+    assert!(html.contains("<svg") && html.contains("</svg>"));
+    // One stacked segment per (hour, reason) with rejections: 2 at 08, 1 at 09.
+    assert_eq!(html.matches("<rect ").count(), 3, "{html}");
+    assert!(html.contains("<title>2026-11-29T08 dnsbl:zen.spamhaus.org: 1</title>"));
+    // Well formed enough: every opened table is closed.
+    assert_eq!(
+        html.matches("<table>").count(),
+        html.matches("</table>").count()
+    );
+}
