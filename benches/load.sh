@@ -5,7 +5,8 @@
 #   benches/load.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
 # Three targets per round: direct; Portcullis with checks off; Portcullis
 # with SPF + 3 DNSBL zones on (DNS from examples/bench_dns, warmed first).
-# GATE_LOG=1 adds a fourth: checks off with json info logging to a file.
+# GATE_LOG=1 adds a fourth: checks off with json info logging to a file
+# (log.file), to compare against "off" (logging at warn: no per-message line).
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
@@ -17,14 +18,14 @@ cargo build --release --ignore-rust-version -q --bin portcullis --example bench_
 (smtp-sink -u nobody 127.0.0.1:$SINK 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
 (./target/release/examples/bench_dns $DNS >$TMP/dns.log 2>&1 & echo $! >$TMP/dns.pid)
 
-gate() { # name port checks-yaml log-level log-target
+gate() { # name port checks-yaml log-level stdout-file extra-log-yaml
   cat >$TMP/$1.yaml <<YAML
 hostname: gate.bench
 listen: [{addr: "127.0.0.1:$2"}]
 upstream: {addr: "127.0.0.1:$SINK", client_identity: none}
 limits: {max_connections: 5000, max_connections_per_ip: 5000}
 dns: {nameservers: ["$DNS"], min_ttl: 300s}
-log: {format: json, level: "$4"}
+log: {format: json, level: "$4"$6}
 checks:
 $3
 YAML
@@ -44,11 +45,11 @@ ON_CHECKS="  dkim: {mode: off}
   dnsbl:
     mode: enforce
     zones: [{zone: bl1.test, action: reject}, {zone: bl2.test, score: 5}, {zone: bl3.test, score: 5}]"
-gate off $OFF "$OFF_CHECKS" warn $TMP/off.log
-gate on $ON "$ON_CHECKS" warn $TMP/on.log
+gate off $OFF "$OFF_CHECKS" warn $TMP/off.log ""
+gate on $ON "$ON_CHECKS" warn $TMP/on.log ""
 TARGETS="direct:$SINK off:$OFF on:$ON"
 if [ -n "${GATE_LOG:-}" ]; then
-  gate logged $LOGGED "$OFF_CHECKS" info $TMP/logged.log
+  gate logged $LOGGED "$OFF_CHECKS" info $TMP/logged.out ", file: \"$TMP/logged.log\""
   TARGETS="$TARGETS logged:$LOGGED"
 fi
 for t in $TARGETS; do

@@ -194,7 +194,7 @@ fn stats(
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config.as_deref())?;
     let config = config.clone();
-    portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
+    let log_target = portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let server = Server::bind(cfg).await?;
@@ -226,6 +226,9 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
                 match reloader.reload() {
                     Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                }
+                if let Err(e) = log_target.reopen() {
+                    tracing::error!(error = %e, "SIGHUP: cannot reopen the log file");
                 }
                 let _ = rules.reload();
                 if let Some(p) = &config_path {

@@ -288,3 +288,90 @@ fn explain_prints_every_result_and_the_reply() {
     );
     assert!(text.contains("rules: none matched"), "{text}");
 }
+
+#[test]
+fn log_file_is_reopened_on_sighup_for_logrotate() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("portcullis-logrotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("gate.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = dir.join("gate.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:{dead}, client_identity: xclient, timeouts: {{connect: 1s}}}}\nlog: {{format: json, file: {}}}\nrules_dir: {}\n{}",
+            log.display(),
+            common::EMPTY_RULES,
+            common::NO_CHECKS
+        ),
+    )
+    .unwrap();
+    let mut child = bin().args(["run", "--config"]).arg(&f).spawn().unwrap();
+    let transaction = |from: &str| {
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                break s;
+            }
+            assert!(Instant::now() < until, "not listening");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut b = [0u8; 512];
+        let _ = s.read(&mut b).unwrap();
+        s.write_all(b"EHLO c.test\r\n").unwrap();
+        let _ = s.read(&mut b).unwrap();
+        s.write_all(format!("MAIL FROM:<{from}>\r\n").as_bytes())
+            .unwrap();
+        let _ = s.read(&mut b).unwrap();
+        s.write_all(b"QUIT\r\n").unwrap();
+        let _ = s.read(&mut b);
+    };
+    let wait_for = |path: &std::path::Path, needle: &str| {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            assert!(Instant::now() < until, "{needle} not in {}", path.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    transaction("first@x.test");
+    wait_for(&log, "first@x.test");
+    // logrotate: move the file away, then SIGHUP.
+    let rotated = dir.join("gate.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !log.exists() {
+        assert!(Instant::now() < until, "log file not reopened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    transaction("second@x.test");
+    wait_for(&log, "second@x.test");
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("first@x.test")
+    );
+    assert!(
+        !std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("second@x.test")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -33,6 +33,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     let _guard = tracing::subscriber::set_default(subscriber);
     tls_transaction(&logs).await;
     checks_transaction(&logs).await;
+    contract_transactions(&logs).await;
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
     let gate = Gate::start(mta.addr, "limits: {max_connections_per_ip: 1}\n").await;
@@ -84,6 +85,8 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     assert_eq!(r["code"], 421);
     assert_eq!(r["enhanced"], "4.7.0");
     assert_eq!(r["reason"], "limit:connections_per_ip");
+    assert!(r["session"].is_string() && r["code"].is_u64() && r["timestamp"].is_string());
+    assert_contract(l);
     assert_eq!(l["tls"], false);
     assert_eq!(l["tls_version"], "");
 }
@@ -201,4 +204,118 @@ async fn checks_transaction(logs: &Captured) {
     assert_eq!(line["dnsbl"], "bl.test=127.0.0.2");
     assert_eq!(line["spf"], "pass");
     assert_eq!(line["score"], 20.0);
+    assert_eq!(line["hits"], "dnsbl:bl.test=20");
+}
+
+/// Every key of the contract is present with the right type.
+fn assert_contract(l: &serde_json::Value) {
+    for k in [
+        "timestamp",
+        "session",
+        "client_ip",
+        "reverse",
+        "helo",
+        "tls_version",
+        "tls_cipher",
+        "mail_from",
+        "verdict",
+        "stage",
+        "enhanced",
+        "reason",
+        "upstream_reply",
+        "spf",
+        "dkim",
+        "dmarc",
+        "arc",
+        "iprev",
+        "dnsbl",
+        "rules",
+    ] {
+        assert!(l[k].is_string(), "{k} is not a string in {l}");
+    }
+    for k in ["rcpt_count", "size", "code"] {
+        assert!(l[k].is_u64(), "{k} is not an integer in {l}");
+    }
+    for k in ["duration_ms", "score"] {
+        assert!(l[k].is_number(), "{k} is not a number in {l}");
+    }
+    assert!(l["tls"].is_boolean(), "tls in {l}");
+    assert!(
+        ["accept", "tag", "reject", "tempfail", "abandoned"]
+            .contains(&l["verdict"].as_str().unwrap())
+    );
+}
+
+/// Accepted, rejected at DATA, and tempfailed transactions.
+async fn contract_transactions(logs: &Captured) {
+    let mta = FakeMta::start(Script::default().reply("rcpt", "451 4.2.0 try later")).await;
+    let gate = Gate::start(mta.addr, "").await;
+    let mut c = Client::connect_from(gate.addr, "127.0.0.12").await;
+    c.reply().await;
+    c.cmd("EHLO contract.test", "250").await;
+    // Tempfailed at RCPT by upstream (then QUIT).
+    c.cmd("MAIL FROM:<temp@contract.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "451").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("QUIT", "221").await;
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start(mta.addr, "").await;
+    let mut c = Client::connect_from(gate.addr, "127.0.0.12").await;
+    c.reply().await;
+    c.cmd("EHLO contract.test", "250").await;
+    // Rejected at DATA (bare LF), then accepted.
+    c.cmd("MAIL FROM:<data@contract.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: x\r\n\r\nbare\nline\r\n.\r\n").await;
+    assert!(c.reply().await.starts_with("550 5.5.2"));
+    let r = c
+        .send_mail(
+            "ok@contract.test",
+            &["b@example.test"],
+            b"Subject: y\r\n\r\nfine\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"));
+    c.cmd("QUIT", "221").await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let find = |from: &str| -> serde_json::Value {
+        text.lines()
+            .filter(|l| l.contains("\"transaction\"") && l.contains(from))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .next()
+            .unwrap_or_else(|| panic!("no line for {from} in {text}"))
+    };
+    let t = find("temp@contract.test");
+    assert_contract(&t);
+    assert_eq!(
+        (
+            t["verdict"].as_str(),
+            t["code"].as_u64(),
+            t["stage"].as_str()
+        ),
+        (Some("tempfail"), Some(451), Some("rcpt"))
+    );
+    let d = find("data@contract.test");
+    assert_contract(&d);
+    assert_eq!(
+        (
+            d["verdict"].as_str(),
+            d["code"].as_u64(),
+            d["stage"].as_str()
+        ),
+        (Some("reject"), Some(550), Some("data"))
+    );
+    assert_eq!(d["reason"], "protocol:bare_newline");
+    let a = find("ok@contract.test");
+    assert_contract(&a);
+    assert_eq!(
+        (
+            a["verdict"].as_str(),
+            a["code"].as_u64(),
+            a["rcpt_count"].as_u64()
+        ),
+        (Some("accept"), Some(250), Some(1))
+    );
 }

@@ -67,6 +67,9 @@ pub struct CheckLog {
     pub dnsbl: Vec<String>,
     /// Rules that matched: `ID`, or `ID(shadow)`.
     pub rules: Vec<String>,
+    /// Every check and rule finding with its effect: `spf:softfail=3`,
+    /// `dnsbl:zen.spamhaus.org=reject`.
+    pub hits: Vec<String>,
 }
 
 /// The end-of-DATA result: decision, our header block, and forged

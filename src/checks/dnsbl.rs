@@ -30,12 +30,14 @@ impl ZoneState {
 
     fn disable(&self, why: &str) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("portcullis_dnsbl_zone_usable", "zone" => self.conf.zone.clone()).set(0.0);
         if self.usable.swap(false, Ordering::AcqRel) {
             tracing::error!(zone = %self.conf.zone, reason = why, "DNSBL zone disabled: failing open for it");
         }
     }
 
     fn enable(&self) {
+        metrics::gauge!("portcullis_dnsbl_zone_usable", "zone" => self.conf.zone.clone()).set(1.0);
         if !self.usable.swap(true, Ordering::AcqRel) {
             tracing::info!(zone = %self.conf.zone, "DNSBL zone passed its self-test: enabled");
         }
@@ -83,6 +85,8 @@ impl Dnsbl {
             zones: zones
                 .iter()
                 .map(|z| {
+                    metrics::gauge!("portcullis_dnsbl_zone_usable", "zone" => z.zone.clone())
+                        .set(1.0);
                     Arc::new(ZoneState {
                         conf: z.clone(),
                         usable: AtomicBool::new(true),

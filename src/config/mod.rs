@@ -68,6 +68,8 @@ pub struct Config {
     pub dns: DnsConfig,
     #[serde(default)]
     pub checks: ChecksConfig,
+    #[serde(default)]
+    pub metrics: Metrics,
     /// Directory of rule files (`*.yaml`). Unset: `rules` if it exists.
     #[serde(default)]
     pub rules_dir: Option<PathBuf>,
@@ -249,6 +251,13 @@ pub enum BareNewline {
     Normalize,
 }
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Where to serve `/metrics` (Prometheus) and `/` (status page). Unset: off.
+    pub listen: Option<SocketAddr>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -263,6 +272,8 @@ pub struct Log {
     pub format: LogFormat,
     /// tracing filter directive: `info`, `debug`, `portcullis=debug`.
     pub level: String,
+    /// Log to this file instead of stdout; reopened on SIGHUP (logrotate).
+    pub file: Option<PathBuf>,
 }
 
 impl Default for Log {
@@ -270,6 +281,7 @@ impl Default for Log {
         Self {
             format: LogFormat::Json,
             level: "info".into(),
+            file: None,
         }
     }
 }

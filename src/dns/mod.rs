@@ -125,16 +125,23 @@ impl Dns {
             .try_get_with(key, async {
                 fresh = true;
                 self.stats.queries.fetch_add(1, Ordering::Relaxed);
-                self.query_a(name, want_txt).await
+                metrics::counter!("portcullis_dns_queries_total").increment(1);
+                let start = Instant::now();
+                let r = self.query_a(name, want_txt).await;
+                metrics::histogram!("portcullis_dns_query_seconds")
+                    .record(start.elapsed().as_secs_f64());
+                r
             })
             .await;
         if !fresh {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("portcullis_dns_cache_hits_total").increment(1);
         }
         match got {
             Ok(t) => Ok(t.answer),
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_dns_failures_total").increment(1);
                 Err((*e).clone())
             }
         }

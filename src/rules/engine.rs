@@ -517,6 +517,12 @@ impl Compiled {
             if eval(&r.cond, facts, &mut m) {
                 r.hits.fetch_add(1, Ordering::Relaxed);
                 let shadow = r.mode == RuleMode::Shadow;
+                metrics::counter!(
+                    "portcullis_rule_hits_total",
+                    "rule" => r.id.clone(),
+                    "shadow" => if shadow { "true" } else { "false" }
+                )
+                .increment(1);
                 hits.push(Hit {
                     id: r.id.clone(),
                     shadow,

@@ -288,11 +288,14 @@ impl Rules {
                 let n = set.rules().len();
                 self.current.store(Arc::new(set));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_reloads_total", "what" => "rules", "result" => "ok")
+                    .increment(1);
                 tracing::info!(rules = n, dir = %self.dir.display(), "rules reloaded");
                 Ok(n)
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_reloads_total", "what" => "rules", "result" => "failed").increment(1);
                 tracing::error!(errors = %e, "rules reload failed; the previous rules stay in force");
                 Err(e)
             }

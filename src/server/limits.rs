@@ -130,7 +130,10 @@ impl MemoryBudget {
                 .used
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return true,
+                Ok(_) => {
+                    metrics::gauge!("portcullis_memory_budget_bytes").set(next as f64);
+                    return true;
+                }
                 Err(actual) => cur = actual,
             }
         }
@@ -164,7 +167,10 @@ impl Reservation {
     }
 
     pub fn release(&mut self) {
-        self.budget.used.fetch_sub(self.held, Ordering::AcqRel);
+        if self.held > 0 {
+            let left = self.budget.used.fetch_sub(self.held, Ordering::AcqRel) - self.held;
+            metrics::gauge!("portcullis_memory_budget_bytes").set(left as f64);
+        }
         self.held = 0;
     }
 }

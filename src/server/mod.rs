@@ -43,7 +43,10 @@ pub enum ServerError {
 }
 
 pub struct Server {
+    /// One reloader (and its counters) for SIGHUP and the status page.
+    config_reloads: ConfigReloader,
     listeners: Vec<(TcpListener, Listen)>,
+    metrics: Option<TcpListener>,
     shared: Arc<Shared>,
     limits: Arc<ConnectionLimits>,
     shutdown: Arc<Shutdown>,
@@ -72,6 +75,14 @@ impl Server {
             max_message_size: cfg.limits.max_message_size.0,
             max_recipients: cfg.limits.max_recipients,
         })]);
+        let metrics = match cfg.metrics.listen {
+            Some(addr) => Some(
+                crate::telemetry::http::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let rules = load_rules(&cfg)?;
         let dns = Dns::new(&cfg.dns)?;
         let checker = Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns));
@@ -84,8 +95,19 @@ impl Server {
             tls: std::sync::RwLock::new(tls),
             cfg: Arc::clone(&cfg),
         });
+        let config_reloads = ConfigReloader {
+            shared: Arc::clone(&shared),
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            ok: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(AtomicU64::new(0)),
+        };
         Ok(Server {
+            config_reloads,
             listeners,
+            metrics,
             limits: ConnectionLimits::new(
                 cfg.limits.max_connections,
                 cfg.limits.max_connections_per_ip,
@@ -112,11 +134,12 @@ impl Server {
 
     /// Applies a reloaded config where that is safe.
     pub fn config_reloader(&self) -> ConfigReloader {
-        ConfigReloader {
-            shared: Arc::clone(&self.shared),
-            ok: Arc::new(AtomicU64::new(0)),
-            failed: Arc::new(AtomicU64::new(0)),
-        }
+        self.config_reloads.clone()
+    }
+
+    /// Where `/metrics` and the status page are served, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn upstream(&self) -> Arc<Upstream> {
@@ -137,6 +160,21 @@ impl Server {
     /// transactions in flight get `timeouts.shutdown` to finish, the rest 421.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let refresh = self.shared.upstream.spawn_refresh();
+        let metrics_task = match (self.metrics, crate::telemetry::metrics::install()) {
+            (Some(listener), Some(handle)) => {
+                let status = Arc::new(StatusPage {
+                    config: self.config_reloads.clone(),
+                    started: std::time::Instant::now(),
+                    shared: Arc::clone(&self.shared),
+                    limits: Arc::clone(&self.limits),
+                    handle: handle.clone(),
+                });
+                Some(tokio::spawn(crate::telemetry::http::serve(
+                    listener, handle, status,
+                )))
+            }
+            _ => None,
+        };
         // Tests the DNSBL zones of whichever checks are current (they can be
         // swapped by a config reload).
         let shared = Arc::clone(&self.shared);
@@ -184,6 +222,9 @@ impl Server {
             let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
         }
         refresh.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         if let Some(t) = self_test {
             t.abort();
         }
@@ -218,11 +259,85 @@ fn bind(l: &Listen) -> std::io::Result<TcpListener> {
     sock.listen(l.backlog)
 }
 
+/// The status page: uptime, version, rules, DNSBL health, live counters.
+struct StatusPage {
+    config: ConfigReloader,
+    started: std::time::Instant,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl crate::telemetry::http::Status for StatusPage {
+    fn html(&self) -> String {
+        use std::fmt::Write;
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let rules = self.shared.rules.current();
+        let loaded = rules
+            .loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut o = String::from(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Portcullis status</title></head><body>\n",
+        );
+        let _ = writeln!(o, "<h1>Portcullis {}</h1>", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(
+            o,
+            "<p>host {} &middot; up {} s &middot; {} sessions open</p>",
+            esc(&self.shared.cfg.hostname),
+            self.started.elapsed().as_secs(),
+            self.limits.open()
+        );
+        let _ = writeln!(
+            o,
+            "<h2>Rules</h2><p>{} rules from {} files, loaded {} (unix time); reloads: {} ok, {} failed</p>",
+            rules.rules().len(),
+            rules.files.len(),
+            loaded,
+            self.shared.rules.reloads_ok.load(Ordering::Relaxed),
+            self.shared.rules.reloads_failed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "<h2>Config</h2><p>loaded at start (unix time {}); reloads: {} ok, {} failed</p>",
+            self.config.started_at,
+            self.config.ok.load(Ordering::Relaxed),
+            self.config.failed.load(Ordering::Relaxed)
+        );
+        let checker = self.shared.checker.load_full();
+        let _ = writeln!(
+            o,
+            "<h2>DNSBL zones</h2><table><tr><th>zone</th><th>state</th><th>errors</th></tr>"
+        );
+        for z in &checker.dnsbl.zones {
+            let _ = writeln!(
+                o,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&z.conf.zone),
+                if z.usable() { "usable" } else { "disabled" },
+                z.errors.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(o, "</table>\n<h2>Counters</h2><pre>");
+        for line in self.handle.render().lines().filter(|l| !l.starts_with('#')) {
+            let _ = writeln!(o, "{}", esc(line));
+        }
+        o.push_str("</pre></body></html>\n");
+        o
+    }
+}
+
 /// Reloads the config file: the checks and DNS settings take effect for new
 /// sessions; other sections need a restart and are reported as such.
 #[derive(Clone)]
 pub struct ConfigReloader {
     shared: Arc<Shared>,
+    pub started_at: u64,
     pub ok: Arc<AtomicU64>,
     pub failed: Arc<AtomicU64>,
 }
@@ -259,10 +374,13 @@ impl ConfigReloader {
         match &result {
             Ok(()) => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_reloads_total", "what" => "config", "result" => "ok")
+                    .increment(1);
                 tracing::info!(config = %path.display(), "config reloaded: checks and DNS apply to new sessions");
             }
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_reloads_total", "what" => "config", "result" => "failed").increment(1);
                 tracing::error!(error = %e, "config reload failed; the running config stays in force");
             }
         }
@@ -409,7 +527,11 @@ async fn connection(
         (peer, local, Vec::new())
     };
     let _guard = match limits.acquire(client.ip()) {
-        Ok(g) => g,
+        Ok(g) => {
+            metrics::counter!("portcullis_connections_total").increment(1);
+            metrics::gauge!("portcullis_connections_open").increment(1.0);
+            g
+        }
         Err(r) => {
             refuse(
                 &mut sock,
@@ -431,4 +553,5 @@ async fn connection(
     Session::new(Box::new(sock), peer, shared, signal, initial)
         .run()
         .await;
+    metrics::gauge!("portcullis_connections_open").decrement(1.0);
 }

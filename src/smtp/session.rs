@@ -7,7 +7,7 @@
 //! buffered (RFC 2920), so pipelined batches get one write.
 
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
-use crate::config::{BareNewline, Config, RejectAt};
+use crate::config::{Action, BareNewline, Config, RejectAt};
 use crate::rules::{Facts, RuleSet, Rules};
 use crate::server::limits::MemoryBudget;
 use crate::server::shutdown::{Phase, ShutdownSignal};
@@ -932,6 +932,12 @@ impl Session {
                 Ok(())
             }
             Err(e) => {
+                let stage = match &e {
+                    crate::upstream::OpenError::Upstream(u) => u.stage().as_str(),
+                    crate::upstream::OpenError::Probe(_) => "probe",
+                };
+                metrics::counter!("portcullis_upstream_errors_total", "stage" => stage)
+                    .increment(1);
                 tracing::warn!(session = %self.peer.id, error = %e, "upstream unavailable");
                 Err(reply::UPSTREAM_UNAVAILABLE)
             }
@@ -954,6 +960,8 @@ impl Session {
     }
 
     fn upstream_failed(&mut self, e: &UpstreamError) {
+        metrics::counter!("portcullis_upstream_errors_total", "stage" => e.stage().as_str())
+            .increment(1);
         tracing::warn!(session = %self.peer.id, error = %e, stage = e.stage().as_str(), "upstream failed");
         self.drop_upstream();
     }
@@ -1035,8 +1043,22 @@ impl Session {
         size: u64,
     ) {
         let Some(t) = self.txn.as_ref() else { return };
+        let mut log = t.checks.log.clone();
+        log.hits = t
+            .checks
+            .findings
+            .iter()
+            .filter(|f| f.action != Action::Accept)
+            .map(|f| match f.action {
+                Action::Score(s) => format!("{}={s}", f.reason),
+                Action::Reject => format!("{}=reject", f.reason),
+                Action::Tempfail => format!("{}=tempfail", f.reason),
+                Action::Tag | Action::Accept => format!("{}=tag", f.reason),
+            })
+            .collect();
         self.record(
-            &t.checks.log,
+            &log,
+            &t.rcpt_list,
             &t.mail.address,
             t.rcpts,
             t.started,
@@ -1062,6 +1084,7 @@ impl Session {
         let verdict = Verdict::from_code(said.code);
         self.record(
             &CheckLog::default(),
+            &[],
             &m.address,
             0,
             started,
@@ -1078,6 +1101,7 @@ impl Session {
     fn record(
         &self,
         checks: &CheckLog,
+        rcpt_addrs: &[String],
         mail_from: &str,
         rcpts: usize,
         started: Instant,
@@ -1113,6 +1137,8 @@ impl Session {
             iprev: &checks.iprev,
             dnsbl: checks.dnsbl.join(" "),
             rules: checks.rules.join(" "),
+            hits: checks.hits.join(" "),
+            rcpt_addrs: rcpt_addrs.to_vec(),
             score: self.score,
         }
         .emit();

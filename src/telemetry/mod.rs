@@ -1,17 +1,101 @@
 //! Logging: set-up, and the one line per transaction or refused connection.
 
+pub mod http;
+pub mod metrics;
 mod txlog;
 
 pub use txlog::{RefusedConnection, TxnRecord, Verdict};
 
 use crate::config::{Log, LogFormat};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber (json or logfmt on stdout).
-pub fn init(log: &Log) -> Result<(), String> {
+/// Where log lines go: stdout, or a file that can be reopened (logrotate
+/// moves it away, then SIGHUP makes us open a fresh one at the same path).
+#[derive(Clone)]
+pub struct LogTarget {
+    file: Option<(PathBuf, Arc<Mutex<File>>)>,
+}
+
+impl LogTarget {
+    pub fn open(path: Option<&Path>) -> Result<LogTarget, String> {
+        match path {
+            None => Ok(LogTarget { file: None }),
+            Some(p) => {
+                let f = open_append(p)?;
+                Ok(LogTarget {
+                    file: Some((p.to_path_buf(), Arc::new(Mutex::new(f)))),
+                })
+            }
+        }
+    }
+
+    /// Reopens the file at its path; keeps the old one on error.
+    pub fn reopen(&self) -> Result<(), String> {
+        if let Some((path, slot)) = &self.file {
+            let f = open_append(path)?;
+            if let Ok(mut g) = slot.lock() {
+                *g = f;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_append(p: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// One writer per event: the current file, or stdout.
+pub enum LogWriter {
+    Stdout(std::io::Stdout),
+    File(Arc<Mutex<File>>),
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LogWriter::Stdout(s) => s.write(buf),
+            LogWriter::File(f) => match f.lock() {
+                Ok(mut f) => f.write(buf),
+                Err(_) => Ok(buf.len()),
+            },
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogWriter::Stdout(s) => s.flush(),
+            LogWriter::File(f) => match f.lock() {
+                Ok(mut f) => f.flush(),
+                Err(_) => Ok(()),
+            },
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTarget {
+    type Writer = LogWriter;
+    fn make_writer(&'a self) -> LogWriter {
+        match &self.file {
+            Some((_, f)) => LogWriter::File(Arc::clone(f)),
+            None => LogWriter::Stdout(std::io::stdout()),
+        }
+    }
+}
+
+/// Installs the global subscriber (json or logfmt, to stdout or `log.file`).
+pub fn init(log: &Log) -> Result<LogTarget, String> {
     let filter = EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?;
+    let target = LogTarget::open(log.file.as_deref())?;
     let registry = tracing_subscriber::registry().with(filter);
     match log.format {
         LogFormat::Json => registry
@@ -21,16 +105,17 @@ pub fn init(log: &Log) -> Result<(), String> {
                     .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
-                    .with_writer(std::io::stdout),
+                    .with_writer(target.clone()),
             )
             .try_init(),
         LogFormat::Logfmt => registry
             .with(
                 tracing_logfmt::builder()
                     .layer()
-                    .with_writer(std::io::stdout),
+                    .with_writer(target.clone()),
             )
             .try_init(),
     }
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    Ok(target)
 }

@@ -66,11 +66,28 @@ pub struct TxnRecord<'a> {
     pub dnsbl: String,
     /// Rules that matched, `ID` or `ID(shadow)`, space separated.
     pub rules: String,
+    /// Findings with their effect (`reason=score` or `reason=reject`).
+    pub hits: String,
     pub score: f64,
+    /// Recipient addresses, logged at debug level only.
+    pub rcpt_addrs: Vec<String>,
 }
 
 impl TxnRecord<'_> {
     pub fn emit(&self) {
+        metrics::counter!(
+            "portcullis_transactions_total",
+            "verdict" => self.verdict.as_str(),
+            "reason" => super::metrics::reason_label(self.reason)
+        )
+        .increment(1);
+        metrics::counter!("portcullis_data_bytes_total").increment(self.size);
+        // Recipient addresses only at debug level (they are personal data).
+        if tracing::enabled!(target: "portcullis::txn", tracing::Level::DEBUG)
+            && !self.rcpt_addrs.is_empty()
+        {
+            tracing::debug!(target: "portcullis::txn", event = "recipients", session = self.session, rcpts = %self.rcpt_addrs.join(" "));
+        }
         tracing::info!(
             target: "portcullis::txn",
             event = "transaction",
@@ -98,6 +115,7 @@ impl TxnRecord<'_> {
             iprev = self.iprev,
             dnsbl = %self.dnsbl,
             rules = %self.rules,
+            hits = %self.hits,
             score = self.score,
         );
     }
@@ -115,6 +133,8 @@ pub struct RefusedConnection<'a> {
 
 impl RefusedConnection<'_> {
     pub fn emit(&self) {
+        metrics::counter!("portcullis_connections_refused_total", "reason" => super::metrics::reason_label(self.reason))
+            .increment(1);
         tracing::info!(
             target: "portcullis::txn",
             event = "refused",

@@ -467,6 +467,7 @@ pub const EMPTY_RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/rules-
 /// tests that look inside or reload. Same defaults as `Gate`.
 pub struct Running {
     pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
     pub rules: std::sync::Arc<portcullis::rules::Rules>,
     pub checker: std::sync::Arc<portcullis::checks::Checker>,
     pub config: portcullis::server::ConfigReloader,
@@ -479,6 +480,7 @@ pub async fn start_server(yaml: &str) -> Running {
     let server = Server::bind(cfg).await.expect("bind");
     let running = Running {
         addr: server.local_addrs()[0],
+        metrics: server.metrics_addr(),
         rules: server.rules(),
         checker: server.checker(),
         config: server.config_reloader(),

@@ -1,0 +1,93 @@
+//! Prometheus metrics: the `metrics` facade with the Prometheus recorder,
+//! installed once per process. Labels are of low cardinality only: verdicts,
+//! reason classes, rule ids, zones, stages; never addresses.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the recorder (first call wins) and returns the handle that renders
+/// the exposition text.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ])
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "portcullis_connections_total",
+        "Client connections accepted"
+    );
+    describe_gauge!("portcullis_connections_open", "Client sessions open now");
+    describe_counter!(
+        "portcullis_connections_refused_total",
+        "Connections refused before or at the greeting, by reason"
+    );
+    describe_counter!(
+        "portcullis_transactions_total",
+        "Transactions by verdict and reason class"
+    );
+    describe_counter!(
+        "portcullis_rule_hits_total",
+        "Rule matches by rule id (shadow marked)"
+    );
+    describe_counter!(
+        "portcullis_dns_queries_total",
+        "DNSBL queries sent (cache misses)"
+    );
+    describe_counter!(
+        "portcullis_dns_cache_hits_total",
+        "DNSBL lookups answered from the cache"
+    );
+    describe_counter!(
+        "portcullis_dns_failures_total",
+        "DNSBL lookups that failed (timeouts, SERVFAIL)"
+    );
+    describe_histogram!("portcullis_dns_query_seconds", "DNSBL query latency");
+    describe_gauge!(
+        "portcullis_dnsbl_zone_usable",
+        "1 when the DNSBL zone passes its self-test"
+    );
+    describe_counter!(
+        "portcullis_upstream_errors_total",
+        "Upstream connect and reply errors by stage"
+    );
+    describe_counter!(
+        "portcullis_reloads_total",
+        "Reloads of rules and config by result"
+    );
+    describe_counter!(
+        "portcullis_data_bytes_total",
+        "Message bytes received in DATA"
+    );
+    describe_gauge!(
+        "portcullis_memory_budget_bytes",
+        "Message bytes held in memory now"
+    );
+}
+
+/// The class of a reason for a label: `dnsbl:zen.spamhaus.org` stays,
+/// `score:a,b,c` becomes `score`, and several reasons keep the first.
+pub fn reason_label(reason: &str) -> String {
+    if reason.is_empty() {
+        return "none".into();
+    }
+    if reason.starts_with("score:") {
+        return "score".into();
+    }
+    reason.split(',').next().unwrap_or(reason).to_string()
+}

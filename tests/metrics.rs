@@ -1,0 +1,133 @@
+//! The Prometheus scrape and the status page after a known sequence of
+//! sessions. Alone in its binary: the metrics recorder is process-wide.
+
+mod common;
+
+use common::dns::{FakeDns, a, txt};
+use common::{Client, FakeMta, Script};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of one sample, by metric name and labels as written.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+#[tokio::test]
+async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
+    let dns = FakeDns::start(
+        &["test."],
+        vec![
+            a("2.0.0.127.bl.test.", "127.0.0.2"),
+            a("3.0.0.127.bl.test.", "127.0.0.2"),
+            txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all"),
+        ],
+    )
+    .await;
+    let mta = FakeMta::start(Script::default()).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-metrics-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("r.yaml"),
+        "rules:\n  - id: WATCH_HELO\n    description: x\n    when: {helo: {exact: watched.test}}\n    action: {score: 1}\n    mode: shadow\n",
+    )
+    .unwrap();
+    let running = common::start_server(&format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nmetrics: {{listen: 127.0.0.1:0}}\nlimits: {{max_connections_per_ip: 1}}\nupstream: {{addr: {}, client_identity: xclient}}\ndns: {{nameservers: [{}]}}\nrules_dir: {}\nchecks:\n  iprev: {{mode: off}}\n  spf: {{mode: enforce, helo: false}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, action: reject}}]}}\n",
+        mta.addr,
+        dns.addr,
+        dir.display()
+    ))
+    .await;
+    let (addr, maddr) = (running.addr, running.metrics.expect("metrics listener"));
+
+    // 1: accepted, with the shadow rule matching.
+    let mut c = Client::connect_from(addr, "127.0.0.7").await;
+    c.reply().await;
+    c.cmd("EHLO watched.test", "250").await;
+    let r = c
+        .send_mail(
+            "a@pass.test",
+            &["b@example.test"],
+            b"Subject: m\r\n\r\nbody\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    // 2: refused by the per-IP limit while session 1 is open.
+    let mut second = Client::connect_from(addr, "127.0.0.7").await;
+    assert!(second.reply().await.starts_with("421 4.7.0"));
+    c.cmd("QUIT", "221").await;
+    // 3: rejected at RCPT by the DNSBL.
+    let mut c = Client::connect_from(addr, "127.0.0.2").await;
+    c.reply().await;
+    c.cmd("EHLO x.test", "250").await;
+    c.cmd("MAIL FROM:<a@pass.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
+    c.cmd("QUIT", "221").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let m = get(maddr, "/metrics").await;
+    assert!(
+        m.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain"),
+        "{m}"
+    );
+    let body = m.split("\r\n\r\n").nth(1).unwrap();
+    let v = |s: &str| sample(body, s).unwrap_or_else(|| panic!("{s} missing in\n{body}"));
+    assert_eq!(
+        v(r#"portcullis_transactions_total{verdict="accept",reason="none"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"portcullis_transactions_total{verdict="reject",reason="dnsbl:bl.test"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"portcullis_connections_refused_total{reason="limit:connections_per_ip"}"#),
+        1.0
+    );
+    assert_eq!(v("portcullis_connections_total"), 2.0);
+    assert_eq!(v("portcullis_connections_open"), 0.0);
+    assert_eq!(
+        v(r#"portcullis_rule_hits_total{rule="WATCH_HELO",shadow="true"}"#),
+        1.0
+    );
+    assert_eq!(v(r#"portcullis_dnsbl_zone_usable{zone="bl.test"}"#), 1.0);
+    assert!(v("portcullis_dns_queries_total") >= 2.0);
+    assert!(v("portcullis_data_bytes_total") > 0.0);
+    assert_eq!(v("portcullis_memory_budget_bytes"), 0.0);
+    assert!(
+        body.contains("portcullis_dns_query_seconds_bucket"),
+        "{body}"
+    );
+    // Labels of low cardinality only: never an address.
+    assert!(!body.contains("127.0.0.") && !body.contains("@"), "{body}");
+
+    let page = get(maddr, "/").await;
+    assert!(
+        page.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/html"),
+        "{page}"
+    );
+    for want in [
+        "<h1>Portcullis ",
+        "1 rules from 1 files",
+        "<td>bl.test</td><td>usable</td>",
+        "portcullis_transactions_total",
+        "</html>",
+    ] {
+        assert!(page.contains(want), "{want} missing in {page}");
+    }
+    assert!(get(maddr, "/nope").await.starts_with("HTTP/1.1 404"));
+}
