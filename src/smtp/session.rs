@@ -83,6 +83,26 @@ struct Txn {
     rcpt_list: Vec<String>,
 }
 
+impl Txn {
+    fn new(
+        mail: MailCmd,
+        started: Instant,
+        checks: TxnChecks,
+        refusal: Option<(Reply, String)>,
+    ) -> Txn {
+        Txn {
+            mail,
+            rcpts: 0,
+            started,
+            broken: false,
+            last_rcpt_refusal: None,
+            refusal,
+            checks,
+            rcpt_list: Vec::new(),
+        }
+    }
+}
+
 /// A reply's code and enhanced code, for the log line.
 struct Said {
     code: u16,
@@ -515,16 +535,7 @@ impl Session {
         if let Some(refusal) = refusal {
             // Delayed reject: accept MAIL here (upstream never hears of it) and
             // refuse every RCPT, so the log line names sender and recipients.
-            self.txn = Some(Txn {
-                mail: m,
-                rcpts: 0,
-                started,
-                broken: false,
-                last_rcpt_refusal: None,
-                refusal: Some(refusal),
-                checks,
-                rcpt_list: Vec::new(),
-            });
+            self.txn = Some(Txn::new(m, started, checks, Some(refusal)));
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
         }
@@ -540,16 +551,7 @@ impl Session {
             Ok(r) => {
                 self.relay(&r);
                 if r.is_positive() {
-                    self.txn = Some(Txn {
-                        mail: m,
-                        rcpts: 0,
-                        started,
-                        broken: false,
-                        last_rcpt_refusal: None,
-                        refusal: None,
-                        checks,
-                        rcpt_list: Vec::new(),
-                    });
+                    self.txn = Some(Txn::new(m, started, checks, None));
                 } else {
                     self.log_mail_refused(&m, started, &r, "upstream", &r.text());
                 }
