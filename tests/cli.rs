@@ -63,16 +63,8 @@ fn check_reports_file_line_column_and_key_path() {
 
 #[test]
 fn run_serves_and_stops_on_sigterm() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
+    let dead = common::free_port();
     let dir = std::env::temp_dir().join(format!("portcullis-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("run.yaml");
@@ -158,11 +150,7 @@ async fn sighup_reloads_the_certificate() {
         ck.cert.der().to_vec()
     };
     let first = write("first.test");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let f = dir.join("hup.yaml");
     std::fs::write(
         &f,
@@ -295,16 +283,8 @@ fn log_file_is_reopened_on_sighup_for_logrotate() {
     let dir = std::env::temp_dir().join(format!("portcullis-logrotate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("gate.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
+    let dead = common::free_port();
     let f = dir.join("gate.yaml");
     std::fs::write(
         &f,

@@ -5,19 +5,10 @@
 
 mod common;
 
-use common::Gate;
-use std::net::TcpListener;
+use common::{Gate, free_port};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn render(template: &str, run: &Path, port: u16, proxy_port: u16) -> String {
     template

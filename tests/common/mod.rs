@@ -671,6 +671,15 @@ pub fn split_ours(data: &[u8]) -> (String, Vec<u8>) {
     )
 }
 
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A message with the given Message-ID and body.
 pub fn message(id: &str, body: &str) -> Vec<u8> {
     format!(
