@@ -5,10 +5,25 @@
 
 mod common;
 
-use common::{Gate, free_port};
+use common::Gate;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// A port for a peer (Postfix, Exim) outside the kernel's ephemeral range.
+/// Peers bind their port a second or so after we pick it; an ephemeral port
+/// could meanwhile be taken by a test's own `127.0.0.1:0` listener.
+fn peer_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20000 + (std::process::id() % 400) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
 
 fn render(template: &str, run: &Path, port: u16, proxy_port: u16) -> String {
     template
@@ -98,7 +113,7 @@ impl Postfix {
             std::fs::create_dir_all(run_dir.join(d)).unwrap();
         }
         std::fs::create_dir_all(&conf).unwrap();
-        let (port, proxy_port) = (free_port(), free_port());
+        let (port, proxy_port) = (peer_port(), peer_port());
         let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/postfix");
         for f in ["main.cf", "master.cf"] {
             let t = std::fs::read_to_string(here.join(f)).unwrap();
@@ -226,7 +241,7 @@ impl Exim {
         for d in ["spool", "log", "mail"] {
             std::fs::create_dir_all(run_dir.join(d)).unwrap();
         }
-        let (port, proxy_port) = (free_port(), free_port());
+        let (port, proxy_port) = (peer_port(), peer_port());
         let t = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/exim/exim.conf"),
         )
