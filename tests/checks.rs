@@ -740,6 +740,13 @@ rules:
     description: dkim result
     when: {dkim: [none]}
     action: {add_header: {name: X-Dkim, value: none}}
+  - id: POSTMASTER_NEEDS_SPF
+    description: a RCPT-stage rule that also uses a MAIL-stage check result
+    when:
+      all:
+        - rcpt_local: {exact: postmaster}
+        - not: {spf: [pass]}
+    action: {reject: {text: "postmaster wants SPF"}}
 "#,
     )
     .unwrap();
@@ -771,6 +778,20 @@ rules:
         )
         .await;
     assert!(r.starts_with("550 5.7.1 dmarc rule"), "{r}");
+
+    // A RCPT-stage rule sees the SPF result of MAIL: pass goes through,
+    // anything else is refused for that recipient only.
+    c.cmd("MAIL FROM:<x@proxied.test>", "250").await;
+    c.cmd("RCPT TO:<postmaster@example.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<x@neutral.test>", "250").await;
+    c.cmd(
+        "RCPT TO:<postmaster@example.test>",
+        "550 5.7.1 postmaster wants SPF",
+    )
+    .await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("RSET", "250").await;
 
     // iprev fail.
     let mut c = proxied(gate.addr, "203.0.113.8", "liar.test").await;

@@ -39,6 +39,8 @@ pub struct ConnChecks {
     iprev_task: Option<JoinHandle<IprevOutput>>,
     dnsbl_ip: Option<Vec<ZoneOutcome>>,
     iprev: Option<IprevOutput>,
+    /// The verified reverse name (iprev pass), once iprev has finished.
+    reverse: Option<String>,
 }
 
 /// What a transaction's checks found so far; kept for the DATA stage and the log.
@@ -65,6 +67,8 @@ pub struct CheckLog {
     pub arc: String,
     /// `zone=code,code` for each listing.
     pub dnsbl: Vec<String>,
+    /// The zones of those listings, for the rules.
+    pub dnsbl_zones: Vec<String>,
     /// Rules that matched: `ID`, or `ID(shadow)`.
     pub rules: Vec<String>,
     /// Every check and rule finding with its effect: `spf:softfail=3`,
@@ -78,6 +82,28 @@ pub struct DataChecks {
     pub outcome: Outcome,
     pub headers: String,
     pub remove: Vec<Range<usize>>,
+}
+
+impl ConnChecks {
+    /// The verified reverse name, once iprev has finished.
+    pub fn reverse(&self) -> Option<&str> {
+        self.reverse.as_deref()
+    }
+}
+
+impl CheckLog {
+    /// `facts` with every check result known so far, so that rules at any
+    /// stage see the results of the checks before them.
+    pub fn with_results<'a>(&'a self, facts: Facts<'a>) -> Facts<'a> {
+        Facts {
+            spf: &self.spf,
+            dkim: &self.dkim,
+            dmarc: &self.dmarc,
+            iprev: &self.iprev,
+            dnsbl: self.dnsbl_zones.iter().map(String::as_str).collect(),
+            ..facts
+        }
+    }
 }
 
 impl Checker {
@@ -101,6 +127,7 @@ impl Checker {
             iprev_task: None,
             dnsbl_ip: None,
             iprev: None,
+            reverse: None,
         };
         if allowed {
             return c;
@@ -127,20 +154,16 @@ impl Checker {
         if let Some(t) = c.iprev_task.take()
             && let Ok(r) = t.await
         {
+            c.reverse = match r.result() {
+                IprevResult::Pass => r
+                    .ptr
+                    .as_ref()
+                    .and_then(|p| p.first())
+                    .map(|n| n.trim_end_matches('.').to_string()),
+                _ => None,
+            };
             c.iprev = Some(r);
         }
-    }
-
-    /// The verified reverse name, once iprev has finished.
-    pub fn reverse_name(c: &ConnChecks) -> Option<String> {
-        c.iprev.as_ref().and_then(|r| match r.result() {
-            IprevResult::Pass => r
-                .ptr
-                .as_ref()
-                .and_then(|p| p.first())
-                .map(|n| n.trim_end_matches('.').to_string()),
-            _ => None,
-        })
     }
 
     /// For `reject_at: connect`: the DNSBL verdict before the greeting.
@@ -198,7 +221,7 @@ impl Checker {
         if self.cfg.dnsbl.mode != Mode::Off && self.dnsbl.domain_zones().next().is_some() {
             let mut domains = vec![helo.to_string()];
             domains.extend(sender_domain.clone());
-            domains.extend(Self::reverse_name(c));
+            domains.extend(c.reverse.clone());
             domains.dedup();
             let outcomes = self.dnsbl.check_domains(&domains).await;
             self.dnsbl_findings(c.ip, &outcomes, &mut findings, &mut log);
@@ -268,23 +291,14 @@ impl Checker {
             t.spf_mail = Some(out);
         }
         // The rules of the stages before DATA see every check result.
-        let dnsbl_zones: Vec<String> = log
-            .dnsbl
-            .iter()
-            .map(|d| d.split('=').next().unwrap_or("").to_string())
-            .collect();
-        let reverse = Self::reverse_name(c);
-        let facts = Facts {
+        let facts = log.with_results(Facts {
             ip: Some(c.ip),
-            reverse: reverse.as_deref(),
+            reverse: c.reverse(),
             helo: Some(helo),
             mail_from: Some(sender),
             tls,
-            spf: &log.spf,
-            iprev: &log.iprev,
-            dnsbl: dnsbl_zones.iter().map(String::as_str).collect(),
             ..Facts::default()
-        };
+        });
         let mut hits = Vec::new();
         for stage in [RuleStage::Connect, RuleStage::Helo, RuleStage::Mail] {
             hits.extend(rules.evaluate(stage, &facts));
@@ -450,21 +464,10 @@ impl Checker {
         let mut accepted = false;
         if rules.has_stage(RuleStage::Data) {
             let parsed = MessageFacts::parse(message);
-            let dnsbl_zones: Vec<String> = t
-                .log
-                .dnsbl
-                .iter()
-                .map(|d| d.split('=').next().unwrap_or("").to_string())
-                .collect();
-            let facts = Facts {
+            let facts = t.log.with_results(Facts {
                 message: Some(&parsed),
-                spf: &t.log.spf,
-                dkim: &t.log.dkim,
-                dmarc: &t.log.dmarc,
-                iprev: &t.log.iprev,
-                dnsbl: dnsbl_zones.iter().map(String::as_str).collect(),
                 ..facts
-            };
+            });
             let hits = rules.evaluate(RuleStage::Data, &facts);
             accepted = apply_rule_hits(&hits, &mut findings, &mut t.log, &mut t.add_headers);
         }
@@ -507,7 +510,7 @@ impl Checker {
         if t.skipped || !rules.has_stage(RuleStage::Rcpt) {
             return None;
         }
-        let hits = rules.evaluate(RuleStage::Rcpt, facts);
+        let hits = rules.evaluate(RuleStage::Rcpt, &t.log.with_results(facts.clone()));
         let mut findings = Vec::new();
         if apply_rule_hits(&hits, &mut findings, &mut t.log, &mut t.add_headers) {
             t.skipped = true;
@@ -551,6 +554,7 @@ impl Checker {
                 ZoneOutcome::Listed(hit) => {
                     let codes: Vec<String> = hit.codes.iter().map(|c| c.to_string()).collect();
                     log.dnsbl.push(format!("{}={}", hit.zone, codes.join("+")));
+                    log.dnsbl_zones.push(hit.zone.clone());
                     let action = match hit.action {
                         Some(a) => a,
                         None => Action::Score(hit.score),

@@ -481,6 +481,19 @@ impl Session {
         Next::Continue
     }
 
+    /// What the rules can see of this session and its transaction now.
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            ip: Some(self.peer.addr.ip()),
+            reverse: self.conn_checks.reverse(),
+            helo: self.helo.as_deref(),
+            mail_from: self.txn.as_ref().map(|t| t.mail.address.as_str()),
+            rcpt_count: self.txn.as_ref().map_or(0, |t| t.rcpts),
+            tls: self.tls.is_some(),
+            ..Facts::default()
+        }
+    }
+
     fn envelope(&self) -> Envelope<'_> {
         Envelope {
             client: self.peer.addr,
@@ -593,32 +606,24 @@ impl Session {
         };
         if refusal.is_none() {
             // Rules of the RCPT stage, for this recipient.
-            let checker = Arc::clone(&self.checker);
-            let rules = Arc::clone(&self.rules);
-            let reverse = Checker::reverse_name(&self.conn_checks);
-            let tls = self.tls.is_some();
-            let ip = self.peer.addr.ip();
-            let helo = self.helo.clone();
-            if let Some(t) = self.txn.as_mut() {
-                let facts = Facts {
-                    ip: Some(ip),
-                    reverse: reverse.as_deref(),
-                    helo: helo.as_deref(),
-                    mail_from: Some(&t.mail.address),
-                    rcpts: vec![r.address.as_str()],
-                    rcpt_count: t.rcpts,
-                    tls,
-                    ..Facts::default()
-                };
-                let mut checks = std::mem::take(&mut t.checks);
-                if let Some(o) = checker.at_rcpt(&rules, &mut checks, &facts) {
-                    match o.decision {
-                        Decision::Reject(reply) | Decision::Tempfail(reply) => {
-                            refusal = Some((reply, o.reason))
-                        }
-                        Decision::Accept | Decision::Tag => {}
+            let mut checks = self
+                .txn
+                .as_mut()
+                .map(|t| std::mem::take(&mut t.checks))
+                .unwrap_or_default();
+            let facts = Facts {
+                rcpts: vec![r.address.as_str()],
+                ..self.facts()
+            };
+            if let Some(o) = self.checker.at_rcpt(&self.rules, &mut checks, &facts) {
+                match o.decision {
+                    Decision::Reject(reply) | Decision::Tempfail(reply) => {
+                        refusal = Some((reply, o.reason))
                     }
+                    Decision::Accept | Decision::Tag => {}
                 }
+            }
+            if let Some(t) = self.txn.as_mut() {
                 t.checks = checks;
             }
         }
@@ -777,26 +782,25 @@ impl Session {
             self.reply(&r);
             return Next::Continue;
         }
-        let checker = Arc::clone(&self.checker);
-        let Some(txn) = self.txn.as_mut() else {
+        let Some(mut checks) = self.txn.as_mut().map(|t| std::mem::take(&mut t.checks)) else {
             return Next::Continue;
         };
-        let rules = Arc::clone(&self.rules);
-        let reverse = Checker::reverse_name(&self.conn_checks);
         let facts = Facts {
-            ip: Some(self.peer.addr.ip()),
-            reverse: reverse.as_deref(),
-            helo: self.helo.as_deref(),
-            mail_from: Some(&txn.mail.address),
-            rcpts: txn.rcpt_list.iter().map(String::as_str).collect(),
-            rcpt_count: txn.rcpts,
-            tls: self.tls.is_some(),
+            rcpts: self
+                .txn
+                .iter()
+                .flat_map(|t| t.rcpt_list.iter().map(String::as_str))
+                .collect(),
             size: Some(size),
-            ..Facts::default()
+            ..self.facts()
         };
-        let checked = checker
-            .at_data(&self.conn_checks, &mut txn.checks, &rules, facts, &msg)
+        let checked = self
+            .checker
+            .at_data(&self.conn_checks, &mut checks, &self.rules, facts, &msg)
             .await;
+        if let Some(t) = self.txn.as_mut() {
+            t.checks = checks;
+        }
         self.score = checked.outcome.score;
         match checked.outcome.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => {
@@ -924,7 +928,7 @@ impl Session {
             addr: self.peer.addr,
             local: self.peer.local,
             helo: self.helo.clone(),
-            reverse: Checker::reverse_name(&self.conn_checks),
+            reverse: self.conn_checks.reverse().map(str::to_string),
             esmtp: self.esmtp,
         };
         match self.shared.upstream.open(&who).await {
@@ -1131,7 +1135,7 @@ impl Session {
             reason,
             upstream_reply: upstream,
             duration: started.elapsed(),
-            reverse: Checker::reverse_name(&self.conn_checks).unwrap_or_default(),
+            reverse: self.conn_checks.reverse().unwrap_or_default().to_string(),
             spf: &checks.spf,
             dkim: &checks.dkim,
             dmarc: &checks.dmarc,
