@@ -186,10 +186,23 @@ async fn checks_transaction(logs: &Captured) {
     c.cmd("EHLO listed.test", "250").await;
     c.cmd("MAIL FROM:<bl@pass.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
+    c.cmd("RSET", "250").await;
+    // Refused by a limit before any check ran: its line must not carry the
+    // previous transaction's score.
+    c.cmd("MAIL FROM:<big@pass.test> SIZE=999999999999", "552 5.3.4")
+        .await;
     c.cmd("QUIT", "221").await;
     assert!(c.closed().await);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let big: serde_json::Value = text
+        .lines()
+        .filter(|l| l.contains("big@pass.test"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .next()
+        .unwrap_or_else(|| panic!("no line in {text}"));
+    assert_eq!(big["reason"], "limit:size");
+    assert_eq!(big["score"], 0.0, "{big}");
     let line: serde_json::Value = text
         .lines()
         .filter(|l| l.contains("bl@pass.test"))

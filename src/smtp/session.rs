@@ -5,6 +5,38 @@
 //! Order of replies: commands are handled one at a time in arrival order and
 //! replies are queued; the queue is flushed whenever no complete command is
 //! buffered (RFC 2920), so pipelined batches get one write.
+//!
+//! # States
+//!
+//! The client's transaction and upstream's must never drift apart: whatever
+//! the client can send next, upstream must be in the state that makes our
+//! relaying of it mean the same thing. `Session::txn` holds the client side;
+//! `UpstreamConn::in_transaction` says whether upstream holds an open MAIL.
+//!
+//! | state   | `txn`                    | upstream holds         | legal (others: 503 5.5.1)                   |
+//! |---------|--------------------------|------------------------|---------------------------------------------|
+//! | Greeted | none, no HELO            | no connection          | EHLO HELO STARTTLS NOOP RSET VRFY HELP QUIT |
+//! | Ready   | none                     | nothing, or idle conn  | the above, MAIL                             |
+//! | Doomed  | `TxnPhase::Doomed`       | nothing (never told)   | the above but MAIL; RCPT (refused); DATA    |
+//! | Open    | `TxnPhase::Open`, 0 rcpt | MAIL                   | RCPT; DATA (554 no valid recipients)        |
+//! | Open    | `TxnPhase::Open`, n rcpt | MAIL and the n RCPTs   | RCPT, DATA                                  |
+//! | Broken  | `TxnPhase::Broken`       | connection lost        | RCPT, DATA (451 4.4.2)                      |
+//!
+//! Transitions that end a transaction:
+//!
+//! | event                                   | client side        | upstream side                        |
+//! |-----------------------------------------|--------------------|--------------------------------------|
+//! | upstream's final reply after the dot    | ends (logged)      | ended by upstream itself             |
+//! | local refusal after the dot             | ends (logged)      | RSET                                 |
+//! | upstream refuses DATA (not 354)         | ends (logged)      | RSET                                 |
+//! | RSET                                    | ends (abandoned)   | RSET, always while connected         |
+//! | EHLO / HELO                             | ends (abandoned)   | RSET (new name: reconnect at MAIL)   |
+//! | STARTTLS                                | ends (abandoned)   | connection closed                    |
+//! | QUIT, disconnect, timeout, shutdown     | ends (abandoned)   | QUIT, or closed mid-DATA             |
+//! | upstream lost or 421                    | `TxnPhase::Broken` | connection dropped                   |
+//!
+//! `end_transaction` is the one place that ends both sides; every row above
+//! goes through it (or through `finish_txn` plus upstream's own end).
 
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
 use crate::config::{Action, BareNewline, Config, RejectAt};
@@ -67,37 +99,43 @@ pub struct Peer {
 const COMMAND_READ: usize = 1024;
 const DATA_READ: usize = 64 * 1024;
 
+/// Where a transaction stands (see the state table at the top).
+#[derive(Debug, Clone)]
+enum TxnPhase {
+    /// MAIL accepted and relayed; upstream holds the same transaction.
+    Open,
+    /// A verdict reached at MAIL, delivered at each RCPT (delayed reject);
+    /// upstream never heard of this transaction.
+    Doomed { reply: Reply, reason: String },
+    /// Upstream failed mid-transaction: everything else answers 4xx.
+    Broken,
+}
+
 /// One MAIL..end-of-transaction.
 struct Txn {
     mail: MailCmd,
+    phase: TxnPhase,
     rcpts: usize,
     started: Instant,
-    /// Upstream failed mid-transaction: everything else answers 4xx.
-    broken: bool,
     /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
     last_rcpt_refusal: Option<Refusal>,
-    /// A verdict reached at MAIL, delivered at each RCPT (delayed reject).
-    refusal: Option<(Reply, String)>,
     checks: TxnChecks,
+    /// Summed score of this transaction's latest decision, for the log.
+    score: f64,
     /// Recipients upstream accepted (for the rules at DATA).
     rcpt_list: Vec<String>,
 }
 
 impl Txn {
-    fn new(
-        mail: MailCmd,
-        started: Instant,
-        checks: TxnChecks,
-        refusal: Option<(Reply, String)>,
-    ) -> Txn {
+    fn new(mail: MailCmd, started: Instant, checks: TxnChecks, score: f64, phase: TxnPhase) -> Txn {
         Txn {
             mail,
+            phase,
             rcpts: 0,
             started,
-            broken: false,
             last_rcpt_refusal: None,
-            refusal,
             checks,
+            score,
             rcpt_list: Vec::new(),
         }
     }
@@ -151,6 +189,17 @@ enum Line {
     Shutdown,
 }
 
+/// What `end_transaction` does to upstream.
+#[derive(Clone, Copy)]
+enum UpReset {
+    /// RSET when upstream holds a transaction.
+    IfOpen,
+    /// RSET whenever connected (the client's own RSET).
+    Always,
+    /// QUIT and close (the connection's context changed, e.g. STARTTLS).
+    Close,
+}
+
 /// How a session ends.
 enum Next {
     Continue,
@@ -176,8 +225,6 @@ pub struct Session {
     upstream_helo: Option<String>,
     errors: usize,
     conn_checks: ConnChecks,
-    /// Summed score of the last decision, for the log.
-    score: f64,
     /// The rules this session started with (a reload affects new sessions).
     rules: Arc<RuleSet>,
     /// Likewise the checks.
@@ -200,7 +247,6 @@ impl Session {
             checker,
             rules: shared.rules.current(),
             conn_checks,
-            score: 0.0,
             io,
             rbuf: initial,
             rpos: 0,
@@ -430,13 +476,13 @@ impl Session {
             }
         };
         match cmd {
-            Command::Ehlo(host) => self.hello(host, true),
-            Command::Helo(host) => self.hello(host, false),
+            Command::Ehlo(host) => self.hello(host, true).await,
+            Command::Helo(host) => self.hello(host, false).await,
             Command::Mail(m) => self.mail(m).await,
             Command::Rcpt(r) => self.rcpt(r).await,
             Command::Data => self.data().await,
             Command::Rset => {
-                self.reset_txn("rset").await;
+                self.end_transaction("rset", UpReset::Always).await;
                 self.reply(&reply::RSET_OK);
                 Next::Continue
             }
@@ -462,8 +508,9 @@ impl Session {
         }
     }
 
-    fn hello(&mut self, host: String, esmtp: bool) -> Next {
-        self.end_txn_abandoned("helo");
+    async fn hello(&mut self, host: String, esmtp: bool) -> Next {
+        // RFC 5321 4.1.4: EHLO/HELO aborts a transaction, on both sides.
+        self.end_transaction("helo", UpReset::IfOpen).await;
         self.helo = Some(host);
         self.esmtp = esmtp;
         let cfg = &self.shared.cfg;
@@ -524,7 +571,8 @@ impl Session {
             self.shared.checks.run(Stage::Mail, &env).await
         };
         if let Outcome::Refuse { reply, reason } = outcome {
-            self.log_mail_refused(&m, started, &reply, reason, "");
+            // Refused before the checks ran: no score of its own.
+            self.log_mail_refused(&m, started, 0.0, &reply, reason, "");
             self.reply(&reply);
             return Next::Continue;
         }
@@ -540,33 +588,33 @@ impl Session {
                 &m.address,
             )
             .await;
-        self.score = verdict.score;
-        let refusal = match verdict.decision {
-            Decision::Reject(r) | Decision::Tempfail(r) => Some((r, verdict.reason)),
-            Decision::Accept | Decision::Tag => None,
-        };
-        if let Some(refusal) = refusal {
+        let score = verdict.score;
+        if let Decision::Reject(reply) | Decision::Tempfail(reply) = verdict.decision {
             // Delayed reject: accept MAIL here (upstream never hears of it) and
             // refuse every RCPT, so the log line names sender and recipients.
-            self.txn = Some(Txn::new(m, started, checks, Some(refusal)));
+            let phase = TxnPhase::Doomed {
+                reply,
+                reason: verdict.reason,
+            };
+            self.txn = Some(Txn::new(m, started, checks, score, phase));
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
         }
         if let Err(r) = self.ensure_upstream().await {
-            self.log_mail_refused(&m, started, &r, "upstream:unavailable", "");
+            self.log_mail_refused(&m, started, score, &r, "upstream:unavailable", "");
             self.reply(&r);
             return Next::Continue;
         }
         let Some(up) = self.upstream.as_mut() else {
             return Next::Continue;
         };
-        match up.command(&m.line, UpStage::Mail).await {
+        match up.mail(&m.line).await {
             Ok(r) => {
                 self.relay(&r);
                 if r.is_positive() {
-                    self.txn = Some(Txn::new(m, started, checks, None));
+                    self.txn = Some(Txn::new(m, started, checks, score, TxnPhase::Open));
                 } else {
-                    self.log_mail_refused(&m, started, &r, "upstream", &r.text());
+                    self.log_mail_refused(&m, started, score, &r, "upstream", &r.text());
                 }
             }
             Err(e) => {
@@ -574,6 +622,7 @@ impl Session {
                 self.log_mail_refused(
                     &m,
                     started,
+                    score,
                     &reply::UPSTREAM_LOST,
                     "upstream:lost",
                     &e.to_string(),
@@ -588,12 +637,16 @@ impl Session {
         let Some(txn) = self.txn.as_ref() else {
             return self.error(reply::NEED_MAIL);
         };
-        if txn.broken {
-            self.reply(&reply::UPSTREAM_LOST);
-            return Next::Continue;
-        }
-        if let Some((refusal, reason)) = txn.refusal.clone() {
-            return self.refuse_rcpt(refusal, reason);
+        match &txn.phase {
+            TxnPhase::Open => {}
+            TxnPhase::Broken => {
+                self.reply(&reply::UPSTREAM_LOST);
+                return Next::Continue;
+            }
+            TxnPhase::Doomed { reply, reason } => {
+                let (reply, reason) = (reply.clone(), reason.clone());
+                return self.refuse_rcpt(reply, reason);
+            }
         }
         if let Some(p) = self.offer.unsupported_rcpt_param(&r) {
             return self
@@ -653,9 +706,6 @@ impl Session {
             }
             Err(e) => {
                 self.upstream_failed(&e);
-                if let Some(t) = self.txn.as_mut() {
-                    t.broken = true;
-                }
                 self.reply(&reply::UPSTREAM_LOST);
             }
         }
@@ -681,12 +731,13 @@ impl Session {
         let Some(txn) = self.txn.as_ref() else {
             return self.error(reply::NEED_MAIL);
         };
-        if txn.broken {
+        if matches!(txn.phase, TxnPhase::Broken) {
             self.finish_txn(0, Stage::Data, &reply::UPSTREAM_LOST, "upstream:lost", "");
             self.reply(&reply::UPSTREAM_LOST);
             return Next::Continue;
         }
         if txn.rcpts == 0 {
+            // The transaction stays open on both sides, as in Postfix.
             return self.error(reply::NEED_RCPT);
         }
         self.reply(&reply::START_DATA);
@@ -777,8 +828,8 @@ impl Session {
         };
         if let Some((r, reason)) = local_refusal {
             drop(msg);
-            self.rset_upstream().await;
             self.finish_txn(size, Stage::Data, &r, reason, "");
+            self.end_transaction("", UpReset::IfOpen).await;
             self.reply(&r);
             return Next::Continue;
         }
@@ -801,12 +852,14 @@ impl Session {
         if let Some(t) = self.txn.as_mut() {
             t.checks = checks;
         }
-        self.score = checked.outcome.score;
+        if let Some(t) = self.txn.as_mut() {
+            t.score = checked.outcome.score;
+        }
         match checked.outcome.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => {
                 drop(msg);
-                self.rset_upstream().await;
                 self.finish_txn(size, Stage::Data, &r, &checked.outcome.reason, "");
+                self.end_transaction("", UpReset::IfOpen).await;
                 self.reply(&r);
                 return Next::Continue;
             }
@@ -849,10 +902,9 @@ impl Session {
                     self.finish_txn(size, Stage::Data, &r, reason, &r.text());
                 }
                 self.relay(&r);
-                if !r.is_positive() && r.code != 354 {
-                    // A refusal at DATA (before 354) leaves upstream mid-transaction.
-                    self.rset_upstream().await;
-                }
+                // A refusal of DATA itself (before 354) leaves upstream
+                // mid-transaction; the client's ended with our reply.
+                self.end_transaction("", UpReset::IfOpen).await;
             }
             Err(e) => {
                 self.upstream_failed(&e);
@@ -905,8 +957,7 @@ impl Session {
                         .to_string(),
                 });
                 self.io = Box::new(tls);
-                self.end_txn_abandoned("starttls");
-                self.drop_upstream();
+                self.end_transaction("starttls", UpReset::Close).await;
                 self.helo = None;
                 self.esmtp = false;
                 Next::Continue
@@ -973,25 +1024,43 @@ impl Session {
     }
 
     /// Closes the upstream connection at once, without QUIT (and so without
-    /// ending any DATA in progress there).
+    /// ending any DATA in progress there). A transaction in flight can no
+    /// longer complete.
     fn drop_upstream(&mut self) {
         self.upstream = None;
         self.upstream_helo = None;
-    }
-
-    async fn rset_upstream(&mut self) {
-        if let Some(up) = self.upstream.as_mut() {
-            match up.command(b"RSET", UpStage::Rset).await {
-                Ok(r) if r.is_positive() => {}
-                _ => self.drop_upstream(),
-            }
+        if let Some(t) = self.txn.as_mut()
+            && matches!(t.phase, TxnPhase::Open)
+        {
+            t.phase = TxnPhase::Broken;
         }
     }
 
-    async fn reset_txn(&mut self, why: &str) {
-        if self.txn.is_some() {
-            self.end_txn_abandoned(why);
-            self.rset_upstream().await;
+    /// The one place that ends a transaction on both sides (see the table
+    /// at the top): logs the client's transaction, if one is still open,
+    /// as abandoned for `why`, then brings upstream back to no transaction.
+    async fn end_transaction(&mut self, why: &str, up: UpReset) {
+        self.end_txn_abandoned(why);
+        match up {
+            UpReset::Close => {
+                if let Some(conn) = self.upstream.take() {
+                    conn.quit().await;
+                }
+                self.upstream_helo = None;
+            }
+            UpReset::IfOpen | UpReset::Always => {
+                let Some(conn) = self.upstream.as_mut() else {
+                    return;
+                };
+                if matches!(up, UpReset::IfOpen) && !conn.in_transaction() {
+                    return;
+                }
+                match conn.rset().await {
+                    Ok(r) if r.is_positive() => {}
+                    // Upstream will not reset: a fresh connection will.
+                    _ => self.drop_upstream(),
+                }
+            }
         }
     }
 
@@ -1063,6 +1132,7 @@ impl Session {
             })
             .collect();
         self.record(
+            t.score,
             &log,
             &t.rcpt_list,
             &t.mail.address,
@@ -1082,6 +1152,7 @@ impl Session {
         &self,
         m: &MailCmd,
         started: Instant,
+        score: f64,
         said: impl Into<Said>,
         reason: &str,
         upstream: &str,
@@ -1089,6 +1160,7 @@ impl Session {
         let said = said.into();
         let verdict = Verdict::from_code(said.code);
         self.record(
+            score,
             &CheckLog::default(),
             &[],
             &m.address,
@@ -1106,6 +1178,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
+        score: f64,
         checks: &CheckLog,
         rcpt_addrs: &[String],
         mail_from: &str,
@@ -1145,7 +1218,7 @@ impl Session {
             rules: checks.rules.join(" "),
             hits: checks.hits.join(" "),
             rcpt_addrs: rcpt_addrs.to_vec(),
-            score: self.score,
+            score,
         }
         .emit();
     }

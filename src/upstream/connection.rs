@@ -110,6 +110,9 @@ pub struct UpstreamConn {
     rbuf: Vec<u8>,
     timeouts: UpTimeouts,
     pub capabilities: Capabilities,
+    /// Upstream accepted a MAIL whose transaction has not ended yet (by its
+    /// final reply after the dot, or by RSET).
+    open_txn: bool,
 }
 
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -149,6 +152,7 @@ impl UpstreamConn {
             rbuf: Vec::with_capacity(1024),
             timeouts: dial.timeouts,
             capabilities: Capabilities::default(),
+            open_txn: false,
         };
         if matches!(identity, Identity::ProxyV1 | Identity::ProxyV2) {
             let (src, dst) = match client {
@@ -259,6 +263,7 @@ impl UpstreamConn {
             rbuf: Vec::new(),
             timeouts: dial.timeouts,
             capabilities: Capabilities::default(),
+            open_txn: false,
         };
         match conn.read_reply(UpStage::Greeting, wait).await {
             Ok(r) => {
@@ -319,6 +324,29 @@ impl UpstreamConn {
         self.read_reply(stage, self.timeouts.command).await
     }
 
+    /// Whether upstream holds an open transaction (a MAIL it accepted).
+    pub fn in_transaction(&self) -> bool {
+        self.open_txn
+    }
+
+    /// Relays a MAIL command line; a positive reply opens a transaction.
+    pub async fn mail(&mut self, line: &[u8]) -> Result<UpstreamReply, UpstreamError> {
+        let r = self.command(line, UpStage::Mail).await?;
+        if r.is_positive() {
+            self.open_txn = true;
+        }
+        Ok(r)
+    }
+
+    /// RSET: a positive reply ends any transaction.
+    pub async fn rset(&mut self) -> Result<UpstreamReply, UpstreamError> {
+        let r = self.command(b"RSET", UpStage::Rset).await?;
+        if r.is_positive() {
+            self.open_txn = false;
+        }
+        Ok(r)
+    }
+
     /// DATA, then the message as `parts` (our headers first, then the
     /// client's message in pieces, each made of whole CRLF lines), each
     /// dot-stuffed, then the terminator. Returns the reply to DATA if it is
@@ -326,6 +354,7 @@ impl UpstreamConn {
     pub async fn data(&mut self, parts: &[&[u8]]) -> Result<UpstreamReply, UpstreamError> {
         let go = self.command(b"DATA", UpStage::Data).await?;
         if go.code != 354 {
+            // Upstream's transaction stays open (RFC 5321 keeps it).
             return Ok(go);
         }
         let limit = self.timeouts.data;
@@ -378,7 +407,10 @@ impl UpstreamConn {
                 });
             }
         }
-        self.read_reply(UpStage::Message, limit).await
+        let r = self.read_reply(UpStage::Message, limit).await?;
+        // The reply after the dot ends the transaction, whatever it says.
+        self.open_txn = false;
+        Ok(r)
     }
 
     /// Ends the connection politely; errors do not matter any more.

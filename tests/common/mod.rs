@@ -334,6 +334,9 @@ async fn serve(
         let verb = upper.split(' ').next().unwrap_or("").to_string();
         let ok = match verb.as_str() {
             "EHLO" | "HELO" => {
+                // Like Postfix: a new greeting aborts any transaction.
+                mail = None;
+                rcpts.clear();
                 helo = line[5.min(line.len())..].to_string();
                 let r = stage_reply("ehlo", "");
                 if !r.is_empty() {
@@ -372,6 +375,16 @@ async fn serve(
                 xclient = Some(line.clone());
                 c.send(&stage_reply("xclient", "220 fake.test ESMTP again"))
                     .await
+            }
+            "MAIL" if mail.is_some() => c.send("503 5.5.1 Error: nested MAIL command").await,
+            "RCPT" if mail.is_none() => c.send("503 5.5.1 Error: need MAIL command").await,
+            "DATA" if rcpts.is_empty() => {
+                let r = if mail.is_none() {
+                    "503 5.5.1 Error: need RCPT command"
+                } else {
+                    "554 5.5.1 Error: no valid recipients"
+                };
+                c.send(r).await
             }
             "MAIL" => {
                 if drops("mail") {
