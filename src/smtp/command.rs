@@ -1,6 +1,7 @@
 //! Client commands: classified by `smtp-proto`, with the raw line kept so
 //! MAIL and RCPT reach upstream exactly as the client wrote them.
 
+use crate::smtp::path::{self, Kind, PathError};
 use smtp_proto::Request;
 
 /// One parsed client command. `line` is the raw command without its CRLF.
@@ -47,6 +48,8 @@ pub enum CommandError {
     Syntax(&'static str),
     BadParameter,
     UnsupportedParameter(String),
+    /// A reverse-path (MAIL) or forward-path (RCPT) that RFC 5321 refuses.
+    BadPath(Kind, PathError),
 }
 
 /// Parses one command line (`line` without CRLF).
@@ -64,6 +67,11 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     match verb.as_slice() {
         b"XCLIENT" => return Ok(Command::NotImplemented("XCLIENT")),
         b"XFORWARD" => return Ok(Command::NotImplemented("XFORWARD")),
+        b"MAIL" | b"RCPT" => {
+            if let Some(cmd) = mail_or_rcpt(line, verb.as_slice() == b"MAIL") {
+                return cmd;
+            }
+        }
         _ => {}
     }
     let parsed = Request::parse(&mut with_crlf.iter());
@@ -72,20 +80,10 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
             Request::Ehlo { host } => Command::Ehlo(host.into_owned()),
             Request::Helo { host } => Command::Helo(host.into_owned()),
             Request::Lhlo { .. } => Command::NotImplemented("LHLO"),
-            Request::Mail { from } => Command::Mail(MailCmd {
-                address: from.address.into_owned(),
-                size: (from.size != 0).then_some(from.size as u64),
-                params: param_keywords(line),
-                body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
-                body_binary: from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0,
-                smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
-                line: line.to_vec(),
-            }),
-            Request::Rcpt { to } => Command::Rcpt(RcptCmd {
-                address: to.address.into_owned(),
-                params: param_keywords(line),
-                line: line.to_vec(),
-            }),
+            // Only reached when the line is not `MAIL FROM:`/`RCPT TO:` as
+            // `mail_or_rcpt` reads it: never pass an unchecked path on.
+            Request::Mail { .. } => return Err(CommandError::Syntax("MAIL FROM:<address>")),
+            Request::Rcpt { .. } => return Err(CommandError::Syntax("RCPT TO:<address>")),
             Request::Data => Command::Data,
             Request::Rset => Command::Rset,
             Request::Noop { .. } => Command::Noop,
@@ -95,40 +93,78 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
             Request::StartTls => Command::StartTls,
             other => Command::NotImplemented(other.name()),
         }),
-        Err(smtp_proto::Error::UnknownCommand) => Err(CommandError::Unknown),
-        Err(smtp_proto::Error::SyntaxError { syntax }) => Err(CommandError::Syntax(syntax)),
-        Err(smtp_proto::Error::UnsupportedParameter { param }) => {
-            Err(CommandError::UnsupportedParameter(param))
-        }
-        Err(_) => Err(CommandError::BadParameter),
+        Err(e) => Err(proto_error(e)),
     }
 }
 
-/// The ESMTP parameter keywords after the path in MAIL/RCPT, upper-cased.
-/// The path is skipped with quote awareness so `<"a>b"@x>` is handled.
-fn param_keywords(line: &[u8]) -> Vec<String> {
-    let Some(open) = memchr::memchr(b'<', line) else {
-        return Vec::new();
+/// MAIL and RCPT: the path checked by `path`, the parameters by smtp-proto
+/// (given a stand-in path). None when the line is not `VERB FROM:`/`TO:`
+/// at all, for smtp-proto to answer.
+fn mail_or_rcpt(line: &[u8], mail: bool) -> Option<Result<Command, CommandError>> {
+    let (keyword, kind) = if mail {
+        (&b"FROM"[..], Kind::Reverse)
+    } else {
+        (&b"TO"[..], Kind::Forward)
     };
-    let mut in_quote = false;
-    let mut escaped = false;
-    let mut end = None;
-    for (i, &b) in line[open + 1..].iter().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if in_quote => escaped = true,
-            b'"' => in_quote = !in_quote,
-            b'>' if !in_quote => {
-                end = Some(open + 1 + i);
-                break;
-            }
-            _ => {}
+    let rest = skip_spaces(line.get(4..)?);
+    let rest = rest
+        .get(..keyword.len())
+        .filter(|k| k.eq_ignore_ascii_case(keyword))
+        .map(|_| skip_spaces(&rest[keyword.len()..]))?;
+    let arg = skip_spaces(rest.strip_prefix(b":")?);
+    let p = match path::parse(arg, kind) {
+        Ok(p) => p,
+        Err(e) => return Some(Err(CommandError::BadPath(kind, e))),
+    };
+    let params = &arg[p.end..];
+    let mut stand_in = Vec::with_capacity(params.len() + 24);
+    stand_in.extend_from_slice(if mail {
+        b"MAIL FROM:<>"
+    } else {
+        b"RCPT TO:<postmaster>"
+    });
+    stand_in.extend_from_slice(params);
+    stand_in.extend_from_slice(b"\r\n");
+    let address = String::from_utf8_lossy(p.mailbox).into_owned();
+    Some(match Request::parse(&mut stand_in.iter()) {
+        Ok(Request::Mail { from }) => Ok(Command::Mail(MailCmd {
+            address,
+            size: (from.size != 0).then_some(from.size as u64),
+            params: param_keywords(params),
+            body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+            body_binary: from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0,
+            smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
+            line: line.to_vec(),
+        })),
+        Ok(Request::Rcpt { .. }) => Ok(Command::Rcpt(RcptCmd {
+            address,
+            params: param_keywords(params),
+            line: line.to_vec(),
+        })),
+        Ok(_) => Err(CommandError::BadParameter),
+        Err(e) => Err(proto_error(e)),
+    })
+}
+
+fn skip_spaces(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ').count();
+    &s[n..]
+}
+
+fn proto_error(e: smtp_proto::Error) -> CommandError {
+    match e {
+        smtp_proto::Error::UnknownCommand => CommandError::Unknown,
+        smtp_proto::Error::SyntaxError { syntax } => CommandError::Syntax(syntax),
+        smtp_proto::Error::UnsupportedParameter { param } => {
+            CommandError::UnsupportedParameter(param)
         }
+        _ => CommandError::BadParameter,
     }
-    let Some(end) = end else {
-        return Vec::new();
-    };
-    line[end + 1..]
+}
+
+/// The ESMTP parameter keywords (what follows the path), upper-cased.
+fn param_keywords(params: &[u8]) -> Vec<String> {
+    params
         .split(|&b| b == b' ')
         .filter(|p| !p.is_empty())
         .map(|p| {

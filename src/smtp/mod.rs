@@ -4,6 +4,7 @@
 pub mod command;
 pub mod data;
 pub mod ehlo;
+pub mod path;
 pub mod proxy_header;
 pub mod reply;
 pub mod session;

@@ -46,6 +46,7 @@ use crate::server::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
 use crate::smtp::data::DataReader;
 use crate::smtp::ehlo::Offer;
+use crate::smtp::path::Kind;
 use crate::smtp::reply::{self, Reply, UpstreamReply};
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, UpStage, Upstream, UpstreamConn, UpstreamError};
@@ -469,6 +470,13 @@ impl Session {
                 return self.error(reply::PARAM_SYNTAX.with_text(format!("Syntax: {s}")));
             }
             Err(CommandError::BadParameter) => return self.error(reply::PARAM_SYNTAX),
+            Err(CommandError::BadPath(kind, why)) => {
+                tracing::debug!(session = %self.peer.id, %why, "bad path");
+                return self.error(match kind {
+                    Kind::Reverse => reply::BAD_SENDER,
+                    Kind::Forward => reply::BAD_RECIPIENT,
+                });
+            }
             Err(CommandError::UnsupportedParameter(p)) => {
                 return self.error(
                     reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")),
