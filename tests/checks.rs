@@ -424,6 +424,38 @@ async fn dkim_pass_fail_missing_key_and_ed25519() {
     );
 }
 
+/// A p=reject policy that was found is enforced even when the registry's
+/// name server fails the parent lookup (`_dmarc.test.`) that DMARC's tree
+/// walk would ask: the organizational domain comes from the Public Suffix
+/// List (RFC 7489), so that lookup is never needed.
+#[tokio::test]
+async fn dmarc_policy_found_is_not_voided_by_a_failing_parent_lookup() {
+    use common::dns::ResponseCode;
+    for code in [ResponseCode::ServFail, ResponseCode::Refused] {
+        let dns = FakeDns::start_failing(ORIGINS, zones(vec![]), &[("_dmarc.test.", code)]).await;
+        let mta = FakeMta::start(Script::default()).await;
+        let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", AUTH)).await;
+        let spoof =
+            "From: ceo@reject.test\r\nTo: b@example.test\r\nSubject: pay\r\n\r\nwire it\r\n";
+        let r = deliver(gate.addr, "127.0.0.7", "x@pass.test", spoof).await;
+        assert_eq!(
+            r, "550 5.7.1 DMARC policy of reject.test rejects this message\r\n",
+            "{code:?}"
+        );
+        // A subdomain without its own record: the organization's policy
+        // (sp defaults to p) applies, found without asking above it.
+        let sub = "From: ceo@mail.reject.test\r\nTo: b@example.test\r\nSubject: pay\r\n\r\nx\r\n";
+        let r = deliver(gate.addr, "127.0.0.7", "x@pass.test", sub).await;
+        assert!(r.starts_with("550 5.7.1"), "{code:?}: {r}");
+        assert_eq!(dns.count("_dmarc.test."), 0, "{:?}", dns.queries());
+        // Aligned mail from the same domain still passes.
+        let ok = "From: ceo@reject.test\r\nTo: b@example.test\r\nSubject: ok\r\n\r\nx\r\n";
+        let r = deliver(gate.addr, "127.0.0.7", "x@reject.test", ok).await;
+        assert!(r.starts_with("250"), "{code:?}: {r}");
+        assert!(mta.stored().len() == 1);
+    }
+}
+
 #[tokio::test]
 async fn dmarc_reject_quarantine_none_aligned_and_unaligned() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;

@@ -395,6 +395,11 @@ impl Checker {
         if self.cfg.dmarc.mode != Mode::Off
             && let Some(spf) = &t.spf_mail
         {
+            for from in msg.from_addresses() {
+                if let Some((_, domain)) = from.rsplit_once('@') {
+                    cache.shield_public_suffixes(domain);
+                }
+            }
             let dmarc = auth
                 .verify_dmarc(
                     Parameters::new(DmarcParameters::new(&msg, &dkim, spf.domain(), spf))

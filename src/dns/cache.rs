@@ -126,6 +126,41 @@ impl DnsCache for RecordCache {
     }
 }
 
+impl RecordCache {
+    /// Makes DMARC's tree walk (RFC 9989) stop below the public suffix of
+    /// `domain`: `_dmarc.<suffix>` and above read as "no record" without a
+    /// query. The Organizational Domain is then what RFC 7489 finds with the
+    /// Public Suffix List, and a policy found at the author's or the
+    /// organization's name cannot be voided by a registry's name server
+    /// failing a lookup the decision does not need.
+    pub fn shield_public_suffixes(&self, domain: &str) {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let Some(suffix) = psl::suffix_str(&domain) else {
+            return;
+        };
+        let mut name = suffix;
+        loop {
+            let key: Box<str> = format!("_dmarc.{name}.").into();
+            if self.txt.get::<str>(&key).is_none() {
+                let none = Negative {
+                    code: mail_auth::hickory_resolver::proto::op::ResponseCode::NXDomain,
+                };
+                self.txt
+                    .insert(key, TxtRecord::Error(none.into()), far_future());
+            }
+            match name.split_once('.') {
+                Some((_, parent)) => name = parent,
+                None => break,
+            }
+        }
+    }
+}
+
+/// An expiry the cache clamps to its `max_ttl`.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
 /// Records what one lookup would have cached, to learn its expiry.
 #[derive(Default)]
 pub(super) struct Capture {

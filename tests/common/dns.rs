@@ -2,10 +2,12 @@
 //! with test zones built from records, counting every query it answers.
 
 use hickory_server::Server;
+pub use hickory_server::proto::op::ResponseCode;
 use hickory_server::proto::rr::rdata::{A, AAAA, PTR, SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -46,6 +48,8 @@ pub fn aaaa(name: &str, ip: &str) -> Rec {
 struct Counting {
     catalog: Catalog,
     log: Arc<Mutex<Vec<String>>>,
+    /// Names (lower case, fully qualified) answered with an error code.
+    fail: Vec<(String, ResponseCode)>,
 }
 
 #[async_trait::async_trait]
@@ -53,14 +57,22 @@ impl RequestHandler for Counting {
     async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
         &self,
         request: &Request,
-        response_handle: R,
+        mut response_handle: R,
     ) -> ResponseInfo {
         if let Ok(info) = request.request_info() {
-            self.log.lock().unwrap().push(format!(
-                "{} {}",
-                info.query.name(),
-                info.query.query_type()
-            ));
+            let name = info.query.name().to_string().to_ascii_lowercase();
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{name} {}", info.query.query_type()));
+            if let Some((_, code)) = self.fail.iter().find(|(n, _)| *n == name) {
+                let response = MessageResponseBuilder::new(&request.queries, None)
+                    .error_msg(&request.metadata, *code);
+                return response_handle
+                    .send_response(response)
+                    .await
+                    .expect("send the DNS error answer");
+            }
         }
         self.catalog
             .handle_request::<R, T>(request, response_handle)
@@ -78,6 +90,16 @@ impl FakeDns {
     /// Serves `records` from zones `origins` (each gets an SOA with a
     /// 300 s negative TTL).
     pub async fn start(origins: &[&str], records: Vec<Rec>) -> FakeDns {
+        Self::start_failing(origins, records, &[]).await
+    }
+
+    /// Like `start`, but every query for a name in `fail` (fully
+    /// qualified) is answered with its error code (SERVFAIL, REFUSED).
+    pub async fn start_failing(
+        origins: &[&str],
+        records: Vec<Rec>,
+        fail: &[(&str, ResponseCode)],
+    ) -> FakeDns {
         let mut zones: BTreeMap<String, InMemoryZoneHandler> = BTreeMap::new();
         for o in origins {
             let origin = Name::from_str(o).unwrap();
@@ -126,6 +148,10 @@ impl FakeDns {
         let mut server = Server::new(Counting {
             catalog,
             log: Arc::clone(&log),
+            fail: fail
+                .iter()
+                .map(|(n, c)| (n.to_ascii_lowercase(), *c))
+                .collect(),
         });
         server.register_socket(socket);
         FakeDns {
