@@ -156,3 +156,55 @@ async fn local_refusal_after_the_dot_resets_upstream() {
         "the refused message never reached DATA"
     );
 }
+
+/// A port with nothing listening on it (yet).
+async fn closed_port() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn gate_started_before_its_mta_offers_what_the_mta_can_do_at_once() {
+    let addr = closed_port().await;
+    let gate = Gate::start(addr, "").await;
+    // Upstream down: the offer needs nothing from it (no 8BITMIME).
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    let ehlo = c.cmd("EHLO early.test", "250").await;
+    assert!(!ehlo.contains("8BITMIME"), "{ehlo}");
+    let mta = FakeMta::start_at(addr, Script::default()).await;
+    // The first client after the MTA is up sees the full offer, without
+    // waiting for the periodic probe (60 s by default).
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    let ehlo = c.cmd("EHLO first.test", "250").await;
+    assert!(ehlo.contains("8BITMIME"), "{ehlo}");
+    assert!(ehlo.contains("DSN"), "{ehlo}");
+    deliver(&mut c, "after-start").await;
+    assert_eq!(mta.stored().len(), 1);
+}
+
+#[tokio::test]
+async fn failed_probes_are_retried_with_backoff() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Accepts and hangs up at once: every probe fails at the greeting.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&accepts);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let start = std::time::Instant::now();
+    let _gate = Gate::start(addr, "").await; // probe_interval: 60 s
+    tokio::time::sleep(std::time::Duration::from_millis(3600).saturating_sub(start.elapsed()))
+        .await;
+    // The gate's own probe, then the refresher at 0 s, 1 s and 3 s (next at
+    // 7 s): quick retries while down, yet no hammering.
+    let seen = accepts.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&seen), "{seen} probes in 3.6 s");
+}

@@ -522,7 +522,7 @@ impl Session {
         self.helo = Some(host);
         self.esmtp = esmtp;
         let cfg = &self.shared.cfg;
-        let caps = self.shared.upstream.capabilities();
+        let caps = self.shared.upstream.capabilities_for_client().await;
         let starttls = self.tls.is_none() && self.shared.tls_acceptor().is_some();
         self.offer = Offer::new(caps.as_deref(), cfg.limits.max_message_size.0, starttls);
         if esmtp {

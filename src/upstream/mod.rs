@@ -3,6 +3,10 @@
 //! `Upstream` is shared by all sessions. It probes upstream's EHLO at start
 //! and every `probe_interval` (what we may offer clients depends on it),
 //! resolves `client_identity: auto`, and opens per-session connections.
+//! What upstream can do is learned, not guessed: every EHLO reply the gate
+//! sees refreshes it, a failed probe is retried with backoff (1 s, 2 s, 4 s
+//! ... up to the interval), and a client's EHLO while nothing is known
+//! probes at once, so start-up order does not matter.
 
 mod capabilities;
 mod connection;
@@ -47,7 +51,12 @@ pub struct Upstream {
     mode: Mode,
     probe_interval: Duration,
     state: RwLock<State>,
+    /// One probe at a time; others wait for its result.
+    probing: tokio::sync::Mutex<()>,
 }
+
+/// The first retry after a failed probe; doubled up to `probe_interval`.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// How long the `auto` probe waits for a greeting before trying PROXY v2.
 const AUTO_GREETING_WAIT: Duration = Duration::from_secs(3);
@@ -93,6 +102,7 @@ impl Upstream {
                 identity: fixed,
                 ..State::default()
             }),
+            probing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -118,9 +128,33 @@ impl Upstream {
         }
     }
 
+    /// Upstream's capabilities for a client's EHLO. While none are known
+    /// (upstream was down at every probe so far), probe now, within the
+    /// connect timeout; a probe already under way is waited for instead.
+    pub async fn capabilities_for_client(&self) -> Option<Arc<Capabilities>> {
+        if let Some(c) = self.capabilities() {
+            return Some(c);
+        }
+        let limit = self.dial.timeouts.connect;
+        match self.probing.try_lock() {
+            Ok(_guard) => {
+                let _ = tokio::time::timeout(limit, self.probe_unlocked()).await;
+            }
+            Err(_) => {
+                let _ = tokio::time::timeout(limit, self.probing.lock()).await;
+            }
+        }
+        self.capabilities()
+    }
+
     /// Connects once, learns upstream's EHLO and (for `auto`) how to pass the
     /// client identity.
     pub async fn probe(&self) -> Result<Identity, ProbeError> {
+        let _guard = self.probing.lock().await;
+        self.probe_unlocked().await
+    }
+
+    async fn probe_unlocked(&self) -> Result<Identity, ProbeError> {
         let result = self.probe_inner().await;
         match &result {
             Ok(id) => {
@@ -170,22 +204,24 @@ impl Upstream {
         }
     }
 
-    /// Probes again every `probe_interval` (sooner while upstream is down).
+    /// Probes again every `probe_interval`; after a failure, sooner, with
+    /// backoff (1 s, 2 s, 4 s ... up to the interval).
     pub fn spawn_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         tokio::spawn(async move {
+            let mut retry = FIRST_RETRY;
             loop {
-                let healthy = match me.probe().await {
-                    Ok(_) => true,
-                    Err(e) => {
-                        tracing::warn!(upstream = %me.addr, error = %e, "upstream probe failed");
-                        false
+                let wait = match me.probe().await {
+                    Ok(_) => {
+                        retry = FIRST_RETRY;
+                        me.probe_interval
                     }
-                };
-                let wait = if healthy {
-                    me.probe_interval
-                } else {
-                    me.probe_interval.min(Duration::from_secs(5))
+                    Err(e) => {
+                        tracing::warn!(upstream = %me.addr, error = %e, retry_in = ?retry, "upstream probe failed");
+                        let wait = retry.min(me.probe_interval);
+                        retry = (retry * 2).min(me.probe_interval);
+                        wait
+                    }
                 };
                 tokio::time::sleep(wait).await;
             }
@@ -198,6 +234,7 @@ impl Upstream {
             Some(id) => id,
             None => self.probe().await.map_err(OpenError::Probe)?,
         };
+        // Every EHLO reply we see refreshes what we offer clients.
         let conn = UpstreamConn::open(&self.dial, identity, Some(client))
             .await
             .map_err(OpenError::Upstream)?;

@@ -110,8 +110,15 @@ pub struct FakeMta {
 
 impl FakeMta {
     pub async fn start(script: Script) -> FakeMta {
+        Self::start_at("127.0.0.1:0".parse().unwrap(), script).await
+    }
+
+    /// Starts on a given address (e.g. one a gate was told about before
+    /// its MTA was up).
+    pub async fn start_at(addr: SocketAddr, script: Script) -> FakeMta {
         let sock = TcpSocket::new_v4().unwrap();
-        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        sock.set_reuseaddr(true).unwrap();
+        sock.bind(addr).unwrap();
         let listener = sock.listen(1024).unwrap();
         let addr = listener.local_addr().unwrap();
         let rec = Arc::new(Mutex::new(Recorded::default()));
