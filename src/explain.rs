@@ -101,7 +101,7 @@ pub async fn explain(mut cfg: Config, input: Input) -> Result<String, String> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let mut conn = checker.connect(input.ip);
+    let mut conn = checker.connect(input.ip, false);
     if conn.allowed {
         let _ = writeln!(out, "client is allow-listed: no checks");
     }

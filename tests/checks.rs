@@ -837,3 +837,58 @@ rules:
     c.cmd("RCPT TO:<b@example.test>", "451 4.7.1 listed and passing")
         .await;
 }
+
+/// Upstream is told the client's name as Postfix would have found it,
+/// whatever iprev's mode: the forward-confirmed name (NAME), the PTR name
+/// (REVERSE_NAME), `[UNAVAILABLE]` when there is none, `[TEMPUNAVAIL]` when
+/// DNS failed temporarily.
+#[tokio::test]
+async fn xclient_carries_the_client_names_with_iprev_off() {
+    use common::dns::ResponseCode;
+    let dns = FakeDns::start_failing(
+        ORIGINS,
+        zones(vec![]),
+        &[("6.113.0.203.in-addr.arpa.", ResponseCode::ServFail)],
+    )
+    .await;
+    let mut script = Script::default();
+    script.ehlo_keywords = script
+        .ehlo_keywords
+        .into_iter()
+        .map(|k| {
+            if k.starts_with("XCLIENT") {
+                "XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT".into()
+            } else {
+                k
+            }
+        })
+        .collect();
+    let mta = FakeMta::start(script).await;
+    let off = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: off}\n";
+    let gate = Gate::start_with(&proxied_config(mta.addr, dns.addr, off)).await;
+    for (ip, name, reverse) in [
+        ("203.0.113.9", "good.test", "good.test"),
+        ("203.0.113.8", "[UNAVAILABLE]", "liar.test"),
+        ("203.0.113.7", "[UNAVAILABLE]", "[UNAVAILABLE]"),
+        ("203.0.113.6", "[TEMPUNAVAIL]", "[TEMPUNAVAIL]"),
+    ] {
+        let mut c = proxied(gate.addr, ip, "client.test").await;
+        let r = c
+            .send_mail(
+                "a@sender.test",
+                &["b@example.test"],
+                b"Subject: n\r\n\r\nx\r\n",
+            )
+            .await;
+        assert!(r.starts_with("250"), "{ip}: {r}");
+        let stored = mta.stored();
+        let xc = stored.last().unwrap().xclient.clone().unwrap();
+        assert!(xc.contains(&format!("ADDR={ip}")), "{xc}");
+        assert!(xc.contains(&format!(" NAME={name} ")), "{ip}: {xc}");
+        assert!(
+            xc.contains(&format!(" REVERSE_NAME={reverse} ")),
+            "{ip}: {xc}"
+        );
+    }
+    assert_eq!(mta.stored().len(), 4);
+}

@@ -802,3 +802,65 @@ async fn upstream_refusing_greeting_or_xclient_gives_4xx() {
         c.cmd("NOOP", "250").await;
     }
 }
+
+/// An 8-bit HELO name long enough that its xtext passes Postfix's 255-octet
+/// XCLIENT attribute limit: XCLIENT says HELO=[UNAVAILABLE] and the name
+/// still reaches upstream in the EHLO after it. The message is delivered.
+#[tokio::test]
+async fn long_8bit_helo_never_breaks_xclient() {
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start(mta.addr, "").await;
+    let helo = "é".repeat(43); // 86 octets, 258 in xtext
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    c.cmd(&format!("EHLO {helo}"), "250").await;
+    let r = c
+        .send_mail(
+            "a@sender.test",
+            &["b@example.test"],
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    let stored = mta.stored();
+    assert!(
+        stored[0]
+            .xclient
+            .as_deref()
+            .unwrap()
+            .contains("HELO=[UNAVAILABLE]"),
+        "{:?}",
+        stored[0].xclient
+    );
+    assert_eq!(stored[0].helo, helo);
+}
+
+/// Upstream refusing the client's HELO name is the client's problem: its
+/// refusal is relayed at MAIL (not 451, not an upstream outage), and a
+/// better name then works.
+#[tokio::test]
+async fn upstream_refusing_the_client_helo_is_relayed_not_an_outage() {
+    let mta = FakeMta::start(Script {
+        refuse_helo: Some("bad-name"),
+        ..Script::default()
+    })
+    .await;
+    let gate = Gate::start(mta.addr, "").await;
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    c.cmd("EHLO bad-name.test", "250").await;
+    let r = c.cmd("MAIL FROM:<a@sender.test>", "501 5.5.2").await;
+    assert!(r.contains("Helo command rejected"), "{r}");
+    c.cmd("EHLO good-name.test", "250").await;
+    let r = c
+        .send_mail(
+            "a@sender.test",
+            &["b@example.test"],
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    // A HELO name that is not UTF-8 is refused by us, as Postfix would.
+    c.send(b"EHLO caf\xe9.test\r\n").await;
+    assert!(c.reply().await.starts_with("501 5.5.2"));
+}

@@ -3,10 +3,12 @@
 //! turned into `Finding`s by its configured mode and actions, and the
 //! Authentication-Results header (RFC 8601) for the message.
 
+use super::client_name;
 use super::dnsbl::{Dnsbl, ZoneOutcome};
 use crate::config::{Action, ChecksConfig, Mode};
 use crate::dns::Dns;
 use crate::rules::{Facts, Hit, MessageFacts, RuleAction, RuleSet, RuleStage};
+use crate::upstream::DnsName;
 use crate::verdict::{self, Finding, Outcome};
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -36,11 +38,16 @@ pub struct ConnChecks {
     /// Allow-listed client: no checks at all.
     pub allowed: bool,
     dnsbl_task: Option<JoinHandle<Vec<ZoneOutcome>>>,
+    /// PTR plus forward confirmation: for iprev and for upstream.
     iprev_task: Option<JoinHandle<IprevOutput>>,
+    /// iprev is a check here (not only a name lookup for upstream).
+    iprev_on: bool,
     dnsbl_ip: Option<Vec<ZoneOutcome>>,
     iprev: Option<IprevOutput>,
-    /// The verified reverse name (iprev pass), once iprev has finished.
+    /// The verified reverse name, once the lookup has finished.
     reverse: Option<String>,
+    /// XCLIENT NAME and REVERSE_NAME, once the lookup has finished.
+    names: Option<(DnsName, DnsName)>,
 }
 
 /// What a transaction's checks found so far; kept for the DATA stage and the log.
@@ -85,9 +92,29 @@ pub struct DataChecks {
 }
 
 impl ConnChecks {
-    /// The verified reverse name, once iprev has finished.
+    /// The verified reverse name, once the lookup has finished.
     pub fn reverse(&self) -> Option<&str> {
         self.reverse.as_deref()
+    }
+
+    /// The client's names for upstream (NAME, REVERSE_NAME), waiting for
+    /// the lookup started at connect (bounded by the DNS timeout).
+    pub async fn client_names(&mut self) -> (DnsName, DnsName) {
+        self.finish_name_lookup().await;
+        self.names.clone().unwrap_or_default()
+    }
+
+    async fn finish_name_lookup(&mut self) {
+        let Some(t) = self.iprev_task.take() else {
+            return;
+        };
+        let Ok(r) = t.await else { return };
+        let names = client_name::from_iprev(&r);
+        self.reverse = names.0.known().map(str::to_string);
+        self.names = Some(names);
+        if self.iprev_on {
+            self.iprev = Some(r);
+        }
     }
 }
 
@@ -116,27 +143,29 @@ impl Checker {
         }
     }
 
-    /// Starts the DNSBL and iprev lookups for a new client, in the background.
-    pub fn connect(&self, ip: IpAddr) -> ConnChecks {
+    /// Starts the DNSBL and iprev lookups for a new client, in the
+    /// background. `want_names`: upstream is to be told the client's DNS
+    /// name (XCLIENT), so look it up even when iprev is off.
+    pub fn connect(&self, ip: IpAddr, want_names: bool) -> ConnChecks {
         let ip = ip.to_canonical();
         let allowed = self.cfg.allow.clients.iter().any(|n| n.contains(&ip));
+        let iprev_on = self.cfg.iprev.mode != Mode::Off && !allowed;
         let mut c = ConnChecks {
             ip,
             allowed,
             dnsbl_task: None,
             iprev_task: None,
+            iprev_on,
             dnsbl_ip: None,
             iprev: None,
             reverse: None,
+            names: None,
         };
-        if allowed {
-            return c;
-        }
-        if self.cfg.dnsbl.mode != Mode::Off && self.dnsbl.ip_zones().next().is_some() {
+        if !allowed && self.cfg.dnsbl.mode != Mode::Off && self.dnsbl.ip_zones().next().is_some() {
             let bl = Arc::clone(&self.dnsbl);
             c.dnsbl_task = Some(tokio::spawn(async move { bl.check_ip(ip).await }));
         }
-        if self.cfg.iprev.mode != Mode::Off {
+        if iprev_on || want_names {
             let dns = Arc::clone(&self.dns);
             c.iprev_task = Some(tokio::spawn(async move {
                 let (auth, cache) = dns.auth();
@@ -151,19 +180,7 @@ impl Checker {
         if let Some(t) = c.dnsbl_task.take() {
             c.dnsbl_ip = Some(t.await.unwrap_or_default());
         }
-        if let Some(t) = c.iprev_task.take()
-            && let Ok(r) = t.await
-        {
-            c.reverse = match r.result() {
-                IprevResult::Pass => r
-                    .ptr
-                    .as_ref()
-                    .and_then(|p| p.first())
-                    .map(|n| n.trim_end_matches('.').to_string()),
-                _ => None,
-            };
-            c.iprev = Some(r);
-        }
+        c.finish_name_lookup().await;
     }
 
     /// For `reject_at: connect`: the DNSBL verdict before the greeting.

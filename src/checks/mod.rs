@@ -2,6 +2,7 @@
 //! only the session writes replies and only `upstream` talks to the MTA.
 
 pub mod auth;
+mod client_name;
 pub mod dnsbl;
 mod limits;
 

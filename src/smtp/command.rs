@@ -50,6 +50,9 @@ pub enum CommandError {
     UnsupportedParameter(String),
     /// A reverse-path (MAIL) or forward-path (RCPT) that RFC 5321 refuses.
     BadPath(Kind, PathError),
+    /// A HELO/EHLO name that is not UTF-8: no MTA behind us would take it
+    /// (Postfix: `500 5.5.2 Error: bad UTF-8 syntax`).
+    BadHelo,
 }
 
 /// Parses one command line (`line` without CRLF).
@@ -67,6 +70,9 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     match verb.as_slice() {
         b"XCLIENT" => return Ok(Command::NotImplemented("XCLIENT")),
         b"XFORWARD" => return Ok(Command::NotImplemented("XFORWARD")),
+        b"EHLO" | b"HELO" if std::str::from_utf8(line).is_err() => {
+            return Err(CommandError::BadHelo);
+        }
         b"MAIL" | b"RCPT" => {
             if let Some(cmd) = mail_or_rcpt(line, verb.as_slice() == b"MAIL") {
                 return cmd;

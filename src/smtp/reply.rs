@@ -86,6 +86,7 @@ pub const READY_TLS: Reply = Reply::new(220, 0, 0, "Ready to start TLS");
 pub const SYNTAX: Reply = Reply::new(500, 5, 2, "Syntax error, command unrecognized");
 pub const LINE_TOO_LONG: Reply = Reply::new(500, 5, 2, "Line too long");
 pub const PARAM_SYNTAX: Reply = Reply::new(501, 5, 4, "Syntax error in parameters");
+pub const BAD_HELO: Reply = Reply::new(501, 5, 2, "Invalid HELO name: not UTF-8");
 pub const BAD_SENDER: Reply = Reply::new(501, 1, 7, "Bad sender address syntax");
 pub const BAD_RECIPIENT: Reply = Reply::new(501, 1, 3, "Bad recipient address syntax");
 pub const NOT_IMPLEMENTED: Reply = Reply::new(502, 5, 1, "Command not implemented");

@@ -49,7 +49,7 @@ use crate::smtp::ehlo::Offer;
 use crate::smtp::path::Kind;
 use crate::smtp::reply::{self, Reply, UpstreamReply};
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
-use crate::upstream::{ClientIdentity, UpStage, Upstream, UpstreamConn, UpstreamError};
+use crate::upstream::{ClientIdentity, OpenError, UpStage, Upstream, UpstreamConn, UpstreamError};
 use crate::verdict::Decision;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -190,6 +190,14 @@ enum Line {
     Shutdown,
 }
 
+/// Why no upstream connection could be had for a MAIL.
+enum Unavailable {
+    /// Upstream is down or misbehaving: 451, counted as an outage.
+    Down,
+    /// Upstream refused the client's HELO name: relayed as upstream said.
+    Refused(UpstreamReply),
+}
+
 /// What `end_transaction` does to upstream.
 #[derive(Clone, Copy)]
 enum UpReset {
@@ -243,7 +251,7 @@ impl Session {
         let deadline = tokio::time::Instant::now() + shared.cfg.timeouts.session.0;
         // DNSBL and iprev start now and are awaited only when needed.
         let checker = shared.checker.load_full();
-        let conn_checks = checker.connect(peer.addr.ip());
+        let conn_checks = checker.connect(peer.addr.ip(), shared.upstream.wants_client_name());
         Session {
             checker,
             rules: shared.rules.current(),
@@ -470,6 +478,7 @@ impl Session {
                 return self.error(reply::PARAM_SYNTAX.with_text(format!("Syntax: {s}")));
             }
             Err(CommandError::BadParameter) => return self.error(reply::PARAM_SYNTAX),
+            Err(CommandError::BadHelo) => return self.error(reply::BAD_HELO),
             Err(CommandError::BadPath(kind, why)) => {
                 tracing::debug!(session = %self.peer.id, %why, "bad path");
                 return self.error(match kind {
@@ -608,10 +617,19 @@ impl Session {
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
         }
-        if let Err(r) = self.ensure_upstream().await {
-            self.log_mail_refused(&m, started, score, &r, "upstream:unavailable", "");
-            self.reply(&r);
-            return Next::Continue;
+        match self.ensure_upstream().await {
+            Ok(()) => {}
+            Err(Unavailable::Down) => {
+                let r = reply::UPSTREAM_UNAVAILABLE;
+                self.log_mail_refused(&m, started, score, &r, "upstream:unavailable", "");
+                self.reply(&r);
+                return Next::Continue;
+            }
+            Err(Unavailable::Refused(r)) => {
+                self.log_mail_refused(&m, started, score, &r, "upstream:helo", &r.text());
+                self.relay(&r);
+                return Next::Continue;
+            }
         }
         let Some(up) = self.upstream.as_mut() else {
             return Next::Continue;
@@ -976,18 +994,20 @@ impl Session {
 
     /// Opens the upstream connection if needed (lazily, at the first MAIL),
     /// or reopens it when the client changed its HELO name.
-    async fn ensure_upstream(&mut self) -> Result<(), Reply> {
+    async fn ensure_upstream(&mut self) -> Result<(), Unavailable> {
         if self.upstream.is_some() && self.upstream_helo == self.helo {
             return Ok(());
         }
         if let Some(old) = self.upstream.take() {
             old.quit().await;
         }
+        let (name, reverse_name) = self.conn_checks.client_names().await;
         let who = ClientIdentity {
             addr: self.peer.addr,
             local: self.peer.local,
             helo: self.helo.clone(),
-            reverse: self.conn_checks.reverse().map(str::to_string),
+            name,
+            reverse_name,
             esmtp: self.esmtp,
         };
         match self.shared.upstream.open(&who).await {
@@ -996,15 +1016,23 @@ impl Session {
                 self.upstream_helo = self.helo.clone();
                 Ok(())
             }
+            Err(OpenError::Upstream(e)) if e.client_refused().is_some() => {
+                // Upstream is up; it refused the client's HELO name.
+                tracing::debug!(session = %self.peer.id, error = %e, "upstream refused the client's HELO");
+                match e {
+                    UpstreamError::Refused { reply, .. } => Err(Unavailable::Refused(reply)),
+                    _ => Err(Unavailable::Down),
+                }
+            }
             Err(e) => {
                 let stage = match &e {
-                    crate::upstream::OpenError::Upstream(u) => u.stage().as_str(),
-                    crate::upstream::OpenError::Probe(_) => "probe",
+                    OpenError::Upstream(u) => u.stage().as_str(),
+                    OpenError::Probe(_) => "probe",
                 };
                 metrics::counter!("portcullis_upstream_errors_total", "stage" => stage)
                     .increment(1);
                 tracing::warn!(session = %self.peer.id, error = %e, "upstream unavailable");
-                Err(reply::UPSTREAM_UNAVAILABLE)
+                Err(Unavailable::Down)
             }
         }
     }

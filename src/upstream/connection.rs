@@ -19,6 +19,9 @@ pub enum UpStage {
     Connect,
     Greeting,
     Ehlo,
+    /// The EHLO that carries the client's own HELO name (after XCLIENT, or
+    /// with a PROXY header): a refusal there is about the client's input.
+    ClientHelo,
     Xclient,
     Mail,
     Rcpt,
@@ -34,6 +37,7 @@ impl UpStage {
             UpStage::Connect => "connect",
             UpStage::Greeting => "greeting",
             UpStage::Ehlo => "ehlo",
+            UpStage::ClientHelo => "client_helo",
             UpStage::Xclient => "xclient",
             UpStage::Mail => "mail",
             UpStage::Rcpt => "rcpt",
@@ -73,6 +77,18 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Upstream refused the client's own input (its HELO name), not us:
+    /// the client's problem to hear about, not an upstream outage.
+    pub fn client_refused(&self) -> Option<&UpstreamReply> {
+        match self {
+            UpstreamError::Refused {
+                stage: UpStage::ClientHelo,
+                reply,
+            } => Some(reply),
+            _ => None,
+        }
+    }
+
     pub fn stage(&self) -> UpStage {
         match self {
             UpstreamError::Connect { .. } => UpStage::Connect,
@@ -174,16 +190,16 @@ impl UpstreamConn {
         }
         // With a PROXY header the address is passed; the client's HELO name
         // goes in our EHLO, so upstream sees both as the client gave them.
-        let helo = match (identity, client) {
-            (Identity::ProxyV1 | Identity::ProxyV2, Some(c)) => {
-                c.helo.as_deref().unwrap_or(&dial.helo)
+        let (helo, stage) = match (identity, client) {
+            (Identity::ProxyV1 | Identity::ProxyV2, Some(c)) if c.helo.is_some() => {
+                (c.helo.as_deref().unwrap_or(&dial.helo), UpStage::ClientHelo)
             }
-            _ => &dial.helo,
+            _ => (dial.helo.as_str(), UpStage::Ehlo),
         };
-        conn.ehlo(helo).await?;
+        conn.ehlo(helo, stage).await?;
         if let Some((connector, name)) = &dial.tls {
             conn.starttls(connector, name.clone()).await?;
-            conn.ehlo(helo).await?;
+            conn.ehlo(helo, stage).await?;
         }
         if identity == Identity::Xclient
             && let Some(c) = client
@@ -199,8 +215,10 @@ impl UpstreamConn {
             }
             // After XCLIENT upstream greets again and wants a fresh EHLO,
             // now under the client's HELO name.
-            let helo = c.helo.as_deref().unwrap_or(&dial.helo).to_string();
-            conn.ehlo(&helo).await?;
+            match c.helo.as_deref() {
+                Some(helo) => conn.ehlo(helo, UpStage::ClientHelo).await?,
+                None => conn.ehlo(&dial.helo, UpStage::Ehlo).await?,
+            }
         }
         Ok(conn)
     }
@@ -239,14 +257,11 @@ impl UpstreamConn {
         }
     }
 
-    async fn ehlo(&mut self, name: &str) -> Result<(), UpstreamError> {
+    async fn ehlo(&mut self, name: &str, stage: UpStage) -> Result<(), UpstreamError> {
         let line = format!("EHLO {name}");
-        let reply = self.command(line.as_bytes(), UpStage::Ehlo).await?;
+        let reply = self.command(line.as_bytes(), stage).await?;
         if reply.code != 250 {
-            return Err(UpstreamError::Refused {
-                stage: UpStage::Ehlo,
-                reply,
-            });
+            return Err(UpstreamError::Refused { stage, reply });
         }
         self.capabilities = Capabilities::from_ehlo(&reply);
         Ok(())

@@ -23,6 +23,35 @@ impl Identity {
     }
 }
 
+/// A client's DNS name as Postfix's XCLIENT carries it: a name, or why
+/// there is none. Postfix treats `[UNAVAILABLE]` as a permanent failure
+/// (`reject_unknown_client_hostname` refuses with 5xx) and `[TEMPUNAVAIL]`
+/// as a temporary one (4xx).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DnsName {
+    Known(String),
+    #[default]
+    Unavailable,
+    TempUnavailable,
+}
+
+impl DnsName {
+    fn xclient_value(&self) -> &str {
+        match self {
+            DnsName::Known(n) => n,
+            DnsName::Unavailable => "[UNAVAILABLE]",
+            DnsName::TempUnavailable => "[TEMPUNAVAIL]",
+        }
+    }
+
+    pub fn known(&self) -> Option<&str> {
+        match self {
+            DnsName::Known(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
 /// What upstream should believe about the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientIdentity {
@@ -30,10 +59,16 @@ pub struct ClientIdentity {
     /// The address the client connected to (ours).
     pub local: SocketAddr,
     pub helo: Option<String>,
-    /// Verified reverse name, when known.
-    pub reverse: Option<String>,
+    /// The forward-confirmed reverse name (XCLIENT NAME).
+    pub name: DnsName,
+    /// The reverse name, confirmed or not (XCLIENT REVERSE_NAME).
+    pub reverse_name: DnsName,
     pub esmtp: bool,
 }
+
+/// Postfix refuses an XCLIENT attribute value longer than this (after
+/// xtext encoding): `smtpd` answers `501 5.5.4 Bad ... syntax`.
+pub const XCLIENT_MAX_VALUE: usize = 255;
 
 /// RFC 3461 xtext: `+HH` for `+`, `=`, and bytes outside `!`..`~`.
 fn xtext(s: &str) -> String {
@@ -46,6 +81,18 @@ fn xtext(s: &str) -> String {
         }
     }
     out
+}
+
+/// An xtext attribute value upstream can take: too long a value (an 8-bit
+/// HELO name triples in xtext) is sent as `[UNAVAILABLE]`; the client's
+/// HELO name still reaches upstream in the EHLO that follows XCLIENT.
+fn attribute(value: &str) -> String {
+    let x = xtext(value);
+    if x.len() > XCLIENT_MAX_VALUE {
+        "[UNAVAILABLE]".into()
+    } else {
+        x
+    }
 }
 
 /// Builds the XCLIENT command (without CRLF) using only the attributes upstream offers.
@@ -63,12 +110,15 @@ pub fn xclient_line(c: &ClientIdentity, offered: &[String]) -> String {
         line.push_str(&format!(" PORT={}", c.addr.port()));
     }
     if has("NAME") {
-        let name = c.reverse.as_deref().unwrap_or("[UNAVAILABLE]");
-        line.push_str(&format!(" NAME={}", xtext(name)));
+        line.push_str(&format!(" NAME={}", attribute(c.name.xclient_value())));
+    }
+    if has("REVERSE_NAME") {
+        let value = attribute(c.reverse_name.xclient_value());
+        line.push_str(&format!(" REVERSE_NAME={value}"));
     }
     if has("HELO") {
         let helo = c.helo.as_deref().unwrap_or("[UNAVAILABLE]");
-        line.push_str(&format!(" HELO={}", xtext(helo)));
+        line.push_str(&format!(" HELO={}", attribute(helo)));
     }
     if has("PROTO") {
         line.push_str(if c.esmtp {
@@ -143,7 +193,8 @@ mod tests {
             addr: "203.0.113.5:40000".parse().unwrap(),
             local: "127.0.0.1:25".parse().unwrap(),
             helo: Some("mail spammer=x".into()),
-            reverse: None,
+            name: DnsName::Unavailable,
+            reverse_name: DnsName::Known("mail.spammer.test".into()),
             esmtp: true,
         }
     }
@@ -156,7 +207,25 @@ mod tests {
             .collect();
         assert_eq!(
             xclient_line(&client(), &all),
-            "XCLIENT ADDR=203.0.113.5 PORT=40000 NAME=[UNAVAILABLE] HELO=mail+20spammer+3Dx PROTO=ESMTP DESTADDR=127.0.0.1 DESTPORT=25"
+            "XCLIENT ADDR=203.0.113.5 PORT=40000 NAME=[UNAVAILABLE] REVERSE_NAME=mail.spammer.test HELO=mail+20spammer+3Dx PROTO=ESMTP DESTADDR=127.0.0.1 DESTPORT=25"
+        );
+        let mut temp = client();
+        temp.name = DnsName::TempUnavailable;
+        temp.reverse_name = DnsName::TempUnavailable;
+        let name = vec!["NAME".to_string(), "REVERSE_NAME".to_string()];
+        assert_eq!(
+            xclient_line(&temp, &name),
+            "XCLIENT NAME=[TEMPUNAVAIL] REVERSE_NAME=[TEMPUNAVAIL]"
+        );
+        // An 8-bit HELO of 86 octets is 258 in xtext: past Postfix's limit.
+        let mut long = client();
+        long.helo = Some("é".repeat(43));
+        let helo = vec!["HELO".to_string()];
+        assert_eq!(xclient_line(&long, &helo), "XCLIENT HELO=[UNAVAILABLE]");
+        long.helo = Some("é".repeat(42));
+        assert_eq!(
+            xclient_line(&long, &helo).len(),
+            "XCLIENT HELO=".len() + 252
         );
         let some = vec!["ADDR".to_string()];
         assert_eq!(xclient_line(&client(), &some), "XCLIENT ADDR=203.0.113.5");

@@ -15,7 +15,7 @@ mod tls;
 
 pub use capabilities::Capabilities;
 pub use connection::{Dial, UpStage, UpTimeouts, UpstreamConn, UpstreamError};
-pub use identity::{ClientIdentity, Identity, proxy_header, xclient_line};
+pub use identity::{ClientIdentity, DnsName, Identity, proxy_header, xclient_line};
 pub use tls::UpstreamTlsError;
 
 use crate::config::{ClientIdentity as Mode, Config, UpstreamTls as UpstreamTlsMode};
@@ -109,6 +109,16 @@ impl Upstream {
     /// Upstream's capabilities from the latest EHLO, if any succeeded.
     pub fn capabilities(&self) -> Option<Arc<Capabilities>> {
         self.state.read().ok().and_then(|s| s.capabilities.clone())
+    }
+
+    /// Whether upstream is told the client's DNS name (XCLIENT NAME,
+    /// REVERSE_NAME), so sessions must look it up.
+    pub fn wants_client_name(&self) -> bool {
+        match self.mode {
+            Mode::Xclient => true,
+            Mode::Auto => matches!(self.identity(), None | Some(Identity::Xclient)),
+            Mode::ProxyV1 | Mode::ProxyV2 | Mode::None => false,
+        }
     }
 
     /// How the client identity is passed, once known.

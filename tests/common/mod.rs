@@ -63,6 +63,9 @@ pub struct Script {
     pub lenient: bool,
     /// Offer STARTTLS with this acceptor.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Refuse EHLO/HELO names containing this, as a Postfix with
+    /// restrictions on the HELO name would.
+    pub refuse_helo: Option<&'static str>,
 }
 
 impl Default for Script {
@@ -84,6 +87,7 @@ impl Default for Script {
             faults: None,
             lenient: false,
             tls: None,
+            refuse_helo: None,
         }
     }
 }
@@ -345,6 +349,13 @@ async fn serve(
                 mail = None;
                 rcpts.clear();
                 helo = line[5.min(line.len())..].to_string();
+                if script.refuse_helo.is_some_and(|r| helo.contains(r)) {
+                    c.send(&format!(
+                        "501 5.5.2 <{helo}>: Helo command rejected: Invalid name"
+                    ))
+                    .await;
+                    continue;
+                }
                 let r = stage_reply("ehlo", "");
                 if !r.is_empty() {
                     c.send(&r).await
@@ -377,6 +388,14 @@ async fn serve(
                 c.buf.clear();
                 tls = true;
                 true
+            }
+            // Postfix's limit on one attribute value, xtext encoded.
+            "XCLIENT"
+                if line
+                    .split(' ')
+                    .any(|a| a.split_once('=').is_some_and(|(_, v)| v.len() > 255)) =>
+            {
+                c.send("501 5.5.4 Error: attribute value too long").await
             }
             "XCLIENT" => {
                 xclient = Some(line.clone());
