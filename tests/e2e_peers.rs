@@ -6,69 +6,10 @@
 mod common;
 
 use common::Gate;
+use common::peers::{Postfix, one_mail, peer_port, render, run, wait_port};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A port for a peer (Postfix, Exim) outside the kernel's ephemeral range.
-/// Peers bind their port a second or so after we pick it; an ephemeral port
-/// could meanwhile be taken by a test's own `127.0.0.1:0` listener.
-fn peer_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20000 + (std::process::id() % 400) as u16 * 20;
-    loop {
-        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2000;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn render(template: &str, run: &Path, port: u16, proxy_port: u16) -> String {
-    template
-        .replace("@RUN@", &run.display().to_string())
-        .replace("@PORT@", &port.to_string())
-        .replace("@PROXY_PORT@", &proxy_port.to_string())
-}
-
-fn wait_port(port: u16) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < until {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("nothing listening on {port}");
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed: {text}");
-    text
-}
-
-/// Waits for exactly one file in a Maildir's `new/` and returns it.
-fn one_mail(dir: &Path) -> String {
-    let until = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < until {
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            let files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            if let Some(f) = files.first() {
-                assert_eq!(files.len(), 1, "more than one message in {}", dir.display());
-                return std::fs::read_to_string(f).unwrap();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no mail arrived in {}", dir.display());
-}
 
 fn swaks(gate: std::net::SocketAddr, from_ip: &str, extra: &[&str]) -> String {
     let mut cmd = Command::new("swaks");
@@ -94,58 +35,6 @@ fn swaks(gate: std::net::SocketAddr, from_ip: &str, extra: &[&str]) -> String {
     ]);
     cmd.args(extra);
     run(&mut cmd)
-}
-
-struct Postfix {
-    conf: PathBuf,
-    run: PathBuf,
-    port: u16,
-    proxy_port: u16,
-}
-
-impl Postfix {
-    fn start(name: &str) -> Postfix {
-        let base =
-            std::env::temp_dir().join(format!("portcullis-e2e-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let (conf, run_dir) = (base.join("conf"), base.join("run"));
-        for d in ["queue", "data", "mail"] {
-            std::fs::create_dir_all(run_dir.join(d)).unwrap();
-        }
-        std::fs::create_dir_all(&conf).unwrap();
-        let (port, proxy_port) = (peer_port(), peer_port());
-        let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/postfix");
-        for f in ["main.cf", "master.cf"] {
-            let t = std::fs::read_to_string(here.join(f)).unwrap();
-            std::fs::write(conf.join(f), render(&t, &run_dir, port, proxy_port)).unwrap();
-        }
-        run(Command::new("chown").args(["postfix", run_dir.join("data").to_str().unwrap()]));
-        run(Command::new("chown").args(["nobody:nogroup", run_dir.join("mail").to_str().unwrap()]));
-        run(Command::new("postfix").arg("-c").arg(&conf).arg("check"));
-        run(Command::new("postfix").arg("-c").arg(&conf).arg("start"));
-        wait_port(port);
-        wait_port(proxy_port);
-        Postfix {
-            conf,
-            run: run_dir,
-            port,
-            proxy_port,
-        }
-    }
-
-    fn inbox(&self) -> PathBuf {
-        self.run.join("mail/inbox/new")
-    }
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let _ = Command::new("postfix")
-            .arg("-c")
-            .arg(&self.conf)
-            .arg("stop")
-            .output();
-    }
 }
 
 async fn gate_for(port: u16, identity: &str) -> Gate {

@@ -70,9 +70,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     match verb.as_slice() {
         b"XCLIENT" => return Ok(Command::NotImplemented("XCLIENT")),
         b"XFORWARD" => return Ok(Command::NotImplemented("XFORWARD")),
-        b"EHLO" | b"HELO" if std::str::from_utf8(line).is_err() => {
-            return Err(CommandError::BadHelo);
-        }
+        b"EHLO" | b"HELO" => return hello(line, verb.as_slice() == b"EHLO"),
         b"MAIL" | b"RCPT" => {
             if let Some(cmd) = mail_or_rcpt(line, verb.as_slice() == b"MAIL") {
                 return cmd;
@@ -83,8 +81,6 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     let parsed = Request::parse(&mut with_crlf.iter());
     match parsed {
         Ok(req) => Ok(match req {
-            Request::Ehlo { host } => Command::Ehlo(host.into_owned()),
-            Request::Helo { host } => Command::Helo(host.into_owned()),
             Request::Lhlo { .. } => Command::NotImplemented("LHLO"),
             // Only reached when the line is not `MAIL FROM:`/`RCPT TO:` as
             // `mail_or_rcpt` reads it: never pass an unchecked path on.
@@ -149,6 +145,35 @@ fn mail_or_rcpt(line: &[u8], mail: bool) -> Option<Result<Command, CommandError>
         })),
         Ok(_) => Err(CommandError::BadParameter),
         Err(e) => Err(proto_error(e)),
+    })
+}
+
+/// EHLO/HELO: the first word after the verb, taken as the client wrote it
+/// (as Postfix does; its form is a matter for checks and rules, not for
+/// the dialogue). It must be UTF-8: no MTA behind us takes anything else.
+fn hello(line: &[u8], esmtp: bool) -> Result<Command, CommandError> {
+    let rest = line.get(4..).unwrap_or_default();
+    if !rest.is_empty() && rest[0] != b' ' {
+        return Err(CommandError::Unknown);
+    }
+    let name = skip_spaces(rest)
+        .split(|&b| b == b' ')
+        .next()
+        .unwrap_or_default();
+    if name.is_empty() {
+        return Err(CommandError::Syntax(if esmtp {
+            "EHLO hostname"
+        } else {
+            "HELO hostname"
+        }));
+    }
+    let Ok(name) = std::str::from_utf8(name) else {
+        return Err(CommandError::BadHelo);
+    };
+    Ok(if esmtp {
+        Command::Ehlo(name.to_string())
+    } else {
+        Command::Helo(name.to_string())
     })
 }
 

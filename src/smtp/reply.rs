@@ -96,7 +96,8 @@ pub const NESTED_MAIL: Reply = Reply::new(503, 5, 1, "Sender already specified")
 pub const NEED_MAIL: Reply = Reply::new(503, 5, 1, "Need MAIL command");
 pub const NEED_RCPT: Reply = Reply::new(554, 5, 1, "No valid recipients");
 pub const PARAM_UNSUPPORTED: Reply = Reply::new(555, 5, 4, "Unsupported parameter");
-pub const TLS_ALREADY: Reply = Reply::new(503, 5, 1, "Already in TLS");
+// 554, as Postfix and Exim answer it.
+pub const TLS_ALREADY: Reply = Reply::new(554, 5, 1, "TLS already active");
 pub const TLS_UNAVAILABLE: Reply = Reply::new(454, 7, 0, "TLS not available");
 
 pub const BARE_NEWLINE_IN_COMMAND: Reply = Reply::new(500, 5, 2, "Bare <CR> or <LF> in command");

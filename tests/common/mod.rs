@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod peers;
 
 use portcullis::config::Config;
 use portcullis::server::Server;
