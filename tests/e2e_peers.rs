@@ -305,3 +305,75 @@ async fn checks_end_to_end_into_postfix() {
         "{log}"
     );
 }
+
+/// The client reaches Postfix as Postfix would have seen it: the name from
+/// PTR plus forward confirmation goes in XCLIENT with iprev off, and
+/// `reject_unknown_client_hostname` answers through the gate exactly as it
+/// answers a session that carries what Postfix's own lookup would find
+/// (Postfix cannot resolve here: its resolver points off this machine, so
+/// that session tells it the name with XCLIENT).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Postfix (installed by .ci/run)"]
+async fn client_name_reaches_postfix_as_its_own_lookup_would() {
+    use common::Client;
+    use common::dns::{FakeDns, ResponseCode, a, ptr};
+    let dns = FakeDns::start_failing(
+        &["test.", "in-addr.arpa."],
+        vec![
+            ptr("9.113.0.203.in-addr.arpa.", "good.test."),
+            a("good.test.", "203.0.113.9"),
+            ptr("8.113.0.203.in-addr.arpa.", "liar.test."),
+            a("liar.test.", "192.0.2.99"),
+        ],
+        &[("6.113.0.203.in-addr.arpa.", ResponseCode::ServFail)],
+    )
+    .await;
+    let pf = Postfix::start_with(
+        "names",
+        "smtpd_client_restrictions = reject_unknown_client_hostname\nunknown_client_reject_code = 550\n",
+    );
+    let gate = Gate::start_with(&format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0, proxy_protocol: true, trusted_proxies: [127.0.0.0/8]}}]\nupstream: {{addr: 127.0.0.1:{}, client_identity: xclient, timeouts: {{connect: 10s, command: 30s, data: 60s}}}}\ndns: {{nameservers: [{}], timeout: 1s, attempts: 1}}\n",
+        pf.port, dns.addr
+    ))
+    .await;
+    let direct: std::net::SocketAddr = format!("127.0.0.1:{}", pf.port).parse().unwrap();
+    // (client, what Postfix's own lookup finds, RCPT code, enhanced code)
+    for (ip, name, code) in [
+        ("203.0.113.9", "good.test", "250"),
+        ("203.0.113.8", "[UNAVAILABLE]", "550 5.7.25"),
+        ("203.0.113.7", "[UNAVAILABLE]", "550 5.7.25"),
+        ("203.0.113.6", "[TEMPUNAVAIL]", "450 4.7.25"),
+    ] {
+        let mut through = Client::connect(gate.addr).await;
+        through
+            .send(format!("PROXY TCP4 {ip} 127.0.0.1 40000 25\r\n").as_bytes())
+            .await;
+        through.reply().await;
+        through.cmd("EHLO client.test", "250").await;
+        through.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        let via_gate = through.cmd("RCPT TO:<b@example.test>", code).await;
+
+        let mut own = Client::connect_from(direct, "127.0.0.40").await;
+        own.reply().await;
+        own.cmd("EHLO client.test", "250").await;
+        own.cmd(&format!("XCLIENT ADDR={ip} NAME={name}"), "220").await;
+        own.cmd("EHLO client.test", "250").await;
+        own.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        let baseline = own.cmd("RCPT TO:<b@example.test>", code).await;
+        assert_eq!(via_gate, baseline, "{ip}");
+        if code == "250" {
+            through.cmd("DATA", "354").await;
+            through.send(b"Subject: named\r\n\r\nx\r\n.\r\n").await;
+            assert!(through.reply().await.starts_with("250"));
+        }
+        through.cmd("QUIT", "221").await;
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut log = String::new();
+    while Instant::now() < until && !log.contains("client=good.test[203.0.113.9]") {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        log = std::fs::read_to_string(pf.run.join("maillog")).unwrap_or_default();
+    }
+    assert!(log.contains("client=good.test[203.0.113.9]"), "{log}");
+}
