@@ -357,7 +357,8 @@ async fn client_name_reaches_postfix_as_its_own_lookup_would() {
         let mut own = Client::connect_from(direct, "127.0.0.40").await;
         own.reply().await;
         own.cmd("EHLO client.test", "250").await;
-        own.cmd(&format!("XCLIENT ADDR={ip} NAME={name}"), "220").await;
+        own.cmd(&format!("XCLIENT ADDR={ip} NAME={name}"), "220")
+            .await;
         own.cmd("EHLO client.test", "250").await;
         own.cmd("MAIL FROM:<a@sender.test>", "250").await;
         let baseline = own.cmd("RCPT TO:<b@example.test>", code).await;
