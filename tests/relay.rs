@@ -864,3 +864,41 @@ async fn upstream_refusing_the_client_helo_is_relayed_not_an_outage() {
     c.send(b"EHLO caf\xe9.test\r\n").await;
     assert!(c.reply().await.starts_with("501 5.5.2"));
 }
+
+/// With rules on the message, its whole parse is held from the memory
+/// budget too: a message that fits the budget only once is refused 452
+/// 4.3.1 (retry later) instead of being parsed outside the bound.
+#[tokio::test]
+async fn message_parse_for_rules_is_counted_against_the_budget() {
+    let dir = std::env::temp_dir().join(format!("portcullis-parse-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("body.yaml"),
+        "rules:\n  - id: BODY_WORD\n    description: a body word\n    when: {body: {regex: 'viagra'}}\n    action: {score: 1}\n",
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let body = format!("{}\r\n", "y".repeat(76)).repeat(22000); // about 1.7 MB
+    for (rules, want) in [
+        (common::EMPTY_RULES.to_string(), "250"),
+        (dir.display().to_string(), "452 4.3.1"),
+    ] {
+        let gate = Gate::start(
+            mta.addr,
+            &format!(
+                "limits: {{memory_budget: 3MiB, max_message_size: 3MiB}}\nrules_dir: {rules}\n"
+            ),
+        )
+        .await;
+        let mut c = Client::hello(gate.addr).await;
+        let r = c
+            .send_mail(
+                "a@sender.test",
+                &["b@example.test"],
+                &message("parse", &body),
+            )
+            .await;
+        assert!(r.starts_with(want), "rules {rules}: {r}");
+    }
+    assert_eq!(mta.stored().len(), 1);
+}

@@ -198,19 +198,67 @@ pub fn write_stuffed<'a>(content: &'a [u8], mut sink: impl FnMut(&'a [u8])) {
 /// Dot-stuffs whole lines (`content` starts at a line start) without the
 /// terminator; a missing final CRLF is added.
 pub fn stuff_lines<'a>(content: &'a [u8], mut sink: impl FnMut(&'a [u8])) {
-    let finder = memchr::memmem::Finder::new(b"\r\n.");
-    let mut start = 0;
-    if content.first() == Some(&b'.') {
-        sink(b".");
+    for piece in Stuffed::new(content) {
+        sink(piece);
     }
-    for hit in finder.find_iter(content) {
-        sink(&content[start..hit + 2]);
-        sink(b".");
-        start = hit + 2;
+}
+
+/// The pieces of `content` framed for the wire, produced lazily: runs of
+/// the content between dot lines, the stuffing dots, and a final CRLF when
+/// the content lacks one. Nothing is collected, so a message of dot lines
+/// costs no more to relay than any other.
+pub struct Stuffed<'a> {
+    content: &'a [u8],
+    pos: usize,
+    /// A stuffing dot is due before the next run.
+    dot: bool,
+    /// The content's end has been passed on.
+    ended: bool,
+    /// The final CRLF has been passed on (or was not needed).
+    closed: bool,
+}
+
+static LINE_DOT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n."));
+
+impl<'a> Stuffed<'a> {
+    pub fn new(content: &'a [u8]) -> Stuffed<'a> {
+        Stuffed {
+            content,
+            pos: 0,
+            dot: content.first() == Some(&b'.'),
+            ended: false,
+            closed: content.is_empty() || content.ends_with(b"\r\n"),
+        }
     }
-    sink(&content[start..]);
-    if !content.is_empty() && !content.ends_with(b"\r\n") {
-        sink(b"\r\n");
+}
+
+impl<'a> Iterator for Stuffed<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.dot {
+            self.dot = false;
+            return Some(b".");
+        }
+        if !self.ended {
+            let rest = &self.content[self.pos..];
+            if let Some(hit) = LINE_DOT.find(rest) {
+                self.pos += hit + 2;
+                self.dot = true;
+                return Some(&rest[..hit + 2]);
+            }
+            self.ended = true;
+            self.pos = self.content.len();
+            if !rest.is_empty() {
+                return Some(rest);
+            }
+        }
+        if !self.closed {
+            self.closed = true;
+            return Some(b"\r\n");
+        }
+        None
     }
 }
 

@@ -40,7 +40,7 @@
 
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
 use crate::config::{Action, BareNewline, Config, RejectAt};
-use crate::rules::{Facts, RuleSet, Rules};
+use crate::rules::{Facts, RuleSet, RuleStage, Rules};
 use crate::server::limits::MemoryBudget;
 use crate::server::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
@@ -828,6 +828,14 @@ impl Session {
         self.rbuf.shrink_to(COMMAND_READ);
         let size = reader.size();
         let a = reader.anomalies;
+        // Rules on the message parse it whole (decoded parts, headers): up
+        // to its size again, held from the budget like the message itself.
+        if !over_budget
+            && self.rules.has_stage(RuleStage::Data)
+            && !reservation.ensure(msg.capacity() + msg.len())
+        {
+            over_budget = true;
+        }
         let local_refusal = if reader.oversized() {
             Some((reply::SIZE_EXCEEDED, "limit:size"))
         } else if over_budget {

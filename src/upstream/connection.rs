@@ -3,7 +3,7 @@
 use super::capabilities::Capabilities;
 use super::identity::{ClientIdentity, Identity, proxy_header, xclient_line};
 use crate::smtp::Stream;
-use crate::smtp::data::stuff_lines;
+use crate::smtp::data::Stuffed;
 use crate::smtp::reply::{UpstreamReply, parse_reply};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -374,38 +374,26 @@ impl UpstreamConn {
         }
         let limit = self.timeouts.data;
         let send = async {
+            // Framed into one bounded buffer as it goes: a message costs
+            // `WRITE_CHUNK` here whatever its shape; long runs of content
+            // are written straight from the message.
             let total: usize = parts.iter().map(|p| p.len()).sum();
             let mut chunk: Vec<u8> = Vec::with_capacity(WRITE_CHUNK.min(total + 8));
-            let mut result = Ok(());
-            // Collect the framed slices; large runs are written straight through.
-            let mut pieces: Vec<&[u8]> = Vec::new();
             for part in parts {
-                stuff_lines(part, |s| pieces.push(s));
-            }
-            pieces.push(b".\r\n");
-            for piece in pieces {
-                if chunk.len() + piece.len() > WRITE_CHUNK {
-                    if !chunk.is_empty() {
-                        if let Err(e) = self.stream.write_all(&chunk).await {
-                            result = Err(e);
-                            break;
-                        }
+                for piece in Stuffed::new(part) {
+                    if chunk.len() + piece.len() > WRITE_CHUNK {
+                        self.stream.write_all(&chunk).await?;
                         chunk.clear();
-                    }
-                    if piece.len() > WRITE_CHUNK {
-                        if let Err(e) = self.stream.write_all(piece).await {
-                            result = Err(e);
-                            break;
+                        if piece.len() > WRITE_CHUNK {
+                            self.stream.write_all(piece).await?;
+                            continue;
                         }
-                        continue;
                     }
+                    chunk.extend_from_slice(piece);
                 }
-                chunk.extend_from_slice(piece);
             }
-            if result.is_ok() && !chunk.is_empty() {
-                result = self.stream.write_all(&chunk).await;
-            }
-            result
+            chunk.extend_from_slice(b".\r\n");
+            self.stream.write_all(&chunk).await
         };
         match timeout(limit, send).await {
             Ok(Ok(())) => {}
