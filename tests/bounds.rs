@@ -143,3 +143,92 @@ async fn message_shapes_stay_within_the_memory_budget() {
     }
     assert_eq!(mta.stored().len(), 9);
 }
+
+/// A client that pipelines commands and never reads its replies: the
+/// gate's writes stall once the socket buffers are full.
+async fn non_reader(gate: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(gate).await.unwrap();
+    tokio::spawn(async move {
+        let burst = b"EHLO never.reads.test\r\n".repeat(1000);
+        for _ in 0..100 {
+            if s.write_all(&burst).await.is_err() {
+                return;
+            }
+        }
+        // Hold the connection open, still not reading.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    })
+}
+
+/// How long until a normal client is greeted (not refused), polling.
+async fn time_to_greeting(gate: std::net::SocketAddr, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(gate).await {
+            let mut buf = Vec::new();
+            if reply(&mut s, &mut buf).await.starts_with("220") {
+                return Some(start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn clients_that_never_read_cannot_hold_the_slots() {
+    let mta = FakeMta::start(Script::default()).await;
+    // The command timeout bounds a stalled write; in the second gate the
+    // session deadline comes first and bounds it.
+    for timeouts in ["{command: 2s, session: 60s}", "{command: 60s, session: 3s}"] {
+        let gate = common::Gate::start(
+            mta.addr,
+            &format!("limits: {{max_connections: 3}}\ntimeouts: {timeouts}\n"),
+        )
+        .await;
+        let mut stuck = Vec::new();
+        for _ in 0..3 {
+            stuck.push(non_reader(gate.addr).await);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waited = time_to_greeting(gate.addr, Duration::from_secs(15)).await;
+        println!("{timeouts}: a normal client was greeted after {waited:?}");
+        let waited = waited.unwrap_or_else(|| panic!("{timeouts}: locked out for 15 s"));
+        assert!(waited < Duration::from_secs(6), "{timeouts}: {waited:?}");
+        for s in stuck {
+            s.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn shutdown_is_not_held_by_clients_that_never_read() {
+    let mta = FakeMta::start(Script::default()).await;
+    let mut gate = common::Gate::start(
+        mta.addr,
+        "timeouts: {command: 300s, session: 600s, shutdown: 10s}\n",
+    )
+    .await;
+    let mut stuck = Vec::new();
+    for _ in 0..5 {
+        stuck.push(non_reader(gate.addr).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = Instant::now();
+    gate.stop();
+    tokio::time::timeout(Duration::from_secs(30), &mut gate.done)
+        .await
+        .expect("stopped")
+        .unwrap();
+    // Sessions stalled between transactions end at the drain, at once.
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    for s in stuck {
+        s.abort();
+    }
+}

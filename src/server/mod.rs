@@ -54,6 +54,9 @@ pub struct Server {
 
 /// After the drain deadline, how long sessions get to write their 421.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
+/// Past `timeouts.session`, how long a session has to say 421 and close
+/// before it is dropped.
+const SESSION_GRACE: Duration = Duration::from_secs(2);
 
 impl Server {
     /// Binds every listener and builds what sessions share. Does not touch upstream.
@@ -545,13 +548,19 @@ async fn connection(
             return;
         }
     };
+    let id_for_log = id.clone();
     let peer = Peer {
         id,
         addr: client,
         local,
     };
-    Session::new(Box::new(sock), peer, shared, signal, initial)
-        .run()
-        .await;
+    // The session watches its deadline at every read and write; this is
+    // the backstop for anything else it might wait on.
+    let hard = shared.cfg.timeouts.session.0 + SESSION_GRACE;
+    let session = Session::new(Box::new(sock), peer, shared, signal, initial);
+    if tokio::time::timeout(hard, session.run()).await.is_err() {
+        metrics::counter!("portcullis_session_deadline_total").increment(1);
+        tracing::info!(session = %id_for_log, "session deadline passed: closed");
+    }
     metrics::gauge!("portcullis_connections_open").decrement(1.0);
 }

@@ -290,7 +290,7 @@ impl Session {
             }
             .emit();
             let _ = self.flush().await;
-            let _ = self.io.shutdown().await;
+            self.close().await;
             return;
         }
         if self.shared.cfg.checks.reject_at == RejectAt::Connect {
@@ -313,7 +313,7 @@ impl Session {
                 .emit();
                 tracing::debug!(session = %self.peer.id, dnsbl = ?log.dnsbl, "refused at connect");
                 let _ = self.flush().await;
-                let _ = self.io.shutdown().await;
+                self.close().await;
                 return;
             }
         }
@@ -341,7 +341,7 @@ impl Session {
         }
         self.end_txn_abandoned("disconnect");
         let _ = self.flush().await;
-        let _ = self.io.shutdown().await;
+        self.close().await;
         if let Some(up) = self.upstream.take() {
             up.quit().await;
         }
@@ -384,12 +384,44 @@ impl Session {
         Next::Continue
     }
 
+    /// Ends the client connection (a TLS close_notify is a write too).
+    async fn close(&mut self) {
+        let limit = self.shared.cfg.timeouts.command.0;
+        let _ = tokio::time::timeout(limit, self.io.shutdown()).await;
+    }
+
+    /// Writes the queued replies. A client that does not read cannot hold
+    /// the session: the write must finish within `timeouts.command` and
+    /// the session deadline, and gives way to a shutdown (a drain between
+    /// transactions, the abort inside one).
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.io.write_all(&self.wbuf).await?;
-            self.io.flush().await?;
-            self.wbuf.clear();
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
+        let until =
+            (tokio::time::Instant::now() + self.shared.cfg.timeouts.command.0).min(self.deadline);
+        let stop_at = if self.txn.is_some() {
+            Phase::Abort
+        } else {
+            Phase::Draining
+        };
+        let io = &mut self.io;
+        let wbuf = &self.wbuf;
+        let shutdown = &mut self.shutdown;
+        let written = tokio::select! {
+            biased;
+            _ = shutdown.reached(stop_at) => Err(std::io::ErrorKind::Interrupted.into()),
+            r = tokio::time::timeout_at(until, async {
+                io.write_all(wbuf).await?;
+                io.flush().await
+            }) => r.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        };
+        if let Err(e) = written {
+            tracing::debug!(session = %self.peer.id, error = %e, "client not reading: closing");
+            metrics::counter!("portcullis_client_write_stalls_total").increment(1);
+            return Err(e);
+        }
+        self.wbuf.clear();
         Ok(())
     }
 
