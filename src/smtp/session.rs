@@ -98,6 +98,8 @@ pub struct Peer {
 }
 
 const COMMAND_READ: usize = 1024;
+/// How long the replies written while shutting down may take.
+const FAREWELL_WRITE: Duration = Duration::from_secs(2);
 const DATA_READ: usize = 64 * 1024;
 
 /// Where a transaction stands (see the state table at the top).
@@ -172,6 +174,16 @@ struct Refusal {
     enhanced: String,
     reason: String,
     upstream: String,
+}
+
+/// How writing the queued replies went.
+#[derive(Debug, PartialEq, Eq)]
+enum Flushed {
+    Done,
+    /// The client did not take them in time, or the connection failed.
+    Failed,
+    /// A shutdown came first; what was not written is still queued.
+    Shutdown,
 }
 
 enum Fill {
@@ -394,41 +406,61 @@ impl Session {
     /// the session: the write must finish within `timeouts.command` and
     /// the session deadline, and gives way to a shutdown (a drain between
     /// transactions, the abort inside one).
-    async fn flush(&mut self) -> std::io::Result<()> {
+    async fn flush(&mut self) -> Flushed {
         if self.wbuf.is_empty() {
-            return Ok(());
+            return Flushed::Done;
         }
-        let until =
-            (tokio::time::Instant::now() + self.shared.cfg.timeouts.command.0).min(self.deadline);
         let stop_at = if self.txn.is_some() {
             Phase::Abort
         } else {
             Phase::Draining
         };
+        // Once shutting down, the last replies (421 4.3.2) get a short while.
+        let limit = if self.shutdown.phase() >= stop_at {
+            FAREWELL_WRITE.min(self.shared.cfg.timeouts.command.0)
+        } else {
+            self.shared.cfg.timeouts.command.0
+        };
+        let until = (tokio::time::Instant::now() + limit).min(self.deadline);
         let io = &mut self.io;
         let wbuf = &self.wbuf;
         let shutdown = &mut self.shutdown;
+        let watch_shutdown = shutdown.phase() < stop_at;
+        // Progress is kept, so that what was written is not written again.
+        let mut done = 0;
         let written = tokio::select! {
             biased;
-            _ = shutdown.reached(stop_at) => Err(std::io::ErrorKind::Interrupted.into()),
+            _ = shutdown.reached(stop_at), if watch_shutdown => {
+                Err(std::io::ErrorKind::Interrupted.into())
+            }
             r = tokio::time::timeout_at(until, async {
-                io.write_all(wbuf).await?;
+                while done < wbuf.len() {
+                    match io.write(&wbuf[done..]).await? {
+                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                        n => done += n,
+                    }
+                }
                 io.flush().await
             }) => r.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
         };
-        if let Err(e) = written {
-            tracing::debug!(session = %self.peer.id, error = %e, "client not reading: closing");
-            metrics::counter!("portcullis_client_write_stalls_total").increment(1);
-            return Err(e);
+        self.wbuf.drain(..done);
+        match written {
+            Ok(()) => Flushed::Done,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Flushed::Shutdown,
+            Err(e) => {
+                tracing::debug!(session = %self.peer.id, error = %e, "client not reading: closing");
+                metrics::counter!("portcullis_client_write_stalls_total").increment(1);
+                Flushed::Failed
+            }
         }
-        self.wbuf.clear();
-        Ok(())
     }
 
     /// Flushes queued replies and reads more input.
     async fn fill(&mut self, idle: Duration, chunk: usize) -> Fill {
-        if self.flush().await.is_err() {
-            return Fill::Closed;
+        match self.flush().await {
+            Flushed::Done => {}
+            Flushed::Failed => return Fill::Closed,
+            Flushed::Shutdown => return Fill::Shutdown,
         }
         if self.rpos > 0 {
             self.rbuf.drain(..self.rpos);
@@ -995,7 +1027,7 @@ impl Session {
             return self.error(reply::TLS_ALREADY);
         }
         self.reply(&reply::READY_TLS);
-        if self.flush().await.is_err() {
+        if self.flush().await != Flushed::Done {
             return Next::Close;
         }
         // Anything pipelined after STARTTLS was sent in clear text: discard it
