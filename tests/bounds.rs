@@ -232,3 +232,146 @@ async fn shutdown_is_not_held_by_clients_that_never_read() {
         s.abort();
     }
 }
+
+/// A client from `from` that is greeted (or refused) and then trickles a
+/// command one byte a second, never finishing it. Returns the first reply
+/// and, when admitted, how the session ended.
+async fn trickler(
+    gate: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    for_: Duration,
+) -> (String, String) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    if sock.bind(std::net::SocketAddr::new(from, 0)).is_err() {
+        return ("bind".into(), String::new());
+    }
+    let Ok(mut s) = sock.connect(gate).await else {
+        return ("connect".into(), String::new());
+    };
+    let mut buf = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(10), reply(&mut s, &mut buf))
+        .await
+        .unwrap_or_else(|_| "no greeting".into());
+    if !first.starts_with("220") {
+        return (first, String::new());
+    }
+    let start = Instant::now();
+    for b in b"EHLO trickle.example.test".iter().cycle() {
+        if start.elapsed() > for_ || s.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        let mut tmp = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut tmp)).await {
+            return (first, String::from_utf8_lossy(&tmp[..n]).into_owned());
+        }
+    }
+    (first, "still open".into())
+}
+
+/// A normal client's whole transaction; returns how long it took to get in
+/// and be done, retrying refused connections, within `limit`.
+async fn normal_client(
+    gate: std::net::SocketAddr,
+    from: &str,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let mut c = common::Client::connect_from(gate, from).await;
+        if c.reply().await.starts_with("220") {
+            c.cmd("EHLO normal.test", "250").await;
+            let r = c
+                .send_mail(
+                    "a@sender.test",
+                    &["b@example.test"],
+                    b"Subject: hi\r\n\r\nx\r\n",
+                )
+                .await;
+            assert!(r.starts_with("250"), "{r}");
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// 3,000 connections trickling a byte a second from 150 addresses of one
+/// network (20 each: under the per-address limit). The per-network limit
+/// keeps them to 100 slots; a normal client gets in at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trickling_flood_from_one_network_does_not_lock_others_out() {
+    let _ = rlimit::increase_nofile_limit(20_000);
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = common::Gate::start(mta.addr, "").await; // the default limits
+    let mut flood = Vec::new();
+    for a in 1..=150u8 {
+        for _ in 0..20 {
+            let from = std::net::IpAddr::from([127, 1, 0, a]);
+            flood.push(tokio::spawn(trickler(
+                gate.addr,
+                from,
+                Duration::from_secs(8),
+            )));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waited = normal_client(gate.addr, "127.2.0.1", Duration::from_secs(20)).await;
+    println!("flood of 3000 from one /24: a normal client was through after {waited:?}");
+    let waited = waited.expect("the normal client got in");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    let mut admitted = 0;
+    let mut per_network = 0;
+    for f in flood {
+        let (first, _) = f.await.unwrap();
+        if first.starts_with("220") {
+            admitted += 1;
+        } else if first.starts_with("421 4.7.0") {
+            per_network += 1;
+        }
+    }
+    println!("flood: {admitted} admitted, {per_network} refused 421 4.7.0");
+    assert!(admitted <= 100, "{admitted} admitted");
+    assert!(per_network >= 2800, "{per_network} refused");
+}
+
+/// Most slots taken by tricklers from many networks: stress mode bounds
+/// the time to MAIL, so they are closed (421) until the load falls under
+/// the threshold, and a normal client waiting for a slot gets one within
+/// that bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stress_mode_bounds_the_time_to_mail() {
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = common::Gate::start(
+        mta.addr,
+        "limits: {max_connections: 150}\nstress: {at_percent: 80, time_to_mail: 2s, command: 2s}\n",
+    )
+    .await;
+    let mut slow = Vec::new();
+    for n in 0..150u8 {
+        let from = std::net::IpAddr::from([127, 3, n, 1]);
+        slow.push(tokio::spawn(trickler(
+            gate.addr,
+            from,
+            Duration::from_secs(30),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waited = normal_client(gate.addr, "127.4.0.1", Duration::from_secs(20)).await;
+    println!("150 tricklers in 150 slots: a normal client was through after {waited:?}");
+    let waited = waited.expect("the normal client got in");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // Closed until the load fell under the threshold (120 of 150); the
+    // rest may stay, as stress mode is off again.
+    let mut closed = 0;
+    for s in slow {
+        let (first, end) = s.await.unwrap();
+        assert!(first.starts_with("220"), "{first}");
+        if end.starts_with("421 4.4.2 Too slow while busy") {
+            closed += 1;
+        } else {
+            assert_eq!(end, "still open");
+        }
+    }
+    println!("{closed} tricklers closed under stress");
+    assert!(closed >= 31, "{closed} closed");
+}

@@ -420,7 +420,7 @@ async fn concurrent_sessions_lose_and_duplicate_nothing() {
     let mta = FakeMta::start(Script::default()).await;
     let gate = Gate::start(
         mta.addr,
-        "limits: {max_connections: 1000, max_connections_per_ip: 1000}\n",
+        "limits: {max_connections: 1000, max_connections_per_ip: 1000, max_connections_per_network: 1000}\n",
     )
     .await;
     let mut tasks = Vec::new();

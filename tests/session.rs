@@ -28,6 +28,7 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
     Arc::new(Shared {
         upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
+        limits: portcullis::server::limits::ConnectionLimits::new(cfg.connection_bounds()),
         checks: Pipeline::new(vec![Box::new(checks::Limits {
             max_message_size: cfg.limits.max_message_size.0,
             max_recipients: cfg.limits.max_recipients,

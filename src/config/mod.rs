@@ -61,6 +61,8 @@ pub struct Config {
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
+    pub stress: Stress,
+    #[serde(default)]
     pub smtp: Smtp,
     #[serde(default)]
     pub greeting: Greeting,
@@ -169,6 +171,10 @@ pub struct Tls {
 pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Per client network: `network_prefix_v4` / `network_prefix_v6`.
+    pub max_connections_per_network: usize,
+    pub network_prefix_v4: u8,
+    pub network_prefix_v6: u8,
     pub max_message_size: Bytes,
     pub max_recipients: usize,
     pub max_errors: usize,
@@ -181,10 +187,40 @@ impl Default for Limits {
         Self {
             max_connections: 1000,
             max_connections_per_ip: 20,
+            max_connections_per_network: 100,
+            network_prefix_v4: 24,
+            network_prefix_v6: 64,
             max_message_size: Bytes(25 << 20),
             max_recipients: 100,
             max_errors: 10,
             memory_budget: Bytes(512 << 20),
+        }
+    }
+}
+
+/// Stress mode (Postfix's `${stress?...}`): when most connection slots
+/// are taken, sessions get shorter deadlines so that slow or idle clients
+/// cannot keep everyone else out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stress {
+    /// Percent of `limits.max_connections` open from which stress mode is on.
+    pub at_percent: u8,
+    /// Under stress, the time one whole command line may take.
+    pub command: Secs,
+    /// Under stress, the time from connect to MAIL; later: 421 4.4.2.
+    pub time_to_mail: Secs,
+    /// Under stress, protocol errors before 421 4.7.0.
+    pub max_errors: usize,
+}
+
+impl Default for Stress {
+    fn default() -> Self {
+        Self {
+            at_percent: 80,
+            command: Secs(Duration::from_secs(10)),
+            time_to_mail: Secs(Duration::from_secs(30)),
+            max_errors: 1,
         }
     }
 }
@@ -200,6 +236,22 @@ pub struct Timeouts {
     pub session: Secs,
     /// On SIGTERM, how long transactions in flight may take to finish.
     pub shutdown: Secs,
+}
+
+impl Config {
+    /// The connection limits and the stress threshold, as the server
+    /// enforces them.
+    pub fn connection_bounds(&self) -> crate::server::limits::ConnectionBounds {
+        let l = &self.limits;
+        crate::server::limits::ConnectionBounds {
+            max_total: l.max_connections,
+            max_per_ip: l.max_connections_per_ip,
+            max_per_network: l.max_connections_per_network,
+            prefix_v4: l.network_prefix_v4,
+            prefix_v6: l.network_prefix_v6,
+            stress_at: (l.max_connections * usize::from(self.stress.at_percent)).div_ceil(100),
+        }
+    }
 }
 
 impl Default for Timeouts {
@@ -360,12 +412,25 @@ impl Config {
         for (key, v) in [
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
+            (
+                "limits.max_connections_per_network",
+                l.max_connections_per_network,
+            ),
             ("limits.max_recipients", l.max_recipients),
             ("limits.max_errors", l.max_errors),
         ] {
             if v == 0 {
                 return fail(key, "must be at least 1".into());
             }
+        }
+        if l.network_prefix_v4 > 32 {
+            return fail("limits.network_prefix_v4", "must be 0 to 32".into());
+        }
+        if l.network_prefix_v6 > 128 {
+            return fail("limits.network_prefix_v6", "must be 0 to 128".into());
+        }
+        if !(1..=100).contains(&self.stress.at_percent) {
+            return fail("stress.at_percent", "must be 1 to 100".into());
         }
         if l.memory_budget < l.max_message_size {
             return fail(

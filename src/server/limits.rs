@@ -6,13 +6,53 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Counts open sessions, in total and per client address.
+/// Counts open sessions, in total, per client address and per client
+/// network (a /24 or /64 by default: one bot herd on rented addresses).
 #[derive(Debug)]
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
+    max_per_net: usize,
+    prefix_v4: u8,
+    prefix_v6: u8,
+    /// Open sessions from which stress mode is on.
+    stress_at: usize,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_net: Mutex<HashMap<IpAddr, usize>>,
+    stressed: std::sync::atomic::AtomicBool,
+}
+
+/// How many connections may be open, and when the gate is under stress.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionBounds {
+    pub max_total: usize,
+    pub max_per_ip: usize,
+    pub max_per_network: usize,
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
+    /// Stress mode from this many open sessions on.
+    pub stress_at: usize,
+}
+
+/// The network of `ip` (its address with the host bits cleared).
+pub fn network(ip: IpAddr, prefix_v4: u8, prefix_v6: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_v4.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((bits & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix_v6.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((bits & mask).into())
+        }
+    }
 }
 
 /// Why a connection was refused before the greeting.
@@ -20,6 +60,7 @@ pub struct ConnectionLimits {
 pub enum Refusal {
     Total,
     PerIp,
+    PerNetwork,
 }
 
 impl Refusal {
@@ -27,46 +68,109 @@ impl Refusal {
         match self {
             Refusal::Total => "limit:connections",
             Refusal::PerIp => "limit:connections_per_ip",
+            Refusal::PerNetwork => "limit:connections_per_network",
         }
     }
 }
 
 impl ConnectionLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
+    pub fn new(b: ConnectionBounds) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_per_ip,
+            max_total: b.max_total,
+            max_per_ip: b.max_per_ip,
+            max_per_net: b.max_per_network,
+            prefix_v4: b.prefix_v4,
+            prefix_v6: b.prefix_v6,
+            stress_at: b.stress_at,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            per_net: Mutex::new(HashMap::new()),
+            stressed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Takes a slot for `ip`, released when the guard drops.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionGuard, Refusal> {
         let ip = ip.to_canonical();
+        let net = network(ip, self.prefix_v4, self.prefix_v6);
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::Total);
         }
-        let mut map = match self.per_ip.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            drop(map);
+        if !take(&self.per_ip, ip, self.max_per_ip) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::PerIp);
         }
-        *n += 1;
+        if !take(&self.per_net, net, self.max_per_net) {
+            give_back(&self.per_ip, ip);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::PerNetwork);
+        }
+        self.note_stress();
         Ok(ConnectionGuard {
             limits: Arc::clone(self),
             ip,
+            net,
         })
     }
 
     pub fn open(&self) -> usize {
         self.total.load(Ordering::Acquire)
+    }
+
+    /// Most slots are taken: sessions get shorter deadlines (Postfix's
+    /// `${stress?...}`).
+    pub fn stressed(&self) -> bool {
+        self.open() >= self.stress_at
+    }
+
+    /// Logs and counts the moments stress mode begins and ends.
+    fn note_stress(&self) {
+        let now = self.stressed();
+        if self.stressed.swap(now, Ordering::AcqRel) != now {
+            metrics::gauge!("portcullis_stress").set(if now { 1.0 } else { 0.0 });
+            if now {
+                metrics::counter!("portcullis_stress_episodes_total").increment(1);
+                tracing::warn!(
+                    open = self.open(),
+                    at = self.stress_at,
+                    "stress mode on: shorter deadlines"
+                );
+            } else {
+                tracing::info!(open = self.open(), "stress mode off");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// One more for `key` unless it already has `max`.
+fn take(map: &Mutex<HashMap<IpAddr, usize>>, key: IpAddr, max: usize) -> bool {
+    let mut map = lock(map);
+    let n = map.entry(key).or_insert(0);
+    if *n >= max {
+        if *n == 0 {
+            map.remove(&key);
+        }
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+fn give_back(map: &Mutex<HashMap<IpAddr, usize>>, key: IpAddr) {
+    let mut map = lock(map);
+    if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
     }
 }
 
@@ -74,22 +178,15 @@ impl ConnectionLimits {
 pub struct ConnectionGuard {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
+    net: IpAddr,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let mut map = match self.limits.per_ip.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-        drop(map);
+        give_back(&self.limits.per_ip, self.ip);
+        give_back(&self.limits.per_net, self.net);
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
+        self.limits.note_stress();
     }
 }
 
@@ -185,9 +282,44 @@ impl Drop for Reservation {
 mod tests {
     use super::*;
 
+    fn bounds(max_total: usize, max_per_ip: usize, max_per_network: usize) -> ConnectionBounds {
+        ConnectionBounds {
+            max_total,
+            max_per_ip,
+            max_per_network,
+            prefix_v4: 24,
+            prefix_v6: 64,
+            stress_at: max_total,
+        }
+    }
+
+    #[test]
+    fn per_network() {
+        let l = ConnectionLimits::new(bounds(100, 2, 3));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = l.acquire(ip("192.0.2.1")).unwrap();
+        let _b = l.acquire(ip("192.0.2.2")).unwrap();
+        let c = l.acquire(ip("192.0.2.3")).unwrap();
+        assert_eq!(l.acquire(ip("192.0.2.4")).unwrap_err(), Refusal::PerNetwork);
+        // Refused by the network: the address's count was given back.
+        drop(c);
+        let _d = l.acquire(ip("192.0.2.4")).unwrap();
+        let _e = l.acquire(ip("192.0.3.1")).unwrap();
+        let _v6a = l.acquire(ip("2001:db8:0:1::1")).unwrap();
+        let _v6b = l.acquire(ip("2001:db8:0:1:ffff::2")).unwrap();
+        let _v6c = l.acquire(ip("2001:db8:0:1::3")).unwrap();
+        assert_eq!(
+            l.acquire(ip("2001:db8:0:1::4")).unwrap_err(),
+            Refusal::PerNetwork
+        );
+        assert!(l.acquire(ip("2001:db8:0:2::1")).is_ok());
+        assert_eq!(network(ip("::ffff:192.0.2.77"), 24, 64), ip("192.0.2.0"));
+        assert_eq!(network(ip("10.1.2.3"), 0, 64), ip("0.0.0.0"));
+    }
+
     #[test]
     fn per_ip_and_total() {
-        let l = ConnectionLimits::new(3, 2);
+        let l = ConnectionLimits::new(bounds(3, 2, 100));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let g1 = l.acquire(a).unwrap();

@@ -94,6 +94,7 @@ impl Server {
             checker: arc_swap::ArcSwap::new(checker),
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
+            limits: ConnectionLimits::new(cfg.connection_bounds()),
             checks,
             tls: std::sync::RwLock::new(tls),
             cfg: Arc::clone(&cfg),
@@ -111,10 +112,7 @@ impl Server {
             config_reloads,
             listeners,
             metrics,
-            limits: ConnectionLimits::new(
-                cfg.limits.max_connections,
-                cfg.limits.max_connections_per_ip,
-            ),
+            limits: Arc::clone(&shared.limits),
             shared,
             shutdown: Arc::new(Shutdown::new()),
         })

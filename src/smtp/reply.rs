@@ -115,6 +115,8 @@ pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::new(421, 7, 0, "Too many connections, try again later");
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, 7, 0, "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::new(421, 4, 2, "Timeout, closing connection");
+pub const TOO_SLOW_UNDER_STRESS: Reply =
+    Reply::new(421, 4, 2, "Too slow while busy, try again later");
 pub const SHUTTING_DOWN: Reply = Reply::new(421, 3, 2, "Service shutting down, try again later");
 pub const PROXY_REFUSED: Reply =
     Reply::new(421, 7, 0, "PROXY header required from a trusted proxy");

@@ -41,7 +41,7 @@
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
 use crate::config::{Action, BareNewline, Config, RejectAt};
 use crate::rules::{Facts, RuleSet, RuleStage, Rules};
-use crate::server::limits::MemoryBudget;
+use crate::server::limits::{ConnectionLimits, MemoryBudget};
 use crate::server::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
 use crate::smtp::data::DataReader;
@@ -67,6 +67,8 @@ pub struct Shared {
     pub cfg: Arc<Config>,
     pub upstream: Arc<Upstream>,
     pub budget: Arc<MemoryBudget>,
+    /// Open sessions; tells when the gate is under stress.
+    pub limits: Arc<ConnectionLimits>,
     pub checks: Pipeline,
     /// DNSBL, SPF, DKIM, DMARC, ARC, iprev; swapped when the config reloads.
     pub checker: ArcSwap<Checker>,
@@ -199,6 +201,10 @@ enum Line {
     TooLong,
     Closed,
     Timeout,
+    /// Under stress: a command took longer than `stress.command`.
+    StressTimeout,
+    /// Under stress: no MAIL within `stress.time_to_mail` of connecting.
+    TooSlow,
     Shutdown,
 }
 
@@ -245,6 +251,10 @@ pub struct Session {
     /// The HELO name upstream was told about on the open connection.
     upstream_helo: Option<String>,
     errors: usize,
+    /// When the client connected, and whether it has sent MAIL yet (under
+    /// stress the time to MAIL is bounded).
+    connected: tokio::time::Instant,
+    reached_mail: bool,
     conn_checks: ConnChecks,
     /// The rules this session started with (a reload affects new sessions).
     rules: Arc<RuleSet>,
@@ -283,6 +293,8 @@ impl Session {
             upstream: None,
             upstream_helo: None,
             errors: 0,
+            connected: tokio::time::Instant::now(),
+            reached_mail: false,
             shared,
         }
     }
@@ -342,6 +354,18 @@ impl Session {
                     self.reply(&reply::TIMEOUT);
                     Next::Close
                 }
+                Line::StressTimeout | Line::TooSlow => {
+                    let why = if matches!(line, Line::TooSlow) {
+                        "time_to_mail"
+                    } else {
+                        "command"
+                    };
+                    metrics::counter!("portcullis_stress_closed_total", "reason" => why)
+                        .increment(1);
+                    tracing::info!(session = %self.peer.id, client = %self.peer.addr.ip(), reason = why, "closed under stress");
+                    self.reply(&reply::TOO_SLOW_UNDER_STRESS);
+                    Next::Close
+                }
                 Line::Shutdown => {
                     self.reply(&reply::SHUTTING_DOWN);
                     Next::Close
@@ -385,10 +409,19 @@ impl Session {
         r.write_to(&mut self.wbuf);
     }
 
-    /// A protocol error: reply, and hang up after `max_errors`.
+    /// A protocol error: reply, and hang up after `max_errors` (fewer
+    /// under stress).
     fn error(&mut self, r: Reply) -> Next {
         self.errors += 1;
-        if self.errors >= self.cfg().limits.max_errors {
+        let max = if self.shared.limits.stressed() {
+            self.cfg()
+                .stress
+                .max_errors
+                .min(self.cfg().limits.max_errors)
+        } else {
+            self.cfg().limits.max_errors
+        };
+        if self.errors >= max {
             self.reply(&reply::TOO_MANY_ERRORS);
             return Next::Close;
         }
@@ -456,7 +489,7 @@ impl Session {
     }
 
     /// Flushes queued replies and reads more input.
-    async fn fill(&mut self, idle: Duration, chunk: usize) -> Fill {
+    async fn fill(&mut self, until: tokio::time::Instant, chunk: usize) -> Fill {
         match self.flush().await {
             Flushed::Done => {}
             Flushed::Failed => return Fill::Closed,
@@ -467,7 +500,7 @@ impl Session {
             self.rpos = 0;
         }
         self.rbuf.reserve(chunk);
-        let until = (tokio::time::Instant::now() + idle).min(self.deadline);
+        let until = until.min(self.deadline);
         // Between transactions a drain closes the session; inside one we wait
         // for the hard deadline so the transaction can finish.
         let stop_at = if self.txn.is_some() {
@@ -492,7 +525,10 @@ impl Session {
     /// The next command line, without its line end.
     async fn next_line(&mut self) -> Line {
         let max = self.cfg().smtp.max_command_line;
-        let idle = self.cfg().timeouts.command.0;
+        // One deadline for the whole command line, however it trickles in;
+        // under stress (looked at again at every read) a shorter one, and
+        // a bound on the time to MAIL.
+        let started = tokio::time::Instant::now();
         let mut discarding = false;
         loop {
             let pending = &self.rbuf[self.rpos..];
@@ -522,9 +558,23 @@ impl Session {
                 discarding = true;
                 self.rpos = self.rbuf.len();
             }
-            match self.fill(idle, COMMAND_READ).await {
+            let stressed = self.shared.limits.stressed();
+            let stress = &self.shared.cfg.stress;
+            let mut until = started + self.cfg().timeouts.command.0;
+            let mut too_slow = false;
+            if stressed {
+                until = until.min(started + stress.command.0);
+                let to_mail = self.connected + stress.time_to_mail.0;
+                if !self.reached_mail && to_mail < until {
+                    until = to_mail;
+                    too_slow = true;
+                }
+            }
+            match self.fill(until, COMMAND_READ).await {
                 Fill::Data => {}
                 Fill::Closed => return Line::Closed,
+                Fill::Timeout if too_slow => return Line::TooSlow,
+                Fill::Timeout if stressed => return Line::StressTimeout,
                 Fill::Timeout => return Line::Timeout,
                 Fill::Shutdown => return Line::Shutdown,
             }
@@ -634,6 +684,7 @@ impl Session {
     }
 
     async fn mail(&mut self, m: MailCmd) -> Next {
+        self.reached_mail = true;
         if self.helo.is_none() {
             return self.error(reply::NEED_HELO);
         }
@@ -852,7 +903,8 @@ impl Session {
                     break;
                 }
             }
-            match self.fill(cfg.timeouts.data.0, DATA_READ).await {
+            let until = tokio::time::Instant::now() + cfg.timeouts.data.0;
+            match self.fill(until, DATA_READ).await {
                 Fill::Data => {}
                 Fill::Closed => {
                     // Nothing reaches upstream: its connection closes before any dot.
