@@ -162,6 +162,7 @@ pub async fn explain(mut cfg: Config, input: Input) -> Result<String, String> {
         size: Some(msg.len() as u64),
         ..Facts::default()
     };
+    let msg: crate::checks::pool::SharedMessage = std::sync::Arc::new(msg);
     let data = checker.at_data(&conn, &mut t, &rules, facts, &msg).await;
     let _ = writeln!(out, "DATA stage (DKIM, DMARC, ARC, message rules):");
     results(&mut out, &t.log);

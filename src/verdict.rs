@@ -214,6 +214,10 @@ pub fn dns_tempfail() -> Reply {
     Reply::new(451, 4, 3, "Temporary DNS failure, try again later")
 }
 
+pub fn rules_overrun() -> Reply {
+    Reply::new(451, 7, 0, "Message checks took too long, try again later")
+}
+
 pub fn several_failed() -> Reply {
     Reply::new(550, 7, 26, "Multiple authentication checks failed")
 }

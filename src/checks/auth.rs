@@ -5,9 +5,10 @@
 
 use super::client_name;
 use super::dnsbl::{Dnsbl, ZoneOutcome};
-use crate::config::{Action, ChecksConfig, Mode};
+use super::pool::{RulePool, SharedMessage};
+use crate::config::{Action, ChecksConfig, Mode, Overrun};
 use crate::dns::Dns;
-use crate::rules::{Facts, Hit, MessageFacts, RuleAction, RuleSet, RuleStage};
+use crate::rules::{Facts, Hit, OwnedFacts, RuleAction, RuleSet, RuleStage};
 use crate::upstream::DnsName;
 use crate::verdict::{self, Finding, Outcome};
 use mail_auth::dmarc::Policy;
@@ -30,6 +31,8 @@ pub struct Checker {
     hostname: String,
     pub dns: Arc<Dns>,
     pub dnsbl: Arc<Dnsbl>,
+    /// Where the rules on the whole message run.
+    pool: RulePool,
 }
 
 /// Per client connection: lookups started at connect, awaited when needed.
@@ -140,6 +143,7 @@ impl Checker {
             hostname: hostname.to_string(),
             dnsbl: Arc::new(Dnsbl::new(&cfg.dnsbl.zones, Arc::clone(&dns))),
             dns,
+            pool: RulePool::new(&cfg.message_rules),
         }
     }
 
@@ -338,10 +342,11 @@ impl Checker {
         &self,
         c: &ConnChecks,
         t: &mut TxnChecks,
-        rules: &RuleSet,
+        rules: &Arc<RuleSet>,
         facts: Facts<'_>,
-        message: &[u8],
+        shared: &SharedMessage,
     ) -> DataChecks {
+        let message: &[u8] = (**shared).as_ref();
         let Some(msg) = AuthenticatedMessage::parse(message) else {
             // No header block at all: nothing to verify or to remove.
             let outcome = verdict::decide(&t.findings, &self.cfg.thresholds);
@@ -485,13 +490,29 @@ impl Checker {
         }
         let mut accepted = false;
         if rules.has_stage(RuleStage::Data) {
-            let parsed = MessageFacts::parse(message);
-            let facts = t.log.with_results(Facts {
-                message: Some(&parsed),
-                ..facts
-            });
-            let hits = rules.evaluate(RuleStage::Data, &facts);
-            accepted = apply_rule_hits(&hits, &mut findings, &mut t.log, &mut t.add_headers);
+            let facts = OwnedFacts::new(&t.log.with_results(facts));
+            match self
+                .pool
+                .evaluate(Arc::clone(rules), facts, Arc::clone(shared))
+                .await
+            {
+                Ok(hits) => {
+                    accepted =
+                        apply_rule_hits(&hits, &mut findings, &mut t.log, &mut t.add_headers);
+                }
+                Err(o) => {
+                    t.log.hits.push("rules:overrun".into());
+                    if o.then == Overrun::Tempfail {
+                        findings.push(Finding {
+                            check: "rules",
+                            result: "overrun".into(),
+                            action: Action::Tempfail,
+                            reason: "rules:overrun".into(),
+                            reply: verdict::rules_overrun(),
+                        });
+                    }
+                }
+            }
         }
         let outcome = if accepted {
             verdict::decide(&[], &self.cfg.thresholds)

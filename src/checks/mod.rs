@@ -5,6 +5,7 @@ pub mod auth;
 mod client_name;
 pub mod dnsbl;
 mod limits;
+pub mod pool;
 
 pub use auth::{CheckLog, Checker, ConnChecks, DataChecks, TxnChecks};
 pub use limits::Limits;

@@ -103,6 +103,37 @@ pub struct ChecksConfig {
     pub dmarc: Dmarc,
     pub arc: Arc,
     pub iprev: Iprev,
+    pub message_rules: MessageRules,
+}
+
+/// Where and for how long the rules on a whole message run: on a bounded
+/// pool of threads, never on the threads that serve the sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessageRules {
+    /// Threads evaluating at once (0: one per CPU).
+    pub workers: usize,
+    /// Time one message's evaluation may take, waiting for a thread included.
+    pub budget: Secs,
+    /// Past the budget: `tempfail` (451 4.7.0, the sender retries) or `accept`.
+    pub on_overrun: Overrun,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overrun {
+    Tempfail,
+    Accept,
+}
+
+impl Default for MessageRules {
+    fn default() -> Self {
+        MessageRules {
+            workers: 0,
+            budget: Secs(std::time::Duration::from_secs(10)),
+            on_overrun: Overrun::Tempfail,
+        }
+    }
 }
 
 impl Default for ChecksConfig {
@@ -117,6 +148,7 @@ impl Default for ChecksConfig {
             dmarc: Dmarc::default(),
             arc: Arc::default(),
             iprev: Iprev::default(),
+            message_rules: MessageRules::default(),
         }
     }
 }

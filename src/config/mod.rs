@@ -8,8 +8,8 @@ mod checks;
 mod units;
 
 pub use checks::{
-    Action, Allow, ChecksConfig, DnsConfig, Mode, RejectAt, ReturnFilter, Thresholds, Zone,
-    ZoneType,
+    Action, Allow, ChecksConfig, DnsConfig, MessageRules, Mode, Overrun, RejectAt, ReturnFilter,
+    Thresholds, Zone, ZoneType,
 };
 pub use units::{Bytes, Secs, parse_size};
 

@@ -2,6 +2,7 @@
 //! the body, the subject, ...) goes into one `RegexSet`, run once per value,
 //! so the cost grows with the message, not with the number of rules.
 
+use super::index::{DomainSet, NetSet};
 use super::model::{ActionDef, Cmp, Cond, Matcher, ReplyDef, RuleDef, RuleMode, RuleStage};
 use crate::smtp::reply::Reply;
 use ipnet::IpNet;
@@ -87,7 +88,7 @@ enum Leaf {
         set: HashSet<String>,
         case: bool,
     },
-    Domain(Vec<String>),
+    Domain(DomainSet),
     /// Indices into the target's RegexSet.
     Regex(Vec<usize>),
 }
@@ -98,7 +99,7 @@ enum Node {
     Any(Vec<Node>),
     Not(Box<Node>),
     Match(Target, Leaf),
-    Ip(Vec<IpNet>),
+    Ip(NetSet),
     Number(Number, Cmp),
     Tls(bool),
     Check(CheckKind, Vec<String>),
@@ -166,6 +167,65 @@ pub struct Facts<'a> {
     pub dmarc: &'a str,
     pub iprev: &'a str,
     pub dnsbl: Vec<&'a str>,
+}
+
+/// `Facts` with everything owned, to evaluate the rules away from the
+/// session (on the blocking pool).
+#[derive(Debug, Default, Clone)]
+pub struct OwnedFacts {
+    pub ip: Option<IpAddr>,
+    pub reverse: Option<String>,
+    pub helo: Option<String>,
+    pub mail_from: Option<String>,
+    pub rcpts: Vec<String>,
+    pub rcpt_count: usize,
+    pub tls: bool,
+    pub size: Option<u64>,
+    pub spf: String,
+    pub dkim: String,
+    pub dmarc: String,
+    pub iprev: String,
+    pub dnsbl: Vec<String>,
+}
+
+impl OwnedFacts {
+    pub fn new(f: &Facts<'_>) -> OwnedFacts {
+        OwnedFacts {
+            ip: f.ip,
+            reverse: f.reverse.map(str::to_string),
+            helo: f.helo.map(str::to_string),
+            mail_from: f.mail_from.map(str::to_string),
+            rcpts: f.rcpts.iter().map(|r| r.to_string()).collect(),
+            rcpt_count: f.rcpt_count,
+            tls: f.tls,
+            size: f.size,
+            spf: f.spf.to_string(),
+            dkim: f.dkim.to_string(),
+            dmarc: f.dmarc.to_string(),
+            iprev: f.iprev.to_string(),
+            dnsbl: f.dnsbl.iter().map(|z| z.to_string()).collect(),
+        }
+    }
+
+    /// The borrowed view, with the parsed message.
+    pub fn view<'a>(&'a self, message: Option<&'a MessageFacts>) -> Facts<'a> {
+        Facts {
+            ip: self.ip,
+            reverse: self.reverse.as_deref(),
+            helo: self.helo.as_deref(),
+            mail_from: self.mail_from.as_deref(),
+            rcpts: self.rcpts.iter().map(String::as_str).collect(),
+            rcpt_count: self.rcpt_count,
+            tls: self.tls,
+            size: self.size,
+            message,
+            spf: &self.spf,
+            dkim: &self.dkim,
+            dmarc: &self.dmarc,
+            iprev: &self.iprev,
+            dnsbl: self.dnsbl.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 /// A message as the rules see it: decoded (mail-parser), parsed once.
@@ -308,7 +368,7 @@ impl<'a> Compiler<'a> {
                         nets.push(net);
                     }
                 }
-                Node::Ip(nets)
+                Node::Ip(NetSet::new(nets))
             }
             Cond::Reverse(m) => self.leaf(Target::Reverse, m)?,
             Cond::Helo(m) => self.leaf(Target::Helo, m)?,
@@ -359,14 +419,14 @@ impl<'a> Compiler<'a> {
                 case,
             }
         } else if let Some(d) = m.domain {
-            Leaf::Domain(domains(d.into_vec()))
+            Leaf::Domain(DomainSet::new(d.into_vec()))
         } else if let Some(list) = m.list {
             let entries = (self.read_list)(&list).map_err(|e| (e, Some(list.clone())))?;
             if target.is_domain()
                 || matches!(target, Target::MailFrom | Target::Rcpt)
                     && entries.iter().all(|e| !e.contains('@'))
             {
-                Leaf::Domain(domains(entries))
+                Leaf::Domain(DomainSet::new(entries))
             } else {
                 Leaf::Exact {
                     set: entries.into_iter().map(|v| fold(v, case)).collect(),
@@ -415,17 +475,6 @@ fn lower(v: Vec<String>) -> Vec<String> {
 
 fn fold(v: String, case: bool) -> String {
     if case { v } else { v.to_lowercase() }
-}
-
-fn domains(v: Vec<String>) -> Vec<String> {
-    v.into_iter()
-        .map(|d| {
-            d.trim()
-                .trim_start_matches('.')
-                .trim_end_matches('.')
-                .to_ascii_lowercase()
-        })
-        .collect()
 }
 
 fn node_stage(n: &Node) -> RuleStage {
@@ -583,9 +632,7 @@ fn eval(n: &Node, f: &Facts<'_>, m: &mut Matches<'_>) -> bool {
         Node::All(v) => v.iter().all(|n| eval(n, f, m)),
         Node::Any(v) => v.iter().any(|n| eval(n, f, m)),
         Node::Not(n) => !eval(n, f, m),
-        Node::Ip(nets) => {
-            f.ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip.to_canonical())))
-        }
+        Node::Ip(nets) => f.ip.is_some_and(|ip| nets.contains(ip)),
         Node::Tls(b) => f.tls == *b,
         Node::Number(Number::Size, c) => f.size.is_some_and(|s| c.matches(s)),
         Node::Number(Number::RcptCount, c) => c.matches(f.rcpt_count as u64),
@@ -614,8 +661,7 @@ fn eval(n: &Node, f: &Facts<'_>, m: &mut Matches<'_>) -> bool {
                     Target::MailFrom | Target::Rcpt => v.rsplit_once('@').map_or(*v, |(_, d)| d),
                     _ => v,
                 };
-                let v = v.trim_end_matches('.').to_ascii_lowercase();
-                ds.iter().any(|d| v == *d || v.ends_with(&format!(".{d}")))
+                ds.matches(v)
             }),
             Leaf::Regex(idx) => {
                 // Each target's RegexSet runs once per evaluation; later

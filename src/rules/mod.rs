@@ -4,9 +4,10 @@
 //! the set they started with.
 
 mod engine;
+mod index;
 pub mod model;
 
-pub use engine::{Facts, Hit, MessageFacts, Rule, RuleAction};
+pub use engine::{Facts, Hit, MessageFacts, OwnedFacts, Rule, RuleAction};
 pub use model::{RuleMode, RuleStage};
 
 use crate::yaml;

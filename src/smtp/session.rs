@@ -38,10 +38,11 @@
 //! `end_transaction` is the one place that ends both sides; every row above
 //! goes through it (or through `finish_txn` plus upstream's own end).
 
+use crate::checks::pool::SharedMessage;
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
 use crate::config::{Action, BareNewline, Config, RejectAt};
 use crate::rules::{Facts, RuleSet, RuleStage, Rules};
-use crate::server::limits::{ConnectionLimits, MemoryBudget};
+use crate::server::limits::{ConnectionLimits, MemoryBudget, Reservation};
 use crate::server::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
 use crate::smtp::data::DataReader;
@@ -143,6 +144,20 @@ impl Txn {
             score,
             rcpt_list: Vec::new(),
         }
+    }
+}
+
+/// A received message and its share of the memory budget, given back when
+/// the last holder (the session, or a rule evaluation past its budget)
+/// lets it go.
+struct Held {
+    bytes: Vec<u8>,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -983,6 +998,12 @@ impl Session {
             self.reply(&r);
             return Next::Continue;
         }
+        // From here the message is shared with the rule pool; it stays
+        // counted against the budget until the last holder lets it go.
+        let msg = Arc::new(Held {
+            bytes: msg,
+            _reservation: reservation,
+        });
         let Some(mut checks) = self.txn.as_mut().map(|t| std::mem::take(&mut t.checks)) else {
             return Next::Continue;
         };
@@ -997,7 +1018,13 @@ impl Session {
         };
         let checked = self
             .checker
-            .at_data(&self.conn_checks, &mut checks, &self.rules, facts, &msg)
+            .at_data(
+                &self.conn_checks,
+                &mut checks,
+                &self.rules,
+                facts,
+                &(Arc::clone(&msg) as SharedMessage),
+            )
             .await;
         if let Some(t) = self.txn.as_mut() {
             t.checks = checks;
@@ -1021,10 +1048,10 @@ impl Session {
         parts.push(checked.headers.as_bytes());
         let mut pos = 0;
         for r in &checked.remove {
-            parts.push(&msg[pos..r.start]);
+            parts.push(&msg.bytes[pos..r.start]);
             pos = r.end;
         }
-        parts.push(&msg[pos..]);
+        parts.push(&msg.bytes[pos..]);
         let reason = checked.outcome.reason.clone();
         let tagged = checked.outcome.decision == Decision::Tag;
         let result = match self.upstream.as_mut() {
@@ -1035,7 +1062,6 @@ impl Session {
         };
         drop(parts);
         drop(msg);
-        drop(reservation);
         match result {
             Ok(r) => {
                 let reason = if r.is_positive() {

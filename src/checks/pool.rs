@@ -1,0 +1,78 @@
+//! The rules on a whole message run here: parsing (mail-parser) and
+//! thousands of regexes are CPU work, so they go to a bounded pool of
+//! blocking threads, never to the threads that serve every session, and
+//! one message's evaluation has a time budget.
+
+use crate::config::{MessageRules, Overrun};
+use crate::rules::{Hit, MessageFacts, OwnedFacts, RuleSet, RuleStage};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// A message's bytes, shared with the pool; whatever keeps them counted
+/// against the memory budget lives as long as they do.
+pub type SharedMessage = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Why an evaluation gave no hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overran {
+    pub budget: Duration,
+    pub then: Overrun,
+}
+
+pub struct RulePool {
+    slots: Arc<Semaphore>,
+    budget: Duration,
+    on_overrun: Overrun,
+}
+
+impl RulePool {
+    pub fn new(cfg: &MessageRules) -> RulePool {
+        let workers = match cfg.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        RulePool {
+            slots: Arc::new(Semaphore::new(workers)),
+            budget: cfg.budget.0,
+            on_overrun: cfg.on_overrun,
+        }
+    }
+
+    /// Parses the message and evaluates the DATA-stage rules on a pool
+    /// thread, within the budget. Past it the session goes on without the
+    /// result; the thread finishes its work (a regex cannot be stopped) and
+    /// only then frees its slot, so the pool stays bounded.
+    pub async fn evaluate(
+        &self,
+        rules: Arc<RuleSet>,
+        facts: OwnedFacts,
+        message: SharedMessage,
+    ) -> Result<Vec<Hit>, Overran> {
+        let overran = Overran {
+            budget: self.budget,
+            then: self.on_overrun,
+        };
+        let run = async {
+            let slot = Arc::clone(&self.slots)
+                .acquire_owned()
+                .await
+                .map_err(|_| overran)?;
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                let parsed = MessageFacts::parse((*message).as_ref());
+                rules.evaluate(RuleStage::Data, &facts.view(Some(&parsed)))
+            })
+            .await
+            .map_err(|_| overran)
+        };
+        match tokio::time::timeout(self.budget, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                metrics::counter!("portcullis_rules_overrun_total").increment(1);
+                tracing::warn!(budget = ?self.budget, then = ?self.on_overrun, "message rules overran their budget");
+                Err(overran)
+            }
+        }
+    }
+}
