@@ -375,3 +375,87 @@ async fn stress_mode_bounds_the_time_to_mail() {
     println!("{closed} tricklers closed under stress");
     assert!(closed >= 31, "{closed} closed");
 }
+
+/// A rules directory with `n` body regex rules that a long message makes
+/// expensive (thousands of alternatives, no literal to skip ahead on).
+fn heavy_rules(n: usize) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("portcullis-heavy-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut y = String::from("rules:\n");
+    for i in 0..n {
+        y.push_str(&format!(
+            "  - id: HEAVY_{i}\n    description: heavy\n    when: {{body: {{regex: '[a-z]{{3}}\\d{{2}}[a-z]+{i}q'}}}}\n    action: {{score: 0.1}}\n"
+        ));
+    }
+    std::fs::write(dir.join("heavy.yaml"), y).unwrap();
+    dir
+}
+
+/// One message under a heavy rule set must not stall the server: on one
+/// thread serving every session (and this test's clients), a one-line
+/// transaction and new greetings go on
+/// while the heavy message evaluates on the pool; past its budget the
+/// heavy message is tempfailed (451 4.7.0).
+#[tokio::test]
+async fn heavy_rules_do_not_stall_other_sessions() {
+    let rules = heavy_rules(300);
+    let mta = FakeMta::start(Script::default()).await;
+    let body: String = std::iter::once("Subject: heavy\r\n\r\n".to_string())
+        .chain(
+            (0..1200).map(|i| format!("abc{:02}defghijklmnop{i} words words words\r\n", i % 100)),
+        )
+        .collect();
+    for (budget, heavy_want) in [("60s", "250"), ("1s", "451 4.7.0")] {
+        let gate = common::Gate::start(
+            mta.addr,
+            &format!(
+                "rules_dir: {}\nchecks:\n  message_rules: {{workers: 2, budget: {budget}}}\n  spf: {{mode: off}}\n  dkim: {{mode: off}}\n  dmarc: {{mode: off}}\n  arc: {{mode: off}}\n  iprev: {{mode: off}}\n  dnsbl: {{mode: off}}\n",
+                rules.display()
+            ),
+        )
+        .await;
+        let addr = gate.addr;
+        let body2 = body.clone();
+        let heavy = tokio::spawn(async move {
+            let start = Instant::now();
+            let mut c = common::Client::hello(addr).await;
+            c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+            c.cmd("RCPT TO:<b@example.test>", "250").await;
+            c.cmd("DATA", "354").await;
+            let mut wire = Vec::new();
+            portcullis::smtp::data::write_stuffed(body2.as_bytes(), |s| wire.extend_from_slice(s));
+            c.send(&wire).await;
+            // Heavy is the point: allow a slow machine its time.
+            let r = c
+                .try_reply(Duration::from_secs(120))
+                .await
+                .unwrap_or_default();
+            (r, start.elapsed())
+        });
+        // Measured from when the probe was due, not from when this task
+        // got to run (a stalled thread delays both).
+        let start = Instant::now() + Duration::from_millis(300);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut c = common::Client::hello(addr).await;
+        let r = c
+            .send_mail(
+                "a@sender.test",
+                &["b@example.test"],
+                b"Subject: probe\r\n\r\nx\r\n",
+            )
+            .await;
+        let probe = start.elapsed();
+        assert!(r.starts_with("250"), "probe: {r}");
+        let (r, took) = heavy.await.unwrap();
+        println!(
+            "budget {budget}: heavy message {took:?} ({}), probe transaction {probe:?}",
+            r.trim_end()
+        );
+        assert!(r.starts_with(heavy_want), "heavy with budget {budget}: {r}");
+        assert!(probe < Duration::from_millis(800), "probe took {probe:?}");
+        assert!(
+            took > probe * 2,
+            "the heavy message was not heavy: {took:?}"
+        );
+    }
+}
