@@ -72,12 +72,27 @@ fn main() -> ExitCode {
         Cmd::Check { config } => match Config::load(config.as_deref()) {
             Ok(c) => match portcullis::server::load_rules(&c) {
                 Ok(rules) => {
+                    let problems = portcullis::server::preflight(&c);
+                    if !problems.is_empty() {
+                        for p in &problems {
+                            eprintln!("{p}");
+                        }
+                        return ExitCode::FAILURE;
+                    }
                     println!(
                         "config ok: {} listener(s), upstream {}",
                         c.listen.len(),
                         c.upstream.addr
                     );
-                    print!("rules ok: {}", rules.current().summary());
+                    let set = rules.current();
+                    println!("rules directory: {}", rules.dir().display());
+                    if set.rules().is_empty() {
+                        println!(
+                            "warning: no rules loaded from {} (set rules_dir)",
+                            rules.dir().display()
+                        );
+                    }
+                    print!("rules ok: {}", set.summary());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

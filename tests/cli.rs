@@ -355,3 +355,90 @@ fn log_file_is_reopened_on_sighup_for_logrotate() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `portcullis check` over the shipped broken configurations: each fails
+/// with the error its `# expect:` lines name (every one of them, so a file
+/// with several problems reports them all in one run).
+#[test]
+fn check_finds_every_broken_configuration() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/broken");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 15, "{} fixtures", files.len());
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let expect: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .collect();
+        assert!(!expect.is_empty(), "{}: no # expect: line", f.display());
+        let out = bin().args(["check", "--config"]).arg(f).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} passed check", f.display());
+        for e in expect {
+            assert!(err.contains(e), "{}: {e:?} not in {err}", f.display());
+        }
+    }
+    // Not a file at all.
+    let out = bin()
+        .args(["check", "--config", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+}
+
+/// Relative paths are relative to the config file, wherever the gate is
+/// started; `check` says which rules directory it loaded.
+#[test]
+fn relative_paths_are_beside_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("portcullis-rel-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("myrules")).unwrap();
+    std::fs::write(
+        dir.join("myrules/a.yaml"),
+        "rules:\n  - id: ONE\n    description: one\n    when: {helo: {exact: [x.test]}}\n    action: {score: 1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("gate.yaml"),
+        "hostname: gate.test\nlisten: [{addr: \"127.0.0.1:0\"}]\nupstream: {addr: \"127.0.0.1:2\", client_identity: xclient}\nrules_dir: myrules\n",
+    )
+    .unwrap();
+    let out = bin()
+        .current_dir("/")
+        .args(["check", "--config"])
+        .arg(dir.join("gate.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "rules directory: {}",
+            dir.join("myrules").display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("1 rule"), "{text}");
+    // No rules: a warning, not silence.
+    std::fs::write(
+        dir.join("empty.yaml"),
+        "hostname: gate.test\nlisten: [{addr: \"127.0.0.1:0\"}]\nupstream: {addr: \"127.0.0.1:2\", client_identity: xclient}\nrules_dir: nothing-here\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("nothing-here")).unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(dir.join("empty.yaml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("warning: no rules loaded"));
+}

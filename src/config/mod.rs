@@ -45,6 +45,58 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// Several problems, one per line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
+}
+
+/// Config files are small; anything larger is not one (`/dev/zero`).
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// Reads a text file of at most `limit` bytes: a regular file only, so
+/// that a device or a FIFO cannot be read until memory runs out.
+pub fn read_text(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    let mut text = String::new();
+    f.take(limit + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
+/// The largest message a gate may be told to hold in memory.
+const MAX_MESSAGE_SIZE: u64 = 1 << 30;
+
+/// This machine's memory, from /proc/meminfo (None elsewhere).
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -351,11 +403,13 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                let text = read_text(p, MAX_CONFIG_FILE).map_err(|source| ConfigError::Io {
                     path: p.display().to_string(),
                     source,
                 })?;
-                Self::parse(&text, p)
+                let mut cfg = Self::parse(&text, p)?;
+                cfg.resolve_paths(p.parent().unwrap_or(Path::new(".")));
+                Ok(cfg)
             }
             None => Self::parse(DEFAULT_CONFIG, Path::new("<embedded portcullis.yaml>")),
         }
@@ -369,34 +423,36 @@ impl Config {
     }
 
     fn validate(&self, text: &str, file: &Path) -> Result<(), ConfigError> {
-        let fail = |key: &str, message: String| {
+        // Every problem of the file is reported, not only the first.
+        let mut errors = Vec::new();
+        let mut fail = |key: &str, message: String| {
             let (line, column) = locate_key(text, key);
-            Err(ConfigError::Invalid {
+            errors.push(ConfigError::Invalid {
                 file: file.display().to_string(),
                 line,
                 column,
                 key: key.to_string(),
                 message,
-            })
+            });
         };
         if !is_domain_like(&self.hostname) {
-            return fail(
+            fail(
                 "hostname",
                 format!("{:?} is not a host name", self.hostname),
             );
         }
         if self.listen.is_empty() {
-            return fail("listen", "at least one listener is needed".into());
+            fail("listen", "at least one listener is needed".into());
         }
         for (i, l) in self.listen.iter().enumerate() {
             if !l.trusted_proxies.is_empty() && !l.proxy_protocol {
-                return fail(
+                fail(
                     &format!("listen[{i}].trusted_proxies"),
                     "set only with proxy_protocol: true".into(),
                 );
             }
             if l.proxy_protocol && l.trusted_proxies.is_empty() {
-                return fail(
+                fail(
                     &format!("listen[{i}].proxy_protocol"),
                     "needs trusted_proxies (the load balancers allowed to send PROXY headers)"
                         .into(),
@@ -406,7 +462,7 @@ impl Config {
         if let Some(h) = &self.upstream.helo_name
             && !is_domain_like(h)
         {
-            return fail("upstream.helo_name", format!("{h:?} is not a host name"));
+            fail("upstream.helo_name", format!("{h:?} is not a host name"));
         }
         let l = &self.limits;
         for (key, v) in [
@@ -420,20 +476,20 @@ impl Config {
             ("limits.max_errors", l.max_errors),
         ] {
             if v == 0 {
-                return fail(key, "must be at least 1".into());
+                fail(key, "must be at least 1".into());
             }
         }
         if l.network_prefix_v4 > 32 {
-            return fail("limits.network_prefix_v4", "must be 0 to 32".into());
+            fail("limits.network_prefix_v4", "must be 0 to 32".into());
         }
         if l.network_prefix_v6 > 128 {
-            return fail("limits.network_prefix_v6", "must be 0 to 128".into());
+            fail("limits.network_prefix_v6", "must be 0 to 128".into());
         }
         if !(1..=100).contains(&self.stress.at_percent) {
-            return fail("stress.at_percent", "must be 1 to 100".into());
+            fail("stress.at_percent", "must be 1 to 100".into());
         }
         if l.memory_budget < l.max_message_size {
-            return fail(
+            fail(
                 "limits.memory_budget",
                 format!(
                     "{} is smaller than limits.max_message_size ({})",
@@ -442,47 +498,209 @@ impl Config {
             );
         }
         if !(512..=65536).contains(&self.smtp.max_command_line) {
-            return fail(
+            fail(
                 "smtp.max_command_line",
                 "must be between 512 and 65536".into(),
             );
         }
         if self.smtp.max_line_length < 998 {
-            return fail(
+            fail(
                 "smtp.max_line_length",
                 "must be at least 998 (RFC 5321)".into(),
             );
         }
         if self.dns.nameservers.is_empty() {
-            return fail(
+            fail(
                 "dns.nameservers",
                 "at least one nameserver is needed".into(),
             );
         }
         if self.dns.attempts == 0 {
-            return fail("dns.attempts", "must be at least 1".into());
+            fail("dns.attempts", "must be at least 1".into());
         }
         if self.dns.min_ttl > self.dns.max_ttl {
-            return fail("dns.min_ttl", "is larger than dns.max_ttl".into());
+            fail("dns.min_ttl", "is larger than dns.max_ttl".into());
         }
         for (i, z) in self.checks.dnsbl.zones.iter().enumerate() {
             if !is_domain_like(&z.zone) {
-                return fail(
+                fail(
                     &format!("checks.dnsbl.zones[{i}].zone"),
                     format!("{:?} is not a DNS zone", z.zone),
                 );
             }
             if matches!(z.action, Some(Action::Score(_))) {
-                return fail(
+                fail(
                     &format!("checks.dnsbl.zones[{i}].action"),
                     "use the zone's score: key for scores".into(),
                 );
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return fail("log.level", format!("invalid filter: {e}"));
+            fail("log.level", format!("invalid filter: {e}"));
         }
-        Ok(())
+        self.validate_bounds(&mut fail);
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Several(errors)),
+        }
+    }
+
+    /// Sane minimums and maximums: no duration that overflows a deadline,
+    /// no interval that turns a probe into a flood, no size that switches
+    /// a bound off.
+    fn validate_bounds(&self, fail: &mut impl FnMut(&str, String)) {
+        let secs = |s: u64| Duration::from_secs(s);
+        let ms = |m: u64| Duration::from_millis(m);
+        let t = &self.timeouts;
+        let u = &self.upstream;
+        for (key, v, min, max) in [
+            ("timeouts.command", t.command.0, secs(1), secs(3600)),
+            ("timeouts.data", t.data.0, secs(1), secs(3600)),
+            ("timeouts.session", t.session.0, secs(1), secs(86400)),
+            ("timeouts.shutdown", t.shutdown.0, secs(1), secs(3600)),
+            (
+                "upstream.timeouts.connect",
+                u.timeouts.connect.0,
+                ms(100),
+                secs(600),
+            ),
+            (
+                "upstream.timeouts.command",
+                u.timeouts.command.0,
+                ms(100),
+                secs(3600),
+            ),
+            (
+                "upstream.timeouts.data",
+                u.timeouts.data.0,
+                ms(100),
+                secs(3600),
+            ),
+            (
+                "upstream.probe_interval",
+                u.probe_interval.0,
+                secs(1),
+                secs(86400),
+            ),
+            ("stress.command", self.stress.command.0, secs(1), secs(3600)),
+            (
+                "stress.time_to_mail",
+                self.stress.time_to_mail.0,
+                secs(1),
+                secs(3600),
+            ),
+            ("dns.timeout", self.dns.timeout.0, ms(100), secs(60)),
+            ("dns.max_ttl", self.dns.max_ttl.0, secs(1), secs(7 * 86400)),
+            (
+                "checks.dnsbl.self_test_interval",
+                self.checks.dnsbl.self_test_interval.0,
+                secs(10),
+                secs(7 * 86400),
+            ),
+            (
+                "checks.message_rules.budget",
+                self.checks.message_rules.budget.0,
+                ms(100),
+                secs(600),
+            ),
+        ] {
+            if v < min || v > max {
+                fail(
+                    key,
+                    format!(
+                        "{} is outside {} to {}",
+                        humantime::format_duration(v),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+            }
+        }
+        if let Some(d) = self.greeting.delay
+            && d.0 > secs(300)
+        {
+            fail("greeting.delay", "must be at most 5m".into());
+        }
+        let l = &self.limits;
+        if l.max_message_size > Bytes(MAX_MESSAGE_SIZE) {
+            fail(
+                "limits.max_message_size",
+                format!("{} is over the 1 GiB a gate can hold", l.max_message_size),
+            );
+        }
+        if let Some(ram) = total_memory()
+            && l.memory_budget.0 > ram
+        {
+            fail(
+                "limits.memory_budget",
+                format!(
+                    "{} is more than this machine's memory ({ram} bytes)",
+                    l.memory_budget
+                ),
+            );
+        }
+        let th = &self.checks.thresholds;
+        let order = [
+            ("tag", th.tag),
+            ("tempfail", th.tempfail),
+            ("reject", th.reject),
+        ];
+        for (i, (low, a)) in order.iter().enumerate() {
+            for (high, b) in &order[i + 1..] {
+                if let (Some(a), Some(b)) = (a, b)
+                    && a >= b
+                {
+                    fail(
+                        &format!("checks.thresholds.{low}"),
+                        format!("{a} must be below checks.thresholds.{high} ({b})"),
+                    );
+                }
+            }
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            let same_port = l.addr.port() == u.addr.port();
+            let covers = l.addr == u.addr
+                || (same_port
+                    && l.addr.ip().is_unspecified()
+                    && (u.addr.ip().is_loopback() || u.addr.ip().is_unspecified()));
+            if covers {
+                fail(
+                    "upstream.addr",
+                    format!(
+                        "{} is our own listener listen[{i}] ({}): every MAIL would come back to us",
+                        u.addr, l.addr
+                    ),
+                );
+            }
+            if l.addr.port() != 0 && self.metrics.listen == Some(l.addr) {
+                fail("metrics.listen", format!("{} is also listen[{i}]", l.addr));
+            }
+        }
+    }
+
+    /// Relative paths in a config file mean "beside the config file", not
+    /// "in whatever directory the gate was started from" (systemd: `/`).
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        match &mut self.rules_dir {
+            Some(r) => fix(r),
+            None => self.rules_dir = Some(dir.join("rules")).filter(|r| r.is_dir()),
+        }
+        if let Some(t) = &mut self.tls {
+            fix(&mut t.cert);
+            fix(&mut t.key);
+        }
+        if let Some(f) = &mut self.log.file {
+            fix(f);
+        }
+        if let Some(ca) = &mut self.upstream.tls_ca {
+            fix(ca);
+        }
     }
 
     /// The name we use in EHLO towards upstream.

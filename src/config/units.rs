@@ -8,6 +8,9 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Secs(pub Duration);
 
+/// The longest duration any setting takes (a year).
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for Secs {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -18,6 +21,13 @@ impl<'de> Deserialize<'de> for Secs {
         })?;
         if v.is_zero() {
             return Err(de::Error::custom("duration must be greater than zero"));
+        }
+        // Beyond any sane setting, and far from overflowing a deadline.
+        if v > MAX_DURATION {
+            return Err(de::Error::custom(format!(
+                "duration {s:?} is longer than {}",
+                humantime::format_duration(MAX_DURATION)
+            )));
         }
         Ok(Secs(v))
     }

@@ -287,12 +287,15 @@ pub struct CompileError {
 pub struct Compiler<'a> {
     patterns: HashMap<Target, Vec<String>>,
     read_list: &'a dyn Fn(&str) -> Result<Vec<String>, String>,
+    /// DNSBL zones the rules name (to check against the configured ones).
+    dnsbl_zones: std::collections::BTreeSet<String>,
 }
 
 /// Every rule plus the regex sets, ready to match.
 pub struct Compiled {
     pub rules: Vec<Rule>,
     sets: HashMap<Target, RegexSet>,
+    pub dnsbl_zones: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Compiler<'a> {
@@ -300,6 +303,7 @@ impl<'a> Compiler<'a> {
         Compiler {
             patterns: HashMap::new(),
             read_list,
+            dnsbl_zones: Default::default(),
         }
     }
 
@@ -388,11 +392,17 @@ impl<'a> Compiler<'a> {
             Cond::Size(c) => Node::Number(Number::Size, c),
             Cond::RcptCount(c) => Node::Number(Number::RcptCount, c),
             Cond::Tls(b) => Node::Tls(b),
-            Cond::Spf(v) => Node::Check(CheckKind::Spf, lower(v)),
-            Cond::Dkim(v) => Node::Check(CheckKind::Dkim, lower(v)),
-            Cond::Dmarc(v) => Node::Check(CheckKind::Dmarc, lower(v)),
-            Cond::Iprev(v) => Node::Check(CheckKind::Iprev, lower(v)),
-            Cond::Dnsbl(v) => Node::Check(CheckKind::Dnsbl, lower(v)),
+            Cond::Spf(v) => Node::Check(CheckKind::Spf, results("spf", v, SPF_RESULTS)?),
+            Cond::Dkim(v) => Node::Check(CheckKind::Dkim, results("dkim", v, DKIM_RESULTS)?),
+            Cond::Dmarc(v) => Node::Check(CheckKind::Dmarc, results("dmarc", v, DMARC_RESULTS)?),
+            Cond::Iprev(v) => Node::Check(CheckKind::Iprev, results("iprev", v, IPREV_RESULTS)?),
+            Cond::Dnsbl(v) => {
+                let zones = lower(v);
+                // `any`: listed on any configured zone.
+                self.dnsbl_zones
+                    .extend(zones.iter().filter(|z| *z != "any").cloned());
+                Node::Check(CheckKind::Dnsbl, zones)
+            }
         })
     }
 
@@ -455,7 +465,11 @@ impl<'a> Compiler<'a> {
             let set = RegexSet::new(&p).map_err(|e| format!("{}: {e}", t.name()))?;
             sets.insert(t, set);
         }
-        Ok(Compiled { rules, sets })
+        Ok(Compiled {
+            rules,
+            sets,
+            dnsbl_zones: self.dnsbl_zones,
+        })
     }
 }
 
@@ -466,6 +480,48 @@ trait OneOrManyExt {
 impl OneOrManyExt for super::model::OneOrMany {
     fn into_list(self) -> Vec<String> {
         self.into_vec()
+    }
+}
+
+// What each check can report; a rule naming anything else never matches.
+const SPF_RESULTS: &[&str] = &[
+    "pass",
+    "fail",
+    "softfail",
+    "neutral",
+    "none",
+    "permerror",
+    "temperror",
+];
+const DKIM_RESULTS: &[&str] = &["pass", "fail", "neutral", "none", "permerror", "temperror"];
+const DMARC_RESULTS: &[&str] = &[
+    "pass",
+    "fail",
+    "none",
+    "permerror",
+    "temperror",
+    "fail:reject",
+    "fail:quarantine",
+    "fail:none",
+];
+const IPREV_RESULTS: &[&str] = &["pass", "fail", "none", "permerror", "temperror"];
+
+/// Check results of a rule condition, each one the check can report.
+fn results(
+    check: &str,
+    v: Vec<String>,
+    allowed: &[&str],
+) -> Result<Vec<String>, (String, Option<String>)> {
+    let v = lower(v);
+    match v.iter().find(|w| !allowed.contains(&w.as_str())) {
+        Some(bad) => Err((
+            format!(
+                "{check}: {bad:?} is not a {check} result; use one of {}",
+                allowed.join(", ")
+            ),
+            Some(bad.clone()),
+        )),
+        None => Ok(v),
     }
 }
 
@@ -551,6 +607,7 @@ impl Compiled {
         Compiled {
             rules: Vec::new(),
             sets: HashMap::new(),
+            dnsbl_zones: Default::default(),
         }
     }
 
@@ -645,6 +702,9 @@ fn eval(n: &Node, f: &Facts<'_>, m: &mut Matches<'_>) -> bool {
                 CheckKind::Iprev => vec![f.iprev],
                 CheckKind::Dnsbl => f.dnsbl.clone(),
             };
+            if *kind == CheckKind::Dnsbl && words.iter().any(|w| w == "any") {
+                return !f.dnsbl.is_empty();
+            }
             have.iter()
                 .any(|h| !h.is_empty() && words.iter().any(|w| w.eq_ignore_ascii_case(h)))
         }

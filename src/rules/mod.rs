@@ -7,6 +7,11 @@ mod engine;
 mod index;
 pub mod model;
 
+/// A rule file larger than this is not one.
+const MAX_RULE_FILE: u64 = 16 << 20;
+/// Lists hold millions of entries (tens of MB); larger is a mistake.
+const MAX_LIST_FILE: u64 = 256 << 20;
+
 pub use engine::{Facts, Hit, MessageFacts, OwnedFacts, Rule, RuleAction};
 pub use model::{RuleMode, RuleStage};
 
@@ -80,6 +85,11 @@ impl RuleSet {
         self.compiled.evaluate(stage, facts)
     }
 
+    /// DNSBL zones the rules name.
+    pub fn dnsbl_zones(&self) -> impl Iterator<Item = &str> {
+        self.compiled.dnsbl_zones.iter().map(String::as_str)
+    }
+
     pub fn has_stage(&self, stage: RuleStage) -> bool {
         self.compiled.rules.iter().any(|r| r.stage == stage)
     }
@@ -103,8 +113,8 @@ impl RuleSet {
         files.sort();
         let mut texts = Vec::new();
         for f in &files {
-            let text =
-                std::fs::read_to_string(f).map_err(|e| top(format!("{}: {e}", f.display())))?;
+            let text = crate::config::read_text(f, MAX_RULE_FILE)
+                .map_err(|e| top(format!("{}: {e}", f.display())))?;
             texts.push((f.clone(), text));
         }
         let refs: Vec<(PathBuf, &str)> =
@@ -112,11 +122,12 @@ impl RuleSet {
         Self::load_texts(dir, &refs)
     }
 
-    /// Loads rule files given as (path, text); list files are read from `dir`.
+    /// Loads rule files given as (path, text); list files are read from `dir`
+    /// (a regular file each, of bounded size: `/dev/zero` is not a list).
     pub fn load_texts(dir: &Path, files: &[(PathBuf, &str)]) -> Result<RuleSet, RuleErrors> {
         let read_list = |name: &str| -> Result<Vec<String>, String> {
             let path = dir.join(name);
-            let text = std::fs::read_to_string(&path)
+            let text = crate::config::read_text(&path, MAX_LIST_FILE)
                 .map_err(|e| format!("list file {}: {e}", path.display()))?;
             Ok(text
                 .lines()
@@ -278,6 +289,11 @@ impl Rules {
     }
 
     /// The set new sessions use.
+    /// The directory the rules are loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn current(&self) -> Arc<RuleSet> {
         self.current.load_full()
     }

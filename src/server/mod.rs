@@ -244,7 +244,76 @@ pub fn load_rules(cfg: &Config) -> Result<Arc<Rules>, crate::rules::RuleErrors> 
         return Ok(Rules::new(dir, RuleSet::empty()));
     }
     let set = RuleSet::load_dir(&dir)?;
+    // A zone the checks do not query can never be a result.
+    let configured: Vec<String> = cfg
+        .checks
+        .dnsbl
+        .zones
+        .iter()
+        .map(|z| z.zone.trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    let unknown: Vec<_> = set
+        .dnsbl_zones()
+        .filter(|z| !configured.iter().any(|c| c == z.trim_end_matches('.')))
+        .map(|z| crate::rules::RuleError {
+            file: dir.display().to_string(),
+            line: 1,
+            column: 1,
+            rule: None,
+            message: format!(
+                "dnsbl: zone {z:?} is not in checks.dnsbl.zones ({}), so no rule can match it",
+                if configured.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    configured.join(", ")
+                }
+            ),
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(crate::rules::RuleErrors(unknown));
+    }
     Ok(Rules::new(dir, set))
+}
+
+/// What `run` would fail on that the config file alone cannot tell: the
+/// certificate and key, the log file's directory, addresses already in use.
+/// One line per problem.
+pub fn preflight(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(t) = &cfg.tls
+        && let Err(e) = tls::acceptor(&t.cert, &t.key)
+    {
+        problems.push(format!("tls: {e}"));
+    }
+    if let Some(f) = &cfg.log.file
+        && let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        problems.push(format!(
+            "log.file: the directory {} does not exist",
+            dir.display()
+        ));
+    }
+    let addrs = cfg
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("listen[{i}].addr"), l.addr))
+        .chain(
+            cfg.metrics
+                .listen
+                .map(|a| ("metrics.listen".to_string(), a)),
+        );
+    for (key, addr) in addrs {
+        if addr.port() == 0 {
+            continue;
+        }
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            problems.push(format!("{key}: cannot listen on {addr}: {e}"));
+        }
+    }
+    problems
 }
 
 /// Binds with our own backlog: the default (128) overflows under bursts and
