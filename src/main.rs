@@ -93,6 +93,7 @@ fn main() -> ExitCode {
                         );
                     }
                     print!("rules ok: {}", set.summary());
+                    sample_evaluation(&set, &c);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -275,5 +276,36 @@ async fn shutdown_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Times the message rules on a sample 100 KB message, as `check`'s
+/// warning about a rule set too slow for the gate.
+fn sample_evaluation(set: &portcullis::rules::RuleSet, c: &Config) {
+    use portcullis::rules::{MessageFacts, OwnedFacts, RuleStage};
+    if !set.has_stage(RuleStage::Data) {
+        return;
+    }
+    let mut sample =
+        String::from("From: a@example.com\r\nTo: b@example.net\r\nSubject: sample\r\n\r\n");
+    let mut i = 0;
+    while sample.len() < 100 * 1024 {
+        sample.push_str(&format!(
+            "Line {i} of an ordinary message, with words, numbers 12345 and a link http://example.com/{i}\r\n"
+        ));
+        i += 1;
+    }
+    let start = std::time::Instant::now();
+    let parsed = MessageFacts::parse(sample.as_bytes());
+    let facts = OwnedFacts::default();
+    let _ = set.evaluate(RuleStage::Data, &facts.view(Some(&parsed)));
+    let took = start.elapsed();
+    println!("rules: a 100 KB sample message takes {took:.1?}");
+    let budget = c.checks.message_rules.budget.0;
+    if took * 10 > budget || took > std::time::Duration::from_millis(250) {
+        println!(
+            "warning: the message rules are slow ({took:.1?} per 100 KB; budget {budget:?} per message): \
+             larger messages may be tempfailed (checks.message_rules)"
+        );
     }
 }

@@ -442,3 +442,40 @@ fn relative_paths_are_beside_the_config_file() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("warning: no rules loaded"));
 }
+
+/// `check` times the message rules on a sample message and warns when they
+/// are too slow for their budget.
+#[test]
+fn check_warns_about_slow_message_rules() {
+    let dir = std::env::temp_dir().join(format!("portcullis-slow-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    // 300 such regexes overflow the regex engine's lazy DFA on prose: an
+    // order of magnitude slower than 200 (12 ms against seconds here).
+    let mut y = String::from("rules:\n");
+    for i in 0..300 {
+        y.push_str(&format!(
+            "  - id: HEAVY_{i}\n    description: heavy\n    when: {{body: {{regex: '[a-z]{{3}}\\d{{2}}[a-z]+{i}q'}}}}\n    action: {{score: 0.1}}\n"
+        ));
+    }
+    std::fs::write(dir.join("rules/h.yaml"), y).unwrap();
+    std::fs::write(
+        dir.join("gate.yaml"),
+        "hostname: gate.test\nlisten: [{addr: \"127.0.0.1:0\"}]\nupstream: {addr: \"127.0.0.1:2\", client_identity: xclient}\nchecks: {message_rules: {budget: 1s}}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(dir.join("gate.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("rules: a 100 KB sample message takes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: the message rules are slow"),
+        "{text}"
+    );
+}

@@ -159,9 +159,13 @@ impl RuleSet {
                     continue;
                 }
             };
+            let mut in_file: BTreeMap<String, usize> = BTreeMap::new();
             for def in parsed.rules {
                 let id = def.id.0.clone();
-                let (line, column) = locate_rule(text, &id, None);
+                let nth = in_file.entry(id.clone()).or_insert(0);
+                // A duplicate is reported where it stands, not at the first.
+                let (line, column) = locate_nth_rule(text, &id, *nth, None);
+                *nth += 1;
                 if let Some(other) = seen.get(&id) {
                     errors.push(RuleError {
                         file: file.clone(),
@@ -240,12 +244,22 @@ impl RuleSet {
 /// Finds the rule's `id:` line; with `near`, the first line after it that
 /// contains that text (the offending regex, list file or key).
 fn locate_rule(text: &str, id: &str, near: Option<&str>) -> (usize, usize) {
+    locate_nth_rule(text, id, 0, near)
+}
+
+/// Like `locate_rule`, for the `nth` (from 0) definition of `id` in the file.
+fn locate_nth_rule(text: &str, id: &str, nth: usize, near: Option<&str>) -> (usize, usize) {
     let mut start = None;
+    let mut seen = 0;
     for (i, line) in text.lines().enumerate() {
         let t = line.trim_start().trim_start_matches("- ").trim_start();
         if let Some(rest) = t.strip_prefix("id:")
             && rest.trim().trim_matches(['"', '\'']) == id
         {
+            seen += 1;
+            if seen <= nth {
+                continue;
+            }
             start = Some(i);
             let col = line.find("id:").unwrap_or(0) + 1;
             if near.is_none() {
