@@ -15,7 +15,7 @@ cat >$TMP/gate.yaml <<YAML
 hostname: gate.bench
 listen: [{addr: "127.0.0.1:$GATE_PORT", backlog: 4096}]
 upstream: {addr: "127.0.0.1:$SINK_PORT", client_identity: none}
-limits: {max_connections: $((N + 100)), max_connections_per_ip: $((N + 100))}
+limits: {max_connections: $((N + 100)), max_connections_per_ip: $((N + 100)), max_connections_per_network: $((N + 100))}
 log: {format: json, level: warn}
 YAML
 (./target/release/portcullis run --config $TMP/gate.yaml >$TMP/gate.log 2>&1 & echo $! >$TMP/gate.pid)

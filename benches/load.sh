@@ -23,7 +23,7 @@ gate() { # name port checks-yaml log-level stdout-file extra-log-yaml
 hostname: gate.bench
 listen: [{addr: "127.0.0.1:$2"}]
 upstream: {addr: "127.0.0.1:$SINK", client_identity: none}
-limits: {max_connections: 5000, max_connections_per_ip: 5000}
+limits: {max_connections: 5000, max_connections_per_ip: 5000, max_connections_per_network: 5000}
 dns: {nameservers: ["$DNS"], min_ttl: 300s}
 log: {format: json, level: "$4"$6}
 checks:
