@@ -64,26 +64,8 @@ impl NetSet {
         let mut s = NetSet::default();
         for net in nets {
             match net.trunc() {
-                IpNet::V4(n) => {
-                    let len = n.prefix_len();
-                    let key = u32::from(n.network());
-                    match s.v4.iter_mut().find(|(l, _)| *l == len) {
-                        Some((_, set)) => {
-                            set.insert(key);
-                        }
-                        None => s.v4.push((len, HashSet::from([key]))),
-                    }
-                }
-                IpNet::V6(n) => {
-                    let len = n.prefix_len();
-                    let key = u128::from(n.network());
-                    match s.v6.iter_mut().find(|(l, _)| *l == len) {
-                        Some((_, set)) => {
-                            set.insert(key);
-                        }
-                        None => s.v6.push((len, HashSet::from([key]))),
-                    }
-                }
+                IpNet::V4(n) => group(&mut s.v4, n.prefix_len(), u32::from(n.network())),
+                IpNet::V6(n) => group(&mut s.v6, n.prefix_len(), u128::from(n.network())),
             }
         }
         s
@@ -106,6 +88,16 @@ impl NetSet {
                 })
             }
         }
+    }
+}
+
+/// Adds `key` to the set of its prefix length.
+fn group<K: std::hash::Hash + Eq>(groups: &mut Vec<(u8, HashSet<K>)>, len: u8, key: K) {
+    match groups.iter_mut().find(|(l, _)| *l == len) {
+        Some((_, set)) => {
+            set.insert(key);
+        }
+        None => groups.push((len, HashSet::from([key]))),
     }
 }
 
