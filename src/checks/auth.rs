@@ -47,9 +47,8 @@ pub struct ConnChecks {
     iprev_on: bool,
     dnsbl_ip: Option<Vec<ZoneOutcome>>,
     iprev: Option<IprevOutput>,
-    /// The verified reverse name, once the lookup has finished.
-    reverse: Option<String>,
-    /// XCLIENT NAME and REVERSE_NAME, once the lookup has finished.
+    /// XCLIENT NAME and REVERSE_NAME, once the lookup has finished; the
+    /// first is the verified reverse name.
     names: Option<(DnsName, DnsName)>,
 }
 
@@ -97,7 +96,7 @@ pub struct DataChecks {
 impl ConnChecks {
     /// The verified reverse name, once the lookup has finished.
     pub fn reverse(&self) -> Option<&str> {
-        self.reverse.as_deref()
+        self.names.as_ref().and_then(|(name, _)| name.known())
     }
 
     /// The client's names for upstream (NAME, REVERSE_NAME), waiting for
@@ -112,9 +111,7 @@ impl ConnChecks {
             return;
         };
         let Ok(r) = t.await else { return };
-        let names = client_name::from_iprev(&r);
-        self.reverse = names.0.known().map(str::to_string);
-        self.names = Some(names);
+        self.names = Some(client_name::from_iprev(&r));
         if self.iprev_on {
             self.iprev = Some(r);
         }
@@ -162,7 +159,6 @@ impl Checker {
             iprev_on,
             dnsbl_ip: None,
             iprev: None,
-            reverse: None,
             names: None,
         };
         if !allowed && self.cfg.dnsbl.mode != Mode::Off && self.dnsbl.ip_zones().next().is_some() {
@@ -242,7 +238,7 @@ impl Checker {
         if self.cfg.dnsbl.mode != Mode::Off && self.dnsbl.domain_zones().next().is_some() {
             let mut domains = vec![helo.to_string()];
             domains.extend(sender_domain.clone());
-            domains.extend(c.reverse.clone());
+            domains.extend(c.reverse().map(str::to_string));
             domains.dedup();
             let outcomes = self.dnsbl.check_domains(&domains).await;
             self.dnsbl_findings(c.ip, &outcomes, &mut findings, &mut log);

@@ -1,6 +1,7 @@
 //! Connection limits (total and per client address) and the memory budget
 //! for buffered message data across all sessions.
 
+use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,22 +38,13 @@ pub struct ConnectionBounds {
 
 /// The network of `ip` (its address with the host bits cleared).
 pub fn network(ip: IpAddr, prefix_v4: u8, prefix_v6: u8) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(prefix_v4.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((bits & mask).into())
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(prefix_v6.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6((bits & mask).into())
-        }
-    }
+    let ip = ip.to_canonical();
+    let len = if ip.is_ipv4() {
+        prefix_v4.min(32)
+    } else {
+        prefix_v6.min(128)
+    };
+    IpNet::new(ip, len).map_or(ip, |n| n.trunc().addr())
 }
 
 /// Why a connection was refused before the greeting.

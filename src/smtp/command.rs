@@ -57,9 +57,6 @@ pub enum CommandError {
 
 /// Parses one command line (`line` without CRLF).
 pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
-    let mut with_crlf = Vec::with_capacity(line.len() + 2);
-    with_crlf.extend_from_slice(line);
-    with_crlf.extend_from_slice(b"\r\n");
     // XCLIENT/XFORWARD from clients are never honoured: smtp-proto does not know
     // them, so name them here to answer 502 rather than 500.
     let verb = line
@@ -78,6 +75,9 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         }
         _ => {}
     }
+    let mut with_crlf = Vec::with_capacity(line.len() + 2);
+    with_crlf.extend_from_slice(line);
+    with_crlf.extend_from_slice(b"\r\n");
     let parsed = Request::parse(&mut with_crlf.iter());
     match parsed {
         Ok(req) => Ok(match req {

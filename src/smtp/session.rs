@@ -444,6 +444,17 @@ impl Session {
         Next::Continue
     }
 
+    /// The shutdown phase that stops this session's waits: between
+    /// transactions a drain closes the session; inside one it waits for the
+    /// abort, so the transaction can finish.
+    fn stop_phase(&self) -> Phase {
+        if self.txn.is_some() {
+            Phase::Abort
+        } else {
+            Phase::Draining
+        }
+    }
+
     /// Ends the client connection (a TLS close_notify is a write too).
     async fn close(&mut self) {
         let limit = self.shared.cfg.timeouts.command.0;
@@ -458,11 +469,7 @@ impl Session {
         if self.wbuf.is_empty() {
             return Flushed::Done;
         }
-        let stop_at = if self.txn.is_some() {
-            Phase::Abort
-        } else {
-            Phase::Draining
-        };
+        let stop_at = self.stop_phase();
         // Once shutting down, the last replies (421 4.3.2) get a short while.
         let limit = if self.shutdown.phase() >= stop_at {
             FAREWELL_WRITE.min(self.shared.cfg.timeouts.command.0)
@@ -516,13 +523,7 @@ impl Session {
         }
         self.rbuf.reserve(chunk);
         let until = until.min(self.deadline);
-        // Between transactions a drain closes the session; inside one we wait
-        // for the hard deadline so the transaction can finish.
-        let stop_at = if self.txn.is_some() {
-            Phase::Abort
-        } else {
-            Phase::Draining
-        };
+        let stop_at = self.stop_phase();
         let io = &mut self.io;
         let rbuf = &mut self.rbuf;
         let shutdown = &mut self.shutdown;
@@ -1028,8 +1029,6 @@ impl Session {
             .await;
         if let Some(t) = self.txn.as_mut() {
             t.checks = checks;
-        }
-        if let Some(t) = self.txn.as_mut() {
             t.score = checked.outcome.score;
         }
         match checked.outcome.decision {
@@ -1166,13 +1165,14 @@ impl Session {
                 self.upstream_helo = self.helo.clone();
                 Ok(())
             }
-            Err(OpenError::Upstream(e)) if e.client_refused().is_some() => {
-                // Upstream is up; it refused the client's HELO name.
-                tracing::debug!(session = %self.peer.id, error = %e, "upstream refused the client's HELO");
-                match e {
-                    UpstreamError::Refused { reply, .. } => Err(Unavailable::Refused(reply)),
-                    _ => Err(Unavailable::Down),
-                }
+            // Upstream is up; it refused the client's HELO name: the
+            // client's problem to hear about, not an upstream outage.
+            Err(OpenError::Upstream(UpstreamError::Refused {
+                stage: UpStage::ClientHelo,
+                reply,
+            })) => {
+                tracing::debug!(session = %self.peer.id, reply = %reply.text(), "upstream refused the client's HELO");
+                Err(Unavailable::Refused(reply))
             }
             Err(e) => {
                 let stage = match &e {

@@ -77,18 +77,6 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Upstream refused the client's own input (its HELO name), not us:
-    /// the client's problem to hear about, not an upstream outage.
-    pub fn client_refused(&self) -> Option<&UpstreamReply> {
-        match self {
-            UpstreamError::Refused {
-                stage: UpStage::ClientHelo,
-                reply,
-            } => Some(reply),
-            _ => None,
-        }
-    }
-
     pub fn stage(&self) -> UpStage {
         match self {
             UpstreamError::Connect { .. } => UpStage::Connect,
@@ -190,10 +178,8 @@ impl UpstreamConn {
         }
         // With a PROXY header the address is passed; the client's HELO name
         // goes in our EHLO, so upstream sees both as the client gave them.
-        let (helo, stage) = match (identity, client) {
-            (Identity::ProxyV1 | Identity::ProxyV2, Some(c)) if c.helo.is_some() => {
-                (c.helo.as_deref().unwrap_or(&dial.helo), UpStage::ClientHelo)
-            }
+        let (helo, stage) = match (identity, client.and_then(|c| c.helo.as_deref())) {
+            (Identity::ProxyV1 | Identity::ProxyV2, Some(h)) => (h, UpStage::ClientHelo),
             _ => (dial.helo.as_str(), UpStage::Ehlo),
         };
         conn.ehlo(helo, stage).await?;
