@@ -213,6 +213,10 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let log_target = portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
+        // Before anything is bound: a SIGHUP during start-up must not
+        // kill the process (its default action).
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let server = Server::bind(cfg).await?;
         let upstream = server.upstream();
         match upstream.probe().await {
@@ -221,11 +225,8 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             }
             // Refuse to run when the client address cannot be passed on.
             Err(e @ ProbeError::NoIdentity(_)) => return Err(anyhow::anyhow!(e)),
-            Err(e) => tracing::warn!(
-                upstream = %upstream.addr,
-                error = %e,
-                "upstream not reachable yet: answering 4xx until it is"
-            ),
+            // Logged as an error, naming upstream, by the probe itself.
+            Err(_) => {}
         }
         let reloader = server.tls_reloader();
         let config_reloader = server.config_reloader();
@@ -234,21 +235,20 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         // Rules also reload on file changes, debounced.
         let _watcher = rules.watch(std::time::Duration::from_millis(500));
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
             while hup.recv().await.is_some() {
-                match reloader.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
-                }
                 if let Err(e) = log_target.reopen() {
                     tracing::error!(error = %e, "SIGHUP: cannot reopen the log file");
                 }
                 let _ = rules.reload();
-                if let Some(p) = &config_path {
-                    let _ = config_reloader.reload(p);
+                // The config reload rebuilds the certificate too.
+                match &config_path {
+                    Some(p) => {
+                        let _ = config_reloader.reload(p).await;
+                    }
+                    None => match reloader.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                    },
                 }
             }
         });

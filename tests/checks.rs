@@ -715,7 +715,7 @@ async fn config_reload_swaps_the_checks_for_new_sessions_and_refuses_a_bad_file(
         format!("{}{rules}", config(mta.addr, dns.addr, "127.0.0.1:0", BL)),
     )
     .unwrap();
-    reloader.reload(&file).unwrap();
+    reloader.reload(&file).await.unwrap();
     let mut after = session(addr, "127.0.0.2").await;
     after.cmd("MAIL FROM:<a@pass.test>", "250").await;
     after.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
@@ -725,7 +725,7 @@ async fn config_reload_swaps_the_checks_for_new_sessions_and_refuses_a_bad_file(
 
     // A broken file: refused, counted, the running checks stay.
     std::fs::write(&file, "hostname: gate.test\nlisten: [}\n").unwrap();
-    let e = reloader.reload(&file).unwrap_err();
+    let e = reloader.reload(&file).await.unwrap_err();
     assert!(e.contains("gate.yaml:2:"), "{e}");
     assert_eq!(
         reloader.failed.load(std::sync::atomic::Ordering::Relaxed),

@@ -479,3 +479,63 @@ fn check_warns_about_slow_message_rules() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn sighup_logs_by_key_path_what_it_applied_and_what_needs_a_restart() {
+    let dir = std::env::temp_dir().join(format!("portcullis-hup-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (port, other) = (common::free_port(), common::free_port());
+    let f = dir.join("gate.yaml");
+    let log = dir.join("gate.log");
+    let v1 = format!(
+        "hostname: one.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: 127.0.0.1:9, client_identity: none, timeouts: {{connect: 1s}}}}\nlog: {{file: gate.log}}\nrules_dir: {}\n{}",
+        common::EMPTY_RULES,
+        common::NO_CHECKS
+    );
+    std::fs::write(&f, &v1).unwrap();
+    let mut child = bin()
+        .args(["run", "--config"])
+        .arg(&f)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < until);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v2 = v1
+        .replace("one.test", "two.test")
+        .replace(&port.to_string(), &other.to_string());
+    std::fs::write(&f, v2).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let (applied, restart) = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let find = |what: &str| text.lines().find(|l| l.contains(what)).map(str::to_string);
+        if let (Some(a), Some(r)) = (
+            find("config reloaded"),
+            find("keep their running values until a restart"),
+        ) {
+            break (a, r);
+        }
+        assert!(Instant::now() < until, "no reload lines in {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(applied.contains(r#"\"hostname\""#), "{applied}");
+    assert!(
+        restart.contains("listen[0].addr") && restart.contains("upstream.helo_name"),
+        "{restart}"
+    );
+    // In force: the new name on the old (still bound) address.
+    let mut c = common::Client::connect(addr).await;
+    let g = c.reply().await;
+    assert!(g.starts_with("220 two.test"), "{g}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

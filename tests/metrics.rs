@@ -112,8 +112,22 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
         body.contains("portcullis_dns_query_seconds_bucket"),
         "{body}"
     );
-    // Labels of low cardinality only: never an address.
-    assert!(!body.contains("127.0.0.") && !body.contains("@"), "{body}");
+    // Labels of low cardinality only: never a client's or sender's
+    // address (the configured nameservers are named).
+    let clients: Vec<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with("portcullis_dns_nameserver_up{"))
+        .filter(|l| l.contains("127.0.0.") || l.contains('@'))
+        .collect();
+    assert!(clients.is_empty(), "{clients:?}");
+    assert_eq!(
+        v(&format!(
+            "portcullis_dns_nameserver_up{{nameserver=\"{}\"}}",
+            dns.addr
+        )),
+        1.0
+    );
+    assert_eq!(v("portcullis_upstream_up"), 1.0);
 
     let page = get(maddr, "/").await;
     assert!(
@@ -124,6 +138,9 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
         "<h1>Portcullis ",
         "1 rules from 1 files",
         "<td>bl.test</td><td>usable</td>",
+        "<h2>Upstream</h2>",
+        "answers</p>",
+        &format!("<td>{}</td><td>answers</td>", dns.addr),
         "portcullis_transactions_total",
         "</html>",
     ] {

@@ -4,7 +4,6 @@
 mod common;
 
 use common::{FakeMta, Script};
-use portcullis::checks::{self, Pipeline};
 use portcullis::config::Config;
 use portcullis::server::limits::MemoryBudget;
 use portcullis::server::shutdown::Shutdown;
@@ -24,26 +23,17 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
         Path::new("t.yaml"),
     )
     .unwrap();
-    let dns = portcullis::dns::Dns::new(&cfg.dns).unwrap();
     Arc::new(Shared {
         upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
         limits: portcullis::server::limits::ConnectionLimits::new(cfg.connection_bounds()),
-        checks: Pipeline::new(vec![Box::new(checks::Limits {
-            max_message_size: cfg.limits.max_message_size.0,
-            max_recipients: cfg.limits.max_recipients,
-        })]),
-        tls: std::sync::RwLock::new(None),
         rules: portcullis::rules::Rules::new(
             common::EMPTY_RULES.into(),
             portcullis::rules::RuleSet::empty(),
         ),
-        checker: arc_swap::ArcSwap::from_pointee(portcullis::checks::Checker::new(
-            &cfg.checks,
-            &cfg.hostname,
-            dns,
-        )),
-        cfg: Arc::new(cfg),
+        runtime: arc_swap::ArcSwap::from_pointee(
+            portcullis::server::build_runtime(Arc::new(cfg)).unwrap(),
+        ),
     })
 }
 

@@ -144,6 +144,21 @@ impl Checker {
         }
     }
 
+    /// Whether any check asks DNS (and so its nameservers are worth checking).
+    pub fn uses_dns(&self) -> bool {
+        let c = &self.cfg;
+        [
+            c.spf.mode,
+            c.dkim.mode,
+            c.dmarc.mode,
+            c.arc.mode,
+            c.iprev.mode,
+        ]
+        .iter()
+        .any(|m| *m != Mode::Off)
+            || (c.dnsbl.mode != Mode::Off && !self.dnsbl.zones.is_empty())
+    }
+
     /// Starts the DNSBL and iprev lookups for a new client, in the
     /// background. `want_names`: upstream is to be told the client's DNS
     /// name (XCLIENT), so look it up even when iprev is off.

@@ -2,11 +2,11 @@
 
 use super::{Secs, deserialize_nonzero_secs};
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Resolvers to ask (addr:port). Run a local one: DNSBL operators refuse
@@ -34,7 +34,7 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Not run.
@@ -55,6 +55,23 @@ pub enum Action {
     /// Add the X-Spam headers whatever the score.
     Tag,
     Score(f64),
+}
+
+impl Serialize for Action {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Action::Accept => s.serialize_str("accept"),
+            Action::Reject => s.serialize_str("reject"),
+            Action::Tempfail => s.serialize_str("tempfail"),
+            Action::Tag => s.serialize_str("tag"),
+            Action::Score(n) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("score", n)?;
+                m.end()
+            }
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Action {
@@ -81,7 +98,7 @@ impl<'de> Deserialize<'de> for Action {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum RejectAt {
     /// Answer 554 instead of the greeting (only DNSBL and allow-lists are known then).
@@ -91,7 +108,7 @@ pub enum RejectAt {
     Rcpt,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChecksConfig {
     pub reject_at: RejectAt,
@@ -108,7 +125,7 @@ pub struct ChecksConfig {
 
 /// Where and for how long the rules on a whole message run: on a bounded
 /// pool of threads, never on the threads that serve the sessions.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MessageRules {
     /// Threads evaluating at once (0: one per CPU).
@@ -119,7 +136,7 @@ pub struct MessageRules {
     pub on_overrun: Overrun,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Overrun {
     Tempfail,
@@ -153,7 +170,7 @@ impl Default for ChecksConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Thresholds {
     /// Score at or above which the message is refused (550 5.7.1).
@@ -174,7 +191,7 @@ impl Default for Thresholds {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Allow {
     /// Clients that skip all checks.
@@ -184,7 +201,7 @@ pub struct Allow {
     pub senders: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ZoneType {
     /// Queried with the client address (reversed octets / nibbles).
@@ -194,7 +211,7 @@ pub enum ZoneType {
     Domain,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Zone {
     pub zone: String,
@@ -214,7 +231,7 @@ pub struct Zone {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dnsbl {
     pub mode: Mode,
@@ -229,7 +246,7 @@ pub struct Dnsbl {
 impl Default for Dnsbl {
     fn default() -> Self {
         Dnsbl {
-            mode: Mode::Enforce,
+            mode: Mode::Record,
             zones: Vec::new(),
             self_test_interval: Secs(Duration::from_secs(600)),
             on_error: Action::Accept,
@@ -238,7 +255,7 @@ impl Default for Dnsbl {
 }
 
 /// Per-result actions for a check; results not listed are `accept`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Spf {
     pub mode: Mode,
@@ -257,7 +274,7 @@ pub struct Spf {
 impl Default for Spf {
     fn default() -> Self {
         Spf {
-            mode: Mode::Enforce,
+            mode: Mode::Record,
             helo: true,
             pass: Action::Accept,
             fail: Action::Reject,
@@ -271,7 +288,7 @@ impl Default for Spf {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dkim {
     pub mode: Mode,
@@ -285,7 +302,7 @@ pub struct Dkim {
 impl Default for Dkim {
     fn default() -> Self {
         Dkim {
-            mode: Mode::Enforce,
+            mode: Mode::Record,
             fail: Action::Accept,
             temperror: Action::Accept,
             permerror: Action::Accept,
@@ -294,7 +311,7 @@ impl Default for Dkim {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dmarc {
     pub mode: Mode,
@@ -311,7 +328,7 @@ pub struct Dmarc {
 impl Default for Dmarc {
     fn default() -> Self {
         Dmarc {
-            mode: Mode::Enforce,
+            mode: Mode::Record,
             reject: Action::Reject,
             quarantine: Action::Score(5.0),
             none: Action::Accept,
@@ -321,7 +338,7 @@ impl Default for Dmarc {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Arc {
     /// ARC results are recorded (Authentication-Results, log); never acted on.
@@ -334,7 +351,7 @@ impl Default for Arc {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Iprev {
     pub mode: Mode,
@@ -347,7 +364,7 @@ pub struct Iprev {
 impl Default for Iprev {
     fn default() -> Self {
         Iprev {
-            mode: Mode::Enforce,
+            mode: Mode::Record,
             fail: Action::Score(1.0),
             temperror: Action::Accept,
             permerror: Action::Score(1.0),
@@ -428,6 +445,28 @@ impl ReturnFilter {
             };
         }
         Ok(ReturnFilter::Ranges(r))
+    }
+}
+
+/// As written in the config (for comparing configs across a reload).
+impl Serialize for ReturnFilter {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ReturnFilter::Ranges(r) => s.collect_str(
+                &r.iter()
+                    .map(|(lo, hi)| {
+                        if lo == hi {
+                            lo.to_string()
+                        } else {
+                            format!("[{lo}..{hi}]")
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("."),
+            ),
+            ReturnFilter::Mask(m) => s.collect_str(&format_args!("&{m}")),
+            ReturnFilter::Net(n) => s.collect_str(n),
+        }
     }
 }
 

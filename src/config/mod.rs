@@ -5,6 +5,7 @@
 //! at the top of the repository is also the embedded default.
 
 mod checks;
+pub mod reload;
 mod units;
 
 pub use checks::{
@@ -20,7 +21,7 @@ fn deserialize_nonzero_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Se
 
 use crate::yaml::{self, YamlError};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,7 +100,7 @@ fn total_memory() -> Option<u64> {
     kb.checked_mul(1024)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Our name in the greeting, EHLO replies and the log.
@@ -131,7 +132,7 @@ pub struct Config {
     pub log: Log,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub addr: SocketAddr,
@@ -150,7 +151,7 @@ fn default_backlog() -> u32 {
     1024
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientIdentity {
     Auto,
@@ -160,7 +161,7 @@ pub enum ClientIdentity {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -185,7 +186,7 @@ pub struct Upstream {
     pub tls_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamTls {
     #[default]
@@ -193,7 +194,7 @@ pub enum UpstreamTls {
     Starttls,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamTimeouts {
     pub connect: Secs,
@@ -211,14 +212,14 @@ impl Default for UpstreamTimeouts {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_connections: usize,
@@ -253,7 +254,7 @@ impl Default for Limits {
 /// Stress mode (Postfix's `${stress?...}`): when most connection slots
 /// are taken, sessions get shorter deadlines so that slow or idle clients
 /// cannot keep everyone else out.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Stress {
     /// Percent of `limits.max_connections` open from which stress mode is on.
@@ -277,7 +278,7 @@ impl Default for Stress {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// Idle time allowed between client commands.
@@ -317,7 +318,7 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Smtp {
     /// Longest command line accepted, CRLF included (RFC 5321: 512).
@@ -338,7 +339,7 @@ impl Default for Smtp {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Greeting {
     /// Wait this long before the 220; clients that talk first are refused
@@ -346,7 +347,7 @@ pub struct Greeting {
     pub delay: Option<Secs>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareNewline {
     /// Read to the real end of data, then refuse with 550 5.5.2.
@@ -355,14 +356,14 @@ pub enum BareNewline {
     Normalize,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Where to serve `/metrics` (Prometheus) and `/` (status page). Unset: off.
     pub listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -370,7 +371,7 @@ pub enum LogFormat {
     Logfmt,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
     pub format: LogFormat,

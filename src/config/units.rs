@@ -1,6 +1,6 @@
 //! Human units in the config: durations like `30s`, `5m`; sizes like `25MiB`.
 
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use std::fmt;
 use std::time::Duration;
 
@@ -30,6 +30,18 @@ impl<'de> Deserialize<'de> for Secs {
             )));
         }
         Ok(Secs(v))
+    }
+}
+
+impl Serialize for Secs {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
     }
 }
 

@@ -10,14 +10,14 @@
 //! Nothing here ever consults the system resolver.
 
 mod cache;
+pub mod health;
 
 pub use cache::RecordCache;
+pub use health::{Nameservers, NsState};
 
 use crate::config::DnsConfig;
 use mail_auth::MessageAuthenticator;
-use mail_auth::hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
-};
+use mail_auth::hickory_resolver::config::ResolverOpts;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +56,9 @@ pub struct DnsStats {
 
 pub struct Dns {
     auth: MessageAuthenticator,
+    /// The same nameservers with a short deadline, for while none answers.
+    hurried: MessageAuthenticator,
+    pub nameservers: Nameservers,
     records: RecordCache,
     answers: moka::future::Cache<Box<str>, Timed>,
     min_ttl: Duration,
@@ -78,23 +81,21 @@ impl moka::Expiry<Box<str>, Timed> for TtlExpiry {
 
 impl Dns {
     pub fn new(cfg: &DnsConfig) -> Result<Arc<Dns>, DnsFailure> {
-        let mut servers = Vec::new();
-        for ns in &cfg.nameservers {
-            let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
-            (udp.port, tcp.port) = (ns.port(), ns.port());
-            servers.push(NameServerConfig::new(ns.ip(), true, vec![udp, tcp]));
-        }
-        let mut opts = ResolverOpts::default();
-        opts.timeout = cfg.timeout.0;
-        opts.attempts = cfg.attempts;
-        // Our caches are the only ones, so TTL handling and query counts are ours.
-        opts.cache_size = 0;
-        opts.ndots = 0;
-        let auth = MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), opts)
-            .map_err(|e| DnsFailure(e.to_string()))?
-            .with_max_negative_ttl(cfg.max_ttl.0);
+        let authenticator = |timeout: Duration, attempts: usize| {
+            let mut opts = ResolverOpts::default();
+            opts.timeout = timeout;
+            opts.attempts = attempts;
+            // Our caches are the only ones, so TTL handling and query counts are ours.
+            opts.cache_size = 0;
+            opts.ndots = 0;
+            MessageAuthenticator::new(health::resolver_config(&cfg.nameservers), opts)
+                .map(|a| a.with_max_negative_ttl(cfg.max_ttl.0))
+                .map_err(|e| DnsFailure(e.to_string()))
+        };
         Ok(Arc::new(Dns {
-            auth,
+            auth: authenticator(cfg.timeout.0, cfg.attempts)?,
+            hurried: authenticator(health::DOWN_TIMEOUT.min(cfg.timeout.0), 0)?,
+            nameservers: Nameservers::new(cfg).map_err(|e| DnsFailure(e.to_string()))?,
             records: RecordCache::new(cfg.cache_size, cfg.min_ttl.0, cfg.max_ttl.0),
             answers: moka::future::Cache::builder()
                 .max_capacity(cfg.cache_size)
@@ -108,7 +109,21 @@ impl Dns {
 
     /// The authenticator (SPF, DKIM, DMARC, ARC, iprev) and its record cache.
     pub fn auth(&self) -> (&MessageAuthenticator, &RecordCache) {
-        (&self.auth, &self.records)
+        (self.resolver(), &self.records)
+    }
+
+    /// The resolver to use now: the hurried one while no nameserver answers.
+    fn resolver(&self) -> &MessageAuthenticator {
+        if self.nameservers.answering() {
+            &self.auth
+        } else {
+            &self.hurried
+        }
+    }
+
+    /// Checks that the nameservers answer (see `health`).
+    pub async fn check_nameservers(&self) -> bool {
+        self.nameservers.check().await
     }
 
     fn clamp(&self, ttl: Duration) -> Duration {
@@ -151,7 +166,7 @@ impl Dns {
         // The capture learns the answer's expiry (record TTL, or the SOA
         // negative TTL for NXDOMAIN) from mail-auth's cache hook.
         let capture = cache::Capture::default();
-        let result = self.auth.ipv4_lookup(name, Some(&capture)).await;
+        let result = self.resolver().ipv4_lookup(name, Some(&capture)).await;
         let ttl = capture
             .valid_until()
             .map(|until| self.clamp(until.saturating_duration_since(Instant::now())))
@@ -159,7 +174,7 @@ impl Dns {
         match result {
             Ok(set) => {
                 let txt = if want_txt {
-                    self.auth
+                    self.resolver()
                         .txt_raw_lookup(name)
                         .await
                         .ok()

@@ -5,13 +5,13 @@ pub mod limits;
 pub mod shutdown;
 pub mod tls;
 
-use crate::checks::{self, Checker, Pipeline};
+use crate::checks::Checker;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
 use crate::rules::{RuleSet, Rules};
 use crate::smtp::proxy_header;
 use crate::smtp::reply::{self, Reply};
-use crate::smtp::{Peer, Session, Shared};
+use crate::smtp::{Peer, Runtime, Session, Shared};
 use crate::telemetry::RefusedConnection;
 use crate::upstream::Upstream;
 use limits::{ConnectionLimits, MemoryBudget};
@@ -70,34 +70,24 @@ impl Server {
             })?;
             listeners.push((sock, l.clone()));
         }
-        let tls = match &cfg.tls {
-            Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
-            None => None,
-        };
-        let checks = Pipeline::new(vec![Box::new(checks::Limits {
-            max_message_size: cfg.limits.max_message_size.0,
-            max_recipients: cfg.limits.max_recipients,
-        })]);
         let metrics = match cfg.metrics.listen {
-            Some(addr) => Some(
-                crate::telemetry::http::bind(addr)
+            Some(addr) => {
+                let listener = crate::telemetry::http::bind(addr)
                     .await
-                    .map_err(|source| ServerError::Bind { addr, source })?,
-            ),
+                    .map_err(|source| ServerError::Bind { addr, source })?;
+                // Now, so that what start-up finds (upstream, DNS) is counted.
+                crate::telemetry::metrics::install();
+                Some(listener)
+            }
             None => None,
         };
         let rules = load_rules(&cfg)?;
-        let dns = Dns::new(&cfg.dns)?;
-        let checker = Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns));
         let shared = Arc::new(Shared {
             rules,
-            checker: arc_swap::ArcSwap::new(checker),
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
             limits: ConnectionLimits::new(cfg.connection_bounds()),
-            checks,
-            tls: std::sync::RwLock::new(tls),
-            cfg: Arc::clone(&cfg),
+            runtime: arc_swap::ArcSwap::from_pointee(build_runtime(Arc::clone(&cfg))?),
         });
         let config_reloads = ConfigReloader {
             shared: Arc::clone(&shared),
@@ -107,6 +97,7 @@ impl Server {
                 .unwrap_or(0),
             ok: Arc::new(AtomicU64::new(0)),
             failed: Arc::new(AtomicU64::new(0)),
+            needs_restart: Arc::default(),
         };
         Ok(Server {
             config_reloads,
@@ -130,7 +121,7 @@ impl Server {
     }
 
     pub fn checker(&self) -> Arc<Checker> {
-        self.shared.checker.load_full()
+        Arc::clone(&self.shared.runtime().checker)
     }
 
     /// Applies a reloaded config where that is safe.
@@ -176,12 +167,26 @@ impl Server {
             }
             _ => None,
         };
+        // Checks that the nameservers of whichever config is current answer.
+        let shared = Arc::clone(&self.shared);
+        let dns_check = tokio::spawn(async move {
+            loop {
+                let checker = Arc::clone(&shared.runtime().checker);
+                let in_use = checker.uses_dns() || shared.upstream.wants_client_name();
+                let wait = if !in_use || checker.dns.check_nameservers().await {
+                    crate::dns::health::CHECK_UP
+                } else {
+                    crate::dns::health::CHECK_DOWN
+                };
+                tokio::time::sleep(wait).await;
+            }
+        });
         // Tests the DNSBL zones of whichever checks are current (they can be
         // swapped by a config reload).
         let shared = Arc::clone(&self.shared);
         let self_test = Some(tokio::spawn(async move {
             loop {
-                let checker = shared.checker.load_full();
+                let checker = Arc::clone(&shared.runtime().checker);
                 if !checker.dnsbl.zones.is_empty() {
                     checker.dnsbl.self_test().await;
                 }
@@ -210,7 +215,7 @@ impl Server {
             let _ = l.await;
         }
         tracker.close();
-        let deadline = self.shared.cfg.timeouts.shutdown.0;
+        let deadline = self.shared.runtime().cfg.timeouts.shutdown.0;
         if tokio::time::timeout(deadline, tracker.wait())
             .await
             .is_err()
@@ -223,6 +228,7 @@ impl Server {
             let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
         }
         refresh.abort();
+        dns_check.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -231,6 +237,22 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+}
+
+/// What sessions read from a config: its limits as checks, the checks
+/// with their own DNS, and the STARTTLS acceptor.
+pub fn build_runtime(cfg: Arc<Config>) -> Result<Runtime, ServerError> {
+    let tls = match &cfg.tls {
+        Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
+        None => None,
+    };
+    let dns = Dns::new(&cfg.dns)?;
+    Ok(Runtime {
+        checks: Runtime::limit_checks(&cfg),
+        checker: Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns)),
+        tls,
+        cfg,
+    })
 }
 
 /// The configured rules, or the default `rules` directory when it exists.
@@ -244,7 +266,20 @@ pub fn load_rules(cfg: &Config) -> Result<Arc<Rules>, crate::rules::RuleErrors> 
         return Ok(Rules::new(dir, RuleSet::empty()));
     }
     let set = RuleSet::load_dir(&dir)?;
-    // A zone the checks do not query can never be a result.
+    let unknown = unknown_zones(&set, cfg, &dir);
+    if !unknown.is_empty() {
+        return Err(crate::rules::RuleErrors(unknown));
+    }
+    Ok(Rules::new(dir, set))
+}
+
+/// DNSBL zones the rules name that the checks do not query: no rule can
+/// ever match them.
+fn unknown_zones(
+    set: &RuleSet,
+    cfg: &Config,
+    dir: &std::path::Path,
+) -> Vec<crate::rules::RuleError> {
     let configured: Vec<String> = cfg
         .checks
         .dnsbl
@@ -252,8 +287,7 @@ pub fn load_rules(cfg: &Config) -> Result<Arc<Rules>, crate::rules::RuleErrors> 
         .iter()
         .map(|z| z.zone.trim_end_matches('.').to_ascii_lowercase())
         .collect();
-    let unknown: Vec<_> = set
-        .dnsbl_zones()
+    set.dnsbl_zones()
         .filter(|z| !configured.iter().any(|c| c == z.trim_end_matches('.')))
         .map(|z| crate::rules::RuleError {
             file: dir.display().to_string(),
@@ -269,11 +303,7 @@ pub fn load_rules(cfg: &Config) -> Result<Arc<Rules>, crate::rules::RuleErrors> 
                 }
             ),
         })
-        .collect();
-    if !unknown.is_empty() {
-        return Err(crate::rules::RuleErrors(unknown));
-    }
-    Ok(Rules::new(dir, set))
+        .collect()
 }
 
 /// What `run` would fail on that the config file alone cannot tell: the
@@ -359,7 +389,7 @@ impl crate::telemetry::http::Status for StatusPage {
         let _ = writeln!(
             o,
             "<p>host {} &middot; up {} s &middot; {} sessions open</p>",
-            esc(&self.shared.cfg.hostname),
+            esc(&self.shared.runtime().cfg.hostname),
             self.started.elapsed().as_secs(),
             self.limits.open()
         );
@@ -379,7 +409,43 @@ impl crate::telemetry::http::Status for StatusPage {
             self.config.ok.load(Ordering::Relaxed),
             self.config.failed.load(Ordering::Relaxed)
         );
-        let checker = self.shared.checker.load_full();
+        if let Ok(keys) = self.config.needs_restart.lock()
+            && !keys.is_empty()
+        {
+            let _ = writeln!(
+                o,
+                "<p>changed in the file, in force after a restart: {}</p>",
+                esc(&keys.join(", "))
+            );
+        }
+        let up = self.shared.upstream.health();
+        let _ = writeln!(
+            o,
+            "<h2>Upstream</h2><p>{}: {}</p>",
+            self.shared.upstream.addr,
+            match (up.answering, &up.last_error) {
+                (Some(true), _) => "answers".to_string(),
+                (Some(false), e) => format!(
+                    "DOES NOT ANSWER ({})",
+                    esc(e.as_deref().unwrap_or("unknown error"))
+                ),
+                (None, _) => "not probed yet".to_string(),
+            }
+        );
+        let checker = Arc::clone(&self.shared.runtime().checker);
+        let _ = writeln!(
+            o,
+            "<h2>Nameservers</h2><table><tr><th>nameserver</th><th>state</th></tr>"
+        );
+        for (addr, state) in checker.dns.nameservers.states() {
+            let state = match state {
+                crate::dns::NsState::Answers => "answers".to_string(),
+                crate::dns::NsState::Silent(e) => format!("DOES NOT ANSWER ({})", esc(&e)),
+                crate::dns::NsState::NotChecked => "not checked yet".to_string(),
+            };
+            let _ = writeln!(o, "<tr><td>{addr}</td><td>{state}</td></tr>");
+        }
+        let _ = writeln!(o, "</table>");
         let _ = writeln!(
             o,
             "<h2>DNSBL zones</h2><table><tr><th>zone</th><th>state</th><th>errors</th></tr>"
@@ -402,51 +468,49 @@ impl crate::telemetry::http::Status for StatusPage {
     }
 }
 
-/// Reloads the config file: the checks and DNS settings take effect for new
-/// sessions; other sections need a restart and are reported as such.
+/// Reloads the config file (SIGHUP). What changed is in force for new
+/// sessions, certificate and DNS included, except the keys only a restart
+/// can change (`config::reload`), which are logged by key path. A file
+/// that does not load changes nothing.
 #[derive(Clone)]
 pub struct ConfigReloader {
     shared: Arc<Shared>,
     pub started_at: u64,
     pub ok: Arc<AtomicU64>,
     pub failed: Arc<AtomicU64>,
+    /// Keys changed in the file that wait for a restart (status page).
+    pub needs_restart: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// What a successful reload did, by key path.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub applied: Vec<String>,
+    pub needs_restart: Vec<String>,
 }
 
 impl ConfigReloader {
-    pub fn reload(&self, path: &std::path::Path) -> Result<(), String> {
-        let result = Config::load(Some(path)).map_err(|e| e.to_string()).and_then(|new| {
-            let old = &self.shared.cfg;
-            let mut restart = Vec::new();
-            let changed = |a: String, b: String| a != b;
-            if changed(format!("{:?}", old.listen), format!("{:?}", new.listen)) {
-                restart.push("listen");
-            }
-            if changed(format!("{:?}", old.upstream), format!("{:?}", new.upstream)) {
-                restart.push("upstream");
-            }
-            if changed(format!("{:?}", old.limits), format!("{:?}", new.limits)) {
-                restart.push("limits");
-            }
-            if changed(format!("{:?}", old.timeouts), format!("{:?}", new.timeouts)) {
-                restart.push("timeouts");
-            }
-            if changed(format!("{:?}", old.smtp), format!("{:?}", new.smtp)) {
-                restart.push("smtp");
-            }
-            if !restart.is_empty() {
-                tracing::warn!(sections = ?restart, "config reload: these sections only change on restart");
-            }
-            let dns = Dns::new(&new.dns).map_err(|e| e.to_string())?;
-            let checker = Checker::new(&new.checks, &old.hostname, dns);
-            self.shared.checker.store(Arc::new(checker));
-            Ok(())
-        });
+    pub async fn reload(&self, path: &std::path::Path) -> Result<Reloaded, String> {
+        let result = self.swap(path);
         match &result {
-            Ok(()) => {
+            Ok(r) => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("portcullis_reloads_total", "what" => "config", "result" => "ok")
                     .increment(1);
-                tracing::info!(config = %path.display(), "config reloaded: checks and DNS apply to new sessions");
+                tracing::info!(
+                    config = %path.display(),
+                    applied = ?r.applied,
+                    "config reloaded: in force for new sessions"
+                );
+                if let Ok(mut keys) = self.needs_restart.lock() {
+                    keys.clone_from(&r.needs_restart);
+                }
+                if !r.needs_restart.is_empty() {
+                    tracing::warn!(
+                        keys = ?r.needs_restart,
+                        "config reload: these keys keep their running values until a restart"
+                    );
+                }
             }
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
@@ -454,23 +518,55 @@ impl ConfigReloader {
                 tracing::error!(error = %e, "config reload failed; the running config stays in force");
             }
         }
+        if result.is_ok() {
+            // Tell the admin now, not at the next message, when what the
+            // new config points at does not answer.
+            let rt = self.shared.runtime();
+            if rt.checker.uses_dns() || self.shared.upstream.wants_client_name() {
+                rt.checker.dns.check_nameservers().await;
+            }
+            // A failure is logged (naming upstream) and counted by the probe.
+            let _ = self.shared.upstream.probe().await;
+        }
         result
+    }
+
+    fn swap(&self, path: &std::path::Path) -> Result<Reloaded, String> {
+        let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
+        let running = self.shared.runtime();
+        let plan = crate::config::reload::plan(&running.cfg, new);
+        let cfg = Arc::new(plan.effective);
+        let unknown = unknown_zones(&self.shared.rules.current(), &cfg, self.shared.rules.dir());
+        if !unknown.is_empty() {
+            return Err(crate::rules::RuleErrors(unknown).to_string());
+        }
+        let runtime = build_runtime(cfg).map_err(|e| e.to_string())?;
+        self.shared.runtime.store(Arc::new(runtime));
+        Ok(Reloaded {
+            applied: plan.applied,
+            needs_restart: plan.needs_restart,
+        })
     }
 }
 
-/// Reloads the certificate and key from the configured files.
+/// Reloads the certificate and key from the configured files (SIGHUP
+/// without a config file to reload).
 #[derive(Clone)]
 pub struct TlsReloader(Arc<Shared>);
 
 impl TlsReloader {
     pub fn reload(&self) -> Result<(), tls::TlsError> {
-        let Some(t) = &self.0.cfg.tls else {
+        let rt = self.0.runtime();
+        let Some(t) = &rt.cfg.tls else {
             return Ok(());
         };
         let acceptor = tls::acceptor(&t.cert, &t.key)?;
-        if let Ok(mut slot) = self.0.tls.write() {
-            *slot = Some(acceptor);
-        }
+        self.0.runtime.store(Arc::new(Runtime {
+            cfg: Arc::clone(&rt.cfg),
+            checks: Runtime::limit_checks(&rt.cfg),
+            checker: Arc::clone(&rt.checker),
+            tls: Some(acceptor),
+        }));
         Ok(())
     }
 }
@@ -558,7 +654,7 @@ async fn connection(
 ) {
     let _ = sock.set_nodelay(true);
     let id = session_id();
-    let wait = shared.cfg.timeouts.command.0;
+    let wait = shared.runtime().cfg.timeouts.command.0;
     let Ok(local) = sock.local_addr() else { return };
     let (client, local, initial) = if conf.proxy_protocol {
         if !Config::is_trusted_proxy(&conf, peer.ip().to_canonical()) {
@@ -623,7 +719,7 @@ async fn connection(
     };
     // The session watches its deadline at every read and write; this is
     // the backstop for anything else it might wait on.
-    let hard = shared.cfg.timeouts.session.0 + SESSION_GRACE;
+    let hard = shared.runtime().cfg.timeouts.session.0 + SESSION_GRACE;
     let session = Session::new(Box::new(sock), peer, shared, signal, initial);
     if tokio::time::timeout(hard, session.run()).await.is_err() {
         metrics::counter!("portcullis_session_deadline_total").increment(1);

@@ -9,4 +9,4 @@ pub mod proxy_header;
 pub mod reply;
 pub mod session;
 
-pub use session::{Peer, Session, Shared, Stream};
+pub use session::{Peer, Runtime, Session, Shared, Stream};

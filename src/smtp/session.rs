@@ -54,7 +54,7 @@ use crate::upstream::{ClientIdentity, OpenError, UpStage, Upstream, UpstreamConn
 use crate::verdict::Decision;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
@@ -63,25 +63,43 @@ use tokio_rustls::TlsAcceptor;
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// Everything a session reads that a reload can change. A session takes
+/// the current one when it starts and keeps it to the end; a reload of the
+/// config or the certificate builds a new one.
+pub struct Runtime {
+    pub cfg: Arc<Config>,
+    pub checks: Pipeline,
+    /// DNSBL, SPF, DKIM, DMARC, ARC, iprev.
+    pub checker: Arc<Checker>,
+    /// STARTTLS, when a certificate is configured.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Runtime {
+    /// The size and recipient limits as a check pipeline.
+    pub fn limit_checks(cfg: &Config) -> Pipeline {
+        Pipeline::new(vec![Box::new(crate::checks::Limits {
+            max_message_size: cfg.limits.max_message_size.0,
+            max_recipients: cfg.limits.max_recipients,
+        })])
+    }
+}
+
 /// What all sessions share.
 pub struct Shared {
-    pub cfg: Arc<Config>,
+    pub runtime: ArcSwap<Runtime>,
     pub upstream: Arc<Upstream>,
     pub budget: Arc<MemoryBudget>,
     /// Open sessions; tells when the gate is under stress.
     pub limits: Arc<ConnectionLimits>,
-    pub checks: Pipeline,
-    /// DNSBL, SPF, DKIM, DMARC, ARC, iprev; swapped when the config reloads.
-    pub checker: ArcSwap<Checker>,
     /// The administrators' rules, reloadable.
     pub rules: Arc<Rules>,
-    /// Swapped on SIGHUP when the certificate is reloaded.
-    pub tls: RwLock<Option<TlsAcceptor>>,
 }
 
 impl Shared {
-    fn tls_acceptor(&self) -> Option<TlsAcceptor> {
-        self.tls.read().ok().and_then(|t| t.clone())
+    /// The runtime new sessions get.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
     }
 }
 
@@ -273,7 +291,8 @@ pub struct Session {
     conn_checks: ConnChecks,
     /// The rules this session started with (a reload affects new sessions).
     rules: Arc<RuleSet>,
-    /// Likewise the checks.
+    /// Likewise the config, checks and certificate.
+    rt: Arc<Runtime>,
     checker: Arc<Checker>,
 }
 
@@ -285,11 +304,13 @@ impl Session {
         shutdown: ShutdownSignal,
         initial: Vec<u8>,
     ) -> Session {
-        let deadline = tokio::time::Instant::now() + shared.cfg.timeouts.session.0;
+        let rt = shared.runtime();
+        let deadline = tokio::time::Instant::now() + rt.cfg.timeouts.session.0;
         // DNSBL and iprev start now and are awaited only when needed.
-        let checker = shared.checker.load_full();
+        let checker = Arc::clone(&rt.checker);
         let conn_checks = checker.connect(peer.addr.ip(), shared.upstream.wants_client_name());
         Session {
+            rt,
             checker,
             rules: shared.rules.current(),
             conn_checks,
@@ -316,7 +337,7 @@ impl Session {
 
     /// Runs the session to its end.
     pub async fn run(mut self) {
-        if let Some(delay) = self.shared.cfg.greeting.delay
+        if let Some(delay) = self.rt.cfg.greeting.delay
             && self.talks_before_greeting(delay.0).await
         {
             self.reply(&reply::PREGREET);
@@ -332,7 +353,7 @@ impl Session {
             self.close().await;
             return;
         }
-        if self.shared.cfg.checks.reject_at == RejectAt::Connect {
+        if self.rt.cfg.checks.reject_at == RejectAt::Connect {
             let checker = Arc::clone(&self.checker);
             let (outcome, log) = checker.at_connect(&mut self.conn_checks).await;
             let refusal = match outcome.decision {
@@ -356,7 +377,7 @@ impl Session {
                 return;
             }
         }
-        let greeting = format!("220 {} ESMTP Portcullis\r\n", self.shared.cfg.hostname);
+        let greeting = format!("220 {} ESMTP Portcullis\r\n", self.rt.cfg.hostname);
         self.wbuf.extend_from_slice(greeting.as_bytes());
         loop {
             let line = self.next_line().await;
@@ -417,7 +438,7 @@ impl Session {
     }
 
     fn cfg(&self) -> &Config {
-        &self.shared.cfg
+        &self.rt.cfg
     }
 
     fn reply(&mut self, r: &Reply) {
@@ -457,7 +478,7 @@ impl Session {
 
     /// Ends the client connection (a TLS close_notify is a write too).
     async fn close(&mut self) {
-        let limit = self.shared.cfg.timeouts.command.0;
+        let limit = self.rt.cfg.timeouts.command.0;
         let _ = tokio::time::timeout(limit, self.io.shutdown()).await;
     }
 
@@ -472,9 +493,9 @@ impl Session {
         let stop_at = self.stop_phase();
         // Once shutting down, the last replies (421 4.3.2) get a short while.
         let limit = if self.shutdown.phase() >= stop_at {
-            FAREWELL_WRITE.min(self.shared.cfg.timeouts.command.0)
+            FAREWELL_WRITE.min(self.rt.cfg.timeouts.command.0)
         } else {
-            self.shared.cfg.timeouts.command.0
+            self.rt.cfg.timeouts.command.0
         };
         let until = (tokio::time::Instant::now() + limit).min(self.deadline);
         let io = &mut self.io;
@@ -575,7 +596,7 @@ impl Session {
                 self.rpos = self.rbuf.len();
             }
             let stressed = self.shared.limits.stressed();
-            let stress = &self.shared.cfg.stress;
+            let stress = &self.rt.cfg.stress;
             let mut until = started + self.cfg().timeouts.command.0;
             let mut too_slow = false;
             if stressed {
@@ -660,9 +681,9 @@ impl Session {
         self.end_transaction("helo", UpReset::IfOpen).await;
         self.helo = Some(host);
         self.esmtp = esmtp;
-        let cfg = &self.shared.cfg;
+        let cfg = &self.rt.cfg;
         let caps = self.shared.upstream.capabilities_for_client().await;
-        let starttls = self.tls.is_none() && self.shared.tls_acceptor().is_some();
+        let starttls = self.tls.is_none() && self.rt.tls.clone().is_some();
         self.offer = Offer::new(caps.as_deref(), cfg.limits.max_message_size.0, starttls);
         if esmtp {
             let mut out = std::mem::take(&mut self.wbuf);
@@ -716,7 +737,7 @@ impl Session {
             let mut env = self.envelope();
             env.mail_from = Some(&m.address);
             env.declared_size = m.size;
-            self.shared.checks.run(Stage::Mail, &env).await
+            self.rt.checks.run(Stage::Mail, &env).await
         };
         if let Outcome::Refuse { reply, reason } = outcome {
             // Refused before the checks ran: no score of its own.
@@ -809,7 +830,7 @@ impl Session {
             return self
                 .error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
         }
-        let outcome = self.shared.checks.run(Stage::Rcpt, &self.envelope()).await;
+        let outcome = self.rt.checks.run(Stage::Rcpt, &self.envelope()).await;
         let mut refusal = match outcome {
             Outcome::Refuse { reply, reason } => Some((reply, reason.to_string())),
             Outcome::Continue => None,
@@ -898,7 +919,7 @@ impl Session {
             return self.error(reply::NEED_RCPT);
         }
         self.reply(&reply::START_DATA);
-        let cfg = Arc::clone(&self.shared.cfg);
+        let cfg = Arc::clone(&self.rt.cfg);
         let mut reader = DataReader::new(cfg.limits.max_message_size.0, cfg.smtp.max_line_length);
         let mut msg: Vec<u8> = Vec::new();
         let mut reservation = self.shared.budget.reservation();
@@ -986,7 +1007,7 @@ impl Session {
             None => {
                 let mut env = self.envelope();
                 env.message = Some(&msg);
-                match self.shared.checks.run(Stage::Data, &env).await {
+                match self.rt.checks.run(Stage::Data, &env).await {
                     Outcome::Refuse { reply, reason } => Some((reply, reason)),
                     Outcome::Continue => None,
                 }
@@ -1097,7 +1118,7 @@ impl Session {
     }
 
     async fn starttls(&mut self) -> Next {
-        let Some(acceptor) = self.shared.tls_acceptor() else {
+        let Some(acceptor) = self.rt.tls.clone() else {
             return self.error(reply::NOT_IMPLEMENTED);
         };
         if self.tls.is_some() {

@@ -78,6 +78,18 @@ fn describe() {
         "portcullis_memory_budget_bytes",
         "Message bytes held in memory now"
     );
+    describe_gauge!(
+        "portcullis_dns_nameserver_up",
+        "1 when the nameserver answered its latest check"
+    );
+    describe_gauge!(
+        "portcullis_dns_up",
+        "1 when any configured nameserver answers"
+    );
+    describe_gauge!(
+        "portcullis_upstream_up",
+        "1 when upstream answered its latest probe or connection"
+    );
 }
 
 /// The class of a reason for a label: `dnsbl:zen.spamhaus.org` stays,

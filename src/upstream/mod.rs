@@ -43,6 +43,15 @@ struct State {
     capabilities: Option<Arc<Capabilities>>,
     identity: Option<Identity>,
     last_error: Option<String>,
+    /// Whether the latest probe or connection succeeded (None: not tried yet).
+    answering: Option<bool>,
+}
+
+/// Upstream as the latest probe or connection found it, for the status page.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub answering: Option<bool>,
+    pub last_error: Option<String>,
 }
 
 pub struct Upstream {
@@ -127,14 +136,42 @@ impl Upstream {
     }
 
     fn record(&self, caps: Option<Capabilities>, identity: Option<Identity>, err: Option<String>) {
-        if let Ok(mut s) = self.state.write() {
-            if let Some(c) = caps {
-                s.capabilities = Some(Arc::new(c));
+        let Ok(mut s) = self.state.write() else {
+            return;
+        };
+        if let Some(c) = caps {
+            s.capabilities = Some(Arc::new(c));
+        }
+        if identity.is_some() {
+            s.identity = identity;
+        }
+        let now = err.is_none();
+        if s.answering != Some(now) {
+            metrics::gauge!("portcullis_upstream_up").set(if now { 1.0 } else { 0.0 });
+            match &err {
+                None => tracing::info!(upstream = %self.addr, "upstream answers"),
+                Some(e) => tracing::error!(
+                    upstream = %self.addr,
+                    error = %e,
+                    "upstream does not answer: clients get 4xx until it does"
+                ),
             }
-            if identity.is_some() {
-                s.identity = identity;
-            }
-            s.last_error = err;
+        }
+        s.answering = Some(now);
+        s.last_error = err;
+    }
+
+    /// Whether upstream answered its latest probe or connection.
+    pub fn health(&self) -> Health {
+        match self.state.read() {
+            Ok(s) => Health {
+                answering: s.answering,
+                last_error: s.last_error.clone(),
+            },
+            Err(_) => Health {
+                answering: None,
+                last_error: None,
+            },
         }
     }
 
@@ -227,7 +264,7 @@ impl Upstream {
                         me.probe_interval
                     }
                     Err(e) => {
-                        tracing::warn!(upstream = %me.addr, error = %e, retry_in = ?retry, "upstream probe failed");
+                        tracing::debug!(upstream = %me.addr, error = %e, retry_in = ?retry, "upstream probe failed");
                         let wait = retry.min(me.probe_interval);
                         retry = (retry * 2).min(me.probe_interval);
                         wait
