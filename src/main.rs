@@ -233,7 +233,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         let config_path = config.clone();
         let rules = server.rules();
         // Rules also reload on file changes, debounced.
-        let _watcher = rules.watch(std::time::Duration::from_millis(500));
+        rules.watch(std::time::Duration::from_millis(500));
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 if let Err(e) = log_target.reopen() {

@@ -26,11 +26,12 @@ async fn the_readme_config_with_a_silent_nameserver_relays_at_once_and_says_why(
     let mta = FakeMta::start(Script::default()).await;
     // The README's "put it in front of Postfix" config, on test addresses,
     // plus the (silent) nameserver and a status page: no checks section.
-    let yaml = format!(
-        "hostname: mx.example.net\nlisten:\n  - addr: 127.0.0.1:0\nupstream:\n  addr: {}\n  client_identity: auto\n\
-         dns: {{nameservers: [{ns}]}}\nmetrics: {{listen: 127.0.0.1:0}}\n",
-        mta.addr
-    );
+    let snippet = readme_yaml(0);
+    assert!(!snippet.contains("checks:") && !snippet.contains("dns:"));
+    let yaml = snippet
+        .replace("0.0.0.0:25", "127.0.0.1:0")
+        .replace("127.0.0.1:10025", &mta.addr.to_string())
+        + &format!("dns: {{nameservers: [{ns}]}}\nmetrics: {{listen: 127.0.0.1:0}}\n");
     let cfg = portcullis::config::Config::parse(&yaml, std::path::Path::new("t.yaml")).unwrap();
     let server = portcullis::server::Server::bind(cfg).await.unwrap();
     let _ = server.upstream().probe().await;
@@ -77,13 +78,27 @@ async fn the_readme_config_with_a_silent_nameserver_relays_at_once_and_says_why(
     assert!(ours.contains("spf=temperror"), "{ours}");
 }
 
+/// The `n`th YAML block of the README's "Put it in front of Postfix".
+fn readme_yaml(n: usize) -> String {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("## Put it in front of Postfix")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README section");
+    section
+        .split("```yaml\n")
+        .skip(1)
+        .nth(n)
+        .and_then(|b| b.split("```").next())
+        .expect("YAML block")
+        .to_string()
+}
+
 #[tokio::test]
 async fn a_config_without_a_checks_section_records_and_never_refuses() {
-    let cfg = portcullis::config::Config::parse(
-        "hostname: mx.example.net\nlisten: [{addr: 127.0.0.1:25}]\nupstream: {addr: 127.0.0.1:10025}\n",
-        std::path::Path::new("t.yaml"),
-    )
-    .unwrap();
+    let base = readme_yaml(0);
+    let cfg = portcullis::config::Config::parse(&base, std::path::Path::new("t.yaml")).unwrap();
     use portcullis::config::Mode;
     let c = &cfg.checks;
     for (name, mode) in [
@@ -96,4 +111,18 @@ async fn a_config_without_a_checks_section_records_and_never_refuses() {
     ] {
         assert_eq!(mode, Mode::Record, "{name}");
     }
+}
+
+#[test]
+fn the_readme_enforce_snippet_completes_that_config() {
+    let cfg = portcullis::config::Config::parse(
+        &(readme_yaml(0) + &readme_yaml(1)),
+        std::path::Path::new("t.yaml"),
+    )
+    .unwrap();
+    use portcullis::config::Mode;
+    assert_eq!(cfg.checks.spf.mode, Mode::Enforce);
+    assert_eq!(cfg.checks.dnsbl.zones.len(), 1);
+    // The others stay in record mode.
+    assert_eq!(cfg.checks.iprev.mode, Mode::Record);
 }

@@ -497,3 +497,65 @@ rules_dir: {}
     c.cmd("MAIL FROM:<two@x.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "550").await;
 }
+
+#[tokio::test]
+async fn editing_a_list_file_reloads_the_rules_like_a_rule_file() {
+    // One list under the rules directory (lists/), one kept elsewhere.
+    let elsewhere = std::env::temp_dir().join(format!("portcullis-lists-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&elsewhere);
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let outside = elsewhere.join("senders.txt");
+    std::fs::write(&outside, "one@x.test\n").unwrap();
+    let rules = format!(
+        "rules:\n  - id: BY_HELO\n    description: x\n    when: {{helo: {{list: lists/helos.txt}}}}\n    action: reject\n\
+         \x20 - id: BY_SENDER\n    description: x\n    when: {{mail_from: {{list: {}}}}}\n    action: reject\n",
+        outside.display()
+    );
+    let dir = rules_dir("lists-reload", &[("50.yaml", &rules)]);
+    std::fs::write(dir.join("lists/helos.txt"), "bad.test\n").unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let running = common::start_server(&format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: xclient}}\nrules_dir: {}\n",
+        mta.addr,
+        dir.display()
+    ))
+    .await;
+    let (rules, addr) = (running.rules, running.addr);
+    assert!(rules.watch(Duration::from_millis(200)));
+    let reloads = || rules.reloads_ok.load(std::sync::atomic::Ordering::Relaxed);
+    let wait_for = |n: u64| {
+        let rules = std::sync::Arc::clone(&rules);
+        async move {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while rules.reloads_ok.load(std::sync::atomic::Ordering::Relaxed) < n {
+                assert!(std::time::Instant::now() < until, "no reload");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let refused = |helo: &'static str, from: &'static str| async move {
+        let mut c = Client::connect(addr).await;
+        c.reply().await;
+        c.cmd(&format!("EHLO {helo}"), "250").await;
+        c.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        c.line("RCPT TO:<b@example.test>").await;
+        c.reply().await.starts_with("550")
+    };
+    assert!(refused("bad.test", "ok@x.test").await);
+    assert!(!refused("worse.test", "ok@x.test").await);
+
+    // The list in the rules directory's subdirectory, edited in place.
+    std::fs::write(dir.join("lists/helos.txt"), "bad.test\nworse.test\n").unwrap();
+    wait_for(reloads() + 1).await;
+    assert!(refused("worse.test", "ok@x.test").await);
+
+    // The list elsewhere, replaced by rename as editors and deploy tools do.
+    assert!(!refused("good.test", "two@x.test").await);
+    let before = reloads();
+    let tmp = elsewhere.join(".senders.txt.new");
+    std::fs::write(&tmp, "one@x.test\ntwo@x.test\n").unwrap();
+    std::fs::rename(&tmp, &outside).unwrap();
+    wait_for(before + 1).await;
+    assert!(refused("good.test", "two@x.test").await);
+    let _ = std::fs::remove_dir_all(&elsewhere);
+}

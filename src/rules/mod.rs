@@ -18,11 +18,11 @@ pub use model::{RuleMode, RuleStage};
 use crate::yaml;
 use arc_swap::ArcSwap;
 use engine::{Compiled, Compiler};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// One problem in the rules, located.
@@ -65,6 +65,8 @@ impl fmt::Display for RuleErrors {
 pub struct RuleSet {
     compiled: Compiled,
     pub files: Vec<PathBuf>,
+    /// The list files the rules read (watched for changes like the rules).
+    pub lists: Vec<PathBuf>,
     pub loaded_at: SystemTime,
 }
 
@@ -73,6 +75,7 @@ impl RuleSet {
         RuleSet {
             compiled: Compiled::empty(),
             files: Vec::new(),
+            lists: Vec::new(),
             loaded_at: SystemTime::now(),
         }
     }
@@ -125,8 +128,10 @@ impl RuleSet {
     /// Loads rule files given as (path, text); list files are read from `dir`
     /// (a regular file each, of bounded size: `/dev/zero` is not a list).
     pub fn load_texts(dir: &Path, files: &[(PathBuf, &str)]) -> Result<RuleSet, RuleErrors> {
+        let lists = std::cell::RefCell::new(Vec::new());
         let read_list = |name: &str| -> Result<Vec<String>, String> {
             let path = dir.join(name);
+            lists.borrow_mut().push(path.clone());
             let text = crate::config::read_text(&path, MAX_LIST_FILE)
                 .map_err(|e| format!("list file {}: {e}", path.display()))?;
             Ok(text
@@ -204,9 +209,13 @@ impl RuleSet {
                 message: m,
             }])
         })?;
+        let mut lists = lists.take();
+        lists.sort();
+        lists.dedup();
         Ok(RuleSet {
             compiled,
             files: files.iter().map(|(p, _)| p.clone()).collect(),
+            lists,
             loaded_at: SystemTime::now(),
         })
     }
@@ -290,6 +299,17 @@ pub struct Rules {
     current: ArcSwap<RuleSet>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    watch: Mutex<Option<Watch>>,
+}
+
+/// The file watcher: the rules directory with its subdirectories, and the
+/// directories of list files kept elsewhere.
+struct Watch {
+    watcher: notify::RecommendedWatcher,
+    /// Directories outside the rules directory being watched.
+    dirs: BTreeSet<PathBuf>,
+    /// List files outside the rules directory: their events count.
+    outside: Arc<std::sync::RwLock<BTreeSet<PathBuf>>>,
 }
 
 impl Rules {
@@ -299,15 +319,16 @@ impl Rules {
             current: ArcSwap::from_pointee(set),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            watch: Mutex::new(None),
         })
     }
 
-    /// The set new sessions use.
     /// The directory the rules are loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The set new sessions use.
     pub fn current(&self) -> Arc<RuleSet> {
         self.current.load_full()
     }
@@ -317,6 +338,7 @@ impl Rules {
         match RuleSet::load_dir(&self.dir) {
             Ok(set) => {
                 let n = set.rules().len();
+                self.watch_lists(&set);
                 self.current.store(Arc::new(set));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("portcullis_reloads_total", "what" => "rules", "result" => "ok")
@@ -333,23 +355,45 @@ impl Rules {
         }
     }
 
-    /// Reloads when files in the rules directory change (debounced).
-    pub fn watch(self: &Arc<Self>, debounce: Duration) -> Option<notify::RecommendedWatcher> {
+    /// Reloads when a rule file or a list file changes (debounced): the
+    /// rules directory and its subdirectories, and list files named from
+    /// elsewhere. False when the platform cannot watch (then: SIGHUP).
+    pub fn watch(self: &Arc<Self>, debounce: Duration) -> bool {
         use notify::Watcher;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok_and(|e| !e.kind.is_access()) {
+        let outside: Arc<std::sync::RwLock<BTreeSet<PathBuf>>> = Arc::default();
+        let (dir, lists) = (self.dir.clone(), Arc::clone(&outside));
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let Ok(ev) = ev else { return };
+            if ev.kind.is_access() {
+                return;
+            }
+            let ours = ev.paths.iter().any(|p| {
+                p.starts_with(&dir) || lists.read().is_ok_and(|l| l.contains(p.as_path()))
+            });
+            if ours {
                 let _ = tx.send(());
             }
-        })
-        .map_err(
-            |e| tracing::warn!(error = %e, "cannot watch the rules directory; reload with SIGHUP"),
-        )
-        .ok()?;
-        if let Err(e) = watcher.watch(&self.dir, notify::RecursiveMode::NonRecursive) {
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the rules directory; reload with SIGHUP");
+                return false;
+            }
+        };
+        if let Err(e) = watcher.watch(&self.dir, notify::RecursiveMode::Recursive) {
             tracing::warn!(error = %e, "cannot watch the rules directory; reload with SIGHUP");
-            return None;
+            return false;
         }
+        if let Ok(mut w) = self.watch.lock() {
+            *w = Some(Watch {
+                watcher,
+                dirs: BTreeSet::new(),
+                outside,
+            });
+        }
+        self.watch_lists(&self.current());
         let me = Arc::clone(self);
         tokio::spawn(async move {
             while rx.recv().await.is_some() {
@@ -364,6 +408,30 @@ impl Rules {
                 let _ = me.reload();
             }
         });
-        Some(watcher)
+        true
+    }
+
+    /// Adds the directories of list files outside the rules directory to
+    /// the watch (a list file is often replaced by rename, so its
+    /// directory is watched rather than the file).
+    fn watch_lists(&self, set: &RuleSet) {
+        use notify::Watcher;
+        let Ok(mut guard) = self.watch.lock() else {
+            return;
+        };
+        let Some(w) = guard.as_mut() else { return };
+        for list in set.lists.iter().filter(|l| !l.starts_with(&self.dir)) {
+            if let Ok(mut o) = w.outside.write() {
+                o.insert(list.clone());
+            }
+            let Some(parent) = list.parent() else {
+                continue;
+            };
+            if w.dirs.insert(parent.to_path_buf())
+                && let Err(e) = w.watcher.watch(parent, notify::RecursiveMode::NonRecursive)
+            {
+                tracing::warn!(list = %list.display(), error = %e, "cannot watch a list file; reload with SIGHUP");
+            }
+        }
     }
 }

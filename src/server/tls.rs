@@ -40,3 +40,29 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_key_that_does_not_belong_to_the_certificate_is_refused() {
+        let dir = std::env::temp_dir().join(format!("portcullis-tls-pair-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let one = rcgen::generate_simple_self_signed(vec!["one.test".into()]).unwrap();
+        let two = rcgen::generate_simple_self_signed(vec!["two.test".into()]).unwrap();
+        let cert = write(&dir, "cert.pem", &one.cert.pem());
+        let key = write(&dir, "key.pem", &one.signing_key.serialize_pem());
+        let other = write(&dir, "other.pem", &two.signing_key.serialize_pem());
+        assert!(acceptor(&cert, &key).is_ok());
+        let e = acceptor(&cert, &other).err().expect("mismatch refused");
+        assert!(matches!(e, TlsError::Config(_)), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
