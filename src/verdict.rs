@@ -218,6 +218,11 @@ pub fn rules_overrun() -> Reply {
     Reply::new(451, 7, 0, "Message checks took too long, try again later")
 }
 
+/// The end-of-message checks could not run (a bug on our side).
+pub fn checks_failed() -> Reply {
+    Reply::new(451, 3, 0, "Local error in message checks, try again later")
+}
+
 pub fn several_failed() -> Reply {
     Reply::new(550, 7, 26, "Multiple authentication checks failed")
 }

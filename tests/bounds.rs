@@ -459,3 +459,100 @@ async fn heavy_rules_do_not_stall_other_sessions() {
         );
     }
 }
+
+/// The end-of-message checks are CPU work too (canonicalising and hashing
+/// the body for each DKIM signature): on one thread serving every session,
+/// a one-line transaction goes on while a 20 MB message with 40 DKIM
+/// signatures is checked.
+#[tokio::test]
+async fn end_of_message_checks_do_not_stall_other_sessions() {
+    use base64::Engine;
+    use mail_auth::crypto::Ed25519Key;
+    use mail_auth::dkim::DkimSigner;
+    use mail_auth::headers::HeaderWriter;
+    let der = Ed25519Key::generate_pkcs8().unwrap();
+    let key = Ed25519Key::from_pkcs8_der(&der).unwrap();
+    let p = base64::engine::general_purpose::STANDARD.encode(key.public_key());
+    let dns = common::dns::FakeDns::start(
+        &["test."],
+        vec![common::dns::txt(
+            "ed._domainkey.signed.test.",
+            &format!("v=DKIM1; k=ed25519; p={p}"),
+        )],
+    )
+    .await;
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = common::Gate::start(
+        mta.addr,
+        &format!(
+            "dns: {{nameservers: [{}], timeout: 1s, attempts: 1}}\nrules_dir: {}\nchecks:\n  spf: {{mode: off}}\n  dkim: {{mode: record}}\n  dmarc: {{mode: off}}\n  arc: {{mode: off}}\n  iprev: {{mode: off}}\n  dnsbl: {{mode: off}}\n",
+            dns.addr,
+            common::EMPTY_RULES
+        ),
+    )
+    .await;
+    let mut msg = String::from("From: a@signed.test\r\nSubject: big and signed\r\n\r\n");
+    let line = "Lorem ipsum dolor sit amet,   consectetur  adipiscing elit, sed do \t eiusmod\r\n";
+    while msg.len() < 20 << 20 {
+        msg.push_str(line);
+    }
+    let sig = DkimSigner::from_key(key)
+        .domain("signed.test")
+        .selector("ed")
+        .headers(["From", "Subject"])
+        .sign(msg.as_bytes())
+        .unwrap()
+        .to_header();
+    // Several signatures, each verified on its own.
+    let body = sig.repeat(40) + &msg;
+    let addr = gate.addr;
+    let (sent_tx, sent) = tokio::sync::oneshot::channel();
+    let heavy = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut c = common::Client::hello(addr).await;
+        c.cmd("MAIL FROM:<a@signed.test>", "250").await;
+        c.cmd("RCPT TO:<b@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        let mut wire = Vec::new();
+        portcullis::smtp::data::write_stuffed(body.as_bytes(), |s| wire.extend_from_slice(s));
+        c.send(&wire).await;
+        let _ = sent_tx.send(Instant::now());
+        let r = c
+            .try_reply(Duration::from_secs(120))
+            .await
+            .unwrap_or_default();
+        (r, start.elapsed())
+    });
+    // The probe is due just after the last byte of the heavy message,
+    // while its checks run; measured from then.
+    let start = sent.await.unwrap() + Duration::from_millis(50);
+    tokio::time::sleep_until(start.into()).await;
+    let mut c = common::Client::hello(addr).await;
+    let r = c
+        .send_mail(
+            "a@sender.test",
+            &["b@example.test"],
+            b"Subject: probe\r\n\r\nx\r\n",
+        )
+        .await;
+    let probe = start.elapsed();
+    assert!(r.starts_with("250"), "probe: {r}");
+    let (r, took) = heavy.await.unwrap();
+    println!(
+        "heavy message {took:?} ({}), probe transaction {probe:?}",
+        r.trim_end()
+    );
+    assert!(r.starts_with("250"), "heavy: {r}");
+    let stored = mta.stored();
+    let heavy = stored
+        .iter()
+        .find(|m| m.data.len() > 1 << 20)
+        .expect("stored");
+    let (ours, _) = common::split_ours(&heavy.data);
+    assert!(ours.contains("dkim=pass"), "{ours}");
+    assert!(probe < Duration::from_millis(500), "probe took {probe:?}");
+    assert!(
+        took > probe * 2,
+        "the heavy message was not heavy: {took:?}"
+    );
+}

@@ -5,7 +5,7 @@
 
 use super::client_name;
 use super::dnsbl::{Dnsbl, ZoneOutcome};
-use super::pool::{RulePool, SharedMessage};
+use super::pool::{self, RulePool, SharedMessage};
 use crate::config::{Action, ChecksConfig, Mode, Overrun};
 use crate::dns::Dns;
 use crate::rules::{Facts, Hit, OwnedFacts, RuleAction, RuleSet, RuleStage};
@@ -349,12 +349,58 @@ impl Checker {
 
     /// At the end of DATA: DKIM, DMARC, ARC; the final verdict over all
     /// findings; our Authentication-Results header; forged ones to remove.
+    /// Parsing the message, hashing its body and verifying signatures is
+    /// CPU work, so it runs on the check threads (`pool::check_threads`),
+    /// never on the threads that serve the sessions.
     pub async fn at_data(
-        &self,
+        self: &Arc<Self>,
         c: &ConnChecks,
         t: &mut TxnChecks,
         rules: &Arc<RuleSet>,
         facts: Facts<'_>,
+        shared: &SharedMessage,
+    ) -> DataChecks {
+        let (me, rules, shared) = (Arc::clone(self), Arc::clone(rules), Arc::clone(shared));
+        let (ip, iprev, facts) = (c.ip, c.iprev.clone(), OwnedFacts::new(&facts));
+        let mut txn = std::mem::take(t);
+        let work = async move {
+            let data = me
+                .authenticate(ip, iprev.as_ref(), &mut txn, &rules, facts, &shared)
+                .await;
+            (txn, data)
+        };
+        let done = match pool::check_threads() {
+            Some(threads) => threads.spawn(work).await,
+            None => Ok(work.await),
+        };
+        match done {
+            Ok((txn, data)) => {
+                *t = txn;
+                data
+            }
+            Err(e) => {
+                // A bug, not the sender's fault: the sender retries.
+                tracing::error!(error = %e, "end-of-message checks failed");
+                DataChecks {
+                    outcome: verdict::Outcome {
+                        decision: verdict::Decision::Tempfail(verdict::checks_failed()),
+                        score: 0.0,
+                        reason: "checks:failed".into(),
+                    },
+                    headers: String::new(),
+                    remove: Vec::new(),
+                }
+            }
+        }
+    }
+
+    async fn authenticate(
+        &self,
+        ip: IpAddr,
+        iprev: Option<&IprevOutput>,
+        t: &mut TxnChecks,
+        rules: &Arc<RuleSet>,
+        facts: OwnedFacts,
         shared: &SharedMessage,
     ) -> DataChecks {
         let message: &[u8] = (**shared).as_ref();
@@ -417,13 +463,13 @@ impl Checker {
                 });
             }
         }
-        let spf_params = SpfParameters::mail_from(c.ip, &t.helo, &self.hostname, &t.sender);
+        let spf_params = SpfParameters::mail_from(ip, &t.helo, &self.hostname, &t.sender);
         if let Some(spf) = &t.spf_mail {
             results = results.with_spf_result(spf, &spf_params);
         }
         if let Some(spf) = &t.spf_helo {
             results =
-                results.with_spf_result(spf, &SpfParameters::helo(c.ip, &t.helo, &self.hostname));
+                results.with_spf_result(spf, &SpfParameters::helo(ip, &t.helo, &self.hostname));
         }
         if self.cfg.dmarc.mode != Mode::Off
             && let Some(spf) = &t.spf_mail
@@ -494,14 +540,14 @@ impl Checker {
                 .verify_arc(Parameters::new(&msg).with_cache(cache))
                 .await;
             t.log.arc = dkim_word(arc.result()).to_string();
-            results = results.with_arc_result(&arc, c.ip);
+            results = results.with_arc_result(&arc, ip);
         }
-        if let Some(r) = &c.iprev {
-            results = results.with_iprev_result(r, c.ip);
+        if let Some(r) = &iprev {
+            results = results.with_iprev_result(r, ip);
         }
         let mut accepted = false;
         if rules.has_stage(RuleStage::Data) {
-            let facts = OwnedFacts::new(&t.log.with_results(facts));
+            let facts = OwnedFacts::new(&t.log.with_results(facts.view(None)));
             match self
                 .pool
                 .evaluate(Arc::clone(rules), facts, Arc::clone(shared))

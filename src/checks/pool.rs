@@ -1,13 +1,35 @@
-//! The rules on a whole message run here: parsing (mail-parser) and
-//! thousands of regexes are CPU work, so they go to a bounded pool of
-//! blocking threads, never to the threads that serve every session, and
-//! one message's evaluation has a time budget.
+//! The work on a whole message runs here, never on the threads that serve
+//! every session: the end-of-message checks (MIME parsing, body hashes,
+//! signature verification for DKIM, DMARC, ARC) on the check threads, one
+//! per CPU; the rules (parsing and thousands of regexes) on a bounded pool
+//! of blocking threads, with a time budget per message.
 
 use crate::config::{MessageRules, Overrun};
 use crate::rules::{Hit, MessageFacts, OwnedFacts, RuleSet, RuleStage};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+
+/// The check threads: a runtime of their own, one thread per CPU, made
+/// once per process. None only if its threads cannot be started (then the
+/// checks run on the session's thread, as a fallback).
+pub fn check_threads() -> Option<&'static tokio::runtime::Handle> {
+    static THREADS: std::sync::OnceLock<Option<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    THREADS
+        .get_or_init(|| {
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .thread_name("portcullis-checks")
+                .enable_all()
+                .build()
+                .map_err(|e| tracing::error!(error = %e, "cannot start the check threads"))
+                .ok()
+        })
+        .as_ref()
+        .map(tokio::runtime::Runtime::handle)
+}
 
 /// A message's bytes, shared with the pool; whatever keeps them counted
 /// against the memory budget lives as long as they do.
