@@ -7,18 +7,20 @@
 # with SPF + 3 DNSBL zones on (DNS from examples/bench_dns, warmed first).
 # GATE_LOG=1 adds a fourth: checks off with json info logging to a file
 # (log.file), to compare against "off" (logging at warn: no per-message line).
+# BASE_BIN=path/to/older/portcullis adds "base_off" and "base_on": the same
+# two gates run by another build, so that a change is judged within one run.
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
-SINK=12525; OFF=12526; ON=12527; LOGGED=12528; DNS=127.0.0.1:15353
+SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
 (smtp-sink -u nobody 127.0.0.1:$SINK 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
 (./target/release/examples/bench_dns $DNS >$TMP/dns.log 2>&1 & echo $! >$TMP/dns.pid)
 
-gate() { # name port checks-yaml log-level stdout-file extra-log-yaml
+gate() { # name port checks-yaml log-level stdout-file extra-log-yaml [binary]
   cat >$TMP/$1.yaml <<YAML
 hostname: gate.bench
 listen: [{addr: "127.0.0.1:$2"}]
@@ -29,7 +31,7 @@ log: {format: json, level: "$4"$6}
 checks:
 $3
 YAML
-  (./target/release/portcullis run --config $TMP/$1.yaml >"$5" 2>&1 & echo $! >$TMP/$1.pid)
+  (${7:-./target/release/portcullis} run --config $TMP/$1.yaml >"$5" 2>&1 & echo $! >$TMP/$1.pid)
 }
 OFF_CHECKS="  spf: {mode: off}
   dkim: {mode: off}
@@ -52,12 +54,20 @@ if [ -n "${GATE_LOG:-}" ]; then
   gate logged $LOGGED "$OFF_CHECKS" info $TMP/logged.out ", file: \"$TMP/logged.log\""
   TARGETS="$TARGETS logged:$LOGGED"
 fi
+if [ -n "${BASE_BIN:-}" ]; then
+  gate base_off $BASE_OFF "$OFF_CHECKS" warn $TMP/base_off.log "" "$BASE_BIN"
+  gate base_on $BASE_ON "$ON_CHECKS" warn $TMP/base_on.log "" "$BASE_BIN"
+  TARGETS="$TARGETS base_off:$BASE_OFF base_on:$BASE_ON"
+fi
 for t in $TARGETS; do
   p=${t#*:}
   for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
-# Warm the checks-on gate's caches.
+# Warm the checks-on gates' caches.
 smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$ON
+if [ -n "${BASE_BIN:-}" ]; then
+  smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$BASE_ON
+fi
 
 rate() { # port -> msg/s
   local t0 t1

@@ -10,6 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
+/// Messages up to this size are checked on the session's thread: bounded
+/// work (well under a millisecond), cheaper than a hop between threads.
+pub const INLINE_CHECK_BYTES: usize = 64 * 1024;
+
 /// The check threads: a runtime of their own, one thread per CPU, made
 /// once per process. None only if its threads cannot be started (then the
 /// checks run on the session's thread, as a fallback).
