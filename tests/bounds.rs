@@ -391,6 +391,21 @@ fn heavy_rules(n: usize) -> std::path::PathBuf {
     dir
 }
 
+/// A one-line transaction, timed from `due` (when it was meant to start:
+/// a stalled thread delays the start too).
+async fn probe_transaction(addr: std::net::SocketAddr, due: Instant) -> Duration {
+    let mut c = common::Client::hello(addr).await;
+    let r = c
+        .send_mail(
+            "a@sender.test",
+            &["b@example.test"],
+            b"Subject: probe\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"), "probe: {r}");
+    due.elapsed()
+}
+
 /// One message under a heavy rule set must not stall the server: on one
 /// thread serving every session (and this test's clients), a one-line
 /// transaction and new greetings go on
@@ -436,16 +451,7 @@ async fn heavy_rules_do_not_stall_other_sessions() {
         // got to run (a stalled thread delays both).
         let start = Instant::now() + Duration::from_millis(300);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut c = common::Client::hello(addr).await;
-        let r = c
-            .send_mail(
-                "a@sender.test",
-                &["b@example.test"],
-                b"Subject: probe\r\n\r\nx\r\n",
-            )
-            .await;
-        let probe = start.elapsed();
-        assert!(r.starts_with("250"), "probe: {r}");
+        let probe = probe_transaction(addr, start).await;
         let (r, took) = heavy.await.unwrap();
         println!(
             "budget {budget}: heavy message {took:?} ({}), probe transaction {probe:?}",
@@ -527,16 +533,7 @@ async fn end_of_message_checks_do_not_stall_other_sessions() {
     // while its checks run; measured from then.
     let start = sent.await.unwrap() + Duration::from_millis(50);
     tokio::time::sleep_until(start.into()).await;
-    let mut c = common::Client::hello(addr).await;
-    let r = c
-        .send_mail(
-            "a@sender.test",
-            &["b@example.test"],
-            b"Subject: probe\r\n\r\nx\r\n",
-        )
-        .await;
-    let probe = start.elapsed();
-    assert!(r.starts_with("250"), "probe: {r}");
+    let probe = probe_transaction(addr, start).await;
     let (r, took) = heavy.await.unwrap();
     println!(
         "heavy message {took:?} ({}), probe transaction {probe:?}",

@@ -168,12 +168,7 @@ async fn sighup_reloads_the_certificate() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < until);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let addr = listening(port).await;
     assert_eq!(common::server_cert(addr).await, first);
     let second = write("second.test");
     Command::new("kill")
@@ -499,12 +494,7 @@ async fn sighup_logs_by_key_path_what_it_applied_and_what_needs_a_restart() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < until);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let addr = listening(port).await;
     let v2 = v1
         .replace("one.test", "two.test")
         .replace(&port.to_string(), &other.to_string());
@@ -538,4 +528,15 @@ async fn sighup_logs_by_key_path_what_it_applied_and_what_needs_a_restart() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits (up to 10 s) until the gate started as a process listens on `port`.
+async fn listening(port: u16) -> std::net::SocketAddr {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < until, "not listening on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    addr
 }

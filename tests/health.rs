@@ -6,19 +6,9 @@
 mod common;
 
 use common::dns::silent_dns;
+use common::http_get as get;
 use common::{Client, FakeMta, Script};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 #[tokio::test]
 async fn the_readme_config_with_a_silent_nameserver_relays_at_once_and_says_why() {

@@ -4,18 +4,8 @@
 mod common;
 
 use common::dns::{FakeDns, a, txt};
+use common::http_get as get;
 use common::{Client, FakeMta, Script};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 /// The value of one sample, by metric name and labels as written.
 fn sample(text: &str, series: &str) -> Option<f64> {

@@ -801,3 +801,14 @@ impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyCert {
             .supported_schemes()
     }
 }
+
+/// One plain HTTP GET (metrics and status page); the whole response.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
