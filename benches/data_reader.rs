@@ -1,7 +1,7 @@
 //! The DATA reader and the dot-stuffing writer on typical and large messages.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use portcullis::smtp::data::{DataReader, write_stuffed};
+use portcullis::wire::data::{DataReader, write_stuffed};
 use std::hint::black_box;
 
 fn message(size: usize) -> Vec<u8> {

@@ -8,7 +8,7 @@
 //! the enhanced code always follows the reply code (see `Reply::new`).
 
 use crate::config::{Action, Thresholds};
-use crate::smtp::reply::Reply;
+use crate::wire::reply::Reply;
 use std::fmt::Write;
 
 /// One check result with what it leads to.

@@ -50,7 +50,7 @@ fn peak_rss(pid: u32) -> u64 {
 
 async fn reply(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> String {
     loop {
-        if let Ok(Some((r, used))) = portcullis::smtp::reply::parse_reply(buf) {
+        if let Ok(Some((r, used))) = portcullis::wire::reply::parse_reply(buf) {
             buf.drain(..used);
             return String::from_utf8_lossy(&r.raw).into_owned();
         }
@@ -438,7 +438,7 @@ async fn heavy_rules_do_not_stall_other_sessions() {
             c.cmd("RCPT TO:<b@example.test>", "250").await;
             c.cmd("DATA", "354").await;
             let mut wire = Vec::new();
-            portcullis::smtp::data::write_stuffed(body2.as_bytes(), |s| wire.extend_from_slice(s));
+            portcullis::wire::data::write_stuffed(body2.as_bytes(), |s| wire.extend_from_slice(s));
             c.send(&wire).await;
             // Heavy is the point: allow a slow machine its time.
             let r = c
@@ -520,7 +520,7 @@ async fn end_of_message_checks_do_not_stall_other_sessions() {
         c.cmd("RCPT TO:<b@example.test>", "250").await;
         c.cmd("DATA", "354").await;
         let mut wire = Vec::new();
-        portcullis::smtp::data::write_stuffed(body.as_bytes(), |s| wire.extend_from_slice(s));
+        portcullis::wire::data::write_stuffed(body.as_bytes(), |s| wire.extend_from_slice(s));
         c.send(&wire).await;
         let _ = sent_tx.send(Instant::now());
         let r = c

@@ -345,7 +345,7 @@ async fn deliver(gate: SocketAddr, from_ip: &str, sender: &str, msg: &str) -> St
     }
     c.cmd("DATA", "354").await;
     let mut wire = Vec::new();
-    portcullis::smtp::data::write_stuffed(msg.as_bytes(), |s| wire.extend_from_slice(s));
+    portcullis::wire::data::write_stuffed(msg.as_bytes(), |s| wire.extend_from_slice(s));
     c.send(&wire).await;
     c.reply().await
 }

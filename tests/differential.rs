@@ -11,8 +11,8 @@ mod common;
 
 use common::Gate;
 use common::peers::Postfix;
-use portcullis::smtp::Stream;
-use portcullis::smtp::reply::parse_reply;
+use portcullis::runtime::Stream;
+use portcullis::wire::reply::parse_reply;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

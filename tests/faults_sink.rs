@@ -93,7 +93,7 @@ async fn send_all(gate: std::net::SocketAddr, case: &str, n: usize) -> Vec<(Stri
         if r.starts_with("354") {
             let m = message(&id[1..id.find('@').unwrap()], "fault injection\r\n");
             let mut wire = Vec::new();
-            portcullis::smtp::data::write_stuffed(&m, |s| wire.extend_from_slice(s));
+            portcullis::wire::data::write_stuffed(&m, |s| wire.extend_from_slice(s));
             c.send(&wire).await;
             r = c.reply().await;
         }

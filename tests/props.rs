@@ -1,8 +1,8 @@
 //! Property tests: the command parser and the DATA reader on arbitrary
 //! bytes with arbitrary read splits.
 
-use portcullis::smtp::command::{Command, parse};
-use portcullis::smtp::data::{DataReader, write_stuffed};
+use portcullis::wire::command::{Command, parse};
+use portcullis::wire::data::{DataReader, write_stuffed};
 use proptest::prelude::*;
 
 /// The simplest strict reader: lines end at CRLF only; the first line that

@@ -5,11 +5,11 @@ mod common;
 
 use common::{FakeMta, Script};
 use portcullis::config::Config;
-use portcullis::server::limits::MemoryBudget;
-use portcullis::server::shutdown::Shutdown;
-use portcullis::smtp::reply::parse_reply;
+use portcullis::runtime::limits::MemoryBudget;
+use portcullis::runtime::shutdown::Shutdown;
 use portcullis::smtp::{Peer, Session, Shared};
 use portcullis::upstream::Upstream;
+use portcullis::wire::reply::parse_reply;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -26,7 +26,7 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
     Arc::new(Shared {
         upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
-        limits: portcullis::server::limits::ConnectionLimits::new(cfg.connection_bounds()),
+        limits: portcullis::runtime::limits::ConnectionLimits::new(cfg.connection_bounds()),
         rules: portcullis::rules::Rules::new(
             common::EMPTY_RULES.into(),
             portcullis::rules::RuleSet::empty(),

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{FakeMta, Gate, Script};
-use portcullis::smtp::reply::parse_reply;
+use portcullis::wire::reply::parse_reply;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::smtp::command::{Command, parse};
+use portcullis::wire::command::{Command, parse};
 
 fuzz_target!(|line: &[u8]| {
     if let Ok(cmd) = parse(line) {

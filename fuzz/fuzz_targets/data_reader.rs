@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::smtp::data::{DataReader, write_stuffed};
+use portcullis::wire::data::{DataReader, write_stuffed};
 
 fuzz_target!(|input: (u16, &[u8])| {
     let (cut, bytes) = input;

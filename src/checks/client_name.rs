@@ -2,8 +2,8 @@
 //! the same PTR-plus-forward lookup as iprev, whatever iprev's mode: Postfix
 //! behind us must see the client as it would have seen it itself.
 
-use crate::smtp::path;
 use crate::upstream::DnsName;
+use crate::wire::path;
 use mail_auth::{IprevOutput, IprevResult};
 
 /// `(NAME, REVERSE_NAME)`: the forward-confirmed name, and the PTR name

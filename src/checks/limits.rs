@@ -1,7 +1,7 @@
 //! Per-transaction limits as a check: declared SIZE and recipient count.
 
 use super::{Check, CheckFuture, Envelope, Outcome, Stage};
-use crate::smtp::reply;
+use crate::wire::reply;
 
 pub struct Limits {
     pub max_message_size: u64,

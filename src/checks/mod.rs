@@ -10,7 +10,7 @@ pub mod pool;
 pub use auth::{CheckLog, Checker, ConnChecks, DataChecks, TxnChecks};
 pub use limits::Limits;
 
-use crate::smtp::reply::Reply;
+use crate::wire::reply::Reply;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;

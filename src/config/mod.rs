@@ -294,9 +294,9 @@ pub struct Timeouts {
 impl Config {
     /// The connection limits and the stress threshold, as the server
     /// enforces them.
-    pub fn connection_bounds(&self) -> crate::server::limits::ConnectionBounds {
+    pub fn connection_bounds(&self) -> crate::runtime::limits::ConnectionBounds {
         let l = &self.limits;
-        crate::server::limits::ConnectionBounds {
+        crate::runtime::limits::ConnectionBounds {
             max_total: l.max_connections,
             max_per_ip: l.max_connections_per_ip,
             max_per_network: l.max_connections_per_network,

@@ -4,7 +4,7 @@
 
 use super::index::{DomainSet, NetSet};
 use super::model::{ActionDef, Cmp, Cond, Matcher, ReplyDef, RuleDef, RuleMode, RuleStage};
-use crate::smtp::reply::Reply;
+use crate::wire::reply::Reply;
 use ipnet::IpNet;
 use regex::RegexSet;
 use std::collections::{HashMap, HashSet};

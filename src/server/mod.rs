@@ -1,21 +1,19 @@
 //! The listener side: accept loops, connection limits, incoming PROXY
 //! headers, session tasks, and graceful shutdown.
 
-pub mod limits;
-pub mod shutdown;
+pub mod proxy_in;
 pub mod tls;
 
 use crate::checks::Checker;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
 use crate::rules::{RuleSet, Rules};
-use crate::smtp::proxy_header;
-use crate::smtp::reply::{self, Reply};
+use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
+use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::smtp::{Peer, Runtime, Session, Shared};
 use crate::telemetry::RefusedConnection;
 use crate::upstream::Upstream;
-use limits::{ConnectionLimits, MemoryBudget};
-use shutdown::{Phase, Shutdown};
+use crate::wire::reply::{self, Reply};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -669,7 +667,7 @@ async fn connection(
             .await;
             return;
         }
-        match proxy_header::read(&mut sock, wait).await {
+        match proxy_in::read(&mut sock, wait).await {
             Ok(p) => (
                 p.source.unwrap_or(peer),
                 p.destination.unwrap_or(local),

@@ -1,7 +1,7 @@
 //! Our EHLO reply: what we implement and upstream also supports.
 
-use crate::smtp::command::{MailCmd, RcptCmd};
 use crate::upstream::Capabilities;
+use crate::wire::command::{MailCmd, RcptCmd};
 
 /// What this session offered the client, fixed at EHLO time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,7 +85,7 @@ impl Offer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::command::{Command, parse};
+    use crate::wire::command::{Command, parse};
 
     fn mail(line: &str) -> MailCmd {
         match parse(line.as_bytes()) {

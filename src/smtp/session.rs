@@ -42,26 +42,23 @@ use crate::checks::pool::SharedMessage;
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
 use crate::config::{Action, BareNewline, Config, RejectAt};
 use crate::rules::{Facts, RuleSet, RuleStage, Rules};
-use crate::server::limits::{ConnectionLimits, MemoryBudget, Reservation};
-use crate::server::shutdown::{Phase, ShutdownSignal};
-use crate::smtp::command::{self, Command, CommandError, MailCmd, RcptCmd};
-use crate::smtp::data::DataReader;
+use crate::runtime::Stream;
+use crate::runtime::limits::{ConnectionLimits, MemoryBudget, Reservation};
+use crate::runtime::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::ehlo::Offer;
-use crate::smtp::path::Kind;
-use crate::smtp::reply::{self, Reply, UpstreamReply};
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, OpenError, UpStage, Upstream, UpstreamConn, UpstreamError};
 use crate::verdict::Decision;
+use crate::wire::command::{self, Command, CommandError, MailCmd, RcptCmd};
+use crate::wire::data::DataReader;
+use crate::wire::path::Kind;
+use crate::wire::reply::{self, Reply, UpstreamReply};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
-
-/// A client byte stream: TCP, TLS over TCP, or an in-memory pipe in tests.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Everything a session reads that a reload can change. A session takes
 /// the current one when it starts and keeps it to the end; a reload of the

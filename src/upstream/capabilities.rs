@@ -1,6 +1,6 @@
 //! What upstream offers in its EHLO reply.
 
-use crate::smtp::reply::UpstreamReply;
+use crate::wire::reply::UpstreamReply;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -49,7 +49,7 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::reply::parse_reply;
+    use crate::wire::reply::parse_reply;
 
     #[test]
     fn postfix_ehlo() {

@@ -1,10 +1,10 @@
 //! One SMTP client connection to the MTA behind us.
 
 use super::capabilities::Capabilities;
-use super::identity::{ClientIdentity, Identity, proxy_header, xclient_line};
-use crate::smtp::Stream;
-use crate::smtp::data::Stuffed;
-use crate::smtp::reply::{UpstreamReply, parse_reply};
+use crate::runtime::Stream;
+use crate::wire::data::Stuffed;
+use crate::wire::identity::{ClientIdentity, Identity, proxy_header, xclient_line};
+use crate::wire::reply::{UpstreamReply, parse_reply};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

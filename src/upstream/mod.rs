@@ -10,12 +10,11 @@
 
 mod capabilities;
 mod connection;
-mod identity;
 mod tls;
 
+pub use crate::wire::identity::{ClientIdentity, DnsName, Identity, proxy_header, xclient_line};
 pub use capabilities::Capabilities;
 pub use connection::{Dial, UpStage, UpTimeouts, UpstreamConn, UpstreamError};
-pub use identity::{ClientIdentity, DnsName, Identity, proxy_header, xclient_line};
 pub use tls::UpstreamTlsError;
 
 use crate::config::{ClientIdentity as Mode, Config, UpstreamTls as UpstreamTlsMode};

@@ -7,7 +7,7 @@ pub mod peers;
 
 use portcullis::config::Config;
 use portcullis::server::Server;
-use portcullis::smtp::reply::parse_reply;
+use portcullis::wire::reply::parse_reply;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -180,7 +180,7 @@ impl FakeMta {
 }
 
 struct Conn {
-    sock: Box<dyn portcullis::smtp::Stream>,
+    sock: Box<dyn portcullis::runtime::Stream>,
     buf: Vec<u8>,
 }
 
@@ -247,7 +247,7 @@ impl Conn {
     /// Strict DATA reading: only CRLF.CRLF ends; unstuffs. None: closed first.
     async fn data(&mut self, drop_mid: bool) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        let mut reader = portcullis::smtp::data::DataReader::new(u64::MAX, usize::MAX);
+        let mut reader = portcullis::wire::data::DataReader::new(u64::MAX, usize::MAX);
         loop {
             if !self.buf.is_empty() {
                 if drop_mid {
@@ -678,7 +678,7 @@ impl Client {
         }
         self.cmd("DATA", "354").await;
         let mut wire = Vec::new();
-        portcullis::smtp::data::write_stuffed(body, |s| wire.extend_from_slice(s));
+        portcullis::wire::data::write_stuffed(body, |s| wire.extend_from_slice(s));
         self.send(&wire).await;
         self.reply().await
     }

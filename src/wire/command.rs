@@ -1,7 +1,7 @@
 //! Client commands: classified by `smtp-proto`, with the raw line kept so
 //! MAIL and RCPT reach upstream exactly as the client wrote them.
 
-use crate::smtp::path::{self, Kind, PathError};
+use crate::wire::path::{self, Kind, PathError};
 use smtp_proto::Request;
 
 /// One parsed client command. `line` is the raw command without its CRLF.

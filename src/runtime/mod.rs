@@ -1,0 +1,12 @@
+//! Runtime pieces every session shares: graceful shutdown, connection
+//! limits and the memory budget, and the byte-stream trait.
+
+pub mod limits;
+pub mod shutdown;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A client or upstream byte stream: TCP, TLS over TCP, or an in-memory
+/// pipe in tests.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
