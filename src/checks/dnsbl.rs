@@ -46,7 +46,7 @@ impl ZoneState {
 
 /// A listing found for a client.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Hit {
+pub struct Listing {
     pub zone: String,
     /// What was looked up: the IP, or the domain for domain lists.
     pub subject: String,
@@ -60,7 +60,7 @@ pub struct Hit {
 /// What one lookup in one zone came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ZoneOutcome {
-    Listed(Hit),
+    Listed(Listing),
     Clean,
     /// DNS trouble; the zone is skipped for this client.
     Failed(String),
@@ -137,7 +137,7 @@ impl Dnsbl {
                 if codes.is_empty() {
                     return ZoneOutcome::Clean;
                 }
-                ZoneOutcome::Listed(Hit {
+                ZoneOutcome::Listed(Listing {
                     zone: zone.conf.zone.clone(),
                     subject: subject.to_string(),
                     codes,

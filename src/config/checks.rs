@@ -114,12 +114,12 @@ pub struct ChecksConfig {
     pub reject_at: RejectAt,
     pub thresholds: Thresholds,
     pub allow: Allow,
-    pub dnsbl: Dnsbl,
-    pub spf: Spf,
-    pub dkim: Dkim,
-    pub dmarc: Dmarc,
-    pub arc: Arc,
-    pub iprev: Iprev,
+    pub dnsbl: DnsblConfig,
+    pub spf: SpfConfig,
+    pub dkim: DkimConfig,
+    pub dmarc: DmarcConfig,
+    pub arc: ArcConfig,
+    pub iprev: IprevConfig,
     pub message_rules: MessageRules,
 }
 
@@ -159,12 +159,12 @@ impl Default for ChecksConfig {
             reject_at: RejectAt::Rcpt,
             thresholds: Thresholds::default(),
             allow: Allow::default(),
-            dnsbl: Dnsbl::default(),
-            spf: Spf::default(),
-            dkim: Dkim::default(),
-            dmarc: Dmarc::default(),
-            arc: Arc::default(),
-            iprev: Iprev::default(),
+            dnsbl: DnsblConfig::default(),
+            spf: SpfConfig::default(),
+            dkim: DkimConfig::default(),
+            dmarc: DmarcConfig::default(),
+            arc: ArcConfig::default(),
+            iprev: IprevConfig::default(),
             message_rules: MessageRules::default(),
         }
     }
@@ -233,7 +233,7 @@ pub struct Zone {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Dnsbl {
+pub struct DnsblConfig {
     pub mode: Mode,
     pub zones: Vec<Zone>,
     /// How often each zone is tested with RFC 5782's entries.
@@ -243,9 +243,9 @@ pub struct Dnsbl {
     pub on_error: Action,
 }
 
-impl Default for Dnsbl {
+impl Default for DnsblConfig {
     fn default() -> Self {
-        Dnsbl {
+        DnsblConfig {
             mode: Mode::Record,
             zones: Vec::new(),
             self_test_interval: Secs(Duration::from_secs(600)),
@@ -257,7 +257,7 @@ impl Default for Dnsbl {
 /// Per-result actions for a check; results not listed are `accept`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Spf {
+pub struct SpfConfig {
     pub mode: Mode,
     /// Also check the HELO identity (RFC 7208 section 2.3).
     pub helo: bool,
@@ -271,9 +271,9 @@ pub struct Spf {
     pub text: Option<String>,
 }
 
-impl Default for Spf {
+impl Default for SpfConfig {
     fn default() -> Self {
-        Spf {
+        SpfConfig {
             mode: Mode::Record,
             helo: true,
             pass: Action::Accept,
@@ -290,7 +290,7 @@ impl Default for Spf {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Dkim {
+pub struct DkimConfig {
     pub mode: Mode,
     /// By default a failing signature only counts through DMARC.
     pub fail: Action,
@@ -299,9 +299,9 @@ pub struct Dkim {
     pub text: Option<String>,
 }
 
-impl Default for Dkim {
+impl Default for DkimConfig {
     fn default() -> Self {
-        Dkim {
+        DkimConfig {
             mode: Mode::Record,
             fail: Action::Accept,
             temperror: Action::Accept,
@@ -313,7 +313,7 @@ impl Default for Dkim {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Dmarc {
+pub struct DmarcConfig {
     pub mode: Mode,
     /// Failing mail from a domain with p=reject: `reject` honours it.
     pub reject: Action,
@@ -325,9 +325,9 @@ pub struct Dmarc {
     pub text: Option<String>,
 }
 
-impl Default for Dmarc {
+impl Default for DmarcConfig {
     fn default() -> Self {
-        Dmarc {
+        DmarcConfig {
             mode: Mode::Record,
             reject: Action::Reject,
             quarantine: Action::Score(5.0),
@@ -340,20 +340,20 @@ impl Default for Dmarc {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Arc {
+pub struct ArcConfig {
     /// ARC results are recorded (Authentication-Results, log); never acted on.
     pub mode: Mode,
 }
 
-impl Default for Arc {
+impl Default for ArcConfig {
     fn default() -> Self {
-        Arc { mode: Mode::Record }
+        ArcConfig { mode: Mode::Record }
     }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Iprev {
+pub struct IprevConfig {
     pub mode: Mode,
     pub fail: Action,
     pub temperror: Action,
@@ -361,9 +361,9 @@ pub struct Iprev {
     pub text: Option<String>,
 }
 
-impl Default for Iprev {
+impl Default for IprevConfig {
     fn default() -> Self {
-        Iprev {
+        IprevConfig {
             mode: Mode::Record,
             fail: Action::Score(1.0),
             temperror: Action::Accept,

@@ -106,11 +106,11 @@ pub struct Config {
     /// Our name in the greeting, EHLO replies and the log.
     pub hostname: String,
     pub listen: Vec<Listen>,
-    pub upstream: Upstream,
+    pub upstream: UpstreamConfig,
     #[serde(default)]
     pub tls: Option<Tls>,
     #[serde(default)]
-    pub limits: Limits,
+    pub limits: LimitsConfig,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -153,7 +153,7 @@ fn default_backlog() -> u32 {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ClientIdentity {
+pub enum IdentityMode {
     Auto,
     Xclient,
     ProxyV1,
@@ -163,10 +163,10 @@ pub enum ClientIdentity {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Upstream {
+pub struct UpstreamConfig {
     pub addr: SocketAddr,
     #[serde(default = "default_identity")]
-    pub client_identity: ClientIdentity,
+    pub client_identity: IdentityMode,
     /// Name we give in our own EHLO to upstream; defaults to `hostname`.
     #[serde(default)]
     pub helo_name: Option<String>,
@@ -221,7 +221,7 @@ pub struct Tls {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Limits {
+pub struct LimitsConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     /// Per client network: `network_prefix_v4` / `network_prefix_v6`.
@@ -235,7 +235,7 @@ pub struct Limits {
     pub memory_budget: Bytes,
 }
 
-impl Default for Limits {
+impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: 1000,
@@ -391,8 +391,8 @@ impl Default for Log {
     }
 }
 
-fn default_identity() -> ClientIdentity {
-    ClientIdentity::Auto
+fn default_identity() -> IdentityMode {
+    IdentityMode::Auto
 }
 
 fn default_probe_interval() -> Secs {
@@ -809,11 +809,11 @@ mod tests {
     #[test]
     fn identity_spellings() {
         for (s, want) in [
-            ("auto", ClientIdentity::Auto),
-            ("xclient", ClientIdentity::Xclient),
-            ("proxy-v1", ClientIdentity::ProxyV1),
-            ("proxy-v2", ClientIdentity::ProxyV2),
-            ("none", ClientIdentity::None),
+            ("auto", IdentityMode::Auto),
+            ("xclient", IdentityMode::Xclient),
+            ("proxy-v1", IdentityMode::ProxyV1),
+            ("proxy-v2", IdentityMode::ProxyV2),
+            ("none", IdentityMode::None),
         ] {
             let c = parse(&format!(
                 "hostname: mx.test\nlisten: [{{addr: 127.0.0.1:1}}]\nupstream: {{addr: 127.0.0.1:2, client_identity: {s}}}\n"

@@ -17,7 +17,7 @@ pub use capabilities::Capabilities;
 pub use connection::{Dial, UpStage, UpTimeouts, UpstreamConn, UpstreamError};
 pub use tls::UpstreamTlsError;
 
-use crate::config::{ClientIdentity as Mode, Config, UpstreamTls as UpstreamTlsMode};
+use crate::config::{Config, IdentityMode as Mode, UpstreamTls as UpstreamTlsMode};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
