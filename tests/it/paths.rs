@@ -2,7 +2,7 @@
 //! written, broken ones are refused with 501 5.1.7 (sender) or 501 5.1.3
 //! (recipient) and never reach upstream.
 
-mod common;
+use crate::common;
 
 use common::{Client, FakeMta, Gate, Script, message};
 

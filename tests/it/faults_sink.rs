@@ -4,7 +4,7 @@
 //! client saw accepted is missing, none is stored twice, and the client never
 //! hears 250 for a message the sink refused.
 
-mod common;
+use crate::common;
 
 use common::{Client, Gate, message};
 use std::collections::HashMap;

@@ -2,7 +2,7 @@
 //! and action at its stage; shadow mode; validation errors with
 //! file:line:column; reload; the shipped rule set.
 
-mod common;
+use crate::common;
 
 use common::{Client, FakeMta, Gate, Script, split_ours};
 use portcullis::rules::RuleSet;

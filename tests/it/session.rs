@@ -1,7 +1,7 @@
 //! The session state machine driven over an in-memory stream (no client
 //! socket), with the scripted upstream on loopback; plus the log line.
 
-mod common;
+use crate::common;
 
 use common::{FakeMta, Script};
 use portcullis::config::Config;

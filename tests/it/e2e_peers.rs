@@ -3,7 +3,7 @@
 //! programs; `.ci/run` installs them and runs these with `--include-ignored`.
 //! Each test starts its own peer on free loopback ports under a temp dir.
 
-mod common;
+use crate::common;
 
 use common::Gate;
 use common::peers::{Postfix, one_mail, peer_port, render, run, wait_port};

@@ -2,7 +2,7 @@
 //! session resets after the handshake, and clear-text bytes pipelined after
 //! STARTTLS are discarded unanswered.
 
-mod common;
+use crate::common;
 
 use common::{FakeMta, Gate, Script};
 use portcullis::wire::reply::parse_reply;

@@ -1,7 +1,7 @@
 //! The gate end to end on loopback: a real Portcullis server in front of a
 //! scripted upstream MTA.
 
-mod common;
+use crate::common;
 
 use common::{Client, FakeMta, Gate, Script, message};
 use std::collections::HashSet;

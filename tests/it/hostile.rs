@@ -1,7 +1,7 @@
 //! Hostile input is normal input: SMTP smuggling, bare newlines, NULs,
 //! overlong lines, early talkers, timeouts, TLS reload and upstream TLS.
 
-mod common;
+use crate::common;
 
 use common::{Client, FakeMta, Gate, Script};
 use std::time::Duration;

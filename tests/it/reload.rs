@@ -2,7 +2,7 @@
 //! reads are in force for new sessions; keys only a restart can change are
 //! named by key path and keep their running values.
 
-mod common;
+use crate::common;
 
 use common::dns::{FakeDns, a};
 use common::{Client, FakeMta, Script};

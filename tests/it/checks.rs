@@ -2,7 +2,7 @@
 //! on loopback (hickory-server, in-process): DNSBL, SPF, DKIM, DMARC,
 //! iprev, Authentication-Results, caching. Never the system resolver.
 
-mod common;
+use crate::common;
 
 use base64::Engine;
 use common::dns::{FakeDns, Rec, a, aaaa, ptr, silent_dns, txt};

@@ -1,6 +1,6 @@
 //! The `portcullis` binary: --version, check, and run with SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! Ignored by default because it needs Postfix; `.ci/run` installs it and
 //! runs this with `--include-ignored`.
 
-mod common;
+use crate::common;
 
 use common::Gate;
 use common::peers::Postfix;

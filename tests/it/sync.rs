@@ -3,7 +3,7 @@
 //! command is relayed. The scripted MTA is as strict as Postfix (nested MAIL
 //! is 503), so drift shows as a refused MAIL.
 
-mod common;
+use crate::common;
 
 use common::{Client, FakeMta, Gate, Script, message};
 

@@ -1,0 +1,27 @@
+//! Integration tests, one binary: Portcullis started on 127.0.0.1:0 with
+//! a scripted upstream and in-process DNS, and real peers (Postfix, Exim,
+//! swaks; `#[ignore]`d, run by `.ci/run`). One module per area. Three
+//! tests keep binaries of their own because they observe process-wide
+//! state: `tests/metrics.rs` and `tests/health.rs` (the metrics recorder;
+//! they assert exact values) and `tests/log_line.rs` (tracing's callsite
+//! cache and a thread-local subscriber).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bounds;
+mod checks;
+mod cli;
+mod differential;
+mod e2e_peers;
+mod faults_sink;
+mod hostile;
+mod paths;
+mod props;
+mod relay;
+mod reload;
+mod rules;
+mod session;
+mod stats;
+mod sync;
+mod tls;
