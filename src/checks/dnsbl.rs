@@ -9,6 +9,7 @@
 
 use crate::config::{Action, Zone, ZoneType};
 use crate::dns::{AAnswer, Dns};
+use crate::telemetry::events::DnsblZone;
 use futures_util::future::join_all;
 use mail_auth::dns::ToReverseName;
 use std::net::{IpAddr, Ipv4Addr};
@@ -30,17 +31,23 @@ impl ZoneState {
 
     fn disable(&self, why: &str) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("portcullis_dnsbl_zone_usable", "zone" => self.conf.zone.clone()).set(0.0);
-        if self.usable.swap(false, Ordering::AcqRel) {
-            tracing::error!(zone = %self.conf.zone, reason = why, "DNSBL zone disabled: failing open for it");
+        DnsblZone {
+            zone: &self.conf.zone,
+            usable: false,
+            changed: self.usable.swap(false, Ordering::AcqRel),
+            reason: why,
         }
+        .emit();
     }
 
     fn enable(&self) {
-        metrics::gauge!("portcullis_dnsbl_zone_usable", "zone" => self.conf.zone.clone()).set(1.0);
-        if !self.usable.swap(true, Ordering::AcqRel) {
-            tracing::info!(zone = %self.conf.zone, "DNSBL zone passed its self-test: enabled");
+        DnsblZone {
+            zone: &self.conf.zone,
+            usable: true,
+            changed: !self.usable.swap(true, Ordering::AcqRel),
+            reason: "",
         }
+        .emit();
     }
 }
 
@@ -85,8 +92,13 @@ impl Dnsbl {
             zones: zones
                 .iter()
                 .map(|z| {
-                    metrics::gauge!("portcullis_dnsbl_zone_usable", "zone" => z.zone.clone())
-                        .set(1.0);
+                    DnsblZone {
+                        zone: &z.zone,
+                        usable: true,
+                        changed: false,
+                        reason: "",
+                    }
+                    .emit();
                     Arc::new(ZoneState {
                         conf: z.clone(),
                         usable: AtomicBool::new(true),

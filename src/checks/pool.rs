@@ -95,8 +95,11 @@ impl RulePool {
         match tokio::time::timeout(self.budget, run).await {
             Ok(r) => r,
             Err(_) => {
-                metrics::counter!("portcullis_rules_overrun_total").increment(1);
-                tracing::warn!(budget = ?self.budget, then = ?self.on_overrun, "message rules overran their budget");
+                crate::telemetry::events::RulesOverrun {
+                    budget: self.budget,
+                    then: &self.on_overrun,
+                }
+                .emit();
                 Err(overran)
             }
         }

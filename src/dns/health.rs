@@ -10,6 +10,7 @@
 //! does not wait the full timeout for a temperror it is bound to get.
 
 use crate::config::DnsConfig;
+use crate::telemetry::events;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::NetError;
@@ -101,37 +102,30 @@ impl Nameservers {
             for (((addr, _), old), new) in self.probes.iter().zip(states.iter_mut()).zip(answers) {
                 let up = new == NsState::Answers;
                 any |= up;
-                let label = addr.to_string();
-                metrics::gauge!("portcullis_dns_nameserver_up", "nameserver" => label).set(if up {
-                    1.0
-                } else {
-                    0.0
-                });
-                match (&*old, &new) {
-                    (NsState::Answers, NsState::Answers) => {}
-                    (_, NsState::Answers) => {
-                        tracing::info!(nameserver = %addr, "DNS: nameserver answers")
-                    }
-                    (NsState::Silent(_), NsState::Silent(_)) => {}
-                    (_, NsState::Silent(e)) => tracing::error!(
-                        nameserver = %addr,
-                        error = %e,
-                        "DNS: nameserver does not answer (dns.nameservers)"
-                    ),
-                    (_, NsState::NotChecked) => {}
+                let changed = !matches!(
+                    (&*old, &new),
+                    (NsState::Answers, NsState::Answers) | (NsState::Silent(_), NsState::Silent(_))
+                );
+                events::Nameserver {
+                    nameserver: *addr,
+                    silent: match &new {
+                        NsState::Silent(e) => Some(e.as_str()),
+                        _ => None,
+                    },
+                    changed,
                 }
+                .emit();
                 *old = new;
             }
         }
         let was = self.answering.swap(any, Ordering::Relaxed);
-        metrics::gauge!("portcullis_dns_up").set(if any { 1.0 } else { 0.0 });
-        if was && !any {
-            tracing::error!(
-                nameservers = ?self.probes.iter().map(|(a, _)| a).collect::<Vec<_>>(),
-                "DNS: no nameserver answers; checks that need DNS get temperror at once \
-                 (100 ms per query) until one does"
-            );
+        let nameservers: Vec<SocketAddr> = self.probes.iter().map(|(a, _)| *a).collect();
+        events::Dns {
+            up: any,
+            went_down: was && !any,
+            nameservers: &nameservers,
         }
+        .emit();
         any
     }
 }

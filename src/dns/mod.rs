@@ -16,6 +16,7 @@ pub use cache::RecordCache;
 pub use health::{Nameservers, NsState};
 
 use crate::config::DnsConfig;
+use crate::telemetry::events::DnsLookup;
 use mail_auth::MessageAuthenticator;
 use mail_auth::hickory_resolver::config::ResolverOpts;
 use std::net::Ipv4Addr;
@@ -140,23 +141,21 @@ impl Dns {
             .try_get_with(key, async {
                 fresh = true;
                 self.stats.queries.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("portcullis_dns_queries_total").increment(1);
                 let start = Instant::now();
                 let r = self.query_a(name, want_txt).await;
-                metrics::histogram!("portcullis_dns_query_seconds")
-                    .record(start.elapsed().as_secs_f64());
+                DnsLookup::Queried(start.elapsed()).emit();
                 r
             })
             .await;
         if !fresh {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("portcullis_dns_cache_hits_total").increment(1);
+            DnsLookup::CacheHit.emit();
         }
         match got {
             Ok(t) => Ok(t.answer),
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("portcullis_dns_failures_total").increment(1);
+                DnsLookup::Failed.emit();
                 Err((*e).clone())
             }
         }

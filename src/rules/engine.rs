@@ -623,12 +623,11 @@ impl Compiled {
             if eval(&r.cond, facts, &mut m) {
                 r.hits.fetch_add(1, Ordering::Relaxed);
                 let shadow = r.mode == RuleMode::Shadow;
-                metrics::counter!(
-                    "portcullis_rule_hits_total",
-                    "rule" => r.id.clone(),
-                    "shadow" => if shadow { "true" } else { "false" }
-                )
-                .increment(1);
+                crate::telemetry::events::RuleHit {
+                    rule: &r.id,
+                    shadow,
+                }
+                .emit();
                 hits.push(Hit {
                     id: r.id.clone(),
                     shadow,

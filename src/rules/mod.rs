@@ -15,6 +15,7 @@ const MAX_LIST_FILE: u64 = 256 << 20;
 pub use engine::{Facts, Hit, MessageFacts, OwnedFacts, Rule, RuleAction};
 pub use model::{RuleMode, RuleStage};
 
+use crate::telemetry::events::RulesReload;
 use crate::yaml;
 use arc_swap::ArcSwap;
 use engine::{Compiled, Compiler};
@@ -341,15 +342,16 @@ impl Rules {
                 self.watch_lists(&set);
                 self.current.store(Arc::new(set));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("portcullis_reloads_total", "what" => "rules", "result" => "ok")
-                    .increment(1);
-                tracing::info!(rules = n, dir = %self.dir.display(), "rules reloaded");
+                RulesReload::Done {
+                    rules: n,
+                    dir: &self.dir,
+                }
+                .emit();
                 Ok(n)
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("portcullis_reloads_total", "what" => "rules", "result" => "failed").increment(1);
-                tracing::error!(errors = %e, "rules reload failed; the previous rules stay in force");
+                RulesReload::Failed { errors: &e }.emit();
                 Err(e)
             }
         }

@@ -120,17 +120,12 @@ impl ConnectionLimits {
     fn note_stress(&self) {
         let now = self.stressed();
         if self.stressed.swap(now, Ordering::AcqRel) != now {
-            metrics::gauge!("portcullis_stress").set(if now { 1.0 } else { 0.0 });
-            if now {
-                metrics::counter!("portcullis_stress_episodes_total").increment(1);
-                tracing::warn!(
-                    open = self.open(),
-                    at = self.stress_at,
-                    "stress mode on: shorter deadlines"
-                );
-            } else {
-                tracing::info!(open = self.open(), "stress mode off");
+            crate::telemetry::events::Stress {
+                on: now,
+                open: self.open(),
+                at: self.stress_at,
             }
+            .emit();
         }
     }
 }
@@ -220,7 +215,7 @@ impl MemoryBudget {
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    metrics::gauge!("portcullis_memory_budget_bytes").set(next as f64);
+                    crate::telemetry::events::MemoryHeld(next).emit();
                     return true;
                 }
                 Err(actual) => cur = actual,
@@ -258,7 +253,7 @@ impl Reservation {
     pub fn release(&mut self) {
         if self.held > 0 {
             let left = self.budget.used.fetch_sub(self.held, Ordering::AcqRel) - self.held;
-            metrics::gauge!("portcullis_memory_budget_bytes").set(left as f64);
+            crate::telemetry::events::MemoryHeld(left).emit();
         }
         self.held = 0;
     }

@@ -12,6 +12,7 @@ use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::smtp::{Peer, Runtime, Session, Shared};
 use crate::telemetry::RefusedConnection;
+use crate::telemetry::events::{ConfigReload, ConnectionClosed, ConnectionOpened};
 use crate::upstream::Upstream;
 use crate::wire::reply::{self, Reply};
 use std::future::Future;
@@ -493,27 +494,19 @@ impl ConfigReloader {
         match &result {
             Ok(r) => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("portcullis_reloads_total", "what" => "config", "result" => "ok")
-                    .increment(1);
-                tracing::info!(
-                    config = %path.display(),
-                    applied = ?r.applied,
-                    "config reloaded: in force for new sessions"
-                );
                 if let Ok(mut keys) = self.needs_restart.lock() {
                     keys.clone_from(&r.needs_restart);
                 }
-                if !r.needs_restart.is_empty() {
-                    tracing::warn!(
-                        keys = ?r.needs_restart,
-                        "config reload: these keys keep their running values until a restart"
-                    );
+                ConfigReload::Done {
+                    config: path,
+                    applied: &r.applied,
+                    needs_restart: &r.needs_restart,
                 }
+                .emit();
             }
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("portcullis_reloads_total", "what" => "config", "result" => "failed").increment(1);
-                tracing::error!(error = %e, "config reload failed; the running config stays in force");
+                ConfigReload::Failed { error: e }.emit();
             }
         }
         if result.is_ok() {
@@ -692,8 +685,7 @@ async fn connection(
     };
     let _guard = match limits.acquire(client.ip()) {
         Ok(g) => {
-            metrics::counter!("portcullis_connections_total").increment(1);
-            metrics::gauge!("portcullis_connections_open").increment(1.0);
+            ConnectionOpened.emit();
             g
         }
         Err(r) => {
@@ -719,9 +711,10 @@ async fn connection(
     // the backstop for anything else it might wait on.
     let hard = shared.runtime().cfg.timeouts.session.0 + SESSION_GRACE;
     let session = Session::new(Box::new(sock), peer, shared, signal, initial);
-    if tokio::time::timeout(hard, session.run()).await.is_err() {
-        metrics::counter!("portcullis_session_deadline_total").increment(1);
-        tracing::info!(session = %id_for_log, "session deadline passed: closed");
+    let deadline = tokio::time::timeout(hard, session.run()).await.is_err();
+    ConnectionClosed {
+        session: &id_for_log,
+        deadline,
     }
-    metrics::gauge!("portcullis_connections_open").decrement(1.0);
+    .emit();
 }

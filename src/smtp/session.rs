@@ -46,6 +46,7 @@ use crate::runtime::Stream;
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget, Reservation};
 use crate::runtime::shutdown::{Phase, ShutdownSignal};
 use crate::smtp::ehlo::Offer;
+use crate::telemetry::events;
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, OpenError, UpStage, Upstream, UpstreamConn, UpstreamError};
 use crate::verdict::Decision;
@@ -393,9 +394,12 @@ impl Session {
                     } else {
                         "command"
                     };
-                    metrics::counter!("portcullis_stress_closed_total", "reason" => why)
-                        .increment(1);
-                    tracing::info!(session = %self.peer.id, client = %self.peer.addr.ip(), reason = why, "closed under stress");
+                    events::ClosedUnderStress {
+                        session: &self.peer.id,
+                        client: self.peer.addr.ip(),
+                        reason: why,
+                    }
+                    .emit();
                     self.reply(&reply::TOO_SLOW_UNDER_STRESS);
                     Next::Close
                 }
@@ -521,8 +525,11 @@ impl Session {
             Ok(()) => Flushed::Done,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Flushed::Shutdown,
             Err(e) => {
-                tracing::debug!(session = %self.peer.id, error = %e, "client not reading: closing");
-                metrics::counter!("portcullis_client_write_stalls_total").increment(1);
+                events::ClientWriteStall {
+                    session: &self.peer.id,
+                    error: &e,
+                }
+                .emit();
                 Flushed::Failed
             }
         }
@@ -1197,9 +1204,13 @@ impl Session {
                     OpenError::Upstream(u) => u.stage().as_str(),
                     OpenError::Probe(_) => "probe",
                 };
-                metrics::counter!("portcullis_upstream_errors_total", "stage" => stage)
-                    .increment(1);
-                tracing::warn!(session = %self.peer.id, error = %e, "upstream unavailable");
+                events::UpstreamFailed {
+                    session: &self.peer.id,
+                    stage,
+                    error: &e,
+                    unavailable: true,
+                }
+                .emit();
                 Err(Unavailable::Down)
             }
         }
@@ -1221,9 +1232,13 @@ impl Session {
     }
 
     fn upstream_failed(&mut self, e: &UpstreamError) {
-        metrics::counter!("portcullis_upstream_errors_total", "stage" => e.stage().as_str())
-            .increment(1);
-        tracing::warn!(session = %self.peer.id, error = %e, stage = e.stage().as_str(), "upstream failed");
+        events::UpstreamFailed {
+            session: &self.peer.id,
+            stage: e.stage().as_str(),
+            error: e,
+            unavailable: false,
+        }
+        .emit();
         self.drop_upstream();
     }
 

@@ -1,5 +1,6 @@
 //! Logging: set-up, and the one line per transaction or refused connection.
 
+pub mod events;
 pub mod http;
 pub mod metrics;
 mod txlog;

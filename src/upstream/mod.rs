@@ -145,17 +145,12 @@ impl Upstream {
             s.identity = identity;
         }
         let now = err.is_none();
-        if s.answering != Some(now) {
-            metrics::gauge!("portcullis_upstream_up").set(if now { 1.0 } else { 0.0 });
-            match &err {
-                None => tracing::info!(upstream = %self.addr, "upstream answers"),
-                Some(e) => tracing::error!(
-                    upstream = %self.addr,
-                    error = %e,
-                    "upstream does not answer: clients get 4xx until it does"
-                ),
-            }
+        crate::telemetry::events::UpstreamState {
+            upstream: self.addr,
+            error: err.as_deref(),
+            changed: s.answering != Some(now),
         }
+        .emit();
         s.answering = Some(now);
         s.last_error = err;
     }
