@@ -30,7 +30,7 @@ pub mod explain;
 pub mod rules;
 pub mod runtime;
 pub mod server;
-pub mod smtp;
+pub mod session;
 pub mod stats;
 pub mod telemetry;
 pub mod upstream;

@@ -10,7 +10,7 @@ use crate::dns::Dns;
 use crate::rules::{RuleSet, Rules};
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
-use crate::smtp::{Peer, Runtime, Session, Shared};
+use crate::session::{Peer, Runtime, Session, Shared};
 use crate::telemetry::RefusedConnection;
 use crate::telemetry::events::{ConfigReload, ConnectionClosed, ConnectionOpened};
 use crate::upstream::Upstream;

@@ -7,7 +7,7 @@ use common::{FakeMta, Script};
 use portcullis::config::Config;
 use portcullis::runtime::limits::MemoryBudget;
 use portcullis::runtime::shutdown::Shutdown;
-use portcullis::smtp::{Peer, Session, Shared};
+use portcullis::session::{Peer, Session, Shared};
 use portcullis::upstream::Upstream;
 use portcullis::wire::reply::parse_reply;
 use std::path::Path;

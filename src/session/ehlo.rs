@@ -1,5 +1,7 @@
-//! Our EHLO reply: what we implement and upstream also supports.
+//! EHLO/HELO: the greeting exchange, and our EHLO reply (what we implement
+//! and upstream also supports).
 
+use super::{Next, Session, UpReset};
 use crate::upstream::Capabilities;
 use crate::wire::command::{MailCmd, RcptCmd};
 
@@ -79,6 +81,28 @@ impl Offer {
             .iter()
             .find(|p| !(matches!(p.as_str(), "NOTIFY" | "ORCPT") && self.dsn))
             .cloned()
+    }
+}
+
+impl Session {
+    pub(super) async fn hello(&mut self, host: String, esmtp: bool) -> Next {
+        // RFC 5321 4.1.4: EHLO/HELO aborts a transaction, on both sides.
+        self.end_transaction("helo", UpReset::IfOpen).await;
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+        let cfg = &self.rt.cfg;
+        let caps = self.shared.upstream.capabilities_for_client().await;
+        let starttls = self.tls.is_none() && self.rt.tls.clone().is_some();
+        self.offer = Offer::new(caps.as_deref(), cfg.limits.max_message_size.0, starttls);
+        if esmtp {
+            let mut out = std::mem::take(&mut self.wbuf);
+            self.offer.write_reply(&cfg.hostname, &mut out);
+            self.wbuf = out;
+        } else {
+            let line = format!("250 {}\r\n", cfg.hostname);
+            self.wbuf.extend_from_slice(line.as_bytes());
+        }
+        Next::Continue
     }
 }
 

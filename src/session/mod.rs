@@ -1,0 +1,430 @@
+//! One client session: the SMTP state machine, relaying each transaction
+//! live to upstream. Generic over the byte stream, so tests drive it over an
+//! in-memory pipe.
+//!
+//! Order of replies: commands are handled one at a time in arrival order and
+//! replies are queued; the queue is flushed whenever no complete command is
+//! buffered (RFC 2920), so pipelined batches get one write.
+//!
+//! # States
+//!
+//! The client's transaction and upstream's must never drift apart: whatever
+//! the client can send next, upstream must be in the state that makes our
+//! relaying of it mean the same thing. `Session::txn` holds the client side;
+//! `UpstreamConn::in_transaction` says whether upstream holds an open MAIL.
+//!
+//! | state   | `txn`                    | upstream holds         | legal (others: 503 5.5.1)                   |
+//! |---------|--------------------------|------------------------|---------------------------------------------|
+//! | Greeted | none, no HELO            | no connection          | EHLO HELO STARTTLS NOOP RSET VRFY HELP QUIT |
+//! | Ready   | none                     | nothing, or idle conn  | the above, MAIL                             |
+//! | Doomed  | `TxnPhase::Doomed`       | nothing (never told)   | the above but MAIL; RCPT (refused); DATA    |
+//! | Open    | `TxnPhase::Open`, 0 rcpt | MAIL                   | RCPT; DATA (554 no valid recipients)        |
+//! | Open    | `TxnPhase::Open`, n rcpt | MAIL and the n RCPTs   | RCPT, DATA                                  |
+//! | Broken  | `TxnPhase::Broken`       | connection lost        | RCPT, DATA (451 4.4.2)                      |
+//!
+//! Transitions that end a transaction:
+//!
+//! | event                                   | client side        | upstream side                        |
+//! |-----------------------------------------|--------------------|--------------------------------------|
+//! | upstream's final reply after the dot    | ends (logged)      | ended by upstream itself             |
+//! | local refusal after the dot             | ends (logged)      | RSET                                 |
+//! | upstream refuses DATA (not 354)         | ends (logged)      | RSET                                 |
+//! | RSET                                    | ends (abandoned)   | RSET, always while connected         |
+//! | EHLO / HELO                             | ends (abandoned)   | RSET (new name: reconnect at MAIL)   |
+//! | STARTTLS                                | ends (abandoned)   | connection closed                    |
+//! | QUIT, disconnect, timeout, shutdown     | ends (abandoned)   | QUIT, or closed mid-DATA             |
+//! | upstream lost or 421                    | `TxnPhase::Broken` | connection dropped                   |
+//!
+//! `end_transaction` is the one place that ends both sides; every row above
+//! goes through it (or through `finish_txn` plus upstream's own end).
+
+use crate::checks::pool::SharedMessage;
+use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
+use crate::config::{Action, BareNewline, Config, RejectAt};
+use crate::rules::{Facts, RuleSet, RuleStage, Rules};
+use crate::runtime::Stream;
+use crate::runtime::limits::{ConnectionLimits, MemoryBudget, Reservation};
+use crate::runtime::shutdown::{Phase, ShutdownSignal};
+mod conn;
+mod data;
+pub mod ehlo;
+mod mail;
+mod rcpt;
+mod relay;
+mod starttls;
+mod txn;
+
+use crate::session::ehlo::Offer;
+use crate::telemetry::events;
+use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
+use crate::upstream::{ClientIdentity, OpenError, UpStage, Upstream, UpstreamConn, UpstreamError};
+use crate::verdict::Decision;
+use crate::wire::command::{self, Command, CommandError, MailCmd, RcptCmd};
+use crate::wire::data::DataReader;
+use crate::wire::path::Kind;
+use crate::wire::reply::{self, Reply, UpstreamReply};
+use arc_swap::ArcSwap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+use txn::{Refusal, Said, Txn, TxnPhase};
+
+/// Everything a session reads that a reload can change. A session takes
+/// the current one when it starts and keeps it to the end; a reload of the
+/// config or the certificate builds a new one.
+pub struct Runtime {
+    pub cfg: Arc<Config>,
+    pub checks: Pipeline,
+    /// DNSBL, SPF, DKIM, DMARC, ARC, iprev.
+    pub checker: Arc<Checker>,
+    /// STARTTLS, when a certificate is configured.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Runtime {
+    /// The size and recipient limits as a check pipeline.
+    pub fn limit_checks(cfg: &Config) -> Pipeline {
+        Pipeline::new(vec![Box::new(crate::checks::Limits {
+            max_message_size: cfg.limits.max_message_size.0,
+            max_recipients: cfg.limits.max_recipients,
+        })])
+    }
+}
+
+/// What all sessions share.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub upstream: Arc<Upstream>,
+    pub budget: Arc<MemoryBudget>,
+    /// Open sessions; tells when the gate is under stress.
+    pub limits: Arc<ConnectionLimits>,
+    /// The administrators' rules, reloadable.
+    pub rules: Arc<Rules>,
+}
+
+impl Shared {
+    /// The runtime new sessions get.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+}
+
+/// The negotiated TLS parameters, for the log line.
+#[derive(Debug, Clone)]
+struct TlsInfo {
+    version: String,
+    cipher: String,
+}
+
+/// Who is on the other end.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+}
+
+const COMMAND_READ: usize = 1024;
+/// How long the replies written while shutting down may take.
+const FAREWELL_WRITE: Duration = Duration::from_secs(2);
+const DATA_READ: usize = 64 * 1024;
+
+/// How writing the queued replies went.
+#[derive(Debug, PartialEq, Eq)]
+enum Flushed {
+    Done,
+    /// The client did not take them in time, or the connection failed.
+    Failed,
+    /// A shutdown came first; what was not written is still queued.
+    Shutdown,
+}
+
+enum Fill {
+    Data,
+    Closed,
+    Timeout,
+    Shutdown,
+}
+
+enum Line {
+    Command(Vec<u8>),
+    BareNewline,
+    TooLong,
+    Closed,
+    Timeout,
+    /// Under stress: a command took longer than `stress.command`.
+    StressTimeout,
+    /// Under stress: no MAIL within `stress.time_to_mail` of connecting.
+    TooSlow,
+    Shutdown,
+}
+
+/// Why no upstream connection could be had for a MAIL.
+enum Unavailable {
+    /// Upstream is down or misbehaving: 451, counted as an outage.
+    Down,
+    /// Upstream refused the client's HELO name: relayed as upstream said.
+    Refused(UpstreamReply),
+}
+
+/// What `end_transaction` does to upstream.
+#[derive(Clone, Copy)]
+enum UpReset {
+    /// RSET when upstream holds a transaction.
+    IfOpen,
+    /// RSET whenever connected (the client's own RSET).
+    Always,
+    /// QUIT and close (the connection's context changed, e.g. STARTTLS).
+    Close,
+}
+
+/// How a session ends.
+enum Next {
+    Continue,
+    Close,
+}
+
+pub struct Session {
+    io: Box<dyn Stream>,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    shared: Arc<Shared>,
+    peer: Peer,
+    shutdown: ShutdownSignal,
+    deadline: tokio::time::Instant,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<TlsInfo>,
+    offer: Offer,
+    txn: Option<Txn>,
+    upstream: Option<UpstreamConn>,
+    /// The HELO name upstream was told about on the open connection.
+    upstream_helo: Option<String>,
+    errors: usize,
+    /// When the client connected, and whether it has sent MAIL yet (under
+    /// stress the time to MAIL is bounded).
+    connected: tokio::time::Instant,
+    reached_mail: bool,
+    conn_checks: ConnChecks,
+    /// The rules this session started with (a reload affects new sessions).
+    rules: Arc<RuleSet>,
+    /// Likewise the config, checks and certificate.
+    rt: Arc<Runtime>,
+    checker: Arc<Checker>,
+}
+
+impl Session {
+    pub fn new(
+        io: Box<dyn Stream>,
+        peer: Peer,
+        shared: Arc<Shared>,
+        shutdown: ShutdownSignal,
+        initial: Vec<u8>,
+    ) -> Session {
+        let rt = shared.runtime();
+        let deadline = tokio::time::Instant::now() + rt.cfg.timeouts.session.0;
+        // DNSBL and iprev start now and are awaited only when needed.
+        let checker = Arc::clone(&rt.checker);
+        let conn_checks = checker.connect(peer.addr.ip(), shared.upstream.wants_client_name());
+        Session {
+            rt,
+            checker,
+            rules: shared.rules.current(),
+            conn_checks,
+            io,
+            rbuf: initial,
+            rpos: 0,
+            wbuf: Vec::with_capacity(256),
+            peer,
+            shutdown,
+            deadline,
+            helo: None,
+            esmtp: false,
+            tls: None,
+            offer: Offer::default(),
+            txn: None,
+            upstream: None,
+            upstream_helo: None,
+            errors: 0,
+            connected: tokio::time::Instant::now(),
+            reached_mail: false,
+            shared,
+        }
+    }
+
+    /// Runs the session to its end.
+    pub async fn run(mut self) {
+        if let Some(delay) = self.rt.cfg.greeting.delay
+            && self.talks_before_greeting(delay.0).await
+        {
+            self.reply(&reply::PREGREET);
+            RefusedConnection {
+                session: &self.peer.id,
+                client_ip: self.peer.addr.ip(),
+                code: reply::PREGREET.code,
+                enhanced: &reply::PREGREET.enhanced_code().unwrap_or_default(),
+                reason: "pregreet",
+            }
+            .emit();
+            let _ = self.flush().await;
+            self.close().await;
+            return;
+        }
+        if self.rt.cfg.checks.reject_at == RejectAt::Connect {
+            let checker = Arc::clone(&self.checker);
+            let (outcome, log) = checker.at_connect(&mut self.conn_checks).await;
+            let refusal = match outcome.decision {
+                Decision::Reject(r) => Some(Reply { code: 554, ..r }),
+                Decision::Tempfail(r) => Some(Reply { code: 421, ..r }),
+                _ => None,
+            };
+            if let Some(r) = refusal {
+                self.reply(&r);
+                RefusedConnection {
+                    session: &self.peer.id,
+                    client_ip: self.peer.addr.ip(),
+                    code: r.code,
+                    enhanced: &r.enhanced_code().unwrap_or_default(),
+                    reason: &outcome.reason,
+                }
+                .emit();
+                tracing::debug!(session = %self.peer.id, dnsbl = ?log.dnsbl, "refused at connect");
+                let _ = self.flush().await;
+                self.close().await;
+                return;
+            }
+        }
+        let greeting = format!("220 {} ESMTP Portcullis\r\n", self.rt.cfg.hostname);
+        self.wbuf.extend_from_slice(greeting.as_bytes());
+        loop {
+            let line = self.next_line().await;
+            let next = match line {
+                Line::Command(l) => self.handle(&l).await,
+                Line::TooLong => self.error(reply::LINE_TOO_LONG),
+                Line::BareNewline => self.error(reply::BARE_NEWLINE_IN_COMMAND),
+                Line::Closed => Next::Close,
+                Line::Timeout => {
+                    self.reply(&reply::TIMEOUT);
+                    Next::Close
+                }
+                Line::StressTimeout | Line::TooSlow => {
+                    let why = if matches!(line, Line::TooSlow) {
+                        "time_to_mail"
+                    } else {
+                        "command"
+                    };
+                    events::ClosedUnderStress {
+                        session: &self.peer.id,
+                        client: self.peer.addr.ip(),
+                        reason: why,
+                    }
+                    .emit();
+                    self.reply(&reply::TOO_SLOW_UNDER_STRESS);
+                    Next::Close
+                }
+                Line::Shutdown => {
+                    self.reply(&reply::SHUTTING_DOWN);
+                    Next::Close
+                }
+            };
+            if let Next::Close = next {
+                break;
+            }
+        }
+        self.end_txn_abandoned("disconnect");
+        let _ = self.flush().await;
+        self.close().await;
+        if let Some(up) = self.upstream.take() {
+            up.quit().await;
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.rt.cfg
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    /// A protocol error: reply, and hang up after `max_errors` (fewer
+    /// under stress).
+    fn error(&mut self, r: Reply) -> Next {
+        self.errors += 1;
+        let max = if self.shared.limits.stressed() {
+            self.cfg()
+                .stress
+                .max_errors
+                .min(self.cfg().limits.max_errors)
+        } else {
+            self.cfg().limits.max_errors
+        };
+        if self.errors >= max {
+            self.reply(&reply::TOO_MANY_ERRORS);
+            return Next::Close;
+        }
+        self.reply(&r);
+        Next::Continue
+    }
+
+    async fn handle(&mut self, line: &[u8]) -> Next {
+        if memchr::memchr(0, line).is_some() {
+            return self.error(reply::NUL_IN_COMMAND);
+        }
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(CommandError::Unknown) => return self.error(reply::SYNTAX),
+            Err(CommandError::Syntax(s)) => {
+                return self.error(reply::PARAM_SYNTAX.with_text(format!("Syntax: {s}")));
+            }
+            Err(CommandError::BadParameter) => return self.error(reply::PARAM_SYNTAX),
+            Err(CommandError::BadHelo) => return self.error(reply::BAD_HELO),
+            Err(CommandError::BadPath(kind, why)) => {
+                tracing::debug!(session = %self.peer.id, %why, "bad path");
+                return self.error(match kind {
+                    Kind::Reverse => reply::BAD_SENDER,
+                    Kind::Forward => reply::BAD_RECIPIENT,
+                });
+            }
+            Err(CommandError::UnsupportedParameter(p)) => {
+                return self.error(
+                    reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")),
+                );
+            }
+        };
+        match cmd {
+            Command::Ehlo(host) => self.hello(host, true).await,
+            Command::Helo(host) => self.hello(host, false).await,
+            Command::Mail(m) => self.mail(m).await,
+            Command::Rcpt(r) => self.rcpt(r).await,
+            Command::Data => self.data().await,
+            Command::Rset => {
+                self.end_transaction("rset", UpReset::Always).await;
+                self.reply(&reply::RSET_OK);
+                Next::Continue
+            }
+            Command::Noop => {
+                self.reply(&reply::NOOP_OK);
+                Next::Continue
+            }
+            Command::Vrfy => {
+                self.reply(&reply::VRFY);
+                Next::Continue
+            }
+            Command::Help => {
+                self.reply(&reply::HELP);
+                Next::Continue
+            }
+            Command::Quit => {
+                self.end_txn_abandoned("quit");
+                self.reply(&reply::BYE);
+                Next::Close
+            }
+            Command::StartTls => self.starttls().await,
+            Command::NotImplemented(_) => self.error(reply::NOT_IMPLEMENTED),
+        }
+    }
+}

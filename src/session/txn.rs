@@ -1,0 +1,273 @@
+//! One transaction: its phase, what was said, how it ends (on both
+//! sides), and its one log line.
+
+use super::*;
+
+/// Where a transaction stands (see the state table at the top).
+#[derive(Debug, Clone)]
+pub(super) enum TxnPhase {
+    /// MAIL accepted and relayed; upstream holds the same transaction.
+    Open,
+    /// A verdict reached at MAIL, delivered at each RCPT (delayed reject);
+    /// upstream never heard of this transaction.
+    Doomed { reply: Reply, reason: String },
+    /// Upstream failed mid-transaction: everything else answers 4xx.
+    Broken,
+}
+
+/// One MAIL..end-of-transaction.
+pub(super) struct Txn {
+    pub(super) mail: MailCmd,
+    pub(super) phase: TxnPhase,
+    pub(super) rcpts: usize,
+    pub(super) started: Instant,
+    /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
+    pub(super) last_rcpt_refusal: Option<Refusal>,
+    pub(super) checks: TxnChecks,
+    /// Summed score of this transaction's latest decision, for the log.
+    pub(super) score: f64,
+    /// Recipients upstream accepted (for the rules at DATA).
+    pub(super) rcpt_list: Vec<String>,
+}
+
+impl Txn {
+    pub(super) fn new(
+        mail: MailCmd,
+        started: Instant,
+        checks: TxnChecks,
+        score: f64,
+        phase: TxnPhase,
+    ) -> Txn {
+        Txn {
+            mail,
+            phase,
+            rcpts: 0,
+            started,
+            last_rcpt_refusal: None,
+            checks,
+            score,
+            rcpt_list: Vec::new(),
+        }
+    }
+}
+
+/// A reply's code and enhanced code, for the log line.
+pub(super) struct Said {
+    pub(super) code: u16,
+    pub(super) enhanced: String,
+}
+
+impl From<&Reply> for Said {
+    fn from(r: &Reply) -> Said {
+        Said {
+            code: r.code,
+            enhanced: r.enhanced_code().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&UpstreamReply> for Said {
+    fn from(r: &UpstreamReply) -> Said {
+        Said {
+            code: r.code,
+            enhanced: r.enhanced(),
+        }
+    }
+}
+
+/// A refusal remembered for the log line.
+pub(super) struct Refusal {
+    pub(super) code: u16,
+    pub(super) enhanced: String,
+    pub(super) reason: String,
+    pub(super) upstream: String,
+}
+
+impl Session {
+    /// The one place that ends a transaction on both sides (see the table
+    /// at the top): logs the client's transaction, if one is still open,
+    /// as abandoned for `why`, then brings upstream back to no transaction.
+    pub(super) async fn end_transaction(&mut self, why: &str, up: UpReset) {
+        self.end_txn_abandoned(why);
+        match up {
+            UpReset::Close => {
+                if let Some(conn) = self.upstream.take() {
+                    conn.quit().await;
+                }
+                self.upstream_helo = None;
+            }
+            UpReset::IfOpen | UpReset::Always => {
+                let Some(conn) = self.upstream.as_mut() else {
+                    return;
+                };
+                if matches!(up, UpReset::IfOpen) && !conn.in_transaction() {
+                    return;
+                }
+                match conn.rset().await {
+                    Ok(r) if r.is_positive() => {}
+                    // Upstream will not reset: a fresh connection will.
+                    _ => self.drop_upstream(),
+                }
+            }
+        }
+    }
+
+    /// Logs and forgets a transaction that ended without a final reply.
+    pub(super) fn end_txn_abandoned(&mut self, why: &str) {
+        let Some(t) = self.txn.as_ref() else { return };
+        let (verdict, code, enhanced, reason, upstream) = match (&t.last_rcpt_refusal, t.rcpts) {
+            (Some(r), 0) => (
+                Verdict::from_code(r.code),
+                r.code,
+                r.enhanced.clone(),
+                r.reason.clone(),
+                r.upstream.clone(),
+            ),
+            _ => (
+                Verdict::Abandoned,
+                0,
+                String::new(),
+                format!("client:{why}"),
+                String::new(),
+            ),
+        };
+        let said = Said { code, enhanced };
+        self.log_txn(verdict, Stage::Rcpt, &said, &reason, &upstream, 0);
+        self.txn = None;
+    }
+
+    pub(super) fn finish_txn(
+        &mut self,
+        size: u64,
+        stage: Stage,
+        said: impl Into<Said>,
+        reason: &str,
+        upstream: &str,
+    ) {
+        let said = said.into();
+        self.log_txn(
+            Verdict::from_code(said.code),
+            stage,
+            &said,
+            reason,
+            upstream,
+            size,
+        );
+        self.txn = None;
+    }
+
+    pub(super) fn log_txn(
+        &self,
+        verdict: Verdict,
+        stage: Stage,
+        said: &Said,
+        reason: &str,
+        upstream: &str,
+        size: u64,
+    ) {
+        let Some(t) = self.txn.as_ref() else { return };
+        let mut log = t.checks.log.clone();
+        log.hits = t
+            .checks
+            .findings
+            .iter()
+            .filter(|f| f.action != Action::Accept)
+            .map(|f| match f.action {
+                Action::Score(s) => format!("{}={s}", f.reason),
+                Action::Reject => format!("{}=reject", f.reason),
+                Action::Tempfail => format!("{}=tempfail", f.reason),
+                Action::Tag | Action::Accept => format!("{}=tag", f.reason),
+            })
+            .collect();
+        self.record(
+            t.score,
+            &log,
+            &t.rcpt_list,
+            &t.mail.address,
+            t.rcpts,
+            t.started,
+            verdict,
+            stage,
+            said,
+            reason,
+            upstream,
+            size,
+        );
+    }
+
+    /// A MAIL refused (by us or upstream): a transaction that never started.
+    pub(super) fn log_mail_refused(
+        &self,
+        m: &MailCmd,
+        started: Instant,
+        score: f64,
+        said: impl Into<Said>,
+        reason: &str,
+        upstream: &str,
+    ) {
+        let said = said.into();
+        let verdict = Verdict::from_code(said.code);
+        self.record(
+            score,
+            &CheckLog::default(),
+            &[],
+            &m.address,
+            0,
+            started,
+            verdict,
+            Stage::Mail,
+            &said,
+            reason,
+            upstream,
+            0,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn record(
+        &self,
+        score: f64,
+        checks: &CheckLog,
+        rcpt_addrs: &[String],
+        mail_from: &str,
+        rcpts: usize,
+        started: Instant,
+        verdict: Verdict,
+        stage: Stage,
+        said: &Said,
+        reason: &str,
+        upstream: &str,
+        size: u64,
+    ) {
+        TxnRecord {
+            session: &self.peer.id,
+            client_ip: self.peer.addr.ip(),
+            helo: self.helo.as_deref().unwrap_or(""),
+            tls: self.tls.is_some(),
+            tls_version: self.tls.as_ref().map_or("", |t| t.version.as_str()),
+            tls_cipher: self.tls.as_ref().map_or("", |t| t.cipher.as_str()),
+            mail_from,
+            rcpt_count: rcpts,
+            size,
+            verdict,
+            stage: stage.as_str(),
+            code: said.code,
+            enhanced: &said.enhanced,
+            reason,
+            upstream_reply: upstream,
+            duration: started.elapsed(),
+            reverse: self.conn_checks.reverse().unwrap_or_default().to_string(),
+            spf: &checks.spf,
+            dkim: &checks.dkim,
+            dmarc: &checks.dmarc,
+            arc: &checks.arc,
+            iprev: &checks.iprev,
+            dnsbl: checks.dnsbl.join(" "),
+            rules: checks.rules.join(" "),
+            hits: checks.hits.join(" "),
+            rcpt_addrs: rcpt_addrs.to_vec(),
+            score,
+        }
+        .emit();
+    }
+}
