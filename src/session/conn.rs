@@ -1,28 +1,235 @@
-//! The client byte stream of a session: the pregreet wait, reading
-//! command lines under their deadlines (stress included), queued replies
-//! and their flush with a write deadline, and the close.
+//! The client byte stream of a session (`ClientConn`): it owns the socket
+//! (plain or TLS), the read and write buffers, the session deadline and
+//! the shutdown signal. Stage handlers never touch the buffers: they read
+//! a command line or message bytes, queue replies and flush through it.
+//!
+//! Also here, on `Session`: the waits whose deadlines depend on session
+//! state (a command line under stress, the time to MAIL).
 
 use super::*;
 
-impl Session {
-    /// postscreen's pregreet test: wait `delay` before the greeting; a
-    /// client that sends anything meanwhile is a bot that does not listen.
-    /// A client that waits simply continues in this session.
-    pub(super) async fn talks_before_greeting(&mut self, delay: Duration) -> bool {
+pub(super) struct ClientConn {
+    io: Box<dyn Stream>,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    pub(super) shutdown: ShutdownSignal,
+    /// The session's end (`timeouts.session`); no wait goes past it.
+    pub(super) deadline: tokio::time::Instant,
+}
+
+/// A command line taken from the buffer, or why there is none.
+pub(super) enum Taken {
+    Line(Vec<u8>),
+    TooLong,
+    BareNewline,
+    /// Not a whole line yet.
+    More,
+}
+
+impl ClientConn {
+    pub(super) fn new(
+        io: Box<dyn Stream>,
+        initial: Vec<u8>,
+        shutdown: ShutdownSignal,
+        deadline: tokio::time::Instant,
+    ) -> ClientConn {
+        ClientConn {
+            io,
+            rbuf: initial,
+            rpos: 0,
+            wbuf: Vec::with_capacity(256),
+            shutdown,
+            deadline,
+        }
+    }
+
+    /// Queues a reply; written at the next flush.
+    pub(super) fn queue(&mut self, r: &Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    /// Queues bytes already in reply form (greeting, EHLO, relayed replies).
+    pub(super) fn queue_raw(&mut self, bytes: &[u8]) {
+        self.wbuf.extend_from_slice(bytes);
+    }
+
+    /// postscreen's pregreet test: whether the client sends anything
+    /// within `delay` (a shutdown ends the wait as "no").
+    pub(super) async fn talks_within(&mut self, delay: Duration) -> bool {
         if !self.rbuf.is_empty() {
             return true;
         }
         self.rbuf.reserve(COMMAND_READ);
-        let io = &mut self.io;
-        let rbuf = &mut self.rbuf;
-        let shutdown = &mut self.shutdown;
         tokio::select! {
             _ = tokio::time::sleep(delay) => false,
-            _ = shutdown.reached(Phase::Draining) => false,
-            r = io.read_buf(rbuf) => matches!(r, Ok(n) if n > 0),
+            _ = self.shutdown.reached(Phase::Draining) => false,
+            r = self.io.read_buf(&mut self.rbuf) => matches!(r, Ok(n) if n > 0),
         }
     }
 
+    /// Ends the connection (a TLS close_notify is a write too).
+    pub(super) async fn close(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.io.shutdown()).await;
+    }
+
+    /// Writes the queued replies within `limit` and the session deadline;
+    /// gives way to the shutdown phase `stop_at`. What was written is not
+    /// written again.
+    pub(super) async fn flush(
+        &mut self,
+        limit: Duration,
+        stop_at: Phase,
+    ) -> Result<(), FlushError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let until = (tokio::time::Instant::now() + limit).min(self.deadline);
+        let watch_shutdown = self.shutdown.phase() < stop_at;
+        let (io, wbuf, shutdown) = (&mut self.io, &self.wbuf, &mut self.shutdown);
+        let mut done = 0;
+        let written = tokio::select! {
+            biased;
+            _ = shutdown.reached(stop_at), if watch_shutdown => Err(FlushError::Shutdown),
+            r = tokio::time::timeout_at(until, async {
+                while done < wbuf.len() {
+                    match io.write(&wbuf[done..]).await? {
+                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                        n => done += n,
+                    }
+                }
+                io.flush().await
+            }) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(FlushError::Io(e)),
+                Err(_) => Err(FlushError::Io(std::io::ErrorKind::TimedOut.into())),
+            },
+        };
+        self.wbuf.drain(..done);
+        written
+    }
+
+    /// Reads more input (after the flush the caller did), until `until`
+    /// and the session deadline; gives way to the shutdown phase `stop_at`.
+    pub(super) async fn read_more(
+        &mut self,
+        until: tokio::time::Instant,
+        chunk: usize,
+        stop_at: Phase,
+    ) -> Fill {
+        if self.rpos > 0 {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        self.rbuf.reserve(chunk);
+        let until = until.min(self.deadline);
+        let (io, rbuf, shutdown) = (&mut self.io, &mut self.rbuf, &mut self.shutdown);
+        tokio::select! {
+            biased;
+            _ = shutdown.reached(stop_at) => Fill::Shutdown,
+            r = tokio::time::timeout_at(until, io.read_buf(rbuf)) => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => Fill::Closed,
+                Ok(Ok(_)) => Fill::Data,
+                Err(_) => Fill::Timeout,
+            },
+        }
+    }
+
+    /// Takes the next whole command line from the buffer. `discarding`: a
+    /// line over `max` is being skipped to its end (to stay in sync).
+    pub(super) fn take_line(
+        &mut self,
+        max: usize,
+        bare_lf_ok: bool,
+        discarding: &mut bool,
+    ) -> Taken {
+        let pending = &self.rbuf[self.rpos..];
+        let Some(nl) = memchr::memchr(b'\n', pending) else {
+            if pending.len() >= max {
+                *discarding = true;
+                self.rpos = self.rbuf.len();
+            }
+            return Taken::More;
+        };
+        let start = self.rpos;
+        self.rpos += nl + 1;
+        if *discarding || nl + 1 > max {
+            *discarding = false;
+            return Taken::TooLong;
+        }
+        let mut end = start + nl;
+        let crlf = end > start && self.rbuf[end - 1] == b'\r';
+        if crlf {
+            end -= 1;
+        }
+        let line = &self.rbuf[start..end];
+        // A CR inside a command, or (in reject mode) a line ended by a
+        // bare LF, is the raw material of smuggling: refuse it.
+        if memchr::memchr(b'\r', line).is_some() || (!crlf && !bare_lf_ok) {
+            return Taken::BareNewline;
+        }
+        Taken::Line(line.to_vec())
+    }
+
+    /// Feeds the buffered input to the DATA reader.
+    pub(super) fn feed_data(&mut self, reader: &mut DataReader, msg: &mut Vec<u8>) -> bool {
+        if self.rpos >= self.rbuf.len() {
+            return false;
+        }
+        let p = reader.feed(&self.rbuf[self.rpos..], msg);
+        self.rpos += p.consumed;
+        p.done
+    }
+
+    /// After a message: the read buffer may have grown large; do not keep
+    /// it while the session idles.
+    pub(super) fn shrink(&mut self) {
+        self.rbuf.drain(..self.rpos);
+        self.rpos = 0;
+        self.rbuf.shrink_to(COMMAND_READ);
+    }
+
+    /// STARTTLS: drops whatever was pipelined in clear text, then does the
+    /// handshake within `limit`. On failure the connection is unusable.
+    pub(super) async fn upgrade(
+        &mut self,
+        acceptor: TlsAcceptor,
+        limit: Duration,
+    ) -> Option<TlsInfo> {
+        self.rbuf.clear();
+        self.rpos = 0;
+        let io = std::mem::replace(
+            &mut self.io,
+            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
+        );
+        let Ok(Ok(tls)) = tokio::time::timeout(limit, acceptor.accept(io)).await else {
+            return None;
+        };
+        let (_, conn) = tls.get_ref();
+        let info = TlsInfo {
+            version: conn
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string(),
+            cipher: conn
+                .negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str())
+                .unwrap_or("")
+                .to_string(),
+        };
+        self.io = Box::new(tls);
+        Some(info)
+    }
+}
+
+/// Why queued replies could not be written.
+pub(super) enum FlushError {
+    Shutdown,
+    Io(std::io::Error),
+}
+
+impl Session {
     /// The shutdown phase that stops this session's waits: between
     /// transactions a drain closes the session; inside one it waits for the
     /// abort, so the transaction can finish.
@@ -34,10 +241,10 @@ impl Session {
         }
     }
 
-    /// Ends the client connection (a TLS close_notify is a write too).
+    /// Ends the client connection.
     pub(super) async fn close(&mut self) {
         let limit = self.rt.cfg.timeouts.command.0;
-        let _ = tokio::time::timeout(limit, self.io.shutdown()).await;
+        self.conn.close(limit).await;
     }
 
     /// Writes the queued replies. A client that does not read cannot hold
@@ -45,43 +252,18 @@ impl Session {
     /// the session deadline, and gives way to a shutdown (a drain between
     /// transactions, the abort inside one).
     pub(super) async fn flush(&mut self) -> Flushed {
-        if self.wbuf.is_empty() {
-            return Flushed::Done;
-        }
         let stop_at = self.stop_phase();
         // Once shutting down, the last replies (421 4.3.2) get a short while.
-        let limit = if self.shutdown.phase() >= stop_at {
-            FAREWELL_WRITE.min(self.rt.cfg.timeouts.command.0)
+        let command = self.rt.cfg.timeouts.command.0;
+        let limit = if self.conn.shutdown.phase() >= stop_at {
+            FAREWELL_WRITE.min(command)
         } else {
-            self.rt.cfg.timeouts.command.0
+            command
         };
-        let until = (tokio::time::Instant::now() + limit).min(self.deadline);
-        let io = &mut self.io;
-        let wbuf = &self.wbuf;
-        let shutdown = &mut self.shutdown;
-        let watch_shutdown = shutdown.phase() < stop_at;
-        // Progress is kept, so that what was written is not written again.
-        let mut done = 0;
-        let written = tokio::select! {
-            biased;
-            _ = shutdown.reached(stop_at), if watch_shutdown => {
-                Err(std::io::ErrorKind::Interrupted.into())
-            }
-            r = tokio::time::timeout_at(until, async {
-                while done < wbuf.len() {
-                    match io.write(&wbuf[done..]).await? {
-                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                        n => done += n,
-                    }
-                }
-                io.flush().await
-            }) => r.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-        };
-        self.wbuf.drain(..done);
-        match written {
+        match self.conn.flush(limit, stop_at).await {
             Ok(()) => Flushed::Done,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Flushed::Shutdown,
-            Err(e) => {
+            Err(FlushError::Shutdown) => Flushed::Shutdown,
+            Err(FlushError::Io(e)) => {
                 events::ClientWriteStall {
                     session: &self.peer.id,
                     error: &e,
@@ -99,62 +281,25 @@ impl Session {
             Flushed::Failed => return Fill::Closed,
             Flushed::Shutdown => return Fill::Shutdown,
         }
-        if self.rpos > 0 {
-            self.rbuf.drain(..self.rpos);
-            self.rpos = 0;
-        }
-        self.rbuf.reserve(chunk);
-        let until = until.min(self.deadline);
         let stop_at = self.stop_phase();
-        let io = &mut self.io;
-        let rbuf = &mut self.rbuf;
-        let shutdown = &mut self.shutdown;
-        tokio::select! {
-            biased;
-            _ = shutdown.reached(stop_at) => Fill::Shutdown,
-            r = tokio::time::timeout_at(until, io.read_buf(rbuf)) => match r {
-                Ok(Ok(0)) | Ok(Err(_)) => Fill::Closed,
-                Ok(Ok(_)) => Fill::Data,
-                Err(_) => Fill::Timeout,
-            },
-        }
+        self.conn.read_more(until, chunk, stop_at).await
     }
 
     /// The next command line, without its line end.
     pub(super) async fn next_line(&mut self) -> Line {
         let max = self.cfg().smtp.max_command_line;
+        let bare_lf_ok = self.cfg().smtp.bare_newline != BareNewline::Reject;
         // One deadline for the whole command line, however it trickles in;
         // under stress (looked at again at every read) a shorter one, and
         // a bound on the time to MAIL.
         let started = tokio::time::Instant::now();
         let mut discarding = false;
         loop {
-            let pending = &self.rbuf[self.rpos..];
-            if let Some(nl) = memchr::memchr(b'\n', pending) {
-                let start = self.rpos;
-                self.rpos += nl + 1;
-                if discarding || nl + 1 > max {
-                    return Line::TooLong;
-                }
-                let mut end = start + nl;
-                let crlf = end > start && self.rbuf[end - 1] == b'\r';
-                if crlf {
-                    end -= 1;
-                }
-                let line = &self.rbuf[start..end];
-                // A CR inside a command, or (in reject mode) a line ended by
-                // a bare LF, is the raw material of smuggling: refuse it.
-                if memchr::memchr(b'\r', line).is_some()
-                    || (!crlf && self.cfg().smtp.bare_newline == BareNewline::Reject)
-                {
-                    return Line::BareNewline;
-                }
-                return Line::Command(line.to_vec());
-            }
-            if pending.len() >= max {
-                // Keep sync: drop what we have and answer once the line ends.
-                discarding = true;
-                self.rpos = self.rbuf.len();
+            match self.conn.take_line(max, bare_lf_ok, &mut discarding) {
+                Taken::Line(l) => return Line::Command(l),
+                Taken::TooLong => return Line::TooLong,
+                Taken::BareNewline => return Line::BareNewline,
+                Taken::More => {}
             }
             let stressed = self.shared.limits.stressed();
             let stress = &self.rt.cfg.stress;

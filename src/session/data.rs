@@ -38,20 +38,17 @@ impl Session {
         let mut reservation = self.shared.budget.reservation();
         let mut over_budget = false;
         loop {
-            if self.rpos < self.rbuf.len() {
-                let p = reader.feed(&self.rbuf[self.rpos..], &mut msg);
-                self.rpos += p.consumed;
-                if reader.is_storing() && !reservation.ensure(msg.capacity()) {
-                    over_budget = true;
-                    reader.stop_storing();
-                }
-                if !reader.is_storing() && msg.capacity() > 0 {
-                    msg = Vec::new();
-                    reservation.release();
-                }
-                if p.done {
-                    break;
-                }
+            let done = self.conn.feed_data(&mut reader, &mut msg);
+            if reader.is_storing() && !reservation.ensure(msg.capacity()) {
+                over_budget = true;
+                reader.stop_storing();
+            }
+            if !reader.is_storing() && msg.capacity() > 0 {
+                msg = Vec::new();
+                reservation.release();
+            }
+            if done {
+                break;
             }
             let until = tokio::time::Instant::now() + cfg.timeouts.data.0;
             match self.fill(until, DATA_READ).await {
@@ -88,10 +85,7 @@ impl Session {
                 }
             }
         }
-        // The DATA buffer may have grown large; do not keep it while idle.
-        self.rbuf.drain(..self.rpos);
-        self.rpos = 0;
-        self.rbuf.shrink_to(COMMAND_READ);
+        self.conn.shrink();
         let size = reader.size();
         let a = reader.anomalies;
         // Rules on the message parse it whole (decoded parts, headers): up

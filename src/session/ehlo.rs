@@ -95,12 +95,12 @@ impl Session {
         let starttls = self.tls.is_none() && self.rt.tls.clone().is_some();
         self.offer = Offer::new(caps.as_deref(), cfg.limits.max_message_size.0, starttls);
         if esmtp {
-            let mut out = std::mem::take(&mut self.wbuf);
+            let mut out = Vec::with_capacity(256);
             self.offer.write_reply(&cfg.hostname, &mut out);
-            self.wbuf = out;
+            self.conn.queue_raw(&out);
         } else {
             let line = format!("250 {}\r\n", cfg.hostname);
-            self.wbuf.extend_from_slice(line.as_bytes());
+            self.conn.queue_raw(line.as_bytes());
         }
         Next::Continue
     }

@@ -64,6 +64,7 @@ use crate::wire::data::DataReader;
 use crate::wire::path::Kind;
 use crate::wire::reply::{self, Reply, UpstreamReply};
 use arc_swap::ArcSwap;
+use conn::ClientConn;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -187,14 +188,9 @@ enum Next {
 }
 
 pub struct Session {
-    io: Box<dyn Stream>,
-    rbuf: Vec<u8>,
-    rpos: usize,
-    wbuf: Vec<u8>,
+    conn: ClientConn,
     shared: Arc<Shared>,
     peer: Peer,
-    shutdown: ShutdownSignal,
-    deadline: tokio::time::Instant,
     helo: Option<String>,
     esmtp: bool,
     tls: Option<TlsInfo>,
@@ -234,13 +230,8 @@ impl Session {
             checker,
             rules: shared.rules.current(),
             conn_checks,
-            io,
-            rbuf: initial,
-            rpos: 0,
-            wbuf: Vec::with_capacity(256),
+            conn: ClientConn::new(io, initial, shutdown, deadline),
             peer,
-            shutdown,
-            deadline,
             helo: None,
             esmtp: false,
             tls: None,
@@ -258,7 +249,7 @@ impl Session {
     /// Runs the session to its end.
     pub async fn run(mut self) {
         if let Some(delay) = self.rt.cfg.greeting.delay
-            && self.talks_before_greeting(delay.0).await
+            && self.conn.talks_within(delay.0).await
         {
             self.reply(&reply::PREGREET);
             RefusedConnection {
@@ -298,7 +289,7 @@ impl Session {
             }
         }
         let greeting = format!("220 {} ESMTP Portcullis\r\n", self.rt.cfg.hostname);
-        self.wbuf.extend_from_slice(greeting.as_bytes());
+        self.conn.queue_raw(greeting.as_bytes());
         loop {
             let line = self.next_line().await;
             let next = match line {
@@ -347,7 +338,7 @@ impl Session {
     }
 
     fn reply(&mut self, r: &Reply) {
-        r.write_to(&mut self.wbuf);
+        self.conn.queue(r);
     }
 
     /// A protocol error: reply, and hang up after `max_errors` (fewer

@@ -60,12 +60,11 @@ impl Session {
         if r.code == 421 {
             self.drop_upstream();
             for line in r.raw.split_inclusive(|&b| b == b'\n') {
-                self.wbuf.extend_from_slice(b"451");
-                self.wbuf
-                    .extend_from_slice(line.get(3..).unwrap_or_default());
+                self.conn.queue_raw(b"451");
+                self.conn.queue_raw(line.get(3..).unwrap_or_default());
             }
         } else {
-            self.wbuf.extend_from_slice(&r.raw);
+            self.conn.queue_raw(&r.raw);
         }
     }
 
