@@ -21,17 +21,16 @@
 //! - `runtime`: shutdown phases, connection limits, memory budget, streams.
 //! - `wire`: sans-IO SMTP on the wire: commands and paths, replies, the
 //!   DATA reader and dot-stuffing, PROXY in, XCLIENT and PROXY out.
-//! - `explain`, `stats`: offline verbs of the command line.
+//! - `cli`: the offline verbs `explain` and `stats` (no server).
 
 pub mod checks;
+pub mod cli;
 pub mod config;
 pub mod dns;
-pub mod explain;
 pub mod rules;
 pub mod runtime;
 pub mod server;
 pub mod session;
-pub mod stats;
 pub mod telemetry;
 pub mod upstream;
 pub mod verdict;

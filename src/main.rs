@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Check { config } => match Config::load(config.as_deref()) {
-            Ok(c) => match portcullis::server::load_rules(&c) {
+            Ok(c) => match portcullis::rules::load(&c) {
                 Ok(rules) => {
                     let problems = portcullis::server::preflight(&c);
                     if !problems.is_empty() {
@@ -137,9 +137,9 @@ fn main() -> ExitCode {
                     None => None,
                 };
                 let rt = tokio::runtime::Runtime::new()?;
-                rt.block_on(portcullis::explain::explain(
+                rt.block_on(portcullis::cli::explain::explain(
                     cfg,
-                    portcullis::explain::Input {
+                    portcullis::cli::explain::Input {
                         ip,
                         helo,
                         from,
@@ -194,7 +194,8 @@ fn stats(
     let lines = readers
         .into_iter()
         .flat_map(|r| BufReader::new(r).lines().map_while(Result::ok));
-    let report = portcullis::stats::compute(lines, &portcullis::stats::Window { since, until });
+    let report =
+        portcullis::cli::stats::compute(lines, &portcullis::cli::stats::Window { since, until });
     if let Some(path) = html {
         std::fs::write(&path, report.to_html())
             .with_context(|| format!("writing {}", path.display()))?;

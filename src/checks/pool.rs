@@ -39,10 +39,10 @@ pub fn check_threads() -> Option<&'static tokio::runtime::Handle> {
 /// against the memory budget lives as long as they do.
 pub type SharedMessage = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
-/// Why an evaluation gave no hits.
+/// An evaluation that gave no hits: it passed its budget, and `then`
+/// says what the message gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overran {
-    pub budget: Duration,
     pub then: Overrun,
 }
 
@@ -76,7 +76,6 @@ impl RulePool {
         message: SharedMessage,
     ) -> Result<Vec<Hit>, Overran> {
         let overran = Overran {
-            budget: self.budget,
             then: self.on_overrun,
         };
         let run = async {

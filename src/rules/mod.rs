@@ -294,6 +294,57 @@ fn locate_nth_rule(text: &str, id: &str, nth: usize, near: Option<&str>) -> (usi
     (start + 1, line.find("id:").unwrap_or(0) + 1)
 }
 
+/// The configured rules, or the default `rules` directory when it exists.
+pub fn load(cfg: &crate::config::Config) -> Result<Arc<Rules>, RuleErrors> {
+    let (dir, required) = match &cfg.rules_dir {
+        Some(d) => (d.clone(), true),
+        None => (PathBuf::from("rules"), false),
+    };
+    if !required && !dir.is_dir() {
+        tracing::info!("no rules directory: running without rules");
+        return Ok(Rules::new(dir, RuleSet::empty()));
+    }
+    let set = RuleSet::load_dir(&dir)?;
+    let unknown = unknown_zones(&set, cfg, &dir);
+    if !unknown.is_empty() {
+        return Err(RuleErrors(unknown));
+    }
+    Ok(Rules::new(dir, set))
+}
+
+/// DNSBL zones the rules name that the checks do not query: no rule can
+/// ever match them.
+pub fn unknown_zones(
+    set: &RuleSet,
+    cfg: &crate::config::Config,
+    dir: &std::path::Path,
+) -> Vec<RuleError> {
+    let configured: Vec<String> = cfg
+        .checks
+        .dnsbl
+        .zones
+        .iter()
+        .map(|z| z.zone.trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    set.dnsbl_zones()
+        .filter(|z| !configured.iter().any(|c| c == z.trim_end_matches('.')))
+        .map(|z| RuleError {
+            file: dir.display().to_string(),
+            line: 1,
+            column: 1,
+            rule: None,
+            message: format!(
+                "dnsbl: zone {z:?} is not in checks.dnsbl.zones ({}), so no rule can match it",
+                if configured.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    configured.join(", ")
+                }
+            ),
+        })
+        .collect()
+}
+
 /// The live rule set with its reload bookkeeping.
 pub struct Rules {
     dir: PathBuf,

@@ -7,7 +7,7 @@ pub mod tls;
 use crate::checks::Checker;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
-use crate::rules::{RuleSet, Rules};
+use crate::rules::Rules;
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::session::{Peer, Runtime, Session, Shared};
@@ -80,7 +80,7 @@ impl Server {
             }
             None => None,
         };
-        let rules = load_rules(&cfg)?;
+        let rules = crate::rules::load(&cfg)?;
         let shared = Arc::new(Shared {
             rules,
             upstream: Arc::new(Upstream::new(&cfg)?),
@@ -252,57 +252,6 @@ pub fn build_runtime(cfg: Arc<Config>) -> Result<Runtime, ServerError> {
         tls,
         cfg,
     })
-}
-
-/// The configured rules, or the default `rules` directory when it exists.
-pub fn load_rules(cfg: &Config) -> Result<Arc<Rules>, crate::rules::RuleErrors> {
-    let (dir, required) = match &cfg.rules_dir {
-        Some(d) => (d.clone(), true),
-        None => (std::path::PathBuf::from("rules"), false),
-    };
-    if !required && !dir.is_dir() {
-        tracing::info!("no rules directory: running without rules");
-        return Ok(Rules::new(dir, RuleSet::empty()));
-    }
-    let set = RuleSet::load_dir(&dir)?;
-    let unknown = unknown_zones(&set, cfg, &dir);
-    if !unknown.is_empty() {
-        return Err(crate::rules::RuleErrors(unknown));
-    }
-    Ok(Rules::new(dir, set))
-}
-
-/// DNSBL zones the rules name that the checks do not query: no rule can
-/// ever match them.
-fn unknown_zones(
-    set: &RuleSet,
-    cfg: &Config,
-    dir: &std::path::Path,
-) -> Vec<crate::rules::RuleError> {
-    let configured: Vec<String> = cfg
-        .checks
-        .dnsbl
-        .zones
-        .iter()
-        .map(|z| z.zone.trim_end_matches('.').to_ascii_lowercase())
-        .collect();
-    set.dnsbl_zones()
-        .filter(|z| !configured.iter().any(|c| c == z.trim_end_matches('.')))
-        .map(|z| crate::rules::RuleError {
-            file: dir.display().to_string(),
-            line: 1,
-            column: 1,
-            rule: None,
-            message: format!(
-                "dnsbl: zone {z:?} is not in checks.dnsbl.zones ({}), so no rule can match it",
-                if configured.is_empty() {
-                    "none configured".to_string()
-                } else {
-                    configured.join(", ")
-                }
-            ),
-        })
-        .collect()
 }
 
 /// What `run` would fail on that the config file alone cannot tell: the
@@ -527,7 +476,11 @@ impl ConfigReloader {
         let running = self.shared.runtime();
         let plan = crate::config::reload::plan(&running.cfg, new);
         let cfg = Arc::new(plan.effective);
-        let unknown = unknown_zones(&self.shared.rules.current(), &cfg, self.shared.rules.dir());
+        let unknown = crate::rules::unknown_zones(
+            &self.shared.rules.current(),
+            &cfg,
+            self.shared.rules.dir(),
+        );
         if !unknown.is_empty() {
             return Err(crate::rules::RuleErrors(unknown).to_string());
         }

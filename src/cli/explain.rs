@@ -5,7 +5,6 @@ use crate::checks::{CheckLog, Checker};
 use crate::config::{Config, Mode};
 use crate::dns::Dns;
 use crate::rules::Facts;
-use crate::server::load_rules;
 use crate::verdict::{Decision, Outcome};
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -84,7 +83,9 @@ pub async fn explain(mut cfg: Config, input: Input) -> Result<String, String> {
             *m = Mode::Off;
         }
     }
-    let rules = load_rules(&cfg).map_err(|e| e.to_string())?.current();
+    let rules = crate::rules::load(&cfg)
+        .map_err(|e| e.to_string())?
+        .current();
     let dns = Dns::new(&cfg.dns).map_err(|e| e.to_string())?;
     let checker = Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns));
     let mut out = String::new();
