@@ -1,15 +1,15 @@
 //! Integration tests, one binary: Portcullis started on 127.0.0.1:0 with
 //! a scripted upstream and in-process DNS, and real peers (Postfix, Exim,
-//! swaks; `#[ignore]`d, run by `.ci/run`). One module per area. Three
-//! tests keep binaries of their own because they observe process-wide
-//! state: `tests/metrics.rs` and `tests/health.rs` (the metrics recorder;
-//! they assert exact values) and `tests/log_line.rs` (tracing's callsite
-//! cache and a thread-local subscriber).
+//! swaks; `#[ignore]`d, run by `.ci/run`). One module per area. Four keep
+//! binaries of their own: `tests/metrics.rs` and `tests/health.rs` (the
+//! metrics recorder is process-wide and they assert exact values),
+//! `tests/log_line.rs` (tracing's callsite cache and a thread-local
+//! subscriber) and `tests/bounds.rs` (floods, heavy rules and slow clients
+//! measured in time: they must not share the process with other tests).
 
 #[path = "../common/mod.rs"]
 mod common;
 
-mod bounds;
 mod checks;
 mod cli;
 mod differential;

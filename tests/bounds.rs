@@ -1,7 +1,7 @@
 //! Portcullis's own bounds under attack, measured on the real binary: peak
 //! RSS (VmHWM) while messages of pathological shapes go through.
 
-use crate::common;
+mod common;
 
 use common::{FakeMta, Script};
 use std::process::{Child, Command};
