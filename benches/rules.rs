@@ -2,7 +2,7 @@
 //! and a 1 MB message: parse (mail-parser) + evaluate, and evaluate alone.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use portcullis::rules::{Facts, MessageFacts, RuleSet, RuleStage};
+use portcullis::rules::{Facts, MessageFacts, RuleSet, Stage};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
                     message: Some(&parsed),
                     ..Facts::default()
                 };
-                black_box(set.evaluate(RuleStage::Data, &facts))
+                black_box(set.evaluate(Stage::Data, &facts))
             })
         });
         let parsed = MessageFacts::parse(&raw);
@@ -85,7 +85,7 @@ fn bench(c: &mut Criterion) {
                     message: Some(&parsed),
                     ..Facts::default()
                 };
-                black_box(set.evaluate(RuleStage::Data, &facts))
+                black_box(set.evaluate(Stage::Data, &facts))
             })
         });
         g.finish();

@@ -283,8 +283,8 @@ async fn shutdown_signal() {
 /// Times the message rules on a sample 100 KB message, as `check`'s
 /// warning about a rule set too slow for the gate.
 fn sample_evaluation(set: &portcullis::rules::RuleSet, c: &Config) {
-    use portcullis::rules::{MessageFacts, OwnedFacts, RuleStage};
-    if !set.has_stage(RuleStage::Data) {
+    use portcullis::rules::{MessageFacts, OwnedFacts, Stage};
+    if !set.has_stage(Stage::Data) {
         return;
     }
     let mut sample =
@@ -299,7 +299,7 @@ fn sample_evaluation(set: &portcullis::rules::RuleSet, c: &Config) {
     let start = std::time::Instant::now();
     let parsed = MessageFacts::parse(sample.as_bytes());
     let facts = OwnedFacts::default();
-    let _ = set.evaluate(RuleStage::Data, &facts.view(Some(&parsed)));
+    let _ = set.evaluate(Stage::Data, &facts.view(Some(&parsed)));
     let took = start.elapsed();
     println!("rules: a 100 KB sample message takes {took:.1?}");
     let budget = c.checks.message_rules.budget.0;

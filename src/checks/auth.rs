@@ -8,7 +8,7 @@ use super::dnsbl::{Dnsbl, ZoneOutcome};
 use super::pool::{self, RulePool, SharedMessage};
 use crate::config::{Action, ChecksConfig, Mode, Overrun};
 use crate::dns::Dns;
-use crate::rules::{Facts, Hit, OwnedFacts, RuleAction, RuleSet, RuleStage};
+use crate::rules::{Facts, Hit, OwnedFacts, RuleAction, RuleSet, Stage};
 use crate::upstream::DnsName;
 use crate::verdict::{self, Finding, Outcome};
 use mail_auth::dmarc::Policy;
@@ -332,7 +332,7 @@ impl Checker {
             ..Facts::default()
         });
         let mut hits = Vec::new();
-        for stage in [RuleStage::Connect, RuleStage::Helo, RuleStage::Mail] {
+        for stage in [Stage::Connect, Stage::Helo, Stage::Mail] {
             hits.extend(rules.evaluate(stage, &facts));
         }
         let accepted = apply_rule_hits(&hits, &mut findings, &mut log, &mut t.add_headers);
@@ -550,7 +550,7 @@ impl Checker {
             results = results.with_iprev_result(r, ip);
         }
         let mut accepted = false;
-        if rules.has_stage(RuleStage::Data) {
+        if rules.has_stage(Stage::Data) {
             let facts = OwnedFacts::new(&t.log.with_results(facts.view(None)));
             match self
                 .pool
@@ -611,10 +611,10 @@ impl Checker {
         t: &mut TxnChecks,
         facts: &Facts<'_>,
     ) -> Option<Outcome> {
-        if t.skipped || !rules.has_stage(RuleStage::Rcpt) {
+        if t.skipped || !rules.has_stage(Stage::Rcpt) {
             return None;
         }
-        let hits = rules.evaluate(RuleStage::Rcpt, &t.log.with_results(facts.clone()));
+        let hits = rules.evaluate(Stage::Rcpt, &t.log.with_results(facts.clone()));
         let mut findings = Vec::new();
         if apply_rule_hits(&hits, &mut findings, &mut t.log, &mut t.add_headers) {
             t.skipped = true;

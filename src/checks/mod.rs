@@ -15,27 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
-/// Where in the dialogue a check runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Connect,
-    Helo,
-    Mail,
-    Rcpt,
-    Data,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Connect => "connect",
-            Stage::Helo => "helo",
-            Stage::Mail => "mail",
-            Stage::Rcpt => "rcpt",
-            Stage::Data => "data",
-        }
-    }
-}
+pub use crate::wire::stage::Stage;
 
 /// What a check decided. Haraka's vocabulary: continue, deny, deny-soft.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! of blocking threads, with a time budget per message.
 
 use crate::config::{MessageRules, Overrun};
-use crate::rules::{Hit, MessageFacts, OwnedFacts, RuleSet, RuleStage};
+use crate::rules::{Hit, MessageFacts, OwnedFacts, RuleSet, Stage};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -86,7 +86,7 @@ impl RulePool {
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
                 let parsed = MessageFacts::parse((*message).as_ref());
-                rules.evaluate(RuleStage::Data, &facts.view(Some(&parsed)))
+                rules.evaluate(Stage::Data, &facts.view(Some(&parsed)))
             })
             .await
             .map_err(|_| overran)

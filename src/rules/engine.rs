@@ -3,7 +3,7 @@
 //! so the cost grows with the message, not with the number of rules.
 
 use super::index::{DomainSet, NetSet};
-use super::model::{ActionDef, Cmp, Cond, Matcher, ReplyDef, RuleDef, RuleMode, RuleStage};
+use super::model::{ActionDef, Cmp, Cond, Matcher, ReplyDef, RuleDef, RuleMode, Stage};
 use crate::wire::reply::Reply;
 use ipnet::IpNet;
 use regex::RegexSet;
@@ -31,13 +31,13 @@ pub enum Target {
 
 impl Target {
     /// The first stage at which the value is known.
-    fn stage(&self) -> RuleStage {
+    fn stage(&self) -> Stage {
         match self {
-            Target::Reverse => RuleStage::Connect,
-            Target::Helo => RuleStage::Helo,
-            Target::MailFrom | Target::MailDomain => RuleStage::Mail,
-            Target::Rcpt | Target::RcptLocal | Target::RcptDomain => RuleStage::Rcpt,
-            _ => RuleStage::Data,
+            Target::Reverse => Stage::Connect,
+            Target::Helo => Stage::Helo,
+            Target::MailFrom | Target::MailDomain => Stage::Mail,
+            Target::Rcpt | Target::RcptLocal | Target::RcptDomain => Stage::Rcpt,
+            _ => Stage::Data,
         }
     }
 
@@ -133,7 +133,7 @@ impl RuleAction {
 pub struct Rule {
     pub id: String,
     pub description: String,
-    pub stage: RuleStage,
+    pub stage: Stage,
     pub mode: RuleMode,
     pub action: RuleAction,
     cond: Node,
@@ -533,16 +533,16 @@ fn fold(v: String, case: bool) -> String {
     if case { v } else { v.to_lowercase() }
 }
 
-fn node_stage(n: &Node) -> RuleStage {
+fn node_stage(n: &Node) -> Stage {
     match n {
-        Node::All(v) | Node::Any(v) => v.iter().map(node_stage).max().unwrap_or(RuleStage::Connect),
+        Node::All(v) | Node::Any(v) => v.iter().map(node_stage).max().unwrap_or(Stage::Connect),
         Node::Not(n) => node_stage(n),
         Node::Match(t, _) => t.stage(),
-        Node::Ip(_) | Node::Tls(_) => RuleStage::Connect,
-        Node::Number(Number::Size, _) | Node::Number(Number::RcptCount, _) => RuleStage::Data,
-        Node::Check(CheckKind::Spf, _) => RuleStage::Mail,
-        Node::Check(CheckKind::Dkim | CheckKind::Dmarc, _) => RuleStage::Data,
-        Node::Check(CheckKind::Iprev | CheckKind::Dnsbl, _) => RuleStage::Connect,
+        Node::Ip(_) | Node::Tls(_) => Stage::Connect,
+        Node::Number(Number::Size, _) | Node::Number(Number::RcptCount, _) => Stage::Data,
+        Node::Check(CheckKind::Spf, _) => Stage::Mail,
+        Node::Check(CheckKind::Dkim | CheckKind::Dmarc, _) => Stage::Data,
+        Node::Check(CheckKind::Iprev | CheckKind::Dnsbl, _) => Stage::Connect,
     }
 }
 
@@ -613,7 +613,7 @@ impl Compiled {
 
     /// Rules of `stage` that match `facts`, in order; an enforced `accept`
     /// stops the evaluation (the remaining rules are skipped).
-    pub fn evaluate(&self, stage: RuleStage, facts: &Facts<'_>) -> Vec<Hit> {
+    pub fn evaluate(&self, stage: Stage, facts: &Facts<'_>) -> Vec<Hit> {
         let mut m = Matches {
             sets: &self.sets,
             done: HashMap::new(),

@@ -13,7 +13,7 @@ const MAX_RULE_FILE: u64 = 16 << 20;
 const MAX_LIST_FILE: u64 = 256 << 20;
 
 pub use engine::{Facts, Hit, MessageFacts, OwnedFacts, Rule, RuleAction};
-pub use model::{RuleMode, RuleStage};
+pub use model::{RuleMode, Stage};
 
 use crate::telemetry::events::RulesReload;
 use crate::yaml;
@@ -85,7 +85,7 @@ impl RuleSet {
         &self.compiled.rules
     }
 
-    pub fn evaluate(&self, stage: RuleStage, facts: &Facts<'_>) -> Vec<Hit> {
+    pub fn evaluate(&self, stage: Stage, facts: &Facts<'_>) -> Vec<Hit> {
         self.compiled.evaluate(stage, facts)
     }
 
@@ -94,7 +94,7 @@ impl RuleSet {
         self.compiled.dnsbl_zones.iter().map(String::as_str)
     }
 
-    pub fn has_stage(&self, stage: RuleStage) -> bool {
+    pub fn has_stage(&self, stage: Stage) -> bool {
         self.compiled.rules.iter().any(|r| r.stage == stage)
     }
 
@@ -223,7 +223,7 @@ impl RuleSet {
 
     /// `portcullis check`'s summary: rules per stage and action, shadow rules.
     pub fn summary(&self) -> String {
-        let mut by: BTreeMap<(RuleStage, &str), usize> = BTreeMap::new();
+        let mut by: BTreeMap<(Stage, &str), usize> = BTreeMap::new();
         let mut shadow = Vec::new();
         for r in self.rules() {
             *by.entry((r.stage, r.action.kind())).or_default() += 1;

@@ -16,7 +16,7 @@ pub struct RuleDef {
     pub id: RuleId,
     pub description: String,
     #[serde(default)]
-    pub stage: Option<RuleStage>,
+    pub stage: Option<Stage>,
     pub when: Cond,
     pub action: ActionDef,
     #[serde(default)]
@@ -44,27 +44,7 @@ impl<'de> Deserialize<'de> for RuleId {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleStage {
-    Connect,
-    Helo,
-    Mail,
-    Rcpt,
-    Data,
-}
-
-impl RuleStage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuleStage::Connect => "connect",
-            RuleStage::Helo => "helo",
-            RuleStage::Mail => "mail",
-            RuleStage::Rcpt => "rcpt",
-            RuleStage::Data => "data",
-        }
-    }
-}
+pub use crate::wire::stage::Stage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -91,7 +91,7 @@ impl Session {
         // Rules on the message parse it whole (decoded parts, headers): up
         // to its size again, held from the budget like the message itself.
         if !over_budget
-            && self.rules.has_stage(RuleStage::Data)
+            && self.rules.has_stage(Stage::Data)
             && !reservation.ensure(msg.capacity() + msg.len())
         {
             over_budget = true;

@@ -41,7 +41,7 @@
 use crate::checks::pool::SharedMessage;
 use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
 use crate::config::{Action, BareNewline, Config, RejectAt};
-use crate::rules::{Facts, RuleSet, RuleStage, Rules};
+use crate::rules::{Facts, RuleSet, Rules};
 use crate::runtime::Stream;
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget, Reservation};
 use crate::runtime::shutdown::{Phase, ShutdownSignal};

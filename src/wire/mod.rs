@@ -9,3 +9,4 @@ pub mod identity;
 pub mod path;
 pub mod proxy;
 pub mod reply;
+pub mod stage;
