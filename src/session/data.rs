@@ -2,6 +2,7 @@
 //! of an accepted message to upstream.
 
 use super::*;
+use crate::checks::DataChecks;
 
 /// A received message and its share of the memory budget, given back when
 /// the last holder (the session, or a rule evaluation past its budget)
@@ -15,6 +16,17 @@ impl AsRef<[u8]> for Held {
     fn as_ref(&self) -> &[u8] {
         &self.bytes
     }
+}
+
+/// A message as read from the client, before any check.
+struct Received {
+    msg: Vec<u8>,
+    reservation: Reservation,
+    size: u64,
+    anomalies: crate::wire::data::Anomalies,
+    oversized: bool,
+    /// It did not fit in the memory budget (and was read to its end unkept).
+    over_budget: bool,
 }
 
 impl Session {
@@ -32,96 +44,24 @@ impl Session {
             return self.error(reply::NEED_RCPT);
         }
         self.reply(&reply::START_DATA);
-        let cfg = Arc::clone(&self.rt.cfg);
-        let mut reader = DataReader::new(cfg.limits.max_message_size.0, cfg.smtp.max_line_length);
-        let mut msg: Vec<u8> = Vec::new();
-        let mut reservation = self.shared.budget.reservation();
-        let mut over_budget = false;
-        loop {
-            let done = self.conn.feed_data(&mut reader, &mut msg);
-            if reader.is_storing() && !reservation.ensure(msg.capacity()) {
-                over_budget = true;
-                reader.stop_storing();
-            }
-            if !reader.is_storing() && msg.capacity() > 0 {
-                msg = Vec::new();
-                reservation.release();
-            }
-            if done {
-                break;
-            }
-            let until = tokio::time::Instant::now() + cfg.timeouts.data.0;
-            match self.fill(until, DATA_READ).await {
-                Fill::Data => {}
-                Fill::Closed => {
-                    // Nothing reaches upstream: its connection closes before any dot.
-                    self.drop_upstream();
-                    self.end_txn_abandoned("disconnect");
-                    return Next::Close;
-                }
-                Fill::Timeout => {
-                    self.drop_upstream();
-                    self.finish_txn(
-                        reader.size(),
-                        Stage::Data,
-                        &reply::TIMEOUT,
-                        "timeout:data",
-                        "",
-                    );
-                    self.reply(&reply::TIMEOUT);
-                    return Next::Close;
-                }
-                Fill::Shutdown => {
-                    self.drop_upstream();
-                    self.finish_txn(
-                        reader.size(),
-                        Stage::Data,
-                        &reply::SHUTTING_DOWN,
-                        "shutdown",
-                        "",
-                    );
-                    self.reply(&reply::SHUTTING_DOWN);
-                    return Next::Close;
-                }
-            }
-        }
-        self.conn.shrink();
-        let size = reader.size();
-        let a = reader.anomalies;
-        // Rules on the message parse it whole (decoded parts, headers): up
-        // to its size again, held from the budget like the message itself.
-        if !over_budget
-            && self.rules.has_stage(Stage::Data)
-            && !reservation.ensure(msg.capacity() + msg.len())
-        {
-            over_budget = true;
-        }
-        let local_refusal = if reader.oversized() {
-            Some((reply::SIZE_EXCEEDED, "limit:size"))
-        } else if over_budget {
-            Some((reply::OUT_OF_MEMORY, "limit:memory_budget"))
-        } else if a.nul {
-            Some((reply::NUL_IN_DATA, "protocol:nul"))
-        } else if a.bare_newline() && cfg.smtp.bare_newline == BareNewline::Reject {
-            Some((reply::BARE_NEWLINE, "protocol:bare_newline"))
-        } else if a.long_line {
-            Some((reply::LONG_LINE_IN_DATA, "protocol:line_length"))
-        } else {
-            None
+        let received = match self.read_message().await {
+            Ok(r) => r,
+            Err(next) => return next,
         };
-        let local_refusal = match local_refusal {
+        let size = received.size;
+        let refusal = match self.local_refusal(&received) {
             Some(r) => Some(r),
             None => {
                 let mut env = self.envelope();
-                env.message = Some(&msg);
+                env.message = Some(&received.msg);
                 match self.rt.checks.run(Stage::Data, &env).await {
                     Outcome::Refuse { reply, reason } => Some((reply, reason)),
                     Outcome::Continue => None,
                 }
             }
         };
-        if let Some((r, reason)) = local_refusal {
-            drop(msg);
+        if let Some((r, reason)) = refusal {
+            drop(received);
             self.finish_txn(size, Stage::Data, &r, reason, "");
             self.end_transaction("", UpReset::IfOpen).await;
             self.reply(&r);
@@ -130,8 +70,8 @@ impl Session {
         // From here the message is shared with the rule pool; it stays
         // counted against the budget until the last holder lets it go.
         let msg = Arc::new(Held {
-            bytes: msg,
-            _reservation: reservation,
+            bytes: received.msg,
+            _reservation: received.reservation,
         });
         let Some(mut checks) = self.txn.as_mut().map(|t| std::mem::take(&mut t.checks)) else {
             return Next::Continue;
@@ -165,12 +105,93 @@ impl Session {
                 self.finish_txn(size, Stage::Data, &r, &checked.outcome.reason, "");
                 self.end_transaction("", UpReset::IfOpen).await;
                 self.reply(&r);
-                return Next::Continue;
+                Next::Continue
             }
-            Decision::Accept | Decision::Tag => {}
+            Decision::Accept | Decision::Tag => self.relay_message(msg, &checked, size).await,
         }
-        // Our headers first, then the message without forged
-        // Authentication-Results fields: slices, never a copy of the body.
+    }
+
+    /// Reads the message to its final dot, keeping it within the memory
+    /// budget (a message that does not fit is read to its end, unkept).
+    /// Err: the session ended meanwhile (closed, timed out, shut down).
+    async fn read_message(&mut self) -> Result<Received, Next> {
+        let cfg = Arc::clone(&self.rt.cfg);
+        let mut reader = DataReader::new(cfg.limits.max_message_size.0, cfg.smtp.max_line_length);
+        let mut msg: Vec<u8> = Vec::new();
+        let mut reservation = self.shared.budget.reservation();
+        let mut over_budget = false;
+        loop {
+            let done = self.conn.feed_data(&mut reader, &mut msg);
+            if reader.is_storing() && !reservation.ensure(msg.capacity()) {
+                over_budget = true;
+                reader.stop_storing();
+            }
+            if !reader.is_storing() && msg.capacity() > 0 {
+                msg = Vec::new();
+                reservation.release();
+            }
+            if done {
+                break;
+            }
+            let until = tokio::time::Instant::now() + cfg.timeouts.data.0;
+            let (r, reason) = match self.fill(until, DATA_READ).await {
+                Fill::Data => continue,
+                Fill::Closed => {
+                    // Nothing reaches upstream: its connection closes before any dot.
+                    self.drop_upstream();
+                    self.end_txn_abandoned("disconnect");
+                    return Err(Next::Close);
+                }
+                Fill::Timeout => (reply::TIMEOUT, "timeout:data"),
+                Fill::Shutdown => (reply::SHUTTING_DOWN, "shutdown"),
+            };
+            self.drop_upstream();
+            self.finish_txn(reader.size(), Stage::Data, &r, reason, "");
+            self.reply(&r);
+            return Err(Next::Close);
+        }
+        self.conn.shrink();
+        // Rules on the message parse it whole (decoded parts, headers): up
+        // to its size again, held from the budget like the message itself.
+        if !over_budget
+            && self.rules.has_stage(Stage::Data)
+            && !reservation.ensure(msg.capacity() + msg.len())
+        {
+            over_budget = true;
+        }
+        Ok(Received {
+            size: reader.size(),
+            anomalies: reader.anomalies,
+            oversized: reader.oversized(),
+            over_budget,
+            msg,
+            reservation,
+        })
+    }
+
+    /// A refusal of the message as read (size, memory, hostile bytes),
+    /// before any check runs.
+    fn local_refusal(&self, m: &Received) -> Option<(Reply, &'static str)> {
+        let a = &m.anomalies;
+        if m.oversized {
+            Some((reply::SIZE_EXCEEDED, "limit:size"))
+        } else if m.over_budget {
+            Some((reply::OUT_OF_MEMORY, "limit:memory_budget"))
+        } else if a.nul {
+            Some((reply::NUL_IN_DATA, "protocol:nul"))
+        } else if a.bare_newline() && self.cfg().smtp.bare_newline == BareNewline::Reject {
+            Some((reply::BARE_NEWLINE, "protocol:bare_newline"))
+        } else if a.long_line {
+            Some((reply::LONG_LINE_IN_DATA, "protocol:line_length"))
+        } else {
+            None
+        }
+    }
+
+    /// Relays an accepted message to upstream and the client its answer:
+    /// our headers first, then the message without forged
+    /// Authentication-Results fields (slices, never a copy of the body).
+    async fn relay_message(&mut self, msg: Arc<Held>, checked: &DataChecks, size: u64) -> Next {
         let mut parts: Vec<&[u8]> = Vec::with_capacity(checked.remove.len() + 2);
         parts.push(checked.headers.as_bytes());
         let mut pos = 0;
