@@ -1,0 +1,175 @@
+//! Accepting connections: the accept loop, an incoming PROXY header,
+//! admission against the connection limits, and the session task with its
+//! hard deadline.
+
+use super::*;
+
+/// Binds with our own backlog: the default (128) overflows under bursts and
+/// leaves clients waiting for SYN-ACK retransmits.
+pub(super) fn bind(l: &Listen) -> std::io::Result<TcpListener> {
+    let sock = if l.addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(l.addr)?;
+    sock.listen(l.backlog)
+}
+
+fn session_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}{:06x}", epoch as u32, n)
+}
+
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    conf: Listen,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    shutdown: Arc<Shutdown>,
+    tracker: TaskTracker,
+) {
+    let mut signal = shutdown.signal();
+    let conf = Arc::new(conf);
+    loop {
+        let accepted = tokio::select! {
+            _ = signal.reached(Phase::Draining) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                tracker.spawn(connection(
+                    sock,
+                    peer,
+                    Arc::clone(&conf),
+                    Arc::clone(&shared),
+                    Arc::clone(&limits),
+                    shutdown.signal(),
+                ));
+            }
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(
+    sock: &mut TcpStream,
+    id: &str,
+    ip: std::net::IpAddr,
+    r: &Reply,
+    reason: &str,
+    limit: Duration,
+) {
+    let mut out = Vec::new();
+    r.write_to(&mut out);
+    let _ = tokio::time::timeout(limit, async {
+        let _ = sock.write_all(&out).await;
+        let _ = sock.shutdown().await;
+    })
+    .await;
+    RefusedConnection {
+        session: id,
+        client_ip: ip,
+        code: r.code,
+        enhanced: &r.enhanced_code().unwrap_or_default(),
+        reason,
+    }
+    .emit();
+}
+
+async fn connection(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    conf: Arc<Listen>,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    signal: shutdown::ShutdownSignal,
+) {
+    let _ = sock.set_nodelay(true);
+    let id = session_id();
+    let wait = shared.runtime().cfg.timeouts.command.0;
+    let Ok(local) = sock.local_addr() else { return };
+    let (client, local, initial) = if conf.proxy_protocol {
+        if !Config::is_trusted_proxy(&conf, peer.ip().to_canonical()) {
+            refuse(
+                &mut sock,
+                &id,
+                peer.ip(),
+                &reply::PROXY_REFUSED,
+                "proxy:untrusted",
+                wait,
+            )
+            .await;
+            return;
+        }
+        match proxy_in::read(&mut sock, wait).await {
+            Ok(p) => (
+                p.source.unwrap_or(peer),
+                p.destination.unwrap_or(local),
+                p.rest,
+            ),
+            Err(e) => {
+                tracing::info!(session = %id, proxy = %peer, error = %e, "bad PROXY header");
+                refuse(
+                    &mut sock,
+                    &id,
+                    peer.ip(),
+                    &reply::PROXY_REFUSED,
+                    "proxy:invalid",
+                    wait,
+                )
+                .await;
+                return;
+            }
+        }
+    } else {
+        (peer, local, Vec::new())
+    };
+    let _guard = match limits.acquire(client.ip()) {
+        Ok(g) => {
+            ConnectionOpened.emit();
+            g
+        }
+        Err(r) => {
+            refuse(
+                &mut sock,
+                &id,
+                client.ip(),
+                &reply::TOO_MANY_CONNECTIONS,
+                r.reason(),
+                wait,
+            )
+            .await;
+            return;
+        }
+    };
+    let id_for_log = id.clone();
+    let peer = Peer {
+        id,
+        addr: client,
+        local,
+    };
+    // The session watches its deadline at every read and write; this is
+    // the backstop for anything else it might wait on.
+    let hard = shared.runtime().cfg.timeouts.session.0 + SESSION_GRACE;
+    let session = Session::new(Box::new(sock), peer, shared, signal, initial);
+    let deadline = tokio::time::timeout(hard, session.run()).await.is_err();
+    ConnectionClosed {
+        session: &id_for_log,
+        deadline,
+    }
+    .emit();
+}

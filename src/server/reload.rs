@@ -1,0 +1,103 @@
+//! Reloads on SIGHUP: the config file (a new runtime snapshot for new
+//! sessions, restart-only keys named) and the certificate.
+
+use super::*;
+
+/// Reloads the config file (SIGHUP). What changed is in force for new
+/// sessions, certificate and DNS included, except the keys only a restart
+/// can change (`config::reload`), which are logged by key path. A file
+/// that does not load changes nothing.
+#[derive(Clone)]
+pub struct ConfigReloader {
+    pub(super) shared: Arc<Shared>,
+    pub started_at: u64,
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    /// Keys changed in the file that wait for a restart (status page).
+    pub needs_restart: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// What a successful reload did, by key path.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub applied: Vec<String>,
+    pub needs_restart: Vec<String>,
+}
+
+impl ConfigReloader {
+    pub async fn reload(&self, path: &std::path::Path) -> Result<Reloaded, String> {
+        let result = self.swap(path);
+        match &result {
+            Ok(r) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut keys) = self.needs_restart.lock() {
+                    keys.clone_from(&r.needs_restart);
+                }
+                ConfigReload::Done {
+                    config: path,
+                    applied: &r.applied,
+                    needs_restart: &r.needs_restart,
+                }
+                .emit();
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                ConfigReload::Failed { error: e }.emit();
+            }
+        }
+        if result.is_ok() {
+            // Tell the admin now, not at the next message, when what the
+            // new config points at does not answer.
+            let rt = self.shared.runtime();
+            if rt.checker.uses_dns() || self.shared.upstream.wants_client_name() {
+                rt.checker.dns.check_nameservers().await;
+            }
+            // A failure is logged (naming upstream) and counted by the probe.
+            let _ = self.shared.upstream.probe().await;
+        }
+        result
+    }
+
+    fn swap(&self, path: &std::path::Path) -> Result<Reloaded, String> {
+        let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
+        let running = self.shared.runtime();
+        let plan = crate::config::reload::plan(&running.cfg, new);
+        let cfg = Arc::new(plan.effective);
+        let unknown = crate::rules::unknown_zones(
+            &self.shared.rules.current(),
+            &cfg,
+            self.shared.rules.dir(),
+        );
+        if !unknown.is_empty() {
+            return Err(crate::rules::RuleErrors(unknown).to_string());
+        }
+        let runtime = build_runtime(cfg).map_err(|e| e.to_string())?;
+        self.shared.runtime.store(Arc::new(runtime));
+        Ok(Reloaded {
+            applied: plan.applied,
+            needs_restart: plan.needs_restart,
+        })
+    }
+}
+
+/// Reloads the certificate and key from the configured files (SIGHUP
+/// without a config file to reload).
+#[derive(Clone)]
+pub struct TlsReloader(pub(super) Arc<Shared>);
+
+impl TlsReloader {
+    pub fn reload(&self) -> Result<(), tls::TlsError> {
+        let rt = self.0.runtime();
+        let Some(t) = &rt.cfg.tls else {
+            return Ok(());
+        };
+        let acceptor = tls::acceptor(&t.cert, &t.key)?;
+        self.0.runtime.store(Arc::new(Runtime {
+            cfg: Arc::clone(&rt.cfg),
+            checks: Runtime::limit_checks(&rt.cfg),
+            checker: Arc::clone(&rt.checker),
+            tls: Some(acceptor),
+        }));
+        Ok(())
+    }
+}
