@@ -352,7 +352,11 @@ pub struct Rules {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     watch: Mutex<Option<Watch>>,
+    /// Told of every rule set a reload puts in force.
+    listeners: Mutex<Vec<Listener>>,
 }
+
+type Listener = Box<dyn Fn(Arc<RuleSet>) + Send + Sync>;
 
 /// The file watcher: the rules directory with its subdirectories, and the
 /// directories of list files kept elsewhere.
@@ -372,7 +376,15 @@ impl Rules {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             watch: Mutex::new(None),
+            listeners: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Calls `f` with each rule set a reload puts in force.
+    pub fn on_reload(&self, f: impl Fn(Arc<RuleSet>) + Send + Sync + 'static) {
+        if let Ok(mut l) = self.listeners.lock() {
+            l.push(Box::new(f));
+        }
     }
 
     /// The directory the rules are loaded from.
@@ -391,7 +403,13 @@ impl Rules {
             Ok(set) => {
                 let n = set.rules().len();
                 self.watch_lists(&set);
-                self.current.store(Arc::new(set));
+                let set = Arc::new(set);
+                self.current.store(Arc::clone(&set));
+                if let Ok(listeners) = self.listeners.lock() {
+                    for l in listeners.iter() {
+                        l(Arc::clone(&set));
+                    }
+                }
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 RulesReload::Done {
                     rules: n,

@@ -14,7 +14,7 @@ use status::StatusPage;
 use crate::checks::Checker;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
-use crate::rules::Rules;
+use crate::rules::{RuleSet, Rules};
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::session::{Peer, Runtime, Session, Shared};
@@ -88,12 +88,23 @@ impl Server {
             None => None,
         };
         let rules = crate::rules::load(&cfg)?;
+        let runtime = build_runtime(Arc::clone(&cfg), rules.current())?;
         let shared = Arc::new(Shared {
-            rules,
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
             limits: ConnectionLimits::new(cfg.connection_bounds()),
-            runtime: arc_swap::ArcSwap::from_pointee(build_runtime(Arc::clone(&cfg))?),
+            runtime: arc_swap::ArcSwap::from_pointee(runtime),
+            rules,
+        });
+        // A rules reload is a new runtime for new sessions, like any other.
+        let weak = Arc::downgrade(&shared);
+        shared.rules.on_reload(move |set| {
+            if let Some(shared) = weak.upgrade() {
+                shared.runtime.rcu(|rt| Runtime {
+                    rules: Arc::clone(&set),
+                    ..Runtime::clone(rt)
+                });
+            }
         });
         let config_reloads = ConfigReloader {
             shared: Arc::clone(&shared),
@@ -247,7 +258,7 @@ impl Server {
 
 /// What sessions read from a config: its limits as checks, the checks
 /// with their own DNS, and the STARTTLS acceptor.
-pub fn build_runtime(cfg: Arc<Config>) -> Result<Runtime, ServerError> {
+pub fn build_runtime(cfg: Arc<Config>, rules: Arc<RuleSet>) -> Result<Runtime, ServerError> {
     let tls = match &cfg.tls {
         Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
         None => None,
@@ -256,6 +267,7 @@ pub fn build_runtime(cfg: Arc<Config>) -> Result<Runtime, ServerError> {
     Ok(Runtime {
         checks: Runtime::limit_checks(&cfg),
         checker: Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns)),
+        rules,
         tls,
         cfg,
     })

@@ -71,8 +71,13 @@ impl ConfigReloader {
         if !unknown.is_empty() {
             return Err(crate::rules::RuleErrors(unknown).to_string());
         }
-        let runtime = build_runtime(cfg).map_err(|e| e.to_string())?;
-        self.shared.runtime.store(Arc::new(runtime));
+        let built = build_runtime(cfg, Arc::clone(&running.rules)).map_err(|e| e.to_string())?;
+        // The rules stay whatever is current (a rules reload may have
+        // swapped them meanwhile).
+        self.shared.runtime.rcu(|rt| Runtime {
+            rules: Arc::clone(&rt.rules),
+            ..built.clone()
+        });
         Ok(Reloaded {
             applied: plan.applied,
             needs_restart: plan.needs_restart,
@@ -92,12 +97,10 @@ impl TlsReloader {
             return Ok(());
         };
         let acceptor = tls::acceptor(&t.cert, &t.key)?;
-        self.0.runtime.store(Arc::new(Runtime {
-            cfg: Arc::clone(&rt.cfg),
-            checks: Runtime::limit_checks(&rt.cfg),
-            checker: Arc::clone(&rt.checker),
-            tls: Some(acceptor),
-        }));
+        self.0.runtime.rcu(|rt| Runtime {
+            tls: Some(acceptor.clone()),
+            ..Runtime::clone(rt)
+        });
         Ok(())
     }
 }

@@ -73,24 +73,27 @@ use tokio_rustls::TlsAcceptor;
 use txn::{Refusal, Said, Txn, TxnPhase};
 
 /// Everything a session reads that a reload can change. A session takes
-/// the current one when it starts and keeps it to the end; a reload of the
-/// config or the certificate builds a new one.
+/// the current one when it starts and keeps it to the end; every reload
+/// (config, rules, certificate) builds a new one.
+#[derive(Clone)]
 pub struct Runtime {
     pub cfg: Arc<Config>,
-    pub checks: Pipeline,
+    pub checks: Arc<Pipeline>,
     /// DNSBL, SPF, DKIM, DMARC, ARC, iprev.
     pub checker: Arc<Checker>,
+    /// The administrators' rules.
+    pub rules: Arc<RuleSet>,
     /// STARTTLS, when a certificate is configured.
     pub tls: Option<TlsAcceptor>,
 }
 
 impl Runtime {
     /// The size and recipient limits as a check pipeline.
-    pub fn limit_checks(cfg: &Config) -> Pipeline {
-        Pipeline::new(vec![Box::new(crate::checks::Limits {
+    pub fn limit_checks(cfg: &Config) -> Arc<Pipeline> {
+        Arc::new(Pipeline::new(vec![Box::new(crate::checks::Limits {
             max_message_size: cfg.limits.max_message_size.0,
             max_recipients: cfg.limits.max_recipients,
-        })])
+        })]))
     }
 }
 
@@ -101,7 +104,7 @@ pub struct Shared {
     pub budget: Arc<MemoryBudget>,
     /// Open sessions; tells when the gate is under stress.
     pub limits: Arc<ConnectionLimits>,
-    /// The administrators' rules, reloadable.
+    /// Loads and watches the rules (each reload swaps `runtime`).
     pub rules: Arc<Rules>,
 }
 
@@ -226,9 +229,9 @@ impl Session {
         let checker = Arc::clone(&rt.checker);
         let conn_checks = checker.connect(peer.addr.ip(), shared.upstream.wants_client_name());
         Session {
+            rules: Arc::clone(&rt.rules),
             rt,
             checker,
-            rules: shared.rules.current(),
             conn_checks,
             conn: ClientConn::new(io, initial, shutdown, deadline),
             peer,

@@ -32,7 +32,11 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
             portcullis::rules::RuleSet::empty(),
         ),
         runtime: arc_swap::ArcSwap::from_pointee(
-            portcullis::server::build_runtime(Arc::new(cfg)).unwrap(),
+            portcullis::server::build_runtime(
+                Arc::new(cfg),
+                Arc::new(portcullis::rules::RuleSet::empty()),
+            )
+            .unwrap(),
         ),
     })
 }
