@@ -227,3 +227,54 @@ async fn a_reload_to_a_certificate_that_does_not_load_changes_nothing() {
     assert!(g.starts_with("220 one.test"), "{g}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Rules and config reload into one snapshot: a config reload after a
+/// rules reload keeps the new rules, and a rules reload after a config
+/// reload keeps the new config.
+#[tokio::test]
+async fn rules_and_config_reloads_do_not_undo_each_other() {
+    let dns = FakeDns::start(ORIGINS, vec![]).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let dir = tmp("both");
+    let rule = |who: &str| {
+        format!(
+            "rules:\n  - id: BLOCK\n    description: x\n    when: {{mail_from: {{exact: {who}@x.test}}}}\n    action: reject\n"
+        )
+    };
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(dir.join("rules/r.yaml"), rule("one")).unwrap();
+    let file = dir.join("gate.yaml");
+    let base =
+        config(mta.addr, dns.addr, "hostname: one.test\n").replace(common::EMPTY_RULES, "rules");
+    std::fs::write(&file, &base).unwrap();
+    let cfg = portcullis::config::Config::load(Some(&file)).unwrap();
+    let server = portcullis::server::Server::bind(cfg).await.unwrap();
+    let _ = server.upstream().probe().await;
+    let (addr, reloader, rules) = (
+        server.local_addrs()[0],
+        server.config_reloader(),
+        server.rules(),
+    );
+    tokio::spawn(server.run(std::future::pending()));
+    let refused = |from: &'static str| async move {
+        let mut c = Client::connect(addr).await;
+        let g = c.reply().await;
+        c.cmd("EHLO c.test", "250").await;
+        c.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        c.line("RCPT TO:<b@r.test>").await;
+        (g, c.reply().await.starts_with("550"))
+    };
+    std::fs::write(dir.join("rules/r.yaml"), rule("two")).unwrap();
+    rules.reload().unwrap();
+    std::fs::write(&file, base.replace("one.test", "two.test")).unwrap();
+    reloader.reload(&file).await.unwrap();
+    let (g, r) = refused("two@x.test").await;
+    assert!(g.starts_with("220 two.test") && r, "{g} {r}");
+    assert!(!refused("one@x.test").await.1);
+    // And the other way round.
+    std::fs::write(dir.join("rules/r.yaml"), rule("three")).unwrap();
+    rules.reload().unwrap();
+    let (g, r) = refused("three@x.test").await;
+    assert!(g.starts_with("220 two.test") && r, "{g} {r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
