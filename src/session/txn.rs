@@ -75,6 +75,26 @@ impl From<&UpstreamReply> for Said {
     }
 }
 
+/// What a transaction's log line says of the transaction itself.
+struct Logged<'a> {
+    score: f64,
+    checks: &'a CheckLog,
+    rcpt_addrs: &'a [String],
+    mail_from: &'a str,
+    rcpts: usize,
+    started: Instant,
+}
+
+/// How a transaction ended, for its log line.
+struct Ending<'a> {
+    verdict: Verdict,
+    stage: Stage,
+    said: &'a Said,
+    reason: &'a str,
+    upstream: &'a str,
+    size: u64,
+}
+
 /// A refusal remembered for the log line.
 pub(super) struct Refusal {
     pub(super) code: u16,
@@ -180,18 +200,22 @@ impl Session {
             })
             .collect();
         self.record(
-            t.score,
-            &log,
-            &t.rcpt_list,
-            &t.mail.address,
-            t.rcpts,
-            t.started,
-            verdict,
-            stage,
-            said,
-            reason,
-            upstream,
-            size,
+            &Logged {
+                score: t.score,
+                checks: &log,
+                rcpt_addrs: &t.rcpt_list,
+                mail_from: &t.mail.address,
+                rcpts: t.rcpts,
+                started: t.started,
+            },
+            &Ending {
+                verdict,
+                stage,
+                said,
+                reason,
+                upstream,
+                size,
+            },
         );
     }
 
@@ -206,39 +230,29 @@ impl Session {
         upstream: &str,
     ) {
         let said = said.into();
-        let verdict = Verdict::from_code(said.code);
         self.record(
-            score,
-            &CheckLog::default(),
-            &[],
-            &m.address,
-            0,
-            started,
-            verdict,
-            Stage::Mail,
-            &said,
-            reason,
-            upstream,
-            0,
+            &Logged {
+                score,
+                checks: &CheckLog::default(),
+                rcpt_addrs: &[],
+                mail_from: &m.address,
+                rcpts: 0,
+                started,
+            },
+            &Ending {
+                verdict: Verdict::from_code(said.code),
+                stage: Stage::Mail,
+                said: &said,
+                reason,
+                upstream,
+                size: 0,
+            },
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn record(
-        &self,
-        score: f64,
-        checks: &CheckLog,
-        rcpt_addrs: &[String],
-        mail_from: &str,
-        rcpts: usize,
-        started: Instant,
-        verdict: Verdict,
-        stage: Stage,
-        said: &Said,
-        reason: &str,
-        upstream: &str,
-        size: u64,
-    ) {
+    /// The one place a transaction's log line is written.
+    fn record(&self, t: &Logged<'_>, end: &Ending<'_>) {
+        let (checks, said) = (t.checks, end.said);
         TxnRecord {
             session: &self.peer.id,
             client_ip: self.peer.addr.ip(),
@@ -246,16 +260,16 @@ impl Session {
             tls: self.tls.is_some(),
             tls_version: self.tls.as_ref().map_or("", |t| t.version.as_str()),
             tls_cipher: self.tls.as_ref().map_or("", |t| t.cipher.as_str()),
-            mail_from,
-            rcpt_count: rcpts,
-            size,
-            verdict,
-            stage: stage.as_str(),
+            mail_from: t.mail_from,
+            rcpt_count: t.rcpts,
+            size: end.size,
+            verdict: end.verdict,
+            stage: end.stage.as_str(),
             code: said.code,
             enhanced: &said.enhanced,
-            reason,
-            upstream_reply: upstream,
-            duration: started.elapsed(),
+            reason: end.reason,
+            upstream_reply: end.upstream,
+            duration: t.started.elapsed(),
             reverse: self.conn_checks.reverse().unwrap_or_default().to_string(),
             spf: &checks.spf,
             dkim: &checks.dkim,
@@ -265,8 +279,8 @@ impl Session {
             dnsbl: checks.dnsbl.join(" "),
             rules: checks.rules.join(" "),
             hits: checks.hits.join(" "),
-            rcpt_addrs: rcpt_addrs.to_vec(),
-            score,
+            rcpt_addrs: t.rcpt_addrs.to_vec(),
+            score: t.score,
         }
         .emit();
     }
