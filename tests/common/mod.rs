@@ -2,6 +2,7 @@
 //! 127.0.0.1:0, and a small SMTP client. Everything stays on loopback.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod dns;
 pub mod peers;
 
@@ -564,6 +565,11 @@ impl Gate {
     pub async fn start_with(yaml: &str) -> Gate {
         let cfg =
             Config::parse(&with_defaults(yaml), Path::new("test.yaml")).expect("test config valid");
+        Self::start_config(cfg).await
+    }
+
+    /// Starts Portcullis with a typed config (see `config::test_config`).
+    pub async fn start_config(cfg: Config) -> Gate {
         let server = Server::bind(cfg).await.expect("bind");
         // As `portcullis run` does: learn upstream's EHLO before serving.
         let _ = server.upstream().probe().await;

@@ -2,6 +2,8 @@
 //! overlong lines, early talkers, timeouts, TLS reload and upstream TLS.
 
 use crate::common;
+use common::config::{secs, test_config};
+use portcullis::config::BareNewline;
 
 use common::{Client, FakeMta, Gate, Script};
 use std::time::Duration;
@@ -71,7 +73,9 @@ async fn fooled_upstream_really_is_fooled_without_us() {
 #[tokio::test]
 async fn smuggling_sequences_in_reject_mode_are_refused_and_never_leak() {
     let mta = FakeMta::start(fooled_upstream()).await;
-    let gate = Gate::start(mta.addr, "smtp: {bare_newline: reject}\n").await;
+    let mut c = test_config(mta.addr);
+    c.smtp.bare_newline = BareNewline::Reject;
+    let gate = Gate::start_config(c).await;
     for seq in SEQUENCES {
         let mut c = Client::hello(gate.addr).await;
         let r = send_raw_message(&mut c, &smuggling_body(seq)).await;
@@ -96,7 +100,9 @@ async fn smuggling_sequences_in_reject_mode_are_refused_and_never_leak() {
 #[tokio::test]
 async fn smuggling_sequences_in_normalize_mode_deliver_exactly_one_message() {
     let mta = FakeMta::start(fooled_upstream()).await;
-    let gate = Gate::start(mta.addr, "smtp: {bare_newline: normalize}\n").await;
+    let mut c = test_config(mta.addr);
+    c.smtp.bare_newline = BareNewline::Normalize;
+    let gate = Gate::start_config(c).await;
     let mut delivered = 0;
     for seq in SEQUENCES {
         let mut c = Client::hello(gate.addr).await;
@@ -138,7 +144,9 @@ async fn bare_newlines_in_commands() {
     c.cmd("NOOP", "250").await;
     assert_eq!(mta.count("MAIL"), 0);
 
-    let gate = Gate::start(mta.addr, "smtp: {bare_newline: normalize}\n").await;
+    let mut c = test_config(mta.addr);
+    c.smtp.bare_newline = BareNewline::Normalize;
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     c.send(b"NOOP\n").await;
     assert!(c.reply().await.starts_with("250"));
@@ -159,7 +167,9 @@ async fn overlong_text_line_is_refused_and_limit_is_configurable() {
     assert!(r.starts_with("554 5.6.0"), "{r}");
     assert!(mta.stored().is_empty());
 
-    let gate = Gate::start(mta.addr, "smtp: {max_line_length: 2000}\n").await;
+    let mut c = test_config(mta.addr);
+    c.smtp.max_line_length = 2000;
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     let r = c
         .send_mail("a@sender.test", &["b@example.test"], body.as_bytes())
@@ -170,7 +180,9 @@ async fn overlong_text_line_is_refused_and_limit_is_configurable() {
 #[tokio::test]
 async fn early_talker_is_refused_and_a_patient_client_continues() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "greeting: {delay: 1s}\n").await;
+    let mut c = test_config(mta.addr);
+    c.greeting.delay = Some(secs(1));
+    let gate = Gate::start_config(c).await;
     let mut bot = Client::connect(gate.addr).await;
     bot.line("EHLO bot.test").await;
     let r = bot.reply().await;
@@ -197,7 +209,9 @@ async fn early_talker_is_refused_and_a_patient_client_continues() {
 #[tokio::test]
 async fn data_timeout_and_session_lifetime_give_421() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "timeouts: {data: 1s}\n").await;
+    let mut c = test_config(mta.addr);
+    c.timeouts.data = secs(1);
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "250").await;
@@ -210,7 +224,9 @@ async fn data_timeout_and_session_lifetime_give_421() {
     assert_eq!(mta.count("DATA"), 0);
 
     // A client that keeps talking still meets the total session limit.
-    let gate = Gate::start(mta.addr, "timeouts: {session: 2s}\n").await;
+    let mut c = test_config(mta.addr);
+    c.timeouts.session = secs(2);
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     let start = std::time::Instant::now();
     loop {

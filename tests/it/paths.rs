@@ -3,6 +3,7 @@
 //! (recipient) and never reach upstream.
 
 use crate::common;
+use common::config::test_config;
 
 use common::{Client, FakeMta, Gate, Script, message};
 
@@ -37,7 +38,9 @@ async fn valid_paths_reach_upstream_as_written() {
 #[tokio::test]
 async fn broken_paths_are_refused_before_upstream() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "limits: {max_errors: 100}\n").await;
+    let mut c = test_config(mta.addr);
+    c.limits.max_errors = 100;
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     let long_local = format!("<{}@example.test>", "l".repeat(300));
     let long_domain = format!("<b@{}.test>", vec!["d".repeat(60); 5].join("."));

@@ -2,6 +2,7 @@
 //! scripted upstream MTA.
 
 use crate::common;
+use common::config::{mib, secs, test_config};
 
 use common::{Client, FakeMta, Gate, Script, message};
 use std::collections::HashSet;
@@ -63,7 +64,9 @@ async fn several_transactions_reuse_one_upstream_connection() {
 #[tokio::test]
 async fn twenty_megabyte_message_arrives_intact() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "limits: {max_message_size: 25MiB}\n").await;
+    let mut c = test_config(mta.addr);
+    c.limits.max_message_size = mib(25);
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     let line = format!("{}\r\n", "abcdefghij".repeat(9));
     let mut body = String::with_capacity(20 << 20);
@@ -466,7 +469,9 @@ async fn concurrent_sessions_lose_and_duplicate_nothing() {
 #[tokio::test]
 async fn declared_size_over_limit_refused_at_mail() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "limits: {max_message_size: 1MiB}\n").await;
+    let mut c = test_config(mta.addr);
+    c.limits.max_message_size = mib(1);
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     let r = c.cmd("MAIL FROM:<a@sender.test> SIZE=2000000", "552").await;
     assert!(r.starts_with("552 5.3.4"), "{r}");
@@ -534,7 +539,9 @@ async fn memory_budget_exhausted_gives_452() {
 #[tokio::test]
 async fn too_many_recipients() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "limits: {max_recipients: 2}\n").await;
+    let mut c = test_config(mta.addr);
+    c.limits.max_recipients = 2;
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     c.cmd("RCPT TO:<r1@example.test>", "250").await;
@@ -574,7 +581,9 @@ async fn connection_limits_refuse_before_greeting() {
 #[tokio::test]
 async fn protocol_errors_and_sequence() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "limits: {max_errors: 6}\n").await;
+    let mut c = test_config(mta.addr);
+    c.limits.max_errors = 6;
+    let gate = Gate::start_config(c).await;
     let mut c = Client::connect(gate.addr).await;
     c.reply().await;
     c.cmd("MAIL FROM:<a@sender.test>", "503 5.5.1").await;
@@ -606,7 +615,9 @@ async fn overlong_command_line_keeps_sync() {
 #[tokio::test]
 async fn idle_client_times_out_with_421() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "timeouts: {command: 1s}\n").await;
+    let mut c = test_config(mta.addr);
+    c.timeouts.command = secs(1);
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     let r = c
         .try_reply(Duration::from_secs(5))
@@ -660,7 +671,9 @@ async fn incoming_proxy_header_only_from_trusted_proxies() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_transactions_and_closes_idle_sessions() {
     let mta = FakeMta::start(Script::default()).await;
-    let mut gate = Gate::start(mta.addr, "timeouts: {shutdown: 5s}\n").await;
+    let mut c = test_config(mta.addr);
+    c.timeouts.shutdown = secs(5);
+    let mut gate = Gate::start_config(c).await;
     let mut idle = Client::hello(gate.addr).await;
     let mut busy = Client::hello(gate.addr).await;
     busy.cmd("MAIL FROM:<a@sender.test>", "250").await;
@@ -687,7 +700,9 @@ async fn graceful_shutdown_finishes_transactions_and_closes_idle_sessions() {
 #[tokio::test]
 async fn shutdown_deadline_aborts_stuck_transactions_with_421() {
     let mta = FakeMta::start(Script::default()).await;
-    let mut gate = Gate::start(mta.addr, "timeouts: {shutdown: 1s}\n").await;
+    let mut c = test_config(mta.addr);
+    c.timeouts.shutdown = secs(1);
+    let mut gate = Gate::start_config(c).await;
     let mut busy = Client::hello(gate.addr).await;
     busy.cmd("MAIL FROM:<a@sender.test>", "250").await;
     busy.cmd("RCPT TO:<b@example.test>", "250").await;
@@ -704,7 +719,9 @@ async fn shutdown_deadline_aborts_stuck_transactions_with_421() {
 #[tokio::test]
 async fn ehlo_offers_only_what_upstream_supports() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "limits: {max_message_size: 10MiB}\n").await;
+    let mut c = test_config(mta.addr);
+    c.limits.max_message_size = mib(10);
+    let gate = Gate::start_config(c).await;
     let mut c = Client::connect(gate.addr).await;
     c.reply().await;
     let e = c.cmd("EHLO c.test", "250").await;

@@ -4,6 +4,7 @@
 //! is 503), so drift shows as a refused MAIL.
 
 use crate::common;
+use common::config::{kib, test_config};
 
 use common::{Client, FakeMta, Gate, Script, message};
 
@@ -140,7 +141,9 @@ async fn upstream_refusing_data_resets_it_before_the_next_mail() {
 #[tokio::test]
 async fn local_refusal_after_the_dot_resets_upstream() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "limits: {max_message_size: 1KiB}\n").await;
+    let mut c = test_config(mta.addr);
+    c.limits.max_message_size = kib(1);
+    let gate = Gate::start_config(c).await;
     let mut c = Client::hello(gate.addr).await;
     let big = message("big", &"y".repeat(4000));
     let r = c
