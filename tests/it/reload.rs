@@ -278,3 +278,22 @@ async fn rules_and_config_reloads_do_not_undo_each_other() {
     assert!(g.starts_with("220 two.test") && r, "{g} {r}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A typed test config written with `write_config` loads back unchanged,
+/// key for key (so tests may write configs without YAML strings).
+#[test]
+fn a_written_test_config_loads_back_unchanged() {
+    let mut cfg = common::config::test_config("127.0.0.1:2525".parse().unwrap());
+    cfg.hostname = "typed.test".into();
+    cfg.limits.max_message_size = common::config::mib(3);
+    cfg.greeting.delay = Some(common::config::secs(2));
+    cfg.checks.spf.mode = portcullis::config::Mode::Enforce;
+    let dir = tmp("typed");
+    let file = dir.join("gate.json");
+    common::config::write_config(&file, &cfg);
+    let back = portcullis::config::Config::load(Some(&file)).unwrap();
+    let changed = portcullis::config::reload::changed_keys(&cfg, &back);
+    assert!(changed.is_empty(), "{changed:?}");
+    assert!(portcullis::config::reload::key_paths(&cfg).len() > 50);
+    let _ = std::fs::remove_dir_all(&dir);
+}
