@@ -362,21 +362,32 @@ impl Checker {
     ) -> DataChecks {
         // A small message costs microseconds: the hop to another thread
         // would cost more than it saves (a quarter of the throughput in
-        // the load benchmark).
-        let inline = (**shared).as_ref().len() <= pool::INLINE_CHECK_BYTES;
+        // the load benchmark), and so would copying what it needs.
+        let threads =
+            pool::check_threads().filter(|_| (**shared).as_ref().len() > pool::INLINE_CHECK_BYTES);
+        let Some(threads) = threads else {
+            return self
+                .authenticate(c.ip, c.iprev.as_ref(), t, rules, facts, shared)
+                .await;
+        };
         let (me, rules, shared) = (Arc::clone(self), Arc::clone(rules), Arc::clone(shared));
         let (ip, iprev, facts) = (c.ip, c.iprev.clone(), OwnedFacts::new(&facts));
         let mut txn = std::mem::take(t);
-        let work = async move {
-            let data = me
-                .authenticate(ip, iprev.as_ref(), &mut txn, &rules, facts, &shared)
-                .await;
-            (txn, data)
-        };
-        let done = match pool::check_threads().filter(|_| !inline) {
-            Some(threads) => threads.spawn(work).await,
-            None => Ok(work.await),
-        };
+        let done = threads
+            .spawn(async move {
+                let data = me
+                    .authenticate(
+                        ip,
+                        iprev.as_ref(),
+                        &mut txn,
+                        &rules,
+                        facts.view(None),
+                        &shared,
+                    )
+                    .await;
+                (txn, data)
+            })
+            .await;
         match done {
             Ok((txn, data)) => {
                 *t = txn;
@@ -404,7 +415,7 @@ impl Checker {
         iprev: Option<&IprevOutput>,
         t: &mut TxnChecks,
         rules: &Arc<RuleSet>,
-        facts: OwnedFacts,
+        facts: Facts<'_>,
         shared: &SharedMessage,
     ) -> DataChecks {
         let message: &[u8] = (**shared).as_ref();
@@ -551,7 +562,7 @@ impl Checker {
         }
         let mut accepted = false;
         if rules.has_stage(Stage::Data) {
-            let facts = OwnedFacts::new(&t.log.with_results(facts.view(None)));
+            let facts = OwnedFacts::new(&t.log.with_results(facts));
             match self
                 .pool
                 .evaluate(Arc::clone(rules), facts, Arc::clone(shared))

@@ -188,9 +188,7 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         let dns_check = tokio::spawn(async move {
             loop {
-                let checker = Arc::clone(&shared.runtime().checker);
-                let in_use = checker.uses_dns() || shared.upstream.wants_client_name();
-                let wait = if !in_use || checker.dns.check_nameservers().await {
+                let wait = if shared.check_nameservers().await {
                     crate::dns::health::CHECK_UP
                 } else {
                     crate::dns::health::CHECK_DOWN

@@ -48,10 +48,7 @@ impl ConfigReloader {
         if result.is_ok() {
             // Tell the admin now, not at the next message, when what the
             // new config points at does not answer.
-            let rt = self.shared.runtime();
-            if rt.checker.uses_dns() || self.shared.upstream.wants_client_name() {
-                rt.checker.dns.check_nameservers().await;
-            }
+            self.shared.check_nameservers().await;
             // A failure is logged (naming upstream) and counted by the probe.
             let _ = self.shared.upstream.probe().await;
         }

@@ -113,6 +113,17 @@ impl Shared {
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
     }
+
+    /// Checks the current nameservers when anything asks them (a check,
+    /// or upstream wanting client names); true when they answer or when
+    /// nothing uses DNS.
+    pub async fn check_nameservers(&self) -> bool {
+        let rt = self.runtime();
+        if !rt.checker.uses_dns() && !self.upstream.wants_client_name() {
+            return true;
+        }
+        rt.checker.dns.check_nameservers().await
+    }
 }
 
 /// The negotiated TLS parameters, for the log line.

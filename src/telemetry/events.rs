@@ -13,20 +13,15 @@ fn flag(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
 }
 
-/// Upstream answered, or stopped answering, its probe or a connection.
-/// Logged when the state changes; the gauge always follows.
+/// Upstream began, or stopped, answering its probe or connections.
 pub struct UpstreamState<'a> {
     pub upstream: SocketAddr,
     pub error: Option<&'a str>,
-    pub changed: bool,
 }
 
 impl UpstreamState<'_> {
     pub fn emit(&self) {
         metrics::gauge!("portcullis_upstream_up").set(flag(self.error.is_none()));
-        if !self.changed {
-            return;
-        }
         match self.error {
             None => tracing::info!(upstream = %self.upstream, "upstream answers"),
             Some(e) => tracing::error!(

@@ -145,12 +145,14 @@ impl Upstream {
             s.identity = identity;
         }
         let now = err.is_none();
-        crate::telemetry::events::UpstreamState {
-            upstream: self.addr,
-            error: err.as_deref(),
-            changed: s.answering != Some(now),
+        // Every connection records; only a change is logged and counted.
+        if s.answering != Some(now) {
+            crate::telemetry::events::UpstreamState {
+                upstream: self.addr,
+                error: err.as_deref(),
+            }
+            .emit();
         }
-        .emit();
         s.answering = Some(now);
         s.last_error = err;
     }
