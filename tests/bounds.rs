@@ -319,19 +319,31 @@ async fn trickling_flood_from_one_network_does_not_lock_others_out() {
     println!("flood of 3000 from one /24: a normal client was through after {waited:?}");
     let waited = waited.expect("the normal client got in");
     assert!(waited < Duration::from_secs(3), "{waited:?}");
+    // Every connection that reached the gate was either admitted (within
+    // the network's 100) or refused at once; a loaded machine may also
+    // drop a few SYNs past the listen backlog, which is not ours to count.
     let mut admitted = 0;
     let mut per_network = 0;
+    let mut other = std::collections::BTreeMap::<String, usize>::new();
     for f in flood {
         let (first, _) = f.await.unwrap();
         if first.starts_with("220") {
             admitted += 1;
         } else if first.starts_with("421 4.7.0") {
             per_network += 1;
+        } else {
+            *other.entry(first).or_default() += 1;
         }
     }
-    println!("flood: {admitted} admitted, {per_network} refused 421 4.7.0");
+    println!("flood: {admitted} admitted, {per_network} refused 421 4.7.0, other: {other:?}");
     assert!(admitted <= 100, "{admitted} admitted");
-    assert!(per_network >= 2800, "{per_network} refused");
+    for reply in other.keys() {
+        assert!(
+            ["bind", "connect", "no greeting"].contains(&reply.as_str()),
+            "unexpected reply {reply:?}"
+        );
+    }
+    assert!(per_network >= 2700, "{per_network} refused");
 }
 
 /// Most slots taken by tricklers from many networks: stress mode bounds
