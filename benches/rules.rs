@@ -2,7 +2,7 @@
 //! and a 1 MB message: parse (mail-parser) + evaluate, and evaluate alone.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use portcullis::rules::{Facts, MessageFacts, RuleSet, Stage};
+use portcullis::rules::{Input, MessageFacts, RuleSet, Stage};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
@@ -71,9 +71,9 @@ fn bench(c: &mut Criterion) {
         g.bench_function("parse_and_evaluate", |b| {
             b.iter(|| {
                 let parsed = MessageFacts::parse(black_box(&raw));
-                let facts = Facts {
+                let facts = Input {
                     message: Some(&parsed),
-                    ..Facts::default()
+                    ..Input::default()
                 };
                 black_box(set.evaluate(Stage::Data, &facts))
             })
@@ -81,9 +81,9 @@ fn bench(c: &mut Criterion) {
         let parsed = MessageFacts::parse(&raw);
         g.bench_function("evaluate", |b| {
             b.iter(|| {
-                let facts = Facts {
+                let facts = Input {
                     message: Some(&parsed),
-                    ..Facts::default()
+                    ..Input::default()
                 };
                 black_box(set.evaluate(Stage::Data, &facts))
             })

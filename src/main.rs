@@ -60,6 +60,9 @@ enum Cmd {
         /// A message file to run the DATA stage on.
         #[arg(long)]
         message: Option<PathBuf>,
+        /// The client used STARTTLS (what `tls: true` rules see).
+        #[arg(long)]
+        tls: bool,
         /// No DNS: DNS-based checks are off, rules still run.
         #[arg(long)]
         no_dns: bool,
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
             from,
             rcpt,
             message,
+            tls,
             no_dns,
         } => {
             let run = || -> anyhow::Result<String> {
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
                         from,
                         rcpts: rcpt,
                         message: msg,
+                        tls,
                         no_dns,
                     },
                 ))
@@ -283,7 +288,7 @@ async fn shutdown_signal() {
 /// Times the message rules on a sample 100 KB message, as `check`'s
 /// warning about a rule set too slow for the gate.
 fn sample_evaluation(set: &portcullis::rules::RuleSet, c: &Config) {
-    use portcullis::rules::{MessageFacts, OwnedFacts, Stage};
+    use portcullis::rules::{MessageFacts, OwnedInput, Stage};
     if !set.has_stage(Stage::Data) {
         return;
     }
@@ -298,7 +303,7 @@ fn sample_evaluation(set: &portcullis::rules::RuleSet, c: &Config) {
     }
     let start = std::time::Instant::now();
     let parsed = MessageFacts::parse(sample.as_bytes());
-    let facts = OwnedFacts::default();
+    let facts = OwnedInput::default();
     let _ = set.evaluate(Stage::Data, &facts.view(Some(&parsed)));
     let took = start.elapsed();
     println!("rules: a 100 KB sample message takes {took:.1?}");

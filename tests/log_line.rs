@@ -32,6 +32,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     tls_transaction(&logs).await;
+    explain_sees_what_the_session_saw(&logs).await;
     checks_transaction(&logs).await;
     contract_transactions(&logs).await;
 
@@ -331,4 +332,157 @@ async fn contract_transactions(logs: &Captured) {
         ),
         (Some("accept"), Some(250), Some(1))
     );
+}
+
+/// One transaction through the proxy and through `portcullis explain`,
+/// from the same config: every check result, every rule hit (at connect,
+/// HELO, MAIL, RCPT and DATA, including the client's verified name and
+/// `tls: false`), the score, the verdict and the header block agree,
+/// because both drive the same `checks::Screen`.
+async fn explain_sees_what_the_session_saw(logs: &Captured) {
+    use base64::Engine;
+    use common::dns::{FakeDns, a, ptr, txt};
+    use mail_auth::crypto::Ed25519Key;
+    use mail_auth::dkim::DkimSigner;
+    use mail_auth::headers::HeaderWriter;
+    use portcullis::cli::explain;
+    let der = Ed25519Key::generate_pkcs8().unwrap();
+    let key = Ed25519Key::from_pkcs8_der(&der).unwrap();
+    let p = base64::engine::general_purpose::STANDARD.encode(key.public_key());
+    let dns = FakeDns::start(
+        &["test.", "in-addr.arpa."],
+        vec![
+            a("2.0.0.127.bl.test.", "127.0.0.2"),
+            a("9.113.0.203.bl.test.", "127.0.0.2"),
+            ptr("9.113.0.203.in-addr.arpa.", "good.test."),
+            a("good.test.", "203.0.113.9"),
+            txt("signed.test.", "v=spf1 ip4:203.0.113.0/24 -all"),
+            txt("_dmarc.signed.test.", "v=DMARC1; p=reject"),
+            txt(
+                "ed._domainkey.signed.test.",
+                &format!("v=DKIM1; k=ed25519; p={p}"),
+            ),
+        ],
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("portcullis-explain-same-{}", std::process::id()));
+    let rules = dir.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("50-every-stage.yaml"),
+        r#"rules:
+  - {id: GOOD_NAME, description: good_name, when: {reverse: {domain: [good.test]}}, action: {score: 0.5}}
+  - {id: HELO_SEEN, description: helo_seen, when: {helo: {exact: [mx.good.test]}}, action: {score: 0.25}}
+  - {id: CLEAR_TEXT, description: clear_text, when: {tls: false}, action: {score: 0.125}}
+  - {id: SPF_PASS, description: spf_pass, when: {spf: [pass]}, action: {score: -0.5}}
+  - {id: LISTED, description: listed, when: {dnsbl: [bl.test]}, action: {score: 1}}
+  - {id: IPREV_PASS, description: iprev_pass, when: {iprev: [pass]}, action: log}
+  - {id: RCPT_HERE, description: rcpt_here, when: {rcpt_domain: {domain: [example.test]}}, action: {add_header: {name: X-Here, value: "yes"}}}
+  - {id: DKIM_PASS, description: dkim_pass, when: {dkim: [pass]}, action: {score: 2}}
+  - {id: NAMED_LOTTERY, description: named_lottery, when: {all: [{reverse: {domain: [good.test]}}, {subject: {regex: lottery}}]}, action: {score: 0.0625}}
+  - {id: LOTTERY, description: lottery, when: {body: {regex: lottery}}, action: {score: 3}, mode: shadow}
+"#,
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let yaml = format!(
+        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0, proxy_protocol: true, trusted_proxies: [127.0.0.0/8]}}]\nupstream: {{addr: {}, client_identity: xclient}}\ndns: {{nameservers: [{}], timeout: 1s, attempts: 1}}\nrules_dir: {}\nchecks:\n  thresholds: {{tag: 3}}\n  spf: {{mode: enforce}}\n  dkim: {{mode: enforce}}\n  dmarc: {{mode: enforce}}\n  iprev: {{mode: enforce}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, score: 1}}]}}\n",
+        mta.addr,
+        dns.addr,
+        rules.display()
+    );
+    let path = dir.join("portcullis.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let msg = "From: a@signed.test\r\nTo: b@example.test\r\nSubject: lottery\r\n\r\nYou won the lottery.\r\n";
+    let sig = DkimSigner::from_key(key)
+        .domain("signed.test")
+        .selector("ed")
+        .headers(["From", "To", "Subject"])
+        .sign(msg.as_bytes())
+        .unwrap();
+    let msg = format!("{}{msg}", sig.to_header());
+
+    let gate = Gate::start_with(&yaml).await;
+    let mut c = Client::connect(gate.addr).await;
+    c.send(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 25\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("220"));
+    c.cmd("EHLO mx.good.test", "250").await;
+    let r = c
+        .send_mail("a@signed.test", &["b@example.test"], msg.as_bytes())
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    c.cmd("QUIT", "221").await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = text
+        .lines()
+        .filter(|l| l.contains("\"transaction\"") && l.contains("203.0.113.9"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .next()
+        .unwrap_or_else(|| panic!("no line in {text}"));
+
+    let cfg = portcullis::config::Config::load(Some(&path)).unwrap();
+    let x = explain::run(
+        cfg,
+        &explain::Input {
+            ip: "203.0.113.9".parse().unwrap(),
+            helo: "mx.good.test".into(),
+            from: "a@signed.test".into(),
+            rcpts: vec!["b@example.test".into()],
+            message: Some(msg.into_bytes()),
+            tls: false,
+            no_dns: false,
+        },
+    )
+    .await
+    .unwrap();
+    let data = x.data.as_ref().expect("the DATA stage ran");
+    let seen = serde_json::json!({
+        "spf": x.log.spf, "dkim": x.log.dkim, "dmarc": x.log.dmarc,
+        "iprev": x.log.iprev, "arc": x.log.arc, "dnsbl": x.log.dnsbl.join(" "),
+        "rules": x.log.rules.join(" "), "hits": x.log.hits.join(" "),
+        "score": data.outcome.score,
+        "verdict": match data.outcome.decision {
+            portcullis::verdict::Decision::Tag => "tag",
+            portcullis::verdict::Decision::Accept => "accept",
+            _ => "refused",
+        },
+    });
+    let keys = [
+        "spf", "dkim", "dmarc", "iprev", "arc", "dnsbl", "rules", "hits", "score", "verdict",
+    ];
+    let logged: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .map(|k| (k.to_string(), line[*k].clone()))
+        .collect();
+    assert_eq!(
+        serde_json::Value::Object(logged),
+        seen,
+        "session vs explain"
+    );
+    // Not vacuous: each stage contributed, and the rules saw the client's
+    // verified name and the clear-text session at every stage (before the
+    // one screen, explain's RCPT and DATA rules saw no name: NAMED_LOTTERY).
+    assert_eq!(line["spf"], "pass");
+    assert_eq!(line["dkim"], "pass");
+    assert_eq!(line["dmarc"], "pass");
+    assert_eq!(line["iprev"], "pass");
+    assert_eq!(line["dnsbl"], "bl.test=127.0.0.2");
+    assert_eq!(
+        line["rules"],
+        "GOOD_NAME CLEAR_TEXT LISTED IPREV_PASS HELO_SEEN SPF_PASS RCPT_HERE DKIM_PASS NAMED_LOTTERY LOTTERY(shadow)"
+    );
+    assert_eq!(line["verdict"], "tag");
+    // The same header block reached upstream as explain shows.
+    let stored = mta.stored();
+    assert_eq!(stored.len(), 1);
+    let data_text = String::from_utf8_lossy(&stored[0].data);
+    assert!(
+        data_text.starts_with(&data.headers),
+        "upstream got:\n{data_text}\nexplain:\n{}",
+        data.headers
+    );
+    assert!(data.headers.contains("X-Here: yes"), "{}", data.headers);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,7 +2,7 @@
 //! the same PTR-plus-forward lookup as iprev, whatever iprev's mode: Postfix
 //! behind us must see the client as it would have seen it itself.
 
-use crate::upstream::DnsName;
+use crate::wire::identity::DnsName;
 use crate::wire::path;
 use mail_auth::{IprevOutput, IprevResult};
 

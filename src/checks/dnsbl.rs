@@ -7,9 +7,11 @@
 //! domain lists TEST listed, INVALID not) are checked at start and every
 //! `self_test_interval`; a zone that fails is disabled until it passes.
 
-use crate::config::{Action, Zone, ZoneType};
+use super::{Check, Client, Facts, Found, Hook, Pending, act, done};
+use crate::config::{Action, DnsblConfig, Mode, Zone, ZoneType};
 use crate::dns::{AAnswer, Dns};
 use crate::telemetry::events::DnsblZone;
+use crate::verdict::{self, Finding};
 use futures_util::future::join_all;
 use mail_auth::dns::ToReverseName;
 use std::net::{IpAddr, Ipv4Addr};
@@ -211,6 +213,107 @@ impl Dnsbl {
                 z.disable(&why);
             }
         }
+    }
+}
+
+/// DNSBL as a check: the client's address from `connect` (looked up in
+/// the background from the moment the client connects), the HELO name,
+/// sender domain and reverse name in domain lists at MAIL.
+pub struct DnsblCheck {
+    cfg: DnsblConfig,
+    dnsbl: Arc<Dnsbl>,
+}
+
+impl DnsblCheck {
+    pub fn new(cfg: &DnsblConfig, dnsbl: Arc<Dnsbl>) -> DnsblCheck {
+        DnsblCheck {
+            cfg: cfg.clone(),
+            dnsbl,
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.cfg.mode != Mode::Off
+    }
+
+    /// Findings and log entries for the answers of a lookup.
+    fn record(&self, ip: IpAddr, outcomes: &[ZoneOutcome], found: &mut Found) {
+        for o in outcomes {
+            match o {
+                ZoneOutcome::Listed(hit) => {
+                    let codes: Vec<String> = hit.codes.iter().map(|c| c.to_string()).collect();
+                    found
+                        .log
+                        .dnsbl
+                        .push(format!("{}={}", hit.zone, codes.join("+")));
+                    found.log.dnsbl_zones.push(hit.zone.clone());
+                    let action = hit.action.unwrap_or(Action::Score(hit.score));
+                    let ip = ip.to_string();
+                    found.findings.push(Finding {
+                        check: "dnsbl",
+                        result: codes.join("+"),
+                        action: act(self.cfg.mode, action),
+                        reason: format!("dnsbl:{}", hit.zone),
+                        reply: verdict::dnsbl_listed(
+                            hit.text.as_deref(),
+                            &hit.zone,
+                            &ip,
+                            hit.txt.as_deref(),
+                        ),
+                    });
+                }
+                ZoneOutcome::Failed(e) => {
+                    tracing::warn!(error = %e, "DNSBL lookup failed");
+                    if self.cfg.on_error == Action::Tempfail {
+                        found.findings.push(Finding {
+                            check: "dnsbl",
+                            result: "temperror".into(),
+                            action: act(self.cfg.mode, Action::Tempfail),
+                            reason: "dnsbl:temperror".into(),
+                            reply: verdict::dns_tempfail(),
+                        });
+                    }
+                }
+                ZoneOutcome::Clean | ZoneOutcome::Unusable => {}
+            }
+        }
+    }
+}
+
+impl Check for DnsblCheck {
+    fn name(&self) -> &'static str {
+        "dnsbl"
+    }
+
+    fn start(&self, client: &Client, pending: &mut Pending) {
+        if self.on() && self.dnsbl.ip_zones().next().is_some() {
+            let (bl, ip) = (Arc::clone(&self.dnsbl), client.ip);
+            pending.dnsbl = Some(tokio::spawn(async move { bl.check_ip(ip).await }));
+        }
+    }
+
+    fn connect<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        self.record(f.client.ip, &f.client.dnsbl, &mut f.txn.found);
+        done()
+    }
+
+    fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        Box::pin(async move {
+            if !self.on() || self.dnsbl.domain_zones().next().is_none() {
+                return;
+            }
+            let mut domains = vec![f.client.helo.clone()];
+            domains.extend(
+                f.txn
+                    .sender
+                    .rsplit_once('@')
+                    .map(|(_, d)| d.to_ascii_lowercase()),
+            );
+            domains.extend(f.client.reverse().map(str::to_string));
+            domains.dedup();
+            let outcomes = self.dnsbl.check_domains(&domains).await;
+            self.record(f.client.ip, &outcomes, &mut f.txn.found);
+        })
     }
 }
 

@@ -1,27 +1,33 @@
-//! Per-transaction limits as a check: declared SIZE and recipient count.
+//! Per-transaction limits: the declared SIZE at MAIL and the recipient
+//! count at RCPT. They refuse at once (not through the verdict) and hold
+//! for allow-listed clients too.
 
-use super::{Check, CheckFuture, Envelope, Outcome, Stage};
+use super::{Check, Facts, Hook, Txn, done};
+use crate::config::LimitsConfig;
 use crate::wire::reply;
 
 pub struct Limits {
-    pub max_message_size: u64,
-    pub max_recipients: usize,
+    max_message_size: u64,
+    max_recipients: usize,
 }
 
 impl Limits {
-    fn decide(&self, stage: Stage, env: &Envelope<'_>) -> Outcome {
-        match stage {
-            Stage::Mail if env.declared_size.is_some_and(|s| s > self.max_message_size) => {
-                Outcome::Refuse {
-                    reply: reply::SIZE_EXCEEDED,
-                    reason: "limit:size",
-                }
-            }
-            Stage::Rcpt if env.rcpts >= self.max_recipients => Outcome::Refuse {
-                reply: reply::TOO_MANY_RCPTS,
-                reason: "limit:recipients",
-            },
-            _ => Outcome::Continue,
+    pub fn new(cfg: &LimitsConfig) -> Limits {
+        Limits {
+            max_message_size: cfg.max_message_size.0,
+            max_recipients: cfg.max_recipients,
+        }
+    }
+
+    fn at_mail(&self, t: &mut Txn) {
+        if t.declared_size.is_some_and(|s| s > self.max_message_size) {
+            t.found.refuse_now = Some((reply::SIZE_EXCEEDED, "limit:size"));
+        }
+    }
+
+    fn at_rcpt(&self, t: &mut Txn) {
+        if t.rcpts.len() >= self.max_recipients {
+            t.found.refuse_now = Some((reply::TOO_MANY_RCPTS, "limit:recipients"));
         }
     }
 }
@@ -31,9 +37,18 @@ impl Check for Limits {
         "limits"
     }
 
-    fn check<'a>(&'a self, stage: Stage, env: &'a Envelope<'a>) -> CheckFuture<'a> {
-        let outcome = self.decide(stage, env);
-        Box::pin(std::future::ready(outcome))
+    fn always(&self) -> bool {
+        true
+    }
+
+    fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        self.at_mail(&mut f.txn);
+        done()
+    }
+
+    fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        self.at_rcpt(&mut f.txn);
+        done()
     }
 }
 
@@ -41,38 +56,43 @@ impl Check for Limits {
 mod tests {
     use super::*;
 
-    fn env(size: Option<u64>, rcpts: usize) -> Envelope<'static> {
-        Envelope {
-            client: "192.0.2.1:1".parse().unwrap(),
-            helo: Some("h"),
-            mail_from: Some("a@b"),
-            declared_size: size,
-            rcpts,
-            message: None,
+    fn limits() -> Limits {
+        Limits {
+            max_message_size: 100,
+            max_recipients: 2,
         }
     }
 
+    fn refusal(t: &Txn) -> Option<(u16, String, &'static str)> {
+        t.found
+            .refuse_now
+            .as_ref()
+            .map(|(r, why)| (r.code, r.enhanced_code().unwrap_or_default(), *why))
+    }
+
     #[test]
-    fn size_and_recipients() {
-        let l = Limits {
-            max_message_size: 100,
-            max_recipients: 2,
+    fn declared_size_over_the_limit_is_refused_at_mail() {
+        let mut t = Txn {
+            declared_size: Some(100),
+            ..Txn::default()
         };
-        assert_eq!(l.decide(Stage::Mail, &env(Some(100), 0)), Outcome::Continue);
-        let Outcome::Refuse { reply, .. } = l.decide(Stage::Mail, &env(Some(101), 0)) else {
-            panic!("not refused")
+        limits().at_mail(&mut t);
+        assert_eq!(refusal(&t), None);
+        t.declared_size = Some(101);
+        limits().at_mail(&mut t);
+        assert_eq!(refusal(&t), Some((552, "5.3.4".into(), "limit:size")));
+    }
+
+    #[test]
+    fn recipients_past_the_limit_are_refused_at_rcpt() {
+        let mut t = Txn {
+            rcpts: vec!["a@x".into()],
+            ..Txn::default()
         };
-        assert_eq!(
-            (reply.code, reply.enhanced_code().unwrap().as_str()),
-            (552, "5.3.4")
-        );
-        assert_eq!(l.decide(Stage::Rcpt, &env(None, 1)), Outcome::Continue);
-        let Outcome::Refuse { reply, .. } = l.decide(Stage::Rcpt, &env(None, 2)) else {
-            panic!("not refused")
-        };
-        assert_eq!(
-            (reply.code, reply.enhanced_code().unwrap().as_str()),
-            (452, "4.5.3")
-        );
+        limits().at_rcpt(&mut t);
+        assert_eq!(refusal(&t), None);
+        t.rcpts.push("b@x".into());
+        limits().at_rcpt(&mut t);
+        assert_eq!(refusal(&t), Some((452, "4.5.3".into(), "limit:recipients")));
     }
 }

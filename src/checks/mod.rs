@@ -1,70 +1,266 @@
-//! Checks run at each stage of the dialogue. A check returns an `Outcome`;
-//! only the session writes replies and only `upstream` talks to the MTA.
+//! The check engine. Every check is one `Check` in its own file, with
+//! hooks per stage that default to doing nothing; a hook reads the `Facts`
+//! known so far and adds `Finding`s (what it found and what that leads to).
+//! `Screen` runs them for one client, stage by stage, without any I/O of
+//! its own; `verdict::decide` turns the findings into one decision.
+//!
+//! Adding a check: a file here with a type that implements `Check`, and
+//! one line in `Engine::new`. The order there is the order they run in,
+//! and later checks see the results of earlier ones (DMARC reads SPF and
+//! DKIM; the rules read everything).
 
-pub mod auth;
+mod arc;
+mod auth_results;
 mod client_name;
+mod dkim;
+mod dmarc;
 pub mod dnsbl;
+mod iprev;
 mod limits;
 pub mod pool;
+mod rules;
+mod screen;
+mod spf;
 
-pub use auth::{CheckLog, Checker, ConnChecks, DataChecks, TxnChecks};
-pub use limits::Limits;
+pub use screen::{DataChecks, Screen, Screened};
 
+use crate::config::{Action, ChecksConfig, Config, Mode, Thresholds};
+use crate::dns::Dns;
+use crate::rules::RuleSet;
+use crate::verdict::Finding;
+use crate::wire::identity::DnsName;
 use crate::wire::reply::Reply;
+use dnsbl::{Dnsbl, ZoneOutcome};
+use mail_auth::{ArcOutput, AuthenticatedMessage, DkimOutput, DmarcOutput, IprevOutput, SpfOutput};
+use pool::SharedMessage;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::IpAddr;
+use std::ops::Range;
 use std::pin::Pin;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
 
 pub use crate::wire::stage::Stage;
 
-/// What a check decided. Haraka's vocabulary: continue, deny, deny-soft.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Continue,
-    /// Refuse with a 5xx (or 4xx for limits that the sender can retry).
-    Refuse {
-        reply: Reply,
-        reason: &'static str,
-    },
+/// What a hook returns: it has added its findings when it resolves.
+pub type Hook<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// A hook with nothing to do (a boxed ready future of size zero does not
+/// allocate).
+pub fn done<'a>() -> Hook<'a> {
+    Box::pin(std::future::ready(()))
 }
 
-/// What checks can see. Fields fill in as the dialogue goes on.
-#[derive(Debug, Clone, Copy)]
-pub struct Envelope<'a> {
-    pub client: SocketAddr,
-    pub helo: Option<&'a str>,
-    pub mail_from: Option<&'a str>,
-    pub declared_size: Option<u64>,
-    /// Recipients accepted so far (before the one being checked at RCPT).
-    pub rcpts: usize,
-    pub message: Option<&'a [u8]>,
-}
-
-pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
-
+/// One check. The stages run in the order of the dialogue: `start` when
+/// the client connects (begin lookups, do not wait), `connect` when the
+/// connection's verdict is wanted (before the greeting with `reject_at:
+/// connect`, else at the first MAIL), then `mail`, each `rcpt`, `data`.
+/// The verdict on everything before RCPT is given at MAIL (a delayed
+/// reject, as Postfix's `smtpd_delay_reject`), so that the log names the
+/// sender and the recipients.
 pub trait Check: Send + Sync {
     fn name(&self) -> &'static str;
-    fn check<'a>(&'a self, stage: Stage, env: &'a Envelope<'a>) -> CheckFuture<'a>;
+
+    /// Runs for allow-listed clients and senders too (size and count limits).
+    fn always(&self) -> bool {
+        false
+    }
+
+    /// The client connected: start lookups in the background.
+    fn start(&self, _client: &Client, _pending: &mut Pending) {}
+
+    /// The connection's own findings (the client's address and name).
+    fn connect<'a>(&'a self, _f: &'a mut Facts) -> Hook<'a> {
+        done()
+    }
+
+    fn mail<'a>(&'a self, _f: &'a mut Facts) -> Hook<'a> {
+        done()
+    }
+
+    /// One recipient, in `f.txn.rcpt`; findings that refuse apply to it alone.
+    fn rcpt<'a>(&'a self, _f: &'a mut Facts) -> Hook<'a> {
+        done()
+    }
+
+    /// The whole message. The check outlives the message's parse (`'m`):
+    /// results that borrow from both (DKIM, ARC) go into `m`.
+    fn data<'a, 'm: 'a>(&'m self, _f: &'a mut Facts, _m: &'a mut Message<'m>) -> Hook<'a> {
+        done()
+    }
 }
 
-/// The checks in the order they run; the first refusal wins.
+/// What is known of the client. Filled at connect, HELO and STARTTLS, and
+/// when the lookups started at connect have finished.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub ip: IpAddr,
+    pub tls: bool,
+    pub helo: String,
+    /// Allow-listed: no checks but the limits.
+    pub allowed: bool,
+    /// The DNSBL answers for the client's address.
+    pub dnsbl: Vec<ZoneOutcome>,
+    /// PTR with forward confirmation, when iprev is on.
+    pub iprev: Option<IprevOutput>,
+    /// XCLIENT NAME and REVERSE_NAME; the first is the verified name.
+    pub names: Option<(DnsName, DnsName)>,
+}
+
+impl Client {
+    /// The verified reverse name, once the lookup has finished.
+    pub fn reverse(&self) -> Option<&str> {
+        self.names.as_ref().and_then(|(name, _)| name.known())
+    }
+}
+
+/// Lookups started at connect and awaited when a stage needs them.
 #[derive(Default)]
-pub struct Pipeline {
+pub struct Pending {
+    pub dnsbl: Option<JoinHandle<Vec<ZoneOutcome>>>,
+    /// PTR plus forward confirmation: for iprev and for upstream.
+    pub iprev: Option<JoinHandle<IprevOutput>>,
+    /// Keep the iprev result as a check result (not only the names).
+    pub iprev_is_check: bool,
+}
+
+/// One transaction: the envelope so far and what the checks found.
+#[derive(Debug, Clone, Default)]
+pub struct Txn {
+    pub sender: String,
+    pub declared_size: Option<u64>,
+    /// Recipients accepted so far.
+    pub rcpts: Vec<String>,
+    /// At RCPT: the recipient being checked.
+    pub rcpt: String,
+    /// The message's size, at DATA.
+    pub size: Option<u64>,
+    pub spf_helo: Option<SpfOutput>,
+    pub spf_mail: Option<SpfOutput>,
+    pub found: Found,
+}
+
+/// What the checks found so far in a transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    pub findings: Vec<Finding>,
+    /// The check results for the log line and the rules.
+    pub log: CheckLog,
+    /// Headers added by rules (`add_header`).
+    pub add_headers: Vec<String>,
+    /// No further checks run (allow-listed client or sender, or an
+    /// enforced `accept` rule).
+    pub skipped: bool,
+    /// Refuse now, before any verdict (the limits).
+    pub refuse_now: Option<(Reply, &'static str)>,
+}
+
+/// The check results for the transaction log line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckLog {
+    pub spf: String,
+    pub dkim: String,
+    pub dmarc: String,
+    pub iprev: String,
+    pub arc: String,
+    /// `zone=code,code` for each listing.
+    pub dnsbl: Vec<String>,
+    /// The zones of those listings, for the rules.
+    pub dnsbl_zones: Vec<String>,
+    /// Rules that matched: `ID`, or `ID(shadow)`.
+    pub rules: Vec<String>,
+    /// Every check and rule finding with its effect: `spf:softfail=3`,
+    /// `dnsbl:zen.spamhaus.org=reject`.
+    pub hits: Vec<String>,
+}
+
+/// Everything known about one client and its current transaction: what
+/// the checks read and add to.
+#[derive(Clone)]
+pub struct Facts {
+    pub client: Client,
+    pub txn: Txn,
+    /// The rules this client's session started with.
+    pub rules: Arc<RuleSet>,
+}
+
+/// The message at the end of DATA, parsed once for every check.
+pub struct Message<'m> {
+    pub raw: &'m [u8],
+    /// For work handed to the rule pool.
+    pub shared: &'m SharedMessage,
+    pub parsed: &'m AuthenticatedMessage<'m>,
+    pub from: String,
+    pub from_domain: String,
+    pub dkim: Vec<DkimOutput<'m>>,
+    pub dmarc: Option<DmarcOutput>,
+    pub arc: Option<ArcOutput<'m>>,
+    /// Our header block (Authentication-Results first).
+    pub headers: String,
+    /// Forged Authentication-Results fields to drop.
+    pub remove: Vec<Range<usize>>,
+}
+
+/// The checks of one configuration, shared by all sessions.
+pub struct Engine {
+    pub cfg: ChecksConfig,
+    pub hostname: String,
+    pub dns: Arc<Dns>,
+    pub dnsbl: Arc<Dnsbl>,
     checks: Vec<Box<dyn Check>>,
 }
 
-impl Pipeline {
-    pub fn new(checks: Vec<Box<dyn Check>>) -> Pipeline {
-        Pipeline { checks }
+impl Engine {
+    /// The checks of `cfg`, in the order they run.
+    pub fn new(cfg: &Config, dns: Arc<Dns>) -> Engine {
+        let c = &cfg.checks;
+        let dnsbl = Arc::new(Dnsbl::new(&c.dnsbl.zones, Arc::clone(&dns)));
+        let host = cfg.hostname.clone();
+        let checks: Vec<Box<dyn Check>> = vec![
+            Box::new(limits::Limits::new(&cfg.limits)),
+            Box::new(dnsbl::DnsblCheck::new(&c.dnsbl, Arc::clone(&dnsbl))),
+            Box::new(iprev::Iprev::new(&c.iprev, Arc::clone(&dns))),
+            Box::new(spf::Spf::new(&c.spf, &host, Arc::clone(&dns))),
+            Box::new(dkim::Dkim::new(c, Arc::clone(&dns))),
+            Box::new(dmarc::Dmarc::new(&c.dmarc, Arc::clone(&dns))),
+            Box::new(arc::ArcCheck::new(&c.arc, Arc::clone(&dns))),
+            Box::new(rules::Rules::new(&c.message_rules)),
+            Box::new(auth_results::AuthResults::new(c, &host)),
+        ];
+        Engine {
+            cfg: c.clone(),
+            hostname: host,
+            dns,
+            dnsbl,
+            checks,
+        }
     }
 
-    pub async fn run(&self, stage: Stage, env: &Envelope<'_>) -> Outcome {
-        for c in &self.checks {
-            let outcome = c.check(stage, env).await;
-            if outcome != Outcome::Continue {
-                return outcome;
-            }
-        }
-        Outcome::Continue
+    pub fn thresholds(&self) -> &Thresholds {
+        &self.cfg.thresholds
+    }
+
+    /// Whether any check asks DNS (and so its nameservers are worth checking).
+    pub fn uses_dns(&self) -> bool {
+        let c = &self.cfg;
+        [
+            c.spf.mode,
+            c.dkim.mode,
+            c.dmarc.mode,
+            c.arc.mode,
+            c.iprev.mode,
+        ]
+        .iter()
+        .any(|m| *m != Mode::Off)
+            || (c.dnsbl.mode != Mode::Off && !self.dnsbl.zones.is_empty())
+    }
+}
+
+/// `record` mode never acts.
+pub fn act(mode: Mode, action: Action) -> Action {
+    if mode == Mode::Enforce {
+        action
+    } else {
+        Action::Accept
     }
 }

@@ -5,7 +5,7 @@
 //! of blocking threads, with a time budget per message.
 
 use crate::config::{MessageRules, Overrun};
-use crate::rules::{Hit, MessageFacts, OwnedFacts, RuleSet, Stage};
+use crate::rules::{Hit, MessageFacts, OwnedInput, RuleSet, Stage};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -72,7 +72,7 @@ impl RulePool {
     pub async fn evaluate(
         &self,
         rules: Arc<RuleSet>,
-        facts: OwnedFacts,
+        facts: OwnedInput,
         message: SharedMessage,
     ) -> Result<Vec<Hit>, Overran> {
         let overran = Overran {

@@ -1,11 +1,13 @@
-//! `portcullis explain`: the whole pipeline for one made-up transaction,
-//! without a network client, printed step by step (like `spamassassin -t`).
+//! `portcullis explain`: one made-up transaction through the same
+//! `checks::Screen` that the proxy session drives, printed step by step
+//! (like `spamassassin -t`). No network client and no MTA: every
+//! recipient the checks let through counts as accepted.
 
-use crate::checks::{CheckLog, Checker};
+use crate::checks::{CheckLog, DataChecks, Engine, Screen, Screened, pool::SharedMessage};
 use crate::config::{Config, Mode};
 use crate::dns::Dns;
-use crate::rules::Facts;
 use crate::verdict::{Decision, Outcome};
+use crate::wire::reply::Reply;
 use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,60 +18,28 @@ pub struct Input {
     pub from: String,
     pub rcpts: Vec<String>,
     pub message: Option<Vec<u8>>,
+    /// The client used STARTTLS.
+    pub tls: bool,
     /// DNS-based checks off; rules still run.
     pub no_dns: bool,
 }
 
-fn reply_line(o: &Outcome) -> String {
-    match &o.decision {
-        Decision::Reject(r) | Decision::Tempfail(r) => {
-            let mut s = Vec::new();
-            r.write_to(&mut s);
-            String::from_utf8_lossy(&s).trim_end().to_string()
-        }
-        Decision::Accept => "accept".into(),
-        Decision::Tag => "accept, tagged as spam".into(),
-    }
+/// What the screen said at each stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explained {
+    pub allowed: bool,
+    pub mail: Screened,
+    /// The results after MAIL.
+    pub mail_log: CheckLog,
+    /// Each recipient with its refusal, if the checks refused it.
+    pub rcpts: Vec<(String, Option<(Reply, String)>)>,
+    pub data: Option<DataChecks>,
+    /// The results of the whole transaction, as its log line has them.
+    pub log: CheckLog,
 }
 
-fn results(out: &mut String, log: &CheckLog) {
-    let show = |v: &str| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            v.to_string()
-        }
-    };
-    let _ = writeln!(
-        out,
-        "  spf={} dkim={} dmarc={} iprev={} arc={}",
-        show(&log.spf),
-        show(&log.dkim),
-        show(&log.dmarc),
-        show(&log.iprev),
-        show(&log.arc)
-    );
-    let _ = writeln!(
-        out,
-        "  dnsbl: {}",
-        if log.dnsbl.is_empty() {
-            "no listing".into()
-        } else {
-            log.dnsbl.join(" ")
-        }
-    );
-    let _ = writeln!(
-        out,
-        "  rules: {}",
-        if log.rules.is_empty() {
-            "none matched".into()
-        } else {
-            log.rules.join(" ")
-        }
-    );
-}
-
-pub async fn explain(mut cfg: Config, input: Input) -> Result<String, String> {
+/// Runs the transaction through the screen of `cfg`.
+pub async fn run(mut cfg: Config, input: &Input) -> Result<Explained, String> {
     if input.no_dns {
         let c = &mut cfg.checks;
         for m in [
@@ -87,97 +57,137 @@ pub async fn explain(mut cfg: Config, input: Input) -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .current();
     let dns = Dns::new(&cfg.dns).map_err(|e| e.to_string())?;
-    let checker = Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns));
+    let engine = Arc::new(Engine::new(&cfg, dns));
+    // The client's name as an MTA asking for it (XCLIENT) would see it.
+    let mut screen = Screen::new(engine, rules, input.ip, !input.no_dns);
+    screen.helo(&input.helo);
+    screen.tls(input.tls);
+    let mail = screen.mail(&input.from, None).await;
+    let mut x = Explained {
+        allowed: screen.allowed(),
+        mail_log: screen.log(),
+        mail,
+        rcpts: Vec::new(),
+        data: None,
+        log: CheckLog::default(),
+    };
+    if let Screened::Verdict(Outcome {
+        decision: Decision::Accept | Decision::Tag,
+        ..
+    }) = x.mail
+    {
+        for r in &input.rcpts {
+            let refused = screen.rcpt(r).await;
+            if refused.is_none() {
+                screen.rcpt_accepted(r);
+            }
+            x.rcpts.push((r.clone(), refused));
+        }
+        if let Some(msg) = input.message.clone().filter(|_| !screen.rcpts().is_empty()) {
+            let msg: SharedMessage = Arc::new(msg);
+            x.data = Some(screen.data(&msg).await);
+        }
+    }
+    x.log = screen.log();
+    Ok(x)
+}
+
+fn reply_text(r: &Reply) -> String {
+    let mut s = Vec::new();
+    r.write_to(&mut s);
+    String::from_utf8_lossy(&s).trim_end().to_string()
+}
+
+fn reply_line(o: &Outcome) -> String {
+    match &o.decision {
+        Decision::Reject(r) | Decision::Tempfail(r) => reply_text(r),
+        Decision::Accept => "accept".into(),
+        Decision::Tag => "accept, tagged as spam".into(),
+    }
+}
+
+fn results(out: &mut String, log: &CheckLog) {
+    let show = |v: &str| if v.is_empty() { "-" } else { v }.to_string();
+    let _ = writeln!(
+        out,
+        "  spf={} dkim={} dmarc={} iprev={} arc={}",
+        show(&log.spf),
+        show(&log.dkim),
+        show(&log.dmarc),
+        show(&log.iprev),
+        show(&log.arc)
+    );
+    let list = |v: &[String], none: &str| {
+        if v.is_empty() {
+            none.to_string()
+        } else {
+            v.join(" ")
+        }
+    };
+    let _ = writeln!(out, "  dnsbl: {}", list(&log.dnsbl, "no listing"));
+    let _ = writeln!(out, "  rules: {}", list(&log.rules, "none matched"));
+}
+
+/// The transaction, printed.
+pub async fn explain(cfg: Config, input: Input) -> Result<String, String> {
+    let x = run(cfg, &input).await?;
     let mut out = String::new();
+    let to: Vec<String> = input.rcpts.iter().map(|r| format!("<{r}>")).collect();
     let _ = writeln!(
         out,
         "client [{}] helo {} from <{}> to {}",
         input.ip,
         input.helo,
         input.from,
-        input
-            .rcpts
-            .iter()
-            .map(|r| format!("<{r}>"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        to.join(" ")
     );
-    let mut conn = checker.connect(input.ip, false);
-    if conn.allowed {
+    if x.allowed {
         let _ = writeln!(out, "client is allow-listed: no checks");
     }
-    let (mut t, outcome) = checker
-        .at_mail(&mut conn, &rules, false, &input.helo, &input.from)
-        .await;
+    let outcome = match &x.mail {
+        Screened::Refused { reply, reason } => {
+            let _ = writeln!(out, "reply at MAIL: {} ({reason})", reply_text(reply));
+            return Ok(out);
+        }
+        Screened::Verdict(o) => o,
+    };
     let _ = writeln!(out, "MAIL stage (connect, helo, mail checks and rules):");
-    results(&mut out, &t.log);
-    let _ = writeln!(
-        out,
-        "  score {:.1}: {}",
-        outcome.score,
-        reply_line(&outcome)
-    );
+    results(&mut out, &x.mail_log);
+    let _ = writeln!(out, "  score {:.1}: {}", outcome.score, reply_line(outcome));
     if let Decision::Reject(_) | Decision::Tempfail(_) = outcome.decision {
         let _ = writeln!(
             out,
             "reply at RCPT: {} ({})",
-            reply_line(&outcome),
+            reply_line(outcome),
             outcome.reason
         );
         return Ok(out);
     }
-    let mut accepted = Vec::new();
-    for r in &input.rcpts {
-        let facts = Facts {
-            ip: Some(input.ip),
-            helo: Some(&input.helo),
-            mail_from: Some(&input.from),
-            rcpts: vec![r.as_str()],
-            rcpt_count: accepted.len(),
-            ..Facts::default()
+    for (r, refused) in &x.rcpts {
+        let _ = match refused {
+            Some((reply, reason)) => {
+                writeln!(out, "RCPT <{r}>: {} ({reason})", reply_text(reply))
+            }
+            None => writeln!(out, "RCPT <{r}>: accepted by the checks (upstream decides)"),
         };
-        match checker.at_rcpt(&rules, &mut t, &facts) {
-            Some(o) => {
-                let _ = writeln!(out, "RCPT <{r}>: {} ({})", reply_line(&o), o.reason);
-            }
-            None => {
-                let _ = writeln!(out, "RCPT <{r}>: accepted by the checks (upstream decides)");
-                accepted.push(r.as_str());
-            }
-        }
     }
-    let Some(msg) = input.message else {
-        let _ = writeln!(out, "no message given: DATA stage not run");
-        return Ok(out);
-    };
-    if accepted.is_empty() {
-        let _ = writeln!(out, "no recipient accepted: DATA would get 554 5.5.1");
-        return Ok(out);
-    }
-    let facts = Facts {
-        ip: Some(input.ip),
-        helo: Some(&input.helo),
-        mail_from: Some(&input.from),
-        rcpts: accepted.clone(),
-        rcpt_count: accepted.len(),
-        size: Some(msg.len() as u64),
-        ..Facts::default()
-    };
-    let msg: crate::checks::pool::SharedMessage = std::sync::Arc::new(msg);
-    let data = checker.at_data(&conn, &mut t, &rules, facts, &msg).await;
-    let _ = writeln!(out, "DATA stage (DKIM, DMARC, ARC, message rules):");
-    results(&mut out, &t.log);
-    let o = &data.outcome;
-    let _ = writeln!(
-        out,
-        "  score {:.1}{}",
-        o.score,
-        if o.reason.is_empty() {
-            String::new()
+    let Some(data) = &x.data else {
+        let _ = if input.message.is_none() {
+            writeln!(out, "no message given: DATA stage not run")
         } else {
-            format!(" ({})", o.reason)
-        }
-    );
+            writeln!(out, "no recipient accepted: DATA would get 554 5.5.1")
+        };
+        return Ok(out);
+    };
+    let _ = writeln!(out, "DATA stage (DKIM, DMARC, ARC, message rules):");
+    results(&mut out, &x.log);
+    let o = &data.outcome;
+    let why = if o.reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", o.reason)
+    };
+    let _ = writeln!(out, "  score {:.1}{why}", o.score);
     let _ = writeln!(out, "headers added:");
     for l in data.headers.lines() {
         let _ = writeln!(out, "  {l}");

@@ -9,8 +9,9 @@ pub mod reload;
 mod units;
 
 pub use checks::{
-    Action, Allow, ChecksConfig, DnsConfig, MessageRules, Mode, Overrun, RejectAt, ReturnFilter,
-    Thresholds, Zone, ZoneType,
+    Action, Allow, ArcConfig, ChecksConfig, DkimConfig, DmarcConfig, DnsConfig, DnsblConfig,
+    IprevConfig, MessageRules, Mode, Overrun, RejectAt, ReturnFilter, SpfConfig, Thresholds, Zone,
+    ZoneType,
 };
 pub use units::{Bytes, Secs, parse_size};
 

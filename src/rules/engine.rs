@@ -151,7 +151,7 @@ pub struct Hit {
 
 /// What the rules can look at; fields fill in as the dialogue goes on.
 #[derive(Debug, Default, Clone)]
-pub struct Facts<'a> {
+pub struct Input<'a> {
     pub ip: Option<IpAddr>,
     pub reverse: Option<&'a str>,
     pub helo: Option<&'a str>,
@@ -169,10 +169,10 @@ pub struct Facts<'a> {
     pub dnsbl: Vec<&'a str>,
 }
 
-/// `Facts` with everything owned, to evaluate the rules away from the
+/// `Input` with everything owned, to evaluate the rules away from the
 /// session (on the blocking pool).
 #[derive(Debug, Default, Clone)]
-pub struct OwnedFacts {
+pub struct OwnedInput {
     pub ip: Option<IpAddr>,
     pub reverse: Option<String>,
     pub helo: Option<String>,
@@ -188,9 +188,9 @@ pub struct OwnedFacts {
     pub dnsbl: Vec<String>,
 }
 
-impl OwnedFacts {
-    pub fn new(f: &Facts<'_>) -> OwnedFacts {
-        OwnedFacts {
+impl OwnedInput {
+    pub fn new(f: &Input<'_>) -> OwnedInput {
+        OwnedInput {
             ip: f.ip,
             reverse: f.reverse.map(str::to_string),
             helo: f.helo.map(str::to_string),
@@ -208,8 +208,8 @@ impl OwnedFacts {
     }
 
     /// The borrowed view, with the parsed message.
-    pub fn view<'a>(&'a self, message: Option<&'a MessageFacts>) -> Facts<'a> {
-        Facts {
+    pub fn view<'a>(&'a self, message: Option<&'a MessageFacts>) -> Input<'a> {
+        Input {
             ip: self.ip,
             reverse: self.reverse.as_deref(),
             helo: self.helo.as_deref(),
@@ -613,7 +613,7 @@ impl Compiled {
 
     /// Rules of `stage` that match `facts`, in order; an enforced `accept`
     /// stops the evaluation (the remaining rules are skipped).
-    pub fn evaluate(&self, stage: Stage, facts: &Facts<'_>) -> Vec<Hit> {
+    pub fn evaluate(&self, stage: Stage, facts: &Input<'_>) -> Vec<Hit> {
         let mut m = Matches {
             sets: &self.sets,
             done: HashMap::new(),
@@ -642,7 +642,7 @@ impl Compiled {
     }
 }
 
-fn values<'f>(t: &Target, f: &'f Facts<'f>) -> Vec<&'f str> {
+fn values<'f>(t: &Target, f: &'f Input<'f>) -> Vec<&'f str> {
     let domain = |a: &'f str| a.rsplit_once('@').map(|(_, d)| d);
     let local = |a: &'f str| a.rsplit_once('@').map(|(l, _)| l);
     match t {
@@ -683,7 +683,7 @@ fn values<'f>(t: &Target, f: &'f Facts<'f>) -> Vec<&'f str> {
     }
 }
 
-fn eval(n: &Node, f: &Facts<'_>, m: &mut Matches<'_>) -> bool {
+fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
     match n {
         Node::All(v) => v.iter().all(|n| eval(n, f, m)),
         Node::Any(v) => v.iter().any(|n| eval(n, f, m)),

@@ -12,7 +12,7 @@ const MAX_RULE_FILE: u64 = 16 << 20;
 /// Lists hold millions of entries (tens of MB); larger is a mistake.
 const MAX_LIST_FILE: u64 = 256 << 20;
 
-pub use engine::{Facts, Hit, MessageFacts, OwnedFacts, Rule, RuleAction};
+pub use engine::{Hit, Input, MessageFacts, OwnedInput, Rule, RuleAction};
 pub use model::{RuleMode, Stage};
 
 use crate::telemetry::events::RulesReload;
@@ -85,7 +85,7 @@ impl RuleSet {
         &self.compiled.rules
     }
 
-    pub fn evaluate(&self, stage: Stage, facts: &Facts<'_>) -> Vec<Hit> {
+    pub fn evaluate(&self, stage: Stage, facts: &Input<'_>) -> Vec<Hit> {
         self.compiled.evaluate(stage, facts)
     }
 

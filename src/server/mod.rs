@@ -11,7 +11,7 @@ use listener::{accept_loop, bind};
 pub use reload::{ConfigReloader, Reloaded, TlsReloader};
 use status::StatusPage;
 
-use crate::checks::Checker;
+use crate::checks::Engine;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
 use crate::rules::{RuleSet, Rules};
@@ -137,8 +137,8 @@ impl Server {
         Arc::clone(&self.shared.rules)
     }
 
-    pub fn checker(&self) -> Arc<Checker> {
-        Arc::clone(&self.shared.runtime().checker)
+    pub fn engine(&self) -> Arc<Engine> {
+        Arc::clone(&self.shared.runtime().engine)
     }
 
     /// Applies a reloaded config where that is safe.
@@ -201,11 +201,11 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         let self_test = Some(tokio::spawn(async move {
             loop {
-                let checker = Arc::clone(&shared.runtime().checker);
-                if !checker.dnsbl.zones.is_empty() {
-                    checker.dnsbl.self_test().await;
+                let engine = Arc::clone(&shared.runtime().engine);
+                if !engine.dnsbl.zones.is_empty() {
+                    engine.dnsbl.self_test().await;
                 }
-                tokio::time::sleep(checker.cfg.dnsbl.self_test_interval.0).await;
+                tokio::time::sleep(engine.cfg.dnsbl.self_test_interval.0).await;
             }
         }));
         let tracker = TaskTracker::new();
@@ -254,8 +254,8 @@ impl Server {
     }
 }
 
-/// What sessions read from a config: its limits as checks, the checks
-/// with their own DNS, and the STARTTLS acceptor.
+/// What sessions read from a config: the checks with their own DNS, and
+/// the STARTTLS acceptor.
 pub fn build_runtime(cfg: Arc<Config>, rules: Arc<RuleSet>) -> Result<Runtime, ServerError> {
     let tls = match &cfg.tls {
         Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
@@ -263,8 +263,7 @@ pub fn build_runtime(cfg: Arc<Config>, rules: Arc<RuleSet>) -> Result<Runtime, S
     };
     let dns = Dns::new(&cfg.dns)?;
     Ok(Runtime {
-        checks: Runtime::limit_checks(&cfg),
-        checker: Arc::new(Checker::new(&cfg.checks, &cfg.hostname, dns)),
+        engine: Arc::new(Engine::new(&cfg, dns)),
         rules,
         tls,
         cfg,

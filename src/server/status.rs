@@ -77,12 +77,12 @@ impl crate::telemetry::http::Status for StatusPage {
                 (None, _) => "not probed yet".to_string(),
             }
         );
-        let checker = Arc::clone(&self.shared.runtime().checker);
+        let engine = Arc::clone(&self.shared.runtime().engine);
         let _ = writeln!(
             o,
             "<h2>Nameservers</h2><table><tr><th>nameserver</th><th>state</th></tr>"
         );
-        for (addr, state) in checker.dns.nameservers.states() {
+        for (addr, state) in engine.dns.nameservers.states() {
             let state = match state {
                 crate::dns::NsState::Answers => "answers".to_string(),
                 crate::dns::NsState::Silent(e) => format!("DOES NOT ANSWER ({})", esc(&e)),
@@ -95,7 +95,7 @@ impl crate::telemetry::http::Status for StatusPage {
             o,
             "<h2>DNSBL zones</h2><table><tr><th>zone</th><th>state</th><th>errors</th></tr>"
         );
-        for z in &checker.dnsbl.zones {
+        for z in &engine.dnsbl.zones {
             let _ = writeln!(
                 o,
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",

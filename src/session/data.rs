@@ -49,17 +49,7 @@ impl Session {
             Err(next) => return next,
         };
         let size = received.size;
-        let refusal = match self.local_refusal(&received) {
-            Some(r) => Some(r),
-            None => {
-                let mut env = self.envelope();
-                env.message = Some(&received.msg);
-                match self.rt.checks.run(Stage::Data, &env).await {
-                    Outcome::Refuse { reply, reason } => Some((reply, reason)),
-                    Outcome::Continue => None,
-                }
-            }
-        };
+        let refusal = self.local_refusal(&received);
         if let Some((r, reason)) = refusal {
             drop(received);
             self.finish_txn(size, Stage::Data, &r, reason, "");
@@ -73,30 +63,8 @@ impl Session {
             bytes: received.msg,
             _reservation: received.reservation,
         });
-        let Some(mut checks) = self.txn.as_mut().map(|t| std::mem::take(&mut t.checks)) else {
-            return Next::Continue;
-        };
-        let facts = Facts {
-            rcpts: self
-                .txn
-                .iter()
-                .flat_map(|t| t.rcpt_list.iter().map(String::as_str))
-                .collect(),
-            size: Some(size),
-            ..self.facts()
-        };
-        let checked = self
-            .checker
-            .at_data(
-                &self.conn_checks,
-                &mut checks,
-                &self.rules,
-                facts,
-                &(Arc::clone(&msg) as SharedMessage),
-            )
-            .await;
+        let checked = self.screen.data(&(Arc::clone(&msg) as SharedMessage)).await;
         if let Some(t) = self.txn.as_mut() {
-            t.checks = checks;
             t.score = checked.outcome.score;
         }
         match checked.outcome.decision {
@@ -154,7 +122,7 @@ impl Session {
         // Rules on the message parse it whole (decoded parts, headers): up
         // to its size again, held from the budget like the message itself.
         if !over_budget
-            && self.rules.has_stage(Stage::Data)
+            && self.screen.facts().rules.has_stage(Stage::Data)
             && !reservation.ensure(msg.capacity() + msg.len())
         {
             over_budget = true;

@@ -88,6 +88,7 @@ impl Session {
     pub(super) async fn hello(&mut self, host: String, esmtp: bool) -> Next {
         // RFC 5321 4.1.4: EHLO/HELO aborts a transaction, on both sides.
         self.end_transaction("helo", UpReset::IfOpen).await;
+        self.screen.helo(&host);
         self.helo = Some(host);
         self.esmtp = esmtp;
         let cfg = &self.rt.cfg;

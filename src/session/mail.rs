@@ -3,30 +3,6 @@
 use super::*;
 
 impl Session {
-    /// What the rules can see of this session and its transaction now.
-    pub(super) fn facts(&self) -> Facts<'_> {
-        Facts {
-            ip: Some(self.peer.addr.ip()),
-            reverse: self.conn_checks.reverse(),
-            helo: self.helo.as_deref(),
-            mail_from: self.txn.as_ref().map(|t| t.mail.address.as_str()),
-            rcpt_count: self.txn.as_ref().map_or(0, |t| t.rcpts),
-            tls: self.tls.is_some(),
-            ..Facts::default()
-        }
-    }
-
-    pub(super) fn envelope(&self) -> Envelope<'_> {
-        Envelope {
-            client: self.peer.addr,
-            helo: self.helo.as_deref(),
-            mail_from: self.txn.as_ref().map(|t| t.mail.address.as_str()),
-            declared_size: self.txn.as_ref().and_then(|t| t.mail.size),
-            rcpts: self.txn.as_ref().map_or(0, |t| t.rcpts),
-            message: None,
-        }
-    }
-
     pub(super) async fn mail(&mut self, m: MailCmd) -> Next {
         self.reached_mail = true;
         if self.helo.is_none() {
@@ -40,30 +16,15 @@ impl Session {
                 .error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
         }
         let started = Instant::now();
-        let outcome = {
-            let mut env = self.envelope();
-            env.mail_from = Some(&m.address);
-            env.declared_size = m.size;
-            self.rt.checks.run(Stage::Mail, &env).await
+        let verdict = match self.screen.mail(&m.address, m.size).await {
+            Screened::Refused { reply, reason } => {
+                // A limit, before the checks ran: no score of its own.
+                self.log_mail_refused(&m, started, 0.0, &reply, reason, "");
+                self.reply(&reply);
+                return Next::Continue;
+            }
+            Screened::Verdict(v) => v,
         };
-        if let Outcome::Refuse { reply, reason } = outcome {
-            // Refused before the checks ran: no score of its own.
-            self.log_mail_refused(&m, started, 0.0, &reply, reason, "");
-            self.reply(&reply);
-            return Next::Continue;
-        }
-        let checker = Arc::clone(&self.checker);
-        let helo = self.helo.clone().unwrap_or_default();
-        let rules = Arc::clone(&self.rules);
-        let (checks, verdict) = checker
-            .at_mail(
-                &mut self.conn_checks,
-                &rules,
-                self.tls.is_some(),
-                &helo,
-                &m.address,
-            )
-            .await;
         let score = verdict.score;
         if let Decision::Reject(reply) | Decision::Tempfail(reply) = verdict.decision {
             // Delayed reject: accept MAIL here (upstream never hears of it) and
@@ -72,7 +33,7 @@ impl Session {
                 reply,
                 reason: verdict.reason,
             };
-            self.txn = Some(Txn::new(m, started, checks, score, phase));
+            self.txn = Some(Txn::new(m, started, score, phase));
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
         }
@@ -97,7 +58,7 @@ impl Session {
             Ok(r) => {
                 self.relay(&r);
                 if r.is_positive() {
-                    self.txn = Some(Txn::new(m, started, checks, score, TxnPhase::Open));
+                    self.txn = Some(Txn::new(m, started, score, TxnPhase::Open));
                 } else {
                     self.log_mail_refused(&m, started, score, &r, "upstream", &r.text());
                 }

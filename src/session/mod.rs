@@ -39,9 +39,9 @@
 //! goes through it (or through `finish_txn` plus upstream's own end).
 
 use crate::checks::pool::SharedMessage;
-use crate::checks::{CheckLog, Checker, ConnChecks, Envelope, Outcome, Pipeline, Stage, TxnChecks};
-use crate::config::{Action, BareNewline, Config, RejectAt};
-use crate::rules::{Facts, RuleSet, Rules};
+use crate::checks::{CheckLog, Engine, Screen, Screened, Stage};
+use crate::config::{BareNewline, Config, RejectAt};
+use crate::rules::{RuleSet, Rules};
 use crate::runtime::Stream;
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget, Reservation};
 use crate::runtime::shutdown::{Phase, ShutdownSignal};
@@ -78,23 +78,12 @@ use txn::{Refusal, Said, Txn, TxnPhase};
 #[derive(Clone)]
 pub struct Runtime {
     pub cfg: Arc<Config>,
-    pub checks: Arc<Pipeline>,
-    /// DNSBL, SPF, DKIM, DMARC, ARC, iprev.
-    pub checker: Arc<Checker>,
+    /// The checks: limits, DNSBL, iprev, SPF, DKIM, DMARC, ARC, rules.
+    pub engine: Arc<Engine>,
     /// The administrators' rules.
     pub rules: Arc<RuleSet>,
     /// STARTTLS, when a certificate is configured.
     pub tls: Option<TlsAcceptor>,
-}
-
-impl Runtime {
-    /// The size and recipient limits as a check pipeline.
-    pub fn limit_checks(cfg: &Config) -> Arc<Pipeline> {
-        Arc::new(Pipeline::new(vec![Box::new(crate::checks::Limits {
-            max_message_size: cfg.limits.max_message_size.0,
-            max_recipients: cfg.limits.max_recipients,
-        })]))
-    }
 }
 
 /// What all sessions share.
@@ -119,10 +108,10 @@ impl Shared {
     /// nothing uses DNS.
     pub async fn check_nameservers(&self) -> bool {
         let rt = self.runtime();
-        if !rt.checker.uses_dns() && !self.upstream.wants_client_name() {
+        if !rt.engine.uses_dns() && !self.upstream.wants_client_name() {
             return true;
         }
-        rt.checker.dns.check_nameservers().await
+        rt.engine.dns.check_nameservers().await
     }
 }
 
@@ -218,12 +207,10 @@ pub struct Session {
     /// stress the time to MAIL is bounded).
     connected: tokio::time::Instant,
     reached_mail: bool,
-    conn_checks: ConnChecks,
-    /// The rules this session started with (a reload affects new sessions).
-    rules: Arc<RuleSet>,
+    /// Runs the checks of this client, with the rules it started with.
+    screen: Screen,
     /// Likewise the config, checks and certificate.
     rt: Arc<Runtime>,
-    checker: Arc<Checker>,
 }
 
 impl Session {
@@ -237,13 +224,15 @@ impl Session {
         let rt = shared.runtime();
         let deadline = tokio::time::Instant::now() + rt.cfg.timeouts.session.0;
         // DNSBL and iprev start now and are awaited only when needed.
-        let checker = Arc::clone(&rt.checker);
-        let conn_checks = checker.connect(peer.addr.ip(), shared.upstream.wants_client_name());
+        let screen = Screen::new(
+            Arc::clone(&rt.engine),
+            Arc::clone(&rt.rules),
+            peer.addr.ip(),
+            shared.upstream.wants_client_name(),
+        );
         Session {
-            rules: Arc::clone(&rt.rules),
             rt,
-            checker,
-            conn_checks,
+            screen,
             conn: ClientConn::new(io, initial, shutdown, deadline),
             peer,
             helo: None,
@@ -279,8 +268,7 @@ impl Session {
             return;
         }
         if self.rt.cfg.checks.reject_at == RejectAt::Connect {
-            let checker = Arc::clone(&self.checker);
-            let (outcome, log) = checker.at_connect(&mut self.conn_checks).await;
+            let outcome = self.screen.greeting().await;
             let refusal = match outcome.decision {
                 Decision::Reject(r) => Some(Reply { code: 554, ..r }),
                 Decision::Tempfail(r) => Some(Reply { code: 421, ..r }),
@@ -296,7 +284,7 @@ impl Session {
                     reason: &outcome.reason,
                 }
                 .emit();
-                tracing::debug!(session = %self.peer.id, dnsbl = ?log.dnsbl, "refused at connect");
+                tracing::debug!(session = %self.peer.id, dnsbl = ?self.screen.log().dnsbl, "refused at connect");
                 let _ = self.flush().await;
                 self.close().await;
                 return;

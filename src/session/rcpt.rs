@@ -22,34 +22,7 @@ impl Session {
             return self
                 .error(reply::PARAM_UNSUPPORTED.with_text(format!("Unsupported parameter {p}")));
         }
-        let outcome = self.rt.checks.run(Stage::Rcpt, &self.envelope()).await;
-        let mut refusal = match outcome {
-            Outcome::Refuse { reply, reason } => Some((reply, reason.to_string())),
-            Outcome::Continue => None,
-        };
-        if refusal.is_none() {
-            // Rules of the RCPT stage, for this recipient.
-            let mut checks = self
-                .txn
-                .as_mut()
-                .map(|t| std::mem::take(&mut t.checks))
-                .unwrap_or_default();
-            let facts = Facts {
-                rcpts: vec![r.address.as_str()],
-                ..self.facts()
-            };
-            if let Some(o) = self.checker.at_rcpt(&self.rules, &mut checks, &facts) {
-                match o.decision {
-                    Decision::Reject(reply) | Decision::Tempfail(reply) => {
-                        refusal = Some((reply, o.reason))
-                    }
-                    Decision::Accept | Decision::Tag => {}
-                }
-            }
-            if let Some(t) = self.txn.as_mut() {
-                t.checks = checks;
-            }
-        }
+        let refusal = self.screen.rcpt(&r.address).await;
         if let Some((reply, reason)) = refusal {
             return self.refuse_rcpt(reply, reason);
         }
@@ -63,7 +36,7 @@ impl Session {
                 if let Some(t) = self.txn.as_mut() {
                     if rep.is_positive() {
                         t.rcpts += 1;
-                        t.rcpt_list.push(r.address.clone());
+                        self.screen.rcpt_accepted(&r.address);
                     } else {
                         t.last_rcpt_refusal = Some(Refusal {
                             code: rep.code,

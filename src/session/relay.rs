@@ -13,7 +13,7 @@ impl Session {
         if let Some(old) = self.upstream.take() {
             old.quit().await;
         }
-        let (name, reverse_name) = self.conn_checks.client_names().await;
+        let (name, reverse_name) = self.screen.client_names().await;
         let who = ClientIdentity {
             addr: self.peer.addr,
             local: self.peer.local,

@@ -20,8 +20,10 @@ impl Session {
         match self.conn.upgrade(acceptor, limit).await {
             Some(info) => {
                 self.tls = Some(info);
+                self.screen.tls(true);
                 self.end_transaction("starttls", UpReset::Close).await;
                 self.helo = None;
+                self.screen.helo("");
                 self.esmtp = false;
                 Next::Continue
             }

@@ -23,30 +23,19 @@ pub(super) struct Txn {
     pub(super) started: Instant,
     /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
     pub(super) last_rcpt_refusal: Option<Refusal>,
-    pub(super) checks: TxnChecks,
     /// Summed score of this transaction's latest decision, for the log.
     pub(super) score: f64,
-    /// Recipients upstream accepted (for the rules at DATA).
-    pub(super) rcpt_list: Vec<String>,
 }
 
 impl Txn {
-    pub(super) fn new(
-        mail: MailCmd,
-        started: Instant,
-        checks: TxnChecks,
-        score: f64,
-        phase: TxnPhase,
-    ) -> Txn {
+    pub(super) fn new(mail: MailCmd, started: Instant, score: f64, phase: TxnPhase) -> Txn {
         Txn {
             mail,
             phase,
             rcpts: 0,
             started,
             last_rcpt_refusal: None,
-            checks,
             score,
-            rcpt_list: Vec::new(),
         }
     }
 }
@@ -186,24 +175,12 @@ impl Session {
         size: u64,
     ) {
         let Some(t) = self.txn.as_ref() else { return };
-        let mut log = t.checks.log.clone();
-        log.hits = t
-            .checks
-            .findings
-            .iter()
-            .filter(|f| f.action != Action::Accept)
-            .map(|f| match f.action {
-                Action::Score(s) => format!("{}={s}", f.reason),
-                Action::Reject => format!("{}=reject", f.reason),
-                Action::Tempfail => format!("{}=tempfail", f.reason),
-                Action::Tag | Action::Accept => format!("{}=tag", f.reason),
-            })
-            .collect();
+        let log = self.screen.log();
         self.record(
             &Logged {
                 score: t.score,
                 checks: &log,
-                rcpt_addrs: &t.rcpt_list,
+                rcpt_addrs: self.screen.rcpts(),
                 mail_from: &t.mail.address,
                 rcpts: t.rcpts,
                 started: t.started,
@@ -270,7 +247,7 @@ impl Session {
             reason: end.reason,
             upstream_reply: end.upstream,
             duration: t.started.elapsed(),
-            reverse: self.conn_checks.reverse().unwrap_or_default().to_string(),
+            reverse: self.screen.reverse().unwrap_or_default().to_string(),
             spf: &checks.spf,
             dkim: &checks.dkim,
             dmarc: &checks.dmarc,

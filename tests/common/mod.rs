@@ -510,7 +510,7 @@ pub struct Running {
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
     pub rules: std::sync::Arc<portcullis::rules::Rules>,
-    pub checker: std::sync::Arc<portcullis::checks::Checker>,
+    pub engine: std::sync::Arc<portcullis::checks::Engine>,
     pub config: portcullis::server::ConfigReloader,
     pub tls: portcullis::server::TlsReloader,
 }
@@ -523,7 +523,7 @@ pub async fn start_server(yaml: &str) -> Running {
         addr: server.local_addrs()[0],
         metrics: server.metrics_addr(),
         rules: server.rules(),
-        checker: server.checker(),
+        engine: server.engine(),
         config: server.config_reloader(),
         tls: server.tls_reloader(),
     };

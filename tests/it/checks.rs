@@ -194,7 +194,7 @@ async fn error_answers_never_reject_and_disable_the_zone() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
     let running = common::start_server(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
-    let (checker, addr) = (running.checker, running.addr);
+    let (engine, addr) = (running.engine, running.addr);
     // 127.0.0.5 gets 127.255.255.254 from bl.test, 127.0.0.6 from err.test.
     for ip in ["127.0.0.5", "127.0.0.6"] {
         let mut c = session(addr, ip).await;
@@ -202,7 +202,7 @@ async fn error_answers_never_reject_and_disable_the_zone() {
         c.cmd("RCPT TO:<b@example.test>", "250").await;
     }
     let state = |z: &str| {
-        checker
+        engine
             .dnsbl
             .zones
             .iter()
@@ -219,7 +219,7 @@ async fn error_answers_never_reject_and_disable_the_zone() {
     let mut c = session(addr, "127.0.0.2").await;
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "250").await;
-    checker.dnsbl.self_test().await;
+    engine.dnsbl.self_test().await;
     assert!(state("bl.test"), "bl.test passes RFC 5782 tests again");
     assert!(
         !state("err.test"),
@@ -232,10 +232,10 @@ async fn self_test_disables_a_broken_zone() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
     let running = common::start_server(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
-    let (checker, addr) = (running.checker, running.addr);
-    checker.dnsbl.self_test().await;
+    let (engine, addr) = (running.engine, running.addr);
+    engine.dnsbl.self_test().await;
     let state = |z: &str| {
-        checker
+        engine
             .dnsbl
             .zones
             .iter()

@@ -1,0 +1,136 @@
+//! The administrators' rules as a check. They run after every other check
+//! of their stage and see its results: connect, HELO and MAIL rules at
+//! MAIL, RCPT rules per recipient, DATA rules on the rule pool.
+
+use super::pool::RulePool;
+use super::{Check, Facts, Found, Hook, Message, done};
+use crate::config::{Action, MessageRules, Overrun};
+use crate::rules::{Hit, Input, OwnedInput, RuleAction, Stage};
+use crate::verdict::{self, Finding};
+use std::sync::Arc;
+
+pub struct Rules {
+    /// Where the rules on the whole message run.
+    pool: RulePool,
+}
+
+impl Rules {
+    pub fn new(cfg: &MessageRules) -> Rules {
+        Rules {
+            pool: RulePool::new(cfg),
+        }
+    }
+}
+
+impl Facts {
+    /// What the rules see of these facts at `stage`.
+    pub fn rule_input(&self, stage: Stage) -> Input<'_> {
+        let (c, t, log) = (&self.client, &self.txn, &self.txn.found.log);
+        let rcpts = match stage {
+            Stage::Rcpt => vec![t.rcpt.as_str()],
+            Stage::Data => t.rcpts.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        };
+        Input {
+            ip: Some(c.ip),
+            reverse: c.reverse(),
+            helo: Some(c.helo.as_str()),
+            mail_from: Some(t.sender.as_str()),
+            rcpts,
+            rcpt_count: t.rcpts.len(),
+            tls: c.tls,
+            size: t.size,
+            message: None,
+            spf: &log.spf,
+            dkim: &log.dkim,
+            dmarc: &log.dmarc,
+            iprev: &log.iprev,
+            dnsbl: log.dnsbl_zones.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl Check for Rules {
+    fn name(&self) -> &'static str {
+        "rules"
+    }
+
+    fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        let mut hits = Vec::new();
+        for stage in [Stage::Connect, Stage::Helo, Stage::Mail] {
+            hits.extend(f.rules.evaluate(stage, &f.rule_input(stage)));
+        }
+        apply(&hits, &mut f.txn.found);
+        done()
+    }
+
+    fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        if f.rules.has_stage(Stage::Rcpt) {
+            let hits = f.rules.evaluate(Stage::Rcpt, &f.rule_input(Stage::Rcpt));
+            apply(&hits, &mut f.txn.found);
+        }
+        done()
+    }
+
+    fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
+        Box::pin(async move {
+            if !f.rules.has_stage(Stage::Data) {
+                return;
+            }
+            let input = OwnedInput::new(&f.rule_input(Stage::Data));
+            let rules = Arc::clone(&f.rules);
+            match self.pool.evaluate(rules, input, Arc::clone(m.shared)).await {
+                Ok(hits) => apply(&hits, &mut f.txn.found),
+                Err(o) => {
+                    let found = &mut f.txn.found;
+                    found.log.hits.push("rules:overrun".into());
+                    if o.then == Overrun::Tempfail {
+                        found.findings.push(Finding {
+                            check: "rules",
+                            result: "overrun".into(),
+                            action: Action::Tempfail,
+                            reason: "rules:overrun".into(),
+                            reply: verdict::rules_overrun(),
+                        });
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Turns rule hits into findings, log entries and headers. An enforced
+/// `accept` (allow-list) rule ends the checks of the transaction.
+fn apply(hits: &[Hit], found: &mut Found) {
+    for h in hits {
+        found.log.rules.push(if h.shadow {
+            format!("{}(shadow)", h.id)
+        } else {
+            h.id.clone()
+        });
+        if h.shadow {
+            continue;
+        }
+        let (action, reply) = match &h.action {
+            RuleAction::Reject(r) => (Action::Reject, r.clone()),
+            RuleAction::Tempfail(r) => (Action::Tempfail, r.clone()),
+            RuleAction::Score(s) => (Action::Score(*s), verdict::spam_score(*s)),
+            RuleAction::Accept => {
+                found.skipped = true;
+                continue;
+            }
+            RuleAction::AddHeader(line) => {
+                found.add_headers.push(line.clone());
+                continue;
+            }
+            RuleAction::Log => continue,
+        };
+        found.findings.push(Finding {
+            check: "rule",
+            result: "match".into(),
+            action,
+            reason: format!("rule:{}", h.id),
+            reply,
+        });
+    }
+}

@@ -1,0 +1,388 @@
+//! The transaction screen: runs the checks for one client connection,
+//! stage by stage, as facts arrive. It does no socket I/O (the lookups it
+//! starts are the checks' own), so any front door can drive it: the proxy
+//! session, `portcullis explain`, and a milter conversation (connect,
+//! helo, mail, rcpt, then the headers and body chunks assembled into the
+//! message for `data`).
+//!
+//! Calls, in dialogue order: `new` (connect), `helo`, `tls`, `greeting`
+//! (only with `reject_at: connect`), then per transaction `mail`, `rcpt`
+//! with `rcpt_accepted` for each recipient the MTA took, and `data`.
+
+use super::auth_results::{self, forged_results};
+use super::pool::{self, SharedMessage};
+use super::{CheckLog, Client, Engine, Facts, Found, Message, Pending, Txn, client_name, iprev};
+use crate::config::Action;
+use crate::rules::RuleSet;
+use crate::verdict::{self, Decision, Finding, Outcome};
+use crate::wire::identity::DnsName;
+use crate::wire::reply::Reply;
+use mail_auth::AuthenticatedMessage;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::sync::Arc;
+
+pub struct Screen {
+    engine: Arc<Engine>,
+    facts: Facts,
+    pending: Pending,
+    /// The connection's own findings, found once and copied into each
+    /// transaction.
+    connection: Option<Found>,
+}
+
+/// What the checks at MAIL came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Screened {
+    /// A limit: refuse this command now (no transaction).
+    Refused { reply: Reply, reason: &'static str },
+    /// The verdict on everything before RCPT.
+    Verdict(Outcome),
+}
+
+/// The end-of-DATA result: decision, our header block, and forged
+/// Authentication-Results fields to drop from the message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataChecks {
+    pub outcome: Outcome,
+    pub headers: String,
+    pub remove: Vec<Range<usize>>,
+}
+
+impl Screen {
+    /// A client connected: its allow-listing, and the lookups that start
+    /// now. `want_names`: the MTA is to be told the client's DNS name
+    /// (XCLIENT), so look it up even when iprev is off.
+    pub fn new(engine: Arc<Engine>, rules: Arc<RuleSet>, ip: IpAddr, want_names: bool) -> Screen {
+        let ip = ip.to_canonical();
+        let allowed = engine.cfg.allow.clients.iter().any(|n| n.contains(&ip));
+        let client = Client {
+            ip,
+            tls: false,
+            helo: String::new(),
+            allowed,
+            dnsbl: Vec::new(),
+            iprev: None,
+            names: None,
+        };
+        let mut pending = Pending::default();
+        if !allowed {
+            for c in &engine.checks {
+                c.start(&client, &mut pending);
+            }
+        }
+        if want_names {
+            iprev::start_lookup(&engine.dns, &client, &mut pending);
+        }
+        Screen {
+            facts: Facts {
+                client,
+                txn: Txn::default(),
+                rules,
+            },
+            engine,
+            pending,
+            connection: None,
+        }
+    }
+
+    pub fn helo(&mut self, name: &str) {
+        self.facts.client.helo = name.to_string();
+    }
+
+    pub fn tls(&mut self, on: bool) {
+        self.facts.client.tls = on;
+    }
+
+    pub fn facts(&self) -> &Facts {
+        &self.facts
+    }
+
+    pub fn allowed(&self) -> bool {
+        self.facts.client.allowed
+    }
+
+    /// The verified reverse name, once the lookup has finished.
+    pub fn reverse(&self) -> Option<&str> {
+        self.facts.client.reverse()
+    }
+
+    /// The check results of the current transaction for its log line,
+    /// with every finding that had an effect.
+    pub fn log(&self) -> CheckLog {
+        let found = &self.facts.txn.found;
+        let mut log = found.log.clone();
+        log.hits.extend(
+            found
+                .findings
+                .iter()
+                .filter(|f| f.action != Action::Accept)
+                .map(hit),
+        );
+        log
+    }
+
+    /// The client's names for upstream (NAME, REVERSE_NAME), waiting for
+    /// the lookup started at connect (bounded by the DNS timeout).
+    pub async fn client_names(&mut self) -> (DnsName, DnsName) {
+        self.settle_names().await;
+        self.facts.client.names.clone().unwrap_or_default()
+    }
+
+    /// For `reject_at: connect`: the verdict on the connection before the
+    /// greeting (the DNSBL listings of its address, iprev).
+    pub async fn greeting(&mut self) -> Outcome {
+        self.facts.txn = Txn::default();
+        if !self.facts.client.allowed {
+            self.facts.txn.found = self.connection().await;
+        }
+        verdict::decide(&self.facts.txn.found.findings, self.engine.thresholds())
+    }
+
+    /// MAIL: the limits, then (unless the client or sender is allow-listed)
+    /// the connection's findings and every check of the MAIL stage.
+    pub async fn mail(&mut self, sender: &str, declared_size: Option<u64>) -> Screened {
+        self.facts.txn = Txn {
+            sender: sender.to_string(),
+            declared_size,
+            ..Txn::default()
+        };
+        let engine = Arc::clone(&self.engine);
+        for c in engine.checks.iter().filter(|c| c.always()) {
+            c.mail(&mut self.facts).await;
+            if let Some((reply, reason)) = self.facts.txn.found.refuse_now.take() {
+                return Screened::Refused { reply, reason };
+            }
+        }
+        if self.facts.client.allowed || self.allowed_sender(sender) {
+            self.facts.txn.found.skipped = true;
+            return Screened::Verdict(verdict::decide(&[], engine.thresholds()));
+        }
+        self.facts.txn.found = self.connection().await;
+        for c in engine.checks.iter().filter(|c| !c.always()) {
+            c.mail(&mut self.facts).await;
+        }
+        Screened::Verdict(self.decide())
+    }
+
+    /// RCPT: the limits and the checks of one recipient. Some: refuse this
+    /// recipient alone; scores and headers join the transaction.
+    pub async fn rcpt(&mut self, rcpt: &str) -> Option<(Reply, String)> {
+        self.facts.txn.rcpt = rcpt.to_string();
+        let engine = Arc::clone(&self.engine);
+        for c in engine.checks.iter().filter(|c| c.always()) {
+            c.rcpt(&mut self.facts).await;
+            if let Some((reply, reason)) = self.facts.txn.found.refuse_now.take() {
+                return Some((reply, reason.to_string()));
+            }
+        }
+        if self.facts.txn.found.skipped {
+            return None;
+        }
+        let before = self.facts.txn.found.findings.len();
+        for c in engine.checks.iter().filter(|c| !c.always()) {
+            c.rcpt(&mut self.facts).await;
+        }
+        let found = &mut self.facts.txn.found;
+        let mut new: Vec<Finding> = found.findings.split_off(before);
+        if found.skipped {
+            // An allow-list rule: nothing of this recipient counts.
+            return None;
+        }
+        let refusing = |f: &Finding| matches!(f.action, Action::Reject | Action::Tempfail);
+        let refusal: Vec<Finding> = new.iter().filter(|f| refusing(f)).cloned().collect();
+        new.retain(|f| !refusing(f));
+        found.findings.extend(new);
+        if refusal.is_empty() {
+            return None;
+        }
+        match verdict::decide(&refusal, engine.thresholds()) {
+            Outcome {
+                decision: Decision::Reject(r) | Decision::Tempfail(r),
+                reason,
+                ..
+            } => Some((r, reason)),
+            _ => None,
+        }
+    }
+
+    /// The MTA accepted this recipient.
+    pub fn rcpt_accepted(&mut self, rcpt: &str) {
+        self.facts.txn.rcpts.push(rcpt.to_string());
+    }
+
+    /// The recipients accepted so far in this transaction.
+    pub fn rcpts(&self) -> &[String] {
+        &self.facts.txn.rcpts
+    }
+
+    /// The end of DATA: DKIM, DMARC, ARC, the message rules, the final
+    /// verdict over all findings, our header block, forged headers to drop.
+    /// Parsing the message, hashing its body and verifying signatures is
+    /// CPU work, so for a large message it runs on the check threads
+    /// (`pool::check_threads`), never on the threads that serve sessions.
+    pub async fn data(&mut self, message: &SharedMessage) -> DataChecks {
+        self.facts.txn.size = Some((**message).as_ref().len() as u64);
+        // A small message costs microseconds: the hop to another thread
+        // would cost more than it saves (a quarter of the throughput in
+        // the load benchmark), and so would copying what it needs.
+        let threads =
+            pool::check_threads().filter(|_| (**message).as_ref().len() > pool::INLINE_CHECK_BYTES);
+        let Some(threads) = threads else {
+            return check_message(&self.engine, &mut self.facts, message).await;
+        };
+        let engine = Arc::clone(&self.engine);
+        let mut facts = Facts {
+            client: self.facts.client.clone(),
+            txn: std::mem::take(&mut self.facts.txn),
+            rules: Arc::clone(&self.facts.rules),
+        };
+        let message = Arc::clone(message);
+        let done = threads
+            .spawn(async move {
+                let data = check_message(&engine, &mut facts, &message).await;
+                (facts.txn, data)
+            })
+            .await;
+        match done {
+            Ok((txn, data)) => {
+                self.facts.txn = txn;
+                data
+            }
+            Err(e) => {
+                // A bug, not the sender's fault: the sender retries.
+                tracing::error!(error = %e, "end-of-message checks failed");
+                DataChecks {
+                    outcome: Outcome {
+                        decision: Decision::Tempfail(verdict::checks_failed()),
+                        score: 0.0,
+                        reason: "checks:failed".into(),
+                    },
+                    headers: String::new(),
+                    remove: Vec::new(),
+                }
+            }
+        }
+    }
+
+    fn decide(&self) -> Outcome {
+        let found = &self.facts.txn.found;
+        if found.skipped {
+            verdict::decide(&[], self.engine.thresholds())
+        } else {
+            verdict::decide(&found.findings, self.engine.thresholds())
+        }
+    }
+
+    fn allowed_sender(&self, sender: &str) -> bool {
+        let Some((_, domain)) = sender.rsplit_once('@') else {
+            return false;
+        };
+        let d = domain.to_ascii_lowercase();
+        self.engine.cfg.allow.senders.iter().any(|a| {
+            let a = a.trim_end_matches('.').to_ascii_lowercase();
+            d == a || d.ends_with(&format!(".{a}"))
+        })
+    }
+
+    /// The connection's findings: waits for the lookups started at
+    /// connect, runs each check's connect stage once.
+    async fn connection(&mut self) -> Found {
+        if let Some(found) = &self.connection {
+            return found.clone();
+        }
+        if let Some(t) = self.pending.dnsbl.take() {
+            self.facts.client.dnsbl = t.await.unwrap_or_default();
+        }
+        self.settle_names().await;
+        let txn = std::mem::take(&mut self.facts.txn);
+        let engine = Arc::clone(&self.engine);
+        for c in engine.checks.iter().filter(|c| !c.always()) {
+            c.connect(&mut self.facts).await;
+        }
+        let found = std::mem::replace(&mut self.facts.txn, txn).found;
+        self.connection = Some(found.clone());
+        found
+    }
+
+    async fn settle_names(&mut self) {
+        let Some(t) = self.pending.iprev.take() else {
+            return;
+        };
+        let Ok(r) = t.await else { return };
+        self.facts.client.names = Some(client_name::from_iprev(&r));
+        if self.pending.iprev_is_check {
+            self.facts.client.iprev = Some(r);
+        }
+    }
+}
+
+/// A finding with an effect, for the log line: `spf:softfail=3`.
+fn hit(f: &Finding) -> String {
+    match f.action {
+        Action::Score(s) => format!("{}={s}", f.reason),
+        Action::Reject => format!("{}=reject", f.reason),
+        Action::Tempfail => format!("{}=tempfail", f.reason),
+        Action::Tag | Action::Accept => format!("{}=tag", f.reason),
+    }
+}
+
+/// The checks of the DATA stage over one message.
+async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessage) -> DataChecks {
+    let raw: &[u8] = (**shared).as_ref();
+    let host = &engine.hostname;
+    let Some(parsed) = AuthenticatedMessage::parse(raw) else {
+        // No header block at all: nothing to verify or to remove.
+        return DataChecks {
+            outcome: verdict::decide(&facts.txn.found.findings, engine.thresholds()),
+            headers: auth_results::none(host),
+            remove: Vec::new(),
+        };
+    };
+    let remove = forged_results(&parsed, raw, host);
+    if facts.txn.found.skipped {
+        return DataChecks {
+            outcome: verdict::decide(&[], engine.thresholds()),
+            headers: auth_results::none(host),
+            remove,
+        };
+    }
+    let from = parsed.first_from_address().to_string();
+    let from_domain = from
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_string())
+        .unwrap_or_default();
+    let mut m = Message {
+        raw,
+        shared,
+        parsed: &parsed,
+        from,
+        from_domain,
+        dkim: Vec::new(),
+        dmarc: None,
+        arc: None,
+        headers: String::new(),
+        remove,
+    };
+    for c in engine.checks.iter().filter(|c| !c.always()) {
+        c.data(facts, &mut m).await;
+    }
+    let found = &facts.txn.found;
+    let outcome = if found.skipped {
+        verdict::decide(&[], engine.thresholds())
+    } else {
+        verdict::decide(&found.findings, engine.thresholds())
+    };
+    let mut headers = std::mem::take(&mut m.headers);
+    auth_results::finish(
+        &mut headers,
+        &outcome,
+        engine.thresholds(),
+        &found.add_headers,
+    );
+    DataChecks {
+        outcome,
+        headers,
+        remove: m.remove,
+    }
+}

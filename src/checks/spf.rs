@@ -1,0 +1,118 @@
+//! SPF (RFC 7208) at MAIL: the MAIL FROM identity, and the HELO identity
+//! when `spf.helo` is on and the HELO name is a domain.
+
+use super::{Check, Facts, Hook, act};
+use crate::config::{Mode, SpfConfig};
+use crate::dns::Dns;
+use crate::verdict::{self, Finding};
+use mail_auth::SpfResult;
+use mail_auth::dns::Parameters;
+use mail_auth::spf::verify::SpfParameters;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+pub struct Spf {
+    cfg: SpfConfig,
+    hostname: String,
+    dns: Arc<Dns>,
+}
+
+impl Spf {
+    pub fn new(cfg: &SpfConfig, hostname: &str, dns: Arc<Dns>) -> Spf {
+        Spf {
+            cfg: cfg.clone(),
+            hostname: hostname.to_string(),
+            dns,
+        }
+    }
+
+    async fn helo_identity(&self, f: &mut Facts) {
+        let helo = &f.client.helo;
+        if !self.cfg.helo || !helo.contains('.') || helo.parse::<IpAddr>().is_ok() {
+            return;
+        }
+        let (auth, cache) = self.dns.auth();
+        let ip = f.client.ip;
+        let out = auth
+            .check_host(
+                Parameters::new(SpfParameters::helo(ip, helo, &self.hostname)).with_cache(cache),
+            )
+            .await;
+        if out.result() == SpfResult::Fail {
+            f.txn.found.findings.push(Finding {
+                check: "spf",
+                result: "fail".into(),
+                action: act(self.cfg.mode, self.cfg.fail),
+                reason: "spf:helo_fail".into(),
+                reply: verdict::spf_fail(self.cfg.text.as_deref(), helo, &ip.to_string()),
+            });
+        }
+        f.txn.spf_helo = Some(out);
+    }
+
+    async fn mail_identity(&self, f: &mut Facts) {
+        let (auth, cache) = self.dns.auth();
+        let ip = f.client.ip;
+        let out = auth
+            .check_host(
+                Parameters::new(SpfParameters::mail_from(
+                    ip,
+                    &f.client.helo,
+                    &self.hostname,
+                    &f.txn.sender,
+                ))
+                .with_cache(cache),
+            )
+            .await;
+        let domain = out.domain().to_string();
+        let ip = ip.to_string();
+        let s = &self.cfg;
+        let (word, action, reply) = match out.result() {
+            SpfResult::Pass => ("pass", s.pass, None),
+            SpfResult::Fail => (
+                "fail",
+                s.fail,
+                Some(verdict::spf_fail(s.text.as_deref(), &domain, &ip)),
+            ),
+            SpfResult::SoftFail => ("softfail", s.softfail, None),
+            SpfResult::Neutral => ("neutral", s.neutral, None),
+            SpfResult::None => ("none", s.none, None),
+            SpfResult::TempError => (
+                "temperror",
+                s.temperror,
+                Some(verdict::spf_temperror(&domain)),
+            ),
+            SpfResult::PermError => (
+                "permerror",
+                s.permerror,
+                Some(verdict::spf_permerror(&domain)),
+            ),
+        };
+        let found = &mut f.txn.found;
+        found.log.spf = word.to_string();
+        found.findings.push(Finding {
+            check: "spf",
+            result: word.into(),
+            action: act(s.mode, action),
+            reason: format!("spf:{word}"),
+            reply: reply.unwrap_or_else(|| verdict::spam_score(0.0)),
+        });
+        f.txn.spf_mail = Some(out);
+    }
+}
+
+impl Check for Spf {
+    fn name(&self) -> &'static str {
+        "spf"
+    }
+
+    fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        Box::pin(async move {
+            if self.cfg.mode == Mode::Off {
+                return;
+            }
+            self.helo_identity(f).await;
+            self.mail_identity(f).await;
+        })
+    }
+}
