@@ -6,22 +6,25 @@
 //! reply code. A client hears `250` for a message only after upstream did.
 //!
 //! # Layout
-//! Top down; nothing imports from a module above it.
-//! - `server`: wiring, listeners, incoming PROXY, reload, status page, TLS.
-//! - `smtp`: the client session (state machine) and the EHLO offer.
-//! - `checks`: limits, DNSBL, SPF/DKIM/DMARC/ARC/iprev (via mail-auth), the
-//!   rule pool and the check threads: findings.
-//! - `rules`: the administrators' YAML rules, compiled and reloadable.
-//! - `upstream`: the SMTP client to the MTA (capability probe, relay).
+//! Top down; nothing imports from a module above it or beside it (the
+//! test `layers_point_down` below keeps it so).
+//! - `server`: wiring, listeners, incoming PROXY, reload, status page, TLS;
+//!   `cli`: the offline verbs `explain` and `stats` (no server).
+//! - `session`: the proxy's client session, one file per SMTP stage; it
+//!   drives a `checks::Screen` and relays through `upstream`.
+//! - `checks`: the one check engine (a `Check` per file: limits, DNSBL,
+//!   iprev, SPF, DKIM, DMARC, ARC, rules, our headers) and the sans-IO
+//!   `Screen` every front door drives; `upstream`: the SMTP client to the
+//!   MTA (capability probe, relay).
+//! - `rules`: the administrators' YAML rules, compiled and reloadable;
+//!   `verdict`: findings -> accept / tag / tempfail / reject, and replies.
 //! - `dns`: the resolver (configured nameservers only), caches, health.
-//! - `verdict`: findings -> accept / tag / tempfail / reject, and the reply table.
-//! - `telemetry`: log set-up, the one line per transaction, metrics, HTTP.
-//! - `config`: serde structs; load -> parse -> validate (`file:line:column`);
-//!   `yaml`: the one module that calls the YAML library.
 //! - `runtime`: shutdown phases, connection limits, memory budget, streams.
+//! - `telemetry`: log set-up, every log event with its metrics, HTTP.
+//! - `config`: serde structs; load -> parse -> validate (`file:line:column`).
 //! - `wire`: sans-IO SMTP on the wire: commands and paths, replies, the
-//!   DATA reader and dot-stuffing, PROXY in, XCLIENT and PROXY out.
-//! - `cli`: the offline verbs `explain` and `stats` (no server).
+//!   DATA reader and dot-stuffing, PROXY in, XCLIENT and PROXY out;
+//!   `yaml`: the one module that calls the YAML library.
 
 pub mod checks;
 pub mod cli;
@@ -36,3 +39,70 @@ pub mod upstream;
 pub mod verdict;
 pub mod wire;
 pub mod yaml;
+
+#[cfg(test)]
+mod tests {
+    /// The layers, bottom first; a module may import only from layers
+    /// below its own.
+    const LAYERS: &[&[&str]] = &[
+        &["wire", "yaml"],
+        &["config"],
+        &["telemetry"],
+        &["runtime"],
+        &["dns"],
+        &["rules", "verdict"],
+        &["checks", "upstream"],
+        &["session"],
+        &["server", "cli"],
+    ];
+
+    fn layer(module: &str) -> Option<usize> {
+        LAYERS.iter().position(|l| l.contains(&module))
+    }
+
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn layers_point_down() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        let mut wrong = Vec::new();
+        let mut seen = 0;
+        for f in files {
+            let rel = f.strip_prefix(&src).unwrap();
+            let top = rel.iter().next().unwrap().to_string_lossy();
+            let Some(own) = layer(top.trim_end_matches(".rs")) else {
+                continue; // lib.rs, main.rs
+            };
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (i, line) in text.lines().enumerate() {
+                for (at, _) in line.match_indices("crate::") {
+                    let dep: String = line[at + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    seen += 1;
+                    match layer(&dep) {
+                        Some(l) if l < own || dep == top.trim_end_matches(".rs") => {}
+                        _ => wrong.push(format!("{}:{}: {dep}", rel.display(), i + 1)),
+                    }
+                }
+            }
+        }
+        assert!(seen > 100, "only {seen} imports found");
+        assert!(
+            wrong.is_empty(),
+            "imports that do not point down: {wrong:#?}"
+        );
+    }
+}

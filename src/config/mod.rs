@@ -292,22 +292,6 @@ pub struct Timeouts {
     pub shutdown: Secs,
 }
 
-impl Config {
-    /// The connection limits and the stress threshold, as the server
-    /// enforces them.
-    pub fn connection_bounds(&self) -> crate::runtime::limits::ConnectionBounds {
-        let l = &self.limits;
-        crate::runtime::limits::ConnectionBounds {
-            max_total: l.max_connections,
-            max_per_ip: l.max_connections_per_ip,
-            max_per_network: l.max_connections_per_network,
-            prefix_v4: l.network_prefix_v4,
-            prefix_v6: l.network_prefix_v6,
-            stress_at: (l.max_connections * usize::from(self.stress.at_percent)).div_ceil(100),
-        }
-    }
-}
-
 impl Default for Timeouts {
     fn default() -> Self {
         Self {

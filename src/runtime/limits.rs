@@ -36,6 +36,21 @@ pub struct ConnectionBounds {
     pub stress_at: usize,
 }
 
+impl ConnectionBounds {
+    /// The limits and the stress threshold of a config.
+    pub fn of(cfg: &crate::config::Config) -> ConnectionBounds {
+        let l = &cfg.limits;
+        ConnectionBounds {
+            max_total: l.max_connections,
+            max_per_ip: l.max_connections_per_ip,
+            max_per_network: l.max_connections_per_network,
+            prefix_v4: l.network_prefix_v4,
+            prefix_v6: l.network_prefix_v6,
+            stress_at: (l.max_connections * usize::from(cfg.stress.at_percent)).div_ceil(100),
+        }
+    }
+}
+
 /// The network of `ip` (its address with the host bits cleared).
 pub fn network(ip: IpAddr, prefix_v4: u8, prefix_v6: u8) -> IpAddr {
     let ip = ip.to_canonical();

@@ -15,7 +15,7 @@ use crate::checks::Engine;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
 use crate::rules::{RuleSet, Rules};
-use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
+use crate::runtime::limits::{ConnectionBounds, ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::session::{Peer, Runtime, Session, Shared};
 use crate::telemetry::RefusedConnection;
@@ -92,7 +92,7 @@ impl Server {
         let shared = Arc::new(Shared {
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
-            limits: ConnectionLimits::new(cfg.connection_bounds()),
+            limits: ConnectionLimits::new(ConnectionBounds::of(&cfg)),
             runtime: arc_swap::ArcSwap::from_pointee(runtime),
             rules,
         });

@@ -26,7 +26,9 @@ fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
     Arc::new(Shared {
         upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
-        limits: portcullis::runtime::limits::ConnectionLimits::new(cfg.connection_bounds()),
+        limits: portcullis::runtime::limits::ConnectionLimits::new(
+            portcullis::runtime::limits::ConnectionBounds::of(&cfg),
+        ),
         rules: portcullis::rules::Rules::new(
             common::EMPTY_RULES.into(),
             portcullis::rules::RuleSet::empty(),
