@@ -143,7 +143,7 @@ fn main() -> ExitCode {
                 let rt = tokio::runtime::Runtime::new()?;
                 rt.block_on(portcullis::cli::explain::explain(
                     cfg,
-                    portcullis::cli::explain::Input {
+                    portcullis::cli::explain::Sample {
                         ip,
                         helo,
                         from,

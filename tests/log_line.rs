@@ -425,7 +425,7 @@ async fn explain_sees_what_the_session_saw(logs: &Captured) {
     let cfg = portcullis::config::Config::load(Some(&path)).unwrap();
     let x = explain::run(
         cfg,
-        &explain::Input {
+        &explain::Sample {
             ip: "203.0.113.9".parse().unwrap(),
             helo: "mx.good.test".into(),
             from: "a@signed.test".into(),

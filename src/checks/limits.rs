@@ -2,7 +2,7 @@
 //! count at RCPT. They refuse at once (not through the verdict) and hold
 //! for allow-listed clients too.
 
-use super::{Check, Facts, Hook, Txn, done};
+use super::{Check, Facts, Hook, TxnFacts, done};
 use crate::config::LimitsConfig;
 use crate::wire::reply;
 
@@ -19,13 +19,13 @@ impl Limits {
         }
     }
 
-    fn at_mail(&self, t: &mut Txn) {
+    fn at_mail(&self, t: &mut TxnFacts) {
         if t.declared_size.is_some_and(|s| s > self.max_message_size) {
             t.found.refuse_now = Some((reply::SIZE_EXCEEDED, "limit:size"));
         }
     }
 
-    fn at_rcpt(&self, t: &mut Txn) {
+    fn at_rcpt(&self, t: &mut TxnFacts) {
         if t.rcpts.len() >= self.max_recipients {
             t.found.refuse_now = Some((reply::TOO_MANY_RCPTS, "limit:recipients"));
         }
@@ -63,7 +63,7 @@ mod tests {
         }
     }
 
-    fn refusal(t: &Txn) -> Option<(u16, String, &'static str)> {
+    fn refusal(t: &TxnFacts) -> Option<(u16, String, &'static str)> {
         t.found
             .refuse_now
             .as_ref()
@@ -72,9 +72,9 @@ mod tests {
 
     #[test]
     fn declared_size_over_the_limit_is_refused_at_mail() {
-        let mut t = Txn {
+        let mut t = TxnFacts {
             declared_size: Some(100),
-            ..Txn::default()
+            ..TxnFacts::default()
         };
         limits().at_mail(&mut t);
         assert_eq!(refusal(&t), None);
@@ -85,9 +85,9 @@ mod tests {
 
     #[test]
     fn recipients_past_the_limit_are_refused_at_rcpt() {
-        let mut t = Txn {
+        let mut t = TxnFacts {
             rcpts: vec!["a@x".into()],
-            ..Txn::default()
+            ..TxnFacts::default()
         };
         limits().at_rcpt(&mut t);
         assert_eq!(refusal(&t), None);

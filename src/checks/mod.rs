@@ -126,7 +126,7 @@ pub struct Pending {
 
 /// One transaction: the envelope so far and what the checks found.
 #[derive(Debug, Clone, Default)]
-pub struct Txn {
+pub struct TxnFacts {
     pub sender: String,
     pub declared_size: Option<u64>,
     /// Recipients accepted so far.
@@ -179,14 +179,13 @@ pub struct CheckLog {
 #[derive(Clone)]
 pub struct Facts {
     pub client: Client,
-    pub txn: Txn,
+    pub txn: TxnFacts,
     /// The rules this client's session started with.
     pub rules: Arc<RuleSet>,
 }
 
 /// The message at the end of DATA, parsed once for every check.
 pub struct Message<'m> {
-    pub raw: &'m [u8],
     /// For work handed to the rule pool.
     pub shared: &'m SharedMessage,
     pub parsed: &'m AuthenticatedMessage<'m>,
@@ -224,7 +223,7 @@ impl Engine {
             Box::new(dkim::Dkim::new(c, Arc::clone(&dns))),
             Box::new(dmarc::Dmarc::new(&c.dmarc, Arc::clone(&dns))),
             Box::new(arc::ArcCheck::new(&c.arc, Arc::clone(&dns))),
-            Box::new(rules::Rules::new(&c.message_rules)),
+            Box::new(rules::RuleCheck::new(&c.message_rules)),
             Box::new(auth_results::AuthResults::new(c, &host)),
         ];
         Engine {

@@ -9,14 +9,14 @@ use crate::rules::{Hit, Input, OwnedInput, RuleAction, Stage};
 use crate::verdict::{self, Finding};
 use std::sync::Arc;
 
-pub struct Rules {
+pub struct RuleCheck {
     /// Where the rules on the whole message run.
     pool: RulePool,
 }
 
-impl Rules {
-    pub fn new(cfg: &MessageRules) -> Rules {
-        Rules {
+impl RuleCheck {
+    pub fn new(cfg: &MessageRules) -> RuleCheck {
+        RuleCheck {
             pool: RulePool::new(cfg),
         }
     }
@@ -50,7 +50,7 @@ impl Facts {
     }
 }
 
-impl Check for Rules {
+impl Check for RuleCheck {
     fn name(&self) -> &'static str {
         "rules"
     }

@@ -11,7 +11,9 @@
 
 use super::auth_results::{self, forged_results};
 use super::pool::{self, SharedMessage};
-use super::{CheckLog, Client, Engine, Facts, Found, Message, Pending, Txn, client_name, iprev};
+use super::{
+    CheckLog, Client, Engine, Facts, Found, Message, Pending, TxnFacts, client_name, iprev,
+};
 use crate::config::Action;
 use crate::rules::RuleSet;
 use crate::verdict::{self, Decision, Finding, Outcome};
@@ -77,7 +79,7 @@ impl Screen {
         Screen {
             facts: Facts {
                 client,
-                txn: Txn::default(),
+                txn: TxnFacts::default(),
                 rules,
             },
             engine,
@@ -132,7 +134,7 @@ impl Screen {
     /// For `reject_at: connect`: the verdict on the connection before the
     /// greeting (the DNSBL listings of its address, iprev).
     pub async fn greeting(&mut self) -> Outcome {
-        self.facts.txn = Txn::default();
+        self.facts.txn = TxnFacts::default();
         if !self.facts.client.allowed {
             self.facts.txn.found = self.connection().await;
         }
@@ -142,10 +144,10 @@ impl Screen {
     /// MAIL: the limits, then (unless the client or sender is allow-listed)
     /// the connection's findings and every check of the MAIL stage.
     pub async fn mail(&mut self, sender: &str, declared_size: Option<u64>) -> Screened {
-        self.facts.txn = Txn {
+        self.facts.txn = TxnFacts {
             sender: sender.to_string(),
             declared_size,
-            ..Txn::default()
+            ..TxnFacts::default()
         };
         let engine = Arc::clone(&self.engine);
         for c in engine.checks.iter().filter(|c| c.always()) {
@@ -353,7 +355,6 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         .map(|(_, d)| d.to_string())
         .unwrap_or_default();
     let mut m = Message {
-        raw,
         shared,
         parsed: &parsed,
         from,
@@ -384,5 +385,172 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         outcome,
         headers,
         remove: m.remove,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The screen stage by stage, with no socket: every DNS check off, the
+    //! limits and the rules on.
+    use super::*;
+    use crate::config::Config;
+    use crate::dns::Dns;
+    use std::path::{Path, PathBuf};
+
+    const RULES: &str = r#"rules:
+  - {id: BAD_HELO, description: d, when: {helo: {exact: [bad.test]}}, action: {reject: {code: 550, enhanced: 5.7.1, text: "bad helo"}}}
+  - {id: CLEAR, description: d, when: {tls: false}, action: {score: 1}}
+  - {id: TRAP, description: d, when: {rcpt_local: {exact: [trap]}}, action: reject}
+  - {id: VIP, description: d, when: {rcpt_local: {exact: [vip]}}, action: accept}
+  - {id: FRIENDLY, description: d, when: {rcpt_local: {exact: [friend]}}, action: {score: 2}}
+  - {id: PRIZE, description: d, when: {subject: {regex: prize}}, action: {score: 5}}
+  - {id: MARK, description: d, when: {subject: {regex: prize}}, action: {add_header: {name: X-Prize, value: "yes"}}}
+"#;
+
+    fn config(extra: &str) -> Config {
+        let yaml = format!(
+            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: 127.0.0.1:2525}}\nlimits: {{max_recipients: 3, max_message_size: 1000}}\nchecks:\n  spf: {{mode: off}}\n  dkim: {{mode: off}}\n  dmarc: {{mode: off}}\n  arc: {{mode: off}}\n  iprev: {{mode: off}}\n  dnsbl: {{mode: off}}\n  thresholds: {{tag: 3}}\n{extra}"
+        );
+        Config::parse(&yaml, Path::new("test.yaml")).unwrap()
+    }
+
+    fn screen(cfg: &Config, ip: &str) -> Screen {
+        let rules = RuleSet::load_texts(Path::new("."), &[(PathBuf::from("r.yaml"), RULES)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let engine = Arc::new(Engine::new(cfg, Dns::new(&cfg.dns).unwrap()));
+        let mut s = Screen::new(engine, Arc::new(rules), ip.parse().unwrap(), false);
+        s.helo("mx.sender.test");
+        s
+    }
+
+    fn verdict(s: Screened) -> Outcome {
+        match s {
+            Screened::Verdict(o) => o,
+            other => panic!("not a verdict: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_without_listings_is_greeted() {
+        let mut s = screen(&config(""), "192.0.2.1");
+        assert_eq!(s.greeting().await.decision, Decision::Accept);
+    }
+
+    #[tokio::test]
+    async fn mail_runs_the_limits_then_the_rules_of_connect_helo_and_mail() {
+        let mut s = screen(&config(""), "192.0.2.1");
+        match s.mail("a@sender.test", Some(1001)).await {
+            Screened::Refused { reply, reason } => {
+                assert_eq!((reply.code, reason), (552, "limit:size"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let o = verdict(s.mail("a@sender.test", Some(1000)).await);
+        assert_eq!((o.decision, o.score), (Decision::Accept, 1.0));
+        assert_eq!(s.log().rules, ["CLEAR"]);
+        assert_eq!(s.log().hits, ["rule:CLEAR=1"]);
+        s.helo("bad.test");
+        let o = verdict(s.mail("a@sender.test", None).await);
+        let Decision::Reject(r) = &o.decision else {
+            panic!("{o:?}")
+        };
+        assert_eq!((r.code, o.reason.as_str()), (550, "rule:BAD_HELO"));
+        // A new transaction starts clean: STARTTLS changed what rules see.
+        s.helo("mx.sender.test");
+        s.tls(true);
+        let o = verdict(s.mail("a@sender.test", None).await);
+        assert_eq!((o.decision, o.score), (Decision::Accept, 0.0));
+        assert!(s.log().rules.is_empty());
+    }
+
+    #[tokio::test]
+    async fn allow_lists_skip_the_checks_but_not_the_limits() {
+        let cfg = config("  allow: {clients: [192.0.2.0/24], senders: [friend.test]}\n");
+        let mut s = screen(&cfg, "192.0.2.9");
+        s.helo("bad.test");
+        assert!(s.allowed());
+        let o = verdict(s.mail("a@sender.test", None).await);
+        assert_eq!(o.decision, Decision::Accept);
+        assert!(s.log().rules.is_empty());
+        assert!(matches!(
+            s.mail("a@sender.test", Some(5000)).await,
+            Screened::Refused { .. }
+        ));
+        let mut s = screen(&cfg, "198.51.100.1");
+        s.helo("bad.test");
+        let o = verdict(s.mail("a@sub.friend.test", None).await);
+        assert_eq!(o.decision, Decision::Accept);
+        let o = verdict(s.mail("a@sender.test", None).await);
+        assert!(matches!(o.decision, Decision::Reject(_)), "{o:?}");
+    }
+
+    #[tokio::test]
+    async fn rcpt_refuses_one_recipient_and_keeps_the_scores_of_others() {
+        let mut s = screen(&config(""), "192.0.2.1");
+        verdict(s.mail("a@sender.test", None).await);
+        let (r, why) = s.rcpt("trap@example.test").await.expect("refused");
+        assert_eq!((r.code, why.as_str()), (550, "rule:TRAP"));
+        assert_eq!(s.rcpt("friend@example.test").await, None);
+        s.rcpt_accepted("friend@example.test");
+        assert_eq!(s.rcpt("b@example.test").await, None);
+        s.rcpt_accepted("b@example.test");
+        assert_eq!(s.rcpts(), ["friend@example.test", "b@example.test"]);
+        assert_eq!(s.log().hits, ["rule:CLEAR=1", "rule:FRIENDLY=2"]);
+        s.rcpt_accepted("c@example.test");
+        let (r, why) = s.rcpt("d@example.test").await.expect("over the limit");
+        assert_eq!((r.code, why.as_str()), (452, "limit:recipients"));
+    }
+
+    #[tokio::test]
+    async fn an_accept_rule_at_rcpt_ends_the_checks() {
+        let mut s = screen(&config(""), "192.0.2.1");
+        verdict(s.mail("a@sender.test", None).await);
+        assert_eq!(s.rcpt("vip@example.test").await, None);
+        s.rcpt_accepted("vip@example.test");
+        assert_eq!(s.rcpt("trap@example.test").await, None, "skipped");
+        let msg: SharedMessage = Arc::new(b"Subject: prize\r\n\r\nhi\r\n".to_vec());
+        let d = s.data(&msg).await;
+        assert_eq!(d.outcome.decision, Decision::Accept);
+        assert_eq!(
+            d.headers,
+            "Authentication-Results: gate.test;\r\n\tnone\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn data_decides_over_every_finding_and_writes_our_headers() {
+        let mut s = screen(&config(""), "192.0.2.1");
+        verdict(s.mail("a@sender.test", None).await);
+        assert_eq!(s.rcpt("b@example.test").await, None);
+        s.rcpt_accepted("b@example.test");
+        let raw = b"Authentication-Results: gate.test; spf=pass\r\nSubject: prize\r\n\r\nhi\r\n";
+        let msg: SharedMessage = Arc::new(raw.to_vec());
+        let d = s.data(&msg).await;
+        assert_eq!(
+            (d.outcome.decision.clone(), d.outcome.score),
+            (Decision::Tag, 6.0)
+        );
+        assert!(
+            d.headers.starts_with("Authentication-Results: gate.test;"),
+            "{}",
+            d.headers
+        );
+        assert!(
+            d.headers
+                .contains("X-Spam-Flag: YES\r\nX-Spam-Score: 6.0\r\nX-Prize: yes\r\n"),
+            "{}",
+            d.headers
+        );
+        // The forged header that claims our name is dropped.
+        let forged = "Authentication-Results: gate.test; spf=pass\r\n".len();
+        assert_eq!(
+            d.remove,
+            vec![Range {
+                start: 0,
+                end: forged
+            }]
+        );
+        assert_eq!(s.log().rules, ["CLEAR", "PRIZE", "MARK"]);
+        assert_eq!(s.facts().txn.size, Some(raw.len() as u64));
     }
 }

@@ -12,7 +12,7 @@ use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-pub struct Input {
+pub struct Sample {
     pub ip: IpAddr,
     pub helo: String,
     pub from: String,
@@ -39,7 +39,7 @@ pub struct Explained {
 }
 
 /// Runs the transaction through the screen of `cfg`.
-pub async fn run(mut cfg: Config, input: &Input) -> Result<Explained, String> {
+pub async fn run(mut cfg: Config, input: &Sample) -> Result<Explained, String> {
     if input.no_dns {
         let c = &mut cfg.checks;
         for m in [
@@ -129,7 +129,7 @@ fn results(out: &mut String, log: &CheckLog) {
 }
 
 /// The transaction, printed.
-pub async fn explain(cfg: Config, input: Input) -> Result<String, String> {
+pub async fn explain(cfg: Config, input: Sample) -> Result<String, String> {
     let x = run(cfg, &input).await?;
     let mut out = String::new();
     let to: Vec<String> = input.rcpts.iter().map(|r| format!("<{r}>")).collect();

@@ -120,7 +120,7 @@ impl Nameservers {
         }
         let was = self.answering.swap(any, Ordering::Relaxed);
         let nameservers: Vec<SocketAddr> = self.probes.iter().map(|(a, _)| *a).collect();
-        events::Dns {
+        events::DnsHealth {
             up: any,
             went_down: was && !any,
             nameservers: &nameservers,

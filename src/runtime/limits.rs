@@ -135,7 +135,7 @@ impl ConnectionLimits {
     fn note_stress(&self) {
         let now = self.stressed();
         if self.stressed.swap(now, Ordering::AcqRel) != now {
-            crate::telemetry::events::Stress {
+            crate::telemetry::events::StressChanged {
                 on: now,
                 open: self.open(),
                 at: self.stress_at,

@@ -70,7 +70,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
-use txn::{Refusal, Said, Txn, TxnPhase};
+use txn::{RcptRefusal, Said, Txn, TxnPhase};
 
 /// Everything a session reads that a reload can change. A session takes
 /// the current one when it starts and keeps it to the end; every reload

@@ -38,7 +38,7 @@ impl Session {
                         t.rcpts += 1;
                         self.screen.rcpt_accepted(&r.address);
                     } else {
-                        t.last_rcpt_refusal = Some(Refusal {
+                        t.last_rcpt_refusal = Some(RcptRefusal {
                             code: rep.code,
                             enhanced: rep.enhanced(),
                             reason: "upstream".into(),
@@ -59,7 +59,7 @@ impl Session {
     /// the refusal for the log line.
     pub(super) fn refuse_rcpt(&mut self, reply: Reply, reason: String) -> Next {
         if let Some(t) = self.txn.as_mut() {
-            t.last_rcpt_refusal = Some(Refusal {
+            t.last_rcpt_refusal = Some(RcptRefusal {
                 code: reply.code,
                 enhanced: reply.enhanced_code().unwrap_or_default(),
                 reason,

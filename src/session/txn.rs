@@ -22,7 +22,7 @@ pub(super) struct Txn {
     pub(super) rcpts: usize,
     pub(super) started: Instant,
     /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
-    pub(super) last_rcpt_refusal: Option<Refusal>,
+    pub(super) last_rcpt_refusal: Option<RcptRefusal>,
     /// Summed score of this transaction's latest decision, for the log.
     pub(super) score: f64,
 }
@@ -85,7 +85,7 @@ struct Ending<'a> {
 }
 
 /// A refusal remembered for the log line.
-pub(super) struct Refusal {
+pub(super) struct RcptRefusal {
     pub(super) code: u16,
     pub(super) enhanced: String,
     pub(super) reason: String,

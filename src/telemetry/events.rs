@@ -147,13 +147,13 @@ impl ConnectionClosed<'_> {
 }
 
 /// Stress mode began or ended.
-pub struct Stress {
+pub struct StressChanged {
     pub on: bool,
     pub open: usize,
     pub at: usize,
 }
 
-impl Stress {
+impl StressChanged {
     pub fn emit(&self) {
         metrics::gauge!("portcullis_stress").set(flag(self.on));
         if self.on {
@@ -287,13 +287,13 @@ impl Nameserver<'_> {
 }
 
 /// Whether any nameserver answers; logged when none does any more.
-pub struct Dns<'a> {
+pub struct DnsHealth<'a> {
     pub up: bool,
     pub went_down: bool,
     pub nameservers: &'a [SocketAddr],
 }
 
-impl Dns<'_> {
+impl DnsHealth<'_> {
     pub fn emit(&self) {
         metrics::gauge!("portcullis_dns_up").set(flag(self.up));
         if self.went_down {
