@@ -5,7 +5,7 @@
 //! reload a file or run the binary (as JSON, which YAML reads).
 
 use super::{EMPTY_RULES, NO_CHECKS};
-use portcullis::config::{Bytes, Config, Secs};
+use portcullis::config::{Bytes, Config, Secs, Zone, ZoneType};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -32,4 +32,31 @@ pub fn kib(n: u64) -> Bytes {
 
 pub fn mib(n: u64) -> Bytes {
     Bytes(n << 20)
+}
+
+/// Points the checks' DNS at `dns` (a test server on loopback), with
+/// short waits and a TTL floor that makes repeated answers cache hits.
+pub fn with_dns(cfg: &mut Config, dns: SocketAddr) {
+    cfg.dns.nameservers = vec![dns];
+    cfg.dns.timeout = secs(1);
+    cfg.dns.attempts = 1;
+    cfg.dns.min_ttl = secs(60);
+}
+
+/// A DNSBL zone that scores nothing and refuses nothing until told to.
+pub fn zone(name: &str) -> Zone {
+    Zone {
+        zone: name.into(),
+        kind: ZoneType::Ip,
+        returns: Vec::new(),
+        score: 0.0,
+        action: None,
+        text: None,
+    }
+}
+
+/// Clients arrive through a PROXY header from a load balancer on loopback.
+pub fn behind_proxy(cfg: &mut Config) {
+    cfg.listen[0].proxy_protocol = true;
+    cfg.listen[0].trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
 }

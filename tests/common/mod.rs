@@ -518,6 +518,11 @@ pub struct Running {
 pub async fn start_server(yaml: &str) -> Running {
     let cfg =
         Config::parse(&with_defaults(yaml), Path::new("test.yaml")).expect("test config valid");
+    start_server_config(cfg).await
+}
+
+/// `start_server` with a typed config (see `config::test_config`).
+pub async fn start_server_config(cfg: Config) -> Running {
     let server = Server::bind(cfg).await.expect("bind");
     let running = Running {
         addr: server.local_addrs()[0],

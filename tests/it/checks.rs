@@ -5,11 +5,15 @@
 use crate::common;
 
 use base64::Engine;
+use common::config::{behind_proxy, test_config, with_dns, write_config, zone};
 use common::dns::{FakeDns, Rec, a, aaaa, ptr, silent_dns, txt};
 use common::{Client, FakeMta, Gate, Script, split_ours};
 use mail_auth::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::dkim::DkimSigner;
 use mail_auth::headers::HeaderWriter;
+use portcullis::config::{
+    Action, ChecksConfig, Config, Mode, RejectAt, ReturnFilter, Zone, ZoneType,
+};
 use rustls_pki_types::pem::PemObject;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -101,21 +105,65 @@ fn zones(extra: Vec<Rec>) -> Vec<Rec> {
     r
 }
 
-fn config(mta: SocketAddr, dns: SocketAddr, listen: &str, checks: &str) -> String {
-    format!(
-        "hostname: gate.test\nlisten: [{{addr: \"{listen}\"}}]\nlimits: {{max_connections_per_ip: 100}}\nupstream: {{addr: {mta}, client_identity: xclient, timeouts: {{connect: 2s, command: 2s, data: 5s}}}}\ndns: {{nameservers: [{dns}], timeout: 1s, attempts: 1, min_ttl: 60s}}\nchecks:\n{checks}"
-    )
+/// The test config (every check off) with its DNS at `dns`, listening on
+/// `listen`, and the checks that `set` turns on.
+fn config(
+    mta: SocketAddr,
+    dns: SocketAddr,
+    listen: &str,
+    set: impl FnOnce(&mut ChecksConfig),
+) -> Config {
+    let mut cfg = test_config(mta);
+    cfg.listen[0].addr = listen.parse().unwrap();
+    cfg.limits.max_connections_per_ip = 100;
+    with_dns(&mut cfg, dns);
+    set(&mut cfg.checks);
+    cfg
+}
+
+/// Like `config`, but clients arrive through a trusted PROXY header.
+fn proxied_config(mta: SocketAddr, dns: SocketAddr, set: impl FnOnce(&mut ChecksConfig)) -> Config {
+    let mut cfg = config(mta, dns, "127.0.0.1:0", set);
+    behind_proxy(&mut cfg);
+    cfg
+}
+
+fn refusing(name: &str) -> Zone {
+    Zone {
+        action: Some(Action::Reject),
+        ..zone(name)
+    }
 }
 
 /// DNSBL zones in enforce mode, everything else off.
-const BL: &str = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl:\n    mode: enforce\n    zones:\n      - {zone: bl.test, action: reject, returns: [\"127.0.0.2\", \"&0.0.0.4\"]}\n      - {zone: err.test, action: reject}\n      - {zone: broken.test, action: reject}\n";
+fn bl(c: &mut ChecksConfig) {
+    c.dnsbl.mode = Mode::Enforce;
+    let returns = ["127.0.0.2", "&0.0.0.4"].map(|r| ReturnFilter::parse(r).unwrap());
+    c.dnsbl.zones = vec![
+        Zone {
+            returns: returns.to_vec(),
+            ..refusing("bl.test")
+        },
+        refusing("err.test"),
+        refusing("broken.test"),
+    ];
+}
 
-/// Like `config`, but clients arrive through a trusted PROXY header.
-fn proxied_config(mta: SocketAddr, dns: SocketAddr, checks: &str) -> String {
-    config(mta, dns, "127.0.0.1:0", checks).replace(
-        "listen: [{addr: \"127.0.0.1:0\"}]",
-        "listen: [{addr: \"127.0.0.1:0\", proxy_protocol: true, trusted_proxies: [127.0.0.0/8]}]",
-    )
+/// SPF enforced (MAIL FROM only) with a scored softfail.
+fn spf(c: &mut ChecksConfig) {
+    c.thresholds.reject = Some(15.0);
+    c.thresholds.tag = Some(5.0);
+    c.spf.mode = Mode::Enforce;
+    c.spf.helo = false;
+    c.spf.softfail = Action::Score(6.0);
+}
+
+/// SPF (MAIL FROM only), DKIM and DMARC enforced.
+fn auth(c: &mut ChecksConfig) {
+    c.spf.mode = Mode::Enforce;
+    c.spf.helo = false;
+    c.dkim.mode = Mode::Enforce;
+    c.dmarc.mode = Mode::Enforce;
 }
 
 /// A client that a load balancer announces as `ip`.
@@ -139,7 +187,7 @@ async fn session(gate: SocketAddr, from_ip: &str) -> Client {
 async fn dnsbl_listed_client_refused_at_rcpt_naming_zone_and_reason() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", bl)).await;
     let mut c = session(gate.addr, "127.0.0.2").await;
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
     let r = c.cmd("RCPT TO:<b@example.test>", "550").await;
@@ -169,7 +217,7 @@ async fn dnsbl_listed_client_refused_at_rcpt_naming_zone_and_reason() {
 async fn dnsbl_return_code_filters_and_ipv6() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", bl)).await;
     // 127.0.0.3 answers 127.0.0.3: not in [127.0.0.2, &0.0.0.4].
     let mut c = session(gate.addr, "127.0.0.3").await;
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
@@ -180,7 +228,7 @@ async fn dnsbl_return_code_filters_and_ipv6() {
     c.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
 
     // IPv6 client ::1, listed by nibbles.
-    let gate6 = Gate::start_with(&config(mta.addr, dns.addr, "[::1]:0", BL)).await;
+    let gate6 = Gate::start_config(config(mta.addr, dns.addr, "[::1]:0", bl)).await;
     let mut c = Client::connect(gate6.addr).await;
     c.reply().await;
     c.cmd("EHLO six.test", "250").await;
@@ -193,7 +241,7 @@ async fn dnsbl_return_code_filters_and_ipv6() {
 async fn error_answers_never_reject_and_disable_the_zone() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let running = common::start_server(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
+    let running = common::start_server_config(config(mta.addr, dns.addr, "127.0.0.1:0", bl)).await;
     let (engine, addr) = (running.engine, running.addr);
     // 127.0.0.5 gets 127.255.255.254 from bl.test, 127.0.0.6 from err.test.
     for ip in ["127.0.0.5", "127.0.0.6"] {
@@ -231,7 +279,7 @@ async fn error_answers_never_reject_and_disable_the_zone() {
 async fn self_test_disables_a_broken_zone() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let running = common::start_server(&config(mta.addr, dns.addr, "127.0.0.1:0", BL)).await;
+    let running = common::start_server_config(config(mta.addr, dns.addr, "127.0.0.1:0", bl)).await;
     let (engine, addr) = (running.engine, running.addr);
     engine.dnsbl.self_test().await;
     let state = |z: &str| {
@@ -256,21 +304,29 @@ async fn dns_timeouts_give_the_configured_temporary_behaviour() {
     let (dead, _keep) = silent_dns().await;
     let mta = FakeMta::start(Script::default()).await;
     // DNSBL on_error: tempfail -> 451 4.4.3.
-    let checks = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: enforce, on_error: tempfail, zones: [{zone: bl.test, action: reject}]}\n";
-    let gate = Gate::start_with(&config(mta.addr, dead, "127.0.0.1:0", checks)).await;
+    let gate = Gate::start_config(config(mta.addr, dead, "127.0.0.1:0", |c| {
+        c.dnsbl.mode = Mode::Enforce;
+        c.dnsbl.on_error = Action::Tempfail;
+        c.dnsbl.zones = vec![refusing("bl.test")];
+    }))
+    .await;
     let mut c = session(gate.addr, "127.0.0.2").await;
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "451 4.4.3").await;
     // on_error: accept (the default) -> fail open.
-    let checks = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: enforce, zones: [{zone: bl.test, action: reject}]}\n";
-    let gate = Gate::start_with(&config(mta.addr, dead, "127.0.0.1:0", checks)).await;
+    let gate = Gate::start_config(config(mta.addr, dead, "127.0.0.1:0", |c| {
+        c.dnsbl.mode = Mode::Enforce;
+        c.dnsbl.zones = vec![refusing("bl.test")];
+    }))
+    .await;
     let mut c = session(gate.addr, "127.0.0.2").await;
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "250").await;
     // SPF temperror -> 451 4.7.24 by default.
-    let checks =
-        "  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  spf: {mode: enforce}\n";
-    let gate = Gate::start_with(&config(mta.addr, dead, "127.0.0.1:0", checks)).await;
+    let gate = Gate::start_config(config(mta.addr, dead, "127.0.0.1:0", |c| {
+        c.spf.mode = Mode::Enforce;
+    }))
+    .await;
     let mut c = session(gate.addr, "127.0.0.7").await;
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
     let r = c.cmd("RCPT TO:<b@example.test>", "451 4.7.24").await;
@@ -279,13 +335,11 @@ async fn dns_timeouts_give_the_configured_temporary_behaviour() {
     assert_eq!(mta.count("MAIL"), 1);
 }
 
-const SPF: &str = "  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  thresholds: {reject: 15, tag: 5}\n  spf: {mode: enforce, helo: false, softfail: {score: 6}}\n";
-
 #[tokio::test]
 async fn spf_results_and_their_actions() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", SPF)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", spf)).await;
     for (domain, want_rcpt, ar) in [
         ("pass.test", "250", "spf=pass"),
         ("fail.test", "550 5.7.23", ""),
@@ -334,8 +388,6 @@ fn sign<K: mail_auth::crypto::SigningKey>(key: K, selector: &str, msg: &str) -> 
     format!("{}{msg}", sig.to_header())
 }
 
-const AUTH: &str = "  iprev: {mode: off}\n  spf: {mode: enforce, helo: false}\n  dkim: {mode: enforce}\n  dmarc: {mode: enforce}\n";
-
 async fn deliver(gate: SocketAddr, from_ip: &str, sender: &str, msg: &str) -> String {
     let mut c = session(gate, from_ip).await;
     c.cmd(&format!("MAIL FROM:<{sender}>"), "250").await;
@@ -356,7 +408,7 @@ async fn dkim_pass_fail_missing_key_and_ed25519() {
     let (rsa, rsa_rec) = rsa();
     let dns = FakeDns::start(ORIGINS, zones(vec![ed_rec, rsa_rec])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", AUTH)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", auth)).await;
     let msg = "From: a@signed.test\r\nTo: b@example.test\r\nSubject: dkim\r\n\r\nsigned body\r\n";
 
     // RSA and ed25519 pass; DMARC passes through DKIM alignment although SPF
@@ -402,8 +454,13 @@ async fn dkim_pass_fail_missing_key_and_ed25519() {
     assert!(r.starts_with("550 5.7.1"), "{r}");
 
     // In record mode the same failures are only written down.
-    let record = "  iprev: {mode: off}\n  spf: {mode: record, helo: false}\n  dkim: {mode: record}\n  dmarc: {mode: record}\n";
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", record)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", |c| {
+        auth(c);
+        for m in [&mut c.spf.mode, &mut c.dkim.mode, &mut c.dmarc.mode] {
+            *m = Mode::Record;
+        }
+    }))
+    .await;
     let r = deliver(gate.addr, "127.0.0.7", "x@pass.test", &tampered).await;
     assert!(r.starts_with("250"), "{r}");
     let (ours, _) = split_ours(&mta.stored().last().unwrap().data);
@@ -434,7 +491,7 @@ async fn dmarc_policy_found_is_not_voided_by_a_failing_parent_lookup() {
     for code in [ResponseCode::ServFail, ResponseCode::Refused] {
         let dns = FakeDns::start_failing(ORIGINS, zones(vec![]), &[("_dmarc.test.", code)]).await;
         let mta = FakeMta::start(Script::default()).await;
-        let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", AUTH)).await;
+        let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", auth)).await;
         let spoof =
             "From: ceo@reject.test\r\nTo: b@example.test\r\nSubject: pay\r\n\r\nwire it\r\n";
         let r = deliver(gate.addr, "127.0.0.7", "x@pass.test", spoof).await;
@@ -460,7 +517,7 @@ async fn dmarc_policy_found_is_not_voided_by_a_failing_parent_lookup() {
 async fn dmarc_reject_quarantine_none_aligned_and_unaligned() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", AUTH)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", auth)).await;
     let msg = |from: &str| {
         format!("From: x@{from}\r\nTo: b@example.test\r\nSubject: dmarc\r\n\r\nbody\r\n")
     };
@@ -508,8 +565,11 @@ async fn dmarc_reject_quarantine_none_aligned_and_unaligned() {
     );
 
     // Configured to only tag p=reject failures.
-    let tag = "  iprev: {mode: off}\n  spf: {mode: enforce, helo: false}\n  dkim: {mode: enforce}\n  dmarc: {mode: enforce, reject: tag}\n";
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", tag)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", |c| {
+        auth(c);
+        c.dmarc.reject = Action::Tag;
+    }))
+    .await;
     let r = deliver(gate.addr, "127.0.0.7", "x@pass.test", &msg("reject.test")).await;
     assert!(r.starts_with("250"), "{r}");
     let (ours, _) = split_ours(&mta.stored().last().unwrap().data);
@@ -520,8 +580,13 @@ async fn dmarc_reject_quarantine_none_aligned_and_unaligned() {
 async fn authentication_results_content_and_forged_header_removed() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let checks = "  spf: {mode: enforce}\n  dkim: {mode: enforce}\n  dmarc: {mode: enforce}\n  iprev: {mode: enforce}\n";
-    let gate = Gate::start_with(&proxied_config(mta.addr, dns.addr, checks)).await;
+    let gate = Gate::start_config(proxied_config(mta.addr, dns.addr, |c| {
+        auth(c);
+        c.spf.helo = true;
+        c.iprev.mode = Mode::Enforce;
+        c.arc.mode = Mode::Record;
+    }))
+    .await;
     let msg = "Authentication-Results: gate.test; spf=pass smtp.mailfrom=ceo@bank.test; dkim=pass\r\n\
 Authentication-Results: (trust me)\r\n\tGATE.TEST; dmarc=pass\r\n\
 Authentication-Results: upstream.example; spf=fail\r\n\
@@ -575,8 +640,11 @@ From: x@proxied.test\r\nTo: b@example.test\r\nSubject: forged\r\n\r\nbody\r\n";
 async fn iprev_fail_scored_and_enforceable() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let checks = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: enforce, fail: reject}\n";
-    let gate = Gate::start_with(&proxied_config(mta.addr, dns.addr, checks)).await;
+    let gate = Gate::start_config(proxied_config(mta.addr, dns.addr, |c| {
+        c.iprev.mode = Mode::Enforce;
+        c.iprev.fail = Action::Reject;
+    }))
+    .await;
     let mut c = proxied(gate.addr, "203.0.113.8", "liar.test").await;
     c.cmd("MAIL FROM:<a@pass.test>", "250").await;
     let r = c.cmd("RCPT TO:<b@example.test>", "550 5.7.25").await;
@@ -590,8 +658,14 @@ async fn iprev_fail_scored_and_enforceable() {
 async fn domain_lists_check_helo_and_sender_domain() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let checks = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: enforce, zones: [{zone: dbl.test, type: domain, action: reject}]}\n";
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", checks)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", |c| {
+        c.dnsbl.mode = Mode::Enforce;
+        c.dnsbl.zones = vec![Zone {
+            kind: ZoneType::Domain,
+            ..refusing("dbl.test")
+        }];
+    }))
+    .await;
     let mut c = session(gate.addr, "127.0.0.7").await;
     c.cmd("MAIL FROM:<a@spammer.test>", "250").await;
     let r = c.cmd("RCPT TO:<b@example.test>", "550 5.7.1").await;
@@ -610,8 +684,13 @@ async fn domain_lists_check_helo_and_sender_domain() {
 async fn cache_hits_send_no_packet_and_concurrent_lookups_coalesce() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let checks = "  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  spf: {mode: enforce, helo: false}\n  dnsbl: {mode: enforce, zones: [{zone: bl.test, action: reject}]}\n";
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", checks)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", |c| {
+        c.spf.mode = Mode::Enforce;
+        c.spf.helo = false;
+        c.dnsbl.mode = Mode::Enforce;
+        c.dnsbl.zones = vec![refusing("bl.test")];
+    }))
+    .await;
     // 20 sessions at once from one client: one DNSBL query.
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -649,8 +728,12 @@ async fn cache_hits_send_no_packet_and_concurrent_lookups_coalesce() {
 async fn allow_lists_skip_the_checks() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let checks = format!("{BL}  allow: {{clients: [127.0.0.2/32], senders: [pass.test]}}\n");
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", &checks)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", |c| {
+        bl(c);
+        c.allow.clients = vec!["127.0.0.2/32".parse().unwrap()];
+        c.allow.senders = vec!["pass.test".into()];
+    }))
+    .await;
     let mut c = session(gate.addr, "127.0.0.2").await;
     let r = c
         .send_mail(
@@ -675,8 +758,11 @@ async fn allow_lists_skip_the_checks() {
 async fn reject_at_connect_answers_554_instead_of_the_greeting() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let checks = format!("{BL}  reject_at: connect\n");
-    let gate = Gate::start_with(&config(mta.addr, dns.addr, "127.0.0.1:0", &checks)).await;
+    let gate = Gate::start_config(config(mta.addr, dns.addr, "127.0.0.1:0", |c| {
+        bl(c);
+        c.reject_at = RejectAt::Connect;
+    }))
+    .await;
     let mut c = Client::connect_from(gate.addr, "127.0.0.2").await;
     let r = c.reply().await;
     assert!(
@@ -692,16 +778,10 @@ async fn reject_at_connect_answers_554_instead_of_the_greeting() {
 async fn config_reload_swaps_the_checks_for_new_sessions_and_refuses_a_bad_file() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
     let mta = FakeMta::start(Script::default()).await;
-    let off = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: off}\n";
     let dir = std::env::temp_dir().join(format!("portcullis-cfg-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("gate.yaml");
-    let rules = format!("rules_dir: {}\n", common::EMPTY_RULES);
-    std::fs::write(
-        &file,
-        format!("{}{rules}", config(mta.addr, dns.addr, "127.0.0.1:0", off)),
-    )
-    .unwrap();
+    write_config(&file, &config(mta.addr, dns.addr, "127.0.0.1:0", |_| {}));
     let cfg = portcullis::config::Config::load(Some(&file)).unwrap();
     let server = portcullis::server::Server::bind(cfg).await.unwrap();
     let addr = server.local_addrs()[0];
@@ -710,11 +790,7 @@ async fn config_reload_swaps_the_checks_for_new_sessions_and_refuses_a_bad_file(
 
     let mut before = session(addr, "127.0.0.2").await;
     // Same listener (port 0 is rebound only on restart), now with a DNSBL.
-    std::fs::write(
-        &file,
-        format!("{}{rules}", config(mta.addr, dns.addr, "127.0.0.1:0", BL)),
-    )
-    .unwrap();
+    write_config(&file, &config(mta.addr, dns.addr, "127.0.0.1:0", bl));
     reloader.reload(&file).await.unwrap();
     let mut after = session(addr, "127.0.0.2").await;
     after.cmd("MAIL FROM:<a@pass.test>", "250").await;
@@ -782,10 +858,18 @@ rules:
 "#,
     )
     .unwrap();
-    let checks = "  spf: {mode: record, helo: false}\n  dkim: {mode: record}\n  dmarc: {mode: record}\n  iprev: {mode: record}\n  dnsbl: {mode: record, zones: [{zone: bl.test}]}\n";
-    let cfg =
-        proxied_config(mta.addr, dns.addr, checks) + &format!("rules_dir: {}\n", dir.display());
-    let gate = Gate::start_with(&cfg).await;
+    let mut cfg = proxied_config(mta.addr, dns.addr, |c| {
+        auth(c);
+        for m in [&mut c.spf.mode, &mut c.dkim.mode, &mut c.dmarc.mode] {
+            *m = Mode::Record;
+        }
+        c.iprev.mode = Mode::Record;
+        c.arc.mode = Mode::Record;
+        c.dnsbl.mode = Mode::Record;
+        c.dnsbl.zones = vec![zone("bl.test")];
+    });
+    cfg.rules_dir = Some(dir.clone());
+    let gate = Gate::start_config(cfg).await;
 
     // reverse + dkim: headers added; dmarc fail with p=reject: refused by the rule.
     let mut c = proxied(gate.addr, "203.0.113.9", "good.test").await;
@@ -864,8 +948,7 @@ async fn xclient_carries_the_client_names_with_iprev_off() {
         })
         .collect();
     let mta = FakeMta::start(script).await;
-    let off = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  iprev: {mode: off}\n  dnsbl: {mode: off}\n";
-    let gate = Gate::start_with(&proxied_config(mta.addr, dns.addr, off)).await;
+    let gate = Gate::start_config(proxied_config(mta.addr, dns.addr, |_| {})).await;
     for (ip, name, reverse) in [
         ("203.0.113.9", "good.test", "good.test"),
         ("203.0.113.8", "[UNAVAILABLE]", "liar.test"),
