@@ -2,7 +2,8 @@
 //! scripted upstream MTA.
 
 use crate::common;
-use common::config::{mib, secs, test_config};
+use common::config::{kib, mib, secs, test_config};
+use portcullis::config::{Config, IdentityMode};
 
 use common::{Client, FakeMta, Gate, Script, message};
 use std::collections::HashSet;
@@ -302,15 +303,16 @@ async fn xclient_sequence_as_upstream_sees_it() {
 
 #[tokio::test]
 async fn proxy_v1_and_v2_sequences_as_upstream_sees_them() {
-    for (mode, v2) in [("proxy-v1", false), ("proxy-v2", true)] {
+    for (mode, v2) in [
+        (IdentityMode::ProxyV1, false),
+        (IdentityMode::ProxyV2, true),
+    ] {
         let mut script = Script::default().without_xclient();
         script.expect_proxy = true;
         let mta = FakeMta::start(script).await;
-        let gate = Gate::start_with(&format!(
-            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: {mode}}}\n",
-            mta.addr
-        ))
-        .await;
+        let mut cfg = test_config(mta.addr);
+        cfg.upstream.client_identity = mode;
+        let gate = Gate::start_config(cfg).await;
         let mut c = Client::connect_from(gate.addr, "127.0.0.7").await;
         c.reply().await;
         c.cmd("EHLO pc.test", "250").await;
@@ -351,15 +353,18 @@ async fn proxy_v1_and_v2_sequences_as_upstream_sees_them() {
     }
 }
 
+/// The test config with `client_identity: auto`.
+fn auto(mta: std::net::SocketAddr) -> Config {
+    let mut cfg = test_config(mta);
+    cfg.upstream.client_identity = IdentityMode::Auto;
+    cfg
+}
+
 #[tokio::test]
 async fn auto_picks_xclient_or_proxy_v2() {
     // XCLIENT offered: auto uses it.
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: auto}}\n",
-        mta.addr
-    ))
-    .await;
+    let gate = Gate::start_config(auto(mta.addr)).await;
     let mut c = Client::hello(gate.addr).await;
     assert!(
         c.send_mail("a@s.test", &["b@example.test"], b"S: x\r\n\r\nx\r\n")
@@ -372,29 +377,17 @@ async fn auto_picks_xclient_or_proxy_v2() {
     let mut script = Script::default().without_xclient();
     script.expect_proxy = true;
     let mta = FakeMta::start(script).await;
-    let server = portcullis::server::Server::bind(
-        portcullis::config::Config::parse(
-            &format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: auto}}\n", mta.addr),
-            std::path::Path::new("t.yaml"),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
+    let server = portcullis::server::Server::bind(auto(mta.addr))
+        .await
+        .unwrap();
     let id = server.upstream().probe().await.unwrap();
     assert_eq!(id, portcullis::upstream::Identity::ProxyV2);
 
     // Answers, but neither XCLIENT nor PROXY: auto refuses.
     let mta = FakeMta::start(Script::default().without_xclient()).await;
-    let server = portcullis::server::Server::bind(
-        portcullis::config::Config::parse(
-            &format!("hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: auto}}\n", mta.addr),
-            std::path::Path::new("t.yaml"),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
+    let server = portcullis::server::Server::bind(auto(mta.addr))
+        .await
+        .unwrap();
     let e = server.upstream().probe().await.unwrap_err();
     assert!(
         matches!(e, portcullis::upstream::ProbeError::NoIdentity(_)),
@@ -421,11 +414,14 @@ async fn upstream_connection_is_lazy() {
 async fn concurrent_sessions_lose_and_duplicate_nothing() {
     const N: usize = 500;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(
-        mta.addr,
-        "limits: {max_connections: 1000, max_connections_per_ip: 1000, max_connections_per_network: 1000}\n",
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    let l = &mut cfg.limits;
+    (
+        l.max_connections,
+        l.max_connections_per_ip,
+        l.max_connections_per_network,
+    ) = (1000, 1000, 1000);
+    let gate = Gate::start_config(cfg).await;
     let mut tasks = Vec::new();
     for i in 0..N {
         let addr = gate.addr;
@@ -482,11 +478,9 @@ async fn declared_size_over_limit_refused_at_mail() {
 #[tokio::test]
 async fn message_over_limit_refused_after_reading_to_end() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(
-        mta.addr,
-        "limits: {max_message_size: 1KiB, memory_budget: 1MiB}\n",
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    (cfg.limits.max_message_size, cfg.limits.memory_budget) = (kib(1), mib(1));
+    let gate = Gate::start_config(cfg).await;
     let mut c = Client::hello(gate.addr).await;
     let body = "y".repeat(100) + "\r\n";
     let r = c
@@ -506,11 +500,9 @@ async fn message_over_limit_refused_after_reading_to_end() {
 #[tokio::test]
 async fn memory_budget_exhausted_gives_452() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(
-        mta.addr,
-        "limits: {max_message_size: 1MiB, memory_budget: 1MiB}\n",
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    (cfg.limits.max_message_size, cfg.limits.memory_budget) = (mib(1), mib(1));
+    let gate = Gate::start_config(cfg).await;
     let chunk = ("z".repeat(998) + "\r\n").repeat(700);
     // One session holds ~700 KB of a message it has not finished...
     let mut hog = Client::hello(gate.addr).await;
@@ -554,11 +546,12 @@ async fn too_many_recipients() {
 #[tokio::test]
 async fn connection_limits_refuse_before_greeting() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(
-        mta.addr,
-        "limits: {max_connections: 3, max_connections_per_ip: 2}\n",
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    (
+        cfg.limits.max_connections,
+        cfg.limits.max_connections_per_ip,
+    ) = (3, 2);
+    let gate = Gate::start_config(cfg).await;
     let mut a = Client::connect_from(gate.addr, "127.0.0.2").await;
     assert!(a.reply().await.starts_with("220"));
     let mut b = Client::connect_from(gate.addr, "127.0.0.2").await;
@@ -630,11 +623,10 @@ async fn idle_client_times_out_with_421() {
 #[tokio::test]
 async fn incoming_proxy_header_only_from_trusted_proxies() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten:\n  - addr: 127.0.0.1:0\n    proxy_protocol: true\n    trusted_proxies: [127.0.0.5/32]\nupstream: {{addr: {}, client_identity: xclient}}\n",
-        mta.addr
-    ))
-    .await;
+    let mut cfg = test_config(mta.addr);
+    cfg.listen[0].proxy_protocol = true;
+    cfg.listen[0].trusted_proxies = vec!["127.0.0.5/32".parse().unwrap()];
+    let gate = Gate::start_config(cfg).await;
     // Trusted: the announced client reaches upstream via XCLIENT.
     let mut c = Client::connect_from(gate.addr, "127.0.0.5").await;
     c.send(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n")
@@ -897,16 +889,13 @@ async fn message_parse_for_rules_is_counted_against_the_budget() {
     let mta = FakeMta::start(Script::default()).await;
     let body = format!("{}\r\n", "y".repeat(76)).repeat(22000); // about 1.7 MB
     for (rules, want) in [
-        (common::EMPTY_RULES.to_string(), "250"),
-        (dir.display().to_string(), "452 4.3.1"),
+        (std::path::PathBuf::from(common::EMPTY_RULES), "250"),
+        (dir.clone(), "452 4.3.1"),
     ] {
-        let gate = Gate::start(
-            mta.addr,
-            &format!(
-                "limits: {{memory_budget: 3MiB, max_message_size: 3MiB}}\nrules_dir: {rules}\n"
-            ),
-        )
-        .await;
+        let mut cfg = test_config(mta.addr);
+        (cfg.limits.memory_budget, cfg.limits.max_message_size) = (mib(3), mib(3));
+        cfg.rules_dir = Some(rules.clone());
+        let gate = Gate::start_config(cfg).await;
         let mut c = Client::hello(gate.addr).await;
         let r = c
             .send_mail(
@@ -915,7 +904,7 @@ async fn message_parse_for_rules_is_counted_against_the_budget() {
                 &message("parse", &body),
             )
             .await;
-        assert!(r.starts_with(want), "rules {rules}: {r}");
+        assert!(r.starts_with(want), "rules {}: {r}", rules.display());
     }
     assert_eq!(mta.stored().len(), 1);
 }
