@@ -4,7 +4,9 @@
 
 use crate::common;
 
+use common::config::test_config;
 use common::{Client, FakeMta, Gate, Script, split_ours};
+use portcullis::config::Config;
 use portcullis::rules::RuleSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,13 +22,16 @@ fn rules_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+/// The test config with the rules of `dir`.
+fn with_rules(mta: &FakeMta, dir: &Path) -> Config {
+    let mut cfg = test_config(mta.addr);
+    cfg.limits.max_connections_per_ip = 100;
+    cfg.rules_dir = Some(dir.to_path_buf());
+    cfg
+}
+
 async fn gate_with(mta: &FakeMta, dir: &Path) -> Gate {
-    Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nlimits: {{max_connections_per_ip: 100}}\nupstream: {{addr: {}, client_identity: xclient}}\nrules_dir: {}\n",
-        mta.addr,
-        dir.display()
-    ))
-    .await
+    Gate::start_config(with_rules(mta, dir)).await
 }
 
 #[test]
@@ -294,16 +299,7 @@ async fn shadow_rules_change_nothing_but_log_and_counters() {
         &[("50-env.yaml", &shadow), ("lists/senders.txt", "")],
     );
     let mta = FakeMta::start(Script::default()).await;
-    let running = common::start_server(&format!(
-        "hostname: gate.test
-listen: [{{addr: 127.0.0.1:0}}]
-upstream: {{addr: {}, client_identity: xclient}}
-rules_dir: {}
-",
-        mta.addr,
-        dir.display()
-    ))
-    .await;
+    let running = common::start_server_config(with_rules(&mta, &dir)).await;
     let (rules, addr) = (running.rules, running.addr);
     let mut c = Client::hello(addr).await;
     c.cmd("MAIL FROM:<a@ok.test>", "250").await;
@@ -450,16 +446,7 @@ async fn reload_takes_effect_for_new_sessions_and_a_broken_set_keeps_the_old() {
     let v2 = "rules:\n  - id: BLOCK_TWO\n    description: x\n    when: {mail_from: {exact: two@x.test}}\n    action: reject\n";
     let dir = rules_dir("reload", &[("50.yaml", v1)]);
     let mta = FakeMta::start(Script::default()).await;
-    let running = common::start_server(&format!(
-        "hostname: gate.test
-listen: [{{addr: 127.0.0.1:0}}]
-upstream: {{addr: {}, client_identity: xclient}}
-rules_dir: {}
-",
-        mta.addr,
-        dir.display()
-    ))
-    .await;
+    let running = common::start_server_config(with_rules(&mta, &dir)).await;
     let (rules, addr) = (running.rules, running.addr);
     let _watch = rules.watch(Duration::from_millis(200));
 
@@ -514,12 +501,7 @@ async fn editing_a_list_file_reloads_the_rules_like_a_rule_file() {
     let dir = rules_dir("lists-reload", &[("50.yaml", &rules)]);
     std::fs::write(dir.join("lists/helos.txt"), "bad.test\n").unwrap();
     let mta = FakeMta::start(Script::default()).await;
-    let running = common::start_server(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: xclient}}\nrules_dir: {}\n",
-        mta.addr,
-        dir.display()
-    ))
-    .await;
+    let running = common::start_server_config(with_rules(&mta, &dir)).await;
     let (rules, addr) = (running.rules, running.addr);
     assert!(rules.watch(Duration::from_millis(200)));
     let reloads = || rules.reloads_ok.load(std::sync::atomic::Ordering::Relaxed);

@@ -4,7 +4,9 @@
 
 use crate::common;
 
+use common::config::test_config;
 use common::{FakeMta, Gate, Script};
+use portcullis::config::{Tls, UpstreamTls};
 use portcullis::wire::reply::parse_reply;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -47,15 +49,12 @@ async fn starttls_then_relay_and_pipelined_plaintext_is_discarded() {
     std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
 
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(
-        mta.addr,
-        &format!(
-            "tls: {{cert: {}, key: {}}}\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        ),
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    cfg.tls = Some(Tls {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    });
+    let gate = Gate::start_config(cfg).await;
     let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
     let mut buf = Vec::new();
     assert!(reply(&mut tcp, &mut buf).await.starts_with("220"));
@@ -153,18 +152,18 @@ async fn starttls_to_upstream() {
     .await;
     std::fs::write(dir.join("ca.pem"), ck.cert.pem()).unwrap();
     // Verified against the CA file and name, and also encrypt-only.
-    for extra in [
-        format!(
-            "tls: starttls\n  tls_ca: {}\n  tls_name: mx.internal.test\n",
-            dir.join("ca.pem").display()
-        ),
-        "tls: starttls\n".to_string(),
+    let starttls = |ca: Option<&str>, name: Option<&str>| {
+        let mut cfg = test_config(mta.addr);
+        cfg.upstream.tls = UpstreamTls::Starttls;
+        cfg.upstream.tls_ca = ca.map(|f| dir.join(f));
+        cfg.upstream.tls_name = name.map(str::to_string);
+        cfg
+    };
+    for cfg in [
+        starttls(Some("ca.pem"), Some("mx.internal.test")),
+        starttls(None, None),
     ] {
-        let gate = Gate::start_with(&format!(
-            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream:\n  addr: {}\n  client_identity: xclient\n  {extra}",
-            mta.addr
-        ))
-        .await;
+        let gate = Gate::start_config(cfg).await;
         let mut c = common::Client::hello(gate.addr).await;
         let r = c
             .send_mail(
@@ -179,12 +178,7 @@ async fn starttls_to_upstream() {
     assert_eq!(stored.len(), 2);
     assert!(stored.iter().all(|s| s.tls), "not over TLS");
     // A wrong name fails verification: the client gets 4xx, nothing stored.
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream:\n  addr: {}\n  client_identity: xclient\n  tls: starttls\n  tls_ca: {}\n  tls_name: wrong.test\n",
-        mta.addr,
-        dir.join("ca.pem").display()
-    ))
-    .await;
+    let gate = Gate::start_config(starttls(Some("ca.pem"), Some("wrong.test"))).await;
     let mut c = common::Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "451 4.4.1").await;
     assert_eq!(mta.stored().len(), 2);
