@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::config::{secs, test_config, with_dns};
 use common::{FakeMta, Script};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -182,12 +183,12 @@ async fn clients_that_never_read_cannot_hold_the_slots() {
     let mta = FakeMta::start(Script::default()).await;
     // The command timeout bounds a stalled write; in the second gate the
     // session deadline comes first and bounds it.
-    for timeouts in ["{command: 2s, session: 60s}", "{command: 60s, session: 3s}"] {
-        let gate = common::Gate::start(
-            mta.addr,
-            &format!("limits: {{max_connections: 3}}\ntimeouts: {timeouts}\n"),
-        )
-        .await;
+    for (command, session) in [(2, 60), (60, 3)] {
+        let mut cfg = test_config(mta.addr);
+        cfg.limits.max_connections = 3;
+        (cfg.timeouts.command, cfg.timeouts.session) = (secs(command), secs(session));
+        let gate = common::Gate::start_config(cfg).await;
+        let timeouts = format!("command: {command}s, session: {session}s");
         let mut stuck = Vec::new();
         for _ in 0..3 {
             stuck.push(non_reader(gate.addr).await);
@@ -206,11 +207,10 @@ async fn clients_that_never_read_cannot_hold_the_slots() {
 #[tokio::test]
 async fn shutdown_is_not_held_by_clients_that_never_read() {
     let mta = FakeMta::start(Script::default()).await;
-    let mut gate = common::Gate::start(
-        mta.addr,
-        "timeouts: {command: 300s, session: 600s, shutdown: 10s}\n",
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    let t = &mut cfg.timeouts;
+    (t.command, t.session, t.shutdown) = (secs(300), secs(600), secs(10));
+    let mut gate = common::Gate::start_config(cfg).await;
     let mut stuck = Vec::new();
     for _ in 0..5 {
         stuck.push(non_reader(gate.addr).await);
@@ -353,11 +353,11 @@ async fn trickling_flood_from_one_network_does_not_lock_others_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stress_mode_bounds_the_time_to_mail() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = common::Gate::start(
-        mta.addr,
-        "limits: {max_connections: 150}\nstress: {at_percent: 80, time_to_mail: 2s, command: 2s}\n",
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    cfg.limits.max_connections = 150;
+    cfg.stress.at_percent = 80;
+    (cfg.stress.time_to_mail, cfg.stress.command) = (secs(2), secs(2));
+    let gate = common::Gate::start_config(cfg).await;
     let mut slow = Vec::new();
     for n in 0..150u8 {
         let from = std::net::IpAddr::from([127, 3, n, 1]);
@@ -432,15 +432,12 @@ async fn heavy_rules_do_not_stall_other_sessions() {
             (0..1200).map(|i| format!("abc{:02}defghijklmnop{i} words words words\r\n", i % 100)),
         )
         .collect();
-    for (budget, heavy_want) in [("60s", "250"), ("1s", "451 4.7.0")] {
-        let gate = common::Gate::start(
-            mta.addr,
-            &format!(
-                "rules_dir: {}\nchecks:\n  message_rules: {{workers: 2, budget: {budget}}}\n  spf: {{mode: off}}\n  dkim: {{mode: off}}\n  dmarc: {{mode: off}}\n  arc: {{mode: off}}\n  iprev: {{mode: off}}\n  dnsbl: {{mode: off}}\n",
-                rules.display()
-            ),
-        )
-        .await;
+    for (budget, heavy_want) in [(60, "250"), (1, "451 4.7.0")] {
+        let mut cfg = test_config(mta.addr);
+        cfg.rules_dir = Some(rules.clone());
+        cfg.checks.message_rules.workers = 2;
+        cfg.checks.message_rules.budget = secs(budget);
+        let gate = common::Gate::start_config(cfg).await;
         let addr = gate.addr;
         let body2 = body.clone();
         let heavy = tokio::spawn(async move {
@@ -500,15 +497,10 @@ async fn end_of_message_checks_do_not_stall_other_sessions() {
     )
     .await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = common::Gate::start(
-        mta.addr,
-        &format!(
-            "dns: {{nameservers: [{}], timeout: 1s, attempts: 1}}\nrules_dir: {}\nchecks:\n  spf: {{mode: off}}\n  dkim: {{mode: record}}\n  dmarc: {{mode: off}}\n  arc: {{mode: off}}\n  iprev: {{mode: off}}\n  dnsbl: {{mode: off}}\n",
-            dns.addr,
-            common::EMPTY_RULES
-        ),
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    with_dns(&mut cfg, dns.addr);
+    cfg.checks.dkim.mode = portcullis::config::Mode::Record;
+    let gate = common::Gate::start_config(cfg).await;
     let mut msg = String::from("From: a@signed.test\r\nSubject: big and signed\r\n\r\n");
     let line = "Lorem ipsum dolor sit amet,   consectetur  adipiscing elit, sed do \t eiusmod\r\n";
     while msg.len() < 20 << 20 {

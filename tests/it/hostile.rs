@@ -248,11 +248,12 @@ async fn data_timeout_and_session_lifetime_give_421() {
 #[tokio::test]
 async fn trickling_client_does_not_stall_others() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(
-        mta.addr,
-        "limits: {max_connections_per_ip: 500, max_connections_per_network: 500}\n",
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    (
+        cfg.limits.max_connections_per_ip,
+        cfg.limits.max_connections_per_network,
+    ) = (500, 500);
+    let gate = Gate::start_config(cfg).await;
     // The same 20 messages, first with no load, then beside the tricklers.
     let send20 = |addr| async move {
         let start = std::time::Instant::now();
