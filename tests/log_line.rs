@@ -4,7 +4,9 @@
 
 mod common;
 
+use common::config::{behind_proxy, test_config, with_dns, write_config, zone};
 use common::{Client, FakeMta, Gate, Script};
+use portcullis::config::{Mode, Zone};
 use std::sync::{Arc, Mutex};
 
 /// A writer that collects log output for inspection.
@@ -37,7 +39,9 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     contract_transactions(&logs).await;
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
-    let gate = Gate::start(mta.addr, "limits: {max_connections_per_ip: 1}\n").await;
+    let mut cfg = test_config(mta.addr);
+    cfg.limits.max_connections_per_ip = 1;
+    let gate = Gate::start_config(cfg).await;
     let mut c = Client::connect_from(gate.addr, "127.0.0.10").await;
     c.reply().await;
     c.send(b"EHLO log.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nQUIT\r\n")
@@ -100,15 +104,12 @@ async fn tls_transaction(logs: &Captured) {
     std::fs::write(dir.join("c.pem"), ck.cert.pem()).unwrap();
     std::fs::write(dir.join("k.pem"), ck.signing_key.serialize_pem()).unwrap();
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(
-        mta.addr,
-        &format!(
-            "tls: {{cert: {}, key: {}}}\n",
-            dir.join("c.pem").display(),
-            dir.join("k.pem").display()
-        ),
-    )
-    .await;
+    let mut cfg = test_config(mta.addr);
+    cfg.tls = Some(portcullis::config::Tls {
+        cert: dir.join("c.pem"),
+        key: dir.join("k.pem"),
+    });
+    let gate = Gate::start_config(cfg).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("STARTTLS", "220").await;
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
@@ -177,11 +178,17 @@ async fn checks_transaction(logs: &Captured) {
     )
     .await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {}, client_identity: xclient}}\ndns: {{nameservers: [{}]}}\nchecks:\n  iprev: {{mode: off}}\n  spf: {{mode: enforce, helo: false}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, score: 20}}]}}\n",
-        mta.addr, dns.addr
-    ))
-    .await;
+    let mut cfg = test_config(mta.addr);
+    cfg.dns.nameservers = vec![dns.addr];
+    let c = &mut cfg.checks;
+    (c.spf.mode, c.spf.helo) = (Mode::Enforce, false);
+    (c.dkim.mode, c.dmarc.mode, c.arc.mode) = (Mode::Record, Mode::Record, Mode::Record);
+    c.dnsbl.mode = Mode::Enforce;
+    c.dnsbl.zones = vec![Zone {
+        score: 20.0,
+        ..zone("bl.test")
+    }];
+    let gate = Gate::start_config(cfg).await;
     let mut c = Client::connect_from(gate.addr, "127.0.0.2").await;
     c.reply().await;
     c.cmd("EHLO listed.test", "250").await;
@@ -385,14 +392,29 @@ async fn explain_sees_what_the_session_saw(logs: &Captured) {
     )
     .unwrap();
     let mta = FakeMta::start(Script::default()).await;
-    let yaml = format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0, proxy_protocol: true, trusted_proxies: [127.0.0.0/8]}}]\nupstream: {{addr: {}, client_identity: xclient}}\ndns: {{nameservers: [{}], timeout: 1s, attempts: 1}}\nrules_dir: {}\nchecks:\n  thresholds: {{tag: 3}}\n  spf: {{mode: enforce}}\n  dkim: {{mode: enforce}}\n  dmarc: {{mode: enforce}}\n  iprev: {{mode: enforce}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, score: 1}}]}}\n",
-        mta.addr,
-        dns.addr,
-        rules.display()
-    );
+    let mut cfg = test_config(mta.addr);
+    behind_proxy(&mut cfg);
+    with_dns(&mut cfg, dns.addr);
+    cfg.rules_dir = Some(rules.clone());
+    let c = &mut cfg.checks;
+    c.thresholds.tag = Some(3.0);
+    for m in [
+        &mut c.spf.mode,
+        &mut c.dkim.mode,
+        &mut c.dmarc.mode,
+        &mut c.iprev.mode,
+    ] {
+        *m = Mode::Enforce;
+    }
+    c.arc.mode = Mode::Record;
+    c.dnsbl.mode = Mode::Enforce;
+    c.dnsbl.zones = vec![Zone {
+        score: 1.0,
+        ..zone("bl.test")
+    }];
+    // explain reads the config as an admin's file; the gate gets the same.
     let path = dir.join("portcullis.yaml");
-    std::fs::write(&path, &yaml).unwrap();
+    write_config(&path, &cfg);
     let msg = "From: a@signed.test\r\nTo: b@example.test\r\nSubject: lottery\r\n\r\nYou won the lottery.\r\n";
     let sig = DkimSigner::from_key(key)
         .domain("signed.test")
@@ -402,7 +424,7 @@ async fn explain_sees_what_the_session_saw(logs: &Captured) {
         .unwrap();
     let msg = format!("{}{msg}", sig.to_header());
 
-    let gate = Gate::start_with(&yaml).await;
+    let gate = Gate::start_config(cfg).await;
     let mut c = Client::connect(gate.addr).await;
     c.send(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 25\r\n")
         .await;

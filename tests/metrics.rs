@@ -3,9 +3,11 @@
 
 mod common;
 
+use common::config::{test_config, zone};
 use common::dns::{FakeDns, a, txt};
 use common::http_get as get;
 use common::{Client, FakeMta, Script};
+use portcullis::config::{Action, Mode, Zone};
 
 /// The value of one sample, by metric name and labels as written.
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -35,13 +37,20 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
         "rules:\n  - id: WATCH_HELO\n    description: x\n    when: {helo: {exact: watched.test}}\n    action: {score: 1}\n    mode: shadow\n",
     )
     .unwrap();
-    let running = common::start_server(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nmetrics: {{listen: 127.0.0.1:0}}\nlimits: {{max_connections_per_ip: 1}}\nupstream: {{addr: {}, client_identity: xclient}}\ndns: {{nameservers: [{}]}}\nrules_dir: {}\nchecks:\n  iprev: {{mode: off}}\n  spf: {{mode: enforce, helo: false}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, action: reject}}]}}\n",
-        mta.addr,
-        dns.addr,
-        dir.display()
-    ))
-    .await;
+    let mut cfg = test_config(mta.addr);
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.limits.max_connections_per_ip = 1;
+    cfg.dns.nameservers = vec![dns.addr];
+    cfg.rules_dir = Some(dir.clone());
+    let c = &mut cfg.checks;
+    (c.spf.mode, c.spf.helo) = (Mode::Enforce, false);
+    (c.dkim.mode, c.dmarc.mode, c.arc.mode) = (Mode::Record, Mode::Record, Mode::Record);
+    c.dnsbl.mode = Mode::Enforce;
+    c.dnsbl.zones = vec![Zone {
+        action: Some(Action::Reject),
+        ..zone("bl.test")
+    }];
+    let running = common::start_server_config(cfg).await;
     let (addr, maddr) = (running.addr, running.metrics.expect("metrics listener"));
 
     // 1: accepted, with the shadow rule matching.

@@ -5,7 +5,7 @@
 //! reload a file or run the binary (as JSON, which YAML reads).
 
 use super::{EMPTY_RULES, NO_CHECKS};
-use portcullis::config::{Bytes, Config, Secs, Zone, ZoneType};
+use portcullis::config::{Bytes, Config, IdentityMode, Secs, UpstreamTimeouts, Zone, ZoneType};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -59,4 +59,17 @@ pub fn zone(name: &str) -> Zone {
 pub fn behind_proxy(cfg: &mut Config) {
     cfg.listen[0].proxy_protocol = true;
     cfg.listen[0].trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+}
+
+/// The test config in front of a real MTA on loopback `port`, with the
+/// patience a real one needs.
+pub fn in_front_of(port: u16, identity: IdentityMode) -> Config {
+    let mut cfg = test_config(SocketAddr::from(([127, 0, 0, 1], port)));
+    cfg.upstream.client_identity = identity;
+    cfg.upstream.timeouts = UpstreamTimeouts {
+        connect: secs(10),
+        command: secs(30),
+        data: secs(60),
+    };
+    cfg
 }

@@ -10,7 +10,9 @@
 use crate::common;
 
 use common::Gate;
+use common::config::in_front_of;
 use common::peers::Postfix;
+use portcullis::config::{IdentityMode, Tls};
 use portcullis::runtime::Stream;
 use portcullis::wire::reply::parse_reply;
 use std::net::SocketAddr;
@@ -624,13 +626,12 @@ async fn dialogues_answer_as_postfix_does() {
             key.display()
         ),
     );
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\ntls: {{cert: {}, key: {}}}\nupstream:\n  addr: 127.0.0.1:{}\n  client_identity: xclient\n  timeouts: {{connect: 10s, command: 30s, data: 60s}}\n",
-        cert.display(),
-        key.display(),
-        pf.port
-    ))
-    .await;
+    let mut cfg = in_front_of(pf.port, IdentityMode::Xclient);
+    cfg.tls = Some(Tls {
+        cert: cert.clone(),
+        key: key.clone(),
+    });
+    let gate = Gate::start_config(cfg).await;
     let direct: SocketAddr = format!("127.0.0.1:{}", pf.port).parse().unwrap();
     let corpus = corpus();
     assert!(corpus.len() >= 40, "{} dialogues", corpus.len());

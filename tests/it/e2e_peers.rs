@@ -6,7 +6,9 @@
 use crate::common;
 
 use common::Gate;
+use common::config::{behind_proxy, in_front_of, secs, zone};
 use common::peers::{Postfix, one_mail, peer_port, render, run, wait_port};
+use portcullis::config::{Action, IdentityMode, Mode, Zone};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -37,18 +39,15 @@ fn swaks(gate: std::net::SocketAddr, from_ip: &str, extra: &[&str]) -> String {
     run(&mut cmd)
 }
 
-async fn gate_for(port: u16, identity: &str) -> Gate {
-    Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream:\n  addr: 127.0.0.1:{port}\n  client_identity: {identity}\n  timeouts: {{connect: 10s, command: 30s, data: 60s}}\n"
-    ))
-    .await
+async fn gate_for(port: u16, identity: IdentityMode) -> Gate {
+    Gate::start_config(in_front_of(port, identity)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Postfix and swaks (installed by .ci/run)"]
 async fn swaks_through_portcullis_into_postfix_with_xclient() {
     let pf = Postfix::start("xclient");
-    let gate = gate_for(pf.port, "auto").await;
+    let gate = gate_for(pf.port, IdentityMode::Auto).await;
     let addr = gate.addr;
     let out = tokio::task::spawn_blocking(move || swaks(addr, "127.0.0.9", &[]))
         .await
@@ -70,7 +69,10 @@ async fn swaks_through_portcullis_into_postfix_with_xclient() {
 #[ignore = "needs Postfix and swaks (installed by .ci/run)"]
 async fn swaks_through_portcullis_into_postfix_with_proxy_protocol() {
     let pf = Postfix::start("proxy");
-    for (i, mode) in ["proxy-v1", "proxy-v2"].into_iter().enumerate() {
+    for (i, mode) in [IdentityMode::ProxyV1, IdentityMode::ProxyV2]
+        .into_iter()
+        .enumerate()
+    {
         let gate = gate_for(pf.proxy_port, mode).await;
         let addr = gate.addr;
         let ip = format!("127.0.0.{}", 20 + i);
@@ -78,7 +80,7 @@ async fn swaks_through_portcullis_into_postfix_with_proxy_protocol() {
         let out = tokio::task::spawn_blocking(move || swaks(addr, &ip2, &[]))
             .await
             .unwrap();
-        assert!(out.contains("250 2.0.0 Ok: queued as"), "{mode}: {out}");
+        assert!(out.contains("250 2.0.0 Ok: queued as"), "{mode:?}: {out}");
         let until = Instant::now() + Duration::from_secs(30);
         let needle = format!("from client.sender.test (unknown [{ip}])");
         let mut found = false;
@@ -92,7 +94,7 @@ async fn swaks_through_portcullis_into_postfix_with_proxy_protocol() {
                 .unwrap_or(false);
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(found, "{mode}: no message from {ip}");
+        assert!(found, "{mode:?}: no message from {ip}");
     }
 }
 
@@ -100,7 +102,7 @@ async fn swaks_through_portcullis_into_postfix_with_proxy_protocol() {
 #[ignore = "needs a refused transaction to stay out of Postfix (Postfix installed by .ci/run)"]
 async fn refused_size_never_reaches_postfix() {
     let pf = Postfix::start("refused");
-    let gate = gate_for(pf.port, "xclient").await;
+    let gate = gate_for(pf.port, IdentityMode::Xclient).await;
     let mut c = common::Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test> SIZE=999999999", "552 5.3.4")
         .await;
@@ -180,7 +182,7 @@ impl Drop for Exim {
 async fn swaks_through_portcullis_into_exim_with_proxy_v2() {
     let ex = Exim::start("exim");
     let _ = ex.port;
-    let gate = gate_for(ex.proxy_port, "auto").await;
+    let gate = gate_for(ex.proxy_port, IdentityMode::Auto).await;
     let addr = gate.addr;
     let out = tokio::task::spawn_blocking(move || swaks(addr, "127.0.0.11", &[]))
         .await
@@ -221,11 +223,20 @@ async fn checks_end_to_end_into_postfix() {
     )
     .await;
     let pf = Postfix::start("checks");
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: 127.0.0.1:{}, client_identity: xclient}}\ndns: {{nameservers: [{}], timeout: 2s}}\nchecks:\n  iprev: {{mode: off}}\n  spf: {{mode: enforce, helo: false}}\n  dkim: {{mode: enforce}}\n  dmarc: {{mode: enforce}}\n  dnsbl: {{mode: enforce, zones: [{{zone: bl.test, action: reject}}]}}\n",
-        pf.port, dns.addr
-    ))
-    .await;
+    let mut cfg = in_front_of(pf.port, IdentityMode::Xclient);
+    (cfg.dns.nameservers, cfg.dns.timeout) = (vec![dns.addr], secs(2));
+    let c = &mut cfg.checks;
+    c.spf.mode = Mode::Enforce;
+    c.spf.helo = false;
+    c.dkim.mode = Mode::Enforce;
+    c.dmarc.mode = Mode::Enforce;
+    c.arc.mode = Mode::Record;
+    c.dnsbl.mode = Mode::Enforce;
+    c.dnsbl.zones = vec![Zone {
+        action: Some(Action::Reject),
+        ..zone("bl.test")
+    }];
+    let gate = Gate::start_config(cfg).await;
 
     // A listed client: refused at RCPT naming the zone; Postfix never sees it.
     let addr = gate.addr;
@@ -332,11 +343,10 @@ async fn client_name_reaches_postfix_as_its_own_lookup_would() {
         "names",
         "smtpd_client_restrictions = reject_unknown_client_hostname\nunknown_client_reject_code = 550\n",
     );
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0, proxy_protocol: true, trusted_proxies: [127.0.0.0/8]}}]\nupstream: {{addr: 127.0.0.1:{}, client_identity: xclient, timeouts: {{connect: 10s, command: 30s, data: 60s}}}}\ndns: {{nameservers: [{}], timeout: 1s, attempts: 1}}\n",
-        pf.port, dns.addr
-    ))
-    .await;
+    let mut cfg = in_front_of(pf.port, IdentityMode::Xclient);
+    behind_proxy(&mut cfg);
+    (cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.attempts) = (vec![dns.addr], secs(1), 1);
+    let gate = Gate::start_config(cfg).await;
     let direct: std::net::SocketAddr = format!("127.0.0.1:{}", pf.port).parse().unwrap();
     // (client, what Postfix's own lookup finds, RCPT code, enhanced code)
     for (ip, name, code) in [

@@ -6,7 +6,9 @@
 
 use crate::common;
 
+use common::config::{in_front_of, secs};
 use common::{Client, Gate, message};
+use portcullis::config::IdentityMode;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -104,11 +106,10 @@ async fn send_all(gate: std::net::SocketAddr, case: &str, n: usize) -> Vec<(Stri
 
 async fn run_case(name: &str, flags: &[&str], expect: &str) {
     let sink = Sink::start(name, flags);
-    let gate = Gate::start_with(&format!(
-        "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream:\n  addr: 127.0.0.1:{}\n  client_identity: none\n  timeouts: {{connect: 2s, command: 2s, data: 2s}}\n",
-        sink.port
-    ))
-    .await;
+    let mut cfg = in_front_of(sink.port, IdentityMode::None);
+    let t = &mut cfg.upstream.timeouts;
+    (t.connect, t.command, t.data) = (secs(2), secs(2), secs(2));
+    let gate = Gate::start_config(cfg).await;
     let results = send_all(gate.addr, name, 10).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stored = sink.stored();

@@ -3,26 +3,18 @@
 
 use crate::common;
 
+use common::config::test_config;
 use common::{FakeMta, Script};
-use portcullis::config::Config;
+use portcullis::config::{BareNewline, Config};
 use portcullis::runtime::limits::MemoryBudget;
 use portcullis::runtime::shutdown::Shutdown;
 use portcullis::session::{Peer, Session, Shared};
 use portcullis::upstream::Upstream;
 use portcullis::wire::reply::parse_reply;
-use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-fn shared(upstream: std::net::SocketAddr, extra: &str) -> Arc<Shared> {
-    let cfg = Config::parse(
-        &format!(
-            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: {upstream}, client_identity: xclient, timeouts: {{connect: 2s, command: 2s, data: 5s}}}}\n{extra}\n{}",
-            common::NO_CHECKS
-        ),
-        Path::new("t.yaml"),
-    )
-    .unwrap();
+fn shared(cfg: Config) -> Arc<Shared> {
     Arc::new(Shared {
         upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
@@ -101,7 +93,7 @@ fn start(shared: Arc<Shared>, shutdown: &Shutdown) -> (Pipe, tokio::task::JoinHa
 async fn in_memory_session_relays_a_transaction() {
     let mta = FakeMta::start(Script::default()).await;
     let shutdown = Shutdown::new();
-    let (mut c, task) = start(shared(mta.addr, ""), &shutdown);
+    let (mut c, task) = start(shared(test_config(mta.addr)), &shutdown);
     assert!(c.reply().await.starts_with("220 gate.test ESMTP"));
     c.send(b"EHLO in.memory\r\n").await;
     let ehlo = c.reply().await;
@@ -132,7 +124,7 @@ async fn in_memory_session_relays_a_transaction() {
 async fn in_memory_session_rejects_bare_lf_and_nul_in_data() {
     let mta = FakeMta::start(Script::default()).await;
     let shutdown = Shutdown::new();
-    let (mut c, _task) = start(shared(mta.addr, ""), &shutdown);
+    let (mut c, _task) = start(shared(test_config(mta.addr)), &shutdown);
     c.reply().await;
     c.send(b"EHLO x.test\r\n").await;
     c.reply().await;
@@ -162,7 +154,11 @@ async fn normalize_mode_turns_bare_lf_into_crlf_without_ending_data() {
     let mta = FakeMta::start(Script::default()).await;
     let shutdown = Shutdown::new();
     let (mut c, _task) = start(
-        shared(mta.addr, "smtp: {bare_newline: normalize}\n"),
+        shared({
+            let mut cfg = test_config(mta.addr);
+            cfg.smtp.bare_newline = BareNewline::Normalize;
+            cfg
+        }),
         &shutdown,
     );
     c.reply().await;
