@@ -302,7 +302,7 @@ async fn normal_client(
 async fn trickling_flood_from_one_network_does_not_lock_others_out() {
     let _ = rlimit::increase_nofile_limit(20_000);
     let mta = FakeMta::start(Script::default()).await;
-    let gate = common::Gate::start(mta.addr, "").await; // the default limits
+    let gate = common::Gate::start(mta.addr).await; // the default limits
     let mut flood = Vec::new();
     for a in 1..=150u8 {
         for _ in 0..20 {

@@ -270,7 +270,7 @@ fn assert_contract(l: &serde_json::Value) {
 /// Accepted, rejected at DATA, and tempfailed transactions.
 async fn contract_transactions(logs: &Captured) {
     let mta = FakeMta::start(Script::default().reply("rcpt", "451 4.2.0 try later")).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::connect_from(gate.addr, "127.0.0.12").await;
     c.reply().await;
     c.cmd("EHLO contract.test", "250").await;
@@ -280,7 +280,7 @@ async fn contract_transactions(logs: &Captured) {
     c.cmd("RSET", "250").await;
     c.cmd("QUIT", "221").await;
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::connect_from(gate.addr, "127.0.0.12").await;
     c.reply().await;
     c.cmd("EHLO contract.test", "250").await;

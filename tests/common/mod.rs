@@ -11,7 +11,6 @@ use portcullis::server::Server;
 use portcullis::wire::reply::parse_reply;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -515,13 +514,7 @@ pub struct Running {
     pub tls: portcullis::server::TlsReloader,
 }
 
-pub async fn start_server(yaml: &str) -> Running {
-    let cfg =
-        Config::parse(&with_defaults(yaml), Path::new("test.yaml")).expect("test config valid");
-    start_server_config(cfg).await
-}
-
-/// `start_server` with a typed config (see `config::test_config`).
+/// Starts a server with a typed config (see `config::test_config`).
 pub async fn start_server_config(cfg: Config) -> Running {
     let server = Server::bind(cfg).await.expect("bind");
     let running = Running {
@@ -536,20 +529,6 @@ pub async fn start_server_config(cfg: Config) -> Running {
     running
 }
 
-/// Tests that do not configure the checks run without them (and so without
-/// DNS); tests that do not name a rules directory run without rules.
-fn with_defaults(yaml: &str) -> String {
-    let mut yaml = if yaml.contains("\nchecks:") {
-        yaml.to_string()
-    } else {
-        format!("{yaml}\n{NO_CHECKS}")
-    };
-    if !yaml.contains("rules_dir:") {
-        yaml.push_str(&format!("\nrules_dir: {EMPTY_RULES}\n"));
-    }
-    yaml
-}
-
 /// A running Portcullis.
 pub struct Gate {
     pub addr: SocketAddr,
@@ -558,19 +537,9 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// Starts Portcullis on 127.0.0.1:0 with `extra` YAML appended to a
-    /// minimal config pointing at `upstream`.
-    pub async fn start(upstream: SocketAddr, extra: &str) -> Gate {
-        Self::start_with(&format!(
-            "hostname: gate.test\nlisten:\n  - addr: 127.0.0.1:0\nupstream:\n  addr: {upstream}\n  client_identity: xclient\n  timeouts: {{connect: 5s, command: 10s, data: 5s}}\n{extra}"
-        ))
-        .await
-    }
-
-    pub async fn start_with(yaml: &str) -> Gate {
-        let cfg =
-            Config::parse(&with_defaults(yaml), Path::new("test.yaml")).expect("test config valid");
-        Self::start_config(cfg).await
+    /// Starts Portcullis with the test defaults (`config::test_config`).
+    pub async fn start(upstream: SocketAddr) -> Gate {
+        Self::start_config(config::test_config(upstream)).await
     }
 
     /// Starts Portcullis with a typed config (see `config::test_config`).

@@ -132,7 +132,7 @@ async fn smuggling_sequences_in_normalize_mode_deliver_exactly_one_message() {
 #[tokio::test]
 async fn bare_newlines_in_commands() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     c.send(b"NOOP\n").await;
     assert!(c.reply().await.starts_with("500 5.5.2"));
@@ -158,7 +158,7 @@ async fn bare_newlines_in_commands() {
 #[tokio::test]
 async fn overlong_text_line_is_refused_and_limit_is_configurable() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     let body = format!("Subject: long\r\n\r\n{}\r\n", "a".repeat(999));
     let r = c

@@ -10,7 +10,7 @@ use common::{Client, FakeMta, Gate, Script, message};
 #[tokio::test]
 async fn valid_paths_reach_upstream_as_written() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     let rcpts = [
         "RCPT TO:<b@[127.0.0.1]>",

@@ -12,7 +12,7 @@ use std::time::Duration;
 #[tokio::test]
 async fn byte_exact_delivery_with_dots_8bit_and_long_lines() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     let long = "x".repeat(998);
     let body = format!(
@@ -48,7 +48,7 @@ async fn byte_exact_delivery_with_dots_8bit_and_long_lines() {
 #[tokio::test]
 async fn several_transactions_reuse_one_upstream_connection() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     for i in 0..5 {
         let m = message(&format!("multi{i}"), &format!("body {i}\r\n"));
@@ -96,7 +96,7 @@ async fn twenty_megabyte_message_arrives_intact() {
 #[tokio::test]
 async fn pipelined_commands_get_replies_in_order() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<unknown@example.test>\r\nRCPT TO:<c@example.test>\r\nDATA\r\n")
         .await;
@@ -125,7 +125,7 @@ async fn upstream_refusals_are_relayed_with_their_codes() {
         ("dot", "554 5.7.1 dot: content refused", "dot"),
     ] {
         let mta = FakeMta::start(Script::default().reply(stage, line)).await;
-        let gate = Gate::start(mta.addr, "").await;
+        let gate = Gate::start(mta.addr).await;
         let mut c = Client::hello(gate.addr).await;
         let r = match at {
             "mail" => c.cmd("MAIL FROM:<a@sender.test>", "").await,
@@ -164,7 +164,7 @@ async fn multi_line_upstream_reply_is_relayed_as_is() {
         "550-5.1.1 first line\r\n550-5.1.1 second line\r\n550 5.1.1 last",
     ))
     .await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     let r = c.cmd("RCPT TO:<b@example.test>", "550").await;
@@ -180,7 +180,7 @@ async fn upstream_down_gives_4xx() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = l.local_addr().unwrap();
     drop(l);
-    let gate = Gate::start(dead, "").await;
+    let gate = Gate::start(dead).await;
     let mut c = Client::hello(gate.addr).await;
     let r = c.cmd("MAIL FROM:<a@sender.test>", "451").await;
     assert!(r.starts_with("451 4.4.1"), "{r}");
@@ -192,7 +192,7 @@ async fn upstream_down_gives_4xx() {
 async fn upstream_faults_at_each_stage_never_give_250() {
     for stage in ["greeting", "mail", "rcpt", "data", "body", "dot"] {
         let mta = FakeMta::start(Script::default().drop_at(stage)).await;
-        let gate = Gate::start(mta.addr, "").await;
+        let gate = Gate::start(mta.addr).await;
         let mut c = Client::hello(gate.addr).await;
         c.line("MAIL FROM:<a@sender.test>").await;
         let r = c.reply().await;
@@ -223,7 +223,7 @@ async fn upstream_dropping_mid_data_then_retry_delivers_exactly_once() {
     let mut script = Script::default().drop_at("dot");
     script.faults = Some(1);
     let mta = FakeMta::start(script).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     let m = message("once", "hello\r\n");
     let r = c.send_mail("a@sender.test", &["b@example.test"], &m).await;
@@ -241,7 +241,7 @@ async fn upstream_stalling_past_timeout_gives_4xx() {
         ..Script::default()
     };
     let mta = FakeMta::start(script).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     let r = c
         .send_mail(
@@ -256,7 +256,7 @@ async fn upstream_stalling_past_timeout_gives_4xx() {
 #[tokio::test]
 async fn client_dropping_mid_data_delivers_nothing() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "250").await;
@@ -272,7 +272,7 @@ async fn client_dropping_mid_data_delivers_nothing() {
 #[tokio::test]
 async fn xclient_sequence_as_upstream_sees_it() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::connect_from(gate.addr, "127.0.0.9").await;
     c.reply().await;
     c.cmd("EHLO mail.client.test", "250").await;
@@ -398,7 +398,7 @@ async fn auto_picks_xclient_or_proxy_v2() {
 #[tokio::test]
 async fn upstream_connection_is_lazy() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     for _ in 0..3 {
         let mut c = Client::hello(gate.addr).await;
         c.cmd("NOOP", "250").await;
@@ -597,7 +597,7 @@ async fn protocol_errors_and_sequence() {
 #[tokio::test]
 async fn overlong_command_line_keeps_sync() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     let long = format!("NOOP {}\r\nNOOP\r\n", "a".repeat(2000));
     c.send(long.as_bytes()).await;
@@ -653,7 +653,7 @@ async fn incoming_proxy_header_only_from_trusted_proxies() {
     assert!(r.starts_with("421 4.7.0"), "{r}");
     // A PROXY line on a plain listener is just an unknown command.
     let mta2 = FakeMta::start(Script::default()).await;
-    let plain = Gate::start(mta2.addr, "").await;
+    let plain = Gate::start(mta2.addr).await;
     let mut p = Client::connect(plain.addr).await;
     p.reply().await;
     p.cmd("PROXY TCP4 198.51.100.9 192.0.2.1 40000 25", "500")
@@ -757,7 +757,7 @@ async fn ehlo_offers_only_what_upstream_supports() {
         ..Script::default()
     };
     let mta = FakeMta::start(plain).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::connect(gate.addr).await;
     c.reply().await;
     let e = c.cmd("EHLO c.test", "250").await;
@@ -776,7 +776,7 @@ async fn ehlo_offers_only_what_upstream_supports() {
 #[tokio::test]
 async fn helo_client_and_rset_between_transactions() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::connect(gate.addr).await;
     c.reply().await;
     c.cmd("HELO old.style", "250 gate.test").await;
@@ -803,7 +803,7 @@ async fn upstream_refusing_greeting_or_xclient_gives_4xx() {
         ("ehlo", "502 5.5.2 Error: command not recognized"),
     ] {
         let mta = FakeMta::start(Script::default().reply(stage, line)).await;
-        let gate = Gate::start(mta.addr, "").await;
+        let gate = Gate::start(mta.addr).await;
         let mut c = Client::hello(gate.addr).await;
         let r = c.cmd("MAIL FROM:<a@sender.test>", "451").await;
         assert!(r.starts_with("451 4.4.1"), "{stage}: {r}");
@@ -818,7 +818,7 @@ async fn upstream_refusing_greeting_or_xclient_gives_4xx() {
 #[tokio::test]
 async fn long_8bit_helo_never_breaks_xclient() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let helo = "é".repeat(43); // 86 octets, 258 in xtext
     let mut c = Client::connect(gate.addr).await;
     c.reply().await;
@@ -854,7 +854,7 @@ async fn upstream_refusing_the_client_helo_is_relayed_not_an_outage() {
         ..Script::default()
     })
     .await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::connect(gate.addr).await;
     c.reply().await;
     c.cmd("EHLO bad-name.test", "250").await;

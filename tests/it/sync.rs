@@ -25,7 +25,7 @@ async fn ehlo_or_helo_mid_transaction_aborts_it_upstream_too() {
     for verb in ["EHLO", "HELO"] {
         for with_rcpt in [false, true] {
             let mta = FakeMta::start(Script::default()).await;
-            let gate = Gate::start(mta.addr, "").await;
+            let gate = Gate::start(mta.addr).await;
             let mut c = Client::hello(gate.addr).await;
             c.cmd("MAIL FROM:<a@sender.test>", "250").await;
             if with_rcpt {
@@ -54,7 +54,7 @@ async fn ehlo_or_helo_mid_transaction_aborts_it_upstream_too() {
 #[tokio::test]
 async fn ehlo_with_a_new_name_mid_transaction_reconnects() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     c.cmd("RCPT TO:<b@example.test>", "250").await;
@@ -73,7 +73,7 @@ async fn ehlo_with_a_new_name_mid_transaction_reconnects() {
 #[tokio::test]
 async fn rset_is_forwarded_whenever_upstream_is_connected() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     // No upstream connection yet: RSET is ours alone and opens nothing.
     c.cmd("RSET", "250").await;
@@ -95,7 +95,7 @@ async fn rset_is_forwarded_whenever_upstream_is_connected() {
 #[tokio::test]
 async fn data_without_valid_recipients_keeps_both_sides_in_the_transaction() {
     let mta = FakeMta::start(Script::default()).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     c.cmd("RCPT TO:<unknown@example.test>", "550").await;
@@ -121,7 +121,7 @@ async fn upstream_refusing_data_resets_it_before_the_next_mail() {
     let mut script = Script::default().reply("data", "554 5.7.1 DATA refused by policy");
     script.faults = Some(1);
     let mta = FakeMta::start(script).await;
-    let gate = Gate::start(mta.addr, "").await;
+    let gate = Gate::start(mta.addr).await;
     let mut c = Client::hello(gate.addr).await;
     let r = c
         .send_mail("a@sender.test", &["b@example.test"], &message("r", "x\r\n"))
@@ -169,7 +169,7 @@ async fn closed_port() -> std::net::SocketAddr {
 #[tokio::test]
 async fn gate_started_before_its_mta_offers_what_the_mta_can_do_at_once() {
     let addr = closed_port().await;
-    let gate = Gate::start(addr, "").await;
+    let gate = Gate::start(addr).await;
     // Upstream down: the offer needs nothing from it (no 8BITMIME).
     let mut c = Client::connect(gate.addr).await;
     c.reply().await;
@@ -203,7 +203,7 @@ async fn failed_probes_are_retried_with_backoff() {
         }
     });
     let start = std::time::Instant::now();
-    let _gate = Gate::start(addr, "").await; // probe_interval: 60 s
+    let _gate = Gate::start(addr).await; // probe_interval: 60 s
     tokio::time::sleep(std::time::Duration::from_millis(3600).saturating_sub(start.elapsed()))
         .await;
     // The gate's own probe, then the refresher at 0 s, 1 s and 3 s (next at
