@@ -161,10 +161,6 @@ impl Server {
         TlsReloader(Arc::clone(&self.shared))
     }
 
-    pub fn shutdown_handle(&self) -> Arc<Shutdown> {
-        Arc::clone(&self.shutdown)
-    }
-
     /// Serves until `stop` resolves, then drains: no new connections,
     /// transactions in flight get `timeouts.shutdown` to finish, the rest 421.
     pub async fn run(self, stop: impl Future<Output = ()>) {

@@ -90,7 +90,6 @@ pub const BAD_HELO: Reply = Reply::new(501, 5, 2, "Invalid HELO name: not UTF-8"
 pub const BAD_SENDER: Reply = Reply::new(501, 1, 7, "Bad sender address syntax");
 pub const BAD_RECIPIENT: Reply = Reply::new(501, 1, 3, "Bad recipient address syntax");
 pub const NOT_IMPLEMENTED: Reply = Reply::new(502, 5, 1, "Command not implemented");
-pub const BAD_SEQUENCE: Reply = Reply::new(503, 5, 1, "Bad sequence of commands");
 pub const NEED_HELO: Reply = Reply::new(503, 5, 1, "Send EHLO/HELO first");
 pub const NESTED_MAIL: Reply = Reply::new(503, 5, 1, "Sender already specified");
 pub const NEED_MAIL: Reply = Reply::new(503, 5, 1, "Need MAIL command");
@@ -98,7 +97,6 @@ pub const NEED_RCPT: Reply = Reply::new(554, 5, 1, "No valid recipients");
 pub const PARAM_UNSUPPORTED: Reply = Reply::new(555, 5, 4, "Unsupported parameter");
 // 554, as Postfix and Exim answer it.
 pub const TLS_ALREADY: Reply = Reply::new(554, 5, 1, "TLS already active");
-pub const TLS_UNAVAILABLE: Reply = Reply::new(454, 7, 0, "TLS not available");
 
 pub const BARE_NEWLINE_IN_COMMAND: Reply = Reply::new(500, 5, 2, "Bare <CR> or <LF> in command");
 pub const PREGREET: Reply = Reply::new(554, 5, 1, "Protocol error: talked before the greeting");
@@ -129,12 +127,6 @@ pub const UPSTREAM_UNAVAILABLE: Reply = Reply::new(
 );
 pub const UPSTREAM_LOST: Reply =
     Reply::new(451, 4, 2, "Connection to mail server lost, try again later");
-pub const UPSTREAM_BAD_REPLY: Reply = Reply::new(
-    451,
-    4,
-    0,
-    "Unexpected reply from mail server, try again later",
-);
 
 /// One reply read from upstream, kept as the raw CRLF-terminated lines so it
 /// reaches the client exactly as upstream sent it.
