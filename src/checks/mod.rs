@@ -57,7 +57,10 @@ pub fn done<'a>() -> Hook<'a> {
 /// connect`, else at the first MAIL), then `mail`, each `rcpt`, `data`.
 /// The verdict on everything before RCPT is given at MAIL (a delayed
 /// reject, as Postfix's `smtpd_delay_reject`), so that the log names the
-/// sender and the recipients.
+/// sender and the recipients. So there is no HELO hook: the HELO name is a
+/// fact (`Client::helo`) that the MAIL stage judges (SPF of the HELO
+/// identity, HELO rules), and no DNS work is spent on clients that never
+/// send MAIL.
 pub trait Check: Send + Sync {
     fn name(&self) -> &'static str;
 
