@@ -300,32 +300,32 @@ pub fn load(cfg: &crate::config::Config) -> Result<Arc<Rules>, RuleErrors> {
         Some(d) => (d.clone(), true),
         None => (PathBuf::from("rules"), false),
     };
+    let zones = configured_zones(cfg);
     if !required && !dir.is_dir() {
         tracing::info!("no rules directory: running without rules");
-        return Ok(Rules::new(dir, RuleSet::empty()));
+        return Ok(Rules::new(dir, RuleSet::empty(), zones));
     }
     let set = RuleSet::load_dir(&dir)?;
-    let unknown = unknown_zones(&set, cfg, &dir);
+    let unknown = unknown_zones(&set, &zones, &dir);
     if !unknown.is_empty() {
         return Err(RuleErrors(unknown));
     }
-    Ok(Rules::new(dir, set))
+    Ok(Rules::new(dir, set, zones))
 }
 
-/// DNSBL zones the rules name that the checks do not query: no rule can
-/// ever match them.
-pub fn unknown_zones(
-    set: &RuleSet,
-    cfg: &crate::config::Config,
-    dir: &std::path::Path,
-) -> Vec<RuleError> {
-    let configured: Vec<String> = cfg
-        .checks
+/// The DNSBL zones a config's checks query, as rules name them.
+pub fn configured_zones(cfg: &crate::config::Config) -> Vec<String> {
+    cfg.checks
         .dnsbl
         .zones
         .iter()
         .map(|z| z.zone.trim_end_matches('.').to_ascii_lowercase())
-        .collect();
+        .collect()
+}
+
+/// DNSBL zones the rules name that the checks do not query: no rule can
+/// ever match them.
+pub fn unknown_zones(set: &RuleSet, configured: &[String], dir: &Path) -> Vec<RuleError> {
     set.dnsbl_zones()
         .filter(|z| !configured.iter().any(|c| c == z.trim_end_matches('.')))
         .map(|z| RuleError {
@@ -354,6 +354,9 @@ pub struct Rules {
     watch: Mutex<Option<Watch>>,
     /// Told of every rule set a reload puts in force.
     listeners: Mutex<Vec<Listener>>,
+    /// The DNSBL zones the checks query (kept in step by config reloads):
+    /// a rule set naming any other is refused, on reload as at start.
+    zones: std::sync::RwLock<Vec<String>>,
 }
 
 type Listener = Box<dyn Fn(Arc<RuleSet>) + Send + Sync>;
@@ -369,7 +372,7 @@ struct Watch {
 }
 
 impl Rules {
-    pub fn new(dir: PathBuf, set: RuleSet) -> Arc<Rules> {
+    pub fn new(dir: PathBuf, set: RuleSet, zones: Vec<String>) -> Arc<Rules> {
         Arc::new(Rules {
             dir,
             current: ArcSwap::from_pointee(set),
@@ -377,7 +380,31 @@ impl Rules {
             reloads_failed: AtomicU64::new(0),
             watch: Mutex::new(None),
             listeners: Mutex::new(Vec::new()),
+            zones: std::sync::RwLock::new(zones),
         })
+    }
+
+    /// Zones the current rules name that `zones` (a new config's) lacks.
+    pub fn unknown_zones(&self, zones: &[String]) -> Vec<RuleError> {
+        unknown_zones(&self.current(), zones, &self.dir)
+    }
+
+    /// A config reload changed the DNSBL zones.
+    pub fn set_zones(&self, zones: Vec<String>) {
+        if let Ok(mut z) = self.zones.write() {
+            *z = zones;
+        }
+    }
+
+    fn load_checked(&self) -> Result<RuleSet, RuleErrors> {
+        let set = RuleSet::load_dir(&self.dir)?;
+        let zones = self.zones.read().map(|z| z.clone()).unwrap_or_default();
+        let unknown = unknown_zones(&set, &zones, &self.dir);
+        if unknown.is_empty() {
+            Ok(set)
+        } else {
+            Err(RuleErrors(unknown))
+        }
     }
 
     /// Calls `f` with each rule set a reload puts in force.
@@ -399,7 +426,7 @@ impl Rules {
 
     /// Loads the directory again; swaps only if everything is valid.
     pub fn reload(&self) -> Result<usize, RuleErrors> {
-        match RuleSet::load_dir(&self.dir) {
+        match self.load_checked() {
             Ok(set) => {
                 let n = set.rules().len();
                 self.watch_lists(&set);

@@ -60,15 +60,13 @@ impl ConfigReloader {
         let running = self.shared.runtime();
         let plan = crate::config::reload::plan(&running.cfg, new);
         let cfg = Arc::new(plan.effective);
-        let unknown = crate::rules::unknown_zones(
-            &self.shared.rules.current(),
-            &cfg,
-            self.shared.rules.dir(),
-        );
+        let zones = crate::rules::configured_zones(&cfg);
+        let unknown = self.shared.rules.unknown_zones(&zones);
         if !unknown.is_empty() {
             return Err(crate::rules::RuleErrors(unknown).to_string());
         }
         let built = build_runtime(cfg, Arc::clone(&running.rules)).map_err(|e| e.to_string())?;
+        self.shared.rules.set_zones(zones);
         // The rules stay whatever is current (a rules reload may have
         // swapped them meanwhile).
         self.shared.runtime.rcu(|rt| Runtime {

@@ -279,6 +279,68 @@ async fn rules_and_config_reloads_do_not_undo_each_other() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A rule set naming a DNSBL zone the checks do not query is refused on
+/// reload as it is at start (it would otherwise run until the next restart
+/// and then stop the gate from starting); a config reload that adds the
+/// zone lets it in.
+#[tokio::test]
+async fn rules_naming_an_unconfigured_zone_are_refused_on_reload_too() {
+    let dns = FakeDns::start(ORIGINS, vec![]).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let dir = tmp("zones");
+    let rule = |zone: &str| {
+        format!(
+            "rules:\n  - id: LISTED\n    description: x\n    when: {{dnsbl: [{zone}]}}\n    action: {{score: 1}}\n"
+        )
+    };
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(dir.join("rules/r.yaml"), rule("bl.test")).unwrap();
+    let file = dir.join("gate.yaml");
+    let base = config(
+        mta.addr,
+        dns.addr,
+        &format!("hostname: gate.test\nchecks:\n{CHECKS}"),
+    )
+    .replace(common::EMPTY_RULES, "rules");
+    std::fs::write(&file, &base).unwrap();
+    let cfg = portcullis::config::Config::load(Some(&file)).unwrap();
+    let server = portcullis::server::Server::bind(cfg).await.unwrap();
+    let (reloader, rules) = (server.config_reloader(), server.rules());
+    tokio::spawn(server.run(std::future::pending()));
+
+    std::fs::write(dir.join("rules/r.yaml"), rule("other.test")).unwrap();
+    let e = rules.reload().unwrap_err().to_string();
+    assert!(
+        e.contains("\"other.test\" is not in checks.dnsbl.zones (bl.test)"),
+        "{e}"
+    );
+    assert_eq!(
+        rules.current().dnsbl_zones().collect::<Vec<_>>(),
+        ["bl.test"]
+    );
+    // A config that drops the zone the running rules name is refused too.
+    let without = base.replace("zones: [{zone: bl.test, action: reject}]", "zones: []");
+    std::fs::write(&file, &without).unwrap();
+    let e = reloader.reload(&file).await.unwrap_err();
+    assert!(
+        e.contains("\"bl.test\" is not in checks.dnsbl.zones"),
+        "{e}"
+    );
+    // The config that queries other.test too: then the rules are taken.
+    let both = base.replace(
+        "zones: [{zone: bl.test, action: reject}]",
+        "zones: [{zone: bl.test, action: reject}, {zone: other.test}]",
+    );
+    std::fs::write(&file, &both).unwrap();
+    reloader.reload(&file).await.unwrap();
+    rules.reload().unwrap();
+    assert_eq!(
+        rules.current().dnsbl_zones().collect::<Vec<_>>(),
+        ["other.test"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A typed test config written with `write_config` loads back unchanged,
 /// key for key (so tests may write configs without YAML strings).
 #[test]

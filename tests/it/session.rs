@@ -24,6 +24,7 @@ fn shared(cfg: Config) -> Arc<Shared> {
         rules: portcullis::rules::Rules::new(
             common::EMPTY_RULES.into(),
             portcullis::rules::RuleSet::empty(),
+            Vec::new(),
         ),
         runtime: arc_swap::ArcSwap::from_pointee(
             portcullis::server::build_runtime(
