@@ -34,6 +34,7 @@ pub mod rules;
 pub mod runtime;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod telemetry;
 pub mod upstream;
 pub mod verdict;
@@ -49,7 +50,7 @@ mod tests {
         &["config"],
         &["telemetry"],
         &["runtime"],
-        &["dns"],
+        &["dns", "state"],
         &["rules", "verdict"],
         &["checks", "upstream"],
         &["session"],

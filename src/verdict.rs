@@ -214,6 +214,17 @@ pub fn dns_tempfail() -> Reply {
     Reply::new(451, 4, 3, "Temporary DNS failure, try again later")
 }
 
+/// Greylisting: come back in `wait` seconds (RFC 6647).
+pub fn greylisted(wait: u64) -> Reply {
+    Reply::new(451, 7, 1, "Greylisted")
+        .with_text(format!("Greylisted, please try again in {wait} seconds"))
+}
+
+/// The state store failed and greylisting's `on_error` is `tempfail`.
+pub fn state_tempfail() -> Reply {
+    Reply::new(451, 4, 3, "Temporary local problem, try again later")
+}
+
 pub fn rules_overrun() -> Reply {
     Reply::new(451, 7, 0, "Message checks took too long, try again later")
 }
@@ -258,6 +269,7 @@ mod tests {
             reject: Some(10.0),
             tempfail: Some(7.0),
             tag: Some(5.0),
+            greylist: None,
         }
     }
 

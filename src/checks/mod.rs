@@ -15,6 +15,7 @@ mod client_name;
 mod dkim;
 mod dmarc;
 pub mod dnsbl;
+pub mod greylist;
 mod iprev;
 mod limits;
 pub mod pool;
@@ -27,6 +28,7 @@ pub use screen::{DataChecks, Screen, Screened};
 use crate::config::{Action, ChecksConfig, Config, Mode, Thresholds};
 use crate::dns::Dns;
 use crate::rules::RuleSet;
+use crate::state::Store;
 use crate::verdict::Finding;
 use crate::wire::identity::DnsName;
 use crate::wire::reply::Reply;
@@ -166,6 +168,8 @@ pub struct CheckLog {
     pub dmarc: String,
     pub iprev: String,
     pub arc: String,
+    /// Greylisting's outcome for the last recipient it judged.
+    pub greylist: String,
     /// `zone=code,code` for each listing.
     pub dnsbl: Vec<String>,
     /// The zones of those listings, for the rules.
@@ -214,7 +218,7 @@ pub struct Engine {
 
 impl Engine {
     /// The checks of `cfg`, in the order they run.
-    pub fn new(cfg: &Config, dns: Arc<Dns>) -> Engine {
+    pub fn new(cfg: &Config, dns: Arc<Dns>, store: Arc<Store>) -> Engine {
         let c = &cfg.checks;
         let dnsbl = Arc::new(Dnsbl::new(&c.dnsbl.zones, Arc::clone(&dns)));
         let host = cfg.hostname.clone();
@@ -226,6 +230,7 @@ impl Engine {
             Box::new(dkim::Dkim::new(c, Arc::clone(&dns))),
             Box::new(dmarc::Dmarc::new(&c.dmarc, Arc::clone(&dns))),
             Box::new(arc::ArcCheck::new(&c.arc, Arc::clone(&dns))),
+            Box::new(greylist::Greylist::new(&c.greylist, &c.thresholds, store)),
             Box::new(rules::RuleCheck::new(&c.message_rules)),
             Box::new(auth_results::AuthResults::new(c, &host)),
         ];

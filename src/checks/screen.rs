@@ -395,6 +395,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::dns::Dns;
+    use crate::state::Store;
     use std::path::{Path, PathBuf};
 
     const RULES: &str = r#"rules:
@@ -417,7 +418,12 @@ mod tests {
     fn screen(cfg: &Config, ip: &str) -> Screen {
         let rules = RuleSet::load_texts(Path::new("."), &[(PathBuf::from("r.yaml"), RULES)])
             .unwrap_or_else(|e| panic!("{e}"));
-        let engine = Arc::new(Engine::new(cfg, Dns::new(&cfg.dns).unwrap()));
+        let store = Store::in_memory(1000, Arc::new(crate::state::SystemClock));
+        let engine = Arc::new(Engine::new(
+            cfg,
+            Dns::new(&cfg.dns).unwrap(),
+            Arc::new(store),
+        ));
         let mut s = Screen::new(engine, Arc::new(rules), ip.parse().unwrap(), false);
         s.helo("mx.sender.test");
         s

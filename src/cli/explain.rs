@@ -6,6 +6,7 @@
 use crate::checks::{CheckLog, DataChecks, Engine, Screen, Screened, pool::SharedMessage};
 use crate::config::{Config, Mode};
 use crate::dns::Dns;
+use crate::state::{Store, SystemClock};
 use crate::verdict::{Decision, Outcome};
 use crate::wire::reply::Reply;
 use std::fmt::Write;
@@ -57,7 +58,9 @@ pub async fn run(mut cfg: Config, input: &Sample) -> Result<Explained, String> {
         .map_err(|e| e.to_string())?
         .current();
     let dns = Dns::new(&cfg.dns).map_err(|e| e.to_string())?;
-    let engine = Arc::new(Engine::new(&cfg, dns));
+    // No memory: to greylisting every triplet is new.
+    let store = Arc::new(Store::in_memory(1000, Arc::new(SystemClock)));
+    let engine = Arc::new(Engine::new(&cfg, dns, store));
     // The client's name as an MTA asking for it (XCLIENT) would see it.
     let mut screen = Screen::new(engine, rules, input.ip, !input.no_dns);
     screen.helo(&input.helo);

@@ -120,7 +120,59 @@ pub struct ChecksConfig {
     pub dmarc: DmarcConfig,
     pub arc: ArcConfig,
     pub iprev: IprevConfig,
+    pub greylist: GreylistConfig,
     pub message_rules: MessageRules,
+}
+
+/// Greylisting, as postgrey and rspamd do it: an unknown (client network,
+/// sender, recipient) is told to come back later; real MTAs do.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GreylistConfig {
+    /// Off by default: it delays first mail from every new sender.
+    pub mode: Mode,
+    /// `always`, or `score`: only when the score so far reaches
+    /// `thresholds.greylist`.
+    pub when: GreylistWhen,
+    /// A retry passes after this long.
+    pub delay: Secs,
+    /// ... and within this long after the first attempt.
+    pub retry_window: Secs,
+    /// After this many passed triplets from a client network and sender
+    /// domain, that pair skips greylisting ...
+    pub auto_allow_after: u32,
+    /// ... for this long (also how long a passed triplet is remembered).
+    pub allow_ttl: Secs,
+    /// The client network of a triplet.
+    pub network_prefix_v4: u8,
+    pub network_prefix_v6: u8,
+    /// When the state store fails: `accept` (the default) or `tempfail`.
+    pub on_error: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GreylistWhen {
+    #[default]
+    Always,
+    Score,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        let day = 24 * 3600;
+        GreylistConfig {
+            mode: Mode::Off,
+            when: GreylistWhen::Always,
+            delay: Secs(Duration::from_secs(300)),
+            retry_window: Secs(Duration::from_secs(day)),
+            auto_allow_after: 5,
+            allow_ttl: Secs(Duration::from_secs(35 * day)),
+            network_prefix_v4: 24,
+            network_prefix_v6: 64,
+            on_error: Action::Accept,
+        }
+    }
 }
 
 /// Where and for how long the rules on a whole message run: on a bounded
@@ -165,6 +217,7 @@ impl Default for ChecksConfig {
             dmarc: DmarcConfig::default(),
             arc: ArcConfig::default(),
             iprev: IprevConfig::default(),
+            greylist: GreylistConfig::default(),
             message_rules: MessageRules::default(),
         }
     }
@@ -179,6 +232,8 @@ pub struct Thresholds {
     pub tempfail: Option<f64>,
     /// Score at or above which X-Spam-Score / X-Spam-Flag headers are added.
     pub tag: Option<f64>,
+    /// With `greylist.when: score`: greylist from this score on.
+    pub greylist: Option<f64>,
 }
 
 impl Default for Thresholds {
@@ -187,6 +242,7 @@ impl Default for Thresholds {
             reject: Some(15.0),
             tempfail: None,
             tag: Some(5.0),
+            greylist: None,
         }
     }
 }

@@ -10,8 +10,8 @@ mod units;
 
 pub use checks::{
     Action, Allow, ArcConfig, ChecksConfig, DkimConfig, DmarcConfig, DnsConfig, DnsblConfig,
-    IprevConfig, MessageRules, Mode, Overrun, RejectAt, ReturnFilter, SpfConfig, Thresholds, Zone,
-    ZoneType,
+    GreylistConfig, GreylistWhen, IprevConfig, MessageRules, Mode, Overrun, RejectAt, ReturnFilter,
+    SpfConfig, Thresholds, Zone, ZoneType,
 };
 pub use units::{Bytes, Secs, parse_size};
 
@@ -131,6 +131,48 @@ pub struct Config {
     pub rules_dir: Option<PathBuf>,
     #[serde(default)]
     pub log: Log,
+    /// Where greylisting keeps what it has seen.
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// In this process; saved to `file` on shutdown, loaded on start.
+    #[default]
+    Embedded,
+    /// Redis or Valkey at `url`, shared by every instance.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    /// `redis://host:port/db`; for a cluster, nodes separated by commas.
+    pub url: String,
+    /// `url` names Redis Cluster nodes.
+    pub cluster: bool,
+    /// Embedded: where the state is saved on shutdown (unset: not saved).
+    pub file: Option<PathBuf>,
+    /// Embedded: entries held at most (the oldest go first).
+    pub max_entries: usize,
+    /// Each store call's deadline; past it, each feature's `on_error`.
+    pub timeout: Secs,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: StateBackend::Embedded,
+            url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
+            file: None,
+            max_entries: 1_000_000,
+            timeout: Secs(Duration::from_millis(100)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -63,6 +63,8 @@ fn keeping_restart_only(mut new: Config, running: &Config) -> Config {
     new.stress.at_percent = running.stress.at_percent;
     // The rules directory is watched from start; its files reload on change.
     new.rules_dir = running.rules_dir.clone();
+    // The state store is opened (and Redis connected) once.
+    new.state = running.state.clone();
     new
 }
 

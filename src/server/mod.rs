@@ -18,6 +18,7 @@ use crate::rules::{RuleSet, Rules};
 use crate::runtime::limits::{ConnectionBounds, ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::session::{Peer, Runtime, Session, Shared};
+use crate::state::{Store, SystemClock};
 use crate::telemetry::RefusedConnection;
 use crate::telemetry::events::{ConfigReload, ConnectionClosed, ConnectionOpened};
 use crate::upstream::Upstream;
@@ -46,6 +47,8 @@ pub enum ServerError {
     Rules(#[from] crate::rules::RuleErrors),
     #[error("upstream tls: {0}")]
     UpstreamTls(#[from] crate::upstream::UpstreamTlsError),
+    #[error("state: {0}")]
+    State(#[from] crate::state::StoreError),
 }
 
 pub struct Server {
@@ -88,8 +91,10 @@ impl Server {
             None => None,
         };
         let rules = crate::rules::load(&cfg)?;
-        let runtime = build_runtime(Arc::clone(&cfg), rules.current())?;
+        let store = Arc::new(Store::open(&cfg.state, Arc::new(SystemClock))?);
+        let runtime = build_runtime(Arc::clone(&cfg), rules.current(), &store)?;
         let shared = Arc::new(Shared {
+            store,
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
             limits: ConnectionLimits::new(ConnectionBounds::of(&cfg)),
@@ -246,20 +251,29 @@ impl Server {
         if let Some(t) = self_test {
             t.abort();
         }
+        match self.shared.store.save() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "state saved"),
+            Err(e) => tracing::warn!(error = %e, "state not saved"),
+        }
         tracing::info!("stopped");
     }
 }
 
 /// What sessions read from a config: the checks with their own DNS, and
 /// the STARTTLS acceptor.
-pub fn build_runtime(cfg: Arc<Config>, rules: Arc<RuleSet>) -> Result<Runtime, ServerError> {
+pub fn build_runtime(
+    cfg: Arc<Config>,
+    rules: Arc<RuleSet>,
+    store: &Arc<Store>,
+) -> Result<Runtime, ServerError> {
     let tls = match &cfg.tls {
         Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
         None => None,
     };
     let dns = Dns::new(&cfg.dns)?;
     Ok(Runtime {
-        engine: Arc::new(Engine::new(&cfg, dns)),
+        engine: Arc::new(Engine::new(&cfg, dns, Arc::clone(store))),
         rules,
         tls,
         cfg,

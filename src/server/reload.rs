@@ -65,7 +65,8 @@ impl ConfigReloader {
         if !unknown.is_empty() {
             return Err(crate::rules::RuleErrors(unknown).to_string());
         }
-        let built = build_runtime(cfg, Arc::clone(&running.rules)).map_err(|e| e.to_string())?;
+        let built = build_runtime(cfg, Arc::clone(&running.rules), &self.shared.store)
+            .map_err(|e| e.to_string())?;
         self.shared.rules.set_zones(zones);
         // The rules stay whatever is current (a rules reload may have
         // swapped them meanwhile).

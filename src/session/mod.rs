@@ -95,6 +95,8 @@ pub struct Shared {
     pub limits: Arc<ConnectionLimits>,
     /// Loads and watches the rules (each reload swaps `runtime`).
     pub rules: Arc<Rules>,
+    /// Greylisting's memory, kept across reloads.
+    pub store: Arc<crate::state::Store>,
 }
 
 impl Shared {

@@ -253,6 +253,7 @@ impl Session {
             dmarc: &checks.dmarc,
             arc: &checks.arc,
             iprev: &checks.iprev,
+            greylist: &checks.greylist,
             dnsbl: checks.dnsbl.join(" "),
             rules: checks.rules.join(" "),
             hits: checks.hits.join(" "),

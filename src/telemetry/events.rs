@@ -329,6 +329,38 @@ impl DnsLookup {
     }
 }
 
+/// One call to the state store (greylisting's memory).
+pub struct StoreCall<'a> {
+    pub backend: &'static str,
+    pub op: &'static str,
+    pub took: Duration,
+    pub error: Option<&'a dyn std::fmt::Display>,
+}
+
+impl StoreCall<'_> {
+    pub fn emit(&self) {
+        metrics::histogram!("portcullis_state_seconds", "backend" => self.backend)
+            .record(self.took.as_secs_f64());
+        if let Some(e) = self.error {
+            metrics::counter!("portcullis_state_errors_total", "backend" => self.backend)
+                .increment(1);
+            tracing::warn!(backend = self.backend, op = self.op, error = %e, "state store call failed");
+        }
+    }
+}
+
+/// A greylisting decision: `new`, `early`, `passed`, `allowed`, `error`.
+pub struct Greylisted<'a> {
+    pub outcome: &'a str,
+}
+
+impl Greylisted<'_> {
+    pub fn emit(&self) {
+        metrics::counter!("portcullis_greylist_total", "outcome" => self.outcome.to_string())
+            .increment(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The rule of this module, kept: no metric is named outside telemetry/.

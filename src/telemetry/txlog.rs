@@ -62,6 +62,8 @@ pub struct TxnRecord<'a> {
     pub dmarc: &'a str,
     pub arc: &'a str,
     pub iprev: &'a str,
+    /// Greylisting: `new`, `early`, `passed`, `allowed`, `error`, or empty.
+    pub greylist: &'a str,
     /// `zone=code+code` for each DNSBL listing, space separated.
     pub dnsbl: String,
     /// Rules that matched, `ID` or `ID(shadow)`, space separated.
@@ -113,6 +115,7 @@ impl TxnRecord<'_> {
             dmarc = self.dmarc,
             arc = self.arc,
             iprev = self.iprev,
+            greylist = self.greylist,
             dnsbl = %self.dnsbl,
             rules = %self.rules,
             hits = %self.hits,

@@ -15,6 +15,16 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 fn shared(cfg: Config) -> Arc<Shared> {
+    let store = Arc::new(portcullis::state::Store::in_memory(
+        100,
+        Arc::new(portcullis::state::SystemClock),
+    ));
+    let runtime = portcullis::server::build_runtime(
+        Arc::new(cfg.clone()),
+        Arc::new(portcullis::rules::RuleSet::empty()),
+        &store,
+    )
+    .unwrap();
     Arc::new(Shared {
         upstream: Arc::new(Upstream::new(&cfg).unwrap()),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
@@ -26,13 +36,8 @@ fn shared(cfg: Config) -> Arc<Shared> {
             portcullis::rules::RuleSet::empty(),
             Vec::new(),
         ),
-        runtime: arc_swap::ArcSwap::from_pointee(
-            portcullis::server::build_runtime(
-                Arc::new(cfg),
-                Arc::new(portcullis::rules::RuleSet::empty()),
-            )
-            .unwrap(),
-        ),
+        store,
+        runtime: arc_swap::ArcSwap::from_pointee(runtime),
     })
 }
 

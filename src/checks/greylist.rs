@@ -1,0 +1,308 @@
+//! Greylisting at RCPT (RFC 6647), as postgrey and rspamd do it. The
+//! triplet is the client network (/24, /64), the sender and the
+//! recipient. An unknown triplet is told to come back after `delay`; a
+//! retry within `retry_window` after that passes, and the triplet is
+//! remembered for `allow_ttl`. A client network and sender domain that
+//! passed `auto_allow_after` times skip greylisting for `allow_ttl`. A
+//! bounce (null sender) to a recipient that passed before is not delayed.
+//!
+//! State lives in the `state::Store`, so several instances sharing Redis
+//! agree. Decisions compare the first-seen time kept in the value against
+//! the store's clock; the store's expiry only frees space.
+
+use super::{Check, Facts, Hook, act};
+use crate::config::{Action, GreylistConfig, GreylistWhen, Mode, Thresholds};
+use crate::runtime::limits::network;
+use crate::state::{Store, StoreError};
+use crate::telemetry::events::Greylisted;
+use crate::verdict::{self, Finding};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Greylist {
+    cfg: GreylistConfig,
+    /// `thresholds.greylist`, for `when: score`.
+    from_score: Option<f64>,
+    store: Arc<Store>,
+}
+
+/// What greylisting said of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// First seen now: come back in this many seconds.
+    New(u64),
+    /// Seen, but the delay has not passed: come back in this many seconds.
+    Early(u64),
+    /// A retry after the delay (or a triplet that passed before).
+    Passed,
+    /// The network and sender domain are auto-allowed, or a bounce to a
+    /// recipient that passed before.
+    Allowed,
+}
+
+impl Outcome {
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::New(_) => "new",
+            Outcome::Early(_) => "early",
+            Outcome::Passed => "passed",
+            Outcome::Allowed => "allowed",
+        }
+    }
+}
+
+/// The triplet value once it has passed.
+const PASSED: &str = "p";
+
+impl Greylist {
+    pub fn new(cfg: &GreylistConfig, t: &Thresholds, store: Arc<Store>) -> Greylist {
+        Greylist {
+            cfg: cfg.clone(),
+            from_score: t.greylist,
+            store,
+        }
+    }
+
+    /// The decision for one recipient, and what it leaves in the store.
+    pub async fn decide(
+        &self,
+        client: std::net::IpAddr,
+        sender: &str,
+        rcpt: &str,
+    ) -> Result<Outcome, StoreError> {
+        let c = &self.cfg;
+        let net = network(client, c.network_prefix_v4, c.network_prefix_v6);
+        let (sender, rcpt) = (sender.to_ascii_lowercase(), rcpt.to_ascii_lowercase());
+        let allow_ttl = c.allow_ttl.0;
+        if sender.is_empty() && self.store.get(&format!("gl:r:{rcpt}")).await?.is_some() {
+            return Ok(Outcome::Allowed);
+        }
+        let domain = sender.rsplit_once('@').map_or("", |(_, d)| d);
+        let pair = format!("{net}/{domain}");
+        if self.store.get(&format!("gl:a:{pair}")).await?.is_some() {
+            return Ok(Outcome::Allowed);
+        }
+        let key = format!("gl:t:{net}/{sender}/{rcpt}");
+        let now = self.store.now_ms();
+        let (delay, window) = (c.delay.0, c.retry_window.0);
+        let seen = self
+            .store
+            .get_or_set(&key, &now.to_string(), delay + window)
+            .await?;
+        let first = match seen.as_deref() {
+            None => return Ok(Outcome::New(delay.as_secs())),
+            Some(PASSED) => return Ok(Outcome::Passed),
+            Some(v) => v.parse::<u64>().unwrap_or(now),
+        };
+        let age = Duration::from_millis(now.saturating_sub(first));
+        if age < delay {
+            let wait = (delay - age).as_secs().max(1);
+            return Ok(Outcome::Early(wait));
+        }
+        if age > delay + window {
+            // Came back too late: start again.
+            self.store
+                .set(&key, &now.to_string(), delay + window)
+                .await?;
+            return Ok(Outcome::New(delay.as_secs()));
+        }
+        self.store.set(&key, PASSED, allow_ttl).await?;
+        self.store
+            .set(&format!("gl:r:{rcpt}"), "1", allow_ttl)
+            .await?;
+        let passed = self.store.incr(&format!("gl:n:{pair}"), allow_ttl).await?;
+        if passed >= i64::from(c.auto_allow_after) && !domain.is_empty() {
+            self.store
+                .set(&format!("gl:a:{pair}"), "1", allow_ttl)
+                .await?;
+        }
+        Ok(Outcome::Passed)
+    }
+
+    fn wanted(&self, f: &Facts) -> bool {
+        match self.cfg.when {
+            GreylistWhen::Always => true,
+            GreylistWhen::Score => {
+                let score: f64 = f
+                    .txn
+                    .found
+                    .findings
+                    .iter()
+                    .map(|f| match f.action {
+                        Action::Score(s) => s,
+                        _ => 0.0,
+                    })
+                    .sum();
+                self.from_score.is_some_and(|t| score >= t)
+            }
+        }
+    }
+}
+
+impl Check for Greylist {
+    fn name(&self) -> &'static str {
+        "greylist"
+    }
+
+    fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        Box::pin(async move {
+            if self.cfg.mode == Mode::Off || !self.wanted(f) {
+                return;
+            }
+            let decided = self.decide(f.client.ip, &f.txn.sender, &f.txn.rcpt).await;
+            let found = &mut f.txn.found;
+            let (word, finding) = match decided {
+                Ok(o @ (Outcome::New(wait) | Outcome::Early(wait))) => (
+                    o.word(),
+                    Some((Action::Tempfail, verdict::greylisted(wait))),
+                ),
+                Ok(o) => (o.word(), None),
+                // Logged and counted by the store; `on_error` decides.
+                Err(_) => (
+                    "error",
+                    (self.cfg.on_error == Action::Tempfail)
+                        .then(|| (Action::Tempfail, verdict::state_tempfail())),
+                ),
+            };
+            Greylisted { outcome: word }.emit();
+            found.log.greylist = word.to_string();
+            if let Some((action, reply)) = finding {
+                found.findings.push(Finding {
+                    check: "greylist",
+                    result: word.into(),
+                    action: act(self.cfg.mode, action),
+                    reason: format!("greylist:{word}"),
+                    reply,
+                });
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Clock, TestClock};
+
+    fn greylist(clock: &Arc<TestClock>) -> Greylist {
+        let store = Store::in_memory(1000, Arc::clone(clock) as Arc<dyn Clock>);
+        let cfg = GreylistConfig {
+            mode: Mode::Enforce,
+            auto_allow_after: 2,
+            ..GreylistConfig::default()
+        };
+        Greylist::new(&cfg, &Thresholds::default(), Arc::new(store))
+    }
+
+    const IP: &str = "192.0.2.10";
+
+    async fn decide(g: &Greylist, ip: &str, from: &str, to: &str) -> Outcome {
+        g.decide(ip.parse().unwrap(), from, to).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn new_early_then_passed_after_the_delay() {
+        let clock = Arc::new(TestClock::new());
+        let g = greylist(&clock);
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::New(300)
+        );
+        clock.advance(Duration::from_secs(100));
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::Early(200)
+        );
+        // Another address of the same /24 is the same client network.
+        clock.advance(Duration::from_secs(200));
+        assert_eq!(
+            decide(&g, "192.0.2.99", "A@S.test", "b@r.test").await,
+            Outcome::Passed
+        );
+        // Remembered: passes at once from now on.
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::Passed
+        );
+        // A different network is a different triplet.
+        assert_eq!(
+            decide(&g, "198.51.100.1", "a@s.test", "b@r.test").await,
+            Outcome::New(300)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_the_window_starts_again() {
+        let clock = Arc::new(TestClock::new());
+        let g = greylist(&clock);
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::New(300)
+        );
+        clock.advance(Duration::from_secs(300 + 24 * 3600 + 1));
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::New(300)
+        );
+        clock.advance(Duration::from_secs(299));
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::Early(1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_network_and_domain_that_passed_often_are_allowed() {
+        let clock = Arc::new(TestClock::new());
+        let g = greylist(&clock);
+        for to in ["1@r.test", "2@r.test"] {
+            assert_eq!(decide(&g, IP, "a@s.test", to).await, Outcome::New(300));
+        }
+        clock.advance(Duration::from_secs(301));
+        for to in ["1@r.test", "2@r.test"] {
+            assert_eq!(decide(&g, IP, "a@s.test", to).await, Outcome::Passed);
+        }
+        // Two passes (auto_allow_after: 2): any sender of s.test from this /24.
+        assert_eq!(
+            decide(&g, IP, "z@s.test", "3@r.test").await,
+            Outcome::Allowed
+        );
+        assert_eq!(
+            decide(&g, IP, "z@other.test", "3@r.test").await,
+            Outcome::New(300)
+        );
+        // 35 days later the allowance has run out.
+        clock.advance(Duration::from_secs(35 * 24 * 3600 + 1));
+        assert_eq!(
+            decide(&g, IP, "y@s.test", "3@r.test").await,
+            Outcome::New(300)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bounce_to_a_recipient_that_passed_is_not_delayed() {
+        let clock = Arc::new(TestClock::new());
+        let g = greylist(&clock);
+        assert_eq!(
+            decide(&g, "203.0.113.5", "", "b@r.test").await,
+            Outcome::New(300)
+        );
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::New(300)
+        );
+        clock.advance(Duration::from_secs(301));
+        assert_eq!(
+            decide(&g, IP, "a@s.test", "b@r.test").await,
+            Outcome::Passed
+        );
+        assert_eq!(
+            decide(&g, "203.0.113.5", "", "b@r.test").await,
+            Outcome::Allowed
+        );
+        assert_eq!(
+            decide(&g, "203.0.113.5", "", "c@r.test").await,
+            Outcome::New(300)
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! Memory across sessions and machines: a small key-value store with
+//! expiring entries that greylisting (and later rate limits and client
+//! reputation) keep their state in. Two backends behave the same:
+//! `embedded` (in process, bounded, saved to a file on shutdown) and
+//! `redis` (Redis or Valkey, single server or cluster, shared by every
+//! instance). Every call has a deadline; a slow or absent store is an
+//! error the caller turns into its `on_error` outcome, never a hang.
+//!
+//! Time comes from a `Clock`, so tests drive it instead of sleeping.
+//! Decisions compare timestamps kept in the values against the clock;
+//! the store's own expiry only frees space.
+
+pub mod clock;
+mod embedded;
+mod remote;
+
+pub use clock::{Clock, SystemClock, TestClock};
+
+use crate::config::{StateBackend, StateConfig};
+use crate::telemetry::events::StoreCall;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Backend(String),
+}
+
+enum Backend {
+    Embedded(embedded::Embedded),
+    Redis(Box<remote::Remote>),
+}
+
+pub struct Store {
+    backend: Backend,
+    deadline: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl Store {
+    /// The store a config asks for. Redis is connected lazily and again
+    /// after every failure, in the background of the calls.
+    pub fn open(cfg: &StateConfig, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
+        let backend = match cfg.backend {
+            StateBackend::Embedded => Backend::Embedded(embedded::Embedded::open(
+                cfg.max_entries,
+                cfg.file.clone(),
+                Arc::clone(&clock),
+            )),
+            StateBackend::Redis => {
+                Backend::Redis(Box::new(remote::Remote::open(&cfg.url, cfg.cluster)?))
+            }
+        };
+        Ok(Store {
+            backend,
+            deadline: cfg.timeout.0,
+            clock,
+        })
+    }
+
+    /// An embedded store of `max_entries`, kept nowhere (for `explain`
+    /// and tests).
+    pub fn in_memory(max_entries: usize, clock: Arc<dyn Clock>) -> Store {
+        Store {
+            backend: Backend::Embedded(embedded::Embedded::open(
+                max_entries,
+                None,
+                Arc::clone(&clock),
+            )),
+            deadline: Duration::from_millis(100),
+            clock,
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Embedded(_) => "embedded",
+            Backend::Redis(_) => "redis",
+        }
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    /// Milliseconds since the epoch, by the store's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.call("get", async {
+            match &self.backend {
+                Backend::Embedded(e) => Ok(e.get(key)),
+                Backend::Redis(r) => r.get(key).await,
+            }
+        })
+        .await
+    }
+
+    /// The value under `key`; when there is none, stores `value` for
+    /// `ttl` and returns None. One round trip.
+    pub async fn get_or_set(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        self.call("get_or_set", async {
+            match &self.backend {
+                Backend::Embedded(e) => Ok(e.get_or_set(key, value, ttl)),
+                Backend::Redis(r) => r.get_or_set(key, value, ttl).await,
+            }
+        })
+        .await
+    }
+
+    pub async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.call("set", async {
+            match &self.backend {
+                Backend::Embedded(e) => {
+                    e.set(key, value, ttl);
+                    Ok(())
+                }
+                Backend::Redis(r) => r.set(key, value, ttl).await,
+            }
+        })
+        .await
+    }
+
+    /// Adds one to the counter under `key` (created with `ttl`); returns
+    /// the new count.
+    pub async fn incr(&self, key: &str, ttl: Duration) -> Result<i64, StoreError> {
+        self.call("incr", async {
+            match &self.backend {
+                Backend::Embedded(e) => Ok(e.incr(key, ttl)),
+                Backend::Redis(r) => r.incr(key, ttl).await,
+            }
+        })
+        .await
+    }
+
+    /// Saves the embedded store to its file (nothing for Redis).
+    pub fn save(&self) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Embedded(e) => e.save(),
+            Backend::Redis(_) => Ok(0),
+        }
+    }
+
+    /// Entries held (embedded), for the status page.
+    pub fn entries(&self) -> Option<usize> {
+        match &self.backend {
+            Backend::Embedded(e) => Some(e.len()),
+            Backend::Redis(_) => None,
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(self.deadline, f).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.deadline)),
+        };
+        StoreCall {
+            backend: self.backend(),
+            op,
+            took: started.elapsed(),
+            error: r.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+        }
+        .emit();
+        r
+    }
+}

@@ -1,0 +1,154 @@
+//! The Redis / Valkey backend: one server (through a connection manager
+//! that reconnects by itself) or a cluster (connected on first use and
+//! again after a failure). Each operation is one round trip on one key,
+//! so it works unchanged on a cluster.
+
+use super::StoreError;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Script};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+enum Conn {
+    Single(ConnectionManager),
+    Cluster {
+        client: Box<redis::cluster::ClusterClient>,
+        conn: Mutex<Option<ClusterConnection>>,
+    },
+}
+
+pub struct Remote {
+    conn: Conn,
+    get_or_set: Script,
+    incr: Script,
+}
+
+fn err(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn secs(ttl: Duration) -> u64 {
+    ttl.as_secs().max(1)
+}
+
+impl Remote {
+    /// `url`: `redis://host:port/db`; for a cluster, any of its nodes
+    /// (several separated by commas). Connects lazily.
+    pub fn open(url: &str, cluster: bool) -> Result<Remote, StoreError> {
+        let conn = if cluster {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            Conn::Cluster {
+                client: Box::new(redis::cluster::ClusterClient::new(nodes).map_err(err)?),
+                conn: Mutex::new(None),
+            }
+        } else {
+            let client = redis::Client::open(url).map_err(err)?;
+            let cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_number_of_retries(1);
+            Conn::Single(ConnectionManager::new_lazy_with_config(client, cfg).map_err(err)?)
+        };
+        Ok(Remote {
+            conn,
+            // One key, one round trip: the existing value, or nil after
+            // storing the new one.
+            get_or_set: Script::new(
+                "local v = redis.call('GET', KEYS[1]) \
+                 if v then return v end \
+                 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
+                 return false",
+            ),
+            incr: Script::new(
+                "local n = redis.call('INCR', KEYS[1]) \
+                 if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end \
+                 return n",
+            ),
+        })
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        match &self.conn {
+            Conn::Single(m) => cmd.query_async(&mut m.clone()).await.map_err(err),
+            Conn::Cluster { .. } => {
+                let mut c = self.cluster().await?;
+                let r = cmd.query_async(&mut c).await;
+                self.forget_on_error(&r).await;
+                r.map_err(err)
+            }
+        }
+    }
+
+    async fn script<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[String],
+    ) -> Result<T, StoreError> {
+        let mut inv = script.prepare_invoke();
+        inv.key(key);
+        for a in args {
+            inv.arg(a);
+        }
+        match &self.conn {
+            Conn::Single(m) => inv.invoke_async(&mut m.clone()).await.map_err(err),
+            Conn::Cluster { .. } => {
+                let mut c = self.cluster().await?;
+                let r = inv.invoke_async(&mut c).await;
+                self.forget_on_error(&r).await;
+                r.map_err(err)
+            }
+        }
+    }
+
+    async fn cluster(&self) -> Result<ClusterConnection, StoreError> {
+        let Conn::Cluster { client, conn } = &self.conn else {
+            return Err(StoreError::Backend("not a cluster".into()));
+        };
+        let mut held = conn.lock().await;
+        if let Some(c) = held.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = client.get_async_connection().await.map_err(err)?;
+        *held = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A cluster connection that failed is made again on the next call.
+    async fn forget_on_error<T>(&self, r: &redis::RedisResult<T>) {
+        if let (Err(e), Conn::Cluster { conn, .. }) = (r, &self.conn)
+            && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
+        {
+            *conn.lock().await = None;
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.query(redis::cmd("GET").arg(key)).await
+    }
+
+    pub async fn get_or_set(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let args = [value.to_string(), secs(ttl).to_string()];
+        self.script(&self.get_or_set, key, &args).await
+    }
+
+    pub async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.query(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(secs(ttl)),
+        )
+        .await
+    }
+
+    pub async fn incr(&self, key: &str, ttl: Duration) -> Result<i64, StoreError> {
+        self.script(&self.incr, key, &[secs(ttl).to_string()]).await
+    }
+}
