@@ -222,7 +222,7 @@ pub fn greylisted(wait: u64) -> Reply {
 
 /// The state store failed and greylisting's `on_error` is `tempfail`.
 pub fn state_tempfail() -> Reply {
-    Reply::new(451, 4, 3, "Temporary local problem, try again later")
+    Reply::new(451, 3, 0, "Temporary local problem, try again later")
 }
 
 pub fn rules_overrun() -> Reply {

@@ -18,7 +18,7 @@ use crate::rules::{RuleSet, Rules};
 use crate::runtime::limits::{ConnectionBounds, ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::session::{Peer, Runtime, Session, Shared};
-use crate::state::{Store, SystemClock};
+use crate::state::{Clock, Store, SystemClock};
 use crate::telemetry::RefusedConnection;
 use crate::telemetry::events::{ConfigReload, ConnectionClosed, ConnectionOpened};
 use crate::upstream::Upstream;
@@ -70,6 +70,14 @@ const SESSION_GRACE: Duration = Duration::from_secs(2);
 impl Server {
     /// Binds every listener and builds what sessions share. Does not touch upstream.
     pub async fn bind(cfg: Config) -> Result<Server, ServerError> {
+        Self::bind_with_clock(cfg, Arc::new(SystemClock)).await
+    }
+
+    /// `bind`, with the clock the state store decides by (tests drive it).
+    pub async fn bind_with_clock(
+        cfg: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Server, ServerError> {
         let cfg = Arc::new(cfg);
         let mut listeners = Vec::new();
         for l in &cfg.listen {
@@ -91,7 +99,7 @@ impl Server {
             None => None,
         };
         let rules = crate::rules::load(&cfg)?;
-        let store = Arc::new(Store::open(&cfg.state, Arc::new(SystemClock))?);
+        let store = Arc::new(Store::open(&cfg.state, clock)?);
         let runtime = build_runtime(Arc::clone(&cfg), rules.current(), &store)?;
         let shared = Arc::new(Shared {
             store,

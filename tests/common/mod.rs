@@ -544,7 +544,15 @@ impl Gate {
 
     /// Starts Portcullis with a typed config (see `config::test_config`).
     pub async fn start_config(cfg: Config) -> Gate {
-        let server = Server::bind(cfg).await.expect("bind");
+        Self::start_clocked(cfg, std::sync::Arc::new(portcullis::state::SystemClock)).await
+    }
+
+    /// `start_config` with the clock the state store decides by.
+    pub async fn start_clocked(
+        cfg: Config,
+        clock: std::sync::Arc<dyn portcullis::state::Clock>,
+    ) -> Gate {
+        let server = Server::bind_with_clock(cfg, clock).await.expect("bind");
         // As `portcullis run` does: learn upstream's EHLO before serving.
         let _ = server.upstream().probe().await;
         let addr = server.local_addrs()[0];

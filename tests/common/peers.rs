@@ -125,3 +125,90 @@ impl Drop for Postfix {
             .output();
     }
 }
+
+/// A `redis-server` on a free loopback port, in a temp dir, with no
+/// persistence; killed when dropped.
+pub struct Redis {
+    pub port: u16,
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_node(&[])
+    }
+
+    fn start_node(extra: &[&str]) -> Redis {
+        let port = peer_port();
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+        wait_port(port);
+        Redis { port, child, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Three Redis nodes on loopback joined into one cluster (no replicas).
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3)
+            .map(|_| Redis::start_node(&["--cluster-enabled", "yes"]))
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        run(Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"]));
+        let until = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let info = run(Command::new("redis-cli").args([
+                    "-p",
+                    &n.port.to_string(),
+                    "cluster",
+                    "info",
+                ]));
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < until, "cluster not ok: {info}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// Every node, comma separated, as `state.url` takes them.
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(Redis::url).collect();
+        urls.join(",")
+    }
+}

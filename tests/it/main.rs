@@ -15,6 +15,7 @@ mod cli;
 mod differential;
 mod e2e_peers;
 mod faults_sink;
+mod greylist;
 mod hostile;
 mod paths;
 mod props;

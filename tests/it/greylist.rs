@@ -1,0 +1,308 @@
+//! Greylisting on every backend: the same scenarios (time driven by a test
+//! clock) against the embedded store, a real `redis-server`, and a
+//! three-node Redis Cluster; the store failing (on_error, no hang); and
+//! through the gate: 451 4.7.1 at RCPT, nothing of it upstream, the retry
+//! delivered once, and the state kept across a restart.
+
+use crate::common;
+use common::config::{secs, test_config};
+use common::peers::{Redis, RedisCluster};
+use common::{Client, FakeMta, Gate, Script};
+use portcullis::checks::greylist::{Greylist, Outcome};
+use portcullis::config::{
+    Action, GreylistConfig, GreylistWhen, Mode, StateBackend, StateConfig, Thresholds,
+};
+use portcullis::state::{Clock, Store, TestClock};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const IP: &str = "192.0.2.10";
+const MIN: Duration = Duration::from_secs(60);
+
+fn greylist(store: &Arc<Store>) -> Greylist {
+    let cfg = GreylistConfig {
+        mode: Mode::Enforce,
+        auto_allow_after: 2,
+        ..GreylistConfig::default()
+    };
+    Greylist::new(&cfg, &Thresholds::default(), Arc::clone(store))
+}
+
+async fn decide(g: &Greylist, ip: &str, from: &str, to: &str) -> Outcome {
+    g.decide(ip.parse().unwrap(), from, to).await.unwrap()
+}
+
+/// Every outcome, on one store, with the clock moved by the test.
+async fn scenarios(store: Arc<Store>, clock: &TestClock) {
+    let g = greylist(&store);
+    // New, early, then passed after the delay; remembered; per network.
+    assert_eq!(
+        decide(&g, IP, "a@s1.test", "b@r1.test").await,
+        Outcome::New(300)
+    );
+    clock.advance(Duration::from_secs(100));
+    assert_eq!(
+        decide(&g, IP, "a@s1.test", "b@r1.test").await,
+        Outcome::Early(200)
+    );
+    clock.advance(Duration::from_secs(200));
+    assert_eq!(
+        decide(&g, "192.0.2.99", "A@S1.test", "b@r1.test").await,
+        Outcome::Passed
+    );
+    assert_eq!(
+        decide(&g, IP, "a@s1.test", "b@r1.test").await,
+        Outcome::Passed
+    );
+    assert_eq!(
+        decide(&g, "198.51.100.1", "a@s1.test", "b@r1.test").await,
+        Outcome::New(300)
+    );
+
+    // A retry after the window starts again.
+    assert_eq!(
+        decide(&g, IP, "a@s2.test", "b@r2.test").await,
+        Outcome::New(300)
+    );
+    clock.advance(Duration::from_secs(300 + 24 * 3600 + 1));
+    assert_eq!(
+        decide(&g, IP, "a@s2.test", "b@r2.test").await,
+        Outcome::New(300)
+    );
+    clock.advance(Duration::from_secs(299));
+    assert_eq!(
+        decide(&g, IP, "a@s2.test", "b@r2.test").await,
+        Outcome::Early(1)
+    );
+
+    // Auto-allow after two passes from the network and sender domain.
+    for to in ["1@r3.test", "2@r3.test"] {
+        assert_eq!(decide(&g, IP, "a@s3.test", to).await, Outcome::New(300));
+    }
+    clock.advance(5 * MIN + Duration::from_secs(1));
+    for to in ["1@r3.test", "2@r3.test"] {
+        assert_eq!(decide(&g, IP, "a@s3.test", to).await, Outcome::Passed);
+    }
+    assert_eq!(
+        decide(&g, IP, "z@s3.test", "3@r3.test").await,
+        Outcome::Allowed
+    );
+    assert_eq!(
+        decide(&g, IP, "z@other3.test", "3@r3.test").await,
+        Outcome::New(300)
+    );
+
+    // A bounce to a recipient that passed before is not delayed.
+    assert_eq!(
+        decide(&g, "203.0.113.5", "", "b@r4.test").await,
+        Outcome::New(300)
+    );
+    assert_eq!(
+        decide(&g, IP, "a@s4.test", "b@r4.test").await,
+        Outcome::New(300)
+    );
+    clock.advance(5 * MIN + Duration::from_secs(1));
+    assert_eq!(
+        decide(&g, IP, "a@s4.test", "b@r4.test").await,
+        Outcome::Passed
+    );
+    assert_eq!(
+        decide(&g, "203.0.113.5", "", "b@r4.test").await,
+        Outcome::Allowed
+    );
+    assert_eq!(
+        decide(&g, "203.0.113.5", "", "c@r4.test").await,
+        Outcome::New(300)
+    );
+}
+
+/// The auto-allowance runs out after `allow_ttl` (embedded only: Redis
+/// expires keys by its own clock, which a test cannot move).
+#[tokio::test]
+async fn the_auto_allowance_runs_out() {
+    let clock = Arc::new(TestClock::new());
+    let store = Arc::new(Store::in_memory(1000, Arc::clone(&clock) as Arc<dyn Clock>));
+    let g = greylist(&store);
+    for to in ["1@r.test", "2@r.test"] {
+        decide(&g, IP, "a@s.test", to).await;
+    }
+    clock.advance(5 * MIN + Duration::from_secs(1));
+    for to in ["1@r.test", "2@r.test"] {
+        decide(&g, IP, "a@s.test", to).await;
+    }
+    assert_eq!(
+        decide(&g, IP, "y@s.test", "3@r.test").await,
+        Outcome::Allowed
+    );
+    clock.advance(Duration::from_secs(35 * 24 * 3600 + 1));
+    assert_eq!(
+        decide(&g, IP, "y@s.test", "3@r.test").await,
+        Outcome::New(300)
+    );
+}
+
+#[tokio::test]
+async fn every_outcome_on_the_embedded_store() {
+    let clock = Arc::new(TestClock::new());
+    let store = Store::in_memory(1000, Arc::clone(&clock) as Arc<dyn Clock>);
+    scenarios(Arc::new(store), &clock).await;
+}
+
+fn redis_store(url: String, cluster: bool, clock: &Arc<TestClock>) -> Arc<Store> {
+    let cfg = StateConfig {
+        backend: StateBackend::Redis,
+        url,
+        cluster,
+        timeout: secs(2),
+        ..StateConfig::default()
+    };
+    Arc::new(Store::open(&cfg, Arc::clone(clock) as Arc<dyn Clock>).unwrap())
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server (installed by .ci/run)"]
+async fn every_outcome_on_redis() {
+    let redis = Redis::start();
+    let clock = Arc::new(TestClock::new());
+    scenarios(redis_store(redis.url(), false, &clock), &clock).await;
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and redis-cli (installed by .ci/run)"]
+async fn every_outcome_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let clock = Arc::new(TestClock::new());
+    scenarios(redis_store(cluster.url(), true, &clock), &clock).await;
+}
+
+/// A store that is down (refused) or silent (accepts, never answers):
+/// each call fails within the deadline, and the gate applies `on_error`.
+#[tokio::test]
+async fn a_failing_store_applies_on_error_without_hanging() {
+    let refused = common::free_port();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let mta = FakeMta::start(Script::default()).await;
+    for (port, on_error, want) in [
+        (refused, Action::Accept, "250"),
+        (silent_port, Action::Accept, "250"),
+        (silent_port, Action::Tempfail, "451 4.3.0"),
+    ] {
+        let mut cfg = test_config(mta.addr);
+        cfg.state.backend = StateBackend::Redis;
+        cfg.state.url = format!("redis://127.0.0.1:{port}");
+        cfg.checks.greylist.mode = Mode::Enforce;
+        cfg.checks.greylist.on_error = on_error;
+        let gate = Gate::start_config(cfg).await;
+        let mut c = Client::hello(gate.addr).await;
+        c.cmd("MAIL FROM:<a@s.test>", "250").await;
+        let started = Instant::now();
+        let r = c.cmd("RCPT TO:<b@r.test>", want).await;
+        // The store's deadline is 100 ms; a few calls at most.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{r} after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+fn greylisting(mta: &FakeMta) -> portcullis::config::Config {
+    let mut cfg = test_config(mta.addr);
+    cfg.checks.greylist.mode = Mode::Enforce;
+    cfg
+}
+
+/// Through the gate: the first attempt gets 451 4.7.1 at RCPT and
+/// upstream never hears of the recipient; the retry after the delay is
+/// delivered, once.
+#[tokio::test]
+async fn the_gate_greylists_and_delivers_the_retry_once() {
+    let mta = FakeMta::start(Script::default()).await;
+    let clock = Arc::new(TestClock::new());
+    let gate = Gate::start_clocked(greylisting(&mta), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    let r = c.cmd("RCPT TO:<b@example.test>", "451 4.7.1").await;
+    assert!(r.contains("try again in 300 seconds"), "{r}");
+    c.cmd("QUIT", "221").await;
+    assert_eq!(mta.count("RCPT"), 0);
+    clock.advance(Duration::from_secs(120));
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    let r = c.cmd("RCPT TO:<b@example.test>", "451 4.7.1").await;
+    assert!(r.contains("try again in 180 seconds"), "{r}");
+    clock.advance(Duration::from_secs(181));
+    let mut c = Client::hello(gate.addr).await;
+    let r = c
+        .send_mail(
+            "a@sender.test",
+            &["b@example.test"],
+            &common::message("gl", "hi\r\n"),
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    let stored = mta.stored();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].rcpts, ["<b@example.test>"]);
+}
+
+/// `when: score`: only transactions whose score so far reaches
+/// `thresholds.greylist` are greylisted.
+#[tokio::test]
+async fn when_score_greylists_only_suspect_transactions() {
+    let dir = std::env::temp_dir().join(format!("portcullis-gl-score-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("r.yaml"),
+        "rules:\n  - {id: ODD_HELO, description: x, when: {helo: {exact: [odd.test]}}, action: {score: 3}}\n",
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = greylisting(&mta);
+    cfg.rules_dir = Some(dir.clone());
+    cfg.checks.greylist.when = GreylistWhen::Score;
+    cfg.checks.thresholds.greylist = Some(2.0);
+    let gate = Gate::start_config(cfg).await;
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    let mut c = Client::connect(gate.addr).await;
+    c.reply().await;
+    c.cmd("EHLO odd.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "451 4.7.1").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The embedded state is saved on shutdown and loaded on start: a
+/// restart does not greylist a triplet again.
+#[tokio::test]
+async fn the_embedded_state_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("portcullis-gl-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let clock = Arc::new(TestClock::new());
+    let mut cfg = greylisting(&mta);
+    cfg.state.file = Some(dir.join("state.jsonl"));
+    let mut gate = Gate::start_clocked(cfg.clone(), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "451 4.7.1").await;
+    c.cmd("QUIT", "221").await;
+    gate.stop();
+    let _ = (&mut gate.done).await;
+    assert!(dir.join("state.jsonl").exists());
+    clock.advance(Duration::from_secs(301));
+    let gate = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
