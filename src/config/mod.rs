@@ -513,6 +513,35 @@ impl Config {
         if l.network_prefix_v6 > 128 {
             fail("limits.network_prefix_v6", "must be 0 to 128".into());
         }
+        let gl = &self.checks.greylist;
+        if gl.network_prefix_v4 > 32 {
+            fail(
+                "checks.greylist.network_prefix_v4",
+                "must be 0 to 32".into(),
+            );
+        }
+        if gl.network_prefix_v6 > 128 {
+            fail(
+                "checks.greylist.network_prefix_v6",
+                "must be 0 to 128".into(),
+            );
+        }
+        if self.state.max_entries == 0 {
+            fail("state.max_entries", "must be at least 1".into());
+        }
+        if self.state.backend == StateBackend::Redis
+            && let Some(bad) = self
+                .state
+                .url
+                .split(',')
+                .map(str::trim)
+                .find(|u| !u.starts_with("redis://") && !u.starts_with("rediss://"))
+        {
+            fail(
+                "state.url",
+                format!("{bad:?} is not a redis:// or rediss:// URL"),
+            );
+        }
         if !(1..=100).contains(&self.stress.at_percent) {
             fail("stress.at_percent", "must be 1 to 100".into());
         }
@@ -578,6 +607,7 @@ impl Config {
     /// no interval that turns a probe into a flood, no size that switches
     /// a bound off.
     fn validate_bounds(&self, fail: &mut impl FnMut(&str, String)) {
+        let gl = &self.checks.greylist;
         let secs = |s: u64| Duration::from_secs(s);
         let ms = |m: u64| Duration::from_millis(m);
         let t = &self.timeouts;
@@ -632,6 +662,20 @@ impl Config {
                 ms(100),
                 secs(600),
             ),
+            ("checks.greylist.delay", gl.delay.0, secs(1), secs(86400)),
+            (
+                "checks.greylist.retry_window",
+                gl.retry_window.0,
+                secs(60),
+                secs(30 * 86400),
+            ),
+            (
+                "checks.greylist.allow_ttl",
+                gl.allow_ttl.0,
+                secs(60),
+                secs(366 * 86400),
+            ),
+            ("state.timeout", self.state.timeout.0, ms(10), secs(10)),
         ] {
             if v < min || v > max {
                 fail(
