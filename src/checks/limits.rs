@@ -21,13 +21,13 @@ impl Limits {
 
     fn at_mail(&self, t: &mut TxnFacts) {
         if t.declared_size.is_some_and(|s| s > self.max_message_size) {
-            t.found.refuse_now = Some((reply::SIZE_EXCEEDED, "limit:size"));
+            t.found.refuse_now = Some((reply::SIZE_EXCEEDED, "limit:size".into()));
         }
     }
 
     fn at_rcpt(&self, t: &mut TxnFacts) {
         if t.rcpts.len() >= self.max_recipients {
-            t.found.refuse_now = Some((reply::TOO_MANY_RCPTS, "limit:recipients"));
+            t.found.refuse_now = Some((reply::TOO_MANY_RCPTS, "limit:recipients".into()));
         }
     }
 }
@@ -63,11 +63,11 @@ mod tests {
         }
     }
 
-    fn refusal(t: &TxnFacts) -> Option<(u16, String, &'static str)> {
+    fn refusal(t: &TxnFacts) -> Option<(u16, String, &str)> {
         t.found
             .refuse_now
             .as_ref()
-            .map(|(r, why)| (r.code, r.enhanced_code().unwrap_or_default(), *why))
+            .map(|(r, why)| (r.code, r.enhanced_code().unwrap_or_default(), why.as_str()))
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod greylist;
 mod iprev;
 mod limits;
 pub mod pool;
+mod rate_limits;
 mod rules;
 mod screen;
 mod spf;
@@ -73,6 +74,12 @@ pub trait Check: Send + Sync {
 
     /// The client connected: start lookups in the background.
     fn start(&self, _client: &Client, _pending: &mut Pending) {}
+
+    /// Whether to serve the client at all, before the greeting (counting
+    /// connections); a refusal goes in `refuse_now`.
+    fn admit<'a>(&'a self, _f: &'a mut Facts) -> Hook<'a> {
+        done()
+    }
 
     /// The connection's own findings (the client's address and name).
     fn connect<'a>(&'a self, _f: &'a mut Facts) -> Hook<'a> {
@@ -156,8 +163,9 @@ pub struct Found {
     /// No further checks run (allow-listed client or sender, or an
     /// enforced `accept` rule).
     pub skipped: bool,
-    /// Refuse now, before any verdict (the limits).
-    pub refuse_now: Option<(Reply, &'static str)>,
+    /// Refuse this command now, before any verdict (limits, rate limits),
+    /// with the reason for the log.
+    pub refuse_now: Option<(Reply, String)>,
 }
 
 /// The check results for the transaction log line.
@@ -170,6 +178,8 @@ pub struct CheckLog {
     pub arc: String,
     /// Greylisting's outcome for the last recipient it judged.
     pub greylist: String,
+    /// Rate limits that were exceeded, by name.
+    pub rate_limits: Vec<String>,
     /// `zone=code,code` for each listing.
     pub dnsbl: Vec<String>,
     /// The zones of those listings, for the rules.
@@ -224,6 +234,10 @@ impl Engine {
         let host = cfg.hostname.clone();
         let checks: Vec<Box<dyn Check>> = vec![
             Box::new(limits::Limits::new(&cfg.limits)),
+            Box::new(rate_limits::RateLimits::new(
+                &c.rate_limits,
+                Arc::clone(&store),
+            )),
             Box::new(dnsbl::DnsblCheck::new(&c.dnsbl, Arc::clone(&dnsbl))),
             Box::new(iprev::Iprev::new(&c.iprev, Arc::clone(&dns))),
             Box::new(spf::Spf::new(&c.spf, &host, Arc::clone(&dns))),

@@ -36,8 +36,8 @@ pub struct Screen {
 /// What the checks at MAIL came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Screened {
-    /// A limit: refuse this command now (no transaction).
-    Refused { reply: Reply, reason: &'static str },
+    /// A limit or rate limit: refuse this command now (no transaction).
+    Refused { reply: Reply, reason: String },
     /// The verdict on everything before RCPT.
     Verdict(Outcome),
 }
@@ -131,6 +131,22 @@ impl Screen {
         self.facts.client.names.clone().unwrap_or_default()
     }
 
+    /// Whether to serve this client at all (connection rate limits), before
+    /// the greeting. Some: refuse it with this reply and reason.
+    pub async fn admit(&mut self) -> Option<(Reply, String)> {
+        if self.facts.client.allowed {
+            return None;
+        }
+        let engine = Arc::clone(&self.engine);
+        for c in engine.checks.iter().filter(|c| !c.always()) {
+            c.admit(&mut self.facts).await;
+            if let Some(refused) = self.facts.txn.found.refuse_now.take() {
+                return Some(refused);
+            }
+        }
+        None
+    }
+
     /// For `reject_at: connect`: the verdict on the connection before the
     /// greeting (the DNSBL listings of its address, iprev).
     pub async fn greeting(&mut self) -> Outcome {
@@ -163,6 +179,9 @@ impl Screen {
         self.facts.txn.found = self.connection().await;
         for c in engine.checks.iter().filter(|c| !c.always()) {
             c.mail(&mut self.facts).await;
+            if let Some((reply, reason)) = self.facts.txn.found.refuse_now.take() {
+                return Screened::Refused { reply, reason };
+            }
         }
         Screened::Verdict(self.decide())
     }
@@ -174,8 +193,8 @@ impl Screen {
         let engine = Arc::clone(&self.engine);
         for c in engine.checks.iter().filter(|c| c.always()) {
             c.rcpt(&mut self.facts).await;
-            if let Some((reply, reason)) = self.facts.txn.found.refuse_now.take() {
-                return Some((reply, reason.to_string()));
+            if let Some(refused) = self.facts.txn.found.refuse_now.take() {
+                return Some(refused);
             }
         }
         if self.facts.txn.found.skipped {
@@ -184,6 +203,10 @@ impl Screen {
         let before = self.facts.txn.found.findings.len();
         for c in engine.checks.iter().filter(|c| !c.always()) {
             c.rcpt(&mut self.facts).await;
+            if let Some(refused) = self.facts.txn.found.refuse_now.take() {
+                self.facts.txn.found.findings.truncate(before);
+                return Some(refused);
+            }
         }
         let found = &mut self.facts.txn.found;
         let mut new: Vec<Finding> = found.findings.split_off(before);
@@ -447,7 +470,7 @@ mod tests {
         let mut s = screen(&config(""), "192.0.2.1");
         match s.mail("a@sender.test", Some(1001)).await {
             Screened::Refused { reply, reason } => {
-                assert_eq!((reply.code, reason), (552, "limit:size"));
+                assert_eq!((reply.code, reason.as_str()), (552, "limit:size"));
             }
             other => panic!("{other:?}"),
         }

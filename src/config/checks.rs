@@ -121,7 +121,90 @@ pub struct ChecksConfig {
     pub arc: ArcConfig,
     pub iprev: IprevConfig,
     pub greylist: GreylistConfig,
+    /// Named rate limits, held across every instance sharing the state.
+    pub rate_limits: Vec<RateLimit>,
     pub message_rules: MessageRules,
+}
+
+/// One rate limit: at most `rate` of what `count` counts per `key`, with
+/// bursts of `burst` (GCRA: the same on both state backends).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub name: String,
+    pub key: RateKey,
+    /// `100/1m`, `2000/1h`.
+    pub rate: Rate,
+    /// Taken at once before the rate applies (default: the rate's count).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    pub count: RateCount,
+    /// `record`: log the hit, refuse nothing.
+    #[serde(default = "enforce")]
+    pub mode: Mode,
+    /// Reply text (the code is 421 4.7.0 at connect, 451 4.7.1 later).
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+fn enforce() -> Mode {
+    Mode::Enforce
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateKey {
+    ClientAddress,
+    ClientNetwork,
+    Sender,
+    SenderDomain,
+    Recipient,
+    RecipientDomain,
+    Helo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateCount {
+    /// At connect: 421 4.7.0 before the greeting.
+    Connections,
+    /// At MAIL.
+    Transactions,
+    /// At RCPT, each.
+    Recipients,
+    /// At the end of DATA, the message's size.
+    Bytes,
+}
+
+/// `count/period`, e.g. `100/1m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub per: Duration,
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || de::Error::custom(format!("rate {s:?} is not like 100/1m"));
+        let (n, per) = s.split_once('/').ok_or_else(bad)?;
+        let count: u64 = n.trim().parse().map_err(|_| bad())?;
+        let per = humantime::parse_duration(per.trim()).map_err(|_| bad())?;
+        if count == 0 || per.is_zero() {
+            return Err(de::Error::custom(format!("rate {s:?} must be above zero")));
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!(
+            "{}/{}",
+            self.count,
+            humantime::format_duration(self.per)
+        ))
+    }
 }
 
 /// Greylisting, as postgrey and rspamd do it: an unknown (client network,
@@ -218,6 +301,7 @@ impl Default for ChecksConfig {
             arc: ArcConfig::default(),
             iprev: IprevConfig::default(),
             greylist: GreylistConfig::default(),
+            rate_limits: Vec::new(),
             message_rules: MessageRules::default(),
         }
     }

@@ -19,7 +19,7 @@ impl Session {
         let verdict = match self.screen.mail(&m.address, m.size).await {
             Screened::Refused { reply, reason } => {
                 // A limit, before the checks ran: no score of its own.
-                self.log_mail_refused(&m, started, 0.0, &reply, reason, "");
+                self.log_mail_refused(&m, started, 0.0, &reply, &reason, "");
                 self.reply(&reply);
                 return Next::Continue;
             }

@@ -269,6 +269,21 @@ impl Session {
             self.close().await;
             return;
         }
+        if let Some((r, reason)) = self.screen.admit().await {
+            // A connection rate limit: 421 instead of the greeting.
+            self.reply(&r);
+            RefusedConnection {
+                session: &self.peer.id,
+                client_ip: self.peer.addr.ip(),
+                code: r.code,
+                enhanced: &r.enhanced_code().unwrap_or_default(),
+                reason: &reason,
+            }
+            .emit();
+            let _ = self.flush().await;
+            self.close().await;
+            return;
+        }
         if self.rt.cfg.checks.reject_at == RejectAt::Connect {
             let outcome = self.screen.greeting().await;
             let refusal = match outcome.decision {

@@ -254,6 +254,7 @@ impl Session {
             arc: &checks.arc,
             iprev: &checks.iprev,
             greylist: &checks.greylist,
+            rate_limit: checks.rate_limits.join(" "),
             dnsbl: checks.dnsbl.join(" "),
             rules: checks.rules.join(" "),
             hits: checks.hits.join(" "),

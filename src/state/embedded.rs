@@ -99,6 +99,25 @@ impl Embedded {
         n
     }
 
+    /// See `Store::gcra`. The value is the theoretical arrival time.
+    pub fn gcra(&self, key: &str, now: u64, interval: u64, burst: u64, cost: u64) -> u64 {
+        let Ok(mut map) = self.map.lock() else {
+            return 0;
+        };
+        let tat = map
+            .get(key)
+            .filter(|e| e.expires > now)
+            .and_then(|e| e.value.parse::<u64>().ok())
+            .unwrap_or(now)
+            .max(now);
+        let new = tat.saturating_add(cost.saturating_mul(interval));
+        if new - now > burst {
+            return new - now - burst;
+        }
+        self.insert(&mut map, key, new.to_string(), new);
+        0
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().map_or(0, |m| m.len())
     }

@@ -144,6 +144,28 @@ impl Store {
         .await
     }
 
+    /// GCRA: takes `cost` from the bucket under `key`, which refills one
+    /// unit per `interval_ms` and holds `burst_ms` worth of units. Ok(0):
+    /// taken; Ok(ms): refused, the cost fits again in `ms`. Atomic, one
+    /// round trip; `now` is the store's clock, so instances agree as far
+    /// as their clocks do.
+    pub async fn gcra(
+        &self,
+        key: &str,
+        interval_ms: u64,
+        burst_ms: u64,
+        cost: u64,
+    ) -> Result<u64, StoreError> {
+        let now = self.now_ms();
+        self.call("gcra", async {
+            match &self.backend {
+                Backend::Embedded(e) => Ok(e.gcra(key, now, interval_ms, burst_ms, cost)),
+                Backend::Redis(r) => r.gcra(key, now, interval_ms, burst_ms, cost).await,
+            }
+        })
+        .await
+    }
+
     /// Saves the embedded store to its file (nothing for Redis).
     pub fn save(&self) -> Result<usize, StoreError> {
         match &self.backend {

@@ -22,6 +22,7 @@ pub struct Remote {
     conn: Conn,
     get_or_set: Script,
     incr: Script,
+    gcra: Script,
 }
 
 fn err(e: redis::RedisError) -> StoreError {
@@ -58,6 +59,18 @@ impl Remote {
                  if v then return v end \
                  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
                  return false",
+            ),
+            // GCRA on one key holding the theoretical arrival time (ms).
+            gcra: Script::new(
+                "local now = tonumber(ARGV[1]) \
+                 local tat = tonumber(redis.call('GET', KEYS[1]) or now) \
+                 if tat < now then tat = now end \
+                 local new = tat + tonumber(ARGV[4]) * tonumber(ARGV[2]) \
+                 local over = new - now - tonumber(ARGV[3]) \
+                 if over > 0 then return over end \
+                 redis.call('SET', KEYS[1], string.format('%.0f', new), \
+                   'PX', string.format('%.0f', math.max(1, new - now))) \
+                 return 0",
             ),
             incr: Script::new(
                 "local n = redis.call('INCR', KEYS[1]) \
@@ -146,6 +159,18 @@ impl Remote {
                 .arg(secs(ttl)),
         )
         .await
+    }
+
+    pub async fn gcra(
+        &self,
+        key: &str,
+        now: u64,
+        interval: u64,
+        burst: u64,
+        cost: u64,
+    ) -> Result<u64, StoreError> {
+        let args = [now, interval, burst, cost].map(|n| n.to_string());
+        self.script(&self.gcra, key, &args).await
     }
 
     pub async fn incr(&self, key: &str, ttl: Duration) -> Result<i64, StoreError> {

@@ -361,6 +361,23 @@ impl Greylisted<'_> {
     }
 }
 
+/// A rate limit was exceeded (`enforced`: the command was refused).
+pub struct RateLimited<'a> {
+    pub name: &'a str,
+    pub enforced: bool,
+}
+
+impl RateLimited<'_> {
+    pub fn emit(&self) {
+        metrics::counter!(
+            "portcullis_rate_limit_hits_total",
+            "limit" => self.name.to_string(),
+            "enforced" => if self.enforced { "yes" } else { "no" }
+        )
+        .increment(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The rule of this module, kept: no metric is named outside telemetry/.

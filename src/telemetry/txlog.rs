@@ -64,6 +64,8 @@ pub struct TxnRecord<'a> {
     pub iprev: &'a str,
     /// Greylisting: `new`, `early`, `passed`, `allowed`, `error`, or empty.
     pub greylist: &'a str,
+    /// Rate limits exceeded, by name, space separated.
+    pub rate_limit: String,
     /// `zone=code+code` for each DNSBL listing, space separated.
     pub dnsbl: String,
     /// Rules that matched, `ID` or `ID(shadow)`, space separated.
@@ -116,6 +118,7 @@ impl TxnRecord<'_> {
             arc = self.arc,
             iprev = self.iprev,
             greylist = self.greylist,
+            rate_limit = %self.rate_limit,
             dnsbl = %self.dnsbl,
             rules = %self.rules,
             hits = %self.hits,

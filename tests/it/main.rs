@@ -19,6 +19,7 @@ mod greylist;
 mod hostile;
 mod paths;
 mod props;
+mod rate_limits;
 mod relay;
 mod reload;
 mod rules;

@@ -1,0 +1,247 @@
+//! Rate limits (GCRA) on every backend and through the gate: each kind of
+//! count with its reply, record mode, and one limit held across two
+//! instances sharing one Redis.
+
+use crate::common;
+use common::config::{secs, test_config};
+use common::peers::{Redis, RedisCluster};
+use common::{Client, FakeMta, Gate, Script};
+use portcullis::config::{
+    Config, Mode, Rate, RateCount, RateKey, RateLimit, StateBackend, StateConfig,
+};
+use portcullis::state::{Clock, Store, TestClock};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// 10 a minute, bursts of 10: the eleventh waits 6 s; then one more fits.
+async fn gcra_scenario(store: &Store, clock: &TestClock) {
+    let (interval, burst) = (6_000, 60_000);
+    for i in 0..10 {
+        assert_eq!(
+            store.gcra("k", interval, burst, 1).await.unwrap(),
+            0,
+            "take {i}"
+        );
+    }
+    let wait = store.gcra("k", interval, burst, 1).await.unwrap();
+    assert_eq!(wait, 6_000);
+    clock.advance(Duration::from_millis(5_999));
+    assert!(store.gcra("k", interval, burst, 1).await.unwrap() > 0);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(store.gcra("k", interval, burst, 1).await.unwrap(), 0);
+    assert!(store.gcra("k", interval, burst, 1).await.unwrap() > 0);
+    // A cost larger than the bucket never fits; other keys are apart.
+    assert!(store.gcra("big", interval, burst, 11).await.unwrap() > 0);
+    assert_eq!(store.gcra("other", interval, burst, 10).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn gcra_on_the_embedded_store() {
+    let clock = Arc::new(TestClock::new());
+    let store = Store::in_memory(100, Arc::clone(&clock) as Arc<dyn Clock>);
+    gcra_scenario(&store, &clock).await;
+}
+
+fn redis_store(url: String, cluster: bool, clock: &Arc<TestClock>) -> Store {
+    let cfg = StateConfig {
+        backend: StateBackend::Redis,
+        url,
+        cluster,
+        timeout: secs(2),
+        ..StateConfig::default()
+    };
+    Store::open(&cfg, Arc::clone(clock) as Arc<dyn Clock>).unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server (installed by .ci/run)"]
+async fn gcra_on_redis() {
+    let redis = Redis::start();
+    let clock = Arc::new(TestClock::new());
+    gcra_scenario(&redis_store(redis.url(), false, &clock), &clock).await;
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and redis-cli (installed by .ci/run)"]
+async fn gcra_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let clock = Arc::new(TestClock::new());
+    gcra_scenario(&redis_store(cluster.url(), true, &clock), &clock).await;
+}
+
+fn limit(name: &str, key: RateKey, count: RateCount, n: u64, per: u64) -> RateLimit {
+    RateLimit {
+        name: name.into(),
+        key,
+        rate: Rate {
+            count: n,
+            per: Duration::from_secs(per),
+        },
+        burst: None,
+        count,
+        mode: Mode::Enforce,
+        text: None,
+    }
+}
+
+fn limited(mta: &FakeMta, limits: Vec<RateLimit>) -> Config {
+    let mut cfg = test_config(mta.addr);
+    cfg.limits.max_connections_per_ip = 100;
+    cfg.checks.rate_limits = limits;
+    cfg
+}
+
+#[tokio::test]
+async fn connections_transactions_recipients_and_bytes_get_their_replies() {
+    let mta = FakeMta::start(Script::default()).await;
+    let clock = Arc::new(TestClock::new());
+    let cfg = limited(
+        &mta,
+        vec![
+            limit(
+                "conn",
+                RateKey::ClientAddress,
+                RateCount::Connections,
+                3,
+                60,
+            ),
+            limit(
+                "mail",
+                RateKey::SenderDomain,
+                RateCount::Transactions,
+                2,
+                60,
+            ),
+            limit(
+                "rcpt",
+                RateKey::ClientNetwork,
+                RateCount::Recipients,
+                3,
+                3600,
+            ),
+            limit("bytes", RateKey::Sender, RateCount::Bytes, 2000, 3600),
+        ],
+    );
+    let gate = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
+
+    // Connections: the fourth from one address within the minute gets 421.
+    for _ in 0..3 {
+        let mut c = Client::connect_from(gate.addr, "127.0.0.20").await;
+        assert!(c.reply().await.starts_with("220"));
+    }
+    let mut c = Client::connect_from(gate.addr, "127.0.0.20").await;
+    let r = c.reply().await;
+    assert!(r.starts_with("421 4.7.0 Rate limit conn reached"), "{r}");
+    assert!(c.closed().await);
+    // Another address is not counted with it.
+    let mut c = Client::connect_from(gate.addr, "127.0.0.21").await;
+    assert!(c.reply().await.starts_with("220"));
+
+    // Transactions per sender domain: the third MAIL gets 451; upstream never sees it.
+    c.cmd("EHLO client.test", "250").await;
+    for _ in 0..2 {
+        c.cmd("MAIL FROM:<a@busy.test>", "250").await;
+        c.cmd("RSET", "250").await;
+    }
+    let r = c.cmd("MAIL FROM:<b@busy.test>", "451 4.7.1").await;
+    assert!(
+        r.contains("Rate limit mail reached, try again in 30 seconds"),
+        "{r}"
+    );
+    assert_eq!(mta.count("MAIL FROM:<b@busy.test>"), 0);
+
+    // Recipients per client network: the fourth RCPT of the hour gets 451.
+    c.cmd("MAIL FROM:<a@quiet.test>", "250").await;
+    for i in 0..3 {
+        c.cmd(&format!("RCPT TO:<r{i}@example.test>"), "250").await;
+    }
+    c.cmd("RCPT TO:<r3@example.test>", "451 4.7.1").await;
+    assert_eq!(mta.count("RCPT TO:<r3@"), 0);
+    c.cmd("RSET", "250").await;
+
+    // Bytes per sender: a message past 2000 bytes in the hour is refused
+    // at the end of DATA and not delivered.
+    clock.advance(Duration::from_secs(3601));
+    let small = common::message("small", &"x".repeat(500));
+    let big = common::message("big", &format!("{}\r\n", "y".repeat(88)).repeat(20));
+    let mut c = Client::hello(gate.addr).await;
+    assert!(
+        c.send_mail("s@bytes.test", &["b@example.test"], &small)
+            .await
+            .starts_with("250")
+    );
+    let r = c.send_mail("s@bytes.test", &["b@example.test"], &big).await;
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    let stored = mta.stored();
+    assert!(
+        stored
+            .iter()
+            .all(|s| !String::from_utf8_lossy(&s.data).contains("yyyy"))
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|s| String::from_utf8_lossy(&s.data).contains("xxxx"))
+    );
+}
+
+#[tokio::test]
+async fn record_mode_refuses_nothing() {
+    let mta = FakeMta::start(Script::default()).await;
+    let mut l = limit(
+        "watch",
+        RateKey::ClientAddress,
+        RateCount::Transactions,
+        1,
+        60,
+    );
+    l.mode = Mode::Record;
+    let gate = Gate::start_config(limited(&mta, vec![l])).await;
+    let mut c = Client::hello(gate.addr).await;
+    for _ in 0..3 {
+        c.cmd("MAIL FROM:<a@s.test>", "250").await;
+        c.cmd("RSET", "250").await;
+    }
+}
+
+/// Two instances sharing one Redis hold one limit between them: 40
+/// transactions a minute for one sender domain, 100 attempts spread over
+/// both gates at once, exactly 40 taken (the clock does not move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server (installed by .ci/run)"]
+async fn one_limit_holds_across_two_instances_sharing_redis() {
+    let redis = Redis::start();
+    let mta = FakeMta::start(Script::default()).await;
+    let clock = Arc::new(TestClock::new());
+    let mut cfg = limited(
+        &mta,
+        vec![limit(
+            "shared",
+            RateKey::SenderDomain,
+            RateCount::Transactions,
+            40,
+            60,
+        )],
+    );
+    cfg.state.backend = StateBackend::Redis;
+    cfg.state.url = redis.url();
+    cfg.state.timeout = secs(2);
+    let a = Gate::start_clocked(cfg.clone(), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let b = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let addr = if i % 2 == 0 { a.addr } else { b.addr };
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::hello(addr).await;
+            let r = c.cmd("MAIL FROM:<x@shared.test>", "").await;
+            r.starts_with("250")
+        }));
+    }
+    let mut taken = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            taken += 1;
+        }
+    }
+    assert_eq!(taken, 40);
+}
