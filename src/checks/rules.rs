@@ -45,6 +45,7 @@ impl Facts {
             dkim: &log.dkim,
             dmarc: &log.dmarc,
             iprev: &log.iprev,
+            greylist: &log.greylist,
             dnsbl: log.dnsbl_zones.iter().map(String::as_str).collect(),
         }
     }

@@ -526,6 +526,26 @@ impl Config {
                 "must be 0 to 128".into(),
             );
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.checks.rate_limits.iter().enumerate() {
+            let key = format!("checks.rate_limits[{i}].name");
+            if l.name.is_empty()
+                || !l
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                fail(&key, format!("{:?}: use letters, digits, _ and -", l.name));
+            } else if !names.insert(l.name.as_str()) {
+                fail(&key, format!("{:?} is used twice", l.name));
+            }
+            if l.burst == Some(0) {
+                fail(
+                    &format!("checks.rate_limits[{i}].burst"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
         if self.state.max_entries == 0 {
             fail("state.max_entries", "must be at least 1".into());
         }

@@ -80,6 +80,7 @@ pub enum CheckKind {
     Dmarc,
     Iprev,
     Dnsbl,
+    Greylist,
 }
 
 #[derive(Debug)]
@@ -166,6 +167,7 @@ pub struct Input<'a> {
     pub dkim: &'a str,
     pub dmarc: &'a str,
     pub iprev: &'a str,
+    pub greylist: &'a str,
     pub dnsbl: Vec<&'a str>,
 }
 
@@ -185,6 +187,7 @@ pub struct OwnedInput {
     pub dkim: String,
     pub dmarc: String,
     pub iprev: String,
+    pub greylist: String,
     pub dnsbl: Vec<String>,
 }
 
@@ -203,6 +206,7 @@ impl OwnedInput {
             dkim: f.dkim.to_string(),
             dmarc: f.dmarc.to_string(),
             iprev: f.iprev.to_string(),
+            greylist: f.greylist.to_string(),
             dnsbl: f.dnsbl.iter().map(|z| z.to_string()).collect(),
         }
     }
@@ -223,6 +227,7 @@ impl OwnedInput {
             dkim: &self.dkim,
             dmarc: &self.dmarc,
             iprev: &self.iprev,
+            greylist: &self.greylist,
             dnsbl: self.dnsbl.iter().map(String::as_str).collect(),
         }
     }
@@ -396,6 +401,10 @@ impl<'a> Compiler<'a> {
             Cond::Dkim(v) => Node::Check(CheckKind::Dkim, results("dkim", v, DKIM_RESULTS)?),
             Cond::Dmarc(v) => Node::Check(CheckKind::Dmarc, results("dmarc", v, DMARC_RESULTS)?),
             Cond::Iprev(v) => Node::Check(CheckKind::Iprev, results("iprev", v, IPREV_RESULTS)?),
+            Cond::Greylist(v) => Node::Check(
+                CheckKind::Greylist,
+                results("greylist", v, GREYLIST_RESULTS)?,
+            ),
             Cond::Dnsbl(v) => {
                 let zones = lower(v);
                 // `any`: listed on any configured zone.
@@ -505,6 +514,7 @@ const DMARC_RESULTS: &[&str] = &[
     "fail:none",
 ];
 const IPREV_RESULTS: &[&str] = &["pass", "fail", "none", "permerror", "temperror"];
+const GREYLIST_RESULTS: &[&str] = &["new", "early", "passed", "allowed", "error"];
 
 /// Check results of a rule condition, each one the check can report.
 fn results(
@@ -543,6 +553,7 @@ fn node_stage(n: &Node) -> Stage {
         Node::Check(CheckKind::Spf, _) => Stage::Mail,
         Node::Check(CheckKind::Dkim | CheckKind::Dmarc, _) => Stage::Data,
         Node::Check(CheckKind::Iprev | CheckKind::Dnsbl, _) => Stage::Connect,
+        Node::Check(CheckKind::Greylist, _) => Stage::Rcpt,
     }
 }
 
@@ -699,6 +710,7 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                 // `fail:reject` matches `fail` and `fail:reject`.
                 CheckKind::Dmarc => vec![f.dmarc, f.dmarc.split(':').next().unwrap_or("")],
                 CheckKind::Iprev => vec![f.iprev],
+                CheckKind::Greylist => vec![f.greylist],
                 CheckKind::Dnsbl => f.dnsbl.clone(),
             };
             if *kind == CheckKind::Dnsbl && words.iter().any(|w| w == "any") {

@@ -84,6 +84,8 @@ pub enum Cond {
     Iprev(Vec<String>),
     /// DNSBL zones that listed the client.
     Dnsbl(Vec<String>),
+    /// Greylisting's outcome for the recipient.
+    Greylist(Vec<String>),
 }
 
 const COND_KEYS: &[&str] = &[
@@ -111,6 +113,7 @@ const COND_KEYS: &[&str] = &[
     "dmarc",
     "iprev",
     "dnsbl",
+    "greylist",
 ];
 
 impl<'de> Deserialize<'de> for Cond {
@@ -146,6 +149,7 @@ impl<'de> Deserialize<'de> for Cond {
                     "rcpt_count" => Cond::RcptCount(map.next_value()?),
                     "tls" => Cond::Tls(map.next_value()?),
                     "spf" => Cond::Spf(map.next_value()?),
+                    "greylist" => Cond::Greylist(map.next_value()?),
                     "dkim" => Cond::Dkim(map.next_value()?),
                     "dmarc" => Cond::Dmarc(map.next_value()?),
                     "iprev" => Cond::Iprev(map.next_value()?),

@@ -226,7 +226,17 @@ fn greylisting(mta: &FakeMta) -> portcullis::config::Config {
 async fn the_gate_greylists_and_delivers_the_retry_once() {
     let mta = FakeMta::start(Script::default()).await;
     let clock = Arc::new(TestClock::new());
-    let gate = Gate::start_clocked(greylisting(&mta), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    // Rules see the outcome.
+    let dir = std::env::temp_dir().join(format!("portcullis-gl-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("r.yaml"),
+        "rules:\n  - {id: GL_PASSED, description: x, when: {greylist: [passed]}, action: {add_header: {name: X-Greylist, value: passed}}}\n",
+    )
+    .unwrap();
+    let mut cfg = greylisting(&mta);
+    cfg.rules_dir = Some(dir.clone());
+    let gate = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
     let mut c = Client::hello(gate.addr).await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     let r = c.cmd("RCPT TO:<b@example.test>", "451 4.7.1").await;
@@ -251,6 +261,9 @@ async fn the_gate_greylists_and_delivers_the_retry_once() {
     let stored = mta.stored();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].rcpts, ["<b@example.test>"]);
+    let data = String::from_utf8_lossy(&stored[0].data);
+    assert!(data.contains("X-Greylist: passed\r\n"), "{data}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `when: score`: only transactions whose score so far reaches
