@@ -17,6 +17,8 @@ struct Line {
     mail_from: String,
     dnsbl: String,
     rules: String,
+    greylist: String,
+    rate_limit: String,
 }
 
 /// Parses one log line (json or logfmt); `None` for lines that are not ours.
@@ -56,6 +58,8 @@ fn parse_line(l: &str) -> Option<Line> {
         mail_from: get("mail_from"),
         dnsbl: get("dnsbl"),
         rules: get("rules"),
+        greylist: get("greylist"),
+        rate_limit: get("rate_limit"),
     })
 }
 
@@ -144,6 +148,26 @@ pub struct Report {
     pub hours: Vec<Hour>,
     pub top_networks: Vec<Count>,
     pub top_sender_domains: Vec<Count>,
+    pub greylisting: Greylisting,
+    /// Rate limits hit, by name (transactions and refused connections).
+    pub rate_limits: Vec<Count>,
+}
+
+/// What greylisting did, and whether the greylisted came back: the
+/// number admins want is the share of greylisted (client network,
+/// sender) pairs that retried and passed.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Greylisting {
+    /// Transactions by outcome (`new`, `early`, `passed`, `allowed`, `error`).
+    pub outcomes: Vec<Count>,
+    /// (client network, sender) pairs told to come back.
+    pub greylisted: u64,
+    /// ... of which retried and passed later.
+    pub came_back: u64,
+    /// ... and never did (within the log).
+    pub never_retried: u64,
+    /// `came_back` in percent of `greylisted`.
+    pub came_back_rate: f64,
 }
 
 /// Only lines within [since, until) count; both compare as text on the
@@ -211,6 +235,12 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
     );
     let mut hours: BTreeMap<String, Hour> = BTreeMap::new();
     let mut refused: HashMap<String, u64> = HashMap::new();
+    let mut greylist: HashMap<String, u64> = HashMap::new();
+    let mut limits: HashMap<String, u64> = HashMap::new();
+    let (mut told, mut passed) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
     for raw in lines {
         let Some(l) = parse_line(&raw) else { continue };
         if w.since.as_deref().is_some_and(|s| l.time.as_str() < s)
@@ -221,7 +251,26 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
         if l.event == "refused" {
             r.refused_connections += 1;
             *refused.entry(l.reason.clone()).or_insert(0) += 1;
+            if let Some(name) = l.reason.strip_prefix("rate_limit:") {
+                *limits.entry(name.to_string()).or_insert(0) += 1;
+            }
             continue;
+        }
+        for name in l.rate_limit.split_whitespace() {
+            *limits.entry(name.to_string()).or_insert(0) += 1;
+        }
+        if !l.greylist.is_empty() {
+            *greylist.entry(l.greylist.clone()).or_insert(0) += 1;
+            let pair = (network(&l.client_ip), l.mail_from.to_ascii_lowercase());
+            match l.greylist.as_str() {
+                "new" | "early" => {
+                    told.insert(pair);
+                }
+                "passed" => {
+                    passed.insert(pair);
+                }
+                _ => {}
+            }
         }
         r.transactions += 1;
         *verdicts.entry(l.verdict.clone()).or_insert(0) += 1;
@@ -280,6 +329,20 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
     r.top_networks = counts(nets, t, Some(10));
     r.top_sender_domains = counts(senders, t, Some(10));
     r.hours = hours.into_values().collect();
+    r.rate_limits = counts(limits, t, None);
+    let came_back = told.intersection(&passed).count() as u64;
+    let greylisted = told.len() as u64;
+    r.greylisting = Greylisting {
+        outcomes: counts(greylist, t, None),
+        greylisted,
+        came_back,
+        never_retried: greylisted - came_back,
+        came_back_rate: if greylisted == 0 {
+            0.0
+        } else {
+            100.0 * came_back as f64 / greylisted as f64
+        },
+    };
     r
 }
 
@@ -311,6 +374,16 @@ impl Report {
         section(&mut o, "shadow rules (would have hit)", &self.shadow_rules);
         section(&mut o, "reply codes", &self.codes);
         section(&mut o, "DNSBL zones", &self.dnsbl_zones);
+        section(&mut o, "greylisting", &self.greylisting.outcomes);
+        let g = &self.greylisting;
+        if g.greylisted > 0 {
+            let _ = writeln!(
+                o,
+                "  greylisted client/sender pairs: {}, came back and passed: {} ({:.1}%), never retried: {}",
+                g.greylisted, g.came_back, g.came_back_rate, g.never_retried
+            );
+        }
+        section(&mut o, "rate limits hit", &self.rate_limits);
         if !self.hours.is_empty() {
             let _ = writeln!(
                 o,
@@ -433,6 +506,16 @@ impl Report {
         table(&mut o, "Shadow rules (would have hit)", &self.shadow_rules);
         table(&mut o, "Reply codes", &self.codes);
         table(&mut o, "DNSBL zones", &self.dnsbl_zones);
+        table(&mut o, "Greylisting", &self.greylisting.outcomes);
+        let g = &self.greylisting;
+        if g.greylisted > 0 {
+            let _ = writeln!(
+                o,
+                "<p>Greylisted client/sender pairs: {}; came back and passed: {} ({:.1}%); never retried: {}</p>",
+                g.greylisted, g.came_back, g.came_back_rate, g.never_retried
+            );
+        }
+        table(&mut o, "Rate limits hit", &self.rate_limits);
         table(&mut o, "Top refused client networks", &self.top_networks);
         table(
             &mut o,

@@ -77,6 +77,17 @@ impl crate::telemetry::http::Status for StatusPage {
                 (None, _) => "not probed yet".to_string(),
             }
         );
+        let store = &self.shared.store;
+        let _ = writeln!(
+            o,
+            "<p>State store: {} {}</p>",
+            store.backend(),
+            match (store.last_error(), store.entries()) {
+                (Some(e), _) => format!("FAILING ({})", esc(&e)),
+                (None, Some(n)) => format!("({n} entries)"),
+                (None, None) => "(answers, or not asked yet)".into(),
+            }
+        );
         let engine = Arc::clone(&self.shared.runtime().engine);
         let _ = writeln!(
             o,

@@ -39,6 +39,8 @@ pub struct Store {
     backend: Backend,
     deadline: Duration,
     clock: Arc<dyn Clock>,
+    /// The last call's error, if it failed (for the status page).
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Store {
@@ -59,6 +61,7 @@ impl Store {
             backend,
             deadline: cfg.timeout.0,
             clock,
+            last_error: Default::default(),
         })
     }
 
@@ -73,6 +76,7 @@ impl Store {
             )),
             deadline: Duration::from_millis(100),
             clock,
+            last_error: Default::default(),
         }
     }
 
@@ -174,6 +178,11 @@ impl Store {
         }
     }
 
+    /// How the last call went: None when it answered (or none was made).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
     /// Entries held (embedded), for the status page.
     pub fn entries(&self) -> Option<usize> {
         match &self.backend {
@@ -199,6 +208,9 @@ impl Store {
             error: r.as_ref().err().map(|e| e as &dyn std::fmt::Display),
         }
         .emit();
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = r.as_ref().err().map(ToString::to_string);
+        }
         r
     }
 }

@@ -341,6 +341,8 @@ impl StoreCall<'_> {
     pub fn emit(&self) {
         metrics::histogram!("portcullis_state_seconds", "backend" => self.backend)
             .record(self.took.as_secs_f64());
+        metrics::gauge!("portcullis_state_up", "backend" => self.backend)
+            .set(flag(self.error.is_none()));
         if let Some(e) = self.error {
             metrics::counter!("portcullis_state_errors_total", "backend" => self.backend)
                 .increment(1);

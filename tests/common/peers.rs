@@ -132,11 +132,17 @@ pub struct Redis {
     pub port: u16,
     child: std::process::Child,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
         Self::start_node(&[])
+    }
+
+    /// One that keeps every write on disk (so it survives `restart`).
+    pub fn durable() -> Redis {
+        Self::start_node(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
     fn start_node(extra: &[&str]) -> Redis {
@@ -153,11 +159,37 @@ impl Redis {
             .spawn()
             .expect("redis-server (Debian package redis-server; .ci/run installs it)");
         wait_port(port);
-        Redis { port, child, dir }
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Redis {
+            port,
+            child,
+            dir,
+            extra,
+        }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (as a crash would), keeping its port.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port (with what a durable one kept).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        wait_port(self.port);
     }
 }
 
@@ -210,5 +242,82 @@ impl RedisCluster {
     pub fn url(&self) -> String {
         let urls: Vec<String> = self.nodes.iter().map(Redis::url).collect();
         urls.join(",")
+    }
+}
+
+/// HAProxy in TCP mode on a free loopback port, balancing round robin
+/// over `servers` with PROXY v2 (health checks send it too); killed when
+/// dropped.
+pub struct Haproxy {
+    pub port: u16,
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    pub fn start(servers: &[std::net::SocketAddr]) -> Haproxy {
+        let port = peer_port();
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-haproxy-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("admin.sock");
+        let mut cfg = format!(
+            "global\n    maxconn 2000\n    stats socket {}\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\nfrontend smtp\n    bind 127.0.0.1:{port}\n    default_backend gates\nbackend gates\n    balance roundrobin\n",
+            sock.display()
+        );
+        for (i, s) in servers.iter().enumerate() {
+            cfg.push_str(&format!(
+                "    server g{i} {s} send-proxy-v2 check check-send-proxy inter 2s\n"
+            ));
+        }
+        let file = dir.join("haproxy.cfg");
+        std::fs::write(&file, cfg).unwrap();
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy (Debian package haproxy; .ci/run installs it)");
+        wait_port(port);
+        let lb = Haproxy { port, child, dir };
+        lb.wait_all_up(servers.len());
+        lb
+    }
+
+    /// Waits until the health checks have every server UP, so that round
+    /// robin alternates between them.
+    fn wait_all_up(&self, n: usize) {
+        use std::io::{Read, Write};
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut stat = String::new();
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.dir.join("admin.sock"))
+            {
+                let _ = s.write_all(b"show stat\n");
+                let _ = s.read_to_string(&mut stat);
+            }
+            let up = stat
+                .lines()
+                .filter(|l| l.starts_with("gates,g") && l.split(',').nth(17) == Some("UP"))
+                .count();
+            if up == n {
+                return;
+            }
+            assert!(Instant::now() < until, "servers not UP: {stat}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

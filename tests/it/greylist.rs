@@ -319,3 +319,134 @@ async fn the_embedded_state_survives_a_restart() {
     c.cmd("RCPT TO:<b@example.test>", "250").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Scale-out: HAProxy (round robin, PROXY v2) in front of two instances
+/// sharing one Redis, each relaying to its own MTA. A triplet greylisted
+/// through one instance passes when retried through the other after the
+/// delay, and the real client address reaches the MTA through HAProxy
+/// and Portcullis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs haproxy and redis-server (installed by .ci/run)"]
+async fn a_triplet_greylisted_through_one_instance_passes_through_the_other() {
+    use common::peers::Haproxy;
+    let redis = Redis::start();
+    let clock = Arc::new(TestClock::new());
+    let (mta_a, mta_b) = (
+        FakeMta::start(Script::default()).await,
+        FakeMta::start(Script::default()).await,
+    );
+    let gate = |mta: &FakeMta| {
+        let mut cfg = greylisting(mta);
+        common::config::behind_proxy(&mut cfg);
+        cfg.state.backend = StateBackend::Redis;
+        cfg.state.url = redis.url();
+        cfg.state.timeout = secs(2);
+        cfg
+    };
+    let a = Gate::start_clocked(gate(&mta_a), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let b = Gate::start_clocked(gate(&mta_b), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let lb = Haproxy::start(&[a.addr, b.addr]);
+    // Round robin: consecutive connections alternate; whichever instance
+    // the first lands on, the second lands on the other.
+    let attempt = |want: &'static str| {
+        let addr = lb.addr();
+        async move {
+            let mut c = Client::connect_from(addr, "127.0.0.55").await;
+            assert!(c.reply().await.starts_with("220"));
+            c.cmd("EHLO client.test", "250").await;
+            c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+            let r = c.cmd("RCPT TO:<b@example.test>", want).await;
+            if want == "250" {
+                c.cmd("DATA", "354").await;
+                c.send(b"Subject: lb\r\n\r\nthrough the balancer\r\n.\r\n")
+                    .await;
+                assert!(c.reply().await.starts_with("250"));
+            }
+            c.cmd("QUIT", "221").await;
+            r
+        }
+    };
+    let r = attempt("451 4.7.1").await;
+    assert!(r.contains("try again in 300 seconds"), "{r}");
+    clock.advance(Duration::from_secs(301));
+    attempt("250").await;
+    let (sa, sb) = (mta_a.stored(), mta_b.stored());
+    assert_eq!(sa.len() + sb.len(), 1, "delivered once");
+    // The retry went through the other instance than the first attempt:
+    // the instance that delivered never saw the first attempt's RCPT.
+    let (delivered, other) = if sa.len() == 1 {
+        (&mta_a, &mta_b)
+    } else {
+        (&mta_b, &mta_a)
+    };
+    assert_eq!(delivered.count("RCPT"), 1);
+    assert_eq!(other.count("RCPT"), 0);
+    assert!(
+        other
+            .commands()
+            .iter()
+            .any(|c| c.starts_with("MAIL FROM:<a@sender.test>")),
+        "first attempt went elsewhere: {:?} / {:?}",
+        mta_a.commands(),
+        mta_b.commands()
+    );
+    // The real client address, through HAProxy (PROXY v2) and XCLIENT.
+    let xclient = delivered
+        .connection_with("XCLIENT")
+        .into_iter()
+        .find(|l| l.starts_with("XCLIENT"))
+        .expect("XCLIENT sent");
+    assert!(xclient.contains("ADDR=127.0.0.55"), "{xclient}");
+}
+
+/// Redis killed in the middle of a run of transactions, then started
+/// again (with its append-only file): no session waits past the store's
+/// deadline, `on_error: accept` lets every transaction through, every
+/// accepted message is delivered once, and the store answers again by
+/// itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server (installed by .ci/run)"]
+async fn redis_stopped_mid_run_then_back() {
+    let mut redis = Redis::durable();
+    let mta = FakeMta::start(Script::default()).await;
+    let clock = Arc::new(TestClock::new());
+    let mut cfg = greylisting(&mta);
+    cfg.state.backend = StateBackend::Redis;
+    cfg.state.url = redis.url();
+    // Every triplet of this run is already known: the client network and
+    // sender domain are auto-allowed after one pass.
+    cfg.checks.greylist.auto_allow_after = 1;
+    let gate = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<first@example.test>", "451 4.7.1").await;
+    c.cmd("QUIT", "221").await;
+    clock.advance(Duration::from_secs(301));
+    let mut slowest = Duration::ZERO;
+    let mut accepted = 0;
+    for i in 0..60 {
+        if i == 20 {
+            redis.stop();
+        }
+        if i == 40 {
+            redis.restart();
+        }
+        let mut c = Client::hello(gate.addr).await;
+        let started = Instant::now();
+        let msg = common::message(&format!("run-{i}"), "x\r\n");
+        let r = c
+            .send_mail("a@sender.test", &["first@example.test"], &msg)
+            .await;
+        slowest = slowest.max(started.elapsed());
+        assert!(r.starts_with("250"), "transaction {i}: {r}");
+        accepted += 1;
+    }
+    println!("slowest transaction with Redis stopped and back: {slowest:?}");
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    let stored = mta.stored();
+    assert_eq!(stored.len(), accepted, "every accepted message, once");
+    // Back by itself: the restarted (empty) Redis greylists a new triplet.
+    let mut c = Client::hello(gate.addr).await;
+    c.cmd("MAIL FROM:<z@elsewhere.test>", "250").await;
+    c.cmd("RCPT TO:<first@example.test>", "451 4.7.1").await;
+}

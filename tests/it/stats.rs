@@ -189,3 +189,78 @@ fn html_report_is_self_contained_with_its_chart() {
         html.matches("</table>").count()
     );
 }
+
+/// Greylisting and rate limits from the log: outcomes, the share of
+/// greylisted (network, sender) pairs that came back and passed, and
+/// rate-limit hits by name (transactions and refused connections).
+#[test]
+fn greylisting_and_rate_limits_are_reported() {
+    let line = |t: &str, ip: &str, from: &str, verdict: &str, gl: &str, rl: &str| {
+        format!(
+            r#"{{"timestamp":"2026-11-30T10:{t}Z","event":"transaction","client_ip":"{ip}","mail_from":"{from}","verdict":"{verdict}","code":451,"reason":"","greylist":"{gl}","rate_limit":"{rl}","rules":"","dnsbl":""}}"#
+        )
+    };
+    let log = [
+        line("00:00", "192.0.2.1", "a@s.test", "tempfail", "new", ""),
+        line("01:00", "192.0.2.9", "a@s.test", "tempfail", "early", ""),
+        line("06:00", "192.0.2.7", "a@s.test", "accept", "passed", ""),
+        line("00:00", "198.51.100.1", "b@t.test", "tempfail", "new", ""),
+        line("07:00", "203.0.113.1", "c@u.test", "accept", "allowed", "per_sender"),
+        line("08:00", "203.0.113.1", "c@u.test", "tempfail", "", "per_sender"),
+        r#"{"timestamp":"2026-11-30T10:09:00Z","event":"refused","client_ip":"203.0.113.2","code":421,"reason":"rate_limit:per_client"}"#.to_string(),
+    ]
+    .join("\n");
+    let path = std::env::temp_dir().join(format!("portcullis-stats-gl-{}.log", std::process::id()));
+    std::fs::write(&path, log + "\n").unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stats(&["--json", path.to_str().unwrap()])).unwrap();
+    let g = &json["greylisting"];
+    let outcomes: Vec<(String, u64)> = g["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("new".into(), 2),
+            ("allowed".into(), 1),
+            ("early".into(), 1),
+            ("passed".into(), 1)
+        ]
+    );
+    // Two pairs greylisted (192.0.2.0/24 + a@s.test, 198.51.100.0/24 +
+    // b@t.test); the first came back and passed.
+    assert_eq!(
+        (g["greylisted"].as_u64(), g["came_back"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(g["never_retried"], 1);
+    assert_eq!(g["came_back_rate"], 50.0);
+    let limits: Vec<(String, u64)> = json["rate_limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(limits, [("per_sender".into(), 2), ("per_client".into(), 1)]);
+    let text = stats(&[path.to_str().unwrap()]);
+    assert!(
+        text.contains(
+            "greylisted client/sender pairs: 2, came back and passed: 1 (50.0%), never retried: 1"
+        ),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&path);
+}
