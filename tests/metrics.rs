@@ -138,6 +138,7 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
         "1 rules from 1 files",
         "<td>bl.test</td><td>usable</td>",
         "<h2>Upstream</h2>",
+        "<p>State store: embedded (0 entries)</p>",
         "answers</p>",
         &format!("<td>{}</td><td>answers</td>", dns.addr),
         "portcullis_transactions_total",
