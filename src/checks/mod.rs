@@ -20,6 +20,7 @@ mod iprev;
 mod limits;
 pub mod pool;
 mod rate_limits;
+pub mod reputation;
 mod rules;
 mod screen;
 mod spf;
@@ -111,6 +112,9 @@ pub struct Client {
     pub helo: String,
     /// Allow-listed: no checks but the limits.
     pub allowed: bool,
+    /// Its address passed the DNSBL lookups lately (reputation): they are
+    /// not made again.
+    pub dnsbl_known_good: bool,
     /// The DNSBL answers for the client's address.
     pub dnsbl: Vec<ZoneOutcome>,
     /// PTR with forward confirmation, when iprev is on.
@@ -223,6 +227,8 @@ pub struct Engine {
     pub hostname: String,
     pub dns: Arc<Dns>,
     pub dnsbl: Arc<Dnsbl>,
+    /// What earlier connections showed (None: reputation off).
+    pub reputation: Option<reputation::Reputation>,
     checks: Vec<Box<dyn Check>>,
 }
 
@@ -232,6 +238,7 @@ impl Engine {
         let c = &cfg.checks;
         let dnsbl = Arc::new(Dnsbl::new(&c.dnsbl.zones, Arc::clone(&dns)));
         let host = cfg.hostname.clone();
+        let reputation = reputation::Reputation::new(&c.reputation, Arc::clone(&store));
         let checks: Vec<Box<dyn Check>> = vec![
             Box::new(limits::Limits::new(&cfg.limits)),
             Box::new(rate_limits::RateLimits::new(
@@ -253,6 +260,7 @@ impl Engine {
             hostname: host,
             dns,
             dnsbl,
+            reputation,
             checks,
         }
     }

@@ -11,6 +11,7 @@
 
 use super::auth_results::{self, forged_results};
 use super::pool::{self, SharedMessage};
+use super::reputation::Known;
 use super::{
     CheckLog, Client, Engine, Facts, Found, Message, Pending, TxnFacts, client_name, iprev,
 };
@@ -28,6 +29,12 @@ pub struct Screen {
     engine: Arc<Engine>,
     facts: Facts,
     pending: Pending,
+    /// The lookups of `start` have been started.
+    started: bool,
+    /// Look up the client's name for the MTA even when iprev is off.
+    want_names: bool,
+    /// What earlier connections showed (reputation).
+    known: Known,
     /// The connection's own findings, found once and copied into each
     /// transaction.
     connection: Option<Found>,
@@ -63,19 +70,11 @@ impl Screen {
             tls: false,
             helo: String::new(),
             allowed,
+            dnsbl_known_good: false,
             dnsbl: Vec::new(),
             iprev: None,
             names: None,
         };
-        let mut pending = Pending::default();
-        if !allowed {
-            for c in &engine.checks {
-                c.start(&client, &mut pending);
-            }
-        }
-        if want_names {
-            iprev::start_lookup(&engine.dns, &client, &mut pending);
-        }
         Screen {
             facts: Facts {
                 client,
@@ -83,8 +82,48 @@ impl Screen {
                 rules,
             },
             engine,
-            pending,
+            pending: Pending::default(),
+            started: false,
+            want_names,
+            known: Known::default(),
             connection: None,
+        }
+    }
+
+    /// Starts the lookups of the checks (once): from `admit`, or at the
+    /// first stage that needs them when a front door does not call it.
+    fn start(&mut self) {
+        if std::mem::replace(&mut self.started, true) {
+            return;
+        }
+        let client = &self.facts.client;
+        if !client.allowed {
+            for c in &self.engine.checks {
+                c.start(client, &mut self.pending);
+            }
+        }
+        if self.want_names {
+            iprev::start_lookup(&self.engine.dns, client, &mut self.pending);
+        }
+    }
+
+    /// Whether the greeting test (pregreet) is still to be made: not when
+    /// the client passed it lately.
+    pub fn greeting_test_wanted(&self) -> bool {
+        !self.known.greeting_passed && !self.facts.client.allowed
+    }
+
+    /// The client waited for the greeting.
+    pub async fn greeting_test_passed(&self) {
+        if let Some(r) = &self.engine.reputation {
+            r.greeting_passed(self.facts.client.ip).await;
+        }
+    }
+
+    /// The client was refused at connect (pregreet, DNSBL): remembered.
+    pub async fn refused_at_connect(&self, why: &str) {
+        if let Some(r) = &self.engine.reputation {
+            r.failed(self.facts.client.ip, why).await;
         }
     }
 
@@ -127,6 +166,7 @@ impl Screen {
     /// The client's names for upstream (NAME, REVERSE_NAME), waiting for
     /// the lookup started at connect (bounded by the DNS timeout).
     pub async fn client_names(&mut self) -> (DnsName, DnsName) {
+        self.start();
         self.settle_names().await;
         self.facts.client.names.clone().unwrap_or_default()
     }
@@ -135,9 +175,22 @@ impl Screen {
     /// the greeting. Some: refuse it with this reply and reason.
     pub async fn admit(&mut self) -> Option<(Reply, String)> {
         if self.facts.client.allowed {
+            self.start();
             return None;
         }
         let engine = Arc::clone(&self.engine);
+        if let Some(r) = &engine.reputation {
+            self.known = r.known(self.facts.client.ip).await;
+            if let Some(why) = &self.known.failed {
+                let reply = Reply::new(421, 7, 0, "Refused lately").with_text(format!(
+                    "Service unavailable; client [{}] was refused lately ({why}), try again later",
+                    self.facts.client.ip
+                ));
+                return Some((reply, format!("reputation:{why}")));
+            }
+            self.facts.client.dnsbl_known_good = self.known.dnsbl_passed;
+        }
+        self.start();
         for c in engine.checks.iter().filter(|c| !c.always()) {
             c.admit(&mut self.facts).await;
             if let Some(refused) = self.facts.txn.found.refuse_now.take() {
@@ -316,6 +369,8 @@ impl Screen {
         if let Some(found) = &self.connection {
             return found.clone();
         }
+        self.start();
+        let looked_up = self.pending.dnsbl.is_some();
         if let Some(t) = self.pending.dnsbl.take() {
             self.facts.client.dnsbl = t.await.unwrap_or_default();
         }
@@ -326,6 +381,13 @@ impl Screen {
             c.connect(&mut self.facts).await;
         }
         let found = std::mem::replace(&mut self.facts.txn, txn).found;
+        let refused = found
+            .findings
+            .iter()
+            .any(|f| f.check == "dnsbl" && matches!(f.action, Action::Reject | Action::Tempfail));
+        if let Some(r) = engine.reputation.as_ref().filter(|_| looked_up && !refused) {
+            r.dnsbl_passed(self.facts.client.ip).await;
+        }
         self.connection = Some(found.clone());
         found
     }

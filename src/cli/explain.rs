@@ -63,9 +63,13 @@ pub async fn run(mut cfg: Config, input: &Sample) -> Result<Explained, String> {
     let engine = Arc::new(Engine::new(&cfg, dns, store));
     // The client's name as an MTA asking for it (XCLIENT) would see it.
     let mut screen = Screen::new(engine, rules, input.ip, !input.no_dns);
+    let admitted = screen.admit().await;
     screen.helo(&input.helo);
     screen.tls(input.tls);
-    let mail = screen.mail(&input.from, None).await;
+    let mail = match admitted {
+        Some((reply, reason)) => Screened::Refused { reply, reason },
+        None => screen.mail(&input.from, None).await,
+    };
     let mut x = Explained {
         allowed: screen.allowed(),
         mail_log: screen.log(),

@@ -123,7 +123,35 @@ pub struct ChecksConfig {
     pub greylist: GreylistConfig,
     /// Named rate limits, held across every instance sharing the state.
     pub rate_limits: Vec<RateLimit>,
+    /// Remember clients that passed or failed, as postscreen's cache does.
+    pub reputation: ReputationConfig,
     pub message_rules: MessageRules,
+}
+
+/// Client reputation, like postscreen's cache, kept in the state store (so
+/// every instance sharing it knows): a client that passed the greeting
+/// test skips it, one whose address no DNSBL listed skips those lookups,
+/// each for its TTL; one refused at connect is refused again (421) for
+/// `fail_ttl` without any test.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReputationConfig {
+    pub enabled: bool,
+    pub greeting_pass_ttl: Secs,
+    pub dnsbl_pass_ttl: Secs,
+    pub fail_ttl: Secs,
+}
+
+impl Default for ReputationConfig {
+    fn default() -> Self {
+        let day = 24 * 3600;
+        ReputationConfig {
+            enabled: false,
+            greeting_pass_ttl: Secs(Duration::from_secs(7 * day)),
+            dnsbl_pass_ttl: Secs(Duration::from_secs(day)),
+            fail_ttl: Secs(Duration::from_secs(3600)),
+        }
+    }
 }
 
 /// One rate limit: at most `rate` of what `count` counts per `key`, with
@@ -302,6 +330,7 @@ impl Default for ChecksConfig {
             iprev: IprevConfig::default(),
             greylist: GreylistConfig::default(),
             rate_limits: Vec::new(),
+            reputation: ReputationConfig::default(),
             message_rules: MessageRules::default(),
         }
     }

@@ -11,7 +11,8 @@ mod units;
 pub use checks::{
     Action, Allow, ArcConfig, ChecksConfig, DkimConfig, DmarcConfig, DnsConfig, DnsblConfig,
     GreylistConfig, GreylistWhen, IprevConfig, MessageRules, Mode, Overrun, Rate, RateCount,
-    RateKey, RateLimit, RejectAt, ReturnFilter, SpfConfig, Thresholds, Zone, ZoneType,
+    RateKey, RateLimit, RejectAt, ReputationConfig, ReturnFilter, SpfConfig, Thresholds, Zone,
+    ZoneType,
 };
 pub use units::{Bytes, Secs, parse_size};
 

@@ -251,59 +251,54 @@ impl Session {
         }
     }
 
+    /// Refuses the connection before the greeting: the reply, the log
+    /// line, and the close.
+    async fn refuse_connection(&mut self, r: &Reply, reason: &str) {
+        self.reply(r);
+        RefusedConnection {
+            session: &self.peer.id,
+            client_ip: self.peer.addr.ip(),
+            code: r.code,
+            enhanced: &r.enhanced_code().unwrap_or_default(),
+            reason,
+        }
+        .emit();
+        let _ = self.flush().await;
+        self.close().await;
+    }
+
     /// Runs the session to its end.
     pub async fn run(mut self) {
-        if let Some(delay) = self.rt.cfg.greeting.delay
-            && self.conn.talks_within(delay.0).await
-        {
-            self.reply(&reply::PREGREET);
-            RefusedConnection {
-                session: &self.peer.id,
-                client_ip: self.peer.addr.ip(),
-                code: reply::PREGREET.code,
-                enhanced: &reply::PREGREET.enhanced_code().unwrap_or_default(),
-                reason: "pregreet",
-            }
-            .emit();
-            let _ = self.flush().await;
-            self.close().await;
+        // Connection rate limits and what earlier connections showed; the
+        // checks' lookups start here, while the greeting test runs.
+        if let Some((r, reason)) = self.screen.admit().await {
+            self.refuse_connection(&r, &reason).await;
             return;
         }
-        if let Some((r, reason)) = self.screen.admit().await {
-            // A connection rate limit: 421 instead of the greeting.
-            self.reply(&r);
-            RefusedConnection {
-                session: &self.peer.id,
-                client_ip: self.peer.addr.ip(),
-                code: r.code,
-                enhanced: &r.enhanced_code().unwrap_or_default(),
-                reason: &reason,
+        if let Some(delay) = self.rt.cfg.greeting.delay
+            && self.screen.greeting_test_wanted()
+        {
+            if self.conn.talks_within(delay.0).await {
+                self.screen.refused_at_connect("pregreet").await;
+                self.refuse_connection(&reply::PREGREET, "pregreet").await;
+                return;
             }
-            .emit();
-            let _ = self.flush().await;
-            self.close().await;
-            return;
+            self.screen.greeting_test_passed().await;
         }
         if self.rt.cfg.checks.reject_at == RejectAt::Connect {
             let outcome = self.screen.greeting().await;
+            let rejected = matches!(outcome.decision, Decision::Reject(_));
             let refusal = match outcome.decision {
                 Decision::Reject(r) => Some(Reply { code: 554, ..r }),
                 Decision::Tempfail(r) => Some(Reply { code: 421, ..r }),
                 _ => None,
             };
             if let Some(r) = refusal {
-                self.reply(&r);
-                RefusedConnection {
-                    session: &self.peer.id,
-                    client_ip: self.peer.addr.ip(),
-                    code: r.code,
-                    enhanced: &r.enhanced_code().unwrap_or_default(),
-                    reason: &outcome.reason,
-                }
-                .emit();
                 tracing::debug!(session = %self.peer.id, dnsbl = ?self.screen.log().dnsbl, "refused at connect");
-                let _ = self.flush().await;
-                self.close().await;
+                if rejected {
+                    self.screen.refused_at_connect(&outcome.reason).await;
+                }
+                self.refuse_connection(&r, &outcome.reason).await;
                 return;
             }
         }

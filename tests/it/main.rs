@@ -22,6 +22,7 @@ mod props;
 mod rate_limits;
 mod relay;
 mod reload;
+mod reputation;
 mod rules;
 mod session;
 mod stats;
