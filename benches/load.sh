@@ -9,11 +9,16 @@
 # (log.file), to compare against "off" (logging at warn: no per-message line).
 # BASE_BIN=path/to/older/portcullis adds "base_off" and "base_on": the same
 # two gates run by another build, so that a change is judged within one run.
+# STATE=1 adds "state_emb" and "state_redis": checks off but greylisting on
+# for an already-allowed client and two rate limits, on the embedded store
+# and on a redis-server the script starts; it then prints each store's
+# round-trip latency (p50, p99) from the gates' metrics.
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
+STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
@@ -54,6 +59,23 @@ if [ -n "${GATE_LOG:-}" ]; then
   gate logged $LOGGED "$OFF_CHECKS" info $TMP/logged.out ", file: \"$TMP/logged.log\""
   TARGETS="$TARGETS logged:$LOGGED"
 fi
+state_checks() { # backend-yaml metrics-port
+  cat <<YAML
+$OFF_CHECKS
+  greylist: {mode: enforce, delay: 1s, auto_allow_after: 1}
+  rate_limits:
+    - {name: per_client, key: client_address, count: transactions, rate: 100000000/1m}
+    - {name: per_sender, key: sender, count: recipients, rate: 100000000/1m}
+state: $1
+metrics: {listen: "127.0.0.1:$2"}
+YAML
+}
+if [ -n "${STATE:-}" ]; then
+  (redis-server --port $REDIS --bind 127.0.0.1 --save "" --appendonly no >$TMP/redis.log 2>&1 & echo $! >$TMP/redis.pid)
+  gate state_emb $STATE_EMB "$(state_checks "{backend: embedded}" $M_EMB)" warn $TMP/state_emb.log ""
+  gate state_redis $STATE_REDIS "$(state_checks "{backend: redis, url: \"redis://127.0.0.1:$REDIS\"}" $M_REDIS)" warn $TMP/state_redis.log ""
+  TARGETS="$TARGETS state_emb:$STATE_EMB state_redis:$STATE_REDIS"
+fi
 if [ -n "${BASE_BIN:-}" ]; then
   gate base_off $BASE_OFF "$OFF_CHECKS" warn $TMP/base_off.log "" "$BASE_BIN"
   gate base_on $BASE_ON "$ON_CHECKS" warn $TMP/base_on.log "" "$BASE_BIN"
@@ -65,6 +87,16 @@ for t in $TARGETS; do
 done
 # Warm the checks-on gates' caches.
 smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$ON
+if [ -n "${STATE:-}" ]; then
+  # Greylisted, then passed after the delay: the client is allowed from now on.
+  for p in $STATE_EMB $STATE_REDIS; do
+    smtp-source -s 1 -m 2 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p 2>/dev/null || true
+  done
+  sleep 1.2
+  for p in $STATE_EMB $STATE_REDIS; do
+    smtp-source -s 1 -m 2 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p
+  done
+fi
 if [ -n "${BASE_BIN:-}" ]; then
   smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$BASE_ON
 fi
@@ -95,3 +127,19 @@ for t in $TARGETS; do
 done
 printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
 if [ -n "${GATE_LOG:-}" ]; then echo "log lines written: $(grep -c '"transaction"' $TMP/logged.log)"; fi
+if [ -n "${STATE:-}" ]; then
+  for m in embedded:$M_EMB redis:$M_REDIS; do
+    exec 3<>/dev/tcp/127.0.0.1/${m#*:}
+    printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+    metrics=$(cat <&3); exec 3<&-
+    b=${m%%:*}
+    # The bucket bound (le) under which a share $1 of the calls fell.
+    q() { echo "$metrics" | awk -v b="$b" -v q="$1" '
+      index($1, "portcullis_state_seconds_bucket{") == 1 && index($1, "backend=\"" b "\"") {
+        match($1, /le="[^"]*"/); le = substr($1, RSTART + 4, RLENGTH - 5); n[++k] = $2; l[k] = le }
+      END { for (i = 1; i <= k; i++) if (n[i] >= q * n[k]) { if (l[i] == "+Inf") print "over 100000"; else printf "%.0f", l[i] * 1e6; exit } }'; }
+    calls=$(echo "$metrics" | awk -v b="$b" 'index($1, "portcullis_state_seconds_count{") == 1 && index($1, "backend=\"" b "\"") {print $2}')
+    errors=$(echo "$metrics" | awk -v b="$b" 'index($1, "portcullis_state_errors_total{") == 1 && index($1, "backend=\"" b "\"") {print $2}')
+    echo "state store ${m%%:*}: round trip p50 <= $(q 0.5) us, p99 <= $(q 0.99) us (bucket bounds) over ${calls:-0} calls, ${errors:-0} errors"
+  done
+fi

@@ -17,6 +17,14 @@ pub fn install() -> Option<PrometheusHandle> {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 ])
                 .ok()?
+                // A state store answers in tens to hundreds of microseconds.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("portcullis_state_seconds".into()),
+                    &[
+                        0.000025, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.02, 0.1,
+                    ],
+                )
+                .ok()?
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
