@@ -321,3 +321,23 @@ impl Drop for Haproxy {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis-backed state store at `url` (a cluster's nodes when `cluster`),
+/// deciding by `clock`, with a deadline generous enough for a busy test
+/// machine.
+pub fn redis_store(
+    url: String,
+    cluster: bool,
+    clock: &std::sync::Arc<portcullis::state::TestClock>,
+) -> portcullis::state::Store {
+    use portcullis::config::{StateBackend, StateConfig};
+    let cfg = StateConfig {
+        backend: StateBackend::Redis,
+        url,
+        cluster,
+        timeout: portcullis::config::Secs(Duration::from_secs(2)),
+        ..StateConfig::default()
+    };
+    let clock = std::sync::Arc::clone(clock) as std::sync::Arc<dyn portcullis::state::Clock>;
+    portcullis::state::Store::open(&cfg, clock).unwrap()
+}

@@ -6,12 +6,10 @@
 
 use crate::common;
 use common::config::{secs, test_config};
-use common::peers::{Redis, RedisCluster};
+use common::peers::{Redis, RedisCluster, redis_store};
 use common::{Client, FakeMta, Gate, Script};
 use portcullis::checks::greylist::{Greylist, Outcome};
-use portcullis::config::{
-    Action, GreylistConfig, GreylistWhen, Mode, StateBackend, StateConfig, Thresholds,
-};
+use portcullis::config::{Action, GreylistConfig, GreylistWhen, Mode, StateBackend, Thresholds};
 use portcullis::state::{Clock, Store, TestClock};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,23 +146,12 @@ async fn every_outcome_on_the_embedded_store() {
     scenarios(Arc::new(store), &clock).await;
 }
 
-fn redis_store(url: String, cluster: bool, clock: &Arc<TestClock>) -> Arc<Store> {
-    let cfg = StateConfig {
-        backend: StateBackend::Redis,
-        url,
-        cluster,
-        timeout: secs(2),
-        ..StateConfig::default()
-    };
-    Arc::new(Store::open(&cfg, Arc::clone(clock) as Arc<dyn Clock>).unwrap())
-}
-
 #[tokio::test]
 #[ignore = "needs redis-server (installed by .ci/run)"]
 async fn every_outcome_on_redis() {
     let redis = Redis::start();
     let clock = Arc::new(TestClock::new());
-    scenarios(redis_store(redis.url(), false, &clock), &clock).await;
+    scenarios(Arc::new(redis_store(redis.url(), false, &clock)), &clock).await;
 }
 
 #[tokio::test]
@@ -172,7 +159,7 @@ async fn every_outcome_on_redis() {
 async fn every_outcome_on_a_redis_cluster() {
     let cluster = RedisCluster::start();
     let clock = Arc::new(TestClock::new());
-    scenarios(redis_store(cluster.url(), true, &clock), &clock).await;
+    scenarios(Arc::new(redis_store(cluster.url(), true, &clock)), &clock).await;
 }
 
 /// A store that is down (refused) or silent (accepts, never answers):

@@ -4,11 +4,9 @@
 
 use crate::common;
 use common::config::{secs, test_config};
-use common::peers::{Redis, RedisCluster};
+use common::peers::{Redis, RedisCluster, redis_store};
 use common::{Client, FakeMta, Gate, Script};
-use portcullis::config::{
-    Config, Mode, Rate, RateCount, RateKey, RateLimit, StateBackend, StateConfig,
-};
+use portcullis::config::{Config, Mode, Rate, RateCount, RateKey, RateLimit, StateBackend};
 use portcullis::state::{Clock, Store, TestClock};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,17 +38,6 @@ async fn gcra_on_the_embedded_store() {
     let clock = Arc::new(TestClock::new());
     let store = Store::in_memory(100, Arc::clone(&clock) as Arc<dyn Clock>);
     gcra_scenario(&store, &clock).await;
-}
-
-fn redis_store(url: String, cluster: bool, clock: &Arc<TestClock>) -> Store {
-    let cfg = StateConfig {
-        backend: StateBackend::Redis,
-        url,
-        cluster,
-        timeout: secs(2),
-        ..StateConfig::default()
-    };
-    Store::open(&cfg, Arc::clone(clock) as Arc<dyn Clock>).unwrap()
 }
 
 #[tokio::test]
