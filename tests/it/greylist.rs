@@ -325,6 +325,19 @@ async fn a_triplet_greylisted_through_one_instance_passes_through_the_other() {
     let gate = |mta: &FakeMta| {
         let mut cfg = greylisting(mta);
         common::config::behind_proxy(&mut cfg);
+        cfg.limits.max_connections_per_ip = 500;
+        cfg.checks.rate_limits = vec![portcullis::config::RateLimit {
+            name: "per_domain".into(),
+            key: portcullis::config::RateKey::SenderDomain,
+            rate: portcullis::config::Rate {
+                count: 40,
+                per: Duration::from_secs(60),
+            },
+            burst: None,
+            count: portcullis::config::RateCount::Transactions,
+            mode: Mode::Enforce,
+            text: None,
+        }];
         cfg.state.backend = StateBackend::Redis;
         cfg.state.url = redis.url();
         cfg.state.timeout = secs(2);
@@ -384,6 +397,32 @@ async fn a_triplet_greylisted_through_one_instance_passes_through_the_other() {
         .find(|l| l.starts_with("XCLIENT"))
         .expect("XCLIENT sent");
     assert!(xclient.contains("ADDR=127.0.0.55"), "{xclient}");
+
+    // A rate limit of 40 a minute per sender domain, 100 transactions at
+    // once through the balancer (so over both instances): 40 taken.
+    let mut tasks = Vec::new();
+    for i in 0..100u8 {
+        let addr = lb.addr();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect_from(addr, &format!("127.0.1.{i}")).await;
+            assert!(c.reply().await.starts_with("220"));
+            c.cmd("EHLO load.test", "250").await;
+            c.cmd("MAIL FROM:<x@load.test>", "")
+                .await
+                .starts_with("250")
+        }));
+    }
+    let mut taken = 0;
+    for t in tasks {
+        taken += usize::from(t.await.unwrap());
+    }
+    let per_instance = (
+        mta_a.count("MAIL FROM:<X@LOAD.TEST>"),
+        mta_b.count("MAIL FROM:<X@LOAD.TEST>"),
+    );
+    println!("through HAProxy: {taken} of 100 taken, by instance {per_instance:?}");
+    assert!(per_instance.0 > 0 && per_instance.1 > 0, "{per_instance:?}");
+    assert!((38..=42).contains(&taken), "{taken}");
 }
 
 /// Redis killed in the middle of a run of transactions, then started
