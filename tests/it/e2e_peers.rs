@@ -388,3 +388,52 @@ async fn client_name_reaches_postfix_as_its_own_lookup_would() {
     }
     assert!(log.contains("client=good.test[203.0.113.9]"), "{log}");
 }
+
+/// Scale-out in front of a real Postfix: HAProxy (PROXY v2) over two
+/// instances sharing one Redis, both relaying to Postfix. The first
+/// attempt is greylisted, the retry (through the other instance, round
+/// robin) passes, Postfix stores the message once and saw the real
+/// client address through HAProxy and XCLIENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postfix, haproxy and redis-server (installed by .ci/run)"]
+async fn greylisted_through_haproxy_and_two_instances_into_postfix() {
+    use common::peers::{Haproxy, Redis};
+    use portcullis::state::{Clock, TestClock};
+    use std::sync::Arc;
+    let pf = Postfix::start("scaleout");
+    let redis = Redis::start();
+    let clock = Arc::new(TestClock::new());
+    let mut cfg = in_front_of(pf.port, IdentityMode::Xclient);
+    behind_proxy(&mut cfg);
+    cfg.checks.greylist.mode = Mode::Enforce;
+    cfg.state.backend = portcullis::config::StateBackend::Redis;
+    cfg.state.url = redis.url();
+    cfg.state.timeout = secs(2);
+    let a = Gate::start_clocked(cfg.clone(), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let b = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let lb = Haproxy::start(&[a.addr, b.addr]);
+    let mut c = common::Client::connect_from(lb.addr(), "127.0.0.57").await;
+    assert!(c.reply().await.starts_with("220"));
+    c.cmd("EHLO client.sender.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<user@example.test>", "451 4.7.1").await;
+    c.cmd("QUIT", "221").await;
+    clock.advance(Duration::from_secs(301));
+    let mut c = common::Client::connect_from(lb.addr(), "127.0.0.57").await;
+    assert!(c.reply().await.starts_with("220"));
+    c.cmd("EHLO client.sender.test", "250").await;
+    let r = c
+        .send_mail(
+            "a@sender.test",
+            &["user@example.test"],
+            b"Subject: scaled out\r\n\r\nthrough two instances\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    let mail = one_mail(&pf.inbox());
+    assert!(mail.contains("Subject: scaled out"), "{mail}");
+    assert!(
+        mail.contains("from client.sender.test (unknown [127.0.0.57])"),
+        "{mail}"
+    );
+}
