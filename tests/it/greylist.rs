@@ -425,11 +425,11 @@ async fn a_triplet_greylisted_through_one_instance_passes_through_the_other() {
     assert!((38..=42).contains(&taken), "{taken}");
 }
 
-/// Redis killed in the middle of a run of transactions, then started
-/// again (with its append-only file): no session waits past the store's
-/// deadline, `on_error: accept` lets every transaction through, every
-/// accepted message is delivered once, and the store answers again by
-/// itself.
+/// Redis killed in the middle of a load of concurrent transactions, then
+/// started again (with its append-only file): no session waits past the
+/// store's deadline, `on_error: accept` lets every transaction through,
+/// every accepted message is delivered once, and the store answers again
+/// by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server (installed by .ci/run)"]
 async fn redis_stopped_mid_run_then_back() {
@@ -462,29 +462,62 @@ async fn redis_stopped_mid_run_then_back() {
     c.cmd("RCPT TO:<first@example.test>", "451 4.7.1").await;
     c.cmd("QUIT", "221").await;
     clock.advance(Duration::from_secs(301));
-    let mut slowest = Duration::ZERO;
-    let mut accepted = 0;
-    for i in 0..60 {
-        if i == 20 {
-            redis.stop();
-        }
-        if i == 40 {
-            redis.restart();
-        }
-        let mut c = Client::hello(gate.addr).await;
-        let started = Instant::now();
-        let msg = common::message(&format!("run-{i}"), "x\r\n");
-        let r = c
-            .send_mail("a@sender.test", &["first@example.test"], &msg)
-            .await;
-        slowest = slowest.max(started.elapsed());
-        assert!(r.starts_with("250"), "transaction {i}: {r}");
-        accepted += 1;
+    // 8 clients at once, 20 transactions each; Redis is killed after the
+    // 40th transaction and started again after the 100th.
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let (addr, done) = (gate.addr, Arc::clone(&done));
+        workers.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            for i in 0..20 {
+                let mut c = Client::hello(addr).await;
+                let started = Instant::now();
+                let msg = common::message(&format!("run-{w}-{i}"), "x\r\n");
+                let r = c
+                    .send_mail("a@sender.test", &["first@example.test"], &msg)
+                    .await;
+                slowest = slowest.max(started.elapsed());
+                assert!(r.starts_with("250"), "client {w}, transaction {i}: {r}");
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            slowest
+        }));
     }
-    println!("slowest transaction with Redis stopped and back: {slowest:?}");
+    let reached = |n: usize| {
+        let done = Arc::clone(&done);
+        async move {
+            while done.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    reached(40).await;
+    redis.stop();
+    reached(100).await;
+    redis.restart();
+    let mut slowest = Duration::ZERO;
+    for w in workers {
+        slowest = slowest.max(w.await.unwrap());
+    }
+    let accepted = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(accepted, 160);
+    println!("slowest of 160 transactions (8 at once) with Redis killed and back: {slowest:?}");
     assert!(slowest < Duration::from_secs(2), "{slowest:?}");
     let stored = mta.stored();
     assert_eq!(stored.len(), accepted, "every accepted message, once");
+    let mut ids: Vec<String> = stored
+        .iter()
+        .filter_map(|s| {
+            let d = String::from_utf8_lossy(&s.data).into_owned();
+            d.lines()
+                .find(|l| l.starts_with("Message-ID:"))
+                .map(str::to_string)
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), accepted, "no duplicates");
     // Back by itself: a new triplet is greylisted again once the client
     // has reconnected (the first call after the restart may still meet
     // the dead connection and fail open).
