@@ -8,6 +8,27 @@ use portcullis::upstream::ProbeError;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Writes to standard output. A reader that went away (`portcullis check
+/// | head`) ends the process quietly, as Unix tools do, instead of the
+/// panic `println!` gives on a broken pipe.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+macro_rules! out {
+    ($($t:tt)*) => { write_out(format_args!($($t)*)) };
+}
+
+macro_rules! outln {
+    ($($t:tt)*) => { write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
 #[derive(Parser)]
 #[command(name = "portcullis", version, about = "Anti-spam filtering SMTP proxy")]
 struct Cli {
@@ -82,20 +103,20 @@ fn main() -> ExitCode {
                         }
                         return ExitCode::FAILURE;
                     }
-                    println!(
+                    outln!(
                         "config ok: {} listener(s), upstream {}",
                         c.listen.len(),
                         c.upstream.addr
                     );
                     let set = rules.current();
-                    println!("rules directory: {}", rules.dir().display());
+                    outln!("rules directory: {}", rules.dir().display());
                     if set.rules().is_empty() {
-                        println!(
+                        outln!(
                             "warning: no rules loaded from {} (set rules_dir)",
                             rules.dir().display()
                         );
                     }
-                    print!("rules ok: {}", set.summary());
+                    out!("rules ok: {}", set.summary());
                     sample_evaluation(&set, &c);
                     ExitCode::SUCCESS
                 }
@@ -157,7 +178,7 @@ fn main() -> ExitCode {
             };
             match run() {
                 Ok(out) => {
-                    print!("{out}");
+                    out!("{out}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -206,9 +227,9 @@ fn stats(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.to_text());
+        out!("{}", report.to_text());
     }
     Ok(())
 }
@@ -306,10 +327,10 @@ fn sample_evaluation(set: &portcullis::rules::RuleSet, c: &Config) {
     let facts = OwnedInput::default();
     let _ = set.evaluate(Stage::Data, &facts.view(Some(&parsed)));
     let took = start.elapsed();
-    println!("rules: a 100 KB sample message takes {took:.1?}");
+    outln!("rules: a 100 KB sample message takes {took:.1?}");
     let budget = c.checks.message_rules.budget.0;
     if took * 10 > budget || took > std::time::Duration::from_millis(250) {
-        println!(
+        outln!(
             "warning: the message rules are slow ({took:.1?} per 100 KB; budget {budget:?} per message): \
              larger messages may be tempfailed (checks.message_rules)"
         );

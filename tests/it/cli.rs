@@ -540,3 +540,20 @@ async fn listening(port: u16) -> std::net::SocketAddr {
     }
     addr
 }
+
+/// `portcullis check | head`: a reader that went away ends the process
+/// quietly (exit 0, no panic), as Unix tools do.
+#[test]
+fn a_closed_pipe_on_stdout_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = bin()
+        .args(["check", "--config", "portcullis.yaml"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
