@@ -10,7 +10,7 @@
 //! agree. Decisions compare the first-seen time kept in the value against
 //! the store's clock; the store's expiry only frees space.
 
-use super::{Check, Facts, Hook, act};
+use super::{Check, Facts, Hook, act, done};
 use crate::config::{Action, GreylistConfig, GreylistWhen, Mode, Thresholds};
 use crate::runtime::limits::network;
 use crate::state::{Store, StoreError};
@@ -164,8 +164,11 @@ impl Check for Greylist {
     }
 
     fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
+        if self.cfg.mode == Mode::Off {
+            return done();
+        }
         Box::pin(async move {
-            if self.cfg.mode == Mode::Off || !self.wanted(f) {
+            if !self.wanted(f) {
                 return;
             }
             let decided = self.decide(f.client.ip, &f.txn.sender, &f.txn.rcpt).await;

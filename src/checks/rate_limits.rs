@@ -6,7 +6,7 @@
 //! A store that fails lets the command through (logged and counted by
 //! the store): a rate limit is not worth refusing mail for.
 
-use super::{Check, Facts, Hook, Message, act};
+use super::{Check, Facts, Hook, Message, act, done};
 use crate::config::{Action, Mode, RateCount, RateKey, RateLimit};
 use crate::runtime::limits::network;
 use crate::state::Store;
@@ -26,6 +26,24 @@ impl RateLimits {
             limits: limits.to_vec(),
             store,
         }
+    }
+
+    fn counts(&self, what: RateCount) -> bool {
+        self.limits.iter().any(|l| l.count == what)
+    }
+
+    /// Counts one `what` against its limits; an exceeded enforced limit
+    /// refuses the command now. No work (and no allocation) when no limit
+    /// counts `what`.
+    fn refuse_now<'a>(&'a self, f: &'a mut Facts, what: RateCount) -> Hook<'a> {
+        if !self.counts(what) {
+            return done();
+        }
+        Box::pin(async move {
+            if let Some(r) = self.take(f, what, 1).await {
+                f.txn.found.refuse_now = Some((r, reason(f)));
+            }
+        })
     }
 
     /// Counts `cost` against every limit on `what`; records the hits.
@@ -106,30 +124,21 @@ impl Check for RateLimits {
     }
 
     fn admit<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
-        Box::pin(async move {
-            if let Some(r) = self.take(f, RateCount::Connections, 1).await {
-                f.txn.found.refuse_now = Some((r, reason(f)));
-            }
-        })
+        self.refuse_now(f, RateCount::Connections)
     }
 
     fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
-        Box::pin(async move {
-            if let Some(r) = self.take(f, RateCount::Transactions, 1).await {
-                f.txn.found.refuse_now = Some((r, reason(f)));
-            }
-        })
+        self.refuse_now(f, RateCount::Transactions)
     }
 
     fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
-        Box::pin(async move {
-            if let Some(r) = self.take(f, RateCount::Recipients, 1).await {
-                f.txn.found.refuse_now = Some((r, reason(f)));
-            }
-        })
+        self.refuse_now(f, RateCount::Recipients)
     }
 
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, _m: &'a mut Message<'m>) -> Hook<'a> {
+        if !self.counts(RateCount::Bytes) {
+            return done();
+        }
         Box::pin(async move {
             let size = f.txn.size.unwrap_or(0);
             if let Some(r) = self.take(f, RateCount::Bytes, size).await {
@@ -137,7 +146,7 @@ impl Check for RateLimits {
                     check: "rate_limit",
                     result: "exceeded".into(),
                     action: act(Mode::Enforce, Action::Tempfail),
-                    reason: "rate_limit:bytes".into(),
+                    reason: reason(f),
                     reply: r,
                 });
             }

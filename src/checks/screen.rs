@@ -344,12 +344,7 @@ impl Screen {
     }
 
     fn decide(&self) -> Outcome {
-        let found = &self.facts.txn.found;
-        if found.skipped {
-            verdict::decide(&[], self.engine.thresholds())
-        } else {
-            verdict::decide(&found.findings, self.engine.thresholds())
-        }
+        decide(&self.facts.txn.found, &self.engine)
     }
 
     fn allowed_sender(&self, sender: &str) -> bool {
@@ -404,6 +399,13 @@ impl Screen {
     }
 }
 
+/// The verdict over what was found: nothing counts once the checks were
+/// skipped (an allow-list).
+fn decide(found: &Found, engine: &Engine) -> Outcome {
+    let findings: &[Finding] = if found.skipped { &[] } else { &found.findings };
+    verdict::decide(findings, engine.thresholds())
+}
+
 /// A finding with an effect, for the log line: `spf:softfail=3`.
 fn hit(f: &Finding) -> String {
     match f.action {
@@ -454,11 +456,7 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         c.data(facts, &mut m).await;
     }
     let found = &facts.txn.found;
-    let outcome = if found.skipped {
-        verdict::decide(&[], engine.thresholds())
-    } else {
-        verdict::decide(&found.findings, engine.thresholds())
-    };
+    let outcome = decide(found, engine);
     let mut headers = std::mem::take(&mut m.headers);
     auth_results::finish(
         &mut headers,
