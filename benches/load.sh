@@ -11,14 +11,15 @@
 # two gates run by another build, so that a change is judged within one run.
 # STATE=1 adds "state_emb" and "state_redis": checks off but greylisting on
 # for an already-allowed client and two rate limits, on the embedded store
-# and on a redis-server the script starts; it then prints each store's
-# round-trip latency (p50, p99) from the gates' metrics.
+# and on a redis-server the script starts; and "state_exact", Redis with
+# bursts of 150, small enough that every count is its own round trip (no leases).
+# It then prints each store's round-trip latency (p50, p99) and calls.
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
-STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535
+STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
@@ -59,13 +60,13 @@ if [ -n "${GATE_LOG:-}" ]; then
   gate logged $LOGGED "$OFF_CHECKS" info $TMP/logged.out ", file: \"$TMP/logged.log\""
   TARGETS="$TARGETS logged:$LOGGED"
 fi
-state_checks() { # backend-yaml metrics-port
+state_checks() { # backend-yaml metrics-port [burst]
   cat <<YAML
 $OFF_CHECKS
   greylist: {mode: enforce, delay: 1s, auto_allow_after: 1}
   rate_limits:
-    - {name: per_client, key: client_address, count: transactions, rate: 100000000/1m}
-    - {name: per_sender, key: sender, count: recipients, rate: 100000000/1m}
+    - {name: per_client, key: client_address, count: transactions, rate: 1000000/1m, burst: ${3:-1000000}}
+    - {name: per_sender, key: sender, count: recipients, rate: 1000000/1m, burst: ${3:-1000000}}
 state: $1
 metrics: {listen: "127.0.0.1:$2"}
 YAML
@@ -74,7 +75,9 @@ if [ -n "${STATE:-}" ]; then
   (redis-server --port $REDIS --bind 127.0.0.1 --save "" --appendonly no >$TMP/redis.log 2>&1 & echo $! >$TMP/redis.pid)
   gate state_emb $STATE_EMB "$(state_checks "{backend: embedded}" $M_EMB)" warn $TMP/state_emb.log ""
   gate state_redis $STATE_REDIS "$(state_checks "{backend: redis, url: \"redis://127.0.0.1:$REDIS\"}" $M_REDIS)" warn $TMP/state_redis.log ""
-  TARGETS="$TARGETS state_emb:$STATE_EMB state_redis:$STATE_REDIS"
+  # The same with bursts of 150: leases of one unit, a round trip per count.
+  gate state_exact $STATE_EXACT "$(state_checks "{backend: redis, url: \"redis://127.0.0.1:$REDIS\"}" $M_EXACT 150)" warn $TMP/state_exact.log ""
+  TARGETS="$TARGETS state_emb:$STATE_EMB state_redis:$STATE_REDIS state_exact:$STATE_EXACT"
 fi
 if [ -n "${BASE_BIN:-}" ]; then
   gate base_off $BASE_OFF "$OFF_CHECKS" warn $TMP/base_off.log "" "$BASE_BIN"
@@ -89,11 +92,11 @@ done
 smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$ON
 if [ -n "${STATE:-}" ]; then
   # Greylisted, then passed after the delay: the client is allowed from now on.
-  for p in $STATE_EMB $STATE_REDIS; do
+  for p in $STATE_EMB $STATE_REDIS $STATE_EXACT; do
     smtp-source -s 1 -m 2 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p 2>/dev/null || true
   done
   sleep 1.2
-  for p in $STATE_EMB $STATE_REDIS; do
+  for p in $STATE_EMB $STATE_REDIS $STATE_EXACT; do
     smtp-source -s 1 -m 2 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p
   done
 fi
@@ -126,13 +129,26 @@ for t in $TARGETS; do
   printf ', %s %.0f (ratio %.2f)' "$n" "$m" "$(awk -v a=$m -v b=$d 'BEGIN{print a/b}')"
 done
 printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
+# CPU per message (user + system, from /proc): steadier than msg/s on a
+# shared machine, and it shows what a feature costs the gate itself.
+tick=$(getconf CLK_TCK)
+line="cpu per message:"
+for t in $TARGETS; do
+  n=${t%%:*}; [ $n = direct ] && continue
+  pid=$(cat $TMP/$n.pid)
+  line="$line $n $(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$pid/stat) us"
+done
+if [ -n "${STATE:-}" ]; then
+  line="$line, redis-server $(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/redis.pid)/stat) us"
+fi
+echo "$line"
 if [ -n "${GATE_LOG:-}" ]; then echo "log lines written: $(grep -c '"transaction"' $TMP/logged.log)"; fi
 if [ -n "${STATE:-}" ]; then
-  for m in embedded:$M_EMB redis:$M_REDIS; do
+  for m in embedded:$M_EMB redis:$M_REDIS redis_exact:$M_EXACT; do
     exec 3<>/dev/tcp/127.0.0.1/${m#*:}
     printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
     metrics=$(cat <&3); exec 3<&-
-    b=${m%%:*}
+    b=${m%%:*}; b=${b%_exact}
     # The bucket bound (le) under which a share $1 of the calls fell.
     q() { echo "$metrics" | awk -v b="$b" -v q="$1" '
       index($1, "portcullis_state_seconds_bucket{") == 1 && index($1, "backend=\"" b "\"") {

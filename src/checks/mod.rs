@@ -19,7 +19,7 @@ pub mod greylist;
 mod iprev;
 mod limits;
 pub mod pool;
-mod rate_limits;
+pub mod rate_limits;
 pub mod reputation;
 mod rules;
 mod screen;

@@ -5,31 +5,75 @@
 //! command), bytes at the end of DATA (451 4.7.1 for the message).
 //! A store that fails lets the command through (logged and counted by
 //! the store): a rate limit is not worth refusing mail for.
+//!
+//! Round trips are what a shared store costs, so a `Counter` spares them
+//! where it can without loosening any limit: a refusal is remembered for
+//! as long as GCRA says it holds (other instances can only fill the bucket
+//! further, so it is exact), and a limit with a large burst takes units
+//! from the store in leases of up to 1% of the burst (at most 64), used
+//! here one at a time for up to a second. A lease is paid for when taken,
+//! so a limit is never exceeded; units leased and left unused make it at
+//! most 1% stricter per instance. Limits whose burst is under 200 are
+//! counted one by one, exactly.
 
 use super::{Check, Facts, Hook, Message, act, done};
 use crate::config::{Action, Mode, RateCount, RateKey, RateLimit};
 use crate::runtime::limits::network;
-use crate::state::Store;
+use crate::state::{Store, StoreError};
 use crate::telemetry::events::RateLimited;
 use crate::verdict::Finding;
 use crate::wire::reply::Reply;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One configured limit, with its bucket worked out.
+struct Limit {
+    cfg: RateLimit,
+    /// Time for one unit to come back.
+    interval: Duration,
+    /// How much time's worth of units the bucket holds.
+    burst: Duration,
+    /// Units taken from the store at once (1: exact, one by one).
+    lease: u64,
+}
+
+impl Limit {
+    fn new(cfg: &RateLimit) -> Limit {
+        let count = cfg.rate.count.max(1);
+        let interval = cfg.rate.per / u32::try_from(count).unwrap_or(u32::MAX);
+        let units = cfg.burst.unwrap_or(count);
+        Limit {
+            interval,
+            burst: interval.saturating_mul(u32::try_from(units).unwrap_or(u32::MAX)),
+            lease: lease_for(units),
+            cfg: cfg.clone(),
+        }
+    }
+}
+
+/// Units leased at once for a bucket of `burst` units: 1% of it, 1 to 64.
+pub fn lease_for(burst: u64) -> u64 {
+    (burst / 100).clamp(1, 64)
+}
+
+/// How long leased units may be used before they lapse.
+const LEASE_LIFE_US: u64 = 1_000_000;
 
 pub struct RateLimits {
-    limits: Vec<RateLimit>,
-    store: Arc<Store>,
+    limits: Vec<Limit>,
+    counter: Counter,
 }
 
 impl RateLimits {
     pub fn new(limits: &[RateLimit], store: Arc<Store>) -> RateLimits {
         RateLimits {
-            limits: limits.to_vec(),
-            store,
+            limits: limits.iter().map(Limit::new).collect(),
+            counter: Counter::new(store),
         }
     }
 
     fn counts(&self, what: RateCount) -> bool {
-        self.limits.iter().any(|l| l.count == what)
+        self.limits.iter().any(|l| l.cfg.count == what)
     }
 
     /// Counts one `what` against its limits; an exceeded enforced limit
@@ -50,19 +94,15 @@ impl RateLimits {
     /// Returns the reply of the first enforced limit that is exceeded.
     async fn take(&self, f: &mut Facts, what: RateCount, cost: u64) -> Option<Reply> {
         let mut refuse = None;
-        for l in self.limits.iter().filter(|l| l.count == what) {
-            let Some(key) = key_of(l.key, f) else {
+        for l in self.limits.iter().filter(|l| l.cfg.count == what) {
+            let Some(key) = key_of(l.cfg.key, f) else {
                 continue;
             };
-            let interval = (l.rate.per.as_millis() as u64 / l.rate.count).max(1);
-            let burst = l.burst.unwrap_or(l.rate.count).saturating_mul(interval);
-            let key = format!("rl:{}:{key}", l.name);
-            let Ok(wait_ms) = self.store.gcra(&key, interval, burst, cost).await else {
+            let key = format!("rl:{}:{key}", l.cfg.name);
+            let Ok(Some(wait)) = self.counter.take(&key, l, cost).await else {
                 continue;
             };
-            if wait_ms == 0 {
-                continue;
-            }
+            let l = &l.cfg;
             RateLimited {
                 name: &l.name,
                 enforced: l.mode == Mode::Enforce,
@@ -71,10 +111,92 @@ impl RateLimits {
             let found = &mut f.txn.found;
             found.log.rate_limits.push(l.name.clone());
             if l.mode == Mode::Enforce && refuse.is_none() {
-                refuse = Some(reply(l, what, wait_ms.div_ceil(1000)));
+                let secs = u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+                refuse = Some(reply(l, what, secs));
             }
         }
         refuse
+    }
+}
+
+/// Takes units from the store's buckets for one instance, sparing round
+/// trips as the module's head says.
+pub struct Counter {
+    store: Arc<Store>,
+    /// Per bucket key: what this instance knows of it.
+    known: moka::sync::Cache<String, Arc<Mutex<Known>>>,
+}
+
+#[derive(Default)]
+struct Known {
+    /// Leased units not yet used, and until when (µs) they may be.
+    left: u64,
+    lease_until: u64,
+    /// No single unit fits before this time (µs).
+    refused_until: u64,
+}
+
+impl Counter {
+    pub fn new(store: Arc<Store>) -> Counter {
+        Counter {
+            store,
+            known: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    /// Takes `cost` units from the bucket under `key` (refilling one unit
+    /// per `interval`, holding `burst`): None when taken, else how long
+    /// until it would fit. Costs other than 1 (bytes) go to the store as
+    /// they are.
+    pub async fn take_units(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: Duration,
+        lease: u64,
+        cost: u64,
+    ) -> Result<Option<Duration>, StoreError> {
+        if cost != 1 {
+            return self.store.gcra(key, interval, burst, cost).await;
+        }
+        let now = self.store.clock().now_us();
+        let known = self.known.get_with_by_ref(key, Default::default);
+        if let Ok(mut k) = known.lock() {
+            // Units already paid for go first, even when the store refuses.
+            if k.left > 0 && k.lease_until > now {
+                k.left -= 1;
+                return Ok(None);
+            }
+            if k.refused_until > now {
+                return Ok(Some(Duration::from_micros(k.refused_until - now)));
+            }
+        }
+        if lease > 1
+            && self
+                .store
+                .gcra(key, interval, burst, lease)
+                .await?
+                .is_none()
+        {
+            if let Ok(mut k) = known.lock() {
+                k.left += lease - 1;
+                k.lease_until = now + LEASE_LIFE_US;
+            }
+            return Ok(None);
+        }
+        let wait = self.store.gcra(key, interval, burst, 1).await?;
+        if let (Some(w), Ok(mut k)) = (wait, known.lock()) {
+            k.refused_until = now.saturating_add(u64::try_from(w.as_micros()).unwrap_or(u64::MAX));
+        }
+        Ok(wait)
+    }
+
+    async fn take(&self, key: &str, l: &Limit, cost: u64) -> Result<Option<Duration>, StoreError> {
+        self.take_units(key, l.interval, l.burst, l.lease, cost)
+            .await
     }
 }
 

@@ -221,6 +221,12 @@ impl<'de> Deserialize<'de> for Rate {
         if count == 0 || per.is_zero() {
             return Err(de::Error::custom(format!("rate {s:?} must be above zero")));
         }
+        // Buckets count in microseconds.
+        if per.as_micros() < u128::from(count) {
+            return Err(de::Error::custom(format!(
+                "rate {s:?} is more than a million a second"
+            )));
+        }
         Ok(Rate { count, per })
     }
 }

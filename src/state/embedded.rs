@@ -99,14 +99,16 @@ impl Embedded {
         n
     }
 
-    /// See `Store::gcra`. The value is the theoretical arrival time.
+    /// See `Store::gcra`. The value is the theoretical arrival time, and
+    /// every figure is in microseconds; returns how far over (0: taken).
     pub fn gcra(&self, key: &str, now: u64, interval: u64, burst: u64, cost: u64) -> u64 {
         let Ok(mut map) = self.map.lock() else {
             return 0;
         };
+        let now_ms = now / 1000;
         let tat = map
             .get(key)
-            .filter(|e| e.expires > now)
+            .filter(|e| e.expires > now_ms)
             .and_then(|e| e.value.parse::<u64>().ok())
             .unwrap_or(now)
             .max(now);
@@ -114,7 +116,7 @@ impl Embedded {
         if new - now > burst {
             return new - now - burst;
         }
-        self.insert(&mut map, key, new.to_string(), new);
+        self.insert(&mut map, key, new.to_string(), new / 1000 + 1);
         0
     }
 

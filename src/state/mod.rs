@@ -20,7 +20,12 @@ use crate::config::{StateBackend, StateConfig};
 use crate::telemetry::events::StoreCall;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,6 +46,8 @@ pub struct Store {
     clock: Arc<dyn Clock>,
     /// The last call's error, if it failed (for the status page).
     last_error: std::sync::Mutex<Option<String>>,
+    /// Calls made (round trips, for Redis).
+    calls: AtomicU64,
 }
 
 impl Store {
@@ -62,6 +69,7 @@ impl Store {
             deadline: cfg.timeout.0,
             clock,
             last_error: Default::default(),
+            calls: AtomicU64::new(0),
         })
     }
 
@@ -77,6 +85,7 @@ impl Store {
             deadline: Duration::from_millis(100),
             clock,
             last_error: Default::default(),
+            calls: AtomicU64::new(0),
         }
     }
 
@@ -149,25 +158,28 @@ impl Store {
     }
 
     /// GCRA: takes `cost` from the bucket under `key`, which refills one
-    /// unit per `interval_ms` and holds `burst_ms` worth of units. Ok(0):
-    /// taken; Ok(ms): refused, the cost fits again in `ms`. Atomic, one
-    /// round trip; `now` is the store's clock, so instances agree as far
-    /// as their clocks do.
+    /// unit per `interval` and holds `burst` worth of units. Ok(None):
+    /// taken; Ok(Some(wait)): refused, the cost fits again after `wait`.
+    /// Kept in microseconds, atomic, one round trip; `now` is the store's
+    /// clock, so instances agree as far as their clocks do.
     pub async fn gcra(
         &self,
         key: &str,
-        interval_ms: u64,
-        burst_ms: u64,
+        interval: Duration,
+        burst: Duration,
         cost: u64,
-    ) -> Result<u64, StoreError> {
-        let now = self.now_ms();
-        self.call("gcra", async {
-            match &self.backend {
-                Backend::Embedded(e) => Ok(e.gcra(key, now, interval_ms, burst_ms, cost)),
-                Backend::Redis(r) => r.gcra(key, now, interval_ms, burst_ms, cost).await,
-            }
-        })
-        .await
+    ) -> Result<Option<Duration>, StoreError> {
+        let now = self.clock.now_us();
+        let (interval, burst) = (micros(interval).max(1), micros(burst));
+        let over = self
+            .call("gcra", async {
+                match &self.backend {
+                    Backend::Embedded(e) => Ok(e.gcra(key, now, interval, burst, cost)),
+                    Backend::Redis(r) => r.gcra(key, now, interval, burst, cost).await,
+                }
+            })
+            .await?;
+        Ok((over > 0).then(|| Duration::from_micros(over)))
     }
 
     /// Saves the embedded store to its file (nothing for Redis).
@@ -183,6 +195,11 @@ impl Store {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
+    /// Calls made so far (each a round trip on Redis).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
     /// Entries held (embedded), for the status page.
     pub fn entries(&self) -> Option<usize> {
         match &self.backend {
@@ -196,6 +213,7 @@ impl Store {
         op: &'static str,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let r = match tokio::time::timeout(self.deadline, f).await {
             Ok(r) => r,

@@ -60,7 +60,8 @@ impl Remote {
                  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
                  return false",
             ),
-            // GCRA on one key holding the theoretical arrival time (ms).
+            // GCRA on one key holding the theoretical arrival time (µs;
+            // Lua's doubles hold these exactly until 2255).
             gcra: Script::new(
                 "local now = tonumber(ARGV[1]) \
                  local tat = tonumber(redis.call('GET', KEYS[1]) or now) \
@@ -69,7 +70,7 @@ impl Remote {
                  local over = new - now - tonumber(ARGV[3]) \
                  if over > 0 then return over end \
                  redis.call('SET', KEYS[1], string.format('%.0f', new), \
-                   'PX', string.format('%.0f', math.max(1, new - now))) \
+                   'PX', string.format('%.0f', math.max(1, math.ceil((new - now) / 1000)))) \
                  return 0",
             ),
             incr: Script::new(
