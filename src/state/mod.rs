@@ -60,9 +60,11 @@ impl Store {
                 cfg.file.clone(),
                 Arc::clone(&clock),
             )),
-            StateBackend::Redis => {
-                Backend::Redis(Box::new(remote::Remote::open(&cfg.url, cfg.cluster)?))
-            }
+            StateBackend::Redis => Backend::Redis(Box::new(remote::Remote::open(
+                &cfg.url,
+                cfg.cluster,
+                cfg.timeout.0,
+            )?)),
         };
         Ok(Store {
             backend,

@@ -1,12 +1,14 @@
 //! The Redis / Valkey backend: one server (through a connection manager
 //! that reconnects by itself) or a cluster (connected on first use and
-//! again after a failure). Each operation is one round trip on one key,
-//! so it works unchanged on a cluster.
+//! again after a broken connection or a timeout; the client follows a
+//! failover by itself, reading the slot map again). Each operation is one
+//! round trip on one key, so it works unchanged on a cluster.
 
 use super::StoreError;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Script};
+use std::future::Future;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -15,6 +17,8 @@ enum Conn {
     Cluster {
         client: Box<redis::cluster::ClusterClient>,
         conn: Mutex<Option<ClusterConnection>>,
+        /// The store's deadline, so that a call it gives up on is known here.
+        deadline: Duration,
     },
 }
 
@@ -36,12 +40,18 @@ fn secs(ttl: Duration) -> u64 {
 impl Remote {
     /// `url`: `redis://host:port/db`; for a cluster, any of its nodes
     /// (several separated by commas). Connects lazily.
-    pub fn open(url: &str, cluster: bool) -> Result<Remote, StoreError> {
+    pub fn open(url: &str, cluster: bool, deadline: Duration) -> Result<Remote, StoreError> {
         let conn = if cluster {
             let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(deadline)
+                .response_timeout(deadline)
+                .build()
+                .map_err(err)?;
             Conn::Cluster {
-                client: Box::new(redis::cluster::ClusterClient::new(nodes).map_err(err)?),
+                client: Box::new(client),
                 conn: Mutex::new(None),
+                deadline,
             }
         } else {
             let client = redis::Client::open(url).map_err(err)?;
@@ -86,9 +96,7 @@ impl Remote {
             Conn::Single(m) => cmd.query_async(&mut m.clone()).await.map_err(err),
             Conn::Cluster { .. } => {
                 let mut c = self.cluster().await?;
-                let r = cmd.query_async(&mut c).await;
-                self.forget_on_error(&r).await;
-                r.map_err(err)
+                self.settle(cmd.query_async(&mut c)).await
             }
         }
     }
@@ -108,15 +116,13 @@ impl Remote {
             Conn::Single(m) => inv.invoke_async(&mut m.clone()).await.map_err(err),
             Conn::Cluster { .. } => {
                 let mut c = self.cluster().await?;
-                let r = inv.invoke_async(&mut c).await;
-                self.forget_on_error(&r).await;
-                r.map_err(err)
+                self.settle(inv.invoke_async(&mut c)).await
             }
         }
     }
 
     async fn cluster(&self) -> Result<ClusterConnection, StoreError> {
-        let Conn::Cluster { client, conn } = &self.conn else {
+        let Conn::Cluster { client, conn, .. } = &self.conn else {
             return Err(StoreError::Backend("not a cluster".into()));
         };
         let mut held = conn.lock().await;
@@ -128,13 +134,28 @@ impl Remote {
         Ok(c)
     }
 
-    /// A cluster connection that failed is made again on the next call.
-    async fn forget_on_error<T>(&self, r: &redis::RedisResult<T>) {
-        if let (Err(e), Conn::Cluster { conn, .. }) = (r, &self.conn)
-            && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
-        {
-            *conn.lock().await = None;
-        }
+    /// Runs one cluster call within the deadline. A connection that broke
+    /// or went silent is made again on the next call (the client also
+    /// follows a failover by itself, reading the slot map again).
+    async fn settle<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let Conn::Cluster { conn, deadline, .. } = &self.conn else {
+            return Err(StoreError::Backend("not a cluster".into()));
+        };
+        let broken = match tokio::time::timeout(*deadline, call).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e))
+                if !(e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()) =>
+            {
+                return Err(err(e));
+            }
+            Ok(Err(e)) => err(e),
+            Err(_) => StoreError::Timeout(*deadline),
+        };
+        *conn.lock().await = None;
+        Err(broken)
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {

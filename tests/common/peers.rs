@@ -201,15 +201,37 @@ impl Drop for Redis {
     }
 }
 
-/// Three Redis nodes on loopback joined into one cluster (no replicas).
+/// Redis nodes on loopback joined into one cluster: three masters, and
+/// with `with_replicas` a replica for each (failover after 1 s).
 pub struct RedisCluster {
     pub nodes: Vec<Redis>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<Redis> = (0..3)
-            .map(|_| Redis::start_node(&["--cluster-enabled", "yes"]))
+        Self::create(0)
+    }
+
+    /// Three masters and three replicas; a master silent for 1 s is
+    /// replaced by its replica.
+    pub fn with_replicas() -> RedisCluster {
+        Self::create(1)
+    }
+
+    fn create(replicas: usize) -> RedisCluster {
+        // Replicas sync at once (Redis waits 5 s for more replicas by
+        // default, and a replica that never synced cannot take over).
+        let nodes: Vec<Redis> = (0..3 * (1 + replicas))
+            .map(|_| {
+                Redis::start_node(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ])
+            })
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
@@ -218,24 +240,75 @@ impl RedisCluster {
         run(Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"]));
-        let until = Instant::now() + Duration::from_secs(20);
-        for n in &nodes {
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]));
+        let cluster = RedisCluster { nodes };
+        for n in &cluster.nodes {
+            cluster.wait_ok(n.port, Duration::from_secs(20));
+        }
+        if replicas > 0 {
+            cluster.wait_replicas_synced(Duration::from_secs(20));
+        }
+        cluster
+    }
+
+    /// Waits until every replica has its master's data.
+    fn wait_replicas_synced(&self, within: Duration) {
+        let until = Instant::now() + within;
+        for n in &self.nodes {
             loop {
                 let info = run(Command::new("redis-cli").args([
                     "-p",
                     &n.port.to_string(),
-                    "cluster",
                     "info",
+                    "replication",
                 ]));
-                if info.contains("cluster_state:ok") {
+                if info.contains("role:master") || info.contains("master_link_status:up") {
                     break;
                 }
-                assert!(Instant::now() < until, "cluster not ok: {info}");
+                assert!(Instant::now() < until, "replica not in sync: {info}");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        RedisCluster { nodes }
+    }
+
+    /// Waits until the node on `port` says the cluster is whole.
+    pub fn wait_ok(&self, port: u16, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let info =
+                run(Command::new("redis-cli").args(["-p", &port.to_string(), "cluster", "info"]));
+            if info.contains("cluster_state:ok") {
+                return;
+            }
+            assert!(Instant::now() < until, "cluster not ok: {info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The port of the master serving `key` now, as node 0 sees it.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let port = self.nodes[0].port.to_string();
+        let slot: u16 =
+            run(Command::new("redis-cli").args(["-p", &port, "cluster", "keyslot", key]))
+                .trim()
+                .parse()
+                .unwrap();
+        let nodes = run(Command::new("redis-cli").args(["-p", &port, "cluster", "nodes"]));
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !f.get(2).is_some_and(|flags| flags.contains("master")) {
+                continue;
+            }
+            let serves = f.iter().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if serves {
+                let addr = f[1].split('@').next().unwrap();
+                return addr.rsplit(':').next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no master for slot {slot}: {nodes}");
     }
 
     /// Every node, comma separated, as `state.url` takes them.

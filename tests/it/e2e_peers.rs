@@ -392,8 +392,9 @@ async fn client_name_reaches_postfix_as_its_own_lookup_would() {
 /// Scale-out in front of a real Postfix: HAProxy (PROXY v2) over two
 /// instances sharing one Redis, both relaying to Postfix. The first
 /// attempt is greylisted, the retry (through the other instance, round
-/// robin) passes, Postfix stores the message once and saw the real
-/// client address through HAProxy and XCLIENT.
+/// robin: each greets with its own name) passes, Postfix stores the
+/// message once and saw the real client address through HAProxy and
+/// XCLIENT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Postfix, haproxy and redis-server (installed by .ci/run)"]
 async fn greylisted_through_haproxy_and_two_instances_into_postfix() {
@@ -409,18 +410,31 @@ async fn greylisted_through_haproxy_and_two_instances_into_postfix() {
     cfg.state.backend = portcullis::config::StateBackend::Redis;
     cfg.state.url = redis.url();
     cfg.state.timeout = secs(2);
+    // Each instance names itself in its greeting, so the client sees
+    // which one served it.
+    cfg.hostname = "gate-a.test".into();
     let a = Gate::start_clocked(cfg.clone(), Arc::clone(&clock) as Arc<dyn Clock>).await;
+    cfg.hostname = "gate-b.test".into();
     let b = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
     let lb = Haproxy::start(&[a.addr, b.addr]);
     let mut c = common::Client::connect_from(lb.addr(), "127.0.0.57").await;
-    assert!(c.reply().await.starts_with("220"));
+    let first = c.reply().await;
+    assert!(first.starts_with("220 gate-"), "{first}");
     c.cmd("EHLO client.sender.test", "250").await;
     c.cmd("MAIL FROM:<a@sender.test>", "250").await;
     c.cmd("RCPT TO:<user@example.test>", "451 4.7.1").await;
     c.cmd("QUIT", "221").await;
     clock.advance(Duration::from_secs(301));
     let mut c = common::Client::connect_from(lb.addr(), "127.0.0.57").await;
-    assert!(c.reply().await.starts_with("220"));
+    let retry = c.reply().await;
+    assert!(retry.starts_with("220 gate-"), "{retry}");
+    // Round robin: the retry was served by the other instance.
+    assert_ne!(first[..15], retry[..15], "{first} / {retry}");
+    println!(
+        "greylisted by {}, passed by {}",
+        &first[4..15],
+        &retry[4..15]
+    );
     c.cmd("EHLO client.sender.test", "250").await;
     let r = c
         .send_mail(
