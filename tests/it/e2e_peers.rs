@@ -407,6 +407,21 @@ async fn greylisted_through_haproxy_and_two_instances_into_postfix() {
     let mut cfg = in_front_of(pf.port, IdentityMode::Xclient);
     behind_proxy(&mut cfg);
     cfg.checks.greylist.mode = Mode::Enforce;
+    // 40 transactions a minute per sender domain, across both instances.
+    cfg.checks.rate_limits = vec![portcullis::config::RateLimit {
+        name: "per_domain".into(),
+        key: portcullis::config::RateKey::SenderDomain,
+        rate: portcullis::config::Rate {
+            count: 40,
+            per: Duration::from_secs(60),
+        },
+        burst: None,
+        count: portcullis::config::RateCount::Transactions,
+        mode: Mode::Enforce,
+        text: None,
+    }];
+    cfg.limits.max_connections_per_ip = 500;
+    cfg.limits.max_connections_per_network = 500;
     cfg.state.backend = portcullis::config::StateBackend::Redis;
     cfg.state.url = redis.url();
     cfg.state.timeout = secs(2);
@@ -449,5 +464,54 @@ async fn greylisted_through_haproxy_and_two_instances_into_postfix() {
     assert!(
         mail.contains("from client.sender.test (unknown [127.0.0.57])"),
         "{mail}"
+    );
+
+    // The rate limit under load: 100 transactions from one busy domain,
+    // 20 clients at once through HAProxy; 40 reach Postfix.
+    clock.advance(Duration::from_secs(120));
+    let mut workers = Vec::new();
+    for w in 0..20 {
+        let addr = lb.addr();
+        workers.push(tokio::spawn(async move {
+            let mut taken = 0;
+            for i in 0..5 {
+                let mut c = common::Client::connect_from(addr, "127.0.0.57").await;
+                assert!(c.reply().await.starts_with("220"));
+                c.cmd("EHLO client.sender.test", "250").await;
+                // Allowed for greylisting (it passed above): the limit decides.
+                let r = c.cmd("MAIL FROM:<a@sender.test>", "").await;
+                if r.starts_with("250") {
+                    c.cmd("RCPT TO:<user@example.test>", "250").await;
+                    c.cmd("DATA", "354").await;
+                    c.send(format!("Subject: load {w}-{i}\r\n\r\nx\r\n.\r\n").as_bytes())
+                        .await;
+                    assert!(c.reply().await.starts_with("250"));
+                    taken += 1;
+                } else {
+                    assert!(r.starts_with("451 4.7.1"), "{r}");
+                }
+                c.cmd("QUIT", "221").await;
+            }
+            taken
+        }));
+    }
+    let mut taken = 0;
+    for w in workers {
+        taken += w.await.unwrap();
+    }
+    let count = || std::fs::read_dir(pf.inbox()).map_or(0, |d| d.count());
+    let until = Instant::now() + Duration::from_secs(30);
+    while count() < 1 + taken && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "rate limit 40/min through HAProxy and two instances: {taken} of 100 taken, {} in Postfix's Maildir",
+        count() - 1
+    );
+    assert!((38..=42).contains(&taken), "{taken}");
+    assert_eq!(
+        count(),
+        1 + taken,
+        "every accepted message stored by Postfix, once"
     );
 }
