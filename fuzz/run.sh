@@ -2,7 +2,7 @@
 # Builds and runs one cargo-fuzz target (libFuzzer + ASan) on a stable
 # toolchain: cargo-fuzz itself cannot pass --ignore-rust-version (see the
 # README), so this does its build step by hand with the same flags.
-#   fuzz/run.sh command_parser|data_reader [SECONDS]
+#   fuzz/run.sh command_parser|data_reader|milter_codec [SECONDS]
 set -euo pipefail
 T=${1:?target}; SECS=${2:-600}
 cd "$(dirname "$0")"

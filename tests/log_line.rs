@@ -66,6 +66,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     let l = &lines[0];
     assert!(l["session"].as_str().is_some_and(|s| s.len() == 14), "{l}");
     assert_eq!(l["client_ip"], "127.0.0.10");
+    assert_eq!(l["mode"], "proxy");
     assert_eq!(l["helo"], "log.test");
     assert_eq!(l["mail_from"], "a@sender.test");
     assert_eq!(l["rcpt_count"], 0);

@@ -81,6 +81,7 @@ async fn refuse(
     })
     .await;
     RefusedConnection {
+        mode: "proxy",
         session: id,
         client_ip: ip,
         code: r.code,

@@ -256,6 +256,7 @@ impl Session {
     async fn refuse_connection(&mut self, r: &Reply, reason: &str) {
         self.reply(r);
         RefusedConnection {
+            mode: "proxy",
             session: &self.peer.id,
             client_ip: self.peer.addr.ip(),
             code: r.code,

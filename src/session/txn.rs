@@ -231,6 +231,7 @@ impl Session {
     fn record(&self, t: &Logged<'_>, end: &Ending<'_>) {
         let (checks, said) = (t.checks, end.said);
         TxnRecord {
+            mode: "proxy",
             session: &self.peer.id,
             client_ip: self.peer.addr.ip(),
             helo: self.helo.as_deref().unwrap_or(""),

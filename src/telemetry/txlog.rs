@@ -39,6 +39,8 @@ impl Verdict {
 /// Everything the transaction line says.
 #[derive(Debug, Clone)]
 pub struct TxnRecord<'a> {
+    /// The front door: `proxy` or `milter`.
+    pub mode: &'static str,
     pub session: &'a str,
     pub client_ip: IpAddr,
     pub helo: &'a str,
@@ -95,6 +97,7 @@ impl TxnRecord<'_> {
         tracing::info!(
             target: "portcullis::txn",
             event = "transaction",
+            mode = self.mode,
             session = self.session,
             client_ip = %self.client_ip,
             helo = self.helo,
@@ -130,6 +133,7 @@ impl TxnRecord<'_> {
 /// A connection refused before or at the greeting.
 #[derive(Debug, Clone)]
 pub struct RefusedConnection<'a> {
+    pub mode: &'static str,
     pub session: &'a str,
     pub client_ip: IpAddr,
     pub code: u16,
@@ -144,6 +148,7 @@ impl RefusedConnection<'_> {
         tracing::info!(
             target: "portcullis::txn",
             event = "refused",
+            mode = self.mode,
             session = self.session,
             client_ip = %self.client_ip,
             verdict = "reject",
