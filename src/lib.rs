@@ -10,6 +10,8 @@
 //! test `layers_point_down` below keeps it so).
 //! - `server`: wiring, listeners, incoming PROXY, reload, status page, TLS;
 //!   `cli`: the offline verbs `explain` and `stats` (no server).
+//! - `milter`: the second front door, a milter for Postfix or Sendmail; it
+//!   drives the same `checks::Screen` (and shares the session's `Runtime`).
 //! - `session`: the proxy's client session, one file per SMTP stage; it
 //!   drives a `checks::Screen` and relays through `upstream`.
 //! - `checks`: the one check engine (a `Check` per file: limits, DNSBL,
@@ -23,13 +25,15 @@
 //! - `telemetry`: log set-up, every log event with its metrics, HTTP.
 //! - `config`: serde structs; load -> parse -> validate (`file:line:column`).
 //! - `wire`: sans-IO SMTP on the wire: commands and paths, replies, the
-//!   DATA reader and dot-stuffing, PROXY in, XCLIENT and PROXY out;
+//!   DATA reader and dot-stuffing, PROXY in, XCLIENT and PROXY out, the
+//!   milter packets;
 //!   `yaml`: the one module that calls the YAML library.
 
 pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod milter;
 pub mod rules;
 pub mod runtime;
 pub mod server;
@@ -54,6 +58,7 @@ mod tests {
         &["rules", "verdict"],
         &["checks", "upstream"],
         &["session"],
+        &["milter"],
         &["server", "cli"],
     ];
 

@@ -135,6 +135,68 @@ pub struct Config {
     /// Where greylisting keeps what it has seen.
     #[serde(default)]
     pub state: StateConfig,
+    /// The milter front door (inside Postfix or Sendmail).
+    #[serde(default)]
+    pub milter: MilterConfig,
+}
+
+/// Milter listeners: the MTA (Postfix `smtpd_milters`, Sendmail
+/// `INPUT_MAIL_FILTER`) asks us about each connection and message, and
+/// the same checks and rules answer as in proxy mode.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterConfig {
+    /// `127.0.0.1:8891`, `[::1]:8891`, or `unix:/run/portcullis/milter.sock`.
+    pub listen: Vec<MilterListen>,
+    /// Longest packet taken from the MTA (a body chunk is 64 KiB; a header
+    /// field up to Postfix's header_size_limit, 100 KiB by default).
+    pub max_packet: Bytes,
+    /// How long the MTA may take to send its next packet.
+    pub timeout: Secs,
+}
+
+impl Default for MilterConfig {
+    fn default() -> Self {
+        MilterConfig {
+            listen: Vec::new(),
+            max_packet: Bytes(512 * 1024),
+            timeout: Secs(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Where a milter listener is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MilterListen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for MilterListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(serde::de::Error::custom("unix: needs a socket path"));
+            }
+            return Ok(MilterListen::Unix(PathBuf::from(path)));
+        }
+        let addr = s.strip_prefix("inet:").unwrap_or(&s);
+        addr.parse().map(MilterListen::Tcp).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not like 127.0.0.1:8891 or unix:/run/portcullis/milter.sock"
+            ))
+        })
+    }
+}
+
+impl Serialize for MilterListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MilterListen::Tcp(a) => s.serialize_str(&a.to_string()),
+            MilterListen::Unix(p) => s.serialize_str(&format!("unix:{}", p.display())),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -470,8 +532,11 @@ impl Config {
                 format!("{:?} is not a host name", self.hostname),
             );
         }
-        if self.listen.is_empty() {
-            fail("listen", "at least one listener is needed".into());
+        if self.listen.is_empty() && self.milter.listen.is_empty() {
+            fail(
+                "listen",
+                "at least one listener (or milter.listen) is needed".into(),
+            );
         }
         for (i, l) in self.listen.iter().enumerate() {
             if !l.trusted_proxies.is_empty() && !l.proxy_protocol {

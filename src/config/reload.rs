@@ -48,6 +48,7 @@ fn normalized(mut c: Config) -> Config {
 fn keeping_restart_only(mut new: Config, running: &Config) -> Config {
     // Bound sockets and the upstream connection's fixed parameters.
     new.listen = running.listen.clone();
+    new.milter.listen = running.milter.listen.clone();
     new.upstream = running.upstream.clone();
     new.metrics = running.metrics.clone();
     // The log subscriber is installed once per process.

@@ -280,6 +280,29 @@ impl Drop for Reservation {
     }
 }
 
+/// A received message and its share of the memory budget, given back when
+/// the last holder (the session, or a rule evaluation past its budget)
+/// lets it go.
+pub struct Held {
+    pub bytes: Vec<u8>,
+    _reservation: Reservation,
+}
+
+impl Held {
+    pub fn new(bytes: Vec<u8>, reservation: Reservation) -> Held {
+        Held {
+            bytes,
+            _reservation: reservation,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

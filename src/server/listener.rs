@@ -17,19 +17,6 @@ pub(super) fn bind(l: &Listen) -> std::io::Result<TcpListener> {
     sock.listen(l.backlog)
 }
 
-fn session_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    });
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:08x}{:06x}", epoch as u32, n)
-}
-
 pub(super) async fn accept_loop(
     listener: TcpListener,
     conf: Listen,
@@ -100,7 +87,7 @@ async fn connection(
     signal: shutdown::ShutdownSignal,
 ) {
     let _ = sock.set_nodelay(true);
-    let id = session_id();
+    let id = crate::telemetry::session_id();
     let wait = shared.runtime().cfg.timeouts.command.0;
     let Ok(local) = sock.local_addr() else { return };
     let (client, local, initial) = if conf.proxy_protocol {

@@ -2,6 +2,7 @@
 //! headers, session tasks, and graceful shutdown.
 
 mod listener;
+mod milter_in;
 pub mod proxy_in;
 mod reload;
 mod status;
@@ -39,6 +40,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {path}: {source}")]
+    BindUnix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
@@ -55,6 +61,7 @@ pub struct Server {
     /// One reloader (and its counters) for SIGHUP and the status page.
     config_reloads: ConfigReloader,
     listeners: Vec<(TcpListener, Listen)>,
+    milters: Vec<milter_in::MilterListener>,
     metrics: Option<TcpListener>,
     shared: Arc<Shared>,
     limits: Arc<ConnectionLimits>,
@@ -86,6 +93,16 @@ impl Server {
                 source,
             })?;
             listeners.push((sock, l.clone()));
+        }
+        let mut milters = Vec::new();
+        for l in &cfg.milter.listen {
+            milters.push(milter_in::bind(l)?);
+        }
+        if !milters.is_empty() {
+            tracing::info!(
+                listen = ?cfg.milter.listen,
+                "milter listeners bound; the greeting test (greeting.delay) does not apply to milter connections"
+            );
         }
         let metrics = match cfg.metrics.listen {
             Some(addr) => {
@@ -132,6 +149,7 @@ impl Server {
         Ok(Server {
             config_reloads,
             listeners,
+            milters,
             metrics,
             limits: Arc::clone(&shared.limits),
             shared,
@@ -144,6 +162,11 @@ impl Server {
             .iter()
             .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
+    }
+
+    /// The bound TCP milter listeners' addresses.
+    pub fn milter_addrs(&self) -> Vec<SocketAddr> {
+        self.milters.iter().filter_map(|m| m.local_addr()).collect()
     }
 
     pub fn rules(&self) -> Arc<Rules> {
@@ -177,7 +200,8 @@ impl Server {
     /// Serves until `stop` resolves, then drains: no new connections,
     /// transactions in flight get `timeouts.shutdown` to finish, the rest 421.
     pub async fn run(self, stop: impl Future<Output = ()>) {
-        let refresh = self.shared.upstream.spawn_refresh();
+        // Milter-only (no SMTP listener): there is no upstream to watch.
+        let refresh = (!self.listeners.is_empty()).then(|| self.shared.upstream.spawn_refresh());
         let metrics_task = match (self.metrics, crate::telemetry::metrics::install()) {
             (Some(listener), Some(handle)) => {
                 let status = Arc::new(StatusPage {
@@ -229,6 +253,14 @@ impl Server {
                 tracker.clone(),
             )));
         }
+        for m in self.milters {
+            accept_loops.push(tokio::spawn(milter_in::accept_loop(
+                m,
+                Arc::clone(&self.shared),
+                Arc::clone(&self.shutdown),
+                tracker.clone(),
+            )));
+        }
         stop.await;
         tracing::info!(
             open = self.limits.open(),
@@ -251,7 +283,9 @@ impl Server {
             self.shutdown.set(Phase::Abort);
             let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
         }
-        refresh.abort();
+        if let Some(r) = refresh {
+            r.abort();
+        }
         dns_check.abort();
         if let Some(t) = metrics_task {
             t.abort();

@@ -3,20 +3,7 @@
 
 use super::*;
 use crate::checks::DataChecks;
-
-/// A received message and its share of the memory budget, given back when
-/// the last holder (the session, or a rule evaluation past its budget)
-/// lets it go.
-pub(super) struct Held {
-    pub(super) bytes: Vec<u8>,
-    pub(super) _reservation: Reservation,
-}
-
-impl AsRef<[u8]> for Held {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
-    }
-}
+use crate::runtime::limits::Held;
 
 /// A message as read from the client, before any check.
 struct Received {
@@ -59,10 +46,7 @@ impl Session {
         }
         // From here the message is shared with the rule pool; it stays
         // counted against the budget until the last holder lets it go.
-        let msg = Arc::new(Held {
-            bytes: received.msg,
-            _reservation: received.reservation,
-        });
+        let msg = Arc::new(Held::new(received.msg, received.reservation));
         let checked = self.screen.data(&(Arc::clone(&msg) as SharedMessage)).await;
         if let Some(t) = self.txn.as_mut() {
             t.score = checked.outcome.score;

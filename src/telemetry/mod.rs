@@ -120,3 +120,20 @@ pub fn init(log: &Log) -> Result<LogTarget, String> {
     .map_err(|e| e.to_string())?;
     Ok(target)
 }
+
+/// A new session id: 14 hex digits, the process's start second and a
+/// counter, unique per process run (proxy sessions and milter
+/// conversations alike).
+pub fn session_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}{:06x}", epoch as u32, n)
+}

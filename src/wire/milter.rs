@@ -63,9 +63,17 @@ pub enum Family {
     /// No address (a local submission, or unknown).
     Unknown,
     /// A Unix socket: its path.
-    Unix { path: Vec<u8> },
-    Inet { port: u16, address: Vec<u8> },
-    Inet6 { port: u16, address: Vec<u8> },
+    Unix {
+        path: Vec<u8>,
+    },
+    Inet {
+        port: u16,
+        address: Vec<u8>,
+    },
+    Inet6 {
+        port: u16,
+        address: Vec<u8>,
+    },
 }
 
 /// What the MTA sends (SMFIC_*).

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod dns;
+pub mod milter;
 pub mod peers;
 
 use portcullis::config::Config;
@@ -532,6 +533,8 @@ pub async fn start_server_config(cfg: Config) -> Running {
 /// A running Portcullis.
 pub struct Gate {
     pub addr: SocketAddr,
+    /// The first TCP milter listener, when the config has one.
+    pub milter: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     pub done: tokio::task::JoinHandle<()>,
 }
@@ -555,13 +558,19 @@ impl Gate {
         let server = Server::bind_with_clock(cfg, clock).await.expect("bind");
         // As `portcullis run` does: learn upstream's EHLO before serving.
         let _ = server.upstream().probe().await;
-        let addr = server.local_addrs()[0];
+        let addr = server
+            .local_addrs()
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let milter = server.milter_addrs().first().copied();
         let (tx, rx) = oneshot::channel();
         let done = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
         Gate {
             addr,
+            milter,
             stop: Some(tx),
             done,
         }

@@ -17,6 +17,7 @@ mod e2e_peers;
 mod faults_sink;
 mod greylist;
 mod hostile;
+mod milter;
 mod milter_props;
 mod paths;
 mod props;

@@ -30,7 +30,10 @@ fn command() -> impl Strategy<Value = Command> {
                 steps,
             }
         }),
-        (any::<u8>(), proptest::collection::vec((text(), text()), 0..4))
+        (
+            any::<u8>(),
+            proptest::collection::vec((text(), text()), 0..4)
+        )
             .prop_map(|(stage, pairs)| Command::Macros { stage, pairs }),
         (text(), family()).prop_map(|(hostname, family)| Command::Connect { hostname, family }),
         text().prop_map(Command::Helo),
@@ -65,10 +68,16 @@ fn response() -> impl Strategy<Value = Response> {
         Just(Response::Progress),
         text().prop_map(Response::ReplyCode),
         (text(), text()).prop_map(|(name, value)| Response::AddHeader { name, value }),
-        (any::<u32>(), text(), text())
-            .prop_map(|(index, name, value)| Response::InsertHeader { index, name, value }),
-        (any::<u32>(), text(), text())
-            .prop_map(|(index, name, value)| Response::ChangeHeader { index, name, value }),
+        (any::<u32>(), text(), text()).prop_map(|(index, name, value)| Response::InsertHeader {
+            index,
+            name,
+            value
+        }),
+        (any::<u32>(), text(), text()).prop_map(|(index, name, value)| Response::ChangeHeader {
+            index,
+            name,
+            value
+        }),
         text().prop_map(Response::Quarantine),
         (any::<u32>(), text()).prop_map(|(stage, macros)| Response::SetMacros { stage, macros }),
     ]

@@ -1,0 +1,116 @@
+//! Milter listeners (TCP or a Unix socket): each MTA connection becomes a
+//! `milter::serve` task, tracked like sessions so a shutdown drains it.
+
+use crate::config::MilterListen;
+use crate::runtime::shutdown::{Phase, Shutdown};
+use crate::session::Shared;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::task::TaskTracker;
+
+pub enum MilterListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl MilterListener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            MilterListener::Tcp(l) => l.local_addr().ok(),
+            MilterListener::Unix(..) => None,
+        }
+    }
+}
+
+pub fn bind(l: &MilterListen) -> Result<MilterListener, super::ServerError> {
+    match l {
+        MilterListen::Tcp(addr) => {
+            let bound = std::net::TcpListener::bind(addr)
+                .and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    TcpListener::from_std(s)
+                })
+                .map_err(|source| super::ServerError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            Ok(MilterListener::Tcp(bound))
+        }
+        MilterListen::Unix(path) => {
+            // A socket left by an earlier run is in the way; anything else
+            // at that path is not ours to remove.
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(path);
+            }
+            let bound =
+                UnixListener::bind(path).map_err(|source| super::ServerError::BindUnix {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok(MilterListener::Unix(bound, path.clone()))
+        }
+    }
+}
+
+pub async fn accept_loop(
+    listener: MilterListener,
+    shared: Arc<Shared>,
+    shutdown: Arc<Shutdown>,
+    tracker: TaskTracker,
+) {
+    let mut signal = shutdown.signal();
+    loop {
+        let accepted = tokio::select! {
+            _ = signal.reached(Phase::Draining) => break,
+            r = accept(&listener) => r,
+        };
+        match accepted {
+            Ok(task) => {
+                let (id, shared) = (crate::telemetry::session_id(), Arc::clone(&shared));
+                let mut signal = shutdown.signal();
+                tracker.spawn(async move {
+                    tokio::select! {
+                        _ = task(id, shared) => {}
+                        // Past the drain deadline: the MTA applies its
+                        // milter_default_action to what was in flight.
+                        _ = signal.reached(Phase::Abort) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "milter accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    if let MilterListener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+type Serve = Box<
+    dyn FnOnce(
+            String,
+            Arc<Shared>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
+
+/// The next MTA connection, ready to serve.
+async fn accept(l: &MilterListener) -> std::io::Result<Serve> {
+    Ok(match l {
+        MilterListener::Tcp(l) => {
+            let (sock, _) = l.accept().await?;
+            let _ = sock.set_nodelay(true);
+            Box::new(move |id, shared| Box::pin(crate::milter::serve(sock, id, shared)))
+        }
+        MilterListener::Unix(l, _) => {
+            let (sock, _) = l.accept().await?;
+            Box::new(move |id, shared| Box::pin(crate::milter::serve(sock, id, shared)))
+        }
+    })
+}

@@ -1,0 +1,349 @@
+//! The milter front door, driven by a scripted MTA: negotiation, every
+//! callback and reply (connect, HELO, MAIL, RCPT, DATA, header, end of
+//! header, body, end of message, abort, unknown, quit and quit with a new
+//! connection), verdicts as reply codes, our header fields inserted and
+//! forged ones deleted, several messages per connection, and hostile
+//! packets.
+
+use crate::common;
+use common::config::{test_config, with_dns, zone};
+use common::dns::{FakeDns, a};
+use common::milter::{Mta, POSTFIX_STEPS, code_text};
+use common::{FakeMta, Gate, Script};
+use portcullis::config::{Action, Config, MilterListen, Mode, RejectAt, Zone};
+use portcullis::wire::milter::{Command, Family, Response, action, step};
+
+fn milter_config(mta: &FakeMta) -> Config {
+    let mut cfg = test_config(mta.addr);
+    cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
+    cfg.limits.max_connections_per_ip = 100;
+    cfg
+}
+
+/// bl.test lists 127.0.0.3; SPF of sender.test is looked up (none).
+async fn listing_dns() -> FakeDns {
+    FakeDns::start(
+        &["test."],
+        vec![
+            a("2.0.0.127.bl.test.", "127.0.0.2"),
+            a("3.0.0.127.bl.test.", "127.0.0.2"),
+        ],
+    )
+    .await
+}
+
+fn with_checks(cfg: &mut Config, dns: &FakeDns) {
+    with_dns(cfg, dns.addr);
+    cfg.checks.spf.mode = Mode::Record;
+    cfg.checks.dnsbl.mode = Mode::Enforce;
+    cfg.checks.dnsbl.zones = vec![Zone {
+        action: Some(Action::Reject),
+        ..zone("bl.test")
+    }];
+}
+
+async fn gate(cfg: Config) -> (Gate, std::net::SocketAddr) {
+    let gate = Gate::start_config(cfg).await;
+    let milter = gate.milter.expect("a milter listener");
+    (gate, milter)
+}
+
+fn inserted(rs: &[Response]) -> Vec<(u32, String, String)> {
+    rs.iter()
+        .filter_map(|r| match r {
+            Response::InsertHeader { index, name, value } => Some((
+                *index,
+                String::from_utf8_lossy(name).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn negotiation_then_a_clean_message_gets_our_header_fields() {
+    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let mut cfg = milter_config(&mta);
+    with_checks(&mut cfg, &dns);
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    // The actions we use, and every reply we need not give.
+    assert_eq!(m.actions, action::ADD_HEADERS | action::CHANGE_HEADERS);
+    for s in [
+        step::NO_REPLY_HEADER,
+        step::NO_REPLY_EOH,
+        step::NO_REPLY_BODY,
+        step::NO_REPLY_DATA,
+        step::NO_REPLY_UNKNOWN,
+        step::HEADER_LEADING_SPACE,
+    ] {
+        assert_ne!(m.steps & s, 0, "step {s:#x}");
+    }
+    assert_eq!(
+        m.steps & (step::NO_CONNECT | step::NO_MAIL | step::NO_RCPT),
+        0
+    );
+    assert_eq!(
+        m.connect_from("192.0.2.10", "client.example").await,
+        Response::Continue
+    );
+    assert_eq!(m.helo("client.example").await, Response::Continue);
+    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
+    let end = m
+        .message("From: a@sender.test\r\nSubject: hello\r\n\r\nbody\r\n")
+        .await;
+    assert_eq!(end.last(), Some(&Response::Continue), "{end:?}");
+    let fields = inserted(&end);
+    // Ours, at the top, in order, with the space after the colon (agreed).
+    let (i, name, value) = &fields[0];
+    assert_eq!((*i, name.as_str()), (0, "Authentication-Results"));
+    assert!(
+        value.starts_with(" gate.test;") && value.contains("spf=none"),
+        "{value}"
+    );
+    assert!(
+        fields.iter().enumerate().all(|(n, f)| f.0 as usize == n),
+        "{fields:?}"
+    );
+    // Nothing of it went to the proxy's upstream.
+    assert!(mta.stored().is_empty());
+}
+
+#[tokio::test]
+async fn forged_results_are_deleted_by_occurrence_from_the_last() {
+    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let mut cfg = milter_config(&mta);
+    with_checks(&mut cfg, &dns);
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    m.connect_from("192.0.2.10", "client.example").await;
+    m.helo("client.example").await;
+    m.mail("a@sender.test").await;
+    m.rcpt("b@example.test").await;
+    let end = m
+        .message(
+            "Authentication-Results: gate.test; spf=pass smtp.mailfrom=ceo@bank.test\r\n\
+Received: from x\r\n\
+Authentication-Results: (trust me)\r\n\tGATE.TEST; dmarc=pass\r\n\
+Authentication-Results: upstream.example; spf=fail\r\n\
+From: a@sender.test\r\nSubject: forged\r\n\r\nbody\r\n",
+        )
+        .await;
+    let changes: Vec<&Response> = end
+        .iter()
+        .filter(|r| matches!(r, Response::ChangeHeader { .. }))
+        .collect();
+    let delete = |index| Response::ChangeHeader {
+        index,
+        name: b"Authentication-Results".to_vec(),
+        value: Vec::new(),
+    };
+    assert_eq!(changes, [&delete(2), &delete(1)], "{end:?}");
+    assert_eq!(end.last(), Some(&Response::Continue));
+}
+
+#[tokio::test]
+async fn a_listed_client_is_refused_at_each_rcpt_with_our_reply() {
+    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let mut cfg = milter_config(&mta);
+    with_checks(&mut cfg, &dns);
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    assert_eq!(
+        m.connect_from("127.0.0.3", "listed.example").await,
+        Response::Continue
+    );
+    m.helo("listed.example").await;
+    // Delayed to RCPT, as in proxy mode.
+    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    for rcpt in ["b@example.test", "c@example.test"] {
+        let r = code_text(&m.rcpt(rcpt).await);
+        assert!(r.starts_with("550 5.7.1 ") && r.contains("bl.test"), "{r}");
+    }
+    m.send(Command::Abort).await;
+    // The next client on this connection is not refused.
+    m.send(Command::QuitNewConnection).await;
+    assert_eq!(
+        m.connect_from("127.0.0.9", "clean.example").await,
+        Response::Continue
+    );
+    m.helo("clean.example").await;
+    m.mail("a@sender.test").await;
+    assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
+}
+
+#[tokio::test]
+async fn refused_at_connect_and_by_a_connection_rate_limit() {
+    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let mut cfg = milter_config(&mta);
+    with_checks(&mut cfg, &dns);
+    cfg.checks.reject_at = RejectAt::Connect;
+    cfg.checks.rate_limits = vec![portcullis::config::RateLimit {
+        name: "conn".into(),
+        key: portcullis::config::RateKey::ClientAddress,
+        rate: portcullis::config::Rate {
+            count: 1,
+            per: std::time::Duration::from_secs(60),
+        },
+        burst: None,
+        count: portcullis::config::RateCount::Connections,
+        mode: Mode::Enforce,
+        text: None,
+    }];
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    let r = code_text(&m.connect_from("127.0.0.3", "listed.example").await);
+    assert!(r.starts_with("554 5.7.1 "), "{r}");
+    // Settled: the rest of this client's commands are not checked again.
+    assert_eq!(m.helo("listed.example").await, Response::Continue);
+    m.send(Command::QuitNewConnection).await;
+    assert_eq!(
+        m.connect_from("127.0.0.9", "a.example").await,
+        Response::Continue
+    );
+    m.send(Command::QuitNewConnection).await;
+    let r = code_text(&m.connect_from("127.0.0.9", "a.example").await);
+    assert!(r.starts_with("421 4.7.0 Rate limit conn reached"), "{r}");
+}
+
+fn rules(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "portcullis-milter-rules-{}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("r.yaml"), text).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_data_rule_refuses_at_the_end_and_a_shadow_rule_only_logs() {
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = milter_config(&mta);
+    cfg.rules_dir = Some(rules(
+        "data",
+        "rules:\n  - id: BODY_WORD\n    description: a word in the body\n    when: {body: {regex: 'forbidden'}}\n    action: reject\n  - id: SHADOWED\n    description: tried out\n    when: {body: {regex: 'tryout'}}\n    action: reject\n    mode: shadow\n",
+    ));
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    m.connect_from("192.0.2.10", "client.example").await;
+    m.helo("client.example").await;
+    m.mail("a@sender.test").await;
+    m.rcpt("b@example.test").await;
+    let end = m
+        .message("Subject: s\r\n\r\nthis is forbidden here\r\n")
+        .await;
+    let r = code_text(end.last().unwrap());
+    assert!(r.starts_with("550 5.7.1 "), "{r}");
+    assert!(inserted(&end).is_empty(), "no edits on a refusal: {end:?}");
+    // The next message on the same connection, with only the shadow rule.
+    m.mail("a@sender.test").await;
+    m.rcpt("b@example.test").await;
+    let end = m.message("Subject: s\r\n\r\na tryout\r\n").await;
+    assert_eq!(end.last(), Some(&Response::Continue), "{end:?}");
+}
+
+#[tokio::test]
+async fn steps_the_mta_does_not_offer_are_answered_and_unknown_commands_continue() {
+    let mta = FakeMta::start(Script::default()).await;
+    let (_gate, addr) = gate(milter_config(&mta)).await;
+    let mut m = Mta::connect(addr, 0).await;
+    assert_eq!(m.steps, 0);
+    m.connect_from("192.0.2.10", "client.example").await;
+    m.helo("client.example").await;
+    assert_eq!(
+        m.ask(Command::Unknown(b"XYZZY".to_vec())).await,
+        Response::Continue
+    );
+    m.mail("a@sender.test").await;
+    m.rcpt("b@example.test").await;
+    // Data, every header and body chunk answered (checked inside `message`).
+    let end = m.message("Subject: s\r\n\r\nbody\r\n").await;
+    assert_eq!(end.last(), Some(&Response::Continue));
+    m.send(Command::Quit).await;
+    assert!(m.closed().await);
+}
+
+#[tokio::test]
+async fn local_submissions_and_authenticated_clients_are_not_checked() {
+    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let mut cfg = milter_config(&mta);
+    with_checks(&mut cfg, &dns);
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    let r = m
+        .ask(Command::Connect {
+            hostname: b"localhost".to_vec(),
+            family: Family::Unknown,
+        })
+        .await;
+    assert_eq!(r, Response::Accept);
+    m.send(Command::QuitNewConnection).await;
+    // A listed address, but the MTA says it authenticated.
+    m.connect_from("127.0.0.3", "listed.example").await;
+    m.helo("listed.example").await;
+    let r = m
+        .with_macros(
+            b'M',
+            &[("{auth_authen}", "alice")],
+            Command::Mail(vec![b"<alice@sender.test>".to_vec()]),
+        )
+        .await;
+    assert_eq!(r, Response::Continue);
+    assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
+}
+
+#[tokio::test]
+async fn hostile_packets_close_that_connection_only() {
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = milter_config(&mta);
+    cfg.milter.max_packet = portcullis::config::Bytes(70_000);
+    cfg.limits.max_message_size = portcullis::config::Bytes(1000);
+    let (_gate, addr) = gate(cfg).await;
+    // A length past the limit: closed before the packet is read.
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    m.send_raw(&[0x7f, 0xff, 0xff, 0xff, b'B']).await;
+    assert!(m.closed().await);
+    // An unknown packet code.
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    m.send_raw(b"\0\0\0\x01z").await;
+    assert!(m.closed().await);
+    // A message past the size limit: 552 at its end, after it was read.
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    m.connect_from("192.0.2.10", "client.example").await;
+    m.helo("client.example").await;
+    m.mail("a@sender.test").await;
+    m.rcpt("b@example.test").await;
+    let big = format!("Subject: big\r\n\r\n{}", "x".repeat(5000));
+    let r = code_text(m.message(&big).await.last().unwrap());
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    // And the connection goes on.
+    m.mail("a@sender.test").await;
+    m.rcpt("b@example.test").await;
+    let end = m.message("Subject: small\r\n\r\nx\r\n").await;
+    assert_eq!(end.last(), Some(&Response::Continue));
+}
+
+#[tokio::test]
+async fn a_milter_only_config_needs_no_smtp_listener() {
+    let mta = FakeMta::start(Script::default()).await;
+    let yaml = format!(
+        "hostname: gate.test\nlisten: []\nmilter: {{listen: [\"127.0.0.1:0\"]}}\nupstream: {{addr: \"{}\"}}\n",
+        mta.addr
+    );
+    let cfg = Config::parse(&yaml, std::path::Path::new("milter-only.yaml")).unwrap();
+    assert!(cfg.listen.is_empty());
+    // Neither listener: refused, naming both.
+    let none = yaml.replace("milter: {listen: [\"127.0.0.1:0\"]}\n", "");
+    let e = Config::parse(&none, std::path::Path::new("none.yaml")).unwrap_err();
+    assert!(e.to_string().contains("milter.listen"), "{e}");
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    assert_eq!(
+        m.connect_from("192.0.2.10", "c.example").await,
+        Response::Continue
+    );
+}
