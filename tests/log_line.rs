@@ -34,6 +34,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     tls_transaction(&logs).await;
+    milter_transactions(&logs).await;
     explain_sees_what_the_session_saw(&logs).await;
     checks_transaction(&logs).await;
     contract_transactions(&logs).await;
@@ -230,9 +231,86 @@ async fn checks_transaction(logs: &Captured) {
 }
 
 /// Every key of the contract is present with the right type.
+/// The milter front door writes the same line, with `mode=milter`: one
+/// accepted message, and one refused at RCPT by a rule on the sender
+/// (its line written when the MTA aborts the transaction).
+async fn milter_transactions(logs: &Captured) {
+    use common::milter::{Mta, POSTFIX_STEPS};
+    use portcullis::wire::milter::{Command, Response};
+    let dir = std::env::temp_dir().join(format!("portcullis-log-milter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("r.yaml"),
+        "rules:\n  - id: NO_SPAMMER\n    description: a sender we refuse\n    when: {mail_from: {exact: spammer@milter.test}}\n    action: reject\n",
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = test_config(mta.addr);
+    cfg.rules_dir = Some(dir);
+    cfg.milter.listen = vec![portcullis::config::MilterListen::Tcp(
+        "127.0.0.1:0".parse().unwrap(),
+    )];
+    let gate = Gate::start_config(cfg).await;
+    let mut m = Mta::connect(gate.milter.unwrap(), POSTFIX_STEPS).await;
+    m.connect_from("192.0.2.44", "client.example").await;
+    m.helo("milter.example").await;
+    m.mail("z@milter.test").await;
+    m.rcpt("b@example.test").await;
+    let end = m.message("Subject: m\r\n\r\nbody\r\n").await;
+    assert_eq!(end.last(), Some(&Response::Continue));
+    m.mail("spammer@milter.test").await;
+    assert!(matches!(
+        m.rcpt("b@example.test").await,
+        Response::ReplyCode(_)
+    ));
+    m.send(Command::Abort).await;
+    m.send(Command::Quit).await;
+    assert!(m.closed().await);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = |from: &str| -> serde_json::Value {
+        let found: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| l.contains("\"transaction\"") && l.contains(from))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(found.len(), 1, "{from}: {text}");
+        found[0].clone()
+    };
+    let ok = line("\"z@milter.test\"");
+    assert_contract(&ok);
+    assert_eq!(ok["mode"], "milter");
+    assert_eq!(ok["client_ip"], "192.0.2.44");
+    assert_eq!(ok["helo"], "milter.example");
+    assert_eq!(ok["verdict"], "accept");
+    assert_eq!(ok["stage"], "data");
+    assert_eq!(ok["rcpt_count"], 1);
+    assert_eq!(ok["size"], "Subject: m\r\n\r\nbody\r\n".len());
+    let refused = line("spammer@milter.test");
+    assert_contract(&refused);
+    assert_eq!(refused["mode"], "milter");
+    assert_eq!(refused["verdict"], "reject");
+    assert_eq!(refused["stage"], "rcpt");
+    assert_eq!(refused["code"], 550);
+    assert_eq!(refused["reason"], "rule:NO_SPAMMER");
+    // The same keys as a proxy session's line.
+    let proxy = text
+        .lines()
+        .filter(|l| l.contains("\"transaction\"") && l.contains("\"mode\":\"proxy\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .next()
+        .expect("a proxy line before this one");
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&ok), keys(&proxy));
+}
+
 fn assert_contract(l: &serde_json::Value) {
     for k in [
         "timestamp",
+        "mode",
         "session",
         "client_ip",
         "reverse",

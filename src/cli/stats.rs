@@ -19,6 +19,9 @@ struct Line {
     rules: String,
     greylist: String,
     rate_limit: String,
+    /// The front door (`proxy`, `milter`); lines from before it was logged
+    /// were all proxy.
+    mode: String,
 }
 
 /// Parses one log line (json or logfmt); `None` for lines that are not ours.
@@ -60,6 +63,10 @@ fn parse_line(l: &str) -> Option<Line> {
         rules: get("rules"),
         greylist: get("greylist"),
         rate_limit: get("rate_limit"),
+        mode: fields
+            .get("mode")
+            .cloned()
+            .unwrap_or_else(|| "proxy".into()),
     })
 }
 
@@ -136,6 +143,8 @@ pub struct Hour {
 pub struct Report {
     pub transactions: u64,
     pub refused_connections: u64,
+    /// Transactions by front door (`proxy`, `milter`).
+    pub modes: Vec<Count>,
     /// Refused connections by reason (rate: percent of refused connections).
     pub refused_reasons: Vec<Count>,
     pub verdicts: Vec<Count>,
@@ -237,6 +246,7 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
     let mut refused: HashMap<String, u64> = HashMap::new();
     let mut greylist: HashMap<String, u64> = HashMap::new();
     let mut limits: HashMap<String, u64> = HashMap::new();
+    let mut modes: HashMap<String, u64> = HashMap::new();
     let (mut told, mut passed) = (
         std::collections::HashSet::new(),
         std::collections::HashSet::new(),
@@ -273,6 +283,7 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
             }
         }
         r.transactions += 1;
+        *modes.entry(l.mode.clone()).or_insert(0) += 1;
         *verdicts.entry(l.verdict.clone()).or_insert(0) += 1;
         if !l.code.is_empty() && l.code != "0" {
             *codes.entry(l.code.clone()).or_insert(0) += 1;
@@ -320,6 +331,7 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
     }
     let t = r.transactions;
     r.refused_reasons = counts(refused, r.refused_connections, None);
+    r.modes = counts(modes, t, None);
     r.verdicts = counts(verdicts, t, None);
     r.reject_reasons = counts(reasons, t, None);
     r.rules = counts(rules, t, None);
@@ -363,6 +375,7 @@ impl Report {
                 let _ = writeln!(o, "  {:<40} {:>8} {:>7.2}%", c.name, c.count, c.rate);
             }
         };
+        section(&mut o, "front doors (mode)", &self.modes);
         section(&mut o, "verdicts", &self.verdicts);
         section(
             &mut o,
@@ -500,6 +513,7 @@ impl Report {
             }
             let _ = writeln!(o, "</table>");
         };
+        table(&mut o, "Front doors (mode)", &self.modes);
         table(&mut o, "Verdicts", &self.verdicts);
         table(&mut o, "Rejections by reason", &self.reject_reasons);
         table(&mut o, "Rules (enforced)", &self.rules);

@@ -264,3 +264,47 @@ fn greylisting_and_rate_limits_are_reported() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+/// Lines from both front doors are read alike and counted by mode; a line
+/// without `mode` (written before it was logged) counts as proxy.
+#[test]
+fn transactions_are_counted_by_front_door() {
+    let line = |mode: &str, verdict: &str| {
+        let mode = if mode.is_empty() {
+            String::new()
+        } else {
+            format!(r#""mode":"{mode}","#)
+        };
+        format!(
+            r#"{{"timestamp":"2026-11-30T10:00:00Z","event":"transaction",{mode}"client_ip":"192.0.2.1","mail_from":"a@s.test","verdict":"{verdict}","code":550,"reason":"rule:X","rules":"X","dnsbl":""}}"#
+        )
+    };
+    let log = [
+        line("milter", "reject"),
+        line("milter", "accept"),
+        line("milter", "accept"),
+        line("proxy", "reject"),
+        line("", "accept"),
+    ]
+    .join("\n");
+    let path =
+        std::env::temp_dir().join(format!("portcullis-stats-mode-{}.log", std::process::id()));
+    std::fs::write(&path, log + "\n").unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stats(&["--json", path.to_str().unwrap()])).unwrap();
+    let modes: Vec<(String, u64)> = json["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(modes, [("milter".into(), 3), ("proxy".into(), 2)]);
+    let text = stats(&[path.to_str().unwrap()]);
+    assert!(text.contains("front doors (mode)"), "{text}");
+    assert!(text.contains("rule:X"), "{text}");
+}
