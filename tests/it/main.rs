@@ -13,6 +13,7 @@ mod common;
 mod checks;
 mod cli;
 mod differential;
+mod e2e_milter;
 mod e2e_peers;
 mod faults_sink;
 mod greylist;

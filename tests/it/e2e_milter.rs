@@ -1,0 +1,248 @@
+//! End to end in milter mode: a real Postfix with `smtpd_milters` pointing
+//! at Portcullis, swaks (and a plain SMTP client) talking to Postfix. Our
+//! refusals reach the client through Postfix with our code and text, our
+//! Authentication-Results arrive in the Maildir and a forged one does
+//! not, several messages per connection are each checked, and with
+//! Portcullis stopped Postfix applies `milter_default_action`.
+
+use crate::common;
+use common::config::{secs, test_config, zone};
+use common::dns::{FakeDns, a, txt};
+use common::peers::Postfix;
+use portcullis::config::{Action, MilterListen, Mode, Zone};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// swaks to Postfix from `ip`; its whole transcript, whatever the outcome.
+fn swaks(port: u16, ip: &str, from: &str, data: Option<&Path>, extra: &[&str]) -> String {
+    let mut cmd = Command::new("swaks");
+    cmd.args(["--server", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--local-interface", ip, "--helo", "client.sender.test"])
+        .args([
+            "--from",
+            from,
+            "--to",
+            "bob@example.test",
+            "--timeout",
+            "20",
+        ]);
+    if let Some(f) = data {
+        cmd.arg("--data").arg(format!("@{}", f.display()));
+    }
+    cmd.args(extra);
+    let out = cmd.output().expect("swaks (Debian package swaks)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every message in the Maildir once `n` have arrived (10 s at most).
+fn mails(dir: &Path, n: usize) -> Vec<String> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let files: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        if files.len() >= n || Instant::now() > until {
+            let mut all: Vec<String> = files
+                .iter()
+                .map(|f| std::fs::read_to_string(f).unwrap())
+                .collect();
+            all.sort();
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Postfix and swaks (installed by .ci/run)"]
+async fn inside_postfix_as_a_milter() {
+    use base64::Engine;
+    use mail_auth::headers::HeaderWriter;
+    let der = mail_auth::crypto::Ed25519Key::generate_pkcs8().unwrap();
+    let key = mail_auth::crypto::Ed25519Key::from_pkcs8_der(&der).unwrap();
+    let p = base64::engine::general_purpose::STANDARD.encode(key.public_key());
+    let dns = FakeDns::start(
+        &["test."],
+        vec![
+            a("2.0.0.127.bl.test.", "127.0.0.2"),
+            txt("2.0.0.127.bl.test.", "Listed for testing"),
+            txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all"),
+            txt("_dmarc.signed.test.", "v=DMARC1; p=reject"),
+            txt(
+                "ed._domainkey.signed.test.",
+                &format!("v=DKIM1; k=ed25519; p={p}"),
+            ),
+        ],
+    )
+    .await;
+    let rules = std::env::temp_dir().join(format!(
+        "portcullis-e2e-milter-rules-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("r.yaml"),
+        "rules:\n  - id: FORBIDDEN\n    description: a phrase we refuse\n    when: {body: {regex: 'forbidden phrase'}}\n    action: {reject: {code: 550, enhanced: 5.7.1, text: \"Forbidden phrase\"}}\n  - id: TRYOUT\n    description: tried out in shadow\n    when: {subject: {regex: 'tryout'}}\n    action: reject\n    mode: shadow\n",
+    )
+    .unwrap();
+    // Milter only: no SMTP listener of our own.
+    let mut cfg = test_config("127.0.0.1:9".parse().unwrap());
+    cfg.listen.clear();
+    cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
+    cfg.rules_dir = Some(rules);
+    (cfg.dns.nameservers, cfg.dns.timeout) = (vec![dns.addr], secs(2));
+    let c = &mut cfg.checks;
+    c.spf.mode = Mode::Enforce;
+    c.spf.helo = false;
+    c.dkim.mode = Mode::Enforce;
+    c.dmarc.mode = Mode::Enforce;
+    c.dnsbl.mode = Mode::Enforce;
+    c.dnsbl.zones = vec![Zone {
+        action: Some(Action::Reject),
+        ..zone("bl.test")
+    }];
+    let mut gate = common::Gate::start_config(cfg).await;
+    let milter = gate.milter.unwrap();
+    let pf = Postfix::start_with(
+        "milter",
+        &format!(
+            "smtpd_milters = inet:127.0.0.1:{}\nmilter_protocol = 6\nmilter_default_action = tempfail\nmilter_connect_timeout = 5s\nmilter_command_timeout = 10s\nmilter_content_timeout = 20s\n",
+            milter.port()
+        ),
+    );
+    let port = pf.port;
+
+    // A listed client: our code and text at RCPT, as the client sees it.
+    let out =
+        tokio::task::spawn_blocking(move || swaks(port, "127.0.0.2", "spam@pass.test", None, &[]))
+            .await
+            .unwrap();
+    assert!(
+        out.contains("<** 550 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test; Listed for testing"),
+        "{out}"
+    );
+
+    // A signed message with a forged Authentication-Results claiming our
+    // name: delivered with ours, without the forged one.
+    let msg = "From: alice@signed.test\r\nTo: bob@example.test\r\nSubject: signed inside postfix\r\n\r\nHello.\r\n";
+    let sig = mail_auth::dkim::DkimSigner::from_key(key)
+        .domain("signed.test")
+        .selector("ed")
+        .headers(["From", "To", "Subject"])
+        .sign(msg.as_bytes())
+        .unwrap();
+    let forged = "Authentication-Results: gate.test; spf=pass smtp.mailfrom=ceo@bank.test\r\n";
+    let file = pf.run.join("signed.eml");
+    std::fs::write(
+        &file,
+        format!("{forged}{}{msg}", sig.to_header()).replace("\r\n", "\n"),
+    )
+    .unwrap();
+    let f = file.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        swaks(port, "127.0.0.7", "alice@pass.test", Some(&f), &[])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let mail = mails(&pf.inbox(), 1).remove(0);
+    assert!(
+        mail.contains("Authentication-Results: gate.test;"),
+        "{mail}"
+    );
+    assert!(
+        mail.contains("dkim=pass header.d=signed.test header.s=ed"),
+        "{mail}"
+    );
+    assert!(mail.contains("spf=pass"), "{mail}");
+    assert!(
+        mail.contains("dmarc=pass header.from=signed.test"),
+        "{mail}"
+    );
+    assert!(
+        !mail.contains("ceo@bank.test"),
+        "the forged one is gone: {mail}"
+    );
+    assert_eq!(
+        mail.matches("Authentication-Results: gate.test").count(),
+        1,
+        "{mail}"
+    );
+
+    // A DATA-stage rule: refused at the end of the message with our reply.
+    let body = pf.run.join("forbidden.eml");
+    std::fs::write(
+        &body,
+        "From: alice@pass.test\nSubject: hi\n\nthis has the forbidden phrase\n",
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        swaks(port, "127.0.0.7", "alice@pass.test", Some(&body), &[])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("<** 550 5.7.1 Forbidden phrase"), "{out}");
+
+    // A shadow rule only logs: delivered.
+    let out = tokio::task::spawn_blocking(move || {
+        swaks(
+            port,
+            "127.0.0.7",
+            "alice@pass.test",
+            None,
+            &["--header", "Subject: a tryout"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+
+    // Several messages on one connection, each checked: the second is
+    // refused by the DATA rule, the first and third delivered.
+    let mut c = common::Client::connect_from(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "127.0.0.8",
+    )
+    .await;
+    assert!(c.reply().await.starts_with("220"));
+    c.cmd("EHLO multi.sender.test", "250").await;
+    for (i, text, want) in [
+        (1, "first", "250"),
+        (2, "the forbidden phrase", "550 5.7.1"),
+        (3, "third", "250"),
+    ] {
+        let msg = format!("From: alice@pass.test\r\nSubject: multi {i}\r\n\r\n{text}\r\n");
+        let r = c
+            .send_mail("alice@pass.test", &["bob@example.test"], msg.as_bytes())
+            .await;
+        assert!(r.starts_with(want), "message {i}: {r}");
+    }
+    c.cmd("QUIT", "221").await;
+    let all = mails(&pf.inbox(), 4);
+    assert_eq!(all.len(), 4, "signed, tryout, multi 1 and 3");
+    assert!(all.iter().any(|m| m.contains("Subject: multi 3")));
+    assert!(!all.iter().any(|m| m.contains("Subject: multi 2")));
+
+    // Portcullis stopped: Postfix applies milter_default_action (tempfail).
+    gate.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(15), &mut gate.done).await;
+    let out =
+        tokio::task::spawn_blocking(move || swaks(port, "127.0.0.7", "alice@pass.test", None, &[]))
+            .await
+            .unwrap();
+    assert!(out.contains("<** 451 4.7.1"), "{out}");
+    // Postfix's own log names the milter's refusals, at RCPT and at the end.
+    let log = std::fs::read_to_string(pf.run.join("maillog")).unwrap_or_default();
+    for want in [
+        "milter-reject: RCPT from unknown[127.0.0.2]: 550 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test",
+        "milter-reject: END-OF-MESSAGE from unknown[127.0.0.7]: 5.7.1 Forbidden phrase",
+        &format!(
+            "connect to Milter service inet:127.0.0.1:{}: Connection refused",
+            milter.port()
+        ),
+        "milter-reject: MAIL from unknown[127.0.0.7]: 451 4.7.1 Service unavailable - try again later",
+    ] {
+        assert!(log.contains(want), "{want} not in {log}");
+    }
+}
