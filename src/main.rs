@@ -103,11 +103,19 @@ fn main() -> ExitCode {
                         }
                         return ExitCode::FAILURE;
                     }
-                    outln!(
-                        "config ok: {} listener(s), upstream {}",
-                        c.listen.len(),
-                        c.upstream.addr
-                    );
+                    if c.listen.is_empty() {
+                        outln!(
+                            "config ok: milter only, {} milter listener(s)",
+                            c.milter.listen.len()
+                        );
+                    } else {
+                        outln!(
+                            "config ok: {} listener(s), upstream {}, {} milter listener(s)",
+                            c.listen.len(),
+                            c.upstream.addr,
+                            c.milter.listen.len()
+                        );
+                    }
                     let set = rules.current();
                     outln!("rules directory: {}", rules.dir().display());
                     if set.rules().is_empty() {

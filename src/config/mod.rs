@@ -108,6 +108,8 @@ pub struct Config {
     /// Our name in the greeting, EHLO replies and the log.
     pub hostname: String,
     pub listen: Vec<Listen>,
+    /// The MTA behind the SMTP listeners (none for a milter-only gate).
+    #[serde(default = "no_upstream")]
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub tls: Option<Tls>,
@@ -290,6 +292,21 @@ pub struct UpstreamConfig {
     /// Name expected in upstream's certificate (default: its IP address).
     #[serde(default)]
     pub tls_name: Option<String>,
+}
+
+/// `upstream` left out: an address no MTA has, refused by validation
+/// unless there is no SMTP listener (milter only).
+fn no_upstream() -> UpstreamConfig {
+    UpstreamConfig {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        client_identity: default_identity(),
+        helo_name: None,
+        timeouts: UpstreamTimeouts::default(),
+        probe_interval: default_probe_interval(),
+        tls: UpstreamTls::None,
+        tls_ca: None,
+        tls_name: None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -530,6 +547,12 @@ impl Config {
             fail(
                 "hostname",
                 format!("{:?} is not a host name", self.hostname),
+            );
+        }
+        if !self.listen.is_empty() && self.upstream.addr.port() == 0 {
+            fail(
+                "upstream",
+                "the SMTP listeners (listen) need an upstream MTA to relay to".into(),
             );
         }
         if self.listen.is_empty() && self.milter.listen.is_empty() {
