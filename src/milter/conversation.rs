@@ -108,7 +108,9 @@ impl Conversation {
         let cfg = Arc::clone(&self.shared.runtime().cfg);
         let wait = cfg.milter.timeout.0;
         let mut decoder = Decoder::new(cfg.milter.max_packet.as_usize());
-        let mut buf = vec![0u8; READ];
+        // Not zeroed: read_buf fills it (a fresh 64 KiB memset per MTA
+        // connection was 3% of the profile).
+        let mut buf = Vec::with_capacity(READ);
         let mut out = Vec::new();
         let why = 'conversation: loop {
             loop {
@@ -132,10 +134,11 @@ impl Conversation {
                 }
                 out.clear();
             }
-            match tokio::time::timeout(wait, io.read(&mut buf)).await {
+            buf.clear();
+            match tokio::time::timeout(wait, io.read_buf(&mut buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => break "disconnect",
                 Err(_) => break "timeout",
-                Ok(Ok(n)) => decoder.feed(&buf[..n]),
+                Ok(Ok(_)) => decoder.feed(&buf),
             }
         };
         self.end_client(why);

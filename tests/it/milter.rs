@@ -347,3 +347,52 @@ async fn a_milter_only_config_needs_no_smtp_listener() {
         Response::Continue
     );
 }
+
+/// A Unix socket listener: mode 0660 (the MTA's group), negotiation and a
+/// connect over it, and the socket removed at shutdown.
+#[tokio::test]
+async fn a_unix_socket_listener_serves_and_is_removed_at_shutdown() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mta = FakeMta::start(Script::default()).await;
+    let path = std::env::temp_dir().join(format!("portcullis-milter-{}.sock", std::process::id()));
+    let mut cfg = milter_config(&mta);
+    cfg.milter.listen = vec![MilterListen::Unix(path.clone())];
+    let mut gate = Gate::start_config(cfg).await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660);
+    let mut sock = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut out = Vec::new();
+    Command::Negotiate {
+        version: 6,
+        actions: 0x1ff,
+        steps: POSTFIX_STEPS,
+    }
+    .encode(&mut out);
+    Command::Connect {
+        hostname: b"c.example".to_vec(),
+        family: Family::Inet {
+            port: 25,
+            address: b"192.0.2.10".to_vec(),
+        },
+    }
+    .encode(&mut out);
+    sock.write_all(&out).await.unwrap();
+    let mut d = portcullis::wire::milter::Decoder::new(1 << 16);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let mut buf = [0u8; 512];
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        d.feed(&buf[..n]);
+        while let Some(r) = d.response().unwrap() {
+            got.push(r);
+        }
+    }
+    assert!(matches!(got[0], Response::Negotiate { version: 6, .. }));
+    assert_eq!(got[1], Response::Continue);
+    drop(sock);
+    gate.stop();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut gate.done).await;
+    assert!(!path.exists(), "the socket is removed at shutdown");
+}

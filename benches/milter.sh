@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Milter benchmark: smtp-source into a real Postfix three ways, alternating
+# in one run (quote medians and ratios; machines are noisy):
+#   plain      no milter
+#   milter_off Portcullis as a milter with every check off
+#   milter_on  Portcullis as a milter with SPF and 3 DNSBL zones (DNS from
+#              examples/bench_dns, warmed first)
+# Postfix discards what it accepts (transport discard:), so the figures are
+# smtpd + cleanup + queue, without delivery.
+#   benches/milter.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
+# Needs Postfix (smtp-source, postfix) and root (Postfix's own users).
+set -euo pipefail
+ROUNDS=${1:-5}; MSGS=${2:-5000}; SESS=${3:-20}; BYTES=${4:-2000}
+cd "$(dirname "$0")/.."
+PLAIN=12540; OFF=12541; ON=12542; M_OFF=12543; M_ON=12544; DNS=127.0.0.1:15354
+TMP=$(mktemp -d); chmod 755 $TMP  # Postfix's own users read its queue under it
+cleanup() {
+  postfix -c $TMP/conf stop >/dev/null 2>&1 || true
+  kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true
+  rm -rf $TMP
+}
+trap cleanup EXIT
+
+cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
+(./target/release/examples/bench_dns $DNS >$TMP/dns.log 2>&1 & echo $! >$TMP/dns.pid)
+
+# UNIX=1: the milters listen on Unix sockets instead of loopback TCP.
+where() { # name port -> the milter's address, as Portcullis and Postfix write it
+  if [ -n "${UNIX:-}" ]; then echo "unix:$TMP/$1.sock"; else echo "inet:127.0.0.1:$2"; fi
+}
+gate() { # name milter-port checks-yaml
+  local at; at=$(where $1 $2); at=${at#inet:}
+  cat >$TMP/$1.yaml <<YAML
+hostname: gate.bench
+listen: []
+milter: {listen: ["$at"]}
+dns: {nameservers: ["$DNS"], min_ttl: 300s}
+log: {format: json, level: warn}
+checks:
+$3
+YAML
+  (./target/release/portcullis run --config $TMP/$1.yaml >$TMP/$1.log 2>&1 & echo $! >$TMP/$1.pid)
+}
+gate off $M_OFF "  spf: {mode: off}
+  dkim: {mode: off}
+  dmarc: {mode: off}
+  arc: {mode: off}
+  iprev: {mode: off}
+  dnsbl: {mode: off}"
+gate on $M_ON "  dkim: {mode: off}
+  dmarc: {mode: off}
+  arc: {mode: off}
+  iprev: {mode: off}
+  spf: {mode: enforce}
+  dnsbl:
+    mode: enforce
+    zones: [{zone: bl1.test, action: reject}, {zone: bl2.test, score: 5}, {zone: bl3.test, score: 5}]"
+
+mkdir -p $TMP/conf $TMP/run/queue $TMP/run/data
+chown postfix $TMP/run/data
+sed -e "s|@RUN@|$TMP/run|g" tests/peers/postfix/main.cf |
+  grep -v '^virtual_' >$TMP/conf/main.cf
+cat >>$TMP/conf/main.cf <<CF
+relay_domains = example.test
+transport_maps = inline:{example.test=discard:}
+milter_protocol = 6
+milter_default_action = tempfail
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+default_process_limit = 200
+CF
+sed -e "s|@PORT@|$PLAIN|; /@PROXY_PORT@/,\$d" tests/peers/postfix/master.cf >$TMP/conf/master.cf
+cat >>$TMP/conf/master.cf <<CF
+127.0.0.1:$OFF inet n - n - - smtpd
+  -o smtpd_milters=$(where off $M_OFF)
+127.0.0.1:$ON inet n - n - - smtpd
+  -o smtpd_milters=$(where on $M_ON)
+CF
+sleep 1  # the milters bind
+[ -n "${UNIX:-}" ] && chmod 666 $TMP/*.sock  # Postfix runs as postfix
+postfix -c $TMP/conf check
+postfix -c $TMP/conf start
+for p in $PLAIN $OFF $ON; do
+  for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+done
+# Warm the DNS cache of the checks-on gate, and Postfix's processes.
+for p in $PLAIN $OFF $ON; do
+  smtp-source -s 2 -m 20 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p
+done
+
+rate() { # port -> msg/s
+  local t0 t1
+  t0=$(date +%s.%N)
+  smtp-source -s $SESS -m $MSGS -l $BYTES -f a@example.test -t b@example.test 127.0.0.1:$1
+  t1=$(date +%s.%N)
+  awk -v m=$MSGS -v a=$t0 -v b=$t1 'BEGIN{printf "%.1f", m/(b-a)}'
+}
+TARGETS="plain:$PLAIN milter_off:$OFF milter_on:$ON"
+declare -A all
+for r in $(seq $ROUNDS); do
+  line="round $r:"
+  for t in $TARGETS; do
+    v=$(rate ${t#*:}); all[${t%%:*}]+="$v "
+    line="$line ${t%%:*} $v"
+  done
+  echo "$line msg/s"
+done
+median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+d=$(median "${all[plain]}")
+printf 'median msg/s: plain %.0f' "$d"
+for t in milter_off milter_on; do
+  m=$(median "${all[$t]}")
+  printf ', %s %.0f (ratio %.2f)' "$t" "$m" "$(awk -v a=$m -v b=$d 'BEGIN{print a/b}')"
+done
+printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
+tick=$(getconf CLK_TCK)
+for n in off on; do
+  printf 'portcullis (%s) cpu per message: %s us\n' $n \
+    "$(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/$n.pid)/stat)"
+done
