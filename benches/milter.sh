@@ -5,6 +5,8 @@
 #   milter_off Portcullis as a milter with every check off
 #   milter_on  Portcullis as a milter with SPF and 3 DNSBL zones (DNS from
 #              examples/bench_dns, warmed first)
+#   opendkim   Debian's OpenDKIM as a verify-only milter, for comparison
+#              (when /usr/sbin/opendkim is installed; .ci/run does not need it)
 # Postfix discards what it accepts (transport discard:), so the figures are
 # smtpd + cleanup + queue, without delivery.
 #   benches/milter.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
@@ -13,6 +15,7 @@ set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-5000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 PLAIN=12540; OFF=12541; ON=12542; M_OFF=12543; M_ON=12544; DNS=127.0.0.1:15354
+DKIM=12545; M_DKIM=12546
 TMP=$(mktemp -d); chmod 755 $TMP  # Postfix's own users read its queue under it
 cleanup() {
   postfix -c $TMP/conf stop >/dev/null 2>&1 || true
@@ -76,15 +79,32 @@ cat >>$TMP/conf/master.cf <<CF
 127.0.0.1:$ON inet n - n - - smtpd
   -o smtpd_milters=$(where on $M_ON)
 CF
+TARGETS="plain:$PLAIN milter_off:$OFF milter_on:$ON"
+if [ -x /usr/sbin/opendkim ]; then
+  cat >$TMP/opendkim.conf <<CF
+Mode v
+Socket $(where dkim $M_DKIM | sed 's/^inet:\(.*\):\(.*\)$/inet:\2@\1/')
+Syslog no
+PidFile $TMP/opendkim.file.pid
+CF
+  (/usr/sbin/opendkim -f -x $TMP/opendkim.conf >$TMP/opendkim.log 2>&1 & echo $! >$TMP/opendkim.pid)
+  cat >>$TMP/conf/master.cf <<CF
+127.0.0.1:$DKIM inet n - n - - smtpd
+  -o smtpd_milters=$(where dkim $M_DKIM)
+CF
+  TARGETS="$TARGETS opendkim:$DKIM"
+fi
 sleep 1  # the milters bind
 [ -n "${UNIX:-}" ] && chmod 666 $TMP/*.sock  # Postfix runs as postfix
 postfix -c $TMP/conf check
 postfix -c $TMP/conf start
-for p in $PLAIN $OFF $ON; do
+for t in $TARGETS; do
+  p=${t#*:}
   for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
 # Warm the DNS cache of the checks-on gate, and Postfix's processes.
-for p in $PLAIN $OFF $ON; do
+for t in $TARGETS; do
+  p=${t#*:}
   smtp-source -s 2 -m 20 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p
 done
 
@@ -95,7 +115,6 @@ rate() { # port -> msg/s
   t1=$(date +%s.%N)
   awk -v m=$MSGS -v a=$t0 -v b=$t1 'BEGIN{printf "%.1f", m/(b-a)}'
 }
-TARGETS="plain:$PLAIN milter_off:$OFF milter_on:$ON"
 declare -A all
 for r in $(seq $ROUNDS); do
   line="round $r:"
@@ -108,7 +127,8 @@ done
 median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 d=$(median "${all[plain]}")
 printf 'median msg/s: plain %.0f' "$d"
-for t in milter_off milter_on; do
+for t in $TARGETS; do
+  t=${t%%:*}; [ $t = plain ] && continue
   m=$(median "${all[$t]}")
   printf ', %s %.0f (ratio %.2f)' "$t" "$m" "$(awk -v a=$m -v b=$d 'BEGIN{print a/b}')"
 done
