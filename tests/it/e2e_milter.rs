@@ -54,6 +54,16 @@ fn mails(dir: &Path, n: usize) -> Vec<String> {
     }
 }
 
+/// A child process killed when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Postfix and swaks (installed by .ci/run)"]
 async fn inside_postfix_as_a_milter() {
@@ -102,8 +112,28 @@ async fn inside_postfix_as_a_milter() {
         action: Some(Action::Reject),
         ..zone("bl.test")
     }];
-    let mut gate = common::Gate::start_config(cfg).await;
-    let milter = gate.milter.unwrap();
+    // The real binary, logging to a file that `stats` then reads.
+    let dir = std::env::temp_dir().join(format!("portcullis-e2e-milter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log_file = dir.join("portcullis.log");
+    let _ = std::fs::remove_file(&log_file);
+    let milter = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    cfg.milter.listen = vec![MilterListen::Tcp(milter)];
+    cfg.log.file = Some(log_file.clone());
+    let conf = dir.join("portcullis.yaml");
+    common::config::write_config(&conf, &cfg);
+    let mut gate = Killed(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(&conf)
+            .spawn()
+            .unwrap(),
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(milter).is_err() {
+        assert!(Instant::now() < until, "the milter listener never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pf = Postfix::start_with(
         "milter",
         &format!(
@@ -224,9 +254,54 @@ async fn inside_postfix_as_a_milter() {
     assert!(all.iter().any(|m| m.contains("Subject: multi 3")));
     assert!(!all.iter().any(|m| m.contains("Subject: multi 2")));
 
+    // The same log line and stats as in proxy mode, with the mode named.
+    let stats = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["stats", "--json"])
+        .arg(&log_file)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let names = |k: &str| -> Vec<(String, u64)> {
+        json[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().into(),
+                    c["count"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Listed (1), signed, forbidden, tryout, multi 1 to 3: 7 transactions.
+    assert_eq!(names("modes"), [("milter".into(), 7)], "{json}");
+    let reasons = names("reject_reasons");
+    assert!(
+        reasons.contains(&("dnsbl:bl.test".into(), 1)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("rule:FORBIDDEN".into(), 2)),
+        "{reasons:?}"
+    );
+    assert!(
+        names("shadow_rules").contains(&("TRYOUT".into(), 1)),
+        "{json}"
+    );
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(
+        log.contains(r#""event":"transaction","mode":"milter""#),
+        "{log}"
+    );
+    assert!(
+        log.contains("greeting test (greeting.delay) does not apply"),
+        "{log}"
+    );
+
     // Portcullis stopped: Postfix applies milter_default_action (tempfail).
-    gate.stop();
-    let _ = tokio::time::timeout(Duration::from_secs(15), &mut gate.done).await;
+    let _ = gate.0.kill();
+    let _ = gate.0.wait();
     let out =
         tokio::task::spawn_blocking(move || swaks(port, "127.0.0.7", "alice@pass.test", None, &[]))
             .await

@@ -396,3 +396,29 @@ async fn a_unix_socket_listener_serves_and_is_removed_at_shutdown() {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut gate.done).await;
     assert!(!path.exists(), "the socket is removed at shutdown");
 }
+
+/// Greylisting through the milter: the first attempt gets our 451 at RCPT
+/// (a tempfail as a reply code), the retry after the delay passes.
+#[tokio::test]
+async fn greylisting_tempfails_with_our_reply_then_passes() {
+    use portcullis::state::{Clock, TestClock};
+    use std::sync::Arc;
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = milter_config(&mta);
+    cfg.checks.greylist.mode = Mode::Enforce;
+    let clock = Arc::new(TestClock::new());
+    let gate = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
+    let mut m = Mta::connect(gate.milter.unwrap(), POSTFIX_STEPS).await;
+    m.connect_from("192.0.2.10", "client.example").await;
+    m.helo("client.example").await;
+    m.mail("a@sender.test").await;
+    let r = code_text(&m.rcpt("b@example.test").await);
+    assert!(
+        r.starts_with("451 4.7.1 ") && r.contains("300 seconds"),
+        "{r}"
+    );
+    m.send(Command::Abort).await;
+    clock.advance(std::time::Duration::from_secs(301));
+    m.mail("a@sender.test").await;
+    assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
+}
