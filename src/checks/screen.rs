@@ -206,6 +206,26 @@ impl Screen {
         None
     }
 
+    /// With `reject_at: connect`, whether to refuse the client before the
+    /// greeting (the DNSBL listings of its address, iprev): 554 for a
+    /// rejection (remembered by reputation), 421 for a tempfail, with the
+    /// reason for the log. Every front door asks this after `admit`.
+    pub async fn refuse_at_connect(&mut self) -> Option<(Reply, String)> {
+        if self.engine.cfg.reject_at != crate::config::RejectAt::Connect {
+            return None;
+        }
+        let outcome = self.greeting().await;
+        let reply = match outcome.decision {
+            Decision::Reject(r) => Reply { code: 554, ..r },
+            Decision::Tempfail(r) => Reply { code: 421, ..r },
+            _ => return None,
+        };
+        if reply.code == 554 {
+            self.refused_at_connect(&outcome.reason).await;
+        }
+        Some((reply, outcome.reason))
+    }
+
     /// For `reject_at: connect`: the verdict on the connection before the
     /// greeting (the DNSBL listings of its address, iprev).
     pub async fn greeting(&mut self) -> Outcome {

@@ -13,7 +13,6 @@
 use super::headers::{Assembled, fields_of};
 use crate::checks::pool::SharedMessage;
 use crate::checks::{Screen, Screened, Stage};
-use crate::config::RejectAt;
 use crate::runtime::limits::{Held, Reservation};
 use crate::session::{Runtime, Shared};
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
@@ -249,20 +248,7 @@ impl Conversation {
         }
         let refused = match client.screen.admit().await {
             Some(r) => Some(r),
-            None if client.rt.cfg.checks.reject_at == RejectAt::Connect => {
-                let outcome = client.screen.greeting().await;
-                let rejected = matches!(outcome.decision, Decision::Reject(_));
-                let refusal = match outcome.decision {
-                    Decision::Reject(r) => Some(Reply { code: 554, ..r }),
-                    Decision::Tempfail(r) => Some(Reply { code: 421, ..r }),
-                    _ => None,
-                };
-                if rejected {
-                    client.screen.refused_at_connect(&outcome.reason).await;
-                }
-                refusal.map(|r| (r, outcome.reason))
-            }
-            None => None,
+            None => client.screen.refuse_at_connect().await,
         };
         let answer = match refused {
             Some((r, reason)) => {

@@ -40,7 +40,7 @@
 
 use crate::checks::pool::SharedMessage;
 use crate::checks::{CheckLog, Engine, Screen, Screened, Stage};
-use crate::config::{BareNewline, Config, RejectAt};
+use crate::config::{BareNewline, Config};
 use crate::rules::{RuleSet, Rules};
 use crate::runtime::Stream;
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget, Reservation};
@@ -286,22 +286,10 @@ impl Session {
             }
             self.screen.greeting_test_passed().await;
         }
-        if self.rt.cfg.checks.reject_at == RejectAt::Connect {
-            let outcome = self.screen.greeting().await;
-            let rejected = matches!(outcome.decision, Decision::Reject(_));
-            let refusal = match outcome.decision {
-                Decision::Reject(r) => Some(Reply { code: 554, ..r }),
-                Decision::Tempfail(r) => Some(Reply { code: 421, ..r }),
-                _ => None,
-            };
-            if let Some(r) = refusal {
-                tracing::debug!(session = %self.peer.id, dnsbl = ?self.screen.log().dnsbl, "refused at connect");
-                if rejected {
-                    self.screen.refused_at_connect(&outcome.reason).await;
-                }
-                self.refuse_connection(&r, &outcome.reason).await;
-                return;
-            }
+        if let Some((r, reason)) = self.screen.refuse_at_connect().await {
+            tracing::debug!(session = %self.peer.id, dnsbl = ?self.screen.log().dnsbl, "refused at connect");
+            self.refuse_connection(&r, &reason).await;
+            return;
         }
         let greeting = format!("220 {} ESMTP Portcullis\r\n", self.rt.cfg.hostname);
         self.conn.queue_raw(greeting.as_bytes());
