@@ -155,6 +155,9 @@ pub struct MilterConfig {
     pub max_packet: Bytes,
     /// How long the MTA may take to send its next packet.
     pub timeout: Secs,
+    /// A message tagged as spam also goes to the MTA's quarantine (Postfix:
+    /// the hold queue), besides getting our X-Spam-* fields.
+    pub quarantine_tagged: bool,
 }
 
 impl Default for MilterConfig {
@@ -163,6 +166,7 @@ impl Default for MilterConfig {
             listen: Vec::new(),
             max_packet: Bytes(512 * 1024),
             timeout: Secs(Duration::from_secs(300)),
+            quarantine_tagged: false,
         }
     }
 }

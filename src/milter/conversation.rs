@@ -28,8 +28,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Read size: a body chunk is at most 64 KiB.
 const READ: usize = 64 * 1024;
 
-/// The actions we ask for: our header fields, and deleting forged ones.
-const ACTIONS: u32 = action::ADD_HEADERS | action::CHANGE_HEADERS;
+/// The actions we ask for: our header fields, deleting forged ones, and
+/// (with `quarantine_tagged`) holding tagged messages.
+const ACTIONS: u32 = action::ADD_HEADERS | action::CHANGE_HEADERS | action::QUARANTINE;
 
 /// Steps the MTA need not wait for our reply to (we refuse only at
 /// connect, HELO, MAIL, RCPT and the end of the message), and header
@@ -434,6 +435,13 @@ impl Conversation {
                             value,
                         });
                     }
+                }
+                if d == Decision::Tag
+                    && c.rt.cfg.milter.quarantine_tagged
+                    && actions & action::QUARANTINE != 0
+                {
+                    let why = format!("Portcullis: {reason}");
+                    edits.push(Response::Quarantine(why.into_bytes()));
                 }
                 edits.push(Response::Continue);
                 let verdict = if d == Decision::Tag {

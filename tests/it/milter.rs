@@ -69,7 +69,10 @@ async fn negotiation_then_a_clean_message_gets_our_header_fields() {
     let (_gate, addr) = gate(cfg).await;
     let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
     // The actions we use, and every reply we need not give.
-    assert_eq!(m.actions, action::ADD_HEADERS | action::CHANGE_HEADERS);
+    assert_eq!(
+        m.actions,
+        action::ADD_HEADERS | action::CHANGE_HEADERS | action::QUARANTINE
+    );
     for s in [
         step::NO_REPLY_HEADER,
         step::NO_REPLY_EOH,
@@ -421,4 +424,38 @@ async fn greylisting_tempfails_with_our_reply_then_passes() {
     clock.advance(std::time::Duration::from_secs(301));
     m.mail("a@sender.test").await;
     assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
+}
+
+/// A message tagged as spam (score over thresholds.tag): our X-Spam-Flag
+/// YES, and with `quarantine_tagged` the MTA is told to hold it.
+#[tokio::test]
+async fn tagged_spam_is_marked_and_held_when_asked() {
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = milter_config(&mta);
+    cfg.rules_dir = Some(rules(
+        "tag",
+        "rules:\n  - id: LOTTERY\n    description: scored\n    when: {subject: {regex: 'lottery'}}\n    action: {score: 10}\n",
+    ));
+    cfg.checks.thresholds.tag = Some(5.0);
+    for quarantine in [false, true] {
+        cfg.milter.quarantine_tagged = quarantine;
+        let gate = Gate::start_config(cfg.clone()).await;
+        let mut m = Mta::connect(gate.milter.unwrap(), POSTFIX_STEPS).await;
+        m.connect_from("192.0.2.10", "client.example").await;
+        m.helo("client.example").await;
+        m.mail("a@sender.test").await;
+        m.rcpt("b@example.test").await;
+        let end = m.message("Subject: you won the lottery\r\n\r\nx\r\n").await;
+        assert_eq!(end.last(), Some(&Response::Continue));
+        assert!(
+            inserted(&end)
+                .iter()
+                .any(|(_, n, v)| n == "X-Spam-Flag" && v.trim() == "YES"),
+            "{end:?}"
+        );
+        let held = end.iter().any(|r| {
+            matches!(r, Response::Quarantine(why) if String::from_utf8_lossy(why).contains("rule:LOTTERY") || String::from_utf8_lossy(why).contains("score"))
+        });
+        assert_eq!(held, quarantine, "{end:?}");
+    }
 }
