@@ -93,7 +93,7 @@ async fn inside_postfix_as_a_milter() {
     std::fs::create_dir_all(&rules).unwrap();
     std::fs::write(
         rules.join("r.yaml"),
-        "rules:\n  - id: FORBIDDEN\n    description: a phrase we refuse\n    when: {body: {regex: 'forbidden phrase'}}\n    action: {reject: {code: 550, enhanced: 5.7.1, text: \"Forbidden phrase\"}}\n  - id: TRYOUT\n    description: tried out in shadow\n    when: {subject: {regex: 'tryout'}}\n    action: reject\n    mode: shadow\n",
+        "rules:\n  - id: FORBIDDEN\n    description: a phrase we refuse\n    when: {body: {regex: 'forbidden phrase'}}\n    action: {reject: {code: 550, enhanced: 5.7.1, text: \"Forbidden phrase\"}}\n  - id: TRYOUT\n    description: tried out in shadow\n    when: {subject: {regex: 'tryout'}}\n    action: reject\n    mode: shadow\n  - id: LOTTERY\n    description: scored as spam\n    when: {subject: {regex: 'lottery'}}\n    action: {score: 10}\n",
     )
     .unwrap();
     // Milter only: no SMTP listener of our own.
@@ -101,6 +101,8 @@ async fn inside_postfix_as_a_milter() {
     cfg.listen.clear();
     cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
     cfg.rules_dir = Some(rules);
+    cfg.checks.thresholds.tag = Some(5.0);
+    cfg.milter.quarantine_tagged = true;
     (cfg.dns.nameservers, cfg.dns.timeout) = (vec![dns.addr], secs(2));
     let c = &mut cfg.checks;
     c.spf.mode = Mode::Enforce;
@@ -228,6 +230,32 @@ async fn inside_postfix_as_a_milter() {
     .unwrap();
     assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
 
+    // Tagged as spam: accepted, and held in Postfix's hold queue.
+    let out = tokio::task::spawn_blocking(move || {
+        swaks(
+            port,
+            "127.0.0.7",
+            "alice@pass.test",
+            None,
+            &["--header", "Subject: you won the lottery"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let queue = Command::new("postqueue")
+        .arg("-c")
+        .arg(&pf.conf)
+        .arg("-p")
+        .output()
+        .unwrap();
+    let queue = String::from_utf8_lossy(&queue.stdout).into_owned();
+    // A held message's queue id carries a '!'.
+    assert!(
+        queue.contains("!") && queue.contains("alice@pass.test"),
+        "{queue}"
+    );
+
     // Several messages on one connection, each checked: the second is
     // refused by the DATA rule, the first and third delivered.
     let mut c = common::Client::connect_from(
@@ -274,8 +302,9 @@ async fn inside_postfix_as_a_milter() {
             })
             .collect()
     };
-    // Listed (1), signed, forbidden, tryout, multi 1 to 3: 7 transactions.
-    assert_eq!(names("modes"), [("milter".into(), 7)], "{json}");
+    // Listed (1), signed, forbidden, tryout, lottery, multi 1 to 3: 8.
+    assert_eq!(names("modes"), [("milter".into(), 8)], "{json}");
+    assert!(names("verdicts").contains(&("tag".into(), 1)), "{json}");
     let reasons = names("reject_reasons");
     assert!(
         reasons.contains(&("dnsbl:bl.test".into(), 1)),
