@@ -256,6 +256,12 @@ async fn milter_transactions(logs: &Captured) {
     m.helo("milter.example").await;
     m.mail("z@milter.test").await;
     m.rcpt("b@example.test").await;
+    // Postfix's queue id, sent with the DATA and end-of-message macros.
+    m.send(Command::Macros {
+        stage: b'T',
+        pairs: vec![(b"i".to_vec(), b"4ABC123DEF".to_vec())],
+    })
+    .await;
     let end = m.message("Subject: m\r\n\r\nbody\r\n").await;
     assert_eq!(end.last(), Some(&Response::Continue));
     m.mail("spammer@milter.test").await;
@@ -284,6 +290,7 @@ async fn milter_transactions(logs: &Captured) {
     assert_eq!(ok["verdict"], "accept");
     assert_eq!(ok["stage"], "data");
     assert_eq!(ok["rcpt_count"], 1);
+    assert_eq!(ok["queue_id"], "4ABC123DEF");
     assert_eq!(ok["size"], "Subject: m\r\n\r\nbody\r\n".len());
     let refused = line("spammer@milter.test");
     assert_contract(&refused);
@@ -305,6 +312,14 @@ async fn milter_transactions(logs: &Captured) {
         k
     };
     assert_eq!(keys(&ok), keys(&proxy));
+    // A proxied message accepted upstream names upstream's queue id.
+    let accepted = text
+        .lines()
+        .filter(|l| l.contains("\"mode\":\"proxy\"") && l.contains("\"verdict\":\"accept\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .next()
+        .expect("an accepted proxy line before this one");
+    assert_eq!(accepted["queue_id"], "FAKE", "{accepted}");
 }
 
 fn assert_contract(l: &serde_json::Value) {
@@ -323,6 +338,7 @@ fn assert_contract(l: &serde_json::Value) {
         "enhanced",
         "reason",
         "upstream_reply",
+        "queue_id",
         "spf",
         "dkim",
         "dmarc",

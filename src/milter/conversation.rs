@@ -380,6 +380,7 @@ impl Conversation {
     /// edits, then the final reply.
     async fn end_of_message(&mut self) -> Vec<Response> {
         let (actions, leading) = (self.actions, self.steps & step::HEADER_LEADING_SPACE != 0);
+        let queue_id = self.macro_value("i");
         let Some(c) = self.client.as_mut().filter(|c| !c.settled) else {
             return vec![Response::Continue];
         };
@@ -449,7 +450,8 @@ impl Conversation {
                 } else {
                     Verdict::Accept
                 };
-                record(c, &t, verdict, Stage::Data, &reply::OK, &reason);
+                let queue_id = queue_id.unwrap_or_default();
+                record_queued(c, &t, verdict, Stage::Data, &reply::OK, &reason, &queue_id);
                 edits
             }
         }
@@ -531,6 +533,19 @@ fn reply_code(r: &Reply) -> Response {
 
 /// The transaction's log line, as the proxy writes it, with `mode=milter`.
 fn record(c: &Client, t: &Txn, verdict: Verdict, stage: Stage, r: &Reply, reason: &str) {
+    record_queued(c, t, verdict, stage, r, reason, "");
+}
+
+/// `record`, with the MTA's queue id (its `i` macro) for an accepted message.
+fn record_queued(
+    c: &Client,
+    t: &Txn,
+    verdict: Verdict,
+    stage: Stage,
+    r: &Reply,
+    reason: &str,
+    queue_id: &str,
+) {
     let log = c.screen.log();
     let (tls_version, tls_cipher) = c
         .tls
@@ -553,6 +568,7 @@ fn record(c: &Client, t: &Txn, verdict: Verdict, stage: Stage, r: &Reply, reason
         enhanced: &r.enhanced_code().unwrap_or_default(),
         reason,
         upstream_reply: "",
+        queue_id,
         duration: t.started.elapsed(),
         reverse: c.screen.reverse().unwrap_or_default().to_string(),
         spf: &log.spf,

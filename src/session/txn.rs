@@ -247,6 +247,11 @@ impl Session {
             enhanced: &said.enhanced,
             reason: end.reason,
             upstream_reply: end.upstream,
+            queue_id: if end.said.code / 100 == 2 {
+                crate::telemetry::queue_id_in(end.upstream)
+            } else {
+                ""
+            },
             duration: t.started.elapsed(),
             reverse: self.screen.reverse().unwrap_or_default().to_string(),
             spf: &checks.spf,

@@ -56,6 +56,9 @@ pub struct TxnRecord<'a> {
     pub enhanced: &'a str,
     pub reason: &'a str,
     pub upstream_reply: &'a str,
+    /// The MTA's queue id for an accepted message (from its reply in proxy
+    /// mode, its `i` macro in milter mode), to find it in the MTA's log.
+    pub queue_id: &'a str,
     pub duration: Duration,
     /// Verified reverse name (iprev pass), else empty.
     pub reverse: String,
@@ -113,6 +116,7 @@ impl TxnRecord<'_> {
             enhanced = self.enhanced,
             reason = self.reason,
             upstream_reply = self.upstream_reply,
+            queue_id = self.queue_id,
             duration_ms = self.duration.as_secs_f64() * 1000.0,
             reverse = %self.reverse,
             spf = self.spf,
@@ -157,5 +161,43 @@ impl RefusedConnection<'_> {
             enhanced = self.enhanced,
             reason = self.reason,
         );
+    }
+}
+
+/// The queue id in an MTA's reply to the message: Postfix's "queued as
+/// 4F2B91C0A2", Exim's "id=1tQ2xY-000123-AB", Sendmail's "4A1B2C3D Message
+/// accepted"; empty when there is none.
+pub fn queue_id_in(reply: &str) -> &str {
+    fn word(s: &str) -> &str {
+        let end = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+            .unwrap_or(s.len());
+        &s[..end]
+    }
+    if let Some((_, rest)) = reply.split_once("queued as ") {
+        return word(rest);
+    }
+    if let Some((_, rest)) = reply.split_once("id=") {
+        return word(rest);
+    }
+    match reply.split_once(" Message accepted") {
+        Some((id, _)) => word(id.rsplit(' ').next().unwrap_or("")),
+        None => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue_id_in;
+
+    #[test]
+    fn queue_ids_of_the_common_mtas() {
+        assert_eq!(queue_id_in("2.0.0 Ok: queued as 4F2B91C0A2"), "4F2B91C0A2");
+        assert_eq!(queue_id_in("OK id=1tQ2xY-000123-AB"), "1tQ2xY-000123-AB");
+        assert_eq!(
+            queue_id_in("2.0.0 4AUAbc12345678 Message accepted for delivery"),
+            "4AUAbc12345678"
+        );
+        assert_eq!(queue_id_in("5.1.1 no such user"), "");
     }
 }

@@ -178,6 +178,13 @@ async fn inside_postfix_as_a_milter() {
     .await
     .unwrap();
     assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let signed_id: String = out
+        .split("queued as ")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect();
     let mail = mails(&pf.inbox(), 1).remove(0);
     assert!(
         mail.contains("Authentication-Results: gate.test;"),
@@ -322,6 +329,11 @@ async fn inside_postfix_as_a_milter() {
     assert!(
         log.contains(r#""event":"transaction","mode":"milter""#),
         "{log}"
+    );
+    // Postfix's queue id (its `i` macro) is on our line: one grep finds both.
+    assert!(
+        log.contains(&format!(r#""queue_id":"{signed_id}""#)),
+        "{signed_id}: {log}"
     );
     assert!(
         log.contains("greeting test (greeting.delay) does not apply"),
