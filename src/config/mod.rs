@@ -153,7 +153,9 @@ pub struct MilterConfig {
     /// Longest packet taken from the MTA (a body chunk is 64 KiB; a header
     /// field up to Postfix's header_size_limit, 100 KiB by default).
     pub max_packet: Bytes,
-    /// How long the MTA may take to send its next packet.
+    /// How long the MTA may take to send its next packet. The MTA holds the
+    /// connection while its client is idle, so this must be longer than
+    /// its own client timeout (Postfix smtpd_timeout, 300s).
     pub timeout: Secs,
     /// A message tagged as spam also goes to the MTA's quarantine (Postfix:
     /// the hold queue), besides getting our X-Spam-* fields.
@@ -165,7 +167,7 @@ impl Default for MilterConfig {
         MilterConfig {
             listen: Vec::new(),
             max_packet: Bytes(512 * 1024),
-            timeout: Secs(Duration::from_secs(300)),
+            timeout: Secs(Duration::from_secs(900)),
             quarantine_tagged: false,
         }
     }

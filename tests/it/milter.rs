@@ -459,3 +459,28 @@ async fn tagged_spam_is_marked_and_held_when_asked() {
         assert_eq!(held, quarantine, "{end:?}");
     }
 }
+
+/// An MTA that goes silent mid-transaction is dropped after
+/// `milter.timeout`, and other connections are served meanwhile.
+#[tokio::test]
+async fn a_silent_mta_is_dropped_after_the_timeout() {
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = milter_config(&mta);
+    cfg.milter.timeout = common::config::secs(1);
+    let (_gate, addr) = gate(cfg).await;
+    let mut silent = Mta::connect(addr, POSTFIX_STEPS).await;
+    silent.connect_from("192.0.2.10", "client.example").await;
+    silent.mail("a@sender.test").await;
+    let started = std::time::Instant::now();
+    let mut other = Mta::connect(addr, POSTFIX_STEPS).await;
+    assert_eq!(
+        other.connect_from("192.0.2.11", "b.example").await,
+        Response::Continue
+    );
+    assert!(silent.closed().await);
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(3),
+        "{took:?}"
+    );
+}
