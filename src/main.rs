@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis::config::Config;
-use portcullis::server::Server;
+use portcullis::server::{Server, notify};
 use portcullis::upstream::ProbeError;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -271,6 +271,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         rules.watch(std::time::Duration::from_millis(500));
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                notify::reloading();
                 if let Err(e) = log_target.reopen() {
                     tracing::error!(error = %e, "SIGHUP: cannot reopen the log file");
                 }
@@ -285,11 +286,14 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
                         Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
                     },
                 }
+                notify::ready();
             }
         });
         for a in server.local_addrs() {
             tracing::info!(listen = %a, version = env!("CARGO_PKG_VERSION"), "listening");
         }
+        // Every listener is bound and upstream was probed.
+        notify::ready();
         server.run(shutdown_signal()).await;
         Ok(())
     })

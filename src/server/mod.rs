@@ -3,6 +3,7 @@
 
 mod listener;
 mod milter_in;
+pub mod notify;
 pub mod proxy_in;
 mod reload;
 mod status;
@@ -200,6 +201,7 @@ impl Server {
     /// Serves until `stop` resolves, then drains: no new connections,
     /// transactions in flight get `timeouts.shutdown` to finish, the rest 421.
     pub async fn run(self, stop: impl Future<Output = ()>) {
+        let watchdog = notify::spawn_watchdog();
         // Milter-only (no SMTP listener): there is no upstream to watch.
         let refresh = (!self.listeners.is_empty()).then(|| self.shared.upstream.spawn_refresh());
         let metrics_task = match (self.metrics, crate::telemetry::metrics::install()) {
@@ -262,6 +264,7 @@ impl Server {
             )));
         }
         stop.await;
+        notify::stopping();
         tracing::info!(
             open = self.limits.open(),
             "shutting down: draining sessions"
@@ -285,6 +288,9 @@ impl Server {
         }
         if let Some(r) = refresh {
             r.abort();
+        }
+        if let Some(w) = watchdog {
+            w.abort();
         }
         dns_check.abort();
         if let Some(t) = metrics_task {

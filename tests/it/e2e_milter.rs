@@ -54,16 +54,6 @@ fn mails(dir: &Path, n: usize) -> Vec<String> {
     }
 }
 
-/// A child process killed when the test ends, passed or not.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Postfix and swaks (installed by .ci/run)"]
 async fn inside_postfix_as_a_milter() {
@@ -124,7 +114,7 @@ async fn inside_postfix_as_a_milter() {
     cfg.log.file = Some(log_file.clone());
     let conf = dir.join("portcullis.yaml");
     common::config::write_config(&conf, &cfg);
-    let mut gate = Killed(
+    let mut gate = common::Killed(
         Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["run", "--config"])
             .arg(&conf)

@@ -30,4 +30,5 @@ mod rules;
 mod session;
 mod stats;
 mod sync;
+mod systemd;
 mod tls;

@@ -1,0 +1,94 @@
+//! The sd_notify protocol, with a Unix datagram socket standing in for
+//! systemd (NOTIFY_SOCKET) and the real binary: READY=1 once the listener
+//! takes connections, WATCHDOG=1 at half of WATCHDOG_USEC, RELOADING=1 then
+//! READY=1 around a SIGHUP, STOPPING=1 on SIGTERM.
+
+use crate::common;
+use common::{FakeMta, Script};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio::net::UnixDatagram;
+
+/// The next message systemd would get (panics after `within`).
+async fn next(sock: &UnixDatagram, within: Duration) -> String {
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(within, sock.recv(&mut buf))
+        .await
+        .expect("a notification in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// The next message that is not a watchdog ping.
+async fn next_state(sock: &UnixDatagram) -> String {
+    loop {
+        let m = next(sock, Duration::from_secs(10)).await;
+        if m != "WATCHDOG=1\n" {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn ready_watchdog_reloading_and_stopping_reach_systemd() {
+    let mta = FakeMta::start(Script::default()).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-notify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let port = common::free_port();
+    let conf = dir.join("portcullis.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\nlog: {{file: \"{}\"}}\nrules_dir: {}\n",
+            mta.addr,
+            dir.join("log").display(),
+            dir.join("rules").display()
+        ),
+    )
+    .unwrap();
+    let mut child = common::Killed(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(&conf)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "200000")
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
+
+    let m = next_state(&sock).await;
+    assert!(m.starts_with("READY=1\n"), "{m:?}");
+    // Ready means serving: the listener answers at once.
+    let mut c = common::Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+    assert!(c.reply().await.starts_with("220"));
+
+    // Watchdog pings every 100 ms (half of 200 ms), from the event loop.
+    let started = Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_secs(1) {
+        if next(&sock, Duration::from_secs(1)).await == "WATCHDOG=1\n" {
+            pings += 1;
+        }
+    }
+    assert!((7..=14).contains(&pings), "{pings} pings in 1 s");
+
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let m = next_state(&sock).await;
+    assert!(m.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{m:?}");
+    let m = next_state(&sock).await;
+    assert!(m.starts_with("READY=1\n"), "{m:?}");
+
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let m = next_state(&sock).await;
+    assert!(m.starts_with("STOPPING=1\n"), "{m:?}");
+    drop(c);
+    let until = Instant::now() + Duration::from_secs(20);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < until, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
