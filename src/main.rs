@@ -88,11 +88,66 @@ enum Cmd {
         #[arg(long)]
         no_dns: bool,
     },
+    /// Man pages and shell completions, from this command line's own
+    /// definition (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// portcullis(8) and one page per subcommand, written to DIR.
+    Man { dir: PathBuf },
+    /// A completion script for SHELL, on standard output.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Writes portcullis.8 and portcullis-SUBCOMMAND.8 (the visible ones) to `dir`.
+fn man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut written = Vec::new();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        written.push(
+            clap_mangen::Man::new(sub.clone())
+                .section("8")
+                .generate_to(dir)?,
+        );
+    }
+    written.push(clap_mangen::Man::new(cmd).section("8").generate_to(dir)?);
+    Ok(written)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Generate {
+            what: Generate::Man { dir },
+        } => match man_pages(&dir) {
+            Ok(pages) => {
+                for p in pages {
+                    outln!("{}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Generate {
+            what: Generate::Completions { shell },
+        } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "portcullis", &mut out);
+            out!("{}", String::from_utf8_lossy(&out));
+            ExitCode::SUCCESS
+        }
         Cmd::Check { config } => match Config::load(config.as_deref()) {
             Ok(c) => match portcullis::rules::load(&c) {
                 Ok(rules) => {

@@ -557,3 +557,75 @@ fn a_closed_pipe_on_stdout_is_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+/// Man pages from the command line's own definition: portcullis(8) and one
+/// per visible subcommand, each naming itself and its options; the
+/// packaging verb itself is not among them.
+#[test]
+fn man_pages_for_every_subcommand() {
+    let dir = std::env::temp_dir().join(format!("portcullis-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = bin().args(["generate", "man"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "portcullis-check.8",
+            "portcullis-explain.8",
+            "portcullis-run.8",
+            "portcullis-stats.8",
+            "portcullis.8"
+        ]
+    );
+    let run = std::fs::read_to_string(dir.join("portcullis-run.8")).unwrap();
+    assert!(run.contains(".TH portcullis-run 8"), "{run}");
+    assert!(run.contains("portcullis\\-run \\- Run the proxy"), "{run}");
+    assert!(run.contains("\\-\\-config"), "{run}");
+    let top = std::fs::read_to_string(dir.join("portcullis.8")).unwrap();
+    for sub in ["run", "check", "stats", "explain"] {
+        assert!(
+            top.contains(&format!("portcullis\\-{sub}(8)")),
+            "{sub}: {top}"
+        );
+    }
+    assert!(!top.contains("generate"), "{top}");
+}
+
+/// Completion scripts for bash, zsh and fish name every subcommand and
+/// option; the bash one parses.
+#[test]
+fn shell_completions() {
+    for (shell, marker) in [
+        ("bash", "_portcullis()"),
+        ("zsh", "#compdef portcullis"),
+        ("fish", "complete -c portcullis"),
+    ] {
+        let out = bin()
+            .args(["generate", "completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains(marker), "{shell}: {text}");
+        for word in ["run", "check", "stats", "explain", "--config", "--since"] {
+            // fish writes long options as `-l NAME`.
+            let word = match (shell, word.strip_prefix("--")) {
+                ("fish", Some(long)) => format!("-l {long}"),
+                _ => word.to_string(),
+            };
+            assert!(text.contains(&word), "{shell} lacks {word}");
+        }
+        if shell == "bash" {
+            let path = std::env::temp_dir().join(format!("portcullis-{}.bash", std::process::id()));
+            std::fs::write(&path, &text).unwrap();
+            let st = Command::new("bash").arg("-n").arg(&path).status().unwrap();
+            assert!(st.success(), "bash -n");
+        }
+    }
+}
