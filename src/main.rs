@@ -52,10 +52,11 @@ enum Cmd {
     /// or from standard input.
     Stats {
         files: Vec<PathBuf>,
-        /// Only lines at or after this time (RFC 3339 prefix, UTC: 2026-11-29T08).
+        /// Only lines at or after this time: an RFC 3339 prefix in UTC
+        /// (2026-11-29T08), a span back from now (24h, 7d), today or yesterday.
         #[arg(long)]
         since: Option<String>,
-        /// Only lines before this time.
+        /// Only lines before this time (same forms as --since).
         #[arg(long)]
         until: Option<String>,
         /// Print JSON for scripts.
@@ -283,8 +284,31 @@ fn stats(
     let lines = readers
         .into_iter()
         .flat_map(|r| BufReader::new(r).lines().map_while(Result::ok));
-    let report =
-        portcullis::cli::stats::compute(lines, &portcullis::cli::stats::Window { since, until });
+    let now = std::time::SystemTime::now();
+    let when = |t: Option<String>| -> anyhow::Result<Option<String>> {
+        t.map(|t| portcullis::cli::stats::resolve_time(&t, now).map_err(anyhow::Error::msg))
+            .transpose()
+    };
+    let window = portcullis::cli::stats::Window {
+        since: when(since)?,
+        until: when(until)?,
+    };
+    let report = portcullis::cli::stats::compute(lines, &window);
+    if report.lines == 0 {
+        // A silent zero would read as "nothing was refused".
+        let input = if files.is_empty() {
+            "standard input".to_string()
+        } else {
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        anyhow::bail!(
+            "no Portcullis log lines in {input} (transaction or refused events; from journald use `journalctl -u portcullis -o cat` or `-o short`)"
+        );
+    }
     if let Some(path) = html {
         std::fs::write(&path, report.to_html())
             .with_context(|| format!("writing {}", path.display()))?;

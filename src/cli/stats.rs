@@ -24,9 +24,53 @@ struct Line {
     mode: String,
 }
 
+/// A line as journald or syslog wrote it (`journalctl -o short`:
+/// "Nov 30 10:26:02 host portcullis[812]: {...}"): the part after the
+/// prefix. Lines without one (`-o cat`, our own files) are kept whole.
+fn without_syslog_prefix(l: &str) -> &str {
+    if l.starts_with('{') || l.starts_with("ts=") || l.starts_with("timestamp=") {
+        return l;
+    }
+    for (i, _) in l.match_indices(": ") {
+        let rest = &l[i + 2..];
+        if rest.starts_with('{') || rest.starts_with("ts=") || rest.starts_with("timestamp=") {
+            return rest;
+        }
+    }
+    l
+}
+
+/// `--since`/`--until` as the RFC 3339 UTC prefix lines are compared with:
+/// `24h`, `90m`, `7d` (that long before `now`), `today`, `yesterday`
+/// (their UTC midnight), or an absolute prefix as given (`2026-11-29T08`).
+pub fn resolve_time(s: &str, now: std::time::SystemTime) -> Result<String, String> {
+    let day = std::time::Duration::from_secs(86_400);
+    let midnight = |t: std::time::SystemTime| -> String {
+        let stamp = humantime::format_rfc3339_seconds(t).to_string();
+        format!("{}T00:00:00Z", &stamp[..10])
+    };
+    match s {
+        "today" => return Ok(midnight(now)),
+        "yesterday" => return Ok(midnight(now - day)),
+        _ => {}
+    }
+    let b = s.as_bytes();
+    if b.len() >= 4 && b[..4].iter().all(u8::is_ascii_digit) && b.get(4).is_none_or(|&c| c == b'-')
+    {
+        return Ok(s.to_string());
+    }
+    let ago = humantime::parse_duration(s).map_err(|_| {
+        format!("{s:?}: not a time (2026-11-29T08), a span (24h, 7d) or today/yesterday")
+    })?;
+    let t = now
+        .checked_sub(ago)
+        .ok_or_else(|| format!("{s:?} reaches before 1970"))?;
+    Ok(humantime::format_rfc3339_seconds(t).to_string())
+}
+
 /// Parses one log line (json or logfmt); `None` for lines that are not ours.
 fn parse_line(l: &str) -> Option<Line> {
-    let l = l.trim();
+    let l = without_syslog_prefix(l.trim());
     let fields: HashMap<String, String> = if l.starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(l).ok()?;
         v.as_object()?
@@ -141,6 +185,8 @@ pub struct Hour {
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct Report {
+    /// Portcullis lines read (inside the time window or not).
+    pub lines: u64,
     pub transactions: u64,
     pub refused_connections: u64,
     /// Transactions by front door (`proxy`, `milter`).
@@ -253,6 +299,7 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
     );
     for raw in lines {
         let Some(l) = parse_line(&raw) else { continue };
+        r.lines += 1;
         if w.since.as_deref().is_some_and(|s| l.time.as_str() < s)
             || w.until.as_deref().is_some_and(|u| l.time.as_str() >= u)
         {
@@ -543,6 +590,42 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
+    use super::{resolve_time, without_syslog_prefix};
+
+    #[test]
+    fn relative_times() {
+        // 2026-11-30T11:30:00Z
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_038_200);
+        assert_eq!(resolve_time("24h", now).unwrap(), "2026-11-29T11:30:00Z");
+        assert_eq!(resolve_time("90m", now).unwrap(), "2026-11-30T10:00:00Z");
+        assert_eq!(resolve_time("today", now).unwrap(), "2026-11-30T00:00:00Z");
+        assert_eq!(
+            resolve_time("yesterday", now).unwrap(),
+            "2026-11-29T00:00:00Z"
+        );
+        assert_eq!(resolve_time("2026-11-29T08", now).unwrap(), "2026-11-29T08");
+        assert_eq!(resolve_time("2026", now).unwrap(), "2026");
+        assert!(resolve_time("last week", now).is_err());
+    }
+
+    #[test]
+    fn syslog_prefixes() {
+        let json = r#"{"event":"transaction"}"#;
+        assert_eq!(
+            without_syslog_prefix(&format!("Nov 30 10:26:02 mx portcullis[812]: {json}")),
+            json
+        );
+        assert_eq!(
+            without_syslog_prefix("2026-11-30T10:26:02+0000 mx portcullis[812]: ts=2026 event=x"),
+            "ts=2026 event=x"
+        );
+        assert_eq!(without_syslog_prefix(json), json);
+        assert_eq!(
+            without_syslog_prefix("Nov 30 mx kernel: hello"),
+            "Nov 30 mx kernel: hello"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -308,3 +308,97 @@ fn transactions_are_counted_by_front_door() {
     assert!(text.contains("front doors (mode)"), "{text}");
     assert!(text.contains("rule:X"), "{text}");
 }
+
+/// The fixture as `journalctl -u portcullis -o short` prints it (a syslog
+/// prefix on every line, and journald's own lines between): the same
+/// figures as the plain file.
+#[test]
+fn journald_prefixed_lines_give_the_same_figures() {
+    let plain: serde_json::Value = serde_json::from_str(&stats(&["--json", FIXTURE])).unwrap();
+    let text = std::fs::read_to_string(FIXTURE).unwrap();
+    let mut journal = String::from("-- Journal begins at Mon 2026-11-30 00:00:01 UTC. --\n");
+    for (i, l) in text.lines().enumerate() {
+        journal.push_str(&format!(
+            "Nov 30 10:{:02}:00 mx portcullis[812]: {l}\n",
+            i % 60
+        ));
+    }
+    journal.push_str("Nov 30 11:00:00 mx systemd[1]: Stopping portcullis.service...\n");
+    let path = std::env::temp_dir().join(format!(
+        "portcullis-stats-journal-{}.log",
+        std::process::id()
+    ));
+    std::fs::write(&path, journal).unwrap();
+    let prefixed: serde_json::Value =
+        serde_json::from_str(&stats(&["--json", path.to_str().unwrap()])).unwrap();
+    assert_eq!(prefixed, plain);
+    assert_eq!(plain["transactions"], 7);
+}
+
+/// `--since 24h` counts what is younger than a day, from now.
+#[test]
+fn since_a_relative_time() {
+    let at = |ago: u64| {
+        humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(ago),
+        )
+        .to_string()
+    };
+    let line = |t: String| {
+        format!(
+            r#"{{"timestamp":"{t}","event":"transaction","client_ip":"192.0.2.1","mail_from":"a@s.test","verdict":"reject","code":550,"reason":"rule:X","rules":"X","dnsbl":""}}"#
+        )
+    };
+    let log = [line(at(3600)), line(at(7200)), line(at(3 * 86_400))].join("\n");
+    let path =
+        std::env::temp_dir().join(format!("portcullis-stats-since-{}.log", std::process::id()));
+    std::fs::write(&path, log + "\n").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stats(&[
+        "--json",
+        "--since",
+        "24h",
+        path.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(json["transactions"], 2);
+    assert_eq!(json["lines"], 3);
+    let json: serde_json::Value = serde_json::from_str(&stats(&[
+        "--json",
+        "--until",
+        "yesterday",
+        path.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(json["transactions"], 1);
+}
+
+/// Input without a single Portcullis line is an error naming the input,
+/// not a report of zeros.
+#[test]
+fn no_portcullis_lines_is_an_error() {
+    let path =
+        std::env::temp_dir().join(format!("portcullis-stats-none-{}.log", std::process::id()));
+    std::fs::write(
+        &path,
+        "Nov 30 10:00:00 mx postfix/smtpd[1]: connect from x\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["stats"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no Portcullis log lines in") && err.contains(path.to_str().unwrap()),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["stats", "--since", "last week"])
+        .arg(FIXTURE)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a time"));
+}
