@@ -22,6 +22,9 @@ struct Line {
     /// The front door (`proxy`, `milter`); lines from before it was logged
     /// were all proxy.
     mode: String,
+    spf: String,
+    dkim: String,
+    dmarc: String,
 }
 
 /// A line as journald or syslog wrote it (`journalctl -o short`:
@@ -111,6 +114,9 @@ fn parse_line(l: &str) -> Option<Line> {
             .get("mode")
             .cloned()
             .unwrap_or_else(|| "proxy".into()),
+        spf: get("spf"),
+        dkim: get("dkim"),
+        dmarc: get("dmarc"),
     })
 }
 
@@ -195,6 +201,13 @@ pub struct Report {
     pub refused_reasons: Vec<Count>,
     pub verdicts: Vec<Count>,
     pub reject_reasons: Vec<Count>,
+    /// Tempfails by reason: greylisting, DNS trouble (`*:temperror`),
+    /// upstream, limits, rate limits.
+    pub tempfail_reasons: Vec<Count>,
+    /// Check outcomes over the transactions where the check ran.
+    pub spf: Vec<Count>,
+    pub dkim: Vec<Count>,
+    pub dmarc: Vec<Count>,
     pub rules: Vec<Count>,
     /// What shadow rules would have hit.
     pub shadow_rules: Vec<Count>,
@@ -293,6 +306,12 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
     let mut greylist: HashMap<String, u64> = HashMap::new();
     let mut limits: HashMap<String, u64> = HashMap::new();
     let mut modes: HashMap<String, u64> = HashMap::new();
+    let mut tempfails: HashMap<String, u64> = HashMap::new();
+    let (mut spf, mut dkim, mut dmarc): (
+        HashMap<String, u64>,
+        HashMap<String, u64>,
+        HashMap<String, u64>,
+    ) = Default::default();
     let (mut told, mut passed) = (
         std::collections::HashSet::new(),
         std::collections::HashSet::new(),
@@ -331,6 +350,15 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
         }
         r.transactions += 1;
         *modes.entry(l.mode.clone()).or_insert(0) += 1;
+        for (result, table) in [
+            (&l.spf, &mut spf),
+            (&l.dkim, &mut dkim),
+            (&l.dmarc, &mut dmarc),
+        ] {
+            if !result.is_empty() {
+                *table.entry(result.clone()).or_insert(0) += 1;
+            }
+        }
         *verdicts.entry(l.verdict.clone()).or_insert(0) += 1;
         if !l.code.is_empty() && l.code != "0" {
             *codes.entry(l.code.clone()).or_insert(0) += 1;
@@ -372,7 +400,15 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
                     *senders.entry("<>".to_string()).or_insert(0) += 1;
                 }
             }
-            "tempfail" => h.tempfailed += 1,
+            "tempfail" => {
+                h.tempfailed += 1;
+                let reason = if l.reason.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    l.reason.clone()
+                };
+                *tempfails.entry(reason).or_insert(0) += 1;
+            }
             _ => {}
         }
     }
@@ -381,6 +417,10 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
     r.modes = counts(modes, t, None);
     r.verdicts = counts(verdicts, t, None);
     r.reject_reasons = counts(reasons, t, None);
+    r.tempfail_reasons = counts(tempfails, t, None);
+    r.spf = counts(spf, t, None);
+    r.dkim = counts(dkim, t, None);
+    r.dmarc = counts(dmarc, t, None);
     r.rules = counts(rules, t, None);
     r.shadow_rules = counts(shadow, t, None);
     r.codes = counts(codes, t, None);
@@ -430,6 +470,10 @@ impl Report {
             &self.refused_reasons,
         );
         section(&mut o, "rejections by reason", &self.reject_reasons);
+        section(&mut o, "tempfails by reason", &self.tempfail_reasons);
+        section(&mut o, "SPF results", &self.spf);
+        section(&mut o, "DKIM results", &self.dkim);
+        section(&mut o, "DMARC results", &self.dmarc);
         section(&mut o, "rules (enforced)", &self.rules);
         section(&mut o, "shadow rules (would have hit)", &self.shadow_rules);
         section(&mut o, "reply codes", &self.codes);
@@ -563,6 +607,10 @@ impl Report {
         table(&mut o, "Front doors (mode)", &self.modes);
         table(&mut o, "Verdicts", &self.verdicts);
         table(&mut o, "Rejections by reason", &self.reject_reasons);
+        table(&mut o, "Tempfails by reason", &self.tempfail_reasons);
+        table(&mut o, "SPF results", &self.spf);
+        table(&mut o, "DKIM results", &self.dkim);
+        table(&mut o, "DMARC results", &self.dmarc);
         table(&mut o, "Rules (enforced)", &self.rules);
         table(&mut o, "Shadow rules (would have hit)", &self.shadow_rules);
         table(&mut o, "Reply codes", &self.codes);

@@ -402,3 +402,71 @@ fn no_portcullis_lines_is_an_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a time"));
 }
+
+/// Tempfails broken down by reason, and the SPF, DKIM and DMARC outcome
+/// tables over the transactions where each ran.
+#[test]
+fn tempfail_reasons_and_authentication_tables() {
+    let line = |verdict: &str, reason: &str, spf: &str, dkim: &str, dmarc: &str| {
+        format!(
+            r#"{{"timestamp":"2026-11-30T10:00:00Z","event":"transaction","client_ip":"192.0.2.1","mail_from":"a@s.test","verdict":"{verdict}","code":451,"reason":"{reason}","spf":"{spf}","dkim":"{dkim}","dmarc":"{dmarc}","rules":"","dnsbl":""}}"#
+        )
+    };
+    let log = [
+        line("tempfail", "greylist:new", "pass", "", ""),
+        line("tempfail", "greylist:new", "pass", "", ""),
+        line("tempfail", "spf:temperror", "temperror", "", ""),
+        line("tempfail", "upstream:unavailable", "", "", ""),
+        line("accept", "", "pass", "pass", "pass"),
+        line("reject", "dmarc:reject", "fail", "fail", "fail:reject"),
+    ]
+    .join("\n");
+    let path =
+        std::env::temp_dir().join(format!("portcullis-stats-auth-{}.log", std::process::id()));
+    std::fs::write(&path, log + "\n").unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stats(&["--json", path.to_str().unwrap()])).unwrap();
+    let table = |k: &str| -> Vec<(String, u64)> {
+        json[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().into(),
+                    c["count"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        table("tempfail_reasons"),
+        [
+            ("greylist:new".into(), 2),
+            ("spf:temperror".into(), 1),
+            ("upstream:unavailable".into(), 1)
+        ]
+    );
+    assert_eq!(
+        table("spf"),
+        [
+            ("pass".into(), 3),
+            ("fail".into(), 1),
+            ("temperror".into(), 1)
+        ]
+    );
+    assert_eq!(table("dkim"), [("fail".into(), 1), ("pass".into(), 1)]);
+    assert_eq!(
+        table("dmarc"),
+        [("fail:reject".into(), 1), ("pass".into(), 1)]
+    );
+    let text = stats(&[path.to_str().unwrap()]);
+    for want in [
+        "tempfails by reason",
+        "SPF results",
+        "DKIM results",
+        "DMARC results",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+}
