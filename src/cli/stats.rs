@@ -383,14 +383,14 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
                 .entry(z.split('=').next().unwrap_or(z).to_string())
                 .or_insert(0) += 1;
         }
+        let reason = if l.reason.is_empty() {
+            "unknown".to_string()
+        } else {
+            l.reason.clone()
+        };
         match l.verdict.as_str() {
             "reject" => {
                 h.rejected += 1;
-                let reason = if l.reason.is_empty() {
-                    "unknown".to_string()
-                } else {
-                    l.reason.clone()
-                };
                 *h.reasons.entry(reason.clone()).or_insert(0) += 1;
                 *reasons.entry(reason).or_insert(0) += 1;
                 *nets.entry(network(&l.client_ip)).or_insert(0) += 1;
@@ -402,11 +402,6 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
             }
             "tempfail" => {
                 h.tempfailed += 1;
-                let reason = if l.reason.is_empty() {
-                    "unknown".to_string()
-                } else {
-                    l.reason.clone()
-                };
                 *tempfails.entry(reason).or_insert(0) += 1;
             }
             _ => {}
