@@ -2,7 +2,7 @@
 //! `milter::serve` task, tracked like sessions so a shutdown drains it.
 
 use crate::config::MilterListen;
-use crate::runtime::shutdown::{Phase, Shutdown};
+use crate::runtime::shutdown::{Phase, Shutdown, ShutdownSignal};
 use crate::session::Shared;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,18 +73,13 @@ pub async fn accept_loop(
             _ = signal.reached(Phase::Draining) => break,
             r = accept(&listener) => r,
         };
+        let (shared, signal) = (Arc::clone(&shared), shutdown.signal());
         match accepted {
-            Ok(task) => {
-                let (id, shared) = (crate::telemetry::session_id(), Arc::clone(&shared));
-                let mut signal = shutdown.signal();
-                tracker.spawn(async move {
-                    tokio::select! {
-                        _ = task(id, shared) => {}
-                        // Past the drain deadline: the MTA applies its
-                        // milter_default_action to what was in flight.
-                        _ = signal.reached(Phase::Abort) => {}
-                    }
-                });
+            Ok(Accepted::Tcp(sock)) => {
+                tracker.spawn(converse(QuickAck(sock), shared, signal));
+            }
+            Ok(Accepted::Unix(sock)) => {
+                tracker.spawn(converse(sock, shared, signal));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "milter accept failed");
@@ -97,28 +92,32 @@ pub async fn accept_loop(
     }
 }
 
-type Serve = Box<
-    dyn FnOnce(
-            String,
-            Arc<Shared>,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        + Send,
->;
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
 
-/// The next MTA connection, ready to serve.
-async fn accept(l: &MilterListener) -> std::io::Result<Serve> {
+async fn accept(l: &MilterListener) -> std::io::Result<Accepted> {
     Ok(match l {
         MilterListener::Tcp(l) => {
             let (sock, _) = l.accept().await?;
             let _ = sock.set_nodelay(true);
-            let sock = QuickAck(sock);
-            Box::new(move |id, shared| Box::pin(crate::milter::serve(sock, id, shared)))
+            Accepted::Tcp(sock)
         }
-        MilterListener::Unix(l, _) => {
-            let (sock, _) = l.accept().await?;
-            Box::new(move |id, shared| Box::pin(crate::milter::serve(sock, id, shared)))
-        }
+        MilterListener::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
     })
+}
+
+/// One MTA connection, to its end or to the drain deadline (past it the
+/// MTA applies its milter_default_action to what was in flight).
+async fn converse<S>(io: S, shared: Arc<Shared>, mut signal: ShutdownSignal)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::select! {
+        _ = crate::milter::serve(io, crate::telemetry::session_id(), shared) => {}
+        _ = signal.reached(Phase::Abort) => {}
+    }
 }
 
 /// A TCP stream that acknowledges what it reads at once. Postfix writes a
