@@ -73,3 +73,25 @@ pub fn in_front_of(port: u16, identity: IdentityMode) -> Config {
     };
     cfg
 }
+
+/// An enforced rate limit of `n` per `per` seconds, bursts of `n`.
+pub fn rate_limit(
+    name: &str,
+    key: portcullis::config::RateKey,
+    count: portcullis::config::RateCount,
+    n: u64,
+    per: u64,
+) -> portcullis::config::RateLimit {
+    portcullis::config::RateLimit {
+        name: name.into(),
+        key,
+        rate: portcullis::config::Rate {
+            count: n,
+            per: Duration::from_secs(per),
+        },
+        burst: None,
+        count,
+        mode: portcullis::config::Mode::Enforce,
+        text: None,
+    }
+}

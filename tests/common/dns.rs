@@ -181,3 +181,16 @@ pub async fn silent_dns() -> (SocketAddr, tokio::net::UdpSocket) {
     let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     (s.local_addr().unwrap(), s)
 }
+
+/// bl.test with its RFC 5782 self-test entry (127.0.0.2) and one listed
+/// client, 127.0.0.3; everything else under test. is NXDOMAIN.
+pub async fn bl_test() -> FakeDns {
+    FakeDns::start(
+        &["test."],
+        vec![
+            a("2.0.0.127.bl.test.", "127.0.0.2"),
+            a("3.0.0.127.bl.test.", "127.0.0.2"),
+        ],
+    )
+    .await
+}

@@ -408,18 +408,13 @@ async fn greylisted_through_haproxy_and_two_instances_into_postfix() {
     behind_proxy(&mut cfg);
     cfg.checks.greylist.mode = Mode::Enforce;
     // 40 transactions a minute per sender domain, across both instances.
-    cfg.checks.rate_limits = vec![portcullis::config::RateLimit {
-        name: "per_domain".into(),
-        key: portcullis::config::RateKey::SenderDomain,
-        rate: portcullis::config::Rate {
-            count: 40,
-            per: Duration::from_secs(60),
-        },
-        burst: None,
-        count: portcullis::config::RateCount::Transactions,
-        mode: Mode::Enforce,
-        text: None,
-    }];
+    cfg.checks.rate_limits = vec![common::config::rate_limit(
+        "per_domain",
+        portcullis::config::RateKey::SenderDomain,
+        portcullis::config::RateCount::Transactions,
+        40,
+        60,
+    )];
     cfg.limits.max_connections_per_ip = 500;
     cfg.limits.max_connections_per_network = 500;
     cfg.state.backend = portcullis::config::StateBackend::Redis;

@@ -10,7 +10,9 @@ use common::config::{secs, test_config};
 use common::peers::{Redis, RedisCluster, redis_store};
 use common::{Client, FakeMta, Gate, Script};
 use portcullis::checks::greylist::{Greylist, Outcome};
-use portcullis::config::{Action, GreylistConfig, GreylistWhen, Mode, StateBackend, Thresholds};
+use portcullis::config::{
+    Action, GreylistConfig, GreylistWhen, Mode, RateCount, RateKey, StateBackend, Thresholds,
+};
 use portcullis::state::{Clock, Store, TestClock};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -327,18 +329,13 @@ async fn a_triplet_greylisted_through_one_instance_passes_through_the_other() {
         let mut cfg = greylisting(mta);
         common::config::behind_proxy(&mut cfg);
         cfg.limits.max_connections_per_ip = 500;
-        cfg.checks.rate_limits = vec![portcullis::config::RateLimit {
-            name: "per_domain".into(),
-            key: portcullis::config::RateKey::SenderDomain,
-            rate: portcullis::config::Rate {
-                count: 40,
-                per: Duration::from_secs(60),
-            },
-            burst: None,
-            count: portcullis::config::RateCount::Transactions,
-            mode: Mode::Enforce,
-            text: None,
-        }];
+        cfg.checks.rate_limits = vec![common::config::rate_limit(
+            "per_domain",
+            RateKey::SenderDomain,
+            RateCount::Transactions,
+            40,
+            60,
+        )];
         cfg.state.backend = StateBackend::Redis;
         cfg.state.url = redis.url();
         cfg.state.timeout = secs(2);
@@ -448,16 +445,14 @@ async fn redis_stopped_mid_run_then_back() {
     // 200 is counted without leases, and 199 outlasts this run's 161
     // transactions on a clock that does not move).
     cfg.checks.rate_limits = vec![portcullis::config::RateLimit {
-        name: "roomy".into(),
-        key: portcullis::config::RateKey::ClientAddress,
-        rate: portcullis::config::Rate {
-            count: 1_000_000,
-            per: Duration::from_secs(60),
-        },
         burst: Some(199),
-        count: portcullis::config::RateCount::Transactions,
-        mode: Mode::Enforce,
-        text: None,
+        ..common::config::rate_limit(
+            "roomy",
+            RateKey::ClientAddress,
+            RateCount::Transactions,
+            1_000_000,
+            60,
+        )
     }];
     let gate = Gate::start_clocked(cfg, Arc::clone(&clock) as Arc<dyn Clock>).await;
     let mut c = Client::hello(gate.addr).await;

@@ -7,10 +7,10 @@
 
 use crate::common;
 use common::config::{test_config, with_dns, zone};
-use common::dns::{FakeDns, a};
+use common::dns::FakeDns;
 use common::milter::{Mta, POSTFIX_STEPS, code_text};
 use common::{FakeMta, Gate, Script};
-use portcullis::config::{Action, Config, MilterListen, Mode, RejectAt, Zone};
+use portcullis::config::{Action, Config, MilterListen, Mode, RateCount, RateKey, RejectAt, Zone};
 use portcullis::wire::milter::{Command, Family, Response, action, step};
 
 fn milter_config(mta: &FakeMta) -> Config {
@@ -18,18 +18,6 @@ fn milter_config(mta: &FakeMta) -> Config {
     cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
     cfg.limits.max_connections_per_ip = 100;
     cfg
-}
-
-/// bl.test lists 127.0.0.3; SPF of sender.test is looked up (none).
-async fn listing_dns() -> FakeDns {
-    FakeDns::start(
-        &["test."],
-        vec![
-            a("2.0.0.127.bl.test.", "127.0.0.2"),
-            a("3.0.0.127.bl.test.", "127.0.0.2"),
-        ],
-    )
-    .await
 }
 
 fn with_checks(cfg: &mut Config, dns: &FakeDns) {
@@ -63,7 +51,10 @@ fn inserted(rs: &[Response]) -> Vec<(u32, String, String)> {
 
 #[tokio::test]
 async fn negotiation_then_a_clean_message_gets_our_header_fields() {
-    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let (dns, mta) = (
+        common::dns::bl_test().await,
+        FakeMta::start(Script::default()).await,
+    );
     let mut cfg = milter_config(&mta);
     with_checks(&mut cfg, &dns);
     let (_gate, addr) = gate(cfg).await;
@@ -116,7 +107,10 @@ async fn negotiation_then_a_clean_message_gets_our_header_fields() {
 
 #[tokio::test]
 async fn forged_results_are_deleted_by_occurrence_from_the_last() {
-    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let (dns, mta) = (
+        common::dns::bl_test().await,
+        FakeMta::start(Script::default()).await,
+    );
     let mut cfg = milter_config(&mta);
     with_checks(&mut cfg, &dns);
     let (_gate, addr) = gate(cfg).await;
@@ -149,7 +143,10 @@ From: a@sender.test\r\nSubject: forged\r\n\r\nbody\r\n",
 
 #[tokio::test]
 async fn a_listed_client_is_refused_at_each_rcpt_with_our_reply() {
-    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let (dns, mta) = (
+        common::dns::bl_test().await,
+        FakeMta::start(Script::default()).await,
+    );
     let mut cfg = milter_config(&mta);
     with_checks(&mut cfg, &dns);
     let (_gate, addr) = gate(cfg).await;
@@ -179,22 +176,20 @@ async fn a_listed_client_is_refused_at_each_rcpt_with_our_reply() {
 
 #[tokio::test]
 async fn refused_at_connect_and_by_a_connection_rate_limit() {
-    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let (dns, mta) = (
+        common::dns::bl_test().await,
+        FakeMta::start(Script::default()).await,
+    );
     let mut cfg = milter_config(&mta);
     with_checks(&mut cfg, &dns);
     cfg.checks.reject_at = RejectAt::Connect;
-    cfg.checks.rate_limits = vec![portcullis::config::RateLimit {
-        name: "conn".into(),
-        key: portcullis::config::RateKey::ClientAddress,
-        rate: portcullis::config::Rate {
-            count: 1,
-            per: std::time::Duration::from_secs(60),
-        },
-        burst: None,
-        count: portcullis::config::RateCount::Connections,
-        mode: Mode::Enforce,
-        text: None,
-    }];
+    cfg.checks.rate_limits = vec![common::config::rate_limit(
+        "conn",
+        RateKey::ClientAddress,
+        RateCount::Connections,
+        1,
+        60,
+    )];
     let (_gate, addr) = gate(cfg).await;
     let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
     let r = code_text(&m.connect_from("127.0.0.3", "listed.example").await);
@@ -272,7 +267,10 @@ async fn steps_the_mta_does_not_offer_are_answered_and_unknown_commands_continue
 
 #[tokio::test]
 async fn local_submissions_and_authenticated_clients_are_not_checked() {
-    let (dns, mta) = (listing_dns().await, FakeMta::start(Script::default()).await);
+    let (dns, mta) = (
+        common::dns::bl_test().await,
+        FakeMta::start(Script::default()).await,
+    );
     let mut cfg = milter_config(&mta);
     with_checks(&mut cfg, &dns);
     let (_gate, addr) = gate(cfg).await;

@@ -3,11 +3,11 @@
 //! instances sharing one Redis.
 
 use crate::common;
-use common::config::{secs, test_config};
+use common::config::{rate_limit as limit, secs, test_config};
 use common::peers::{Redis, RedisCluster, redis_store};
 use common::{Client, FakeMta, Gate, Script};
 use portcullis::checks::rate_limits::{Counter, lease_for};
-use portcullis::config::{Config, Mode, Rate, RateCount, RateKey, RateLimit, StateBackend};
+use portcullis::config::{Config, Mode, RateCount, RateKey, RateLimit, StateBackend};
 use portcullis::state::{Clock, Store, TestClock};
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,21 +87,6 @@ async fn gcra_on_a_redis_cluster() {
     let cluster = RedisCluster::start();
     let clock = Arc::new(TestClock::new());
     gcra_scenario(&redis_store(cluster.url(), true, &clock), &clock).await;
-}
-
-fn limit(name: &str, key: RateKey, count: RateCount, n: u64, per: u64) -> RateLimit {
-    RateLimit {
-        name: name.into(),
-        key,
-        rate: Rate {
-            count: n,
-            per: Duration::from_secs(per),
-        },
-        burst: None,
-        count,
-        mode: Mode::Enforce,
-        text: None,
-    }
 }
 
 fn limited(mta: &FakeMta, limits: Vec<RateLimit>) -> Config {

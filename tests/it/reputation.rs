@@ -5,7 +5,7 @@
 
 use crate::common;
 use common::config::{test_config, with_dns, zone};
-use common::dns::{FakeDns, a};
+use common::dns::FakeDns;
 use common::peers::Redis;
 use common::{Client, FakeMta, Gate, Script};
 use portcullis::config::{Action, Config, Mode, RejectAt, StateBackend, Zone};
@@ -77,19 +77,6 @@ async fn a_client_that_talked_first_is_refused_again_until_fail_ttl() {
     );
 }
 
-/// bl.test with its RFC 5782 self-test entry and one listed client, 127.0.0.3.
-async fn bl_dns() -> FakeDns {
-    FakeDns::start(
-        &["test."],
-        vec![
-            // The RFC 5782 self-test entry, and a listed client.
-            a("2.0.0.127.bl.test.", "127.0.0.2"),
-            a("3.0.0.127.bl.test.", "127.0.0.2"),
-        ],
-    )
-    .await
-}
-
 /// A DNS without a cache, so that every lookup the gate makes is seen.
 async fn uncached(mta: &FakeMta, dns: &FakeDns) -> Config {
     let mut cfg = remembering(mta);
@@ -114,7 +101,7 @@ async fn transaction(gate: std::net::SocketAddr, ip: &str, want: &str) {
 
 #[tokio::test]
 async fn a_client_no_dnsbl_listed_is_not_looked_up_again() {
-    let dns = bl_dns().await;
+    let dns = common::dns::bl_test().await;
     let mta = FakeMta::start(Script::default()).await;
     let gate = Gate::start_config(uncached(&mta, &dns).await).await;
     transaction(gate.addr, "127.0.0.7", "250").await;
@@ -133,7 +120,7 @@ async fn a_client_no_dnsbl_listed_is_not_looked_up_again() {
 
 #[tokio::test]
 async fn a_client_refused_at_connect_is_refused_again_without_lookups() {
-    let dns = bl_dns().await;
+    let dns = common::dns::bl_test().await;
     let mta = FakeMta::start(Script::default()).await;
     let mut cfg = uncached(&mta, &dns).await;
     cfg.checks.reject_at = RejectAt::Connect;
@@ -164,7 +151,7 @@ async fn a_client_refused_at_connect_is_refused_again_without_lookups() {
 #[ignore = "needs redis-server (installed by .ci/run)"]
 async fn another_instance_sharing_redis_knows_the_client() {
     let redis = Redis::start();
-    let dns = bl_dns().await;
+    let dns = common::dns::bl_test().await;
     let mta = FakeMta::start(Script::default()).await;
     let mut cfg = uncached(&mta, &dns).await;
     cfg.state.backend = StateBackend::Redis;
