@@ -116,3 +116,209 @@ fn the_readme_enforce_snippet_completes_that_config() {
     // The others stay in record mode.
     assert_eq!(cfg.checks.iprev.mode, Mode::Record);
 }
+
+/// The status listener as HTTP says: HEAD, query strings, absolute-form
+/// targets, keep-alive, methods it does not serve, unknown paths.
+#[tokio::test]
+async fn the_http_listener_speaks_http() {
+    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = common::config::test_config(mta.addr);
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.dns.nameservers = vec![dns.addr];
+    let running = common::start_server_config(cfg).await;
+    let m = running.metrics.expect("metrics listener");
+
+    // The first probe of the upstream sets its gauge.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(m, "/metrics?name[]=portcullis_upstream_up").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("content-type: text/plain; version=0.0.4"), "{r}");
+        if r.contains("portcullis_upstream_up") {
+            break;
+        }
+        assert!(Instant::now() < until, "no upstream gauge: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // HEAD: GET's status and length, no body.
+    let head = common::http_raw(
+        m,
+        "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("content-length: 3\r\n"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "a body after HEAD: {head:?}");
+
+    // Absolute-form (what a client talking to a proxy sends).
+    let abs = common::http_raw(
+        m,
+        &format!(
+            "GET http://{m}/healthz?probe=1 HTTP/1.1\r\nHost: {m}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(
+        abs.starts_with("HTTP/1.1 200 OK\r\n") && abs.ends_with("\r\nok\n"),
+        "{abs}"
+    );
+
+    // Two requests on one connection (keep-alive), answered in order.
+    let two = common::http_raw(
+        m,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let first = two.find("200 OK").expect("first answer");
+    let second = two.find("404 Not Found").expect("second answer");
+    assert!(first < second, "{two}");
+
+    let post = common::http_raw(
+        m,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert!(post.contains("allow: GET, HEAD\r\n"), "{post}");
+
+    // Not HTTP at all: a 400, and the listener goes on.
+    let junk = common::http_raw(m, "EHLO mail.example\r\n\r\n").await;
+    assert!(junk.starts_with("HTTP/1.1 400"), "{junk}");
+    assert!(get(m, "/healthz").await.starts_with("HTTP/1.1 200"));
+
+    // The status page: times for people, counters in one stable order.
+    let page = get(m, "/").await;
+    assert!(page.contains(" UTC ("), "{page}");
+    assert!(!page.contains("unix time"), "{page}");
+    let counters = |p: &str| {
+        p.split("<h2>Counters</h2><pre>\n")
+            .nth(1)
+            .and_then(|c| c.split("</pre>").next())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    let names = counters(&page);
+    assert!(names.len() > 5, "{page}");
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    assert_eq!(counters(&get(m, "/").await), names);
+}
+
+/// `/readyz` is what a load balancer asks: 503 with the reason while the
+/// MTA behind is down, 200 when it is back, 503 again while draining.
+#[tokio::test]
+async fn readyz_follows_the_upstream_and_the_drain() {
+    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = common::config::test_config(mta.addr);
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.dns.nameservers = vec![dns.addr];
+    cfg.upstream.probe_interval = portcullis::config::Secs(Duration::from_secs(1));
+    let server = portcullis::server::Server::bind(cfg).await.unwrap();
+    let (m, smtp) = (server.metrics_addr().unwrap(), server.local_addrs()[0]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let wait_for = |want: &'static str| async move {
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = get(m, "/readyz").await;
+            if r.starts_with(want) {
+                return r;
+            }
+            assert!(Instant::now() < until, "never {want}: {r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let ready = wait_for("HTTP/1.1 200").await;
+    assert!(
+        ready.contains(&format!("ok upstream: {} answers", mta.addr)),
+        "{ready}"
+    );
+    assert!(
+        ready.contains("ok dns: 1 of 1 nameservers answer"),
+        "{ready}"
+    );
+    assert!(
+        ready.contains("ok listeners: 1 SMTP, 0 milter bound"),
+        "{ready}"
+    );
+    assert!(ready.contains("ok rules: "), "{ready}");
+
+    mta.stop_listening();
+    let down = wait_for("HTTP/1.1 503").await;
+    assert!(
+        down.contains(&format!("FAIL upstream: {} does not answer", mta.addr)),
+        "{down}"
+    );
+    assert!(down.contains("ok dns:"), "only the upstream fails: {down}");
+    // The liveness answer does not follow readiness.
+    assert!(get(m, "/healthz").await.starts_with("HTTP/1.1 200"));
+
+    let _back = FakeMta::start_at(mta.addr, Script::default()).await;
+    wait_for("HTTP/1.1 200").await;
+
+    // Draining: still answering HTTP, no longer ready. A transaction in
+    // its DATA keeps the drain going while we ask, then completes.
+    let mut c = Client::hello(smtp).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    let _ = stop.send(());
+    let draining = wait_for("HTTP/1.1 503").await;
+    assert!(
+        draining.contains("FAIL listeners: shutting down"),
+        "{draining}"
+    );
+    c.cmd("Subject: x\r\n\r\nbody\r\n.", "250").await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+}
+
+/// Clients that connect and never send a request hold a slot only for the
+/// request timeout (5 s): the listener serves again once they are closed.
+#[tokio::test]
+async fn silent_http_clients_are_closed_and_do_not_starve_the_listener() {
+    use tokio::io::AsyncReadExt;
+    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = common::config::test_config(mta.addr);
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.dns.nameservers = vec![dns.addr];
+    let running = common::start_server_config(cfg).await;
+    let m = running.metrics.expect("metrics listener");
+    let started = Instant::now();
+    // More than the 32 connections served at once.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(tokio::net::TcpStream::connect(m).await.unwrap());
+    }
+    // Served once the silent ones have been dropped, not never.
+    let r = tokio::time::timeout(Duration::from_secs(12), get(m, "/healthz"))
+        .await
+        .expect("served within 12 s");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Every silent client was closed by the server, within the bound.
+    for mut s in silent {
+        let mut b = [0u8; 64];
+        // Whatever hyper says first (a 408 or nothing), then the close.
+        while tokio::time::timeout(Duration::from_secs(12), s.read(&mut b))
+            .await
+            .expect("closed within 12 s")
+            .unwrap_or(0)
+            > 0
+        {}
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(12), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(4),
+        "closed before the timeout: {took:?}"
+    );
+}

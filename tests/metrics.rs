@@ -80,7 +80,8 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
 
     let m = get(maddr, "/metrics").await;
     assert!(
-        m.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain"),
+        m.starts_with("HTTP/1.1 200 OK\r\n")
+            && m.contains("\r\ncontent-type: text/plain; version=0.0.4"),
         "{m}"
     );
     let body = m.split("\r\n\r\n").nth(1).unwrap();
@@ -130,7 +131,8 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
 
     let page = get(maddr, "/").await;
     assert!(
-        page.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/html"),
+        page.starts_with("HTTP/1.1 200 OK\r\n")
+            && page.contains("\r\ncontent-type: text/html; charset=utf-8"),
         "{page}"
     );
     for want in [

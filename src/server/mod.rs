@@ -212,6 +212,8 @@ impl Server {
                     shared: Arc::clone(&self.shared),
                     limits: Arc::clone(&self.limits),
                     handle: handle.clone(),
+                    shutdown: Arc::clone(&self.shutdown),
+                    bound: (self.listeners.len(), self.milters.len()),
                 });
                 Some(tokio::spawn(crate::telemetry::http::serve(
                     listener, handle, status,

@@ -3,6 +3,7 @@
 //! live counters.
 
 use super::*;
+use crate::telemetry::http::Probe;
 
 /// The status page: uptime, version, rules, DNSBL health, live counters.
 pub(super) struct StatusPage {
@@ -11,6 +12,37 @@ pub(super) struct StatusPage {
     pub(super) shared: Arc<Shared>,
     pub(super) limits: Arc<ConnectionLimits>,
     pub(super) handle: metrics_exporter_prometheus::PrometheusHandle,
+    pub(super) shutdown: Arc<Shutdown>,
+    /// SMTP and milter listeners bound (both fixed at start).
+    pub(super) bound: (usize, usize),
+}
+
+/// `2026-11-30 12:00:05 UTC`.
+fn when(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replacen('T', " ", 1)
+        .replace('Z', " UTC")
+}
+
+/// `3d 4h`, `2h 5m`, `4m 10s`, `12s`: the two largest units.
+fn span(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, mins, secs) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (days, hours, mins) {
+        (0, 0, 0) => format!("{secs}s"),
+        (0, 0, _) => format!("{mins}m {secs}s"),
+        (0, _, _) => format!("{hours}h {mins}m"),
+        _ => format!("{days}d {hours}h"),
+    }
+}
+
+/// `2026-11-30 12:00:05 UTC (4m 10s ago)`.
+fn when_ago(t: std::time::SystemTime) -> String {
+    let ago = std::time::SystemTime::now()
+        .duration_since(t)
+        .unwrap_or_default();
+    format!("{} ({} ago)", when(t), span(ago))
 }
 
 impl crate::telemetry::http::Status for StatusPage {
@@ -22,35 +54,30 @@ impl crate::telemetry::http::Status for StatusPage {
                 .replace('>', "&gt;")
         };
         let rules = self.shared.rules.current();
-        let loaded = rules
-            .loaded_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         let mut o = String::from(
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Portcullis status</title></head><body>\n",
         );
         let _ = writeln!(o, "<h1>Portcullis {}</h1>", env!("CARGO_PKG_VERSION"));
         let _ = writeln!(
             o,
-            "<p>host {} &middot; up {} s &middot; {} sessions open</p>",
+            "<p>host {} &middot; up {} &middot; {} sessions open</p>",
             esc(&self.shared.runtime().cfg.hostname),
-            self.started.elapsed().as_secs(),
+            span(self.started.elapsed()),
             self.limits.open()
         );
         let _ = writeln!(
             o,
-            "<h2>Rules</h2><p>{} rules from {} files, loaded {} (unix time); reloads: {} ok, {} failed</p>",
+            "<h2>Rules</h2><p>{} rules from {} files, loaded {}; reloads: {} ok, {} failed</p>",
             rules.rules().len(),
             rules.files.len(),
-            loaded,
+            when_ago(rules.loaded_at),
             self.shared.rules.reloads_ok.load(Ordering::Relaxed),
             self.shared.rules.reloads_failed.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             o,
-            "<h2>Config</h2><p>loaded at start (unix time {}); reloads: {} ok, {} failed</p>",
-            self.config.started_at,
+            "<h2>Config</h2><p>loaded at start, {}; reloads: {} ok, {} failed</p>",
+            when_ago(std::time::UNIX_EPOCH + Duration::from_secs(self.config.started_at)),
             self.config.ok.load(Ordering::Relaxed),
             self.config.failed.load(Ordering::Relaxed)
         );
@@ -116,10 +143,90 @@ impl crate::telemetry::http::Status for StatusPage {
             );
         }
         let _ = writeln!(o, "</table>\n<h2>Counters</h2><pre>");
-        for line in self.handle.render().lines().filter(|l| !l.starts_with('#')) {
+        // Sorted: the exporter's own order changes from scrape to scrape.
+        let rendered = self.handle.render();
+        let mut lines: Vec<&str> = rendered.lines().filter(|l| !l.starts_with('#')).collect();
+        lines.sort_unstable();
+        for line in lines {
             let _ = writeln!(o, "{}", esc(line));
         }
         o.push_str("</pre></body></html>\n");
         o
+    }
+
+    fn readiness(&self) -> Vec<Probe> {
+        let mut probes = Vec::new();
+        let (smtp, milter) = self.bound;
+        probes.push(match self.shutdown.signal().phase() {
+            Phase::Running => Probe {
+                name: "listeners",
+                ok: true,
+                detail: format!("{smtp} SMTP, {milter} milter bound"),
+            },
+            _ => Probe {
+                name: "listeners",
+                ok: false,
+                detail: "shutting down: draining sessions".into(),
+            },
+        });
+        // Milter-only: there is no upstream of ours to ask.
+        if smtp > 0 {
+            let up = &self.shared.upstream;
+            let h = up.health();
+            probes.push(Probe {
+                name: "upstream",
+                ok: h.answering == Some(true),
+                detail: match (h.answering, h.last_error) {
+                    (Some(true), _) => format!("{} answers", up.addr),
+                    (Some(false), e) => format!(
+                        "{} does not answer ({})",
+                        up.addr,
+                        e.as_deref().unwrap_or("unknown error")
+                    ),
+                    (None, _) => format!("{} not probed yet", up.addr),
+                },
+            });
+        }
+        let states = self.shared.runtime().engine.dns.nameservers.states();
+        let answering = states
+            .iter()
+            .filter(|(_, s)| *s == crate::dns::NsState::Answers)
+            .count();
+        let silent: Vec<String> = states
+            .iter()
+            .filter_map(|(a, s)| match s {
+                crate::dns::NsState::Silent(e) => Some(format!("{a}: {e}")),
+                _ => None,
+            })
+            .collect();
+        probes.push(Probe {
+            name: "dns",
+            ok: answering > 0,
+            detail: if answering > 0 {
+                format!("{answering} of {} nameservers answer", states.len())
+            } else if silent.is_empty() {
+                "nameservers not checked yet".into()
+            } else {
+                format!("no nameserver answers ({})", silent.join("; "))
+            },
+        });
+        let rules = self.shared.rules.current();
+        let failed = self.shared.rules.reloads_failed.load(Ordering::Relaxed);
+        // A failed reload keeps the previous set in force: still ready.
+        probes.push(Probe {
+            name: "rules",
+            ok: true,
+            detail: format!(
+                "{} rules from {} files loaded{}",
+                rules.rules().len(),
+                rules.files.len(),
+                if failed > 0 {
+                    format!("; {failed} failed reloads since start, each leaving the set before it in force")
+                } else {
+                    String::new()
+                }
+            ),
+        });
+        probes
     }
 }

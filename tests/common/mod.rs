@@ -112,6 +112,7 @@ impl Script {
 pub struct FakeMta {
     pub addr: SocketAddr,
     pub rec: Arc<Mutex<Recorded>>,
+    accept: tokio::task::AbortHandle,
 }
 
 impl FakeMta {
@@ -131,7 +132,7 @@ impl FakeMta {
         let r2 = Arc::clone(&rec);
         let script = Arc::new(script);
         let faults = Arc::new(AtomicUsize::new(script.faults.unwrap_or(usize::MAX)));
-        tokio::spawn(async move {
+        let accept = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 tokio::spawn(serve(
                     sock,
@@ -140,8 +141,14 @@ impl FakeMta {
                     Arc::clone(&faults),
                 ));
             }
-        });
-        FakeMta { addr, rec }
+        })
+        .abort_handle();
+        FakeMta { addr, rec, accept }
+    }
+
+    /// Closes the listener: new connections are refused (the MTA is down).
+    pub fn stop_listening(&self) {
+        self.accept.abort();
     }
 
     pub fn stored(&self) -> Vec<Stored> {
@@ -801,10 +808,17 @@ impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyCert {
 
 /// One plain HTTP GET (metrics and status page); the whole response.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_raw(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Writes `request` as given and reads until the server closes.
+pub async fn http_raw(addr: SocketAddr, request: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
