@@ -20,6 +20,7 @@ mod greylist;
 mod hostile;
 mod milter;
 mod milter_props;
+mod package;
 mod paths;
 mod props;
 mod rate_limits;
