@@ -27,20 +27,91 @@ struct Line {
     dmarc: String,
 }
 
+/// Where a line of ours begins: json, or logfmt with or without our own
+/// timestamp (without it when stdout was the journal).
+fn is_ours(s: &str) -> bool {
+    s.starts_with('{')
+        || s.starts_with("ts=")
+        || s.starts_with("timestamp=")
+        || s.starts_with("level=")
+}
+
 /// A line as journald or syslog wrote it (`journalctl -o short`:
-/// "Nov 30 10:26:02 host portcullis[812]: {...}"): the part after the
-/// prefix. Lines without one (`-o cat`, our own files) are kept whole.
-fn without_syslog_prefix(l: &str) -> &str {
-    if l.starts_with('{') || l.starts_with("ts=") || l.starts_with("timestamp=") {
-        return l;
+/// "Nov 30 10:26:02 host portcullis[812]: {...}"): the prefix and the part
+/// after it. Lines without one (`-o cat`, our own files) are kept whole.
+fn split_syslog_prefix(l: &str) -> (&str, &str) {
+    if is_ours(l) {
+        return ("", l);
     }
     for (i, _) in l.match_indices(": ") {
-        let rest = &l[i + 2..];
-        if rest.starts_with('{') || rest.starts_with("ts=") || rest.starts_with("timestamp=") {
-            return rest;
+        if is_ours(&l[i + 2..]) {
+            return (&l[..i], &l[i + 2..]);
         }
     }
-    l
+    ("", l)
+}
+
+/// Reads the time journald or syslog put in front of a line, for lines
+/// that carry none of their own (written to the journal, which keeps the
+/// time itself). Prefix times are local unless they carry an offset.
+pub struct PrefixClock {
+    pub now: jiff::Timestamp,
+    pub tz: jiff::tz::TimeZone,
+}
+
+impl PrefixClock {
+    pub fn system() -> PrefixClock {
+        PrefixClock {
+            now: jiff::Timestamp::now(),
+            tz: jiff::tz::TimeZone::system(),
+        }
+    }
+
+    /// The prefix's time as RFC 3339 UTC (`2026-11-30T10:26:02Z`), from
+    /// `-o short-iso[-precise]` and rsyslog (`2026-11-30T10:26:02+0000`),
+    /// or `-o short[-precise]` (`Nov 30 10:26:02`: the year is the one that
+    /// puts it at most a day ahead of now).
+    pub fn time_of(&self, prefix: &str) -> Option<String> {
+        let first = prefix.split(' ').next()?;
+        if first.len() >= 19 && first.as_bytes()[4] == b'-' {
+            // jiff wants the offset as +00:00; journald writes +0000.
+            let fixed = match first.len().checked_sub(5).map(|i| first.split_at(i)) {
+                Some((head, off))
+                    if (off.starts_with('+') || off.starts_with('-'))
+                        && off[1..].bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    format!("{head}{}:{}", &off[..3], &off[3..])
+                }
+                _ => first.to_string(),
+            };
+            return fixed.parse::<jiff::Timestamp>().ok().map(|t| t.to_string());
+        }
+        let mut parts = prefix.split_ascii_whitespace();
+        let (month, day, clock) = (parts.next()?, parts.next()?, parts.next()?);
+        let month = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ]
+        .iter()
+        .position(|m| *m == month)? as i8
+            + 1;
+        let day: i8 = day.parse().ok()?;
+        let time: jiff::civil::Time = clock.parse().ok()?;
+        let year = self.now.to_zoned_datetime(self.tz.clone()).year();
+        let at = |y: i16| {
+            jiff::civil::date(y, month, day)
+                .to_datetime(time)
+                .to_zoned_datetime(self.tz.clone())
+                .ok()
+                .map(|z| z.timestamp())
+        };
+        let t = at(year)?;
+        let t = if t > self.now + jiff::SignedDuration::from_hours(24) {
+            at(year - 1)?
+        } else {
+            t
+        };
+        Some(t.to_string())
+    }
 }
 
 /// `--since`/`--until` as the RFC 3339 UTC prefix lines are compared with:
@@ -72,8 +143,8 @@ pub fn resolve_time(s: &str, now: std::time::SystemTime) -> Result<String, Strin
 }
 
 /// Parses one log line (json or logfmt); `None` for lines that are not ours.
-fn parse_line(l: &str) -> Option<Line> {
-    let l = without_syslog_prefix(l.trim());
+fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
+    let (prefix, l) = split_syslog_prefix(l.trim());
     let fields: HashMap<String, String> = if l.starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(l).ok()?;
         v.as_object()?
@@ -95,10 +166,12 @@ fn parse_line(l: &str) -> Option<Line> {
     }
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
     Some(Line {
+        // Ours when we wrote one; else the journal's (see telemetry::init).
         time: fields
             .get("timestamp")
             .or_else(|| fields.get("ts"))
             .cloned()
+            .or_else(|| clock.time_of(prefix))
             .unwrap_or_default(),
         event,
         verdict: get("verdict"),
@@ -281,6 +354,11 @@ fn counts(m: HashMap<String, u64>, total: u64, top: Option<usize>) -> Vec<Count>
 }
 
 pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
+    compute_at(lines, w, &PrefixClock::system())
+}
+
+/// `compute`, reading journal prefix times by `clock`.
+pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &PrefixClock) -> Report {
     let mut r = Report::default();
     let (
         mut verdicts,
@@ -317,7 +395,9 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
         std::collections::HashSet::new(),
     );
     for raw in lines {
-        let Some(l) = parse_line(&raw) else { continue };
+        let Some(l) = parse_line(&raw, clock) else {
+            continue;
+        };
         r.lines += 1;
         if w.since.as_deref().is_some_and(|s| l.time.as_str() < s)
             || w.until.as_deref().is_some_and(|u| l.time.as_str() >= u)
@@ -633,7 +713,7 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
-    use super::{resolve_time, without_syslog_prefix};
+    use super::{PrefixClock, resolve_time, split_syslog_prefix};
 
     #[test]
     fn relative_times() {
@@ -655,18 +735,71 @@ mod tests {
     fn syslog_prefixes() {
         let json = r#"{"event":"transaction"}"#;
         assert_eq!(
-            without_syslog_prefix(&format!("Nov 30 10:26:02 mx portcullis[812]: {json}")),
-            json
+            split_syslog_prefix(&format!("Nov 30 10:26:02 mx portcullis[812]: {json}")),
+            ("Nov 30 10:26:02 mx portcullis[812]", json)
         );
         assert_eq!(
-            without_syslog_prefix("2026-11-30T10:26:02+0000 mx portcullis[812]: ts=2026 event=x"),
+            split_syslog_prefix("2026-11-30T10:26:02+0000 mx portcullis[812]: ts=2026 event=x").1,
             "ts=2026 event=x"
         );
-        assert_eq!(without_syslog_prefix(json), json);
         assert_eq!(
-            without_syslog_prefix("Nov 30 mx kernel: hello"),
+            split_syslog_prefix("Nov 30 10:26:02 mx portcullis[812]: level=INFO event=x").1,
+            "level=INFO event=x"
+        );
+        assert_eq!(split_syslog_prefix(json), ("", json));
+        assert_eq!(
+            split_syslog_prefix("Nov 30 mx kernel: hello").1,
             "Nov 30 mx kernel: hello"
         );
+    }
+
+    #[test]
+    fn prefix_times() {
+        let at = |now: &str, tz: &str| PrefixClock {
+            now: now.parse().unwrap(),
+            tz: jiff::tz::TimeZone::get(tz).unwrap(),
+        };
+        let utc = at("2026-11-30T12:00:00Z", "UTC");
+        let t = |c: &PrefixClock, p: &str| c.time_of(p).unwrap_or_default();
+        assert_eq!(
+            t(&utc, "Nov 30 10:26:02 mx portcullis[812]"),
+            "2026-11-30T10:26:02Z"
+        );
+        assert_eq!(
+            t(&utc, "Nov 30 10:26:02.250000 mx portcullis[812]"),
+            "2026-11-30T10:26:02.25Z"
+        );
+        // -o short-iso, rsyslog, -o short-iso-precise: the offset says.
+        assert_eq!(
+            t(&utc, "2026-11-30T11:26:02+0100 mx p[1]"),
+            "2026-11-30T10:26:02Z"
+        );
+        assert_eq!(
+            t(&utc, "2026-11-30T10:26:02+00:00 mx p[1]"),
+            "2026-11-30T10:26:02Z"
+        );
+        assert_eq!(
+            t(&utc, "2026-11-30T10:26:02.5-0500 mx p[1]"),
+            "2026-11-30T15:26:02.5Z"
+        );
+        // Local times without an offset are read in the local zone.
+        let berlin = at("2026-11-30T12:00:00Z", "Europe/Berlin");
+        assert_eq!(
+            t(&berlin, "Nov 30 10:26:02 mx p[1]"),
+            "2026-11-30T09:26:02Z"
+        );
+        // No year: a date more than a day ahead is last year's.
+        let new_year = at("2027-01-01T00:30:00Z", "UTC");
+        assert_eq!(
+            t(&new_year, "Dec 31 23:59:59 mx p[1]"),
+            "2026-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            t(&new_year, "Jan  1 00:10:00 mx p[1]"),
+            "2027-01-01T00:10:00Z"
+        );
+        assert_eq!(utc.time_of("mx kernel"), None);
+        assert_eq!(utc.time_of(""), None);
     }
 
     use super::*;

@@ -93,25 +93,48 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTarget {
     }
 }
 
+/// Whether stdout is the journal (systemd sets JOURNAL_STREAM to its
+/// device and inode), and not, say, a pipe the service's stdout was
+/// redirected to.
+pub fn stdout_is_journal(journal_stream: Option<&str>) -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some((dev, ino)) = journal_stream.and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    match File::from(fd).metadata() {
+        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Err(_) => false,
+    }
+}
+
 /// Installs the global subscriber (json or logfmt, to stdout or `log.file`).
+/// Lines going to the journal carry no timestamp of their own: journald
+/// stamps each line, and `stats` reads its prefix.
 pub fn init(log: &Log) -> Result<LogTarget, String> {
     let filter = EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?;
     let target = LogTarget::open(log.file.as_deref())?;
+    let journal =
+        log.file.is_none() && stdout_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref());
     let registry = tracing_subscriber::registry().with(filter);
-    match log.format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .with_writer(target.clone()),
-            )
-            .try_init(),
-        LogFormat::Logfmt => registry
+    let json = || {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(target.clone())
+    };
+    match (log.format, journal) {
+        (LogFormat::Json, false) => registry.with(json()).try_init(),
+        (LogFormat::Json, true) => registry.with(json().without_time()).try_init(),
+        (LogFormat::Logfmt, journal) => registry
             .with(
                 tracing_logfmt::builder()
+                    .with_timestamp(!journal)
                     .layer()
                     .with_writer(target.clone()),
             )

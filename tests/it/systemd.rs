@@ -150,3 +150,113 @@ fn the_unit_file_verifies() {
         .unwrap_or_else(|| panic!("no score in {text}"));
     assert!(score < 3.0, "exposure {score}: {text}");
 }
+
+/// Under systemd, stdout is the journal (JOURNAL_STREAM names its device
+/// and inode) and journald stamps every line: ours then carry no timestamp
+/// of their own, and `stats` takes the time from the journal's prefix.
+#[tokio::test]
+async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
+    use std::os::unix::fs::MetadataExt;
+    let mta = FakeMta::start(Script::default()).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-journal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    // One run with stdout as "the journal", one with a JOURNAL_STREAM that
+    // names another file (stdout redirected elsewhere): stamped as usual.
+    let mut logs = Vec::new();
+    for journal in [true, false] {
+        let port = common::free_port();
+        let conf = dir.join(format!("p{port}.yaml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\nrules_dir: {}\n",
+                mta.addr,
+                dir.join("rules").display()
+            ),
+        )
+        .unwrap();
+        let out_path = dir.join(format!("stdout-{journal}"));
+        let out = std::fs::File::create(&out_path).unwrap();
+        let m = if journal {
+            out.metadata().unwrap()
+        } else {
+            std::fs::metadata(&conf).unwrap()
+        };
+        let child = common::Killed(
+            Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["run", "--config"])
+                .arg(&conf)
+                .env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()))
+                .stdout(out)
+                .spawn()
+                .unwrap(),
+        );
+        let gate = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let until = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(gate).await.is_err() {
+            assert!(Instant::now() < until, "never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut c = common::Client::hello(gate).await;
+        let r = c
+            .send_mail(
+                "a@sender.test",
+                &["b@example.test"],
+                b"Subject: j\r\n\r\nhi\r\n",
+            )
+            .await;
+        assert!(r.starts_with("250"), "{r}");
+        c.cmd("QUIT", "221").await;
+        drop(child);
+        logs.push(std::fs::read_to_string(&out_path).unwrap());
+    }
+    let txn = |log: &str| -> serde_json::Value {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "transaction")
+            .unwrap_or_else(|| panic!("no transaction line in {log}"))
+    };
+    let (journal, plain) = (txn(&logs[0]), txn(&logs[1]));
+    assert!(journal.get("timestamp").is_none(), "{journal}");
+    assert!(
+        logs[0].lines().all(|l| !l.contains("\"timestamp\"")),
+        "{}",
+        logs[0]
+    );
+    assert!(
+        plain["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20")),
+        "{plain}"
+    );
+
+    // What `journalctl -u portcullis -o short-iso` shows of the journal run,
+    // read by stats: the hour comes from the prefix.
+    let shown: String = logs[0]
+        .lines()
+        .map(|l| format!("2026-11-30T10:15:00+0100 mx portcullis[812]: {l}\n"))
+        .collect();
+    let file = dir.join("journal.txt");
+    std::fs::write(&file, shown).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "stats",
+            "--json",
+            "--since",
+            "2026-11-30T09",
+            "--until",
+            "2026-11-30T10",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["transactions"], 1, "{report}");
+    assert_eq!(report["hours"][0]["hour"], "2026-11-30T09", "{report}");
+}
