@@ -20,6 +20,9 @@ pub struct Finding {
     pub result: String,
     /// Effective action (`Accept` for checks in record mode).
     pub action: Action,
+    /// In record mode, or from a shadow rule: the action it would have had
+    /// if enforced (for the log's `would` and `stats`' what-if table).
+    pub would: Option<Action>,
     /// For logs and stats: `dnsbl:zen.spamhaus.org`, `spf:fail`, ...
     pub reason: String,
     /// The reply if this finding refuses or defers.
@@ -259,6 +262,7 @@ mod tests {
             check,
             result: "x".into(),
             action,
+            would: None,
             reason: format!("{check}:x"),
             reply,
         }

@@ -38,6 +38,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     explain_sees_what_the_session_saw(&logs).await;
     checks_transaction(&logs).await;
     contract_transactions(&logs).await;
+    would_transactions(&logs).await;
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
     let mut cfg = test_config(mta.addr);
@@ -346,6 +347,8 @@ fn assert_contract(l: &serde_json::Value) {
         "iprev",
         "dnsbl",
         "rules",
+        "hits",
+        "would",
     ] {
         assert!(l[k].is_string(), "{k} is not a string in {l}");
     }
@@ -602,4 +605,123 @@ async fn explain_sees_what_the_session_saw(logs: &Captured) {
     );
     assert!(data.headers.contains("X-Here: yes"), "{}", data.headers);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Record-mode checks and shadow rules log what enforcing each alone would
+/// have done (`would`), and `stats` turns real lines into the what-if table.
+async fn would_transactions(logs: &Captured) {
+    use common::dns::{FakeDns, a};
+    use portcullis::config::Action;
+    let dns = FakeDns::start(&["test."], vec![a("2.0.0.127.bl.test.", "127.0.0.2")]).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-log-would-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("r.yaml"),
+        "rules:
+  - id: OFFER
+    description: enforced, scores 10
+    when: {subject: {regex: offer}}
+    action: {score: 10}
+  - id: SHADOW_BUY
+    description: shadow, would reject
+    when: {subject: {regex: buy now}}
+    action: reject
+    mode: shadow
+  - id: SHADOW_SIX
+    description: shadow, would add 6 (16 with OFFER, over reject 15)
+    when: {subject: {regex: offer}}
+    action: {score: 6}
+    mode: shadow
+  - id: SHADOW_LOG
+    description: shadow, only logs
+    when: {subject: {regex: buy now}}
+    action: log
+    mode: shadow
+",
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = test_config(mta.addr);
+    cfg.dns.nameservers = vec![dns.addr];
+    cfg.rules_dir = Some(dir);
+    cfg.checks.dnsbl.mode = Mode::Record;
+    cfg.checks.dnsbl.zones = vec![Zone {
+        action: Some(Action::Reject),
+        ..zone("bl.test")
+    }];
+    let gate = Gate::start_config(cfg).await;
+    for (ip, from, subject) in [
+        ("127.0.0.2", "w1@would.test", "buy now"),
+        ("127.0.0.7", "w2@would.test", "special offer"),
+        ("127.0.0.7", "w3@other.test", "hello"),
+    ] {
+        let mut c = Client::connect_from(gate.addr, ip).await;
+        c.reply().await;
+        c.cmd("EHLO would.test", "250").await;
+        let r = c
+            .send_mail(
+                from,
+                &["b@example.test"],
+                format!("Subject: {subject}\r\n\r\nhi\r\n").as_bytes(),
+            )
+            .await;
+        assert!(r.starts_with("250"), "{subject}: {r}");
+        c.cmd("QUIT", "221").await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let ours: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("\"transaction\"") && l.contains("would.test"))
+        .map(String::from)
+        .collect();
+    let line = |from: &str| -> serde_json::Value {
+        ours.iter()
+            .find(|l| l.contains(from))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .unwrap_or_else(|| panic!("no line for {from} in {text}"))
+    };
+    let (w1, w2, w3) = (line("w1@"), line("w2@"), line("w3@"));
+    assert_eq!(w1["verdict"], "accept");
+    assert_eq!(
+        w1["would"], "dnsbl:bl.test=reject rule:SHADOW_BUY=reject",
+        "{w1}"
+    );
+    assert_eq!(w1["rules"], "SHADOW_BUY(shadow) SHADOW_LOG(shadow)");
+    assert_eq!(w2["verdict"], "tag");
+    assert_eq!(w2["would"], "rule:SHADOW_SIX=reject", "{w2}");
+    assert_eq!(
+        w2["hits"], "rule:OFFER=10",
+        "a shadow rule adds nothing: {w2}"
+    );
+    assert_eq!(w3["would"], "", "{w3}");
+
+    let report = portcullis::cli::stats::compute(
+        ours.into_iter(),
+        &portcullis::cli::stats::Window::default(),
+    );
+    let rows: Vec<(String, u64, u64, u64, u64)> = report
+        .what_if
+        .iter()
+        .map(|w| {
+            (
+                w.name.clone(),
+                w.fired,
+                w.would_reject,
+                w.would_tempfail,
+                w.otherwise_accepted,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("dnsbl:bl.test".into(), 1, 1, 0, 1),
+            ("rule:SHADOW_BUY".into(), 1, 1, 0, 1),
+            ("rule:SHADOW_SIX".into(), 1, 1, 0, 1),
+        ]
+    );
+    let hit = &report.what_if[0];
+    assert_eq!(hit.top_sender_domains[0].name, "would.test");
+    assert_eq!(hit.top_networks[0].name, "127.0.0.0/24");
 }

@@ -1,7 +1,7 @@
 //! DKIM (RFC 6376) at the end of DATA. The signatures are verified when
 //! DKIM or DMARC is on (DMARC needs them); findings only when DKIM is.
 
-use super::{Check, Facts, Hook, Message, act};
+use super::{Check, Facts, Hook, Message, act, would};
 use crate::config::{Action, ChecksConfig, DkimConfig, Mode};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -61,6 +61,7 @@ impl Check for Dkim {
                     check: "dkim",
                     result: best.into(),
                     action: act(d.mode, action),
+                    would: would(d.mode, action),
                     reason: format!("dkim:{best}"),
                     reply,
                 });

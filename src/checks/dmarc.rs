@@ -1,7 +1,7 @@
 //! DMARC (RFC 7489) at the end of DATA, from the SPF result of MAIL and
 //! the DKIM results of the message; the action follows the domain's policy.
 
-use super::{Check, Facts, Hook, Message, act};
+use super::{Check, Facts, Hook, Message, act, would};
 use crate::config::{Action, DmarcConfig, Mode};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -93,6 +93,7 @@ impl Check for Dmarc {
                     check: "dmarc",
                     result: word.into(),
                     action: act(c.mode, action),
+                    would: would(c.mode, action),
                     reason: if policy_word.is_empty() {
                         format!("dmarc:{word}")
                     } else {

@@ -7,7 +7,7 @@
 //! domain lists TEST listed, INVALID not) are checked at start and every
 //! `self_test_interval`; a zone that fails is disabled until it passes.
 
-use super::{Check, Client, Facts, Found, Hook, Pending, act, done};
+use super::{Check, Client, Facts, Found, Hook, Pending, act, done, would};
 use crate::config::{Action, DnsblConfig, Mode, Zone, ZoneType};
 use crate::dns::{AAnswer, Dns};
 use crate::telemetry::events::DnsblZone;
@@ -253,6 +253,7 @@ impl DnsblCheck {
                         check: "dnsbl",
                         result: codes.join("+"),
                         action: act(self.cfg.mode, action),
+                        would: would(self.cfg.mode, action),
                         reason: format!("dnsbl:{}", hit.zone),
                         reply: verdict::dnsbl_listed(
                             hit.text.as_deref(),
@@ -269,6 +270,7 @@ impl DnsblCheck {
                             check: "dnsbl",
                             result: "temperror".into(),
                             action: act(self.cfg.mode, Action::Tempfail),
+                            would: would(self.cfg.mode, Action::Tempfail),
                             reason: "dnsbl:temperror".into(),
                             reply: verdict::dns_tempfail(),
                         });

@@ -10,7 +10,7 @@
 //! agree. Decisions compare the first-seen time kept in the value against
 //! the store's clock; the store's expiry only frees space.
 
-use super::{Check, Facts, Hook, act, done};
+use super::{Check, Facts, Hook, act, done, would};
 use crate::config::{Action, GreylistConfig, GreylistWhen, Mode, Thresholds};
 use crate::runtime::limits::network;
 use crate::state::{Store, StoreError};
@@ -193,6 +193,7 @@ impl Check for Greylist {
                     check: "greylist",
                     result: word.into(),
                     action: act(self.cfg.mode, action),
+                    would: would(self.cfg.mode, action),
                     reason: format!("greylist:{word}"),
                     reply,
                 });

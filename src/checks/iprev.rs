@@ -2,7 +2,7 @@
 //! its address. The lookup starts at connect; its result is a finding of
 //! the connection.
 
-use super::{Check, Client, Facts, Hook, Pending, act, done};
+use super::{Check, Client, Facts, Hook, Pending, act, done, would};
 use crate::config::{Action, IprevConfig, Mode};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -73,6 +73,7 @@ impl Check for Iprev {
                 check: "iprev",
                 result: word.into(),
                 action: act(i.mode, action),
+                would: would(i.mode, action),
                 reason: format!("iprev:{word}"),
                 reply,
             });

@@ -193,6 +193,9 @@ pub struct CheckLog {
     /// Every check and rule finding with its effect: `spf:softfail=3`,
     /// `dnsbl:zen.spamhaus.org=reject`.
     pub hits: Vec<String>,
+    /// `reason=verdict` for record-mode findings and shadow rules: the
+    /// transaction's verdict had that one alone been enforced.
+    pub would: Vec<String>,
 }
 
 /// Everything known about one client and its current transaction: what
@@ -283,6 +286,11 @@ impl Engine {
         .any(|m| *m != Mode::Off)
             || (c.dnsbl.mode != Mode::Off && !self.dnsbl.zones.is_empty())
     }
+}
+
+/// What a finding in `record` mode would have done if enforced.
+pub fn would(mode: Mode, action: Action) -> Option<Action> {
+    (mode != Mode::Enforce).then_some(action)
 }
 
 /// `record` mode never acts.

@@ -16,7 +16,7 @@
 //! most 1% stricter per instance. Limits whose burst is under 200 are
 //! counted one by one, exactly.
 
-use super::{Check, Facts, Hook, Message, act, done};
+use super::{Check, Facts, Hook, Message, act, done, would};
 use crate::config::{Action, Mode, RateCount, RateKey, RateLimit};
 use crate::runtime::limits::network;
 use crate::state::{Store, StoreError};
@@ -110,9 +110,19 @@ impl RateLimits {
             .emit();
             let found = &mut f.txn.found;
             found.log.rate_limits.push(l.name.clone());
-            if l.mode == Mode::Enforce && refuse.is_none() {
-                let secs = u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
-                refuse = Some(reply(l, what, secs));
+            let secs = u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+            if l.mode == Mode::Enforce {
+                refuse = refuse.or_else(|| Some(reply(l, what, secs)));
+            } else {
+                // Record mode: kept for the log's `would`.
+                found.findings.push(Finding {
+                    check: "rate_limit",
+                    result: "exceeded".into(),
+                    action: Action::Accept,
+                    would: Some(Action::Tempfail),
+                    reason: format!("rate_limit:{}", l.name),
+                    reply: reply(l, what, secs),
+                });
             }
         }
         refuse
@@ -268,6 +278,7 @@ impl Check for RateLimits {
                     check: "rate_limit",
                     result: "exceeded".into(),
                     action: act(Mode::Enforce, Action::Tempfail),
+                    would: would(Mode::Enforce, Action::Tempfail),
                     reason: reason(f),
                     reply: r,
                 });

@@ -90,6 +90,7 @@ impl Check for RuleCheck {
                             check: "rules",
                             result: "overrun".into(),
                             action: Action::Tempfail,
+                            would: None,
                             reason: "rules:overrun".into(),
                             reply: verdict::rules_overrun(),
                         });
@@ -109,27 +110,29 @@ fn apply(hits: &[Hit], found: &mut Found) {
         } else {
             h.id.clone()
         });
-        if h.shadow {
-            continue;
-        }
         let (action, reply) = match &h.action {
             RuleAction::Reject(r) => (Action::Reject, r.clone()),
             RuleAction::Tempfail(r) => (Action::Tempfail, r.clone()),
             RuleAction::Score(s) => (Action::Score(*s), verdict::spam_score(*s)),
+            // A shadow allow-list or header rule only logs its match.
             RuleAction::Accept => {
-                found.skipped = true;
+                found.skipped |= !h.shadow;
                 continue;
             }
             RuleAction::AddHeader(line) => {
-                found.add_headers.push(line.clone());
+                if !h.shadow {
+                    found.add_headers.push(line.clone());
+                }
                 continue;
             }
             RuleAction::Log => continue,
         };
+        // A shadow rule acts on nothing; what it would have done is kept.
         found.findings.push(Finding {
             check: "rule",
             result: "match".into(),
-            action,
+            action: if h.shadow { Action::Accept } else { action },
+            would: h.shadow.then_some(action),
             reason: format!("rule:{}", h.id),
             reply,
         });

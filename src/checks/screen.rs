@@ -166,6 +166,21 @@ impl Screen {
                 .filter(|f| f.action != Action::Accept)
                 .map(hit),
         );
+        let t = self.engine.thresholds();
+        for (i, f) in found.findings.iter().enumerate() {
+            let Some(action) = f.would.filter(|a| *a != Action::Accept) else {
+                continue;
+            };
+            let mut enforced = found.findings.clone();
+            enforced[i].action = action;
+            let word = match verdict::decide(&enforced, t).decision {
+                Decision::Reject(_) => "reject",
+                Decision::Tempfail(_) => "tempfail",
+                Decision::Tag => "tag",
+                Decision::Accept => "accept",
+            };
+            log.would.push(format!("{}={word}", f.reason));
+        }
         log
     }
 

@@ -1,7 +1,7 @@
 //! SPF (RFC 7208) at MAIL: the MAIL FROM identity, and the HELO identity
 //! when `spf.helo` is on and the HELO name is a domain.
 
-use super::{Check, Facts, Hook, act};
+use super::{Check, Facts, Hook, act, would};
 use crate::config::{Mode, SpfConfig};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -43,6 +43,7 @@ impl Spf {
                 check: "spf",
                 result: "fail".into(),
                 action: act(self.cfg.mode, self.cfg.fail),
+                would: would(self.cfg.mode, self.cfg.fail),
                 reason: "spf:helo_fail".into(),
                 reply: verdict::spf_fail(self.cfg.text.as_deref(), helo, &ip.to_string()),
             });
@@ -94,6 +95,7 @@ impl Spf {
             check: "spf",
             result: word.into(),
             action: act(s.mode, action),
+            would: would(s.mode, action),
             reason: format!("spf:{word}"),
             reply: reply.unwrap_or_else(|| verdict::spam_score(0.0)),
         });

@@ -25,6 +25,8 @@ struct Line {
     spf: String,
     dkim: String,
     dmarc: String,
+    /// `reason=verdict` per record-mode check or shadow rule.
+    would: String,
 }
 
 /// Where a line of ours begins: json, or logfmt with or without our own
@@ -190,6 +192,7 @@ fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
         spf: get("spf"),
         dkim: get("dkim"),
         dmarc: get("dmarc"),
+        would: get("would"),
     })
 }
 
@@ -262,6 +265,34 @@ pub struct Hour {
     pub reasons: BTreeMap<String, u64>,
 }
 
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Day {
+    /// `2026-11-29` (UTC).
+    pub day: String,
+    pub transactions: u64,
+    pub rejected: u64,
+    pub tempfailed: u64,
+}
+
+/// One record-mode check or shadow rule: what enforcing it alone would
+/// have changed.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct WhatIf {
+    /// As in the log: `rule:TRYOUT`, `dnsbl:zen.spamhaus.org`, `spf:fail`.
+    pub name: String,
+    /// Transactions where it fired.
+    pub fired: u64,
+    /// ... that it would have rejected, or tempfailed, if enforced.
+    pub would_reject: u64,
+    pub would_tempfail: u64,
+    /// ... of those refusals, transactions that were in fact accepted
+    /// (the mail enforcing it would have stopped).
+    pub otherwise_accepted: u64,
+    /// Who the refusals would have hit.
+    pub top_sender_domains: Vec<Count>,
+    pub top_networks: Vec<Count>,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct Report {
     /// Portcullis lines read (inside the time window or not).
@@ -287,6 +318,9 @@ pub struct Report {
     pub codes: Vec<Count>,
     pub dnsbl_zones: Vec<Count>,
     pub hours: Vec<Hour>,
+    pub days: Vec<Day>,
+    /// Record-mode checks and shadow rules, if enforced (most refusals first).
+    pub what_if: Vec<WhatIf>,
     pub top_networks: Vec<Count>,
     pub top_sender_domains: Vec<Count>,
     pub greylisting: Greylisting,
@@ -330,6 +364,34 @@ fn network(ip: &str) -> String {
             format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
         }
         Err(_) => ip.to_string(),
+    }
+}
+
+/// The sender's domain, lower case; `<>` for the null sender.
+fn sender_domain(mail_from: &str) -> String {
+    match mail_from.rsplit_once('@') {
+        Some((_, d)) => d.to_ascii_lowercase(),
+        None => "<>".to_string(),
+    }
+}
+
+/// Per what-if entry: the counts and whom its refusals would have hit.
+#[derive(Default)]
+struct WhatIfCount {
+    fired: u64,
+    reject: u64,
+    tempfail: u64,
+    accepted: u64,
+    senders: HashMap<String, u64>,
+    nets: HashMap<String, u64>,
+}
+
+/// `n` in percent of `of` (0 when there is nothing).
+fn percent(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        100.0 * n as f64 / of as f64
     }
 }
 
@@ -385,6 +447,7 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
     let mut limits: HashMap<String, u64> = HashMap::new();
     let mut modes: HashMap<String, u64> = HashMap::new();
     let mut tempfails: HashMap<String, u64> = HashMap::new();
+    let mut what_if: HashMap<String, WhatIfCount> = HashMap::new();
     let (mut spf, mut dkim, mut dmarc): (
         HashMap<String, u64>,
         HashMap<String, u64>,
@@ -440,6 +503,23 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
             }
         }
         *verdicts.entry(l.verdict.clone()).or_insert(0) += 1;
+        for entry in l.would.split_whitespace() {
+            let Some((name, word)) = entry.rsplit_once('=') else {
+                continue;
+            };
+            let w = what_if.entry(name.to_string()).or_default();
+            w.fired += 1;
+            match word {
+                "reject" => w.reject += 1,
+                "tempfail" => w.tempfail += 1,
+                _ => continue,
+            }
+            if matches!(l.verdict.as_str(), "accept" | "tag") {
+                w.accepted += 1;
+            }
+            *w.senders.entry(sender_domain(&l.mail_from)).or_insert(0) += 1;
+            *w.nets.entry(network(&l.client_ip)).or_insert(0) += 1;
+        }
         if !l.code.is_empty() && l.code != "0" {
             *codes.entry(l.code.clone()).or_insert(0) += 1;
         }
@@ -474,11 +554,7 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
                 *h.reasons.entry(reason.clone()).or_insert(0) += 1;
                 *reasons.entry(reason).or_insert(0) += 1;
                 *nets.entry(network(&l.client_ip)).or_insert(0) += 1;
-                if let Some((_, d)) = l.mail_from.rsplit_once('@') {
-                    *senders.entry(d.to_ascii_lowercase()).or_insert(0) += 1;
-                } else {
-                    *senders.entry("<>".to_string()).or_insert(0) += 1;
-                }
+                *senders.entry(sender_domain(&l.mail_from)).or_insert(0) += 1;
             }
             "tempfail" => {
                 h.tempfailed += 1;
@@ -503,6 +579,41 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
     r.top_networks = counts(nets, t, Some(10));
     r.top_sender_domains = counts(senders, t, Some(10));
     r.hours = hours.into_values().collect();
+    let mut days: BTreeMap<String, Day> = BTreeMap::new();
+    for h in &r.hours {
+        let key: String = h.hour.chars().take(10).collect();
+        let d = days.entry(key.clone()).or_insert_with(|| Day {
+            day: key,
+            transactions: 0,
+            rejected: 0,
+            tempfailed: 0,
+        });
+        d.transactions += h.transactions;
+        d.rejected += h.rejected;
+        d.tempfailed += h.tempfailed;
+    }
+    r.days = days.into_values().collect();
+    let mut what_if: Vec<WhatIf> = what_if
+        .into_iter()
+        .map(|(name, w)| {
+            let refused = w.reject + w.tempfail;
+            WhatIf {
+                name,
+                fired: w.fired,
+                would_reject: w.reject,
+                would_tempfail: w.tempfail,
+                otherwise_accepted: w.accepted,
+                top_sender_domains: counts(w.senders, refused, Some(3)),
+                top_networks: counts(w.nets, refused, Some(3)),
+            }
+        })
+        .collect();
+    what_if.sort_by(|a, b| {
+        (b.would_reject + b.would_tempfail, b.fired)
+            .cmp(&(a.would_reject + a.would_tempfail, a.fired))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    r.what_if = what_if;
     r.rate_limits = counts(limits, t, None);
     let came_back = told.intersection(&passed).count() as u64;
     let greylisted = told.len() as u64;
@@ -551,6 +662,34 @@ impl Report {
         section(&mut o, "DMARC results", &self.dmarc);
         section(&mut o, "rules (enforced)", &self.rules);
         section(&mut o, "shadow rules (would have hit)", &self.shadow_rules);
+        if !self.what_if.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nwhat if enforced (record-mode checks and shadow rules, each alone)\n  {:<40} {:>8} {:>8} {:>9} {:>18}",
+                "", "fired", "reject", "tempfail", "otherwise accepted"
+            );
+            for w in &self.what_if {
+                let _ = writeln!(
+                    o,
+                    "  {:<40} {:>8} {:>8} {:>9} {:>18}",
+                    w.name, w.fired, w.would_reject, w.would_tempfail, w.otherwise_accepted
+                );
+                let list = |v: &[Count]| {
+                    v.iter()
+                        .map(|c| format!("{} {}", c.name, c.count))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                if !w.top_sender_domains.is_empty() {
+                    let _ = writeln!(
+                        o,
+                        "      would hit: {}; networks {}",
+                        list(&w.top_sender_domains),
+                        list(&w.top_networks)
+                    );
+                }
+            }
+        }
         section(&mut o, "reply codes", &self.codes);
         section(&mut o, "DNSBL zones", &self.dnsbl_zones);
         section(&mut o, "greylisting", &self.greylisting.outcomes);
@@ -569,15 +708,31 @@ impl Report {
                 "\nper hour (UTC)       transactions  rejected  tempfailed  reject rate"
             );
             for h in &self.hours {
-                let rate = if h.transactions == 0 {
-                    0.0
-                } else {
-                    100.0 * h.rejected as f64 / h.transactions as f64
-                };
                 let _ = writeln!(
                     o,
                     "  {:<18} {:>12} {:>9} {:>11} {:>11.2}%",
-                    h.hour, h.transactions, h.rejected, h.tempfailed, rate
+                    h.hour,
+                    h.transactions,
+                    h.rejected,
+                    h.tempfailed,
+                    percent(h.rejected, h.transactions)
+                );
+            }
+        }
+        if self.days.len() > 1 {
+            let _ = writeln!(
+                o,
+                "\nper day (UTC)        transactions  rejected  tempfailed  reject rate"
+            );
+            for d in &self.days {
+                let _ = writeln!(
+                    o,
+                    "  {:<18} {:>12} {:>9} {:>11} {:>11.2}%",
+                    d.day,
+                    d.transactions,
+                    d.rejected,
+                    d.tempfailed,
+                    percent(d.rejected, d.transactions)
                 );
             }
         }
@@ -618,7 +773,7 @@ impl Report {
         let _ = writeln!(
             o,
             "<h2>Rejection rate per hour, by reason</h2>\n<svg width=\"{width}\" height=\"{}\" role=\"img\" aria-label=\"rejection rate per hour\">",
-            ch + 40.0
+            ch + 45.0
         );
         let _ = writeln!(
             o,
@@ -651,6 +806,16 @@ impl Report {
                 ch + 25.0,
                 esc(h.hour.get(11..13).unwrap_or(""))
             );
+            // The date under the first hour of each day.
+            let day = h.hour.get(..10).unwrap_or("");
+            if i == 0 || self.hours[i - 1].hour.get(..10) != Some(day) {
+                let _ = writeln!(
+                    o,
+                    "<text x=\"{x}\" y=\"{}\" font-size=\"8\">{}</text>",
+                    ch + 37.0,
+                    esc(day)
+                );
+            }
         }
         let _ = writeln!(o, "</svg>\n<p>");
         for (j, reason) in reasons.iter().enumerate() {
@@ -681,6 +846,11 @@ impl Report {
         };
         table(&mut o, "Front doors (mode)", &self.modes);
         table(&mut o, "Verdicts", &self.verdicts);
+        table(
+            &mut o,
+            "Refused connections by reason (% of refused)",
+            &self.refused_reasons,
+        );
         table(&mut o, "Rejections by reason", &self.reject_reasons);
         table(&mut o, "Tempfails by reason", &self.tempfail_reasons);
         table(&mut o, "SPF results", &self.spf);
@@ -688,6 +858,32 @@ impl Report {
         table(&mut o, "DMARC results", &self.dmarc);
         table(&mut o, "Rules (enforced)", &self.rules);
         table(&mut o, "Shadow rules (would have hit)", &self.shadow_rules);
+        if !self.what_if.is_empty() {
+            let _ = writeln!(
+                o,
+                "<h2>What if enforced (record-mode checks and shadow rules, each alone)</h2>\n<table><tr><th>name</th><th>fired</th><th>would reject</th><th>would tempfail</th><th>otherwise accepted</th><th>would hit (sender domains)</th><th>networks</th></tr>"
+            );
+            let list = |v: &[Count]| {
+                v.iter()
+                    .map(|c| format!("{} {}", esc(&c.name), c.count))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            for w in &self.what_if {
+                let _ = writeln!(
+                    o,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&w.name),
+                    w.fired,
+                    w.would_reject,
+                    w.would_tempfail,
+                    w.otherwise_accepted,
+                    list(&w.top_sender_domains),
+                    list(&w.top_networks)
+                );
+            }
+            let _ = writeln!(o, "</table>");
+        }
         table(&mut o, "Reply codes", &self.codes);
         table(&mut o, "DNSBL zones", &self.dnsbl_zones);
         table(&mut o, "Greylisting", &self.greylisting.outcomes);
@@ -700,6 +896,37 @@ impl Report {
             );
         }
         table(&mut o, "Rate limits hit", &self.rate_limits);
+        let periods = |o: &mut String, title: &str, rows: Vec<(&str, u64, u64, u64)>| {
+            let _ = writeln!(
+                o,
+                "<h2>{title}</h2>\n<table><tr><th>UTC</th><th>transactions</th><th>rejected</th><th>tempfailed</th><th>reject rate %</th></tr>"
+            );
+            for (when, t, r, tf) in rows {
+                let _ = writeln!(
+                    o,
+                    "<tr><td>{}</td><td>{t}</td><td>{r}</td><td>{tf}</td><td>{:.2}</td></tr>",
+                    esc(when),
+                    percent(r, t)
+                );
+            }
+            let _ = writeln!(o, "</table>");
+        };
+        periods(
+            &mut o,
+            "Per day",
+            self.days
+                .iter()
+                .map(|d| (d.day.as_str(), d.transactions, d.rejected, d.tempfailed))
+                .collect(),
+        );
+        periods(
+            &mut o,
+            "Per hour",
+            self.hours
+                .iter()
+                .map(|h| (h.hour.as_str(), h.transactions, h.rejected, h.tempfailed))
+                .collect(),
+        );
         table(&mut o, "Top refused client networks", &self.top_networks);
         table(
             &mut o,

@@ -581,6 +581,7 @@ fn record_queued(
         dnsbl: log.dnsbl.join(" "),
         rules: log.rules.join(" "),
         hits: log.hits.join(" "),
+        would: log.would.join(" "),
         rcpt_addrs: c.screen.rcpts().to_vec(),
         score: t.score,
     }

@@ -264,6 +264,7 @@ impl Session {
             dnsbl: checks.dnsbl.join(" "),
             rules: checks.rules.join(" "),
             hits: checks.hits.join(" "),
+            would: checks.would.join(" "),
             rcpt_addrs: t.rcpt_addrs.to_vec(),
             score: t.score,
         }

@@ -77,6 +77,9 @@ pub struct TxnRecord<'a> {
     pub rules: String,
     /// Findings with their effect (`reason=score` or `reason=reject`).
     pub hits: String,
+    /// Record-mode checks and shadow rules with the verdict the transaction
+    /// would have had if each alone were enforced (`rule:X=reject`).
+    pub would: String,
     pub score: f64,
     /// Recipient addresses, logged at debug level only.
     pub rcpt_addrs: Vec<String>,
@@ -129,6 +132,7 @@ impl TxnRecord<'_> {
             dnsbl = %self.dnsbl,
             rules = %self.rules,
             hits = %self.hits,
+            would = %self.would,
             score = self.score,
         );
     }

@@ -447,3 +447,103 @@ fn tempfail_reasons_and_authentication_tables() {
         assert!(text.contains(want), "{want}: {text}");
     }
 }
+
+const WHAT_IF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/whatif.log");
+
+/// The what-if table: per record-mode check and shadow rule (the log's
+/// `would` key), what enforcing it alone would have refused, how much of
+/// that was in fact accepted, and whom it would have hit.
+#[test]
+fn what_if_table_has_exact_figures() {
+    let json: serde_json::Value = serde_json::from_str(&stats(&["--json", WHAT_IF])).unwrap();
+    let rows: Vec<(String, u64, u64, u64, u64)> = json["what_if"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap().into(),
+                w["fired"].as_u64().unwrap(),
+                w["would_reject"].as_u64().unwrap(),
+                w["would_tempfail"].as_u64().unwrap(),
+                w["otherwise_accepted"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("rule:TRYOUT".into(), 3, 3, 0, 2),
+            ("dnsbl:bl.example".into(), 2, 1, 1, 1),
+            ("spf:softfail".into(), 1, 0, 0, 0),
+        ]
+    );
+    assert_eq!(
+        table(&json["what_if"][0], "top_sender_domains"),
+        [("news.test".into(), 2), ("spam.test".into(), 1)]
+    );
+    assert_eq!(
+        table(&json["what_if"][0], "top_networks"),
+        [("198.51.100.0/24".into(), 2), ("203.0.113.0/24".into(), 1)]
+    );
+    let days: Vec<(String, u64, u64, u64)> = json["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["day"].as_str().unwrap().into(),
+                d["transactions"].as_u64().unwrap(),
+                d["rejected"].as_u64().unwrap(),
+                d["tempfailed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        days,
+        [
+            ("2026-11-28".into(), 2, 1, 0),
+            ("2026-11-29".into(), 4, 0, 1)
+        ]
+    );
+
+    let text = stats(&[WHAT_IF]);
+    for want in [
+        "  rule:TRYOUT                                     3        3         0                  2\n",
+        "      would hit: news.test 2, spam.test 1; networks 198.51.100.0/24 2, 203.0.113.0/24 1\n",
+        "  dnsbl:bl.example                                2        1         1                  1\n",
+        "  2026-11-28                    2         1           0       50.00%\n",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+}
+
+/// The HTML report holds every table of the text report, the per-day
+/// rates, and dates on the chart's time axis.
+#[test]
+fn html_report_has_every_text_table_and_dates() {
+    let path = std::env::temp_dir().join(format!("portcullis-whatif-{}.html", std::process::id()));
+    for fixture in [FIXTURE, WHAT_IF] {
+        stats(&["--html", path.to_str().unwrap(), fixture]);
+        let html = std::fs::read_to_string(&path).unwrap().to_lowercase();
+        let text = stats(&[fixture]);
+        // Every section title of the text report ("verdicts", "per day
+        // (UTC)" ...) is a heading of the HTML one.
+        for title in text.split("\n\n").skip(1).filter_map(|s| s.lines().next()) {
+            let title = title.split(" (").next().unwrap().trim().to_lowercase();
+            assert!(
+                html.contains(&format!("<h2>{title}")),
+                "{title:?} missing from the HTML report of {fixture}"
+            );
+        }
+    }
+    let html = std::fs::read_to_string(&path).unwrap();
+    // The date under the first bar of each day, then the per-day table.
+    assert!(html.contains("font-size=\"8\">2026-11-28</text>"), "{html}");
+    assert!(html.contains("font-size=\"8\">2026-11-29</text>"), "{html}");
+    assert!(
+        html.contains("<tr><td>2026-11-28</td><td>2</td><td>1</td><td>0</td><td>50.00</td></tr>"),
+        "{html}"
+    );
+    assert!(html.contains("<td>rule:TRYOUT</td><td>3</td><td>3</td><td>0</td><td>2</td>"));
+}
