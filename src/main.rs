@@ -89,6 +89,12 @@ enum Cmd {
         #[arg(long)]
         no_dns: bool,
     },
+    /// Every log line of one session, in order, with the checks and rules
+    /// that fired and their scores. ID is a session id, or the MTA's queue
+    /// id of a message (its "queued as"). Reads the logs given, plain or
+    /// gzip, or standard input (`journalctl -u portcullis -o short-iso |
+    /// portcullis trace ID`).
+    Trace { id: String, files: Vec<PathBuf> },
     /// Man pages and shell completions, from this command line's own
     /// definition (for packaging).
     #[command(hide = true)]
@@ -194,6 +200,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Trace { id, files } => match trace(&id, &files) {
+            Ok(text) => {
+                out!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portcullis: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Stats {
             files,
             since,
@@ -261,19 +277,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn stats(
-    files: Vec<PathBuf>,
-    since: Option<String>,
-    until: Option<String>,
-    json: bool,
-    html: Option<PathBuf>,
-) -> anyhow::Result<()> {
+/// The lines of the logs named (plain or gzip), or of standard input.
+fn log_lines(files: &[PathBuf]) -> anyhow::Result<impl Iterator<Item = String>> {
     use std::io::{BufRead, BufReader, Read};
     let mut readers: Vec<Box<dyn Read>> = Vec::new();
     if files.is_empty() {
         readers.push(Box::new(std::io::stdin()));
     }
-    for f in &files {
+    for f in files {
         let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
         if f.extension().is_some_and(|e| e == "gz") {
             readers.push(Box::new(flate2::read::MultiGzDecoder::new(file)));
@@ -281,9 +292,38 @@ fn stats(
             readers.push(Box::new(file));
         }
     }
-    let lines = readers
+    Ok(readers
         .into_iter()
-        .flat_map(|r| BufReader::new(r).lines().map_while(Result::ok));
+        .flat_map(|r| BufReader::new(r).lines().map_while(Result::ok)))
+}
+
+/// Two passes over the files (a queue id is logged at the end of its
+/// session); standard input is read once and held.
+fn trace(id: &str, files: &[PathBuf]) -> anyhow::Result<String> {
+    use portcullis::cli::{stats::PrefixClock, trace};
+    let clock = PrefixClock::system();
+    let lines = if files.is_empty() {
+        let all: Vec<String> = log_lines(files)?.collect();
+        let sessions = trace::sessions_of(id, all.iter().cloned(), &clock);
+        trace::lines_of(&sessions, all.into_iter(), &clock)
+    } else {
+        let sessions = trace::sessions_of(id, log_lines(files)?, &clock);
+        trace::lines_of(&sessions, log_lines(files)?, &clock)
+    };
+    if lines.is_empty() {
+        anyhow::bail!("no session or queue id {id:?} in the log");
+    }
+    Ok(trace::render(&lines))
+}
+
+fn stats(
+    files: Vec<PathBuf>,
+    since: Option<String>,
+    until: Option<String>,
+    json: bool,
+    html: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let lines = log_lines(&files)?;
     let now = std::time::SystemTime::now();
     let when = |t: Option<String>| -> anyhow::Result<Option<String>> {
         t.map(|t| portcullis::cli::stats::resolve_time(&t, now).map_err(anyhow::Error::msg))

@@ -144,9 +144,14 @@ pub fn resolve_time(s: &str, now: std::time::SystemTime) -> Result<String, Strin
     Ok(humantime::format_rfc3339_seconds(t).to_string())
 }
 
-/// Parses one log line (json or logfmt); `None` for lines that are not ours.
-fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
-    let (prefix, l) = split_syslog_prefix(l.trim());
+/// One of our log lines (json or logfmt, with or without a journald or
+/// syslog prefix) as its keys and values, with its time (ours, else the
+/// prefix's; empty when neither has one). `None` for lines not ours.
+pub fn read_fields(raw: &str, clock: &PrefixClock) -> Option<(String, HashMap<String, String>)> {
+    let (prefix, l) = split_syslog_prefix(raw.trim());
+    if !is_ours(l) {
+        return None;
+    }
     let fields: HashMap<String, String> = if l.starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(l).ok()?;
         v.as_object()?
@@ -162,19 +167,27 @@ fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
     } else {
         logfmt(l)
     };
+    // Ours when we wrote one; else the journal's (see telemetry::init).
+    let time = fields
+        .get("timestamp")
+        .or_else(|| fields.get("ts"))
+        .cloned()
+        .or_else(|| clock.time_of(prefix))
+        .unwrap_or_default();
+    Some((time, fields))
+}
+
+/// Parses one log line; `None` for lines that are not our transaction or
+/// refused-connection lines.
+fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
+    let (time, fields) = read_fields(l, clock)?;
     let event = fields.get("event")?.clone();
     if event != "transaction" && event != "refused" {
         return None;
     }
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
     Some(Line {
-        // Ours when we wrote one; else the journal's (see telemetry::init).
-        time: fields
-            .get("timestamp")
-            .or_else(|| fields.get("ts"))
-            .cloned()
-            .or_else(|| clock.time_of(prefix))
-            .unwrap_or_default(),
+        time,
         event,
         verdict: get("verdict"),
         reason: get("reason"),

@@ -547,3 +547,134 @@ fn html_report_has_every_text_table_and_dates() {
     );
     assert!(html.contains("<td>rule:TRYOUT</td><td>3</td><td>3</td><td>0</td><td>2</td>"));
 }
+
+/// `portcullis trace` on a log the real binary wrote: found by the MTA's
+/// queue id, it prints that session's transactions in order (a refusal by
+/// a rule, then the relayed message) and nothing of another session.
+#[tokio::test]
+async fn trace_finds_a_session_by_queue_id_and_prints_it_in_order() {
+    use crate::common::{self, Client, FakeMta, Script};
+    let mta =
+        FakeMta::start(Script::default().reply("dot", "250 2.0.0 Ok: queued as 4TRACE42")).await;
+    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(
+        dir.join("rules/r.yaml"),
+        "rules:\n  - id: NO_FORBIDDEN\n    description: x\n    when: {subject: {regex: forbidden}}\n    action: reject\n  - id: SCORE_HELLO\n    description: x\n    when: {subject: {regex: hello}}\n    action: {score: 2}\n",
+    )
+    .unwrap();
+    let port = common::free_port();
+    let log = dir.join("gate.log");
+    let conf = dir.join("p.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\nlog: {{file: \"{}\"}}\ndns: {{nameservers: [\"{}\"]}}\nrules_dir: {}\n",
+            mta.addr,
+            log.display(),
+            dns.addr,
+            dir.join("rules").display()
+        ),
+    )
+    .unwrap();
+    let child = common::Killed(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(&conf)
+            .spawn()
+            .unwrap(),
+    );
+    let gate = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(gate).await.is_err() {
+        assert!(std::time::Instant::now() < until, "never listened");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut traced = Client::hello(gate).await;
+    let r = traced
+        .send_mail(
+            "t@one.test",
+            &["b@example.test"],
+            b"Subject: forbidden\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("550"), "{r}");
+    // Another session in between (refused: the scripted MTA gives every
+    // message the same queue id).
+    let mut other = Client::hello(gate).await;
+    let r = other
+        .send_mail(
+            "o@other.test",
+            &["b@example.test"],
+            b"Subject: forbidden too\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("550"), "{r}");
+    let r = traced
+        .send_mail(
+            "t@one.test",
+            &["b@example.test"],
+            b"Subject: hello\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0 Ok: queued as 4TRACE42"), "{r}");
+    traced.cmd("QUIT", "221").await;
+    other.cmd("QUIT", "221").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    drop(child);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["trace", "4TRACE42"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("other.test"), "{text}");
+    assert_eq!(text.matches("session ").count(), 1, "{text}");
+    let refused = text
+        .find("transaction reject at data: 550 5.7.1 (rule:NO_FORBIDDEN)")
+        .expect(&text);
+    let relayed = text
+        .find("transaction accept at data: 250 2.0.0")
+        .expect(&text);
+    assert!(refused < relayed, "{text}");
+    for want in [
+        "client 127.0.0.1 (proxy)",
+        "    rules matched: NO_FORBIDDEN\n",
+        "    fired (effect): rule:NO_FORBIDDEN=reject\n",
+        "    fired (effect): rule:SCORE_HELLO=2\n",
+        "    score: 2.0\n",
+        "    queue id: 4TRACE42\n",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    // The same session by its own id gives the same text.
+    let session = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .to_string();
+    let by_id = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["trace", &session])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(by_id.stdout).unwrap(), text);
+    // An id the log does not hold is an error, not an empty answer.
+    let none = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["trace", "NOSUCHID"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no session or queue id"));
+}

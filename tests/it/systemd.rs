@@ -158,6 +158,7 @@ fn the_unit_file_verifies() {
 async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
     use std::os::unix::fs::MetadataExt;
     let mta = FakeMta::start(Script::default()).await;
+    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
     let dir = std::env::temp_dir().join(format!("portcullis-journal-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("rules")).unwrap();
@@ -170,8 +171,9 @@ async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
         std::fs::write(
             &conf,
             format!(
-                "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\nrules_dir: {}\n",
+                "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\ndns: {{nameservers: [\"{}\"]}}\nrules_dir: {}\n",
                 mta.addr,
+                dns.addr,
                 dir.join("rules").display()
             ),
         )
