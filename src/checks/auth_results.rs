@@ -81,6 +81,35 @@ pub fn finish(headers: &mut String, outcome: &Outcome, t: &Thresholds, added: &[
     }
 }
 
+/// `X-Spam-Report: score=6.0; dnsbl:zen.spamhaus.org=5, rule:PRIZE=1`:
+/// the findings that had an effect (as the log's `hits`), folded to stay
+/// within 78 octets a line (RFC 5322 2.1.1).
+pub fn report(score: f64, hits: &[String]) -> String {
+    let mut out = format!("X-Spam-Report: score={score:.1};");
+    let mut line = out.len();
+    if hits.is_empty() {
+        out.push_str(" none");
+    }
+    for (i, h) in hits.iter().enumerate() {
+        let item = if i + 1 < hits.len() {
+            format!("{h},")
+        } else {
+            h.clone()
+        };
+        if line + 1 + item.len() > 78 {
+            out.push_str("\r\n\t");
+            line = 1;
+        } else {
+            out.push(' ');
+            line += 1;
+        }
+        out.push_str(&item);
+        line += item.len();
+    }
+    out.push_str("\r\n");
+    out
+}
+
 /// Byte ranges of Authentication-Results fields that claim our authserv-id
 /// (RFC 8601 section 5: a border MTA must remove them).
 pub fn forged_results(

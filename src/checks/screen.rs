@@ -505,6 +505,19 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         engine.thresholds(),
         &found.add_headers,
     );
+    if engine.cfg.report_header {
+        let hits: Vec<String> = if found.skipped {
+            Vec::new()
+        } else {
+            found
+                .findings
+                .iter()
+                .filter(|f| f.action != Action::Accept)
+                .map(hit)
+                .collect()
+        };
+        headers.push_str(&auth_results::report(outcome.score, &hits));
+    }
     DataChecks {
         outcome,
         headers,

@@ -126,6 +126,10 @@ pub struct ChecksConfig {
     /// Remember clients that passed or failed, as postscreen's cache does.
     pub reputation: ReputationConfig,
     pub message_rules: MessageRules,
+    /// Add `X-Spam-Report` to delivered mail: every check and rule that
+    /// had an effect, with it. Off by default: it tells senders which
+    /// rules they tripped.
+    pub report_header: bool,
 }
 
 /// Client reputation, like postscreen's cache, kept in the state store (so
@@ -338,6 +342,7 @@ impl Default for ChecksConfig {
             rate_limits: Vec::new(),
             reputation: ReputationConfig::default(),
             message_rules: MessageRules::default(),
+            report_header: false,
         }
     }
 }

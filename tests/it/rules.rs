@@ -541,3 +541,62 @@ async fn editing_a_list_file_reloads_the_rules_like_a_rule_file() {
     assert!(refused("good.test", "two@x.test").await);
     let _ = std::fs::remove_dir_all(&elsewhere);
 }
+
+/// `checks.report_header` adds X-Spam-Report to delivered mail: the score
+/// and every finding with its effect, folded under 78 octets a line; off
+/// by default.
+#[tokio::test]
+async fn report_header_lists_what_fired_when_asked() {
+    let mut rules = String::from("rules:\n");
+    for i in 0..8 {
+        rules.push_str(&format!(
+            "  - id: A_RATHER_LONG_RULE_NAME_{i}\n    description: x\n    when: {{subject: {{regex: report}}}}\n    action: {{score: 0.5}}\n"
+        ));
+    }
+    let dir = rules_dir("report", &[("r.yaml", &rules)]);
+    let mta = FakeMta::start(Script::default()).await;
+    let msg = b"Subject: report me\r\n\r\nbody\r\n";
+
+    let off = gate_with(&mta, &dir).await;
+    let mut c = Client::hello(off.addr).await;
+    assert!(
+        c.send_mail("a@x.test", &["b@y.test"], msg)
+            .await
+            .starts_with("250")
+    );
+    let (ours, _) = split_ours(&mta.stored().last().unwrap().data);
+    assert!(!ours.contains("X-Spam-Report"), "off by default: {ours}");
+
+    let mut cfg = with_rules(&mta, &dir);
+    cfg.checks.report_header = true;
+    let on = Gate::start_config(cfg).await;
+    let mut c = Client::hello(on.addr).await;
+    assert!(
+        c.send_mail("a@x.test", &["b@y.test"], msg)
+            .await
+            .starts_with("250")
+    );
+    let (ours, _) = split_ours(&mta.stored().last().unwrap().data);
+    let rest = ours
+        .split("X-Spam-Report:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no X-Spam-Report in {ours}"));
+    let mut lines = rest.split("\r\n");
+    let first = lines.next().unwrap_or_default();
+    let field: String = std::iter::once(first)
+        .chain(lines.take_while(|l| l.starts_with('\t')))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let whole = format!("X-Spam-Report:{field}");
+    assert!(whole.starts_with("X-Spam-Report: score=4.0; "), "{whole}");
+    for i in 0..8 {
+        assert!(
+            whole.contains(&format!("rule:A_RATHER_LONG_RULE_NAME_{i}=0.5")),
+            "{whole}"
+        );
+    }
+    assert!(whole.contains("\r\n\t"), "folded: {whole}");
+    for line in whole.split("\r\n") {
+        assert!(line.len() <= 78, "{} octets: {line:?}", line.len());
+    }
+}
