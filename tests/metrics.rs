@@ -149,4 +149,117 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
         assert!(page.contains(want), "{want} missing in {page}");
     }
     assert!(get(maddr, "/nope").await.starts_with("HTTP/1.1 404"));
+
+    // The rest of what the dashboard shows, provoked for real: reloads (one
+    // good rules reload, one config reload of a missing file), greylisting
+    // and a rate limit on the embedded store, and a gate whose MTA and
+    // Redis are both gone (upstream and state errors).
+    running.rules.reload().expect("rules reload");
+    assert!(
+        running
+            .config
+            .reload(&dir.join("missing.yaml"))
+            .await
+            .is_err()
+    );
+    let mut cfg = common::config::test_config(mta.addr);
+    cfg.dns.nameservers = vec![dns.addr];
+    cfg.checks.greylist.mode = Mode::Enforce;
+    cfg.checks.rate_limits = vec![common::config::rate_limit(
+        "per_sender",
+        portcullis::config::RateKey::Sender,
+        portcullis::config::RateCount::Transactions,
+        1,
+        60,
+    )];
+    let grey = common::Gate::start_config(cfg).await;
+    let mut c = Client::connect_from(grey.addr, "127.0.0.9").await;
+    c.reply().await;
+    c.cmd("EHLO grey.test", "250").await;
+    c.cmd("MAIL FROM:<g@pass.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "451 4.7.1").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<g@pass.test>", "4").await;
+    c.cmd("QUIT", "221").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let mut cfg = common::config::test_config(dead);
+    cfg.dns.nameservers = vec![dns.addr];
+    cfg.checks.greylist.mode = Mode::Enforce;
+    cfg.state.backend = portcullis::config::StateBackend::Redis;
+    cfg.state.url = format!("redis://{dead}");
+    // Counted at MAIL, before the MTA is asked: a store call that fails.
+    cfg.checks.rate_limits = vec![common::config::rate_limit(
+        "per_sender",
+        portcullis::config::RateKey::Sender,
+        portcullis::config::RateCount::Transactions,
+        1,
+        60,
+    )];
+    let broken = common::Gate::start_config(cfg).await;
+    let mut c = Client::connect_from(broken.addr, "127.0.0.8").await;
+    c.reply().await;
+    c.cmd("EHLO broken.test", "250").await;
+    c.cmd("MAIL FROM:<x@pass.test>", "4").await;
+    c.cmd("QUIT", "221").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let scrape = get(maddr, "/metrics").await;
+    dashboard_uses_only_scraped_metrics(&scrape);
+}
+
+/// Every metric the Grafana dashboard queries is in a real scrape, and
+/// every label it groups by is on one of the series its query reads.
+fn dashboard_uses_only_scraped_metrics(scrape: &str) {
+    let dash: serde_json::Value =
+        serde_json::from_str(include_str!("../contrib/grafana/portcullis.json"))
+            .expect("dashboard JSON");
+    let series: Vec<&str> = scrape
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let name_of = |l: &str| l.split(['{', ' ']).next().unwrap_or("").to_string();
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    let mut checked = 0;
+    for e in &exprs {
+        let names: Vec<String> = e
+            .match_indices("portcullis_")
+            .map(|(i, _)| {
+                e[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect()
+            })
+            .collect();
+        assert!(!names.is_empty(), "no metric in {e}");
+        for n in &names {
+            assert!(
+                series.iter().any(|l| name_of(l) == *n),
+                "the dashboard reads {n}, which no scrape has:\n{scrape}"
+            );
+            checked += 1;
+        }
+        // `by (a, b)`: each label is on a series of this query's metrics.
+        for (i, _) in e.match_indices("by (") {
+            let labels = &e[i + 4..i + 4 + e[i + 4..].find(')').unwrap()];
+            for label in labels.split(',').map(str::trim).filter(|l| *l != "le") {
+                assert!(
+                    series
+                        .iter()
+                        .any(|l| names.contains(&name_of(l)) && l.contains(&format!("{label}=\""))),
+                    "{e}: no series of {names:?} has label {label}"
+                );
+            }
+        }
+    }
+    assert!(checked >= 19, "{checked}");
 }

@@ -29,6 +29,9 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
+            // Gauges that change only on an event start at their resting
+            // value, so a dashboard shows 0 rather than "no data".
+            metrics::gauge!("portcullis_stress").set(0.0);
             Some(handle)
         })
         .clone()
