@@ -333,7 +333,21 @@ fn stats(
         since: when(since)?,
         until: when(until)?,
     };
+    let windowed = window.since.is_some() || window.until.is_some();
     let report = portcullis::cli::stats::compute(lines, &window);
+    if report.untimed > 0 {
+        // Written to the journal, our lines carry no time; `-o cat` drops
+        // the journal's.
+        eprintln!(
+            "portcullis: {} lines carry no time{}; read the journal with `journalctl -u portcullis -o short-iso`",
+            report.untimed,
+            if windowed {
+                " and were left out of --since/--until"
+            } else {
+                " (counted, under \"(no time)\" per hour)"
+            }
+        );
+    }
     if report.lines == 0 {
         // A silent zero would read as "nothing was refused".
         let input = if files.is_empty() {

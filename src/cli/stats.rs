@@ -310,6 +310,10 @@ pub struct WhatIf {
 pub struct Report {
     /// Portcullis lines read (inside the time window or not).
     pub lines: u64,
+    /// ... of which carry no time (our lines written to the journal, read
+    /// back with `journalctl -o cat`): outside any --since/--until window
+    /// and the per-hour table.
+    pub untimed: u64,
     pub transactions: u64,
     pub refused_connections: u64,
     /// Transactions by front door (`proxy`, `milter`).
@@ -475,6 +479,12 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
             continue;
         };
         r.lines += 1;
+        if l.time.is_empty() {
+            r.untimed += 1;
+            if w.since.is_some() || w.until.is_some() {
+                continue;
+            }
+        }
         if w.since.as_deref().is_some_and(|s| l.time.as_str() < s)
             || w.until.as_deref().is_some_and(|u| l.time.as_str() >= u)
         {
@@ -536,7 +546,11 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
         if !l.code.is_empty() && l.code != "0" {
             *codes.entry(l.code.clone()).or_insert(0) += 1;
         }
-        let hour_key: String = l.time.chars().take(13).collect();
+        let hour_key: String = if l.time.is_empty() {
+            "(no time)".into()
+        } else {
+            l.time.chars().take(13).collect()
+        };
         let h = hours.entry(hour_key.clone()).or_insert_with(|| Hour {
             hour: hour_key,
             transactions: 0,

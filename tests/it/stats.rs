@@ -678,3 +678,40 @@ async fn trace_finds_a_session_by_queue_id_and_prints_it_in_order() {
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("no session or queue id"));
 }
+
+/// Our lines as the journal keeps them (no timestamp of ours) read back
+/// with `journalctl -o cat`: counted, but they have no time, so a window
+/// leaves them out, and stats says so on stderr instead of a silent zero.
+#[test]
+fn journal_lines_without_a_time_are_counted_and_named() {
+    let path = std::env::temp_dir().join(format!("portcullis-cat-{}.log", std::process::id()));
+    std::fs::write(
+        &path,
+        "{\"level\":\"INFO\",\"event\":\"transaction\",\"verdict\":\"reject\",\"reason\":\"spf:fail\",\"mail_from\":\"a@b.test\",\"client_ip\":\"192.0.2.1\"}\n\
+         {\"level\":\"INFO\",\"event\":\"transaction\",\"verdict\":\"accept\",\"mail_from\":\"c@d.test\",\"client_ip\":\"192.0.2.2\"}\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("stats")
+            .args(args)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (text, err) = run(&[]);
+    assert!(text.starts_with("transactions: 2 "), "{text}");
+    assert!(
+        text.contains("  (no time)                     2         1"),
+        "{text}"
+    );
+    assert!(err.contains("2 lines carry no time"), "{err}");
+    let (text, err) = run(&["--since", "24h"]);
+    assert!(text.starts_with("transactions: 0 "), "{text}");
+    assert!(err.contains("left out of --since/--until"), "{err}");
+}
