@@ -580,6 +580,7 @@ fn man_pages_for_every_subcommand() {
             "portcullis-explain.8",
             "portcullis-run.8",
             "portcullis-stats.8",
+            "portcullis-trace.8",
             "portcullis.8"
         ]
     );
@@ -588,7 +589,7 @@ fn man_pages_for_every_subcommand() {
     assert!(run.contains("portcullis\\-run \\- Run the proxy"), "{run}");
     assert!(run.contains("\\-\\-config"), "{run}");
     let top = std::fs::read_to_string(dir.join("portcullis.8")).unwrap();
-    for sub in ["run", "check", "stats", "explain"] {
+    for sub in ["run", "check", "stats", "explain", "trace"] {
         assert!(
             top.contains(&format!("portcullis\\-{sub}(8)")),
             "{sub}: {top}"
