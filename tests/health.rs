@@ -121,11 +121,7 @@ fn the_readme_enforce_snippet_completes_that_config() {
 /// targets, keep-alive, methods it does not serve, unknown paths.
 #[tokio::test]
 async fn the_http_listener_speaks_http() {
-    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
-    let mta = FakeMta::start(Script::default()).await;
-    let mut cfg = common::config::test_config(mta.addr);
-    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
-    cfg.dns.nameservers = vec![dns.addr];
+    let (_mta, _dns, cfg) = monitored().await;
     let running = common::start_server_config(cfg).await;
     let m = running.metrics.expect("metrics listener");
 
@@ -213,11 +209,7 @@ async fn the_http_listener_speaks_http() {
 /// MTA behind is down, 200 when it is back, 503 again while draining.
 #[tokio::test]
 async fn readyz_follows_the_upstream_and_the_drain() {
-    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
-    let mta = FakeMta::start(Script::default()).await;
-    let mut cfg = common::config::test_config(mta.addr);
-    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
-    cfg.dns.nameservers = vec![dns.addr];
+    let (mta, _dns, mut cfg) = monitored().await;
     cfg.upstream.probe_interval = portcullis::config::Secs(Duration::from_secs(1));
     let server = portcullis::server::Server::bind(cfg).await.unwrap();
     let (m, smtp) = (server.metrics_addr().unwrap(), server.local_addrs()[0]);
@@ -286,11 +278,7 @@ async fn readyz_follows_the_upstream_and_the_drain() {
 #[tokio::test]
 async fn silent_http_clients_are_closed_and_do_not_starve_the_listener() {
     use tokio::io::AsyncReadExt;
-    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
-    let mta = FakeMta::start(Script::default()).await;
-    let mut cfg = common::config::test_config(mta.addr);
-    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
-    cfg.dns.nameservers = vec![dns.addr];
+    let (_mta, _dns, cfg) = monitored().await;
     let running = common::start_server_config(cfg).await;
     let m = running.metrics.expect("metrics listener");
     let started = Instant::now();
@@ -321,4 +309,15 @@ async fn silent_http_clients_are_closed_and_do_not_starve_the_listener() {
         took >= Duration::from_secs(4),
         "closed before the timeout: {took:?}"
     );
+}
+
+/// A scripted MTA, an answering in-process nameserver, and the test
+/// config using both with the monitoring listener on.
+async fn monitored() -> (FakeMta, common::dns::FakeDns, portcullis::config::Config) {
+    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = common::config::test_config(mta.addr);
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.dns.nameservers = vec![dns.addr];
+    (mta, dns, cfg)
 }

@@ -363,7 +363,19 @@ pub fn preflight(cfg: &Config) -> Vec<String> {
         if addr.port() == 0 {
             continue;
         }
-        if let Err(e) = std::net::TcpListener::bind(addr) {
+        // Bound but never listening, with SO_REUSEADDR: a listener already
+        // there (a running gate, another MTA) still makes this fail, and two
+        // checks at the same moment do not fail each other.
+        let bound = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .and_then(|s| {
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())
+        });
+        if let Err(e) = bound {
             problems.push(format!("{key}: cannot listen on {addr}: {e}"));
         }
     }

@@ -824,6 +824,18 @@ pub async fn http_raw(addr: SocketAddr, request: &str) -> String {
     out
 }
 
+/// Waits (up to 20 s) until a gate started as a process listens on
+/// `port` on 127.0.0.1; its address.
+pub async fn listening(port: u16) -> SocketAddr {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(std::time::Instant::now() < until, "not listening on {addr}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    addr
+}
+
 /// A child process killed when the test ends, passed or not.
 pub struct Killed(pub std::process::Child);
 

@@ -168,7 +168,7 @@ async fn sighup_reloads_the_certificate() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let addr = listening(port).await;
+    let addr = common::listening(port).await;
     assert_eq!(common::server_cert(addr).await, first);
     let second = write("second.test");
     Command::new("kill")
@@ -494,7 +494,7 @@ async fn sighup_logs_by_key_path_what_it_applied_and_what_needs_a_restart() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let addr = listening(port).await;
+    let addr = common::listening(port).await;
     let v2 = v1
         .replace("one.test", "two.test")
         .replace(&port.to_string(), &other.to_string());
@@ -528,17 +528,6 @@ async fn sighup_logs_by_key_path_what_it_applied_and_what_needs_a_restart() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits (up to 10 s) until the gate started as a process listens on `port`.
-async fn listening(port: u16) -> std::net::SocketAddr {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < until, "not listening on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    addr
 }
 
 /// `portcullis check | head`: a reader that went away ends the process
@@ -629,4 +618,33 @@ fn shell_completions() {
             assert!(st.success(), "bash -n");
         }
     }
+}
+
+/// `check` names an address another process listens on.
+#[test]
+fn check_finds_an_address_in_use() {
+    let dir = std::env::temp_dir().join(format!("portcullis-inuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let conf = |port: u16| {
+        let path = dir.join(format!("p{port}.yaml"));
+        std::fs::write(
+            &path,
+            format!("hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"127.0.0.1:25\"}}\n"),
+        )
+        .unwrap();
+        path
+    };
+    let busy = conf(taken.local_addr().unwrap().port());
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&busy)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listen[0].addr: cannot listen on"),
+        "{out:?}"
+    );
 }

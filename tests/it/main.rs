@@ -12,6 +12,7 @@ mod common;
 
 mod checks;
 mod cli;
+mod dashboard;
 mod differential;
 mod e2e_milter;
 mod e2e_peers;

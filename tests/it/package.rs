@@ -179,15 +179,7 @@ async fn the_package_installs_validates_runs_and_purges() {
         .spawn()
         .unwrap(),
     );
-    let gate = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let until = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(gate).await.is_err() {
-        assert!(
-            Instant::now() < until,
-            "the installed binary never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gate = common::listening(port).await;
     let mut c = Client::hello(gate).await;
     let r = c
         .send_mail(

@@ -586,12 +586,7 @@ async fn trace_finds_a_session_by_queue_id_and_prints_it_in_order() {
             .spawn()
             .unwrap(),
     );
-    let gate = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(gate).await.is_err() {
-        assert!(std::time::Instant::now() < until, "never listened");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let gate = common::listening(port).await;
     let mut traced = Client::hello(gate).await;
     let r = traced
         .send_mail(

@@ -194,12 +194,7 @@ async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
                 .spawn()
                 .unwrap(),
         );
-        let gate = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let until = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(gate).await.is_err() {
-            assert!(Instant::now() < until, "never listened");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let gate = common::listening(port).await;
         let mut c = common::Client::hello(gate).await;
         let r = c
             .send_mail(
