@@ -40,8 +40,13 @@ fn is_ours(s: &str) -> bool {
 
 /// A line as journald or syslog wrote it (`journalctl -o short`:
 /// "Nov 30 10:26:02 host portcullis[812]: {...}"): the prefix and the part
-/// after it. Lines without one (`-o cat`, our own files) are kept whole.
+/// after it. Lines without one (`-o cat`, our own files) are kept whole;
+/// a syslog priority (`<6>`, our stdout under systemd) is dropped.
 fn split_syslog_prefix(l: &str) -> (&str, &str) {
+    let l = match l.as_bytes() {
+        [b'<', d, b'>', ..] if d.is_ascii_digit() => &l[3..],
+        _ => l,
+    };
     if is_ours(l) {
         return ("", l);
     }
@@ -1001,6 +1006,7 @@ mod tests {
             "level=INFO event=x"
         );
         assert_eq!(split_syslog_prefix(json), ("", json));
+        assert_eq!(split_syslog_prefix(&format!("<6>{json}")), ("", json));
         assert_eq!(
             split_syslog_prefix("Nov 30 mx kernel: hello").1,
             "Nov 30 mx kernel: hello"

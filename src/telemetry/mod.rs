@@ -21,16 +21,23 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[derive(Clone)]
 pub struct LogTarget {
     file: Option<(PathBuf, Arc<Mutex<File>>)>,
+    /// stdout is the journal: each line starts with its syslog priority
+    /// (`<6>`), which journald takes off and files the line under.
+    journal: bool,
 }
 
 impl LogTarget {
     pub fn open(path: Option<&Path>) -> Result<LogTarget, String> {
         match path {
-            None => Ok(LogTarget { file: None }),
+            None => Ok(LogTarget {
+                file: None,
+                journal: false,
+            }),
             Some(p) => {
                 let f = open_append(p)?;
                 Ok(LogTarget {
                     file: Some((p.to_path_buf(), Arc::new(Mutex::new(f)))),
+                    journal: false,
                 })
             }
         }
@@ -56,9 +63,11 @@ fn open_append(p: &Path) -> Result<File, String> {
         .map_err(|e| format!("{}: {e}", p.display()))
 }
 
-/// One writer per event: the current file, or stdout.
+/// One writer per event: the current file, or stdout (with the event's
+/// syslog priority first when stdout is the journal).
 pub enum LogWriter {
     Stdout(std::io::Stdout),
+    Journal(std::io::Stdout, Option<&'static [u8]>),
     File(Arc<Mutex<File>>),
 }
 
@@ -66,6 +75,12 @@ impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             LogWriter::Stdout(s) => s.write(buf),
+            LogWriter::Journal(s, priority) => {
+                if let Some(p) = priority.take() {
+                    s.write_all(p)?;
+                }
+                s.write(buf)
+            }
             LogWriter::File(f) => match f.lock() {
                 Ok(mut f) => f.write(buf),
                 Err(_) => Ok(buf.len()),
@@ -74,7 +89,7 @@ impl Write for LogWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            LogWriter::Stdout(s) => s.flush(),
+            LogWriter::Stdout(s) | LogWriter::Journal(s, _) => s.flush(),
             LogWriter::File(f) => match f.lock() {
                 Ok(mut f) => f.flush(),
                 Err(_) => Ok(()),
@@ -90,6 +105,20 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTarget {
             Some((_, f)) => LogWriter::File(Arc::clone(f)),
             None => LogWriter::Stdout(std::io::stdout()),
         }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LogWriter {
+        if !self.journal {
+            return self.make_writer();
+        }
+        // sd-daemon(3) priorities.
+        let priority: &'static [u8] = match *meta.level() {
+            tracing::Level::ERROR => b"<3>",
+            tracing::Level::WARN => b"<4>",
+            tracing::Level::INFO => b"<6>",
+            _ => b"<7>",
+        };
+        LogWriter::Journal(std::io::stdout(), Some(priority))
     }
 }
 
@@ -112,13 +141,15 @@ pub fn stdout_is_journal(journal_stream: Option<&str>) -> bool {
 }
 
 /// Installs the global subscriber (json or logfmt, to stdout or `log.file`).
-/// Lines going to the journal carry no timestamp of their own: journald
-/// stamps each line, and `stats` reads its prefix.
+/// Lines going to the journal carry no timestamp of their own (journald
+/// stamps each line, and `stats` reads its prefix) and start with their
+/// syslog priority, so `journalctl -p warning` works.
 pub fn init(log: &Log) -> Result<LogTarget, String> {
     let filter = EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?;
-    let target = LogTarget::open(log.file.as_deref())?;
+    let mut target = LogTarget::open(log.file.as_deref())?;
     let journal =
         log.file.is_none() && stdout_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref());
+    target.journal = journal;
     let registry = tracing_subscriber::registry().with(filter);
     let json = || {
         tracing_subscriber::fmt::layer()

@@ -208,9 +208,33 @@ async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
         drop(child);
         logs.push(std::fs::read_to_string(&out_path).unwrap());
     }
+    // Journal lines start with their syslog priority, which journald takes
+    // off (and files the line under): info <6>, warnings <4>.
+    let journal_lines: Vec<&str> = logs[0].lines().filter(|l| !l.is_empty()).collect();
+    assert!(
+        journal_lines
+            .iter()
+            .all(|l| ["<3>{", "<4>{", "<6>{", "<7>{"]
+                .iter()
+                .any(|p| l.starts_with(p))),
+        "{}",
+        logs[0]
+    );
+    assert!(
+        journal_lines
+            .iter()
+            .any(|l| l.starts_with("<6>{") && l.contains("\"transaction\""))
+    );
+    assert!(logs[1].lines().all(|l| l.starts_with('{')), "{}", logs[1]);
+    let stored: Vec<&str> = journal_lines.iter().map(|l| &l[3..]).collect();
     let txn = |log: &str| -> serde_json::Value {
         log.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(
+                    l.get(3..).filter(|_| l.starts_with('<')).unwrap_or(l),
+                )
+                .ok()
+            })
             .find(|v| v["event"] == "transaction")
             .unwrap_or_else(|| panic!("no transaction line in {log}"))
     };
@@ -230,8 +254,8 @@ async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
 
     // What `journalctl -u portcullis -o short-iso` shows of the journal run,
     // read by stats: the hour comes from the prefix.
-    let shown: String = logs[0]
-        .lines()
+    let shown: String = stored
+        .iter()
         .map(|l| format!("2026-11-30T10:15:00+0100 mx portcullis[812]: {l}\n"))
         .collect();
     let file = dir.join("journal.txt");
