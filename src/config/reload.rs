@@ -51,8 +51,12 @@ fn keeping_restart_only(mut new: Config, running: &Config) -> Config {
     new.milter.listen = running.milter.listen.clone();
     new.upstream = running.upstream.clone();
     new.metrics = running.metrics.clone();
-    // The log subscriber is installed once per process.
-    new.log = running.log.clone();
+    // The log subscriber is installed once per process; only its level
+    // filter can be swapped.
+    new.log = crate::config::Log {
+        level: new.log.level.clone(),
+        ..running.log.clone()
+    };
     // The connection table is sized and keyed once.
     let (n, r) = (&mut new.limits, &running.limits);
     n.max_connections = r.max_connections;

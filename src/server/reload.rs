@@ -65,8 +65,14 @@ impl ConfigReloader {
         if !unknown.is_empty() {
             return Err(crate::rules::RuleErrors(unknown).to_string());
         }
+        let level_changed = cfg.log.level != running.cfg.log.level;
         let built = build_runtime(cfg, Arc::clone(&running.rules), &self.shared.store)
             .map_err(|e| e.to_string())?;
+        if level_changed {
+            // Validated at load, so this fails only without a subscriber.
+            crate::telemetry::set_level(&built.cfg.log.level)
+                .map_err(|e| format!("log.level: {e}"))?;
+        }
         self.shared.rules.set_zones(zones);
         // The rules stay whatever is current (a rules reload may have
         // swapped them meanwhile).

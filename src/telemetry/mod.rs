@@ -146,6 +146,7 @@ pub fn stdout_is_journal(journal_stream: Option<&str>) -> bool {
 /// syslog priority, so `journalctl -p warning` works.
 pub fn init(log: &Log) -> Result<LogTarget, String> {
     let filter = EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let mut target = LogTarget::open(log.file.as_deref())?;
     let journal =
         log.file.is_none() && stdout_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref());
@@ -172,7 +173,24 @@ pub fn init(log: &Log) -> Result<LogTarget, String> {
             .try_init(),
     }
     .map_err(|e| e.to_string())?;
+    let _ = LEVEL.set(Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }));
     Ok(target)
+}
+
+/// Puts a new `log.level` filter in force (a config reload).
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
+
+/// Changes the level filter of the subscriber `init` installed; Ok and no
+/// effect when there is none (tests, `explain`).
+pub fn set_level(level: &str) -> Result<(), String> {
+    match LEVEL.get() {
+        Some(set) => set(level),
+        None => Ok(()),
+    }
 }
 
 /// A new session id: 14 hex digits, the process's start second and a

@@ -281,3 +281,65 @@ async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
     assert_eq!(report["transactions"], 1, "{report}");
     assert_eq!(report["hours"][0]["hour"], "2026-11-30T09", "{report}");
 }
+
+/// `log.level` changes on a reload: a gate at `warn` writes no transaction
+/// line; after the config says `info` and SIGHUP, it does, without a
+/// restart (the same process id).
+#[tokio::test]
+async fn log_level_changes_on_reload() {
+    let mta = FakeMta::start(Script::default()).await;
+    let dns = common::dns::FakeDns::start(&["test."], vec![]).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-level-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    let port = common::free_port();
+    let log = dir.join("gate.log");
+    let conf = dir.join("p.yaml");
+    let write = |level: &str| {
+        std::fs::write(
+            &conf,
+            format!(
+                "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\ndns: {{nameservers: [\"{}\"]}}\nlog: {{level: {level}, file: \"{}\"}}\nrules_dir: {}\n",
+                mta.addr,
+                dns.addr,
+                log.display(),
+                dir.join("rules").display()
+            ),
+        )
+        .unwrap()
+    };
+    write("warn");
+    let child = common::Killed(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(&conf)
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
+    let gate = common::listening(port).await;
+    let send = |from: &'static str| async move {
+        let mut c = common::Client::hello(gate).await;
+        let r = c
+            .send_mail(from, &["b@example.test"], b"Subject: l\r\n\r\nhi\r\n")
+            .await;
+        assert!(r.starts_with("250"), "{r}");
+        c.cmd("QUIT", "221").await;
+    };
+    send("quiet@sender.test").await;
+    write("info");
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("log.level")
+    {
+        assert!(Instant::now() < until, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send("loud@sender.test").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("quiet@sender.test"), "{text}");
+    assert!(text.contains("loud@sender.test"), "{text}");
+}
