@@ -172,31 +172,8 @@ pub struct Found {
     pub refuse_now: Option<(Reply, String)>,
 }
 
-/// The check results for the transaction log line.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CheckLog {
-    pub spf: String,
-    pub dkim: String,
-    pub dmarc: String,
-    pub iprev: String,
-    pub arc: String,
-    /// Greylisting's outcome for the last recipient it judged.
-    pub greylist: String,
-    /// Rate limits that were exceeded, by name.
-    pub rate_limits: Vec<String>,
-    /// `zone=code,code` for each listing.
-    pub dnsbl: Vec<String>,
-    /// The zones of those listings, for the rules.
-    pub dnsbl_zones: Vec<String>,
-    /// Rules that matched: `ID`, or `ID(shadow)`.
-    pub rules: Vec<String>,
-    /// Every check and rule finding with its effect: `spf:softfail=3`,
-    /// `dnsbl:zen.spamhaus.org=reject`.
-    pub hits: Vec<String>,
-    /// `reason=verdict` for record-mode findings and shadow rules: the
-    /// transaction's verdict had that one alone been enforced.
-    pub would: Vec<String>,
-}
+/// The check results for the transaction log line (kept with the line).
+pub use crate::telemetry::CheckLog;
 
 /// Everything known about one client and its current transaction: what
 /// the checks read and add to.

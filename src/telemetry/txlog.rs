@@ -36,6 +36,32 @@ impl Verdict {
     }
 }
 
+/// The check results for the transaction log line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckLog {
+    pub spf: String,
+    pub dkim: String,
+    pub dmarc: String,
+    pub iprev: String,
+    pub arc: String,
+    /// Greylisting's outcome for the last recipient it judged.
+    pub greylist: String,
+    /// Rate limits that were exceeded, by name.
+    pub rate_limits: Vec<String>,
+    /// `zone=code,code` for each listing.
+    pub dnsbl: Vec<String>,
+    /// The zones of those listings, for the rules.
+    pub dnsbl_zones: Vec<String>,
+    /// Rules that matched: `ID`, or `ID(shadow)`.
+    pub rules: Vec<String>,
+    /// Every check and rule finding with its effect: `spf:softfail=3`,
+    /// `dnsbl:zen.spamhaus.org=reject`.
+    pub hits: Vec<String>,
+    /// `reason=verdict` for record-mode findings and shadow rules: the
+    /// transaction's verdict had that one alone been enforced.
+    pub would: Vec<String>,
+}
+
 /// Everything the transaction line says.
 #[derive(Debug, Clone)]
 pub struct TxnRecord<'a> {
@@ -62,24 +88,8 @@ pub struct TxnRecord<'a> {
     pub duration: Duration,
     /// Verified reverse name (iprev pass), else empty.
     pub reverse: String,
-    pub spf: &'a str,
-    pub dkim: &'a str,
-    pub dmarc: &'a str,
-    pub arc: &'a str,
-    pub iprev: &'a str,
-    /// Greylisting: `new`, `early`, `passed`, `allowed`, `error`, or empty.
-    pub greylist: &'a str,
-    /// Rate limits exceeded, by name, space separated.
-    pub rate_limit: String,
-    /// `zone=code+code` for each DNSBL listing, space separated.
-    pub dnsbl: String,
-    /// Rules that matched, `ID` or `ID(shadow)`, space separated.
-    pub rules: String,
-    /// Findings with their effect (`reason=score` or `reason=reject`).
-    pub hits: String,
-    /// Record-mode checks and shadow rules with the verdict the transaction
-    /// would have had if each alone were enforced (`rule:X=reject`).
-    pub would: String,
+    /// What the checks and rules found: the line's check keys.
+    pub checks: &'a CheckLog,
     pub score: f64,
     /// Recipient addresses, logged at debug level only.
     pub rcpt_addrs: Vec<String>,
@@ -122,17 +132,17 @@ impl TxnRecord<'_> {
             queue_id = self.queue_id,
             duration_ms = self.duration.as_secs_f64() * 1000.0,
             reverse = %self.reverse,
-            spf = self.spf,
-            dkim = self.dkim,
-            dmarc = self.dmarc,
-            arc = self.arc,
-            iprev = self.iprev,
-            greylist = self.greylist,
-            rate_limit = %self.rate_limit,
-            dnsbl = %self.dnsbl,
-            rules = %self.rules,
-            hits = %self.hits,
-            would = %self.would,
+            spf = self.checks.spf.as_str(),
+            dkim = self.checks.dkim.as_str(),
+            dmarc = self.checks.dmarc.as_str(),
+            arc = self.checks.arc.as_str(),
+            iprev = self.checks.iprev.as_str(),
+            greylist = self.checks.greylist.as_str(),
+            rate_limit = %self.checks.rate_limits.join(" "),
+            dnsbl = %self.checks.dnsbl.join(" "),
+            rules = %self.checks.rules.join(" "),
+            hits = %self.checks.hits.join(" "),
+            would = %self.checks.would.join(" "),
             score = self.score,
         );
     }
