@@ -89,12 +89,20 @@ enum Cmd {
         #[arg(long)]
         no_dns: bool,
     },
-    /// Every log line of one session, in order, with the checks and rules
-    /// that fired and their scores. ID is a session id, or the MTA's queue
-    /// id of a message (its "queued as"). Reads the logs given, plain or
-    /// gzip, or standard input (`journalctl -u portcullis -o short-iso |
-    /// portcullis trace ID`).
-    Trace { id: String, files: Vec<PathBuf> },
+    /// Every log line of one session, with what fired and its score.
+    ///
+    /// Prints the session's lines in time order: each transaction with its
+    /// verdict and reply, the checks, the rules that matched, every finding
+    /// with its effect, what record-mode checks and shadow rules would have
+    /// done, and the score.
+    Trace {
+        /// A session id (the log's `session`), or the MTA's queue id of a
+        /// message it relayed (Postfix's "queued as").
+        id: String,
+        /// Log files, plain or gzip; standard input when none
+        /// (`journalctl -u portcullis -o short-iso | portcullis trace ID`).
+        files: Vec<PathBuf>,
+    },
     /// Man pages and shell completions, from this command line's own
     /// definition (for packaging).
     #[command(hide = true)]
