@@ -145,27 +145,50 @@ impl Redis {
         Self::start_node(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
+    /// A cluster node also listens on its port + 10000 (the cluster bus),
+    /// which lies among the ephemeral ports other tests are handed: a node
+    /// whose bus port was taken exits at once, and is started again on
+    /// another port.
     fn start_node(extra: &[&str]) -> Redis {
-        let port = peer_port();
-        let dir =
-            std::env::temp_dir().join(format!("portcullis-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir)
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server; .ci/run installs it)");
-        wait_port(port);
-        let extra = extra.iter().map(|s| s.to_string()).collect();
-        Redis {
-            port,
-            child,
-            dir,
-            extra,
+        let cluster = extra.contains(&"--cluster-enabled");
+        for _ in 0..5 {
+            let port = loop {
+                let p = peer_port();
+                if !cluster || std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+                    break p;
+                }
+            };
+            let dir = std::env::temp_dir()
+                .join(format!("portcullis-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&dir)
+                .args(extra)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+            let until = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < until {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    let extra = extra.iter().map(|s| s.to_string()).collect();
+                    return Redis {
+                        port,
+                        child,
+                        dir,
+                        extra,
+                    };
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
+        panic!("redis-server did not start in 5 tries");
     }
 
     pub fn url(&self) -> String {
