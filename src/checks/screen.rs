@@ -159,13 +159,7 @@ impl Screen {
     pub fn log(&self) -> CheckLog {
         let found = &self.facts.txn.found;
         let mut log = found.log.clone();
-        log.hits.extend(
-            found
-                .findings
-                .iter()
-                .filter(|f| f.action != Action::Accept)
-                .map(hit),
-        );
+        log.hits.extend(effects(&found.findings));
         let t = self.engine.thresholds();
         for (i, f) in found.findings.iter().enumerate() {
             let Some(action) = f.would.filter(|a| *a != Action::Accept) else {
@@ -447,6 +441,15 @@ fn decide(found: &Found, engine: &Engine) -> Outcome {
     verdict::decide(findings, engine.thresholds())
 }
 
+/// The findings that had an effect, as the log's `hits` and X-Spam-Report
+/// name them.
+fn effects(findings: &[Finding]) -> impl Iterator<Item = String> + '_ {
+    findings
+        .iter()
+        .filter(|f| f.action != Action::Accept)
+        .map(hit)
+}
+
 /// A finding with an effect, for the log line: `spf:softfail=3`.
 fn hit(f: &Finding) -> String {
     match f.action {
@@ -509,12 +512,7 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         let hits: Vec<String> = if found.skipped {
             Vec::new()
         } else {
-            found
-                .findings
-                .iter()
-                .filter(|f| f.action != Action::Accept)
-                .map(hit)
-                .collect()
+            effects(&found.findings).collect()
         };
         headers.push_str(&auth_results::report(outcome.score, &hits));
     }

@@ -423,11 +423,7 @@ fn counts(m: HashMap<String, u64>, total: u64, top: Option<usize>) -> Vec<Count>
         .map(|(name, count)| Count {
             name,
             count,
-            rate: if total == 0 {
-                0.0
-            } else {
-                100.0 * count as f64 / total as f64
-            },
+            rate: percent(count, total),
         })
         .collect();
     v.sort_by(|a, b| b.count.cmp(&a.count).then(a.name.cmp(&b.name)));
@@ -654,11 +650,7 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
         greylisted,
         came_back,
         never_retried: greylisted - came_back,
-        came_back_rate: if greylisted == 0 {
-            0.0
-        } else {
-            100.0 * came_back as f64 / greylisted as f64
-        },
+        came_back_rate: percent(came_back, greylisted),
     };
     r
 }
