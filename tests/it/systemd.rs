@@ -260,24 +260,15 @@ async fn journal_lines_have_one_timestamp_and_stats_reads_it() {
         .collect();
     let file = dir.join("journal.txt");
     std::fs::write(&file, shown).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args([
-            "stats",
-            "--json",
-            "--since",
-            "2026-11-30T09",
-            "--until",
-            "2026-11-30T10",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&crate::stats::stats(&[
+        "--json",
+        "--since",
+        "2026-11-30T09",
+        "--until",
+        "2026-11-30T10",
+        file.to_str().unwrap(),
+    ]))
+    .unwrap();
     assert_eq!(report["transactions"], 1, "{report}");
     assert_eq!(report["hours"][0]["hour"], "2026-11-30T09", "{report}");
 }
