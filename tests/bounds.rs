@@ -181,14 +181,15 @@ async fn time_to_greeting(gate: std::net::SocketAddr, limit: Duration) -> Option
 #[tokio::test]
 async fn clients_that_never_read_cannot_hold_the_slots() {
     let mta = FakeMta::start(Script::default()).await;
-    // The command timeout bounds a stalled write; in the second gate the
-    // session deadline comes first and bounds it.
-    for (command, session) in [(2, 60), (60, 3)] {
+    // The write timeout bounds a stalled write; in the second gate the
+    // session deadline comes first and bounds it. (With the defaults:
+    // tests/defaults.rs.)
+    for (write, session) in [(2, 60), (60, 3)] {
         let mut cfg = test_config(mta.addr);
         cfg.limits.max_connections = 3;
-        (cfg.timeouts.command, cfg.timeouts.session) = (secs(command), secs(session));
+        (cfg.timeouts.write, cfg.timeouts.session) = (secs(write), secs(session));
         let gate = common::Gate::start_config(cfg).await;
-        let timeouts = format!("command: {command}s, session: {session}s");
+        let timeouts = format!("write: {write}s, session: {session}s");
         let mut stuck = Vec::new();
         for _ in 0..3 {
             stuck.push(non_reader(gate.addr).await);

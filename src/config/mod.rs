@@ -388,7 +388,8 @@ impl Default for LimitsConfig {
 pub struct Stress {
     /// Percent of `limits.max_connections` open from which stress mode is on.
     pub at_percent: u8,
-    /// Under stress, the time one whole command line may take.
+    /// Under stress, the time one whole command line may take, and the
+    /// time a write of our replies may take.
     pub command: Secs,
     /// Under stress, the time from connect to MAIL; later: 421 4.4.2.
     pub time_to_mail: Secs,
@@ -416,6 +417,9 @@ pub struct Timeouts {
     pub data: Secs,
     /// Total lifetime of one client session.
     pub session: Secs,
+    /// How long writing our queued replies may take. Replies are small,
+    /// so only a client that does not read its socket stalls a write.
+    pub write: Secs,
     /// On SIGTERM, how long transactions in flight may take to finish.
     pub shutdown: Secs,
 }
@@ -426,6 +430,7 @@ impl Default for Timeouts {
             command: Secs(Duration::from_secs(300)),
             data: Secs(Duration::from_secs(600)),
             session: Secs(Duration::from_secs(1800)),
+            write: Secs(Duration::from_secs(20)),
             shutdown: Secs(Duration::from_secs(30)),
         }
     }
@@ -731,6 +736,7 @@ impl Config {
             ("timeouts.command", t.command.0, secs(1), secs(3600)),
             ("timeouts.data", t.data.0, secs(1), secs(3600)),
             ("timeouts.session", t.session.0, secs(1), secs(86400)),
+            ("timeouts.write", t.write.0, secs(1), secs(3600)),
             ("timeouts.shutdown", t.shutdown.0, secs(1), secs(3600)),
             (
                 "upstream.timeouts.connect",

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// SO_SNDBUF of a client connection (the kernel doubles it).
+const CLIENT_SEND_BUFFER: usize = 32 * 1024;
+
 /// Binds with our own backlog: the default (128) overflows under bursts and
 /// leaves clients waiting for SYN-ACK retransmits.
 pub(super) fn bind(l: &Listen) -> std::io::Result<TcpListener> {
@@ -87,6 +90,11 @@ async fn connection(
     signal: shutdown::ShutdownSignal,
 ) {
     let _ = sock.set_nodelay(true);
+    // We only ever write replies to a client (a pipelined batch's are a
+    // few KiB; a TLS handshake's certificate chain a few more): a small
+    // send buffer keeps what a client that never reads can make the kernel
+    // hold for it small, and its stall is seen sooner.
+    let _ = socket2::SockRef::from(&sock).set_send_buffer_size(CLIENT_SEND_BUFFER);
     let id = crate::telemetry::session_id();
     let wait = shared.runtime().cfg.timeouts.command.0;
     let Ok(local) = sock.local_addr() else { return };

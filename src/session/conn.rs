@@ -54,6 +54,11 @@ impl ClientConn {
         self.wbuf.extend_from_slice(bytes);
     }
 
+    /// Reply bytes queued and not yet written.
+    pub(super) fn queued(&self) -> usize {
+        self.wbuf.len()
+    }
+
     /// postscreen's pregreet test: whether the client sends anything
     /// within `delay` (a shutdown ends the wait as "no").
     pub(super) async fn talks_within(&mut self, delay: Duration) -> bool {
@@ -68,44 +73,59 @@ impl ClientConn {
         }
     }
 
-    /// Ends the connection (a TLS close_notify is a write too).
-    pub(super) async fn close(&mut self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, self.io.shutdown()).await;
+    /// Ends the connection (a TLS close_notify is a write too, so it
+    /// gets the short farewell bound: the client may not be reading).
+    pub(super) async fn close(&mut self) {
+        let _ = tokio::time::timeout(FAREWELL_WRITE, self.io.shutdown()).await;
     }
 
-    /// Writes the queued replies within `limit` and the session deadline;
-    /// gives way to the shutdown phase `stop_at`. What was written is not
-    /// written again.
+    /// Writes the queued replies within `limit()` of starting and the
+    /// session deadline; gives way to the shutdown phase `stop_at`. The
+    /// limit is asked again every `WRITE_RECHECK` while the write waits
+    /// (stress mode may begin meanwhile). What was written is not written
+    /// again.
     pub(super) async fn flush(
         &mut self,
-        limit: Duration,
+        mut limit: impl FnMut() -> Duration,
         stop_at: Phase,
     ) -> Result<(), FlushError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let until = (tokio::time::Instant::now() + limit).min(self.deadline);
+        let started = tokio::time::Instant::now();
         let watch_shutdown = self.shutdown.phase() < stop_at;
-        let (io, wbuf, shutdown) = (&mut self.io, &self.wbuf, &mut self.shutdown);
         let mut done = 0;
-        let written = tokio::select! {
-            biased;
-            _ = shutdown.reached(stop_at), if watch_shutdown => Err(FlushError::Shutdown),
-            r = tokio::time::timeout_at(until, async {
-                while done < wbuf.len() {
-                    match io.write(&wbuf[done..]).await? {
-                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                        n => done += n,
+        let written = loop {
+            let until = (started + limit()).min(self.deadline);
+            let slice = until.min(tokio::time::Instant::now() + WRITE_RECHECK);
+            let (io, wbuf, shutdown) = (&mut self.io, &self.wbuf, &mut self.shutdown);
+            let done = &mut done;
+            let r = tokio::select! {
+                biased;
+                _ = shutdown.reached(stop_at), if watch_shutdown => break Err(FlushError::Shutdown),
+                r = tokio::time::timeout_at(slice, async {
+                    while *done < wbuf.len() {
+                        match io.write(&wbuf[*done..]).await? {
+                            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                            n => *done += n,
+                        }
                     }
+                    io.flush().await
+                }) => r,
+            };
+            match r {
+                Ok(Ok(())) => break Ok(()),
+                Ok(Err(e)) => break Err(FlushError::Io(e)),
+                Err(_) if slice >= until => {
+                    break Err(FlushError::Io(std::io::ErrorKind::TimedOut.into()));
                 }
-                io.flush().await
-            }) => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(FlushError::Io(e)),
-                Err(_) => Err(FlushError::Io(std::io::ErrorKind::TimedOut.into())),
-            },
+                Err(_) => {}
+            }
         };
         self.wbuf.drain(..done);
+        if self.wbuf.capacity() > REPLY_QUEUE_CAP && self.wbuf.is_empty() {
+            self.wbuf = Vec::new();
+        }
         written
     }
 
@@ -241,37 +261,71 @@ impl Session {
         }
     }
 
-    /// Ends the client connection.
+    /// Ends the client connection (without another write to a client
+    /// that stopped taking them).
     pub(super) async fn close(&mut self) {
-        let limit = self.rt.cfg.timeouts.command.0;
-        self.conn.close(limit).await;
+        if self.write_failed.is_none() {
+            self.conn.close().await;
+        }
     }
 
     /// Writes the queued replies. A client that does not read cannot hold
-    /// the session: the write must finish within `timeouts.command` and
-    /// the session deadline, and gives way to a shutdown (a drain between
-    /// transactions, the abort inside one).
+    /// the session: the write must finish within `timeouts.write` (under
+    /// stress `stress.command`, as for reads) and the session deadline, and
+    /// gives way to a shutdown (a drain between transactions, the abort
+    /// inside one). A write that fails ends the session; why is kept for
+    /// the log line of a transaction still open.
     pub(super) async fn flush(&mut self) -> Flushed {
+        if self.write_failed.is_some() {
+            // One stalled write is all a client gets.
+            return Flushed::Failed;
+        }
         let stop_at = self.stop_phase();
+        let write = self.rt.cfg.timeouts.write.0;
+        let stress = self.rt.cfg.stress.command.0;
         // Once shutting down, the last replies (421 4.3.2) get a short while.
-        let command = self.rt.cfg.timeouts.command.0;
-        let limit = if self.conn.shutdown.phase() >= stop_at {
-            FAREWELL_WRITE.min(command)
-        } else {
-            command
+        let farewell = self.conn.shutdown.phase() >= stop_at;
+        let limits = &self.shared.limits;
+        // Whether the limit in force when the write gave up was stress's.
+        let mut by_stress = false;
+        let limit = || {
+            by_stress = !farewell && stress < write && limits.stressed();
+            if farewell {
+                FAREWELL_WRITE.min(write)
+            } else if by_stress {
+                stress
+            } else {
+                write
+            }
         };
         match self.conn.flush(limit, stop_at).await {
             Ok(()) => Flushed::Done,
             Err(FlushError::Shutdown) => Flushed::Shutdown,
             Err(FlushError::Io(e)) => {
+                let reason = if e.kind() != std::io::ErrorKind::TimedOut {
+                    "write_error"
+                } else if by_stress {
+                    "write_timeout_stress"
+                } else {
+                    "write_timeout"
+                };
+                self.write_failed = Some(reason);
                 events::ClientWriteStall {
                     session: &self.peer.id,
+                    client: self.peer.addr.ip(),
+                    reason,
+                    queued: self.conn.queued(),
                     error: &e,
                 }
                 .emit();
                 Flushed::Failed
             }
         }
+    }
+
+    /// Why the client went away, for a transaction it leaves open.
+    pub(super) fn gone(&self) -> &'static str {
+        self.write_failed.unwrap_or("disconnect")
     }
 
     /// Flushes queued replies and reads more input.
@@ -295,6 +349,15 @@ impl Session {
         let started = tokio::time::Instant::now();
         let mut discarding = false;
         loop {
+            // Pipelining does not entitle a client to unbounded replies:
+            // past the cap, its next command waits until they are written.
+            if self.conn.queued() >= REPLY_QUEUE_CAP {
+                match self.flush().await {
+                    Flushed::Done => {}
+                    Flushed::Failed => return Line::Closed,
+                    Flushed::Shutdown => return Line::Shutdown,
+                }
+            }
             match self.conn.take_line(max, bare_lf_ok, &mut discarding) {
                 Taken::Line(l) => return Line::Command(l),
                 Taken::TooLong => return Line::TooLong,

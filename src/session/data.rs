@@ -91,7 +91,7 @@ impl Session {
                 Fill::Closed => {
                     // Nothing reaches upstream: its connection closes before any dot.
                     self.drop_upstream();
-                    self.end_txn_abandoned("disconnect");
+                    self.end_txn_abandoned(self.gone());
                     return Err(Next::Close);
                 }
                 Fill::Timeout => (reply::TIMEOUT, "timeout:data"),

@@ -135,6 +135,11 @@ pub struct Peer {
 const COMMAND_READ: usize = 1024;
 /// How long the replies written while shutting down may take.
 const FAREWELL_WRITE: Duration = Duration::from_secs(2);
+/// Reply bytes a client may have queued before we write them and wait
+/// (a pipelined batch of 100 RCPTs gets about 3 KiB).
+const REPLY_QUEUE_CAP: usize = 8 * 1024;
+/// How often a stalled write looks again at its limit (stress may begin).
+const WRITE_RECHECK: Duration = Duration::from_secs(1);
 const DATA_READ: usize = 64 * 1024;
 
 /// How writing the queued replies went.
@@ -209,6 +214,8 @@ pub struct Session {
     /// stress the time to MAIL is bounded).
     connected: tokio::time::Instant,
     reached_mail: bool,
+    /// Why a write to the client failed (it ended the session).
+    write_failed: Option<&'static str>,
     /// Runs the checks of this client, with the rules it started with.
     screen: Screen,
     /// Likewise the config, checks and certificate.
@@ -247,6 +254,7 @@ impl Session {
             errors: 0,
             connected: tokio::time::Instant::now(),
             reached_mail: false,
+            write_failed: None,
             shared,
         }
     }
@@ -328,7 +336,7 @@ impl Session {
                 break;
             }
         }
-        self.end_txn_abandoned("disconnect");
+        self.end_txn_abandoned(self.gone());
         let _ = self.flush().await;
         self.close().await;
         if let Some(up) = self.upstream.take() {

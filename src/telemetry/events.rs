@@ -187,13 +187,33 @@ impl ClosedUnderStress<'_> {
 /// A client that does not read its replies lost its session.
 pub struct ClientWriteStall<'a> {
     pub session: &'a str,
+    pub client: IpAddr,
+    /// `write_timeout`, `write_timeout_stress` (the stress deadline) or
+    /// `write_error` (the connection failed).
+    pub reason: &'static str,
+    /// Reply bytes it left unread.
+    pub queued: usize,
     pub error: &'a dyn std::fmt::Display,
 }
 
 impl ClientWriteStall<'_> {
     pub fn emit(&self) {
-        metrics::counter!("portcullis_client_write_stalls_total").increment(1);
-        tracing::debug!(session = %self.session, error = %self.error, "client not reading: closing");
+        metrics::counter!("portcullis_client_write_stalls_total", "reason" => self.reason)
+            .increment(1);
+        if self.reason == "write_timeout_stress" {
+            metrics::counter!("portcullis_stress_closed_total", "reason" => "write").increment(1);
+        }
+        if self.reason == "write_error" {
+            tracing::debug!(session = %self.session, error = %self.error, "client write failed");
+            return;
+        }
+        tracing::info!(
+            session = %self.session,
+            client = %self.client,
+            reason = self.reason,
+            queued = self.queued,
+            "client does not read its replies: session closed"
+        );
     }
 }
 

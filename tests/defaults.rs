@@ -1,0 +1,358 @@
+//! Every bound holds with the shipped defaults, on every listener: the real
+//! binary, its timeouts as shipped, attacked with nothing but connections
+//! (clients that never read, idle milter and HTTP connections, a process
+//! short of descriptors). The attacks are scaled to the test's time; the
+//! timeouts never are. One attack at a time: they measure time and slots.
+
+mod common;
+
+use common::{EMPTY_RULES, FakeMta, Killed, NO_CHECKS, Script};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+/// The attacks measure time: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The binary running `extra` on top of the shipped defaults (only the
+/// addresses are the test's), logging to a file; `nofile`: started under
+/// `prlimit --nofile`.
+struct Gate {
+    _child: Killed,
+    smtp: SocketAddr,
+    metrics: SocketAddr,
+    log: PathBuf,
+    pid: u32,
+}
+
+impl Gate {
+    async fn start(name: &str, upstream: SocketAddr, extra: &str, nofile: Option<u64>) -> Gate {
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-defaults-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (port, mport) = (common::free_port(), common::free_port());
+        let yaml = format!(
+            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: {upstream}, client_identity: xclient}}\nmetrics: {{listen: 127.0.0.1:{mport}}}\nrules_dir: {EMPTY_RULES}\n{NO_CHECKS}{extra}"
+        );
+        let cfg = dir.join("gate.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let log = dir.join("gate.log");
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_portcullis"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_portcullis")),
+        };
+        let child = cmd
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let child = Killed(child);
+        let smtp = common::listening(port).await;
+        let metrics = common::listening(mport).await;
+        Gate {
+            _child: child,
+            smtp,
+            metrics,
+            log,
+            pid,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of one metric line (name with its labels), 0 if absent.
+    async fn metric(&self, series: &str) -> f64 {
+        let scrape = common::http_get(self.metrics, "/metrics").await;
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Resident set size now, in KiB.
+    fn rss_kib(&self) -> u64 {
+        status_kib(self.pid, "VmRSS:")
+    }
+
+    /// Descriptors the process has open.
+    fn descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A client from `from` that pipelines EHLO after EHLO and never reads a
+/// reply (its receive buffer is small, so the gate's writes stall soon).
+/// Returns when the gate cut it off (a write failed), counted from its
+/// connect; None if it still held its connection after `hold`, or was
+/// never admitted.
+async fn non_reader(gate: SocketAddr, from: IpAddr, hold: Duration) -> Option<Duration> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(SocketAddr::new(from, 0)).unwrap();
+    let mut s = sock.connect(gate).await.ok()?;
+    let start = Instant::now();
+    // Short commands with long replies: one read of 1 KiB of them asks
+    // for some 25 KiB of EHLO replies.
+    let burst = b"EHLO a\r\n".repeat(500);
+    let cut = tokio::time::timeout(hold, async {
+        loop {
+            if s.write_all(&burst).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    cut.ok().map(|()| start.elapsed())
+}
+
+/// How long until a normal client from `from` is greeted (not refused).
+async fn time_to_greeting(gate: SocketAddr, from: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let mut c = common::Client::connect_from(gate, from).await;
+        if let Some(r) = c.try_reply(Duration::from_secs(5)).await
+            && r.starts_with("220")
+        {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Sends `n` non-readers from `addrs` (round robin), waits `settle`, then
+/// measures how long a normal client waits to be greeted; returns that and
+/// when each non-reader was cut off.
+async fn siege(
+    gate: &Gate,
+    addrs: &[IpAddr],
+    n: usize,
+    normal_from: &str,
+) -> (Option<Duration>, Vec<Option<Duration>>) {
+    let hold = Duration::from_secs(90);
+    let before = (gate.rss_kib(), gate.descriptors());
+    let mut attackers = Vec::new();
+    for i in 0..n {
+        let from = addrs[i % addrs.len()];
+        attackers.push(tokio::spawn(non_reader(gate.smtp, from, hold)));
+    }
+    // The clock starts once they hold every slot they can.
+    let start = Instant::now();
+    let mut open = 0.0;
+    while open < n as f64 && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = gate.metric("portcullis_connections_open").await;
+    }
+    println!(
+        "{n} non-readers: {open} slots held after {:?}; RSS {} KiB and {} descriptors \
+         (before: {} KiB, {})",
+        start.elapsed(),
+        gate.rss_kib(),
+        gate.descriptors(),
+        before.0,
+        before.1
+    );
+    assert_eq!(open, n as f64, "the attack did not fill the slots");
+    let waited = time_to_greeting(gate.smtp, normal_from, Duration::from_secs(60)).await;
+    let mut cut = Vec::new();
+    for a in attackers {
+        cut.push(a.await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "after: RSS {} KiB, {} descriptors",
+        gate.rss_kib(),
+        gate.descriptors()
+    );
+    (waited, cut)
+}
+
+/// The issue's first case: 100 clients that pipeline commands and never
+/// read, in all 100 slots, every timeout at its default. Before: all 100
+/// slots held for the whole 6 minutes sampled; a normal client refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_reading_clients_in_every_slot_are_cut_with_the_default_timeouts() {
+    let _serial = SERIAL.lock().await;
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start(
+        "nonread100",
+        mta.addr,
+        "limits: {max_connections: 100}\n",
+        None,
+    )
+    .await;
+    // One address per /24, under every per-address and per-network limit.
+    let addrs: Vec<IpAddr> = (0..100u8).map(|n| IpAddr::from([127, 5, n, 1])).collect();
+    let (waited, cut) = siege(&gate, &addrs, 100, "127.6.0.1").await;
+    let cut: Vec<Duration> = cut.into_iter().map(|c| c.expect("cut off")).collect();
+    println!(
+        "100 non-readers in 100 slots: normal client greeted after {waited:?}; \
+         non-readers cut after median {:?}, max {:?}",
+        median(cut.clone()),
+        cut.iter().max()
+    );
+    let waited = waited.expect("a normal client was greeted within 60 s");
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    assert!(cut.iter().all(|c| *c < Duration::from_secs(30)), "{cut:?}");
+    // Logged with the reason, and counted: stress mode was on (80 of 100).
+    let logged = || {
+        gate.log()
+            .lines()
+            .filter(|l| {
+                l.contains("client does not read its replies")
+                    && l.contains("\"reason\":\"write_timeout_stress\"")
+            })
+            .count()
+    };
+    assert!(
+        common::eventually(|| logged() >= 100).await,
+        "{} logged",
+        logged()
+    );
+    // Never more than the cap (8 KiB) and one reply queued for a client.
+    let queued: Vec<usize> = gate
+        .log()
+        .lines()
+        .filter_map(|l| {
+            l.split("\"queued\":")
+                .nth(1)?
+                .split([',', '}'])
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    println!("reply bytes queued when cut: max {:?}", queued.iter().max());
+    assert!(queued.iter().all(|q| *q <= 8192 + 512), "{queued:?}");
+    let counted = gate
+        .metric("portcullis_client_write_stalls_total{reason=\"write_timeout_stress\"}")
+        .await;
+    assert!(counted >= 100.0, "{counted}");
+    assert!(
+        gate.metric("portcullis_stress_closed_total{reason=\"write\"}")
+            .await
+            >= 100.0
+    );
+}
+
+/// The same with every limit at its default (1,000 slots): 1,000 non-readers
+/// from 50 addresses in 50 /24 networks (20 each: the per-address limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_reading_clients_from_spread_networks_hold_no_default_slot() {
+    let _serial = SERIAL.lock().await;
+    let _ = rlimit::increase_nofile_limit(20_000);
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start("nonread1000", mta.addr, "", None).await;
+    let addrs: Vec<IpAddr> = (0..50u8).map(|n| IpAddr::from([127, 8, n, 1])).collect();
+    let (waited, cut) = siege(&gate, &addrs, 1000, "127.9.0.1").await;
+    let admitted: Vec<Duration> = cut.iter().flatten().copied().collect();
+    println!(
+        "1000 non-readers from 50 networks: normal client greeted after {waited:?}; \
+         {} cut off, after median {:?}, max {:?}",
+        admitted.len(),
+        median(admitted.clone()),
+        admitted.iter().max()
+    );
+    let waited = waited.expect("a normal client was greeted within 60 s");
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    assert_eq!(admitted.len(), 1000, "every non-reader was cut off");
+    assert!(admitted.iter().all(|c| *c < Duration::from_secs(45)));
+}
+
+/// Stress mode cuts a client that does not read as it cuts one that
+/// trickles: with the default `stress.command` (10 s), not
+/// `timeouts.write` (20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stress_mode_cuts_a_non_reader_as_it_cuts_a_trickler() {
+    let _serial = SERIAL.lock().await;
+    let mta = FakeMta::start(Script::default()).await;
+    let calm = Gate::start("calm", mta.addr, "limits: {max_connections: 20}\n", None).await;
+    let busy = Gate::start("busy", mta.addr, "limits: {max_connections: 20}\n", None).await;
+    // Busy: 18 of 20 slots taken by clients that trickle a command.
+    let mut tricklers = Vec::new();
+    for n in 0..18u8 {
+        tricklers.push(tokio::spawn(trickler(
+            busy.smtp,
+            IpAddr::from([127, 10, n, 1]),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hold = Duration::from_secs(60);
+    let (alone, stressed) = tokio::join!(
+        non_reader(calm.smtp, IpAddr::from([127, 11, 0, 1]), hold),
+        non_reader(busy.smtp, IpAddr::from([127, 11, 1, 1]), hold),
+    );
+    let (alone, stressed) = (alone.expect("cut off"), stressed.expect("cut off"));
+    let mut trickled = Vec::new();
+    for t in tricklers {
+        trickled.push(t.await.unwrap());
+    }
+    println!(
+        "non-reader cut after {alone:?} alone, {stressed:?} under stress; tricklers: {:?}",
+        trickled.iter().map(|(t, _)| *t).collect::<Vec<_>>()
+    );
+    assert!(
+        alone >= Duration::from_secs(19) && alone < Duration::from_secs(30),
+        "{alone:?}"
+    );
+    assert!(
+        stressed >= Duration::from_secs(9) && stressed < Duration::from_secs(16),
+        "{stressed:?}"
+    );
+    for (took, end) in &trickled {
+        assert!(end.starts_with("421 4.4.2"), "{end}");
+        assert!(*took < Duration::from_secs(16), "{took:?}");
+    }
+    assert!(calm.log().contains("\"reason\":\"write_timeout\""));
+    assert!(busy.log().contains("\"reason\":\"write_timeout_stress\""));
+}
+
+/// Greeted, then trickles a command a byte a second; returns when and how
+/// the gate ended it.
+async fn trickler(gate: SocketAddr, from: IpAddr) -> (Duration, String) {
+    let mut c = common::Client::connect_from(gate, &from.to_string()).await;
+    let start = Instant::now();
+    let first = c.reply().await;
+    assert!(first.starts_with("220"), "{first}");
+    for b in b"EHLO trickle.example.test".iter().cycle() {
+        if start.elapsed() > Duration::from_secs(40) {
+            return (start.elapsed(), "still open".into());
+        }
+        c.send(&[*b]).await;
+        if let Some(r) = c.try_reply(Duration::from_secs(1)).await {
+            return (start.elapsed(), r);
+        }
+    }
+    unreachable!()
+}
