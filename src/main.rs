@@ -186,6 +186,9 @@ fn main() -> ExitCode {
                             c.milter.listen.len()
                         );
                     }
+                    if let Some(w) = portcullis::server::descriptor_warning(&c) {
+                        outln!("warning: {w}");
+                    }
                     let set = rules.current();
                     outln!("rules directory: {}", rules.dir().display());
                     if set.rules().is_empty() {
@@ -387,6 +390,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config.as_deref())?;
     let config = config.clone();
     let log_target = portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
+    portcullis::server::raise_descriptors(&cfg);
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         // Before anything is bound: a SIGHUP during start-up must not

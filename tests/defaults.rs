@@ -356,3 +356,311 @@ async fn trickler(gate: SocketAddr, from: IpAddr) -> (Duration, String) {
     }
     unreachable!()
 }
+
+/// How a milter connection attempt went.
+enum Milter {
+    /// Negotiated (or, unasked, simply open): held by the gate.
+    Held(tokio::net::TcpStream),
+    /// Closed by the gate at once: refused at its limit.
+    Refused,
+    /// No answer in time (waiting in the listen backlog); kept open.
+    Waiting(#[allow(dead_code)] tokio::net::TcpStream),
+}
+
+/// Connects to the milter port from `from`; sends the option negotiation
+/// when `negotiate`, and waits up to `limit` for the answer (or the close).
+async fn milter_conn(gate: SocketAddr, from: IpAddr, negotiate: bool, limit: Duration) -> Milter {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(from, 0)).unwrap();
+    let Ok(mut s) = sock.connect(gate).await else {
+        return Milter::Refused;
+    };
+    if negotiate {
+        let mut out = Vec::new();
+        portcullis::wire::milter::Command::Negotiate {
+            version: 6,
+            actions: 0x1ff,
+            steps: 0x1f_ffff,
+        }
+        .encode(&mut out);
+        if s.write_all(&out).await.is_err() {
+            return Milter::Refused;
+        }
+    }
+    let mut tmp = [0u8; 64];
+    match tokio::time::timeout(limit, tokio::io::AsyncReadExt::read(&mut s, &mut tmp)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Milter::Refused,
+        Ok(Ok(_)) => Milter::Held(s),
+        Err(_) if negotiate => Milter::Waiting(s),
+        Err(_) => Milter::Held(s),
+    }
+}
+
+/// The issue's second case, scaled to a 1,024-descriptor process: idle
+/// MTA connections to the milter port past what the process can open.
+/// The milter refuses beyond its own limits; when descriptors run out its
+/// accepts back off and /readyz says why; the SMTP listener still answers
+/// (421 with its spare descriptor, 220 when there are some); and it all
+/// comes back when the connections go. Before: 21,000 idle milter
+/// connections took all 20,000 descriptors, the SMTP listener logged 282
+/// accept failures, probes timed out and /readyz said ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_milter_connections_past_the_descriptors_starve_no_listener() {
+    let _serial = SERIAL.lock().await;
+    let _ = rlimit::increase_nofile_limit(20_000);
+    let mta = FakeMta::start(Script::default()).await;
+    let mport = common::free_port();
+    // The milter's limits written larger than the descriptors allow (the
+    // start-up log says so), its per-address limit left below them.
+    let gate = Gate::start(
+        "milterfd",
+        mta.addr,
+        &format!(
+            "milter: {{listen: [127.0.0.1:{mport}], max_connections: 5000, max_connections_per_ip: 600}}\n"
+        ),
+        Some(1024),
+    )
+    .await;
+    let milter = SocketAddr::from(([127, 0, 0, 1], mport));
+    assert!(common::eventually(|| gate.log().contains("the process may open 1024")).await);
+    let before = (gate.rss_kib(), gate.descriptors());
+
+    // Beyond its per-address limit: closed at once.
+    let first: Vec<Milter> = futures_util::future::join_all((0..700).map(|_| {
+        milter_conn(
+            milter,
+            IpAddr::from([127, 0, 0, 1]),
+            true,
+            Duration::from_secs(5),
+        )
+    }))
+    .await;
+    let held = first
+        .iter()
+        .filter(|m| matches!(m, Milter::Held(_)))
+        .count();
+    let refused = first
+        .iter()
+        .filter(|m| matches!(m, Milter::Refused))
+        .count();
+    println!("700 from one address: {held} held, {refused} refused");
+    assert_eq!((held, refused), (600, 100));
+    assert!(gate.log().contains("listener at its connection limit"));
+    // From another address: past the descriptors.
+    let second: Vec<Milter> = futures_util::future::join_all((0..600).map(|_| {
+        milter_conn(
+            milter,
+            IpAddr::from([127, 0, 0, 2]),
+            true,
+            Duration::from_secs(5),
+        )
+    }))
+    .await;
+    let held2 = second
+        .iter()
+        .filter(|m| matches!(m, Milter::Held(_)))
+        .count();
+    let waiting = second
+        .iter()
+        .filter(|m| matches!(m, Milter::Waiting(_)))
+        .count();
+    println!(
+        "600 more from another: {held2} held, {waiting} waiting; gate: {} descriptors, RSS {} KiB (before: {} and {} KiB)",
+        gate.descriptors(),
+        gate.rss_kib(),
+        before.1,
+        before.0
+    );
+    assert!(waiting > 0, "the descriptors did not run out");
+    assert!(gate.descriptors() <= 1024);
+
+    // The SMTP listener still answers, at once.
+    let started = Instant::now();
+    let mut c = common::Client::connect(gate.smtp).await;
+    let r = c
+        .try_reply(Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
+    println!("SMTP probe: {r:?} after {:?}", started.elapsed());
+    assert!(r.starts_with("421 4.3.2") || r.starts_with("220"), "{r:?}");
+    // /readyz answers, not ready, naming the listener.
+    let started = Instant::now();
+    let ready = common::http_get(gate.metrics, "/readyz").await;
+    println!("/readyz after {:?}: {ready}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("FAIL accept: "), "{ready}");
+    assert!(
+        ready.contains(&format!("milter 127.0.0.1:{mport}: accept failing")),
+        "{ready}"
+    );
+    let failures = gate
+        .metric("portcullis_accept_failures_total{listener=\"milter\",reason=\"descriptors\"}")
+        .await;
+    assert!(failures >= 1.0, "{failures}");
+    // Logged once for the episode, not once per failure.
+    let logged = gate
+        .log()
+        .lines()
+        .filter(|l| l.contains("accept failing") && l.contains("milter 127.0.0.1"))
+        .count();
+    println!("{failures} milter accept failures, logged {logged} time(s)");
+    assert_eq!(logged, 1);
+
+    // The attackers go: everything comes back (/readyz after its 10 s).
+    drop(first);
+    drop(second);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = common::http_get(gate.metrics, "/readyz").await;
+        if ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < until, "not ready again: {ready}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut c = common::Client::connect(gate.smtp).await;
+    assert!(c.reply().await.starts_with("220"));
+    match milter_conn(
+        milter,
+        IpAddr::from([127, 0, 0, 3]),
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Milter::Held(_) => {}
+        _ => panic!("the milter does not take a new MTA connection"),
+    }
+    println!(
+        "after: {} descriptors, RSS {} KiB",
+        gate.descriptors(),
+        gate.rss_kib()
+    );
+}
+
+/// A milter connection that never sends its option negotiation is closed
+/// after `milter.negotiate_timeout` (10 s), not `milter.timeout` (15 min).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_milter_connection_that_never_negotiates_is_closed_in_seconds() {
+    let _serial = SERIAL.lock().await;
+    let mta = FakeMta::start(Script::default()).await;
+    let mport = common::free_port();
+    let _gate = Gate::start(
+        "negotiate",
+        mta.addr,
+        &format!("milter: {{listen: [127.0.0.1:{mport}]}}\n"),
+        None,
+    )
+    .await;
+    let milter = SocketAddr::from(([127, 0, 0, 1], mport));
+    let started = Instant::now();
+    let silent = milter_conn(
+        milter,
+        IpAddr::from([127, 0, 0, 1]),
+        false,
+        Duration::from_secs(30),
+    );
+    // A negotiated one stays (for milter.timeout).
+    let talker = milter_conn(
+        milter,
+        IpAddr::from([127, 0, 0, 1]),
+        true,
+        Duration::from_secs(5),
+    );
+    let (silent, talker) = tokio::join!(silent, talker);
+    let took = started.elapsed();
+    println!("silent milter connection closed after {took:?}");
+    assert!(matches!(silent, Milter::Refused), "still open after 30 s");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(13),
+        "{took:?}"
+    );
+    let Milter::Held(mut talker) = talker else {
+        panic!("the negotiating MTA was not answered");
+    };
+    let mut tmp = [0u8; 16];
+    let still = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read(&mut talker, &mut tmp),
+    )
+    .await;
+    assert!(still.is_err(), "the negotiated connection was closed");
+}
+
+/// The issue's third case: 1,000 idle connections and a 1,000-connection
+/// header slowloris on the metrics port; /readyz and /metrics answer within
+/// a second throughout. Before: 32 idle connections made them time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slowloris_http_connections_do_not_blind_the_health_port() {
+    let _serial = SERIAL.lock().await;
+    let _ = rlimit::increase_nofile_limit(20_000);
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start("http", mta.addr, "", None).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    for i in 0..2000 {
+        let (addr, stop) = (gate.metrics, std::sync::Arc::clone(&stop));
+        attackers.push(tokio::spawn(async move {
+            // Reconnect whenever dropped, until told to stop.
+            let mut connections = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                connections += 1;
+                if i % 2 == 0 {
+                    // Idle: wait to be dropped.
+                    let mut tmp = [0u8; 64];
+                    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut tmp).await;
+                } else {
+                    // Slowloris: a header byte every 500 ms, never done.
+                    for b in b"GET /metrics HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed)
+                            || s.write_all(&[*b]).await.is_err()
+                        {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            connections
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut worst = Duration::ZERO;
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut probes = 0;
+    while Instant::now() < until {
+        for path in ["/readyz", "/metrics"] {
+            let started = Instant::now();
+            let r =
+                tokio::time::timeout(Duration::from_secs(5), common::http_get(gate.metrics, path))
+                    .await
+                    .unwrap_or_else(|_| panic!("{path} did not answer within 5 s"));
+            let took = started.elapsed();
+            worst = worst.max(took);
+            assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+            probes += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut connections = 0;
+    for a in attackers {
+        a.abort();
+        if let Ok(n) = a.await {
+            connections += n;
+        }
+    }
+    println!(
+        "2000 attackers ({connections} connections counted from those that ended): \
+         {probes} probes, slowest {worst:?}; gate {} descriptors, RSS {} KiB",
+        gate.descriptors(),
+        gate.rss_kib()
+    );
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+    assert!(gate.descriptors() < 400, "{}", gate.descriptors());
+}

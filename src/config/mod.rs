@@ -160,6 +160,14 @@ pub struct MilterConfig {
     /// A message tagged as spam also goes to the MTA's quarantine (Postfix:
     /// the hold queue), besides getting our X-Spam-* fields.
     pub quarantine_tagged: bool,
+    /// MTA connections held at once, over all milter listeners; more are
+    /// closed at once (the MTA applies its milter_default_action).
+    pub max_connections: usize,
+    /// Likewise, from one address (TCP listeners).
+    pub max_connections_per_ip: usize,
+    /// How long a new connection may take to finish the option
+    /// negotiation (an MTA sends it at once).
+    pub negotiate_timeout: Secs,
 }
 
 impl Default for MilterConfig {
@@ -169,6 +177,9 @@ impl Default for MilterConfig {
             max_packet: Bytes(512 * 1024),
             timeout: Secs(Duration::from_secs(900)),
             quarantine_tagged: false,
+            max_connections: 500,
+            max_connections_per_ip: 250,
+            negotiate_timeout: Secs(Duration::from_secs(10)),
         }
     }
 }
@@ -797,6 +808,12 @@ impl Config {
                 secs(366 * 86400),
             ),
             ("state.timeout", self.state.timeout.0, ms(10), secs(10)),
+            (
+                "milter.negotiate_timeout",
+                self.milter.negotiate_timeout.0,
+                secs(1),
+                secs(300),
+            ),
         ] {
             if v < min || v > max {
                 fail(
@@ -814,6 +831,19 @@ impl Config {
             && d.0 > secs(300)
         {
             fail("greeting.delay", "must be at most 5m".into());
+        }
+        let m = &self.milter;
+        if m.max_connections == 0 {
+            fail("milter.max_connections", "must be at least 1".into());
+        }
+        if m.max_connections_per_ip == 0 || m.max_connections_per_ip > m.max_connections {
+            fail(
+                "milter.max_connections_per_ip",
+                format!(
+                    "must be 1 to milter.max_connections ({})",
+                    m.max_connections
+                ),
+            );
         }
         let l = &self.limits;
         if l.max_message_size > Bytes(MAX_MESSAGE_SIZE) {

@@ -51,6 +51,22 @@ impl ConnectionBounds {
     }
 }
 
+impl ConnectionBounds {
+    /// The milter listeners' limits: total and per address, no network
+    /// limit and no stress mode (the MTA, not a client, connects).
+    pub fn milter(cfg: &crate::config::Config) -> ConnectionBounds {
+        let m = &cfg.milter;
+        ConnectionBounds {
+            max_total: m.max_connections,
+            max_per_ip: m.max_connections_per_ip,
+            max_per_network: m.max_connections,
+            prefix_v4: 32,
+            prefix_v6: 128,
+            stress_at: usize::MAX,
+        }
+    }
+}
+
 /// The network of `ip` (its address with the host bits cleared).
 pub fn network(ip: IpAddr, prefix_v4: u8, prefix_v6: u8) -> IpAddr {
     let ip = ip.to_canonical();
@@ -116,8 +132,21 @@ impl ConnectionLimits {
         self.note_stress();
         Ok(ConnectionGuard {
             limits: Arc::clone(self),
-            ip,
-            net,
+            addr: Some((ip, net)),
+        })
+    }
+
+    /// Takes a slot for a connection without an address (a Unix socket):
+    /// only the total counts.
+    pub fn acquire_local(self: &Arc<Self>) -> Result<ConnectionGuard, Refusal> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Total);
+        }
+        self.note_stress();
+        Ok(ConnectionGuard {
+            limits: Arc::clone(self),
+            addr: None,
         })
     }
 
@@ -179,14 +208,16 @@ fn give_back(map: &Mutex<HashMap<IpAddr, usize>>, key: IpAddr) {
 #[derive(Debug)]
 pub struct ConnectionGuard {
     limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
-    net: IpAddr,
+    /// The client's address and network, when it has one.
+    addr: Option<(IpAddr, IpAddr)>,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        give_back(&self.limits.per_ip, self.ip);
-        give_back(&self.limits.per_net, self.net);
+        if let Some((ip, net)) = self.addr {
+            give_back(&self.limits.per_ip, ip);
+            give_back(&self.limits.per_net, net);
+        }
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
         self.limits.note_stress();
     }
@@ -316,6 +347,18 @@ mod tests {
             prefix_v6: 64,
             stress_at: max_total,
         }
+    }
+
+    #[test]
+    fn connections_without_an_address_count_in_the_total_only() {
+        let l = ConnectionLimits::new(bounds(3, 1, 1));
+        let a = l.acquire_local().unwrap();
+        let _b = l.acquire_local().unwrap();
+        let _c = l.acquire("192.0.2.1".parse().unwrap()).unwrap();
+        assert_eq!(l.acquire_local().unwrap_err(), Refusal::Total);
+        drop(a);
+        let _d = l.acquire_local().unwrap();
+        assert_eq!(l.open(), 3);
     }
 
     #[test]

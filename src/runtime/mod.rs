@@ -1,6 +1,9 @@
 //! Runtime pieces every session shares: graceful shutdown, connection
-//! limits and the memory budget, and the byte-stream trait.
+//! limits and the memory budget, file descriptors and accept health, and
+//! the byte-stream trait.
 
+pub mod accept;
+pub mod descriptors;
 pub mod limits;
 pub mod shutdown;
 

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How long the spare descriptor waits for a client to take.
+const SPARE_ACCEPT: Duration = Duration::from_millis(10);
+
 /// SO_SNDBUF of a client connection (the kernel doubles it).
 const CLIENT_SEND_BUFFER: usize = 32 * 1024;
 
@@ -27,6 +30,7 @@ pub(super) async fn accept_loop(
     limits: Arc<ConnectionLimits>,
     shutdown: Arc<Shutdown>,
     tracker: TaskTracker,
+    health: Arc<AcceptHealth>,
 ) {
     let mut signal = shutdown.signal();
     let conf = Arc::new(conf);
@@ -37,6 +41,8 @@ pub(super) async fn accept_loop(
         };
         match accepted {
             Ok((sock, peer)) => {
+                health.accepted();
+                health.spare.restore();
                 tracker.spawn(connection(
                     sock,
                     peer,
@@ -47,12 +53,44 @@ pub(super) async fn accept_loop(
                 ));
             }
             Err(e) => {
-                // Usually EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let wait = health.failed(&e);
+                // Out of descriptors: the spare one takes the next client,
+                // which hears 421 instead of waiting in the backlog.
+                // (At EMFILE accept fails even with nothing waiting: then
+                // the spare is taken back at once.)
+                if descriptors::exhausted(&e) && health.spare.release() {
+                    if let Ok(Ok((sock, peer))) =
+                        tokio::time::timeout(SPARE_ACCEPT, listener.accept()).await
+                    {
+                        tracker.spawn(out_of_descriptors(sock, peer, Arc::clone(&health)));
+                        continue;
+                    }
+                    health.spare.restore();
+                }
+                tokio::time::sleep(wait).await;
             }
         }
     }
+}
+
+/// A client taken with the spare descriptor: 421 at once, without
+/// waiting for it to read, and the descriptor taken back.
+async fn out_of_descriptors(sock: TcpStream, peer: SocketAddr, health: Arc<AcceptHealth>) {
+    let r = reply::OUT_OF_DESCRIPTORS;
+    let mut out = Vec::new();
+    r.write_to(&mut out);
+    let _ = sock.try_write(&out);
+    drop(sock);
+    health.spare.restore();
+    RefusedConnection {
+        mode: "proxy",
+        session: &crate::telemetry::session_id(),
+        client_ip: peer.ip(),
+        code: r.code,
+        enhanced: &r.enhanced_code().unwrap_or_default(),
+        reason: "limit:descriptors",
+    }
+    .emit();
 }
 
 async fn refuse(

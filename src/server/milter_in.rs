@@ -1,13 +1,17 @@
 //! Milter listeners (TCP or a Unix socket): each MTA connection becomes a
 //! `milter::serve` task, tracked like sessions so a shutdown drains it.
+//! Bounded like the SMTP side: connections in total and per address
+//! (`milter.max_connections`, `max_connections_per_ip`), accepts that fail
+//! back off.
 
 use crate::config::MilterListen;
+use crate::runtime::accept::AcceptHealth;
+use crate::runtime::limits::{ConnectionGuard, ConnectionLimits};
 use crate::runtime::shutdown::{Phase, Shutdown, ShutdownSignal};
 use crate::session::Shared;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +25,16 @@ impl MilterListener {
         match self {
             MilterListener::Tcp(l) => l.local_addr().ok(),
             MilterListener::Unix(..) => None,
+        }
+    }
+
+    /// As the config writes it: `127.0.0.1:8891` or `unix:/path`.
+    pub fn name(&self) -> String {
+        match self {
+            MilterListener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp".into(), |a| a.to_string()),
+            MilterListener::Unix(_, p) => format!("unix:{}", p.display()),
         }
     }
 }
@@ -66,6 +80,8 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     shutdown: Arc<Shutdown>,
     tracker: TaskTracker,
+    limits: Arc<ConnectionLimits>,
+    health: Arc<AcceptHealth>,
 ) {
     let mut signal = shutdown.signal();
     loop {
@@ -73,17 +89,37 @@ pub async fn accept_loop(
             _ = signal.reached(Phase::Draining) => break,
             r = accept(&listener) => r,
         };
+        let accepted = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // No spare descriptor here: the MTA waits, or applies its
+                // milter_default_action; the SMTP listener keeps its own.
+                let wait = health.failed(&e);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        health.accepted();
+        // Beyond the limits the connection is closed at once: the MTA
+        // applies its milter_default_action to that one session.
+        let slot = match &accepted {
+            Accepted::Tcp(_, peer) => limits.acquire(peer.ip()),
+            Accepted::Unix(_) => limits.acquire_local(),
+        };
+        let guard = match slot {
+            Ok(g) => g,
+            Err(r) => {
+                health.refused(r.reason());
+                continue;
+            }
+        };
         let (shared, signal) = (Arc::clone(&shared), shutdown.signal());
         match accepted {
-            Ok(Accepted::Tcp(sock)) => {
-                tracker.spawn(converse(QuickAck(sock), shared, signal));
+            Accepted::Tcp(sock, _) => {
+                tracker.spawn(converse(QuickAck(sock), shared, signal, guard));
             }
-            Ok(Accepted::Unix(sock)) => {
-                tracker.spawn(converse(sock, shared, signal));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "milter accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Accepted::Unix(sock) => {
+                tracker.spawn(converse(sock, shared, signal, guard));
             }
         }
     }
@@ -93,16 +129,16 @@ pub async fn accept_loop(
 }
 
 enum Accepted {
-    Tcp(tokio::net::TcpStream),
+    Tcp(tokio::net::TcpStream, SocketAddr),
     Unix(tokio::net::UnixStream),
 }
 
 async fn accept(l: &MilterListener) -> std::io::Result<Accepted> {
     Ok(match l {
         MilterListener::Tcp(l) => {
-            let (sock, _) = l.accept().await?;
+            let (sock, peer) = l.accept().await?;
             let _ = sock.set_nodelay(true);
-            Accepted::Tcp(sock)
+            Accepted::Tcp(sock, peer)
         }
         MilterListener::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
     })
@@ -110,7 +146,7 @@ async fn accept(l: &MilterListener) -> std::io::Result<Accepted> {
 
 /// One MTA connection, to its end or to the drain deadline (past it the
 /// MTA applies its milter_default_action to what was in flight).
-async fn converse<S>(io: S, shared: Arc<Shared>, mut signal: ShutdownSignal)
+async fn converse<S>(io: S, shared: Arc<Shared>, mut signal: ShutdownSignal, _slot: ConnectionGuard)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

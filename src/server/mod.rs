@@ -17,6 +17,8 @@ use crate::checks::Engine;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
 use crate::rules::{RuleSet, Rules};
+use crate::runtime::accept::AcceptHealth;
+use crate::runtime::descriptors;
 use crate::runtime::limits::{ConnectionBounds, ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
 use crate::session::{Peer, Runtime, Session, Shared};
@@ -204,9 +206,36 @@ impl Server {
         let watchdog = notify::spawn_watchdog();
         // Milter-only (no SMTP listener): there is no upstream to watch.
         let refresh = (!self.listeners.is_empty()).then(|| self.shared.upstream.spawn_refresh());
-        let metrics_task = match (self.metrics, crate::telemetry::metrics::install()) {
-            (Some(listener), Some(handle)) => {
+        // Each listener's accept health, for the log, metrics and /readyz.
+        let smtp_health: Vec<Arc<AcceptHealth>> = self
+            .listeners
+            .iter()
+            .map(|(_, l)| Arc::new(AcceptHealth::new("smtp", format!("smtp {}", l.addr))))
+            .collect();
+        let milter_health: Vec<Arc<AcceptHealth>> = self
+            .milters
+            .iter()
+            .map(|m| Arc::new(AcceptHealth::new("milter", format!("milter {}", m.name()))))
+            .collect();
+        let http_health = self
+            .metrics
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| Arc::new(AcceptHealth::new("http", format!("http {a}"))));
+        let accepting: Vec<Arc<AcceptHealth>> = smtp_health
+            .iter()
+            .chain(&milter_health)
+            .chain(&http_health)
+            .cloned()
+            .collect();
+        let metrics_task = match (
+            self.metrics,
+            crate::telemetry::metrics::install(),
+            http_health,
+        ) {
+            (Some(listener), Some(handle), Some(http_health)) => {
                 let status = Arc::new(StatusPage {
+                    accepting,
                     config: self.config_reloads.clone(),
                     started: std::time::Instant::now(),
                     shared: Arc::clone(&self.shared),
@@ -216,7 +245,11 @@ impl Server {
                     bound: (self.listeners.len(), self.milters.len()),
                 });
                 Some(tokio::spawn(crate::telemetry::http::serve(
-                    listener, handle, status,
+                    listener,
+                    handle,
+                    status,
+                    http_health,
+                    descriptors::HTTP_CONNECTIONS,
                 )))
             }
             _ => None,
@@ -247,7 +280,7 @@ impl Server {
         }));
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
-        for (listener, conf) in self.listeners {
+        for ((listener, conf), health) in self.listeners.into_iter().zip(smtp_health) {
             accept_loops.push(tokio::spawn(accept_loop(
                 listener,
                 conf,
@@ -255,14 +288,19 @@ impl Server {
                 Arc::clone(&self.limits),
                 Arc::clone(&self.shutdown),
                 tracker.clone(),
+                health,
             )));
         }
-        for m in self.milters {
+        let cfg = self.shared.runtime().cfg.clone();
+        let milter_limits = ConnectionLimits::new(ConnectionBounds::milter(&cfg));
+        for (m, health) in self.milters.into_iter().zip(milter_health) {
             accept_loops.push(tokio::spawn(milter_in::accept_loop(
                 m,
                 Arc::clone(&self.shared),
                 Arc::clone(&self.shutdown),
                 tracker.clone(),
+                Arc::clone(&milter_limits),
+                health,
             )));
         }
         stop.await;
@@ -328,6 +366,35 @@ pub fn build_runtime(
         tls,
         cfg,
     })
+}
+
+/// Raises the descriptor limit as far as it goes (the soft limit to the
+/// hard one) and says, at start, when the configured limits do not fit in
+/// it. Process-wide: called once, by `portcullis run`, before binding.
+pub fn raise_descriptors(cfg: &Config) {
+    let Some(l) = descriptors::raise() else {
+        return;
+    };
+    let needs = descriptors::Needs::of(cfg);
+    tracing::info!(
+        limit = l.soft,
+        was = l.was,
+        needed = needs.total(),
+        "open descriptors: soft limit raised to the hard limit"
+    );
+    if let Some(why) = needs.shortfall(l.soft) {
+        tracing::warn!("{why}");
+    }
+}
+
+/// When the configured limits would not fit in the descriptors `run`
+/// gets here (the hard limit of this process; under systemd the unit's
+/// LimitNOFILE): a warning for `check`, or None.
+pub fn descriptor_warning(cfg: &Config) -> Option<String> {
+    let l = descriptors::current()?;
+    descriptors::Needs::of(cfg)
+        .shortfall(l.hard)
+        .map(|w| format!("descriptors (hard limit of this shell): {w}"))
 }
 
 /// What `run` would fail on that the config file alone cannot tell: the

@@ -15,6 +15,8 @@ pub(super) struct StatusPage {
     pub(super) shutdown: Arc<Shutdown>,
     /// SMTP and milter listeners bound (both fixed at start).
     pub(super) bound: (usize, usize),
+    /// Every listener's accept health (SMTP, milter, HTTP).
+    pub(super) accepting: Vec<Arc<AcceptHealth>>,
 }
 
 /// `2026-11-30 12:00:05 UTC`.
@@ -167,6 +169,18 @@ impl crate::telemetry::http::Status for StatusPage {
                 name: "listeners",
                 ok: false,
                 detail: "shutting down: draining sessions".into(),
+            },
+        });
+        // A listener whose accepts fail (out of descriptors) loses
+        // connections: not ready while it lasts.
+        let failing: Vec<String> = self.accepting.iter().filter_map(|h| h.trouble()).collect();
+        probes.push(Probe {
+            name: "accept",
+            ok: failing.is_empty(),
+            detail: if failing.is_empty() {
+                "every listener accepts".into()
+            } else {
+                failing.join("; ")
             },
         });
         // Milter-only: there is no upstream of ours to ask.

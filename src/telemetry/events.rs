@@ -217,6 +217,78 @@ impl ClientWriteStall<'_> {
     }
 }
 
+/// What went wrong at a listener's accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    /// Out of descriptors (EMFILE, ENFILE) or socket memory.
+    Descriptors,
+    /// Another accept error.
+    Error,
+    /// Refused at the listener's own connection limit.
+    Full,
+}
+
+impl Trouble {
+    fn label(self) -> &'static str {
+        match self {
+            Trouble::Descriptors => "descriptors",
+            Trouble::Error => "error",
+            Trouble::Full => "limit",
+        }
+    }
+}
+
+/// A listener's accept failed, or refused a connection at its limit:
+/// counted each time, logged when an episode begins and when it ends
+/// (`ended`: how many, over how long).
+pub struct AcceptTrouble<'a> {
+    pub listener: &'a str,
+    /// `smtp`, `milter` or `http`.
+    pub kind: &'static str,
+    pub trouble: Trouble,
+    pub detail: &'a str,
+    pub began: bool,
+    pub ended: Option<(u64, Duration)>,
+}
+
+impl AcceptTrouble<'_> {
+    pub fn emit(&self) {
+        let what = self.trouble.label();
+        if let Some((count, lasted)) = self.ended {
+            tracing::info!(
+                listener = %self.listener,
+                trouble = what,
+                count,
+                lasted = ?lasted,
+                "listener: episode over"
+            );
+            return;
+        }
+        let counter = if self.trouble == Trouble::Full {
+            "portcullis_listener_refused_total"
+        } else {
+            "portcullis_accept_failures_total"
+        };
+        metrics::counter!(counter, "listener" => self.kind, "reason" => what).increment(1);
+        if !self.began {
+            return;
+        }
+        match self.trouble {
+            Trouble::Full => tracing::warn!(
+                listener = %self.listener,
+                reason = %self.detail,
+                "listener at its connection limit: refusing connections (logged once per episode)"
+            ),
+            _ => tracing::error!(
+                listener = %self.listener,
+                trouble = what,
+                error = %self.detail,
+                "accept failing: backing off (logged once per episode; /readyz says not ready)"
+            ),
+        }
+    }
+}
+
 /// Message bytes held in memory now, across sessions.
 pub struct MemoryHeld(pub usize);
 

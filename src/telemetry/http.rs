@@ -3,7 +3,8 @@
 //! should get mail: 503 with the reasons otherwise) and `/` (the status
 //! page). GET and HEAD; query strings and absolute-form targets are read as
 //! HTTP says (only the path routes). Bounded: header size and time, a
-//! connection's lifetime, and how many connections are served at once.
+//! connection's lifetime, and how many connections are served at once (the
+//! oldest evicted by a new one, so idle connections cannot blind it).
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -11,12 +12,13 @@ use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 /// One readiness condition as `/readyz` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,25 +36,70 @@ pub trait Status: Send + Sync {
 
 /// Request head limit (hyper's smallest allowed read buffer).
 const MAX_REQUEST: usize = 8 * 1024;
-/// How long a client has to send a request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to send a request head, on a new connection or
+/// between keep-alive requests: an idle or slowloris connection is gone
+/// after this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// A keep-alive connection (Prometheus keeps one) is closed after this; the
 /// scraper simply opens another.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 32;
 
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, status: Arc<dyn Status>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// What the HTTP listener reports about its accepts, and the descriptor it
+/// keeps for the moment there are none (see `runtime::accept`).
+pub trait AcceptWatch: Send + Sync {
+    /// An accept failed; how long to wait before the next.
+    fn failed(&self, e: &std::io::Error) -> Duration;
+    fn accepted(&self);
+    /// Whether `e` says the process is out of descriptors.
+    fn out_of_descriptors(&self, e: &std::io::Error) -> bool;
+    /// Gives back the spare descriptor; false if there is none.
+    fn release_spare(&self) -> bool;
+    fn restore_spare(&self);
+}
+
+/// Serves at most `max` connections; when full, a new one evicts the
+/// oldest, so idle or slow connections can never lock a health check or a
+/// scrape out (a request is served within milliseconds of its head).
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    status: Arc<dyn Status>,
+    watch: Arc<dyn AcceptWatch>,
+    max: usize,
+) {
+    let open = Arc::new(Mutex::new(Open::default()));
     loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return;
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => {
+                watch.accepted();
+                watch.restore_spare();
+                sock
+            }
+            Err(e) => {
+                let wait = watch.failed(&e);
+                // The spare descriptor takes the next request. (Not an
+                // eviction: at EMFILE accept fails even with nothing
+                // waiting, and would evict what it just accepted.)
+                if watch.out_of_descriptors(&e) && watch.release_spare() {
+                    continue;
+                }
+                tokio::time::sleep(wait).await;
+                continue;
+            }
         };
-        let Ok((sock, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let (id, evicted) = {
+            let mut o = lock(&open);
+            if o.conns.len() >= max {
+                o.evict_oldest();
+            }
+            o.next += 1;
+            let (tx, rx) = oneshot::channel::<()>();
+            let id = o.next;
+            o.conns.insert(id, tx);
+            (id, rx)
         };
-        let (handle, status) = (handle.clone(), Arc::clone(&status));
+        let (handle, status, open) = (handle.clone(), Arc::clone(&status), Arc::clone(&open));
+        let watch = Arc::clone(&watch);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = respond(&req, &handle, status.as_ref());
@@ -63,9 +110,36 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, status: Arc<
                 .header_read_timeout(REQUEST_TIMEOUT)
                 .max_buf_size(MAX_REQUEST)
                 .serve_connection(TokioIo::new(sock), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            drop(permit);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {}
+                _ = evicted => {}
+            }
+            lock(&open).conns.remove(&id);
+            // A descriptor is free now: keep it as the spare, if that was
+            // given out.
+            watch.restore_spare();
         });
+    }
+}
+
+/// The connections being served, oldest first, each with the sender that
+/// evicts it when dropped.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl Open {
+    fn evict_oldest(&mut self) {
+        self.conns.pop_first();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 

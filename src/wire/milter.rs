@@ -202,6 +202,15 @@ impl Decoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Gives back a large buffer with nothing pending in it (the peer is
+    /// quiet).
+    pub fn shrink(&mut self) {
+        if self.at >= self.buf.len() {
+            self.buf = Vec::new();
+            self.at = 0;
+        }
+    }
+
     /// Octets fed and not yet decoded.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.at

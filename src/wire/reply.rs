@@ -111,6 +111,9 @@ pub const OUT_OF_MEMORY: Reply =
 
 pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::new(421, 7, 0, "Too many connections, try again later");
+/// No descriptor left for a session (RFC 3463 4.3.2: not accepting
+/// network messages).
+pub const OUT_OF_DESCRIPTORS: Reply = Reply::new(421, 3, 2, "Too busy, try again later");
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, 7, 0, "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::new(421, 4, 2, "Timeout, closing connection");
 pub const TOO_SLOW_UNDER_STRESS: Reply =
