@@ -21,7 +21,8 @@
 //! - `rules`: the administrators' YAML rules, compiled and reloadable;
 //!   `verdict`: findings -> accept / tag / tempfail / reject, and replies.
 //! - `dns`: the resolver (configured nameservers only), caches, health.
-//! - `runtime`: shutdown phases, connection limits, memory budget, streams.
+//! - `runtime`: shutdown phases, connection limits, memory budget, streams,
+//!   descriptors and each listener's accept health.
 //! - `telemetry`: log set-up, every log event with its metrics, HTTP.
 //! - `config`: serde structs; load -> parse -> validate (`file:line:column`).
 //! - `wire`: sans-IO SMTP on the wire: commands and paths, replies, the

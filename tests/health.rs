@@ -270,8 +270,9 @@ async fn readyz_follows_the_upstream_and_the_drain() {
     let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
 }
 
-/// Clients that connect and never send a request hold a slot only for the
-/// request timeout (5 s): the listener serves again once they are closed.
+/// Clients that connect and never send a request are closed after the
+/// request head deadline (3 s), and meanwhile do not keep anyone else out
+/// (the 1,000-connection attack is in tests/defaults.rs).
 #[tokio::test]
 async fn silent_http_clients_are_closed_and_do_not_starve_the_listener() {
     use tokio::io::AsyncReadExt;
@@ -279,15 +280,15 @@ async fn silent_http_clients_are_closed_and_do_not_starve_the_listener() {
     let running = common::start_server_config(cfg).await;
     let m = running.metrics.expect("metrics listener");
     let started = Instant::now();
-    // More than the 32 connections served at once.
+    // More than the 32 connections served at once before.
     let mut silent = Vec::new();
     for _ in 0..40 {
         silent.push(tokio::net::TcpStream::connect(m).await.unwrap());
     }
-    // Served once the silent ones have been dropped, not never.
-    let r = tokio::time::timeout(Duration::from_secs(12), get(m, "/healthz"))
+    // Served at once, beside them.
+    let r = tokio::time::timeout(Duration::from_secs(1), get(m, "/healthz"))
         .await
-        .expect("served within 12 s");
+        .expect("served within 1 s");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     // Every silent client was closed by the server, within the bound.
     for mut s in silent {
@@ -301,9 +302,9 @@ async fn silent_http_clients_are_closed_and_do_not_starve_the_listener() {
         {}
     }
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(12), "{took:?}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
     assert!(
-        took >= Duration::from_secs(4),
+        took >= Duration::from_millis(2500),
         "closed before the timeout: {took:?}"
     );
 }

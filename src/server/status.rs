@@ -117,6 +117,19 @@ impl crate::telemetry::http::Status for StatusPage {
                 (None, None) => "(answers, or not asked yet)".into(),
             }
         );
+        let _ = writeln!(
+            o,
+            "<h2>Listeners</h2><table><tr><th>listener</th><th>accepts</th></tr>"
+        );
+        for h in &self.accepting {
+            let state = match (h.trouble(), h.refusing()) {
+                (Some(t), _) => format!("FAILING ({})", esc(&t)),
+                (None, Some(n)) => format!("at its limit ({n} refused in this episode)"),
+                (None, None) => "ok".into(),
+            };
+            let _ = writeln!(o, "<tr><td>{}</td><td>{state}</td></tr>", esc(&h.name));
+        }
+        let _ = writeln!(o, "</table>");
         let engine = Arc::clone(&self.shared.runtime().engine);
         let _ = writeln!(
             o,

@@ -3,8 +3,9 @@
 //! should get mail: 503 with the reasons otherwise) and `/` (the status
 //! page). GET and HEAD; query strings and absolute-form targets are read as
 //! HTTP says (only the path routes). Bounded: header size and time, a
-//! connection's lifetime, and how many connections are served at once (the
-//! oldest evicted by a new one, so idle connections cannot blind it).
+//! connection's lifetime, and how many connections are served at once, in
+//! all and per address (past them an old one is evicted by a new one, so
+//! idle connections cannot blind it).
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -12,9 +13,9 @@ use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -57,9 +58,10 @@ pub trait AcceptWatch: Send + Sync {
     fn restore_spare(&self);
 }
 
-/// Serves at most `max` connections; when full, a new one evicts the
-/// oldest, so idle or slow connections can never lock a health check or a
-/// scrape out (a request is served within milliseconds of its head).
+/// Serves at most `max` connections, a quarter of them per address; past
+/// either, a new connection evicts an old one (see `Open::admit`), so idle
+/// or slow connections can never lock a health check or a scrape out (a
+/// request is served within milliseconds of its head).
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
@@ -69,11 +71,11 @@ pub async fn serve(
 ) {
     let open = Arc::new(Mutex::new(Open::default()));
     loop {
-        let sock = match listener.accept().await {
-            Ok((sock, _)) => {
+        let (sock, peer) = match listener.accept().await {
+            Ok(accepted) => {
                 watch.accepted();
                 watch.restore_spare();
-                sock
+                accepted
             }
             Err(e) => {
                 let wait = watch.failed(&e);
@@ -87,17 +89,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let (id, evicted) = {
-            let mut o = lock(&open);
-            if o.conns.len() >= max {
-                o.evict_oldest();
-            }
-            o.next += 1;
-            let (tx, rx) = oneshot::channel::<()>();
-            let id = o.next;
-            o.conns.insert(id, tx);
-            (id, rx)
-        };
+        let (id, evicted) = lock(&open).admit(peer.ip(), max);
         let (handle, status, open) = (handle.clone(), Arc::clone(&status), Arc::clone(&open));
         let watch = Arc::clone(&watch);
         tokio::spawn(async move {
@@ -114,7 +106,7 @@ pub async fn serve(
                 _ = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {}
                 _ = evicted => {}
             }
-            lock(&open).conns.remove(&id);
+            lock(&open).remove(id);
             // A descriptor is free now: keep it as the spare, if that was
             // given out.
             watch.restore_spare();
@@ -123,16 +115,57 @@ pub async fn serve(
 }
 
 /// The connections being served, oldest first, each with the sender that
-/// evicts it when dropped.
+/// evicts it when dropped, and which of them each address holds.
 #[derive(Default)]
 struct Open {
     next: u64,
-    conns: BTreeMap<u64, oneshot::Sender<()>>,
+    conns: BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>,
+    by_ip: HashMap<IpAddr, BTreeSet<u64>>,
 }
 
 impl Open {
-    fn evict_oldest(&mut self) {
-        self.conns.pop_first();
+    /// Takes in a connection from `ip`. An address at its share loses its
+    /// own oldest connection; when all `max` are taken, the address holding
+    /// the most loses its oldest. So a flood of connections, even one that
+    /// reconnects as fast as it is dropped, evicts only its own, and a
+    /// scraper or health checker from another address keeps its one.
+    fn admit(&mut self, ip: IpAddr, max: usize) -> (u64, oneshot::Receiver<()>) {
+        let share = (max / 4).max(1);
+        if self.by_ip.get(&ip).is_some_and(|c| c.len() >= share) {
+            self.evict_oldest_of(ip);
+        } else if self.conns.len() >= max
+            && let Some(heaviest) = self
+                .by_ip
+                .iter()
+                .max_by_key(|(_, c)| c.len())
+                .map(|(ip, _)| *ip)
+        {
+            self.evict_oldest_of(heaviest);
+        }
+        self.next += 1;
+        let (tx, rx) = oneshot::channel();
+        self.conns.insert(self.next, (ip, tx));
+        self.by_ip.entry(ip).or_default().insert(self.next);
+        (self.next, rx)
+    }
+
+    fn evict_oldest_of(&mut self, ip: IpAddr) {
+        if let Some(id) = self.by_ip.get(&ip).and_then(|c| c.first().copied()) {
+            self.remove(id);
+        }
+    }
+
+    /// Forgets a connection (dropping its sender evicts it if it runs).
+    fn remove(&mut self, id: u64) {
+        let Some((ip, _)) = self.conns.remove(&id) else {
+            return;
+        };
+        if let Some(c) = self.by_ip.get_mut(&ip) {
+            c.remove(&id);
+            if c.is_empty() {
+                self.by_ip.remove(&ip);
+            }
+        }
     }
 }
 
@@ -205,5 +238,51 @@ fn with_type(mut r: Response<Full<Bytes>>, ctype: &'static str) -> Response<Full
 
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    // Room in the accept queue for a flood of connections, so that a
+    // health check's SYN is not dropped (and retried a second later).
+    sock.listen(BACKLOG)
+}
+
+/// The kernel's accept queue (capped by net.core.somaxconn).
+const BACKLOG: u32 = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evicted(rx: &mut oneshot::Receiver<()>) -> bool {
+        rx.try_recv() == Err(oneshot::error::TryRecvError::Closed)
+    }
+
+    #[test]
+    fn a_flood_evicts_its_own_and_the_heaviest_address_pays() {
+        let mut o = Open::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, c) = (ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.3"));
+        let (probe, mut probe_rx) = o.admit(c, 8);
+        // The share is 2 of 8: a's third evicts a's first.
+        let (_, mut a1) = o.admit(a, 8);
+        let (_, mut a2) = o.admit(a, 8);
+        let (_, _a3) = o.admit(a, 8);
+        assert!(evicted(&mut a1));
+        assert!(!evicted(&mut a2));
+        // Full, and a and b keep coming: c's one connection stays.
+        let mut rxs = Vec::new();
+        for _ in 0..50 {
+            rxs.push(o.admit(a, 8).1);
+            rxs.push(o.admit(b, 8).1);
+        }
+        assert!(!evicted(&mut probe_rx));
+        assert!(o.conns.contains_key(&probe));
+        assert!(o.conns.len() <= 8);
+        o.remove(probe);
+        assert!(!o.by_ip.contains_key(&c));
+    }
 }

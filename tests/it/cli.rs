@@ -648,3 +648,37 @@ fn check_finds_an_address_in_use() {
         "{out:?}"
     );
 }
+
+/// `check` warns when the configured limits cannot fit in the descriptors
+/// the process may open (here a hard limit of 1,024 against the defaults'
+/// 1,000 SMTP sessions at two each), names what to change, and still
+/// passes; with room, no warning.
+#[test]
+fn check_warns_when_the_limits_cannot_fit_in_the_descriptors() {
+    let check = |nofile: &str| {
+        let out = Command::new("prlimit")
+            .arg(format!("--nofile={nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["check", "--config", "portcullis.yaml"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let low = check("1024");
+    assert!(
+        low.contains("warning: descriptors (hard limit of this shell): the configured limits can hold 2067 descriptors"),
+        "{low}"
+    );
+    assert!(
+        low.contains("SMTP 2000") && low.contains("LimitNOFILE"),
+        "{low}"
+    );
+    let roomy = check("4096");
+    assert!(!roomy.contains("descriptors"), "{roomy}");
+}
