@@ -40,15 +40,16 @@ impl Gate {
         let cfg = dir.join("gate.yaml");
         std::fs::write(&cfg, yaml).unwrap();
         let log = dir.join("gate.log");
+        // PORTCULLIS_BIN: another build to measure (a release, an older one).
+        let bin = std::env::var("PORTCULLIS_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portcullis").to_string());
         let mut cmd = match nofile {
             Some(n) => {
                 let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}"))
-                    .arg("--")
-                    .arg(env!("CARGO_BIN_EXE_portcullis"));
+                c.arg(format!("--nofile={n}")).arg("--").arg(&bin);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_portcullis")),
+            None => Command::new(&bin),
         };
         let child = cmd
             .args(["run", "--config"])
@@ -396,6 +397,24 @@ async fn milter_conn(gate: SocketAddr, from: IpAddr, negotiate: bool, limit: Dur
     }
 }
 
+/// `n` negotiating milter connections at once from `from`: the
+/// connections, and how many were held, refused and left waiting.
+async fn milter_wave(milter: SocketAddr, from: [u8; 4], n: usize) -> (Vec<Milter>, [usize; 3]) {
+    let all: Vec<Milter> = futures_util::future::join_all(
+        (0..n).map(|_| milter_conn(milter, IpAddr::from(from), true, Duration::from_secs(5))),
+    )
+    .await;
+    let mut counts = [0; 3];
+    for m in &all {
+        counts[match m {
+            Milter::Held(_) => 0,
+            Milter::Refused => 1,
+            Milter::Waiting(_) => 2,
+        }] += 1;
+    }
+    (all, counts)
+}
+
 /// The second case, scaled to a 1,024-descriptor process: idle
 /// MTA connections to the milter port past what the process can open.
 /// The milter refuses beyond its own limits; when descriptors run out its
@@ -426,44 +445,12 @@ async fn idle_milter_connections_past_the_descriptors_starve_no_listener() {
     let before = (gate.rss_kib(), gate.descriptors());
 
     // Beyond its per-address limit: closed at once.
-    let first: Vec<Milter> = futures_util::future::join_all((0..700).map(|_| {
-        milter_conn(
-            milter,
-            IpAddr::from([127, 0, 0, 1]),
-            true,
-            Duration::from_secs(5),
-        )
-    }))
-    .await;
-    let held = first
-        .iter()
-        .filter(|m| matches!(m, Milter::Held(_)))
-        .count();
-    let refused = first
-        .iter()
-        .filter(|m| matches!(m, Milter::Refused))
-        .count();
+    let (first, [held, refused, _]) = milter_wave(milter, [127, 0, 0, 1], 700).await;
     println!("700 from one address: {held} held, {refused} refused");
     assert_eq!((held, refused), (600, 100));
     assert!(gate.log().contains("listener at its connection limit"));
     // From another address: past the descriptors.
-    let second: Vec<Milter> = futures_util::future::join_all((0..600).map(|_| {
-        milter_conn(
-            milter,
-            IpAddr::from([127, 0, 0, 2]),
-            true,
-            Duration::from_secs(5),
-        )
-    }))
-    .await;
-    let held2 = second
-        .iter()
-        .filter(|m| matches!(m, Milter::Held(_)))
-        .count();
-    let waiting = second
-        .iter()
-        .filter(|m| matches!(m, Milter::Waiting(_)))
-        .count();
+    let (second, [held2, _, waiting]) = milter_wave(milter, [127, 0, 0, 2], 600).await;
     println!(
         "600 more from another: {held2} held, {waiting} waiting; gate: {} descriptors, RSS {} KiB (before: {} and {} KiB)",
         gate.descriptors(),

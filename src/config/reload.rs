@@ -66,6 +66,8 @@ fn keeping_restart_only(mut new: Config, running: &Config) -> Config {
     n.network_prefix_v6 = r.network_prefix_v6;
     n.memory_budget = r.memory_budget;
     new.stress.at_percent = running.stress.at_percent;
+    new.milter.max_connections = running.milter.max_connections;
+    new.milter.max_connections_per_ip = running.milter.max_connections_per_ip;
     // The rules directory is watched from start; its files reload on change.
     new.rules_dir = running.rules_dir.clone();
     // The state store is opened (and Redis connected) once.

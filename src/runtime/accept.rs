@@ -22,7 +22,10 @@ pub struct AcceptHealth {
     pub kind: &'static str,
     /// What the log and `/readyz` call it: `smtp 127.0.0.1:25`.
     pub name: String,
+    /// Accepts failing for want of descriptors (not ready while it lasts).
     failing: Mutex<Option<Episode>>,
+    /// Other accept errors (a connection reset before it was taken).
+    errors: Mutex<Option<Episode>>,
     full: Mutex<Option<Episode>>,
     backoff: Mutex<Duration>,
     /// Held back for an accept when there is no descriptor left.
@@ -42,6 +45,7 @@ impl AcceptHealth {
             kind,
             name,
             failing: Mutex::new(None),
+            errors: Mutex::new(None),
             full: Mutex::new(None),
             backoff: Mutex::new(BACKOFF_MIN),
             spare: descriptors::Spare::new(),
@@ -50,12 +54,11 @@ impl AcceptHealth {
 
     /// An accept failed; returns how long to wait before the next.
     pub fn failed(&self, e: &std::io::Error) -> Duration {
-        let trouble = if descriptors::exhausted(e) {
-            Trouble::Descriptors
+        if descriptors::exhausted(e) {
+            self.note(&self.failing, Trouble::Descriptors, &e.to_string());
         } else {
-            Trouble::Error
-        };
-        self.note(&self.failing, trouble, &e.to_string());
+            self.note(&self.errors, Trouble::Error, &e.to_string());
+        }
         let mut b = lock(&self.backoff);
         let wait = *b;
         *b = (*b * 2).min(BACKOFF_MAX);
@@ -99,6 +102,7 @@ impl AcceptHealth {
     fn end_if_quiet(&self) {
         for (which, trouble) in [
             (&self.failing, Trouble::Descriptors),
+            (&self.errors, Trouble::Error),
             (&self.full, Trouble::Full),
         ] {
             let mut e = lock(which);
@@ -186,6 +190,15 @@ mod tests {
         // Not quiet long enough yet: still shown, back-off reset.
         assert!(h.trouble().is_some());
         assert_eq!(h.failed(&emfile), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn other_accept_errors_back_off_but_leave_readiness_alone() {
+        let h = AcceptHealth::new("smtp", "smtp 127.0.0.1:25".into());
+        let aborted = std::io::Error::from_raw_os_error(103); // ECONNABORTED
+        assert_eq!(h.failed(&aborted), BACKOFF_MIN);
+        assert!(h.failed(&aborted) > BACKOFF_MIN);
+        assert!(h.trouble().is_none());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use super::*;
 
-/// How long the spare descriptor waits for a client to take.
+/// How long the spare descriptor waits for a client to take, and for the
+/// client to take its 421.
 const SPARE_ACCEPT: Duration = Duration::from_millis(10);
 
 /// SO_SNDBUF of a client connection (the kernel doubles it).
@@ -73,24 +74,23 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// A client taken with the spare descriptor: 421 at once, without
-/// waiting for it to read, and the descriptor taken back.
-async fn out_of_descriptors(sock: TcpStream, peer: SocketAddr, health: Arc<AcceptHealth>) {
+/// A client taken with the spare descriptor: 421 (within a moment; a
+/// client that does not read it is not waited for), and the descriptor
+/// taken back.
+async fn out_of_descriptors(mut sock: TcpStream, peer: SocketAddr, health: Arc<AcceptHealth>) {
+    let id = crate::telemetry::session_id();
     let r = reply::OUT_OF_DESCRIPTORS;
-    let mut out = Vec::new();
-    r.write_to(&mut out);
-    let _ = sock.try_write(&out);
+    refuse(
+        &mut sock,
+        &id,
+        peer.ip(),
+        &r,
+        "limit:descriptors",
+        SPARE_ACCEPT,
+    )
+    .await;
     drop(sock);
     health.spare.restore();
-    RefusedConnection {
-        mode: "proxy",
-        session: &crate::telemetry::session_id(),
-        client_ip: peer.ip(),
-        code: r.code,
-        enhanced: &r.enhanced_code().unwrap_or_default(),
-        reason: "limit:descriptors",
-    }
-    .emit();
 }
 
 async fn refuse(

@@ -279,11 +279,17 @@ impl AcceptTrouble<'_> {
                 reason = %self.detail,
                 "listener at its connection limit: refusing connections (logged once per episode)"
             ),
-            _ => tracing::error!(
+            Trouble::Descriptors => tracing::error!(
                 listener = %self.listener,
                 trouble = what,
                 error = %self.detail,
                 "accept failing: backing off (logged once per episode; /readyz says not ready)"
+            ),
+            Trouble::Error => tracing::warn!(
+                listener = %self.listener,
+                trouble = what,
+                error = %self.detail,
+                "accept failed: backing off (logged once per episode)"
             ),
         }
     }
