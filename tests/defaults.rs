@@ -113,14 +113,26 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 /// connect; None if it still held its connection after `hold`, or was
 /// never admitted.
 async fn non_reader(gate: SocketAddr, from: IpAddr, hold: Duration) -> Option<Duration> {
+    // Short commands with long replies: one read of 1 KiB of them asks
+    // for some 25 KiB of EHLO replies.
+    non_reader_after(gate, from, hold, b"", b"EHLO a\r\n").await
+}
+
+/// A non-reader that first sends `opening`, then `command` after `command`.
+async fn non_reader_after(
+    gate: SocketAddr,
+    from: IpAddr,
+    hold: Duration,
+    opening: &[u8],
+    command: &[u8],
+) -> Option<Duration> {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.bind(SocketAddr::new(from, 0)).unwrap();
     let mut s = sock.connect(gate).await.ok()?;
     let start = Instant::now();
-    // Short commands with long replies: one read of 1 KiB of them asks
-    // for some 25 KiB of EHLO replies.
-    let burst = b"EHLO a\r\n".repeat(500);
+    s.write_all(opening).await.ok()?;
+    let burst = command.repeat(500);
     let cut = tokio::time::timeout(hold, async {
         loop {
             if s.write_all(&burst).await.is_err() {
@@ -337,6 +349,50 @@ async fn stress_mode_cuts_a_non_reader_as_it_cuts_a_trickler() {
     }
     assert!(calm.log().contains("\"reason\":\"write_timeout\""));
     assert!(busy.log().contains("\"reason\":\"write_timeout_stress\""));
+}
+
+/// A client that opens a transaction and then stops reading: its
+/// transaction's log line says why it ended (`client:write_timeout`), after
+/// the default `timeouts.write`, and nothing reached the MTA's DATA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_by_a_non_reader_is_logged_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start("nonread-txn", mta.addr, "", None).await;
+    let cut = non_reader_after(
+        gate.smtp,
+        IpAddr::from([127, 13, 0, 1]),
+        Duration::from_secs(60),
+        b"EHLO a\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\n",
+        b"NOOP\r\n",
+    )
+    .await
+    .expect("cut off");
+    println!("non-reader in a transaction cut after {cut:?}");
+    assert!(
+        cut >= Duration::from_secs(19) && cut < Duration::from_secs(30),
+        "{cut:?}"
+    );
+    let line = || {
+        gate.log()
+            .lines()
+            .find(|l| {
+                l.contains("\"event\":\"transaction\"") || l.contains("\"verdict\":\"abandoned\"")
+            })
+            .map(str::to_string)
+    };
+    assert!(
+        common::eventually(|| line().is_some()).await,
+        "{}",
+        gate.log()
+    );
+    let line = line().unwrap_or_default();
+    assert!(
+        line.contains("\"reason\":\"client:write_timeout\""),
+        "{line}"
+    );
+    assert!(line.contains("\"mail_from\":\"a@sender.test\""), "{line}");
+    assert_eq!(mta.count("DATA"), 0);
 }
 
 /// Greeted, then trickles a command a byte a second; returns when and how
