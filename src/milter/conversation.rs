@@ -13,8 +13,8 @@
 use super::headers::{Assembled, fields_of};
 use crate::checks::pool::SharedMessage;
 use crate::checks::{Screen, Screened, Stage};
+use crate::gate::{Runtime, Shared};
 use crate::runtime::limits::{Held, Reservation};
-use crate::session::{Runtime, Shared};
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
 use crate::verdict::Decision;
 use crate::wire::milter::{Command, Decoder, Family, Response, VERSION, action, step};

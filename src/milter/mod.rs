@@ -14,7 +14,7 @@ mod headers;
 
 pub use conversation::Conversation;
 
-use crate::session::Shared;
+use crate::gate::Shared;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 

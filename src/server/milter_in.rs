@@ -5,10 +5,10 @@
 //! back off.
 
 use crate::config::MilterListen;
+use crate::gate::Shared;
 use crate::runtime::accept::AcceptHealth;
 use crate::runtime::limits::{ConnectionGuard, ConnectionLimits};
 use crate::runtime::shutdown::{Phase, Shutdown, ShutdownSignal};
-use crate::session::Shared;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -39,11 +39,11 @@
 //! goes through it (or through `finish_txn` plus upstream's own end).
 
 use crate::checks::pool::SharedMessage;
-use crate::checks::{CheckLog, Engine, Screen, Screened, Stage};
+use crate::checks::{CheckLog, Screen, Screened, Stage};
 use crate::config::{BareNewline, Config};
-use crate::rules::{RuleSet, Rules};
+use crate::gate::{Peer, Runtime, Shared};
 use crate::runtime::Stream;
-use crate::runtime::limits::{ConnectionLimits, MemoryBudget, Reservation};
+use crate::runtime::limits::Reservation;
 use crate::runtime::shutdown::{Phase, ShutdownSignal};
 mod conn;
 mod data;
@@ -57,79 +57,24 @@ mod txn;
 use crate::session::ehlo::Offer;
 use crate::telemetry::events;
 use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
-use crate::upstream::{ClientIdentity, OpenError, UpStage, Upstream, UpstreamConn, UpstreamError};
+use crate::upstream::{ClientIdentity, OpenError, UpStage, UpstreamConn, UpstreamError};
 use crate::verdict::Decision;
 use crate::wire::command::{self, Command, CommandError, MailCmd, RcptCmd};
 use crate::wire::data::DataReader;
 use crate::wire::path::Kind;
 use crate::wire::reply::{self, Reply, UpstreamReply};
-use arc_swap::ArcSwap;
 use conn::ClientConn;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use txn::{RcptRefusal, Said, Txn, TxnPhase};
 
-/// Everything a session reads that a reload can change. A session takes
-/// the current one when it starts and keeps it to the end; every reload
-/// (config, rules, certificate) builds a new one.
-#[derive(Clone)]
-pub struct Runtime {
-    pub cfg: Arc<Config>,
-    /// The checks: limits, DNSBL, iprev, SPF, DKIM, DMARC, ARC, rules.
-    pub engine: Arc<Engine>,
-    /// The administrators' rules.
-    pub rules: Arc<RuleSet>,
-    /// STARTTLS, when a certificate is configured.
-    pub tls: Option<TlsAcceptor>,
-}
-
-/// What all sessions share.
-pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
-    pub upstream: Arc<Upstream>,
-    pub budget: Arc<MemoryBudget>,
-    /// Open sessions; tells when the gate is under stress.
-    pub limits: Arc<ConnectionLimits>,
-    /// Loads and watches the rules (each reload swaps `runtime`).
-    pub rules: Arc<Rules>,
-    /// Greylisting's memory, kept across reloads.
-    pub store: Arc<crate::state::Store>,
-}
-
-impl Shared {
-    /// The runtime new sessions get.
-    pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime.load_full()
-    }
-
-    /// Checks the current nameservers when anything asks them (a check,
-    /// or upstream wanting client names); true when they answer or when
-    /// nothing uses DNS.
-    pub async fn check_nameservers(&self) -> bool {
-        let rt = self.runtime();
-        if !rt.engine.uses_dns() && !self.upstream.wants_client_name() {
-            return true;
-        }
-        rt.engine.dns.check_nameservers().await
-    }
-}
-
 /// The negotiated TLS parameters, for the log line.
 #[derive(Debug, Clone)]
 struct TlsInfo {
     version: String,
     cipher: String,
-}
-
-/// Who is on the other end.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub id: String,
-    pub addr: SocketAddr,
-    pub local: SocketAddr,
 }
 
 const COMMAND_READ: usize = 1024;

@@ -1,0 +1,67 @@
+//! What both front doors (the proxy session and the milter conversation)
+//! stand on: the runtime snapshot a reload swaps, the handles every
+//! connection shares, and who is on the other end. Neither door imports
+//! the other; both import this.
+
+use crate::checks::Engine;
+use crate::config::Config;
+use crate::rules::{RuleSet, Rules};
+use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
+use crate::upstream::Upstream;
+use arc_swap::ArcSwap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+/// Everything a session (or milter conversation) reads that a reload can
+/// change. It takes the current one when it starts and keeps it to the end; every reload
+/// (config, rules, certificate) builds a new one.
+#[derive(Clone)]
+pub struct Runtime {
+    pub cfg: Arc<Config>,
+    /// The checks: limits, DNSBL, iprev, SPF, DKIM, DMARC, ARC, rules.
+    pub engine: Arc<Engine>,
+    /// The administrators' rules.
+    pub rules: Arc<RuleSet>,
+    /// STARTTLS, when a certificate is configured.
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// What every connection shares, through either door.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub upstream: Arc<Upstream>,
+    pub budget: Arc<MemoryBudget>,
+    /// Open sessions; tells when the gate is under stress.
+    pub limits: Arc<ConnectionLimits>,
+    /// Loads and watches the rules (each reload swaps `runtime`).
+    pub rules: Arc<Rules>,
+    /// Greylisting's memory, kept across reloads.
+    pub store: Arc<crate::state::Store>,
+}
+
+impl Shared {
+    /// The runtime new sessions get.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Checks the current nameservers when anything asks them (a check,
+    /// or upstream wanting client names); true when they answer or when
+    /// nothing uses DNS.
+    pub async fn check_nameservers(&self) -> bool {
+        let rt = self.runtime();
+        if !rt.engine.uses_dns() && !self.upstream.wants_client_name() {
+            return true;
+        }
+        rt.engine.dns.check_nameservers().await
+    }
+}
+
+/// Who is on the other end.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+}
