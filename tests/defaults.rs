@@ -761,16 +761,23 @@ async fn idle_milter_connections_cost_what_idle_smtp_sessions_cost() {
     drop(sessions);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let smtp_after = gate.rss_kib();
-    // The same flood again: what the first left is used again, not added to.
-    let (_, again_peak, sessions) = rss_per_connection(&gate, n, smtp_session).await;
-    drop(sessions);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let again_after = gate.rss_kib();
-    println!("SMTP flood again: peak {again_peak} KiB, {again_after} KiB once closed");
-    assert!(
-        again_peak <= smtp_peak + 2048,
-        "{again_peak} KiB after {smtp_peak} KiB"
-    );
+    // The same flood three times more: what the first left is used again,
+    // not added to. (glibc gives each worker thread its own arena, so a
+    // later flood served by other threads may take some more: measured
+    // here up to a quarter of the first flood's growth; a leak would add a
+    // whole one each time.)
+    let growth = smtp_peak - idle;
+    for round in 2..=4 {
+        let (_, peak, sessions) = rss_per_connection(&gate, n, smtp_session).await;
+        drop(sessions);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = gate.rss_kib();
+        println!("SMTP flood {round}: peak {peak} KiB, {after} KiB once closed");
+        assert!(
+            peak <= smtp_peak + growth * 3 / 4,
+            "flood {round}: peak {peak} KiB after a first peak of {smtp_peak} KiB (growth {growth} KiB)"
+        );
+    }
     // A fresh gate: the first one's freed heap would flatter the second.
     drop(gate);
     let gate = Gate::start("rss-milter", mta.addr, &config, None).await;
