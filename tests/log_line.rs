@@ -39,6 +39,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     checks_transaction(&logs).await;
     contract_transactions(&logs).await;
     would_transactions(&logs).await;
+    rate_limited_mail_through_both_doors(&logs).await;
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
     let mut cfg = test_config(mta.addr);
@@ -724,4 +725,62 @@ async fn would_transactions(logs: &Captured) {
     let hit = &report.what_if[0];
     assert_eq!(hit.top_sender_domains[0].name, "would.test");
     assert_eq!(hit.top_networks[0].name, "127.0.0.0/24");
+}
+
+/// A MAIL refused by a rate limit names the limit in its log line through
+/// either door (the proxy logged no check keys for it before).
+async fn rate_limited_mail_through_both_doors(logs: &Captured) {
+    use common::milter::{Mta, POSTFIX_STEPS};
+    use portcullis::config::{MilterListen, RateCount, RateKey};
+    use portcullis::wire::milter::Response;
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = test_config(mta.addr);
+    cfg.checks.rate_limits = vec![common::config::rate_limit(
+        "one_per_sender",
+        RateKey::Sender,
+        RateCount::Transactions,
+        1,
+        3600,
+    )];
+    cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
+    let gate = Gate::start_config(cfg).await;
+    let mut c = Client::connect_from(gate.addr, "127.0.0.31").await;
+    c.reply().await;
+    c.cmd("EHLO doors.test", "250").await;
+    c.cmd("MAIL FROM:<limited@proxy.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<limited@proxy.test>", "451 4.7.1").await;
+    c.cmd("QUIT", "221").await;
+    let mut m = Mta::connect(gate.milter.unwrap(), POSTFIX_STEPS).await;
+    m.connect_from("127.0.0.31", "doors.test").await;
+    m.helo("doors.test").await;
+    m.mail("limited@milter.test").await;
+    m.send(portcullis::wire::milter::Command::Abort).await;
+    assert!(matches!(
+        m.mail("limited@milter.test").await,
+        Response::ReplyCode(_)
+    ));
+    m.send(portcullis::wire::milter::Command::Quit).await;
+    assert!(m.closed().await);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let refused = |from: &str| -> serde_json::Value {
+        let found: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| l.contains("\"transaction\"") && l.contains(from))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["verdict"] == "tempfail")
+            .collect();
+        assert_eq!(found.len(), 1, "{from}: {text}");
+        found[0].clone()
+    };
+    let (proxy, milter) = (refused("limited@proxy.test"), refused("limited@milter.test"));
+    for l in [&proxy, &milter] {
+        assert_contract(l);
+        assert_eq!(l["stage"], "mail", "{l}");
+        assert_eq!(l["rate_limit"], "one_per_sender", "{l}");
+    }
+    assert_eq!(proxy["reason"], milter["reason"]);
+    assert_eq!(proxy["code"], milter["code"]);
+    assert_eq!(proxy["enhanced"], milter["enhanced"]);
 }

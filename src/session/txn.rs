@@ -207,10 +207,12 @@ impl Session {
         upstream: &str,
     ) {
         let said = said.into();
+        // What the checks found so far (a rate limit that refused MAIL
+        // names itself here), as the milter door logs it.
         self.record(
             &Logged {
                 score,
-                checks: &CheckLog::default(),
+                checks: &self.screen.log(),
                 rcpt_addrs: &[],
                 mail_from: &m.address,
                 rcpts: 0,
