@@ -774,7 +774,10 @@ async fn rate_limited_mail_through_both_doors(logs: &Captured) {
         assert_eq!(found.len(), 1, "{from}: {text}");
         found[0].clone()
     };
-    let (proxy, milter) = (refused("limited@proxy.test"), refused("limited@milter.test"));
+    let (proxy, milter) = (
+        refused("limited@proxy.test"),
+        refused("limited@milter.test"),
+    );
     for l in [&proxy, &milter] {
         assert_contract(l);
         assert_eq!(l["stage"], "mail", "{l}");

@@ -431,6 +431,18 @@ impl Conversation {
         let Some(mut t) = c.txn.take() else {
             return vec![Response::Continue];
         };
+        // Rules on the message parse it whole (decoded parts, headers): up
+        // to its size again, held from the budget like the message itself,
+        // as in proxy mode.
+        if !t.oversized
+            && !t.over_budget
+            && c.screen.facts().rules.has_stage(Stage::Data)
+            && !t
+                .reservation
+                .ensure(t.message.bytes.capacity() + t.message.len())
+        {
+            t.over_budget = true;
+        }
         let local = if let Some((r, reason)) = t.doomed.clone() {
             Some((r, reason))
         } else if t.oversized {

@@ -157,6 +157,13 @@ impl Mta {
     /// values with their leading space when agreed, body with CRLF), and
     /// the end of the message: every answer to it, the last being final.
     pub async fn message(&mut self, msg: &str) -> Vec<Response> {
+        self.message_sent(msg).await;
+        self.end_of_message().await
+    }
+
+    /// Sends DATA, the header fields and the body of `msg`, without the
+    /// end of the message.
+    pub async fn message_sent(&mut self, msg: &str) {
         self.step(Command::Data, step::NO_REPLY_DATA).await;
         let (head, body) = msg.split_once("\r\n\r\n").unwrap_or((msg, ""));
         let leading = self.steps & step::HEADER_LEADING_SPACE != 0;
@@ -189,6 +196,10 @@ impl Mta {
                 assert_eq!(r, Response::Continue);
             }
         }
+    }
+
+    /// The end of the message, and our answers to it.
+    pub async fn end_of_message(&mut self) -> Vec<Response> {
         self.send(Command::EndOfMessage(Vec::new())).await;
         let mut all = Vec::new();
         loop {

@@ -482,3 +482,48 @@ async fn a_silent_mta_is_dropped_after_the_timeout() {
         "{took:?}"
     );
 }
+
+/// The whole-message parse the rules need is held within
+/// `limits.memory_budget` as in proxy mode: with a budget smaller than two
+/// messages and their parse, the first to end while the other is still in
+/// flight is refused 452 4.3.1; the other, alone, passes.
+#[tokio::test]
+async fn the_checks_parse_is_held_within_the_memory_budget() {
+    let dir = std::env::temp_dir().join(format!("portcullis-milter-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("body.yaml"),
+        "rules:\n  - id: BODY_WORD\n    description: a body rule, so the message is parsed\n    when: {body: {regex: never-in-this-message}}\n    action: {score: 1}\n",
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = milter_config(&mta);
+    cfg.rules_dir = Some(dir);
+    cfg.limits.max_message_size = common::config::kib(200);
+    // Two bodies in flight take 384 KiB of it (held in 64 KiB steps); the
+    // first one's parse beside the second would take 448 KiB.
+    cfg.limits.memory_budget = common::config::kib(420);
+    let (_gate, milter) = gate(cfg).await;
+    let body = "x".repeat(76) + "\r\n";
+    let msg = format!("Subject: big\r\n\r\n{}", body.repeat(1300)); // ~100 KB
+    // Body chunks answered, so that each body is held before we go on.
+    let steps = POSTFIX_STEPS & !step::NO_REPLY_BODY;
+    let mut first = Mta::connect(milter, steps).await;
+    let mut second = Mta::connect(milter, steps).await;
+    for (m, from) in [(&mut first, "a@one.test"), (&mut second, "b@two.test")] {
+        m.connect_from("192.0.2.60", "client.example").await;
+        m.helo("client.example").await;
+        m.mail(from).await;
+        m.rcpt("r@example.test").await;
+        m.message_sent(&msg).await;
+    }
+    // Both bodies are held; the first one's parse does not fit beside them.
+    let a = first.end_of_message().await;
+    assert!(
+        code_text(a.last().unwrap()).starts_with("452 4.3.1"),
+        "{a:?}"
+    );
+    // The second, alone now, is checked and accepted.
+    let b = second.end_of_message().await;
+    assert_eq!(b.last(), Some(&Response::Continue), "{b:?}");
+}
