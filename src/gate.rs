@@ -7,9 +7,11 @@ use crate::checks::Engine;
 use crate::config::Config;
 use crate::rules::{RuleSet, Rules};
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
+use crate::telemetry::RefusedConnection;
 use crate::upstream::Upstream;
+use crate::wire::reply::Reply;
 use arc_swap::ArcSwap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 
@@ -64,4 +66,34 @@ pub struct Peer {
     pub id: String,
     pub addr: SocketAddr,
     pub local: SocketAddr,
+}
+
+/// The front door a connection came through, as the log line's `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Proxy,
+    Milter,
+}
+
+impl Door {
+    pub fn mode(self) -> &'static str {
+        match self {
+            Door::Proxy => "proxy",
+            Door::Milter => "milter",
+        }
+    }
+}
+
+/// The one place a connection refused before or at the greeting is logged
+/// and counted, whichever door (or the listener) refused it with `r`.
+pub fn refused_connection(door: Door, session: &str, client_ip: IpAddr, r: &Reply, reason: &str) {
+    RefusedConnection {
+        mode: door.mode(),
+        session,
+        client_ip,
+        code: r.code,
+        enhanced: &r.enhanced_code().unwrap_or_default(),
+        reason,
+    }
+    .emit();
 }

@@ -28,7 +28,7 @@ struct Gate {
 }
 
 impl Gate {
-    async fn start(name: &str, upstream: SocketAddr, extra: &str, nofile: Option<u64>) -> Gate {
+    async fn start(name: &str, upstream: SocketAddr, extra: &str, nofile: Option<&str>) -> Gate {
         let dir =
             std::env::temp_dir().join(format!("portcullis-defaults-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -493,7 +493,7 @@ async fn idle_milter_connections_past_the_descriptors_starve_no_listener() {
         &format!(
             "milter: {{listen: [127.0.0.1:{mport}], max_connections: 5000, max_connections_per_ip: 600}}\n"
         ),
-        Some(1024),
+        Some("1024"),
     )
     .await;
     let milter = SocketAddr::from(([127, 0, 0, 1], mport));
@@ -584,6 +584,35 @@ async fn idle_milter_connections_past_the_descriptors_starve_no_listener() {
         "after: {} descriptors, RSS {} KiB",
         gate.descriptors(),
         gate.rss_kib()
+    );
+}
+
+/// At start the soft descriptor limit is raised to the hard one, and the
+/// log says so with what the configured limits can hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+    let _serial = SERIAL.lock().await;
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start("rlimit", mta.addr, "", Some("512:4096")).await;
+    let line = gate
+        .log()
+        .lines()
+        .find(|l| l.contains("soft limit raised"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.contains("\"limit\":4096,\"was\":512"), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gate.pid)).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(
+        open_files
+            .split_whitespace()
+            .filter(|w| *w == "4096")
+            .count()
+            == 2,
+        "{open_files}"
     );
 }
 

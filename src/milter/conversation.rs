@@ -13,9 +13,9 @@
 use super::headers::{Assembled, fields_of};
 use crate::checks::pool::SharedMessage;
 use crate::checks::{Screen, Screened, Stage};
-use crate::gate::{Runtime, Shared};
+use crate::gate::{Door, Runtime, Shared, refused_connection};
 use crate::runtime::limits::{Held, Reservation};
-use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
+use crate::telemetry::{TxnRecord, Verdict};
 use crate::verdict::Decision;
 use crate::wire::milter::{Command, Decoder, Family, Response, VERSION, action, step};
 use crate::wire::reply::{self, Reply};
@@ -297,15 +297,7 @@ impl Conversation {
         };
         let answer = match refused {
             Some((r, reason)) => {
-                RefusedConnection {
-                    mode: "milter",
-                    session: &client.id,
-                    client_ip: ip,
-                    code: r.code,
-                    enhanced: &r.enhanced_code().unwrap_or_default(),
-                    reason: &reason,
-                }
-                .emit();
+                refused_connection(Door::Milter, &client.id, ip, &r, &reason);
                 client.settled = true;
                 reply_code(&r)
             }

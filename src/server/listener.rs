@@ -108,15 +108,7 @@ async fn refuse(
         let _ = sock.shutdown().await;
     })
     .await;
-    RefusedConnection {
-        mode: "proxy",
-        session: id,
-        client_ip: ip,
-        code: r.code,
-        enhanced: &r.enhanced_code().unwrap_or_default(),
-        reason,
-    }
-    .emit();
+    refused_connection(Door::Proxy, id, ip, r, reason);
 }
 
 async fn connection(

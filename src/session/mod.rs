@@ -41,7 +41,7 @@
 use crate::checks::pool::SharedMessage;
 use crate::checks::{CheckLog, Screen, Screened, Stage};
 use crate::config::{BareNewline, Config};
-use crate::gate::{Peer, Runtime, Shared};
+use crate::gate::{Door, Peer, Runtime, Shared, refused_connection};
 use crate::runtime::Stream;
 use crate::runtime::limits::Reservation;
 use crate::runtime::shutdown::{Phase, ShutdownSignal};
@@ -56,7 +56,7 @@ mod txn;
 
 use crate::session::ehlo::Offer;
 use crate::telemetry::events;
-use crate::telemetry::{RefusedConnection, TxnRecord, Verdict};
+use crate::telemetry::{TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, OpenError, UpStage, UpstreamConn, UpstreamError};
 use crate::verdict::Decision;
 use crate::wire::command::{self, Command, CommandError, MailCmd, RcptCmd};
@@ -208,15 +208,7 @@ impl Session {
     /// line, and the close.
     async fn refuse_connection(&mut self, r: &Reply, reason: &str) {
         self.reply(r);
-        RefusedConnection {
-            mode: "proxy",
-            session: &self.peer.id,
-            client_ip: self.peer.addr.ip(),
-            code: r.code,
-            enhanced: &r.enhanced_code().unwrap_or_default(),
-            reason,
-        }
-        .emit();
+        refused_connection(Door::Proxy, &self.peer.id, self.peer.addr.ip(), r, reason);
         let _ = self.flush().await;
         self.close().await;
     }
