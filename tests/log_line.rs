@@ -40,6 +40,7 @@ async fn one_log_line_per_transaction_with_the_contract_keys() {
     contract_transactions(&logs).await;
     would_transactions(&logs).await;
     rate_limited_mail_through_both_doors(&logs).await;
+    the_same_transactions_log_the_same_through_both_doors(&logs).await;
 
     let mta = FakeMta::start(Script::default().reply("rcpt", "550 5.1.1 no such user")).await;
     let mut cfg = test_config(mta.addr);
@@ -786,4 +787,148 @@ async fn rate_limited_mail_through_both_doors(logs: &Captured) {
     assert_eq!(proxy["reason"], milter["reason"]);
     assert_eq!(proxy["code"], milter["code"]);
     assert_eq!(proxy["enhanced"], milter["enhanced"]);
+}
+
+/// The same transactions through the proxy and through the milter (each
+/// door on its own gate with the same config, so each starts with the
+/// same state): rate-limited MAIL, refused RCPT, accepted and tagged,
+/// abandoned, oversized, over the memory budget. Their log lines are equal
+/// key for key but for the door (`mode`), the MTA's queue id and reply
+/// (the milter has no upstream of its own), the session and the times.
+async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) {
+    use common::milter::{Mta, POSTFIX_STEPS};
+    use portcullis::config::{MilterListen, RateCount, RateKey};
+    use portcullis::wire::milter::Command;
+    let dir = std::env::temp_dir().join(format!("portcullis-two-doors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("r.yaml"),
+        "rules:\n  - id: NO_NOBODY\n    description: a recipient we refuse\n    when: {rcpt: {exact: nobody@example.test}}\n    action: reject\n  - id: TAG_ME\n    description: tagged\n    when: {subject: {regex: tagme}}\n    action: {score: 6}\n",
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = test_config(mta.addr);
+    cfg.rules_dir = Some(dir);
+    cfg.checks.rate_limits = vec![common::config::rate_limit(
+        "one_per_sender",
+        RateKey::Sender,
+        RateCount::Transactions,
+        1,
+        3600,
+    )];
+    cfg.limits.max_message_size = common::config::kib(100);
+    cfg.limits.memory_budget = common::config::kib(128);
+    cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
+    let proxy_gate = Gate::start_config(cfg.clone()).await;
+    let milter_gate = Gate::start_config(cfg).await;
+    let tagged = "Subject: tagme\r\n\r\nhello\r\n".to_string();
+    let line = "y".repeat(70) + "\r\n";
+    let oversized = format!("Subject: big\r\n\r\n{}", line.repeat(1700)); // ~120 KB
+    let over_budget = format!("Subject: parse\r\n\r\n{}", line.repeat(1000)); // ~72 KB
+
+    // Through the proxy.
+    let mut c = Client::connect_from(proxy_gate.addr, "127.0.0.41").await;
+    c.reply().await;
+    c.cmd("EHLO doors.test", "250").await;
+    let r = c
+        .send_mail(
+            "limited@doors.test",
+            &["ok@example.test"],
+            tagged.as_bytes(),
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    c.cmd("MAIL FROM:<limited@doors.test>", "451").await;
+    c.cmd("MAIL FROM:<refused@doors.test>", "250").await;
+    c.cmd("RCPT TO:<nobody@example.test>", "550").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<abandoned@doors.test>", "250").await;
+    c.cmd("RCPT TO:<ok@example.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    for (from, msg, want) in [
+        ("big@doors.test", &oversized, "552"),
+        ("parse@doors.test", &over_budget, "452"),
+    ] {
+        c.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        c.cmd("RCPT TO:<ok@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        let mut wire = Vec::new();
+        portcullis::wire::data::write_stuffed(msg.as_bytes(), |s| wire.extend_from_slice(s));
+        c.send(&wire).await;
+        let r = c.reply().await;
+        assert!(r.starts_with(want), "{from}: {r}");
+    }
+    c.cmd("QUIT", "221").await;
+
+    // Through the milter.
+    let mut m = Mta::connect(milter_gate.milter.unwrap(), POSTFIX_STEPS).await;
+    m.connect_from("127.0.0.41", "doors.test").await;
+    m.helo("doors.test").await;
+    m.mail("limited@doors.test").await;
+    m.rcpt("ok@example.test").await;
+    m.message(&tagged).await;
+    m.mail("limited@doors.test").await;
+    m.mail("refused@doors.test").await;
+    m.rcpt("nobody@example.test").await;
+    m.send(Command::Abort).await;
+    m.mail("abandoned@doors.test").await;
+    m.rcpt("ok@example.test").await;
+    m.send(Command::Abort).await;
+    for (from, msg) in [
+        ("big@doors.test", &oversized),
+        ("parse@doors.test", &over_budget),
+    ] {
+        m.mail(from).await;
+        m.rcpt("ok@example.test").await;
+        m.message(msg).await;
+    }
+    m.send(Command::Quit).await;
+    assert!(m.closed().await);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines = |mode: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .filter(|l| l.contains("\"transaction\"") && l.contains("@doors.test"))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["mode"] == mode && l["client_ip"] == "127.0.0.41")
+            .collect()
+    };
+    let (proxy, milter) = (lines("proxy"), lines("milter"));
+    let wanted = [
+        ("limited@doors.test", "tag"),
+        ("limited@doors.test", "tempfail"),
+        ("refused@doors.test", "reject"),
+        ("abandoned@doors.test", "abandoned"),
+        ("big@doors.test", "reject"),
+        ("parse@doors.test", "tempfail"),
+    ];
+    assert_eq!(proxy.len(), wanted.len(), "{proxy:#?}");
+    assert_eq!(milter.len(), wanted.len(), "{milter:#?}");
+    let differ = [
+        "mode",
+        "queue_id",
+        "upstream_reply",
+        "session",
+        "timestamp",
+        "duration_ms",
+    ];
+    for ((p, m), (from, verdict)) in proxy.iter().zip(&milter).zip(wanted) {
+        assert_eq!(p["mail_from"], from, "{p}");
+        assert_eq!(p["verdict"], verdict, "{p}");
+        let (p, m) = (p.as_object().unwrap(), m.as_object().unwrap());
+        let keys = |o: &serde_json::Map<String, serde_json::Value>| -> Vec<String> {
+            o.keys()
+                .filter(|k| !differ.contains(&k.as_str()))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(keys(p), keys(m), "the same keys");
+        for k in keys(p) {
+            assert_eq!(
+                p[&k], m[&k],
+                "{from} {verdict}: key {k}\nproxy:  {p:?}\nmilter: {m:?}"
+            );
+        }
+    }
 }

@@ -13,9 +13,10 @@
 use super::headers::{Assembled, fields_of};
 use crate::checks::pool::SharedMessage;
 use crate::checks::{Screen, Screened, Stage};
+use crate::gate::ledger::{self, Ending, Ledger, Refusal, Said};
 use crate::gate::{Door, Runtime, Shared, refused_connection};
 use crate::runtime::limits::{Held, Reservation};
-use crate::telemetry::{TxnRecord, Verdict};
+use crate::telemetry::Verdict;
 use crate::verdict::Decision;
 use crate::wire::milter::{Command, Decoder, Family, Response, VERSION, action, step};
 use crate::wire::reply::{self, Reply};
@@ -75,13 +76,10 @@ struct Client {
 
 /// One transaction, MAIL to the end of the message.
 struct Txn {
-    sender: String,
-    started: Instant,
-    score: f64,
+    /// Sender, recipients and refusals, score: what the log line says.
+    ledger: Ledger,
     /// A verdict reached at MAIL, delivered at each RCPT.
     doomed: Option<(Reply, String)>,
-    rcpts: usize,
-    last_refusal: Option<(Reply, String)>,
     message: Assembled,
     reservation: Reservation,
     /// Past the size limit or the memory budget: no longer kept.
@@ -376,11 +374,11 @@ impl Conversation {
         match refusal {
             Some((r, reason)) => {
                 let answer = reply_code(&r);
-                t.last_refusal = Some((r, reason));
+                t.ledger.last_refusal = Some(Refusal::ours(&r, reason));
                 answer
             }
             None => {
-                t.rcpts += 1;
+                t.ledger.rcpts += 1;
                 c.screen.rcpt_accepted(&rcpt);
                 Response::Continue
             }
@@ -394,10 +392,17 @@ impl Conversation {
             return;
         };
         let max = c.rt.cfg.limits.max_message_size.0;
-        let Some(t) = c.txn.as_mut().filter(|t| !t.oversized && !t.over_budget) else {
+        let Some(t) = c.txn.as_mut() else {
             return;
         };
-        let before = t.message.len();
+        if t.oversized || t.over_budget {
+            // Not kept, but counted: the log line gives the message's
+            // size, as the proxy's does.
+            let mut unkept = Assembled::default();
+            add(&mut unkept);
+            t.size += unkept.len() as u64;
+            return;
+        }
         add(&mut t.message);
         t.size = t.message.len() as u64;
         if t.size > max {
@@ -406,7 +411,6 @@ impl Conversation {
             t.over_budget = true;
         }
         if t.oversized || t.over_budget {
-            t.size = before as u64;
             t.message = Assembled::default();
             t.reservation.release();
         }
@@ -452,7 +456,7 @@ impl Conversation {
         let reservation = std::mem::replace(&mut t.reservation, self.shared.budget.reservation());
         let held = Arc::new(Held::new(std::mem::take(&mut fields.bytes), reservation));
         let checked = c.screen.data(&(Arc::clone(&held) as SharedMessage)).await;
-        t.score = checked.outcome.score;
+        t.ledger.score = checked.outcome.score;
         let reason = checked.outcome.reason.clone();
         match checked.outcome.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => {
@@ -514,26 +518,7 @@ impl Conversation {
         let Some(t) = c.txn.take() else {
             return;
         };
-        match (&t.last_refusal, t.rcpts) {
-            (Some((r, reason)), 0) => {
-                record(c, &t, Verdict::from_code(r.code), Stage::Rcpt, r, reason);
-            }
-            _ => {
-                let none = Reply {
-                    code: 0,
-                    enhanced: None,
-                    text: "".into(),
-                };
-                record(
-                    c,
-                    &t,
-                    Verdict::Abandoned,
-                    Stage::Rcpt,
-                    &none,
-                    &format!("client:{why}"),
-                );
-            }
-        }
+        t.ledger.record_abandoned(&c.client(), why, t.size);
     }
 
     fn end_client(&mut self, why: &str) {
@@ -545,12 +530,8 @@ impl Conversation {
 impl Txn {
     fn new(sender: String, started: Instant, score: f64, shared: &Shared) -> Txn {
         Txn {
-            sender,
-            started,
-            score,
+            ledger: Ledger::new(sender, started, score),
             doomed: None,
-            rcpts: 0,
-            last_refusal: None,
             message: Assembled::default(),
             reservation: shared.budget.reservation(),
             oversized: false,
@@ -594,36 +575,32 @@ fn record_queued(
     reason: &str,
     queue_id: &str,
 ) {
-    let log = c.screen.log();
-    let (tls_version, tls_cipher) = c
-        .tls
-        .as_ref()
-        .map_or(("", ""), |(v, ci)| (v.as_str(), ci.as_str()));
-    TxnRecord {
-        mode: "milter",
-        session: &c.id,
-        client_ip: c.ip,
-        helo: &c.helo,
-        tls: c.tls.is_some(),
-        tls_version,
-        tls_cipher,
-        mail_from: &t.sender,
-        rcpt_count: t.rcpts,
-        size: t.size,
-        verdict,
-        stage: stage.as_str(),
-        code: r.code,
-        enhanced: &r.enhanced_code().unwrap_or_default(),
-        reason,
-        upstream_reply: "",
-        queue_id,
-        duration: t.started.elapsed(),
-        reverse: c.screen.reverse().unwrap_or_default().to_string(),
-        checks: &log,
-        rcpt_addrs: c.screen.rcpts().to_vec(),
-        score: t.score,
+    t.ledger.record(
+        &c.client(),
+        &Ending {
+            verdict,
+            stage,
+            said: &Said::from(r),
+            reason,
+            upstream: "",
+            queue_id,
+            size: t.size,
+        },
+    );
+}
+
+impl Client {
+    /// This SMTP session's client, for its transactions' log lines.
+    fn client(&self) -> ledger::Client<'_> {
+        ledger::Client {
+            door: Door::Milter,
+            session: &self.id,
+            ip: self.ip,
+            helo: &self.helo,
+            tls: self.tls.as_ref().map(|(v, c)| (v.as_str(), c.as_str())),
+            screen: &self.screen,
+        }
     }
-    .emit();
 }
 
 /// Writes within `wait`; false when the MTA did not take it.

@@ -26,7 +26,7 @@ impl Session {
             self.reply(&reply::UPSTREAM_LOST);
             return Next::Continue;
         }
-        if txn.rcpts == 0 {
+        if txn.ledger.rcpts == 0 {
             // The transaction stays open on both sides, as in Postfix.
             return self.error(reply::NEED_RCPT);
         }
@@ -49,7 +49,7 @@ impl Session {
         let msg = Arc::new(Held::new(received.msg, received.reservation));
         let checked = self.screen.data(&(Arc::clone(&msg) as SharedMessage)).await;
         if let Some(t) = self.txn.as_mut() {
-            t.score = checked.outcome.score;
+            t.ledger.score = checked.outcome.score;
         }
         match checked.outcome.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => {

@@ -39,7 +39,7 @@
 //! goes through it (or through `finish_txn` plus upstream's own end).
 
 use crate::checks::pool::SharedMessage;
-use crate::checks::{CheckLog, Screen, Screened, Stage};
+use crate::checks::{Screen, Screened, Stage};
 use crate::config::{BareNewline, Config};
 use crate::gate::{Door, Peer, Runtime, Shared, refused_connection};
 use crate::runtime::Stream;
@@ -54,9 +54,10 @@ mod relay;
 mod starttls;
 mod txn;
 
+use crate::gate::ledger::{Client, Ending, Ledger, Refusal, Said};
 use crate::session::ehlo::Offer;
+use crate::telemetry::Verdict;
 use crate::telemetry::events;
-use crate::telemetry::{TxnRecord, Verdict};
 use crate::upstream::{ClientIdentity, OpenError, UpStage, UpstreamConn, UpstreamError};
 use crate::verdict::Decision;
 use crate::wire::command::{self, Command, CommandError, MailCmd, RcptCmd};
@@ -68,7 +69,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
-use txn::{RcptRefusal, Said, Txn, TxnPhase};
+use txn::{Txn, TxnPhase};
 
 /// The negotiated TLS parameters, for the log line.
 #[derive(Debug, Clone)]

@@ -35,12 +35,11 @@ impl Session {
                 self.relay(&rep);
                 if let Some(t) = self.txn.as_mut() {
                     if rep.is_positive() {
-                        t.rcpts += 1;
+                        t.ledger.rcpts += 1;
                         self.screen.rcpt_accepted(&r.address);
                     } else {
-                        t.last_rcpt_refusal = Some(RcptRefusal {
-                            code: rep.code,
-                            enhanced: rep.enhanced(),
+                        t.ledger.last_refusal = Some(Refusal {
+                            said: Said::from(&rep),
                             reason: "upstream".into(),
                             upstream: rep.text(),
                         });
@@ -59,12 +58,7 @@ impl Session {
     /// the refusal for the log line.
     pub(super) fn refuse_rcpt(&mut self, reply: Reply, reason: String) -> Next {
         if let Some(t) = self.txn.as_mut() {
-            t.last_rcpt_refusal = Some(RcptRefusal {
-                code: reply.code,
-                enhanced: reply.enhanced_code().unwrap_or_default(),
-                reason,
-                upstream: String::new(),
-            });
+            t.ledger.last_refusal = Some(Refusal::ours(&reply, reason));
         }
         self.reply(&reply);
         Next::Continue

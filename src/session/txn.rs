@@ -15,81 +15,19 @@ pub(super) enum TxnPhase {
     Broken,
 }
 
-/// One MAIL..end-of-transaction.
+/// One MAIL..end-of-transaction: its phase, and its record.
 pub(super) struct Txn {
-    pub(super) mail: MailCmd,
     pub(super) phase: TxnPhase,
-    pub(super) rcpts: usize,
-    pub(super) started: Instant,
-    /// The last refusal at RCPT, to tell reject from tempfail if nothing was accepted.
-    pub(super) last_rcpt_refusal: Option<RcptRefusal>,
-    /// Summed score of this transaction's latest decision, for the log.
-    pub(super) score: f64,
+    pub(super) ledger: Ledger,
 }
 
 impl Txn {
     pub(super) fn new(mail: MailCmd, started: Instant, score: f64, phase: TxnPhase) -> Txn {
         Txn {
-            mail,
+            ledger: Ledger::new(mail.address, started, score),
             phase,
-            rcpts: 0,
-            started,
-            last_rcpt_refusal: None,
-            score,
         }
     }
-}
-
-/// A reply's code and enhanced code, for the log line.
-pub(super) struct Said {
-    pub(super) code: u16,
-    pub(super) enhanced: String,
-}
-
-impl From<&Reply> for Said {
-    fn from(r: &Reply) -> Said {
-        Said {
-            code: r.code,
-            enhanced: r.enhanced_code().unwrap_or_default(),
-        }
-    }
-}
-
-impl From<&UpstreamReply> for Said {
-    fn from(r: &UpstreamReply) -> Said {
-        Said {
-            code: r.code,
-            enhanced: r.enhanced(),
-        }
-    }
-}
-
-/// What a transaction's log line says of the transaction itself.
-struct Logged<'a> {
-    score: f64,
-    checks: &'a CheckLog,
-    rcpt_addrs: &'a [String],
-    mail_from: &'a str,
-    rcpts: usize,
-    started: Instant,
-}
-
-/// How a transaction ended, for its log line.
-struct Ending<'a> {
-    verdict: Verdict,
-    stage: Stage,
-    said: &'a Said,
-    reason: &'a str,
-    upstream: &'a str,
-    size: u64,
-}
-
-/// A refusal remembered for the log line.
-pub(super) struct RcptRefusal {
-    pub(super) code: u16,
-    pub(super) enhanced: String,
-    pub(super) reason: String,
-    pub(super) upstream: String,
 }
 
 impl Session {
@@ -123,26 +61,8 @@ impl Session {
 
     /// Logs and forgets a transaction that ended without a final reply.
     pub(super) fn end_txn_abandoned(&mut self, why: &str) {
-        let Some(t) = self.txn.as_ref() else { return };
-        let (verdict, code, enhanced, reason, upstream) = match (&t.last_rcpt_refusal, t.rcpts) {
-            (Some(r), 0) => (
-                Verdict::from_code(r.code),
-                r.code,
-                r.enhanced.clone(),
-                r.reason.clone(),
-                r.upstream.clone(),
-            ),
-            _ => (
-                Verdict::Abandoned,
-                0,
-                String::new(),
-                format!("client:{why}"),
-                String::new(),
-            ),
-        };
-        let said = Said { code, enhanced };
-        self.log_txn(verdict, Stage::Rcpt, &said, &reason, &upstream, 0);
-        self.txn = None;
+        let Some(t) = self.txn.take() else { return };
+        t.ledger.record_abandoned(&self.client(), why, 0);
     }
 
     pub(super) fn finish_txn(
@@ -175,22 +95,15 @@ impl Session {
         size: u64,
     ) {
         let Some(t) = self.txn.as_ref() else { return };
-        let log = self.screen.log();
-        self.record(
-            &Logged {
-                score: t.score,
-                checks: &log,
-                rcpt_addrs: self.screen.rcpts(),
-                mail_from: &t.mail.address,
-                rcpts: t.rcpts,
-                started: t.started,
-            },
+        t.ledger.record(
+            &self.client(),
             &Ending {
                 verdict,
                 stage,
                 said,
                 reason,
                 upstream,
+                queue_id: queue_id(said, upstream),
                 size,
             },
         );
@@ -207,59 +120,43 @@ impl Session {
         upstream: &str,
     ) {
         let said = said.into();
-        // What the checks found so far (a rate limit that refused MAIL
-        // names itself here), as the milter door logs it.
-        self.record(
-            &Logged {
-                score,
-                checks: &self.screen.log(),
-                rcpt_addrs: &[],
-                mail_from: &m.address,
-                rcpts: 0,
-                started,
-            },
+        // With what the checks found so far (a rate limit that refused
+        // MAIL names itself), as the milter door logs it.
+        Ledger::new(m.address.clone(), started, score).record(
+            &self.client(),
             &Ending {
                 verdict: Verdict::from_code(said.code),
                 stage: Stage::Mail,
                 said: &said,
                 reason,
                 upstream,
+                queue_id: "",
                 size: 0,
             },
         );
     }
 
-    /// The one place a transaction's log line is written.
-    fn record(&self, t: &Logged<'_>, end: &Ending<'_>) {
-        let (checks, said) = (t.checks, end.said);
-        TxnRecord {
-            mode: "proxy",
+    /// This session's client, for its transactions' log lines.
+    fn client(&self) -> Client<'_> {
+        Client {
+            door: Door::Proxy,
             session: &self.peer.id,
-            client_ip: self.peer.addr.ip(),
+            ip: self.peer.addr.ip(),
             helo: self.helo.as_deref().unwrap_or(""),
-            tls: self.tls.is_some(),
-            tls_version: self.tls.as_ref().map_or("", |t| t.version.as_str()),
-            tls_cipher: self.tls.as_ref().map_or("", |t| t.cipher.as_str()),
-            mail_from: t.mail_from,
-            rcpt_count: t.rcpts,
-            size: end.size,
-            verdict: end.verdict,
-            stage: end.stage.as_str(),
-            code: said.code,
-            enhanced: &said.enhanced,
-            reason: end.reason,
-            upstream_reply: end.upstream,
-            queue_id: if end.said.code / 100 == 2 {
-                crate::telemetry::queue_id_in(end.upstream)
-            } else {
-                ""
-            },
-            duration: t.started.elapsed(),
-            reverse: self.screen.reverse().unwrap_or_default().to_string(),
-            checks,
-            rcpt_addrs: t.rcpt_addrs.to_vec(),
-            score: t.score,
+            tls: self
+                .tls
+                .as_ref()
+                .map(|t| (t.version.as_str(), t.cipher.as_str())),
+            screen: &self.screen,
         }
-        .emit();
+    }
+}
+
+/// The MTA's queue id in its reply to an accepted message.
+fn queue_id<'a>(said: &Said, upstream: &'a str) -> &'a str {
+    if said.code / 100 == 2 {
+        crate::telemetry::queue_id_in(upstream)
+    } else {
+        ""
     }
 }

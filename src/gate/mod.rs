@@ -1,7 +1,10 @@
 //! What both front doors (the proxy session and the milter conversation)
 //! stand on: the runtime snapshot a reload swaps, the handles every
 //! connection shares, and who is on the other end. Neither door imports
-//! the other; both import this.
+//! the other; both import this. `ledger`: one transaction's record and
+//! its log line, the same for both doors.
+
+pub mod ledger;
 
 use crate::checks::Engine;
 use crate::config::Config;

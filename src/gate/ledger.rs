@@ -1,0 +1,169 @@
+//! One transaction's record, kept the same way by both doors, and the one
+//! place it becomes a log line with its metrics (pingora's single logging
+//! hook). A new log key, or a new way for a transaction to end, is one
+//! edit here.
+
+use super::Door;
+use crate::checks::{Screen, Stage};
+use crate::telemetry::{TxnRecord, Verdict};
+use crate::wire::reply::{Reply, UpstreamReply};
+use std::net::IpAddr;
+use std::time::Instant;
+
+/// The client of a transaction, as either door knows it.
+pub struct Client<'a> {
+    pub door: Door,
+    pub session: &'a str,
+    pub ip: IpAddr,
+    pub helo: &'a str,
+    /// The TLS version and cipher, when the client used TLS.
+    pub tls: Option<(&'a str, &'a str)>,
+    /// What the checks found for this client and transaction.
+    pub screen: &'a Screen,
+}
+
+/// A reply's code and enhanced code, for the log line.
+#[derive(Debug, Clone, Default)]
+pub struct Said {
+    pub code: u16,
+    pub enhanced: String,
+}
+
+impl From<&Reply> for Said {
+    fn from(r: &Reply) -> Said {
+        Said {
+            code: r.code,
+            enhanced: r.enhanced_code().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&UpstreamReply> for Said {
+    fn from(r: &UpstreamReply) -> Said {
+        Said {
+            code: r.code,
+            enhanced: r.enhanced(),
+        }
+    }
+}
+
+/// A recipient refused (by us, or by upstream in proxy mode), remembered
+/// for the log line of a transaction that ends with none accepted.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub said: Said,
+    pub reason: String,
+    /// Upstream's text, when upstream refused it.
+    pub upstream: String,
+}
+
+impl Refusal {
+    /// A refusal of ours.
+    pub fn ours(r: &Reply, reason: String) -> Refusal {
+        Refusal {
+            said: Said::from(r),
+            reason,
+            upstream: String::new(),
+        }
+    }
+}
+
+/// How a transaction ended, for its log line.
+pub struct Ending<'a> {
+    pub verdict: Verdict,
+    pub stage: Stage,
+    pub said: &'a Said,
+    pub reason: &'a str,
+    /// Upstream's final reply (proxy mode), else empty.
+    pub upstream: &'a str,
+    /// The MTA's queue id for an accepted message, else empty.
+    pub queue_id: &'a str,
+    pub size: u64,
+}
+
+/// The record of one transaction, from MAIL to its end.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub mail_from: String,
+    pub started: Instant,
+    /// Summed score of the transaction's latest decision.
+    pub score: f64,
+    /// Recipients accepted.
+    pub rcpts: usize,
+    /// The last recipient refused, to tell reject from tempfail when none
+    /// was accepted.
+    pub last_refusal: Option<Refusal>,
+}
+
+impl Ledger {
+    pub fn new(mail_from: String, started: Instant, score: f64) -> Ledger {
+        Ledger {
+            mail_from,
+            started,
+            score,
+            rcpts: 0,
+            last_refusal: None,
+        }
+    }
+
+    /// The one place a transaction's log line is written (and its metrics
+    /// counted), whichever door it came through.
+    pub fn record(&self, client: &Client<'_>, end: &Ending<'_>) {
+        let (tls_version, tls_cipher) = client.tls.unwrap_or(("", ""));
+        TxnRecord {
+            mode: client.door.mode(),
+            session: client.session,
+            client_ip: client.ip,
+            helo: client.helo,
+            tls: client.tls.is_some(),
+            tls_version,
+            tls_cipher,
+            mail_from: &self.mail_from,
+            rcpt_count: self.rcpts,
+            size: end.size,
+            verdict: end.verdict,
+            stage: end.stage.as_str(),
+            code: end.said.code,
+            enhanced: &end.said.enhanced,
+            reason: end.reason,
+            upstream_reply: end.upstream,
+            queue_id: end.queue_id,
+            duration: self.started.elapsed(),
+            reverse: client.screen.reverse().unwrap_or_default().to_string(),
+            checks: &client.screen.log(),
+            rcpt_addrs: client.screen.rcpts().to_vec(),
+            score: self.score,
+        }
+        .emit();
+    }
+
+    /// Logs a transaction that ended without a final reply (RSET, QUIT, a
+    /// disconnect, a client that stopped reading): as its refusals when
+    /// no recipient was accepted, else abandoned for `why`.
+    /// `size`: what the message had reached, if it had begun.
+    pub fn record_abandoned(&self, client: &Client<'_>, why: &str, size: u64) {
+        let none = Said::default();
+        let reason = format!("client:{why}");
+        let end = match (&self.last_refusal, self.rcpts) {
+            (Some(r), 0) => Ending {
+                verdict: Verdict::from_code(r.said.code),
+                stage: Stage::Rcpt,
+                said: &r.said,
+                reason: &r.reason,
+                upstream: &r.upstream,
+                queue_id: "",
+                size,
+            },
+            _ => Ending {
+                verdict: Verdict::Abandoned,
+                stage: Stage::Rcpt,
+                said: &none,
+                reason: &reason,
+                upstream: "",
+                queue_id: "",
+                size,
+            },
+        };
+        self.record(client, &end);
+    }
+}
