@@ -16,6 +16,7 @@ mod dkim;
 mod dmarc;
 pub mod dnsbl;
 pub mod greylist;
+mod hold;
 mod iprev;
 mod limits;
 pub mod pool;
@@ -24,6 +25,8 @@ pub mod reputation;
 mod rules;
 mod screen;
 mod spf;
+
+pub use hold::Hold;
 
 pub use screen::{DataChecks, Screen, Screened};
 

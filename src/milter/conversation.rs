@@ -12,10 +12,10 @@
 
 use super::headers::{Assembled, fields_of};
 use crate::checks::pool::SharedMessage;
-use crate::checks::{Screen, Screened, Stage};
+use crate::checks::{Hold, Screen, Screened, Stage};
 use crate::gate::ledger::{self, Ending, Ledger, Refusal, Said};
 use crate::gate::{Door, Runtime, Shared, refused_connection};
-use crate::runtime::limits::{Held, Reservation};
+use crate::runtime::limits::Held;
 use crate::telemetry::Verdict;
 use crate::verdict::Decision;
 use crate::wire::milter::{Command, Decoder, Family, Response, VERSION, action, step};
@@ -81,11 +81,9 @@ struct Txn {
     /// A verdict reached at MAIL, delivered at each RCPT.
     doomed: Option<(Reply, String)>,
     message: Assembled,
-    reservation: Reservation,
-    /// Past the size limit or the memory budget: no longer kept.
-    oversized: bool,
-    over_budget: bool,
-    size: u64,
+    /// The message's size, and whether it is kept within the size limit
+    /// and the memory budget (past either, it is read on but not kept).
+    hold: Hold,
 }
 
 /// What to do after a packet.
@@ -338,7 +336,7 @@ impl Conversation {
         let started = Instant::now();
         let verdict = match c.screen.mail(&sender, size).await {
             Screened::Refused { reply, reason } => {
-                let t = Txn::new(sender, started, 0.0, &self.shared);
+                let t = Txn::new(sender, started, 0.0, &self.shared, &c.rt);
                 record(
                     c,
                     &t,
@@ -351,7 +349,7 @@ impl Conversation {
             }
             Screened::Verdict(v) => v,
         };
-        let mut t = Txn::new(sender, started, verdict.score, &self.shared);
+        let mut t = Txn::new(sender, started, verdict.score, &self.shared, &c.rt);
         if let Decision::Reject(r) | Decision::Tempfail(r) = verdict.decision {
             t.doomed = Some((r, verdict.reason));
         }
@@ -391,28 +389,22 @@ impl Conversation {
         let Some(c) = self.client.as_mut() else {
             return;
         };
-        let max = c.rt.cfg.limits.max_message_size.0;
         let Some(t) = c.txn.as_mut() else {
             return;
         };
-        if t.oversized || t.over_budget {
-            // Not kept, but counted: the log line gives the message's
-            // size, as the proxy's does.
+        if !t.hold.keeping() {
+            // Not kept, but counted: the log line gives the message's size.
             let mut unkept = Assembled::default();
             add(&mut unkept);
-            t.size += unkept.len() as u64;
+            t.hold.grew(t.hold.size() + unkept.len() as u64, 0);
             return;
         }
         add(&mut t.message);
-        t.size = t.message.len() as u64;
-        if t.size > max {
-            t.oversized = true;
-        } else if !t.reservation.ensure(t.message.bytes.capacity()) {
-            t.over_budget = true;
-        }
-        if t.oversized || t.over_budget {
+        if !t
+            .hold
+            .grew(t.message.len() as u64, t.message.bytes.capacity())
+        {
             t.message = Assembled::default();
-            t.reservation.release();
         }
     }
 
@@ -427,33 +419,20 @@ impl Conversation {
         let Some(mut t) = c.txn.take() else {
             return vec![Response::Continue];
         };
-        // Rules on the message parse it whole (decoded parts, headers): up
-        // to its size again, held from the budget like the message itself,
-        // as in proxy mode.
-        if !t.oversized
-            && !t.over_budget
-            && c.screen.facts().rules.has_stage(Stage::Data)
-            && !t
-                .reservation
-                .ensure(t.message.bytes.capacity() + t.message.len())
-        {
-            t.over_budget = true;
-        }
-        let local = if let Some((r, reason)) = t.doomed.clone() {
-            Some((r, reason))
-        } else if t.oversized {
-            Some((reply::SIZE_EXCEEDED, "limit:size".to_string()))
-        } else if t.over_budget {
-            Some((reply::OUT_OF_MEMORY, "limit:memory_budget".to_string()))
-        } else {
-            None
+        let parse = c.screen.facts().rules.has_stage(Stage::Data);
+        t.hold
+            .before_checks(parse, t.message.bytes.capacity(), t.message.len());
+        let local = match (&t.doomed, t.hold.refusal()) {
+            (Some((r, reason)), _) => Some((r.clone(), reason.clone())),
+            (None, Some((r, reason))) => Some((r, reason.to_string())),
+            (None, None) => None,
         };
         if let Some((r, reason)) = local {
             record(c, &t, Verdict::from_code(r.code), Stage::Data, &r, &reason);
             return vec![reply_code(&r)];
         }
         let mut fields = std::mem::take(&mut t.message);
-        let reservation = std::mem::replace(&mut t.reservation, self.shared.budget.reservation());
+        let reservation = t.hold.take_reservation();
         let held = Arc::new(Held::new(std::mem::take(&mut fields.bytes), reservation));
         let checked = c.screen.data(&(Arc::clone(&held) as SharedMessage)).await;
         t.ledger.score = checked.outcome.score;
@@ -518,7 +497,7 @@ impl Conversation {
         let Some(t) = c.txn.take() else {
             return;
         };
-        t.ledger.record_abandoned(&c.client(), why, t.size);
+        t.ledger.record_abandoned(&c.client(), why, t.hold.size());
     }
 
     fn end_client(&mut self, why: &str) {
@@ -528,15 +507,13 @@ impl Conversation {
 }
 
 impl Txn {
-    fn new(sender: String, started: Instant, score: f64, shared: &Shared) -> Txn {
+    fn new(sender: String, started: Instant, score: f64, shared: &Shared, rt: &Runtime) -> Txn {
+        let max_size = rt.cfg.limits.max_message_size.0;
         Txn {
             ledger: Ledger::new(sender, started, score),
             doomed: None,
             message: Assembled::default(),
-            reservation: shared.budget.reservation(),
-            oversized: false,
-            over_budget: false,
-            size: 0,
+            hold: Hold::new(max_size, &shared.budget),
         }
     }
 }
@@ -584,7 +561,7 @@ fn record_queued(
             reason,
             upstream: "",
             queue_id,
-            size: t.size,
+            size: t.hold.size(),
         },
     );
 }

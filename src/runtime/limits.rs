@@ -296,6 +296,16 @@ impl Reservation {
         }
     }
 
+    /// Moves what is held into a new reservation (this one then holds
+    /// nothing).
+    pub fn take(&mut self) -> Reservation {
+        let held = std::mem::take(&mut self.held);
+        Reservation {
+            budget: Arc::clone(&self.budget),
+            held,
+        }
+    }
+
     pub fn release(&mut self) {
         if self.held > 0 {
             let left = self.budget.used.fetch_sub(self.held, Ordering::AcqRel) - self.held;

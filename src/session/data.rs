@@ -8,12 +8,9 @@ use crate::runtime::limits::Held;
 /// A message as read from the client, before any check.
 struct Received {
     msg: Vec<u8>,
-    reservation: Reservation,
-    size: u64,
+    /// Its size, and whether it was kept within the size limit and budget.
+    hold: Hold,
     anomalies: crate::wire::data::Anomalies,
-    oversized: bool,
-    /// It did not fit in the memory budget (and was read to its end unkept).
-    over_budget: bool,
 }
 
 impl Session {
@@ -35,7 +32,7 @@ impl Session {
             Ok(r) => r,
             Err(next) => return next,
         };
-        let size = received.size;
+        let size = received.hold.size();
         let refusal = self.local_refusal(&received);
         if let Some((r, reason)) = refusal {
             drop(received);
@@ -46,7 +43,8 @@ impl Session {
         }
         // From here the message is shared with the rule pool; it stays
         // counted against the budget until the last holder lets it go.
-        let msg = Arc::new(Held::new(received.msg, received.reservation));
+        let mut received = received;
+        let msg = Arc::new(Held::new(received.msg, received.hold.take_reservation()));
         let checked = self.screen.data(&(Arc::clone(&msg) as SharedMessage)).await;
         if let Some(t) = self.txn.as_mut() {
             t.ledger.score = checked.outcome.score;
@@ -68,19 +66,17 @@ impl Session {
     /// Err: the session ended meanwhile (closed, timed out, shut down).
     async fn read_message(&mut self) -> Result<Received, Next> {
         let cfg = Arc::clone(&self.rt.cfg);
-        let mut reader = DataReader::new(cfg.limits.max_message_size.0, cfg.smtp.max_line_length);
+        let max = cfg.limits.max_message_size.0;
+        let mut reader = DataReader::new(max, cfg.smtp.max_line_length);
         let mut msg: Vec<u8> = Vec::new();
-        let mut reservation = self.shared.budget.reservation();
-        let mut over_budget = false;
+        let mut hold = Hold::new(max, &self.shared.budget);
         loop {
             let done = self.conn.feed_data(&mut reader, &mut msg);
-            if reader.is_storing() && !reservation.ensure(msg.capacity()) {
-                over_budget = true;
+            if !hold.grew(reader.size(), msg.capacity()) {
                 reader.stop_storing();
-            }
-            if !reader.is_storing() && msg.capacity() > 0 {
-                msg = Vec::new();
-                reservation.release();
+                if msg.capacity() > 0 {
+                    msg = Vec::new();
+                }
             }
             if done {
                 break;
@@ -103,21 +99,12 @@ impl Session {
             return Err(Next::Close);
         }
         self.conn.shrink();
-        // Rules on the message parse it whole (decoded parts, headers): up
-        // to its size again, held from the budget like the message itself.
-        if !over_budget
-            && self.screen.facts().rules.has_stage(Stage::Data)
-            && !reservation.ensure(msg.capacity() + msg.len())
-        {
-            over_budget = true;
-        }
+        let parse = self.screen.facts().rules.has_stage(Stage::Data);
+        hold.before_checks(parse, msg.capacity(), msg.len());
         Ok(Received {
-            size: reader.size(),
             anomalies: reader.anomalies,
-            oversized: reader.oversized(),
-            over_budget,
+            hold,
             msg,
-            reservation,
         })
     }
 
@@ -125,10 +112,8 @@ impl Session {
     /// before any check runs.
     fn local_refusal(&self, m: &Received) -> Option<(Reply, &'static str)> {
         let a = &m.anomalies;
-        if m.oversized {
-            Some((reply::SIZE_EXCEEDED, "limit:size"))
-        } else if m.over_budget {
-            Some((reply::OUT_OF_MEMORY, "limit:memory_budget"))
+        if let Some(refused) = m.hold.refusal() {
+            Some(refused)
         } else if a.nul {
             Some((reply::NUL_IN_DATA, "protocol:nul"))
         } else if a.bare_newline() && self.cfg().smtp.bare_newline == BareNewline::Reject {

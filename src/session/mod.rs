@@ -39,11 +39,10 @@
 //! goes through it (or through `finish_txn` plus upstream's own end).
 
 use crate::checks::pool::SharedMessage;
-use crate::checks::{Screen, Screened, Stage};
+use crate::checks::{Hold, Screen, Screened, Stage};
 use crate::config::{BareNewline, Config};
 use crate::gate::{Door, Peer, Runtime, Shared, refused_connection};
 use crate::runtime::Stream;
-use crate::runtime::limits::Reservation;
 use crate::runtime::shutdown::{Phase, ShutdownSignal};
 mod conn;
 mod data;
