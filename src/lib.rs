@@ -15,7 +15,8 @@
 //!   stage, relaying through `upstream`; and a milter for Postfix or
 //!   Sendmail. Both drive a `checks::Screen`.
 //! - `gate`: what both doors stand on: the runtime snapshot a reload swaps,
-//!   the shared handles, the peer.
+//!   the shared handles, the peer, and `gate::ledger`, one transaction's
+//!   record and its one log line.
 //! - `checks`: the one check engine (a `Check` per file: limits, DNSBL,
 //!   iprev, SPF, DKIM, DMARC, ARC, rules, our headers) and the sans-IO
 //!   `Screen` every front door drives; `upstream`: the SMTP client to the

@@ -23,52 +23,82 @@ struct Gate {
     _child: Killed,
     smtp: SocketAddr,
     metrics: SocketAddr,
+    /// The milter listener's address, when `extra` named `MILTER_PORT`.
+    milter: SocketAddr,
     log: PathBuf,
     pid: u32,
 }
 
 impl Gate {
+    /// `extra` may name `MILTER_PORT`: a free port for a milter listener.
+    /// A port handed out free can be taken before the gate binds it (by a
+    /// test's own client connections): then the gate exits, and is started
+    /// again on other ports, up to 5 times.
     async fn start(name: &str, upstream: SocketAddr, extra: &str, nofile: Option<&str>) -> Gate {
         let dir =
             std::env::temp_dir().join(format!("portcullis-defaults-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let (port, mport) = (common::free_port(), common::free_port());
-        let yaml = format!(
-            "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: {upstream}, client_identity: xclient}}\nmetrics: {{listen: 127.0.0.1:{mport}}}\nrules_dir: {EMPTY_RULES}\n{NO_CHECKS}{extra}"
-        );
-        let cfg = dir.join("gate.yaml");
-        std::fs::write(&cfg, yaml).unwrap();
-        let log = dir.join("gate.log");
-        // PORTCULLIS_BIN: another build to measure (a release, an older one).
-        let bin = std::env::var("PORTCULLIS_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portcullis").to_string());
-        let mut cmd = match nofile {
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}")).arg("--").arg(&bin);
-                c
+        for _ in 0..5 {
+            let (port, mport, milter) = (
+                common::free_port(),
+                common::free_port(),
+                common::free_port(),
+            );
+            let extra = extra.replace("MILTER_PORT", &milter.to_string());
+            let yaml = format!(
+                "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:{port}}}]\nupstream: {{addr: {upstream}, client_identity: xclient}}\nmetrics: {{listen: 127.0.0.1:{mport}}}\nrules_dir: {EMPTY_RULES}\n{NO_CHECKS}{extra}"
+            );
+            let cfg = dir.join("gate.yaml");
+            std::fs::write(&cfg, yaml).unwrap();
+            let log = dir.join("gate.log");
+            // PORTCULLIS_BIN: another build to measure (a release, an older one).
+            let bin = std::env::var("PORTCULLIS_BIN")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portcullis").to_string());
+            let mut cmd = match nofile {
+                Some(n) => {
+                    let mut c = Command::new("prlimit");
+                    c.arg(format!("--nofile={n}")).arg("--").arg(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            let child = cmd
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let mut child = Killed(child);
+            let (smtp, metrics) = (
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                SocketAddr::from(([127, 0, 0, 1], mport)),
+            );
+            let until = Instant::now() + Duration::from_secs(20);
+            loop {
+                if tokio::net::TcpStream::connect(smtp).await.is_ok()
+                    && tokio::net::TcpStream::connect(metrics).await.is_ok()
+                {
+                    return Gate {
+                        _child: child,
+                        smtp,
+                        metrics,
+                        milter: SocketAddr::from(([127, 0, 0, 1], milter)),
+                        log,
+                        pid,
+                    };
+                }
+                if child.0.try_wait().unwrap().is_some() {
+                    println!("the gate exited at start (a port taken?): trying other ports");
+                    break;
+                }
+                assert!(Instant::now() < until, "the gate does not listen");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            None => Command::new(&bin),
-        };
-        let child = cmd
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let child = Killed(child);
-        let smtp = common::listening(port).await;
-        let metrics = common::listening(mport).await;
-        Gate {
-            _child: child,
-            smtp,
-            metrics,
-            log,
-            pid,
         }
+        panic!("the gate did not start in 5 tries");
     }
 
     fn log(&self) -> String {
@@ -484,19 +514,16 @@ async fn idle_milter_connections_past_the_descriptors_starve_no_listener() {
     let _serial = SERIAL.lock().await;
     let _ = rlimit::increase_nofile_limit(20_000);
     let mta = FakeMta::start(Script::default()).await;
-    let mport = common::free_port();
     // The milter's limits written larger than the descriptors allow (the
     // start-up log says so), its per-address limit left below them.
     let gate = Gate::start(
         "milterfd",
         mta.addr,
-        &format!(
-            "milter: {{listen: [127.0.0.1:{mport}], max_connections: 5000, max_connections_per_ip: 600}}\n"
-        ),
+        "milter: {listen: [127.0.0.1:MILTER_PORT], max_connections: 5000, max_connections_per_ip: 600}\n",
         Some("1024"),
     )
     .await;
-    let milter = SocketAddr::from(([127, 0, 0, 1], mport));
+    let (milter, mport) = (gate.milter, gate.milter.port());
     assert!(common::eventually(|| gate.log().contains("the process may open 1024")).await);
     let before = (gate.rss_kib(), gate.descriptors());
 
@@ -622,15 +649,14 @@ async fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
 async fn a_milter_connection_that_never_negotiates_is_closed_in_seconds() {
     let _serial = SERIAL.lock().await;
     let mta = FakeMta::start(Script::default()).await;
-    let mport = common::free_port();
-    let _gate = Gate::start(
+    let gate = Gate::start(
         "negotiate",
         mta.addr,
-        &format!("milter: {{listen: [127.0.0.1:{mport}]}}\n"),
+        "milter: {listen: [127.0.0.1:MILTER_PORT]}\n",
         None,
     )
     .await;
-    let milter = SocketAddr::from(([127, 0, 0, 1], mport));
+    let milter = gate.milter;
     let started = Instant::now();
     let silent = milter_conn(
         milter,
@@ -773,12 +799,9 @@ async fn idle_milter_connections_cost_what_idle_smtp_sessions_cost() {
     let _serial = SERIAL.lock().await;
     let _ = rlimit::increase_nofile_limit(20_000);
     let mta = FakeMta::start(Script::default()).await;
-    let mport = common::free_port();
     // Room for the measure (limits only; the timeouts as shipped).
-    let config = format!(
-        "limits: {{max_connections: 3000, max_connections_per_ip: 3000, max_connections_per_network: 3000}}\nmilter: {{listen: [127.0.0.1:{mport}], max_connections: 3000, max_connections_per_ip: 3000}}\n"
-    );
-    let gate = Gate::start("rss", mta.addr, &config, None).await;
+    let config = "limits: {max_connections: 3000, max_connections_per_ip: 3000, max_connections_per_network: 3000}\nmilter: {listen: [127.0.0.1:MILTER_PORT], max_connections: 3000, max_connections_per_ip: 3000}\n";
+    let gate = Gate::start("rss", mta.addr, config, None).await;
     let n = 1000;
     let idle = gate.rss_kib();
     let smtp_session = |_| async {
@@ -809,8 +832,8 @@ async fn idle_milter_connections_cost_what_idle_smtp_sessions_cost() {
     }
     // A fresh gate: the first one's freed heap would flatter the second.
     drop(gate);
-    let gate = Gate::start("rss-milter", mta.addr, &config, None).await;
-    let milter = SocketAddr::from(([127, 0, 0, 1], mport));
+    let gate = Gate::start("rss-milter", mta.addr, config, None).await;
+    let milter = gate.milter;
     let (milter_each, milter_peak, conns) = rss_per_connection(&gate, n, |_| async {
         match milter_conn(
             milter,
