@@ -17,13 +17,16 @@
 //! - `gate`: what both doors stand on: the runtime snapshot a reload swaps,
 //!   the shared handles, the peer, and `gate::ledger`, one transaction's
 //!   record and its one log line.
-//! - `checks`: the one check engine (a `Check` per file: limits, DNSBL,
-//!   iprev, SPF, DKIM, DMARC, ARC, rules, our headers) and the sans-IO
-//!   `Screen` every front door drives; `upstream`: the SMTP client to the
-//!   MTA (capability probe, relay).
+//! - `checks`: the one check engine (a `Check` per file: limits, rate
+//!   limits, greylisting, reputation, DNSBL, iprev, SPF, DKIM, DMARC, ARC,
+//!   rules, our headers), the sans-IO `Screen` every front door drives, and
+//!   `Hold`, a message held within the size limit and memory budget;
+//!   `upstream`: the SMTP client to the MTA (capability probe, relay).
 //! - `rules`: the administrators' YAML rules, compiled and reloadable;
 //!   `verdict`: findings -> accept / tag / tempfail / reject, and replies.
-//! - `dns`: the resolver (configured nameservers only), caches, health.
+//! - `dns`: the resolver (configured nameservers only), caches, health;
+//!   `state`: the store (embedded, or Redis/Valkey) behind greylisting,
+//!   rate limits and reputation.
 //! - `runtime`: shutdown phases, connection limits, memory budget, streams,
 //!   descriptors and each listener's accept health.
 //! - `telemetry`: log set-up, every log event with its metrics, HTTP.

@@ -22,10 +22,6 @@ impl ArcCheck {
 }
 
 impl Check for ArcCheck {
-    fn name(&self) -> &'static str {
-        "arc"
-    }
-
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             if self.cfg.mode == Mode::Off || m.parsed.arc_seals().is_empty() {

@@ -28,10 +28,6 @@ impl AuthResults {
 }
 
 impl Check for AuthResults {
-    fn name(&self) -> &'static str {
-        "auth_results"
-    }
-
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         let (ip, helo, sender) = (f.client.ip, &f.client.helo, &f.txn.sender);
         let mut results = AuthenticationResults::new(&self.hostname);

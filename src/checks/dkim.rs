@@ -27,10 +27,6 @@ impl Dkim {
 }
 
 impl Check for Dkim {
-    fn name(&self) -> &'static str {
-        "dkim"
-    }
-
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             if self.cfg.mode == Mode::Off && !self.for_dmarc {

@@ -26,10 +26,6 @@ impl Dmarc {
 }
 
 impl Check for Dmarc {
-    fn name(&self) -> &'static str {
-        "dmarc"
-    }
-
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             let Some(spf) = f

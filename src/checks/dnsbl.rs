@@ -283,10 +283,6 @@ impl DnsblCheck {
 }
 
 impl Check for DnsblCheck {
-    fn name(&self) -> &'static str {
-        "dnsbl"
-    }
-
     fn start(&self, client: &Client, pending: &mut Pending) {
         if self.on() && !client.dnsbl_known_good && self.dnsbl.ip_zones().next().is_some() {
             let (bl, ip) = (Arc::clone(&self.dnsbl), client.ip);

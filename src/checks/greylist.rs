@@ -159,10 +159,6 @@ impl Greylist {
 }
 
 impl Check for Greylist {
-    fn name(&self) -> &'static str {
-        "greylist"
-    }
-
     fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
         if self.cfg.mode == Mode::Off {
             return done();

@@ -38,10 +38,6 @@ pub fn start_lookup(dns: &Arc<Dns>, client: &Client, pending: &mut Pending) {
 }
 
 impl Check for Iprev {
-    fn name(&self) -> &'static str {
-        "iprev"
-    }
-
     fn start(&self, client: &Client, pending: &mut Pending) {
         if self.cfg.mode != Mode::Off {
             pending.iprev_is_check = true;

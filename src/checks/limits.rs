@@ -33,10 +33,6 @@ impl Limits {
 }
 
 impl Check for Limits {
-    fn name(&self) -> &'static str {
-        "limits"
-    }
-
     fn always(&self) -> bool {
         true
     }

@@ -69,8 +69,6 @@ pub fn done<'a>() -> Hook<'a> {
 /// identity, HELO rules), and no DNS work is spent on clients that never
 /// send MAIL.
 pub trait Check: Send + Sync {
-    fn name(&self) -> &'static str;
-
     /// Runs for allow-listed clients and senders too (size and count limits).
     fn always(&self) -> bool {
         false

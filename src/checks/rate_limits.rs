@@ -251,10 +251,6 @@ fn key_of(key: RateKey, f: &Facts) -> Option<String> {
 }
 
 impl Check for RateLimits {
-    fn name(&self) -> &'static str {
-        "rate_limits"
-    }
-
     fn admit<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
         self.refuse_now(f, RateCount::Connections)
     }

@@ -52,10 +52,6 @@ impl Facts {
 }
 
 impl Check for RuleCheck {
-    fn name(&self) -> &'static str {
-        "rules"
-    }
-
     fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
         let mut hits = Vec::new();
         for stage in [Stage::Connect, Stage::Helo, Stage::Mail] {

@@ -104,10 +104,6 @@ impl Spf {
 }
 
 impl Check for Spf {
-    fn name(&self) -> &'static str {
-        "spf"
-    }
-
     fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
         Box::pin(async move {
             if self.cfg.mode == Mode::Off {

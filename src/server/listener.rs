@@ -141,7 +141,7 @@ async fn connection(
             .await;
             return;
         }
-        match proxy_in::read(&mut sock, wait).await {
+        match proxy_header::read(&mut sock, wait).await {
             Ok(p) => (
                 p.source.unwrap_or(peer),
                 p.destination.unwrap_or(local),

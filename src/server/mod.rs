@@ -4,7 +4,7 @@
 mod listener;
 mod milter_in;
 pub mod notify;
-pub mod proxy_in;
+pub mod proxy_header;
 mod reload;
 mod status;
 pub mod tls;

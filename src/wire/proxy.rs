@@ -1,5 +1,5 @@
 //! The PROXY v1/v2 header from a trusted load balancer, parsed (sans-IO;
-//! `server::proxy_in` reads it from the socket).
+//! `server::proxy_header` reads it from the socket).
 
 use std::net::SocketAddr;
 use std::time::Duration;
