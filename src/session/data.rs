@@ -28,7 +28,7 @@ impl Session {
             return self.error(reply::NEED_RCPT);
         }
         self.reply(&reply::START_DATA);
-        let received = match self.read_message().await {
+        let mut received = match self.read_message().await {
             Ok(r) => r,
             Err(next) => return next,
         };
@@ -43,7 +43,6 @@ impl Session {
         }
         // From here the message is shared with the rule pool; it stays
         // counted against the budget until the last holder lets it go.
-        let mut received = received;
         let msg = Arc::new(Held::new(received.msg, received.hold.take_reservation()));
         let checked = self.screen.data(&(Arc::clone(&msg) as SharedMessage)).await;
         if let Some(t) = self.txn.as_mut() {
