@@ -100,3 +100,34 @@ pub fn refused_connection(door: Door, session: &str, client_ip: IpAddr, r: &Repl
     }
     .emit();
 }
+
+/// A gate's shared handles with no listener, for the doors' unit tests:
+/// the config given (DNS checks off unless it says otherwise) and the rules
+/// in `rules` (one YAML file's text).
+#[cfg(test)]
+pub(crate) fn shared_for_tests(yaml: &str, rules: &str) -> Arc<Shared> {
+    use crate::state::{Store, SystemClock};
+    use std::path::{Path, PathBuf};
+    let cfg =
+        Arc::new(Config::parse(yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}")));
+    let set = RuleSet::load_texts(Path::new("."), &[(PathBuf::from("r.yaml"), rules)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let watcher = Rules::new(PathBuf::from("."), set, Vec::new());
+    let set = watcher.current();
+    let store = Arc::new(Store::in_memory(1000, Arc::new(SystemClock)));
+    let dns = crate::dns::Dns::new(&cfg.dns).unwrap_or_else(|e| panic!("{e}"));
+    let runtime = Runtime {
+        engine: Arc::new(Engine::new(&cfg, dns, Arc::clone(&store))),
+        rules: Arc::clone(&set),
+        tls: None,
+        cfg: Arc::clone(&cfg),
+    };
+    Arc::new(Shared {
+        runtime: ArcSwap::from_pointee(runtime),
+        upstream: Arc::new(Upstream::new(&cfg).unwrap_or_else(|e| panic!("{e}"))),
+        budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
+        limits: ConnectionLimits::new(crate::runtime::limits::ConnectionBounds::of(&cfg)),
+        rules: watcher,
+        store,
+    })
+}

@@ -8,9 +8,50 @@
 //! Not in this mode: the greeting test (the MTA greets, not us), and
 //! anything upstream-related. A local submission (no client address) is
 //! accepted unchecked; so is a client the MTA authenticated.
+//!
+//! # States
+//!
+//! One MTA connection (`conn.rs`) first agrees the options (OPTNEG, within
+//! `milter.negotiate_timeout`; then each packet within `milter.timeout`),
+//! then carries one SMTP session after another. `Conversation::state` is
+//! the SMTP session; `Client::txn` its transaction, as in the proxy
+//! session's table.
+//!
+//! | state       | holds                                   | packets that act (others: Continue, or no reply where agreed) |
+//! |-------------|-----------------------------------------|----------------------------------------------------------------|
+//! | `Idle`      | nothing                                 | CONNECT                                                        |
+//! | `Settled`   | nothing: the MTA decides the rest        | CONNECT (a new session), QUIT_NC                               |
+//! | `Screening` | `Client`, no `txn`                      | CONNECT, HELO, MAIL, QUIT_NC                                   |
+//! | `Screening` | `TxnPhase::Open`                        | the above, RCPT (checked), header, body, end of message, ABORT |
+//! | `Screening` | `TxnPhase::Doomed`                      | the above, RCPT (refused with the MAIL verdict)                |
+//!
+//! | packet         | file         | in `Screening`                                                        |
+//! |----------------|--------------|-----------------------------------------------------------------------|
+//! | OPTNEG, macros | conversation | the actions and steps agreed; macros kept for the connection          |
+//! | CONNECT        | connect      | admission and connect checks: `Screening`, or refused to `Settled`    |
+//! | HELO           | connect      | the name and TLS (macros) for the checks                              |
+//! | MAIL           | mail         | the MAIL checks: refused now, or a `Txn` (`Open` or `Doomed`)         |
+//! | RCPT           | rcpt         | the MAIL verdict, or the RCPT checks                                  |
+//! | header, body   | message      | the message kept within `checks::Hold`                                |
+//! | end of message | message      | the DATA checks: our reply, or accepted with header edits             |
+//!
+//! Transitions that end a transaction (`txn.rs`; each logs one line):
+//!
+//! | event                                   | logged as                           |
+//! |-----------------------------------------|-------------------------------------|
+//! | end of message                          | its verdict                         |
+//! | MAIL (a new transaction), ABORT         | abandoned, `rset` (or its refusals) |
+//! | CONNECT, QUIT_NC                        | abandoned, `quit`                   |
+//! | QUIT, disconnect, timeout, protocol     | abandoned, for that reason          |
 
+mod conn;
+mod connect;
 mod conversation;
 mod headers;
+mod mail;
+mod message;
+mod rcpt;
+mod txn;
 
 pub use conversation::Conversation;
 
@@ -26,3 +67,6 @@ where
 {
     Conversation::new(id, shared).run(io).await;
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,72 @@
+//! MAIL: the sender's checks; refused now (logged), or a transaction,
+//! open or doomed by a verdict delivered at each RCPT.
+
+use super::conversation::Conversation;
+use super::txn::{Txn, TxnPhase, reply_code};
+use crate::checks::{Screened, Stage};
+use crate::telemetry::Verdict;
+use crate::verdict::Decision;
+use crate::wire::milter::Response;
+use std::time::Instant;
+
+impl Conversation {
+    pub(super) async fn mail(&mut self, args: &[Vec<u8>]) -> Response {
+        self.abandon("rset");
+        let authenticated = self.macro_value("{auth_authen}").is_some();
+        let budget = std::sync::Arc::clone(&self.shared.budget);
+        let Some(c) = self.screening() else {
+            return Response::Continue;
+        };
+        if authenticated {
+            c.screen.allow_client();
+        }
+        let sender = address(args.first().map_or(&[][..], Vec::as_slice));
+        let size = args.iter().skip(1).find_map(|a| {
+            let a = String::from_utf8_lossy(a);
+            let (k, v) = a.split_once('=')?;
+            k.eq_ignore_ascii_case("SIZE")
+                .then(|| v.parse::<u64>().ok())?
+        });
+        let started = Instant::now();
+        let max_size = c.rt.cfg.limits.max_message_size.0;
+        let verdict = match c.screen.mail(&sender, size).await {
+            Screened::Refused { reply, reason } => {
+                let t = Txn::new(sender, started, 0.0, TxnPhase::Open, max_size, &budget);
+                t.record(
+                    c,
+                    Verdict::from_code(reply.code),
+                    Stage::Mail,
+                    &reply,
+                    &reason,
+                );
+                return reply_code(&reply);
+            }
+            Screened::Verdict(v) => v,
+        };
+        let phase = match verdict.decision {
+            Decision::Reject(reply) | Decision::Tempfail(reply) => TxnPhase::Doomed {
+                reply,
+                reason: verdict.reason,
+            },
+            _ => TxnPhase::Open,
+        };
+        c.txn = Some(Txn::new(
+            sender,
+            started,
+            verdict.score,
+            phase,
+            max_size,
+            &budget,
+        ));
+        Response::Continue
+    }
+}
+
+/// A path as the MTA sends it (`<a@b>`), without the brackets.
+pub(super) fn address(arg: &[u8]) -> String {
+    let s = String::from_utf8_lossy(arg);
+    s.trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_string()
+}

@@ -1,0 +1,36 @@
+//! RCPT: the MAIL verdict of a doomed transaction, or the recipient's
+//! checks.
+
+use super::conversation::Conversation;
+use super::mail::address;
+use super::txn::{TxnPhase, reply_code};
+use crate::gate::ledger::Refusal;
+use crate::wire::milter::Response;
+
+impl Conversation {
+    pub(super) async fn rcpt(&mut self, args: &[Vec<u8>]) -> Response {
+        let Some(c) = self.screening() else {
+            return Response::Continue;
+        };
+        let Some(t) = c.txn.as_mut() else {
+            return Response::Continue;
+        };
+        let rcpt = address(args.first().map_or(&[][..], Vec::as_slice));
+        let refusal = match &t.phase {
+            TxnPhase::Doomed { reply, reason } => Some((reply.clone(), reason.clone())),
+            TxnPhase::Open => c.screen.rcpt(&rcpt).await,
+        };
+        match refusal {
+            Some((r, reason)) => {
+                let answer = reply_code(&r);
+                t.ledger.last_refusal = Some(Refusal::ours(&r, reason));
+                answer
+            }
+            None => {
+                t.ledger.rcpts += 1;
+                c.screen.rcpt_accepted(&rcpt);
+                Response::Continue
+            }
+        }
+    }
+}
