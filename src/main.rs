@@ -163,51 +163,15 @@ fn main() -> ExitCode {
             out!("{}", String::from_utf8_lossy(&out));
             ExitCode::SUCCESS
         }
-        Cmd::Check { config } => match Config::load(config.as_deref()) {
-            Ok(c) => match portcullis::rules::load(&c) {
-                Ok(rules) => {
-                    let problems = portcullis::server::preflight(&c);
-                    if !problems.is_empty() {
-                        for p in &problems {
-                            eprintln!("{p}");
-                        }
-                        return ExitCode::FAILURE;
-                    }
-                    if c.listen.is_empty() {
-                        outln!(
-                            "config ok: milter only, {} milter listener(s)",
-                            c.milter.listen.len()
-                        );
-                    } else {
-                        outln!(
-                            "config ok: {} listener(s), upstream {}, {} milter listener(s)",
-                            c.listen.len(),
-                            c.upstream.addr,
-                            c.milter.listen.len()
-                        );
-                    }
-                    if let Some(w) = portcullis::server::descriptor_warning(&c) {
-                        outln!("warning: {w}");
-                    }
-                    let set = rules.current();
-                    outln!("rules directory: {}", rules.dir().display());
-                    if set.rules().is_empty() {
-                        outln!(
-                            "warning: no rules loaded from {} (set rules_dir)",
-                            rules.dir().display()
-                        );
-                    }
-                    out!("rules ok: {}", set.summary());
-                    sample_evaluation(&set, &c);
-                    ExitCode::SUCCESS
+        Cmd::Check { config } => match portcullis::cli::check::check(config.as_deref()) {
+            Ok(report) => {
+                out!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{p}");
                 }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Err(e) => {
-                eprintln!("{e}");
                 ExitCode::FAILURE
             }
         },
@@ -288,38 +252,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// The lines of the logs named (plain or gzip), or of standard input.
-fn log_lines(files: &[PathBuf]) -> anyhow::Result<impl Iterator<Item = String>> {
-    use std::io::{BufRead, BufReader, Read};
-    let mut readers: Vec<Box<dyn Read>> = Vec::new();
-    if files.is_empty() {
-        readers.push(Box::new(std::io::stdin()));
-    }
-    for f in files {
-        let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
-        if f.extension().is_some_and(|e| e == "gz") {
-            readers.push(Box::new(flate2::read::MultiGzDecoder::new(file)));
-        } else {
-            readers.push(Box::new(file));
-        }
-    }
-    Ok(readers
-        .into_iter()
-        .flat_map(|r| BufReader::new(r).lines().map_while(Result::ok)))
-}
-
 /// Two passes over the files (a queue id is logged at the end of its
 /// session); standard input is read once and held.
 fn trace(id: &str, files: &[PathBuf]) -> anyhow::Result<String> {
-    use portcullis::cli::{stats::PrefixClock, trace};
+    use portcullis::cli::{logs::PrefixClock, trace};
     let clock = PrefixClock::system();
     let lines = if files.is_empty() {
-        let all: Vec<String> = log_lines(files)?.collect();
+        let all: Vec<String> = portcullis::cli::logs::log_lines(files)?.collect();
         let sessions = trace::sessions_of(id, all.iter().cloned(), &clock);
         trace::lines_of(&sessions, all.into_iter(), &clock)
     } else {
-        let sessions = trace::sessions_of(id, log_lines(files)?, &clock);
-        trace::lines_of(&sessions, log_lines(files)?, &clock)
+        let sessions = trace::sessions_of(id, portcullis::cli::logs::log_lines(files)?, &clock);
+        trace::lines_of(&sessions, portcullis::cli::logs::log_lines(files)?, &clock)
     };
     if lines.is_empty() {
         anyhow::bail!("no session or queue id {id:?} in the log");
@@ -334,7 +278,7 @@ fn stats(
     json: bool,
     html: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let lines = log_lines(&files)?;
+    let lines = portcullis::cli::logs::log_lines(&files)?;
     let now = std::time::SystemTime::now();
     let when = |t: Option<String>| -> anyhow::Result<Option<String>> {
         t.map(|t| portcullis::cli::stats::resolve_time(&t, now).map_err(anyhow::Error::msg))
@@ -361,15 +305,7 @@ fn stats(
     }
     if report.lines == 0 {
         // A silent zero would read as "nothing was refused".
-        let input = if files.is_empty() {
-            "standard input".to_string()
-        } else {
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let input = portcullis::cli::logs::input_name(&files);
         anyhow::bail!(
             "no Portcullis log lines in {input} (transaction or refused events; from journald use `journalctl -u portcullis -o cat` or `-o short`)"
         );
@@ -388,7 +324,6 @@ fn stats(
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config.as_deref())?;
-    let config = config.clone();
     let log_target = portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
     portcullis::server::raise_descriptors(&cfg);
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -408,30 +343,12 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             // Logged as an error, naming upstream, by the probe itself.
             Err(_) => {}
         }
-        let reloader = server.tls_reloader();
-        let config_reloader = server.config_reloader();
-        let config_path = config.clone();
-        let rules = server.rules();
         // Rules also reload on file changes, debounced.
-        rules.watch(std::time::Duration::from_millis(500));
+        server.rules().watch(std::time::Duration::from_millis(500));
+        let hangup = server.on_hangup(log_target, config);
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                notify::reloading();
-                if let Err(e) = log_target.reopen() {
-                    tracing::error!(error = %e, "SIGHUP: cannot reopen the log file");
-                }
-                let _ = rules.reload();
-                // The config reload rebuilds the certificate too.
-                match &config_path {
-                    Some(p) => {
-                        let _ = config_reloader.reload(p).await;
-                    }
-                    None => match reloader.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
-                    },
-                }
-                notify::ready();
+                hangup.reload().await;
             }
         });
         for a in server.local_addrs() {
@@ -460,36 +377,5 @@ async fn shutdown_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-/// Times the message rules on a sample 100 KB message, as `check`'s
-/// warning about a rule set too slow for the gate.
-fn sample_evaluation(set: &portcullis::rules::RuleSet, c: &Config) {
-    use portcullis::rules::{MessageFacts, OwnedInput, Stage};
-    if !set.has_stage(Stage::Data) {
-        return;
-    }
-    let mut sample =
-        String::from("From: a@example.com\r\nTo: b@example.net\r\nSubject: sample\r\n\r\n");
-    let mut i = 0;
-    while sample.len() < 100 * 1024 {
-        sample.push_str(&format!(
-            "Line {i} of an ordinary message, with words, numbers 12345 and a link http://example.com/{i}\r\n"
-        ));
-        i += 1;
-    }
-    let start = std::time::Instant::now();
-    let parsed = MessageFacts::parse(sample.as_bytes());
-    let facts = OwnedInput::default();
-    let _ = set.evaluate(Stage::Data, &facts.view(Some(&parsed)));
-    let took = start.elapsed();
-    outln!("rules: a 100 KB sample message takes {took:.1?}");
-    let budget = c.checks.message_rules.budget.0;
-    if took * 10 > budget || took > std::time::Duration::from_millis(250) {
-        outln!(
-            "warning: the message rules are slow ({took:.1?} per 100 KB; budget {budget:?} per message): \
-             larger messages may be tempfailed (checks.message_rules)"
-        );
     }
 }

@@ -3,7 +3,7 @@
 //! relayed (`queue_id`, what Postfix logs as "queued as"), with what each
 //! transaction's checks and rules found and scored.
 
-use super::stats::{PrefixClock, read_fields};
+use super::logs::{PrefixClock, read_fields};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 

@@ -10,7 +10,7 @@ mod status;
 pub mod tls;
 
 use listener::{accept_loop, bind};
-pub use reload::{ConfigReloader, Reloaded, TlsReloader};
+pub use reload::{ConfigReloader, OnHangup, Reloaded, TlsReloader};
 use status::StatusPage;
 
 use crate::checks::Engine;
@@ -198,6 +198,22 @@ impl Server {
     /// use them; on error the old ones stay in force.
     pub fn tls_reloader(&self) -> TlsReloader {
         TlsReloader(Arc::clone(&self.shared))
+    }
+
+    /// What SIGHUP does, for the log file given and the config file the
+    /// gate was started with (if any).
+    pub fn on_hangup(
+        &self,
+        log: crate::telemetry::LogTarget,
+        config_path: Option<std::path::PathBuf>,
+    ) -> OnHangup {
+        OnHangup {
+            log,
+            rules: self.rules(),
+            config: self.config_reloader(),
+            tls: self.tls_reloader(),
+            config_path,
+        }
     }
 
     /// Serves until `stop` resolves, then drains: no new connections,

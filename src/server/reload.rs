@@ -106,3 +106,39 @@ impl TlsReloader {
         Ok(())
     }
 }
+
+/// What SIGHUP reloads, in order: the log file reopened, the rules, then
+/// the config file (which rebuilds the certificate too) or, without one,
+/// the certificate alone; systemd is told RELOADING=1 and READY=1 around it.
+pub struct OnHangup {
+    pub log: crate::telemetry::LogTarget,
+    pub rules: Arc<Rules>,
+    pub config: ConfigReloader,
+    pub tls: TlsReloader,
+    /// The config file, when the gate was started with one.
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+impl OnHangup {
+    pub async fn reload(&self) {
+        notify::reloading();
+        if let Err(e) = self.log.reopen() {
+            tracing::error!(error = %e, "SIGHUP: cannot reopen the log file");
+        }
+        // A failed rules reload keeps the old rules and logs why.
+        let _ = self.rules.reload();
+        match &self.config_path {
+            // Logged, applied or not, by the reloader itself.
+            Some(p) => {
+                let _ = self.config.reload(p).await;
+            }
+            None => match self.tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate")
+                }
+            },
+        }
+        notify::ready();
+    }
+}
