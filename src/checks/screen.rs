@@ -167,12 +167,14 @@ impl Screen {
             };
             let mut enforced = found.findings.clone();
             enforced[i].action = action;
+            // Read back by `stats` with `Verdict::parse`.
             let word = match verdict::decide(&enforced, t).decision {
-                Decision::Reject(_) => "reject",
-                Decision::Tempfail(_) => "tempfail",
-                Decision::Tag => "tag",
-                Decision::Accept => "accept",
-            };
+                Decision::Reject(_) => crate::telemetry::Verdict::Reject,
+                Decision::Tempfail(_) => crate::telemetry::Verdict::Tempfail,
+                Decision::Tag => crate::telemetry::Verdict::Tag,
+                Decision::Accept => crate::telemetry::Verdict::Accept,
+            }
+            .as_str();
             log.would.push(format!("{}={word}", f.reason));
         }
         log

@@ -4,6 +4,7 @@
 //! transaction's checks and rules found and scored.
 
 use super::logs::{PrefixClock, read_fields};
+use crate::telemetry::{event_name, key};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
@@ -26,10 +27,10 @@ pub fn sessions_of(
         let Some((_, f)) = read_fields(&raw, clock) else {
             continue;
         };
-        let Some(session) = f.get("session") else {
+        let Some(session) = f.get(key::SESSION) else {
             continue;
         };
-        if session == id || f.get("queue_id").is_some_and(|q| q == id) {
+        if session == id || f.get(key::QUEUE_ID).is_some_and(|q| q == id) {
             found.insert(session.clone());
         }
     }
@@ -46,11 +47,11 @@ pub fn lines_of(
 ) -> Vec<Traced> {
     let mut out: Vec<Traced> = lines
         .filter_map(|raw| read_fields(&raw, clock))
-        .filter(|(_, f)| f.get("session").is_some_and(|s| sessions.contains(s)))
+        .filter(|(_, f)| f.get(key::SESSION).is_some_and(|s| sessions.contains(s)))
         .map(|(time, fields)| Traced { time, fields })
         .collect();
     out.sort_by(|a, b| {
-        (&a.fields.get("session"), &a.time).cmp(&(&b.fields.get("session"), &b.time))
+        (&a.fields.get(key::SESSION), &a.time).cmp(&(&b.fields.get(key::SESSION), &b.time))
     });
     out
 }
@@ -61,38 +62,38 @@ const SHOWN: &[&str] = &[
     "ts",
     "level",
     "target",
-    "event",
-    "session",
-    "mode",
-    "client_ip",
-    "helo",
-    "mail_from",
-    "rcpt_count",
-    "size",
-    "verdict",
-    "stage",
-    "code",
-    "enhanced",
-    "reason",
-    "upstream_reply",
-    "queue_id",
-    "duration_ms",
-    "spf",
-    "dkim",
-    "dmarc",
-    "arc",
-    "iprev",
-    "reverse",
-    "dnsbl",
-    "rules",
-    "hits",
-    "would",
-    "score",
-    "greylist",
-    "rate_limit",
-    "tls",
-    "tls_version",
-    "tls_cipher",
+    key::EVENT,
+    key::SESSION,
+    key::MODE,
+    key::CLIENT_IP,
+    key::HELO,
+    key::MAIL_FROM,
+    key::RCPT_COUNT,
+    key::SIZE,
+    key::VERDICT,
+    key::STAGE,
+    key::CODE,
+    key::ENHANCED,
+    key::REASON,
+    key::UPSTREAM_REPLY,
+    key::QUEUE_ID,
+    key::DURATION_MS,
+    key::SPF,
+    key::DKIM,
+    key::DMARC,
+    key::ARC,
+    key::IPREV,
+    key::REVERSE,
+    key::DNSBL,
+    key::RULES,
+    key::HITS,
+    key::WOULD,
+    key::SCORE,
+    key::GREYLIST,
+    key::RATE_LIMIT,
+    key::TLS,
+    key::TLS_VERSION,
+    key::TLS_CIPHER,
     "message",
 ];
 
@@ -104,19 +105,19 @@ pub fn render(lines: &[Traced]) -> String {
     for l in lines {
         let f = &l.fields;
         let get = |k: &str| f.get(k).map(String::as_str).unwrap_or("");
-        if get("session") != current {
-            current = get("session").to_string();
+        if get(key::SESSION) != current {
+            current = get(key::SESSION).to_string();
             let _ = writeln!(
                 o,
                 "{}session {current}: client {} ({}), HELO {}",
                 if o.is_empty() { "" } else { "\n" },
-                or_dash(get("client_ip")),
-                if get("mode").is_empty() {
+                or_dash(get(key::CLIENT_IP)),
+                if get(key::MODE).is_empty() {
                     "proxy"
                 } else {
-                    get("mode")
+                    get(key::MODE)
                 },
-                or_dash(get("helo")),
+                or_dash(get(key::HELO)),
             );
         }
         let time = if l.time.is_empty() {
@@ -124,62 +125,69 @@ pub fn render(lines: &[Traced]) -> String {
         } else {
             l.time.as_str()
         };
-        match get("event") {
-            "transaction" | "refused" => {
+        match get(key::EVENT) {
+            event_name::TRANSACTION | event_name::REFUSED => {
                 let _ = writeln!(
                     o,
                     "{time}  {} {} at {}: {} {}{}",
-                    get("event"),
-                    get("verdict"),
-                    or_dash(get("stage")),
-                    get("code"),
-                    get("enhanced"),
-                    if get("reason").is_empty() {
+                    get(key::EVENT),
+                    get(key::VERDICT),
+                    or_dash(get(key::STAGE)),
+                    get(key::CODE),
+                    get(key::ENHANCED),
+                    if get(key::REASON).is_empty() {
                         String::new()
                     } else {
-                        format!(" ({})", get("reason"))
+                        format!(" ({})", get(key::REASON))
                     }
                 );
-                if get("event") == "transaction" {
+                if get(key::EVENT) == event_name::TRANSACTION {
                     let _ = writeln!(
                         o,
                         "    from <{}>, {} recipient(s), {} bytes, {} ms{}",
-                        get("mail_from"),
-                        or_dash(get("rcpt_count")),
-                        or_dash(get("size")),
-                        get("duration_ms")
+                        get(key::MAIL_FROM),
+                        or_dash(get(key::RCPT_COUNT)),
+                        or_dash(get(key::SIZE)),
+                        get(key::DURATION_MS)
                             .parse::<f64>()
                             .map_or("-".into(), |ms| format!("{ms:.1}")),
-                        if get("tls") == "true" {
-                            format!(", TLS {} {}", get("tls_version"), get("tls_cipher"))
+                        if get(key::TLS) == "true" {
+                            format!(", TLS {} {}", get(key::TLS_VERSION), get(key::TLS_CIPHER))
                         } else {
                             String::new()
                         }
                     );
                 }
-                let checks: Vec<String> = ["spf", "dkim", "dmarc", "arc", "iprev", "greylist"]
-                    .iter()
-                    .filter(|k| !get(k).is_empty())
-                    .map(|k| format!("{k}={}", get(k)))
-                    .collect();
+                let checks: Vec<String> = [
+                    key::SPF,
+                    key::DKIM,
+                    key::DMARC,
+                    key::ARC,
+                    key::IPREV,
+                    key::GREYLIST,
+                ]
+                .iter()
+                .filter(|k| !get(k).is_empty())
+                .map(|k| format!("{k}={}", get(k)))
+                .collect();
                 if !checks.is_empty() {
                     let _ = writeln!(o, "    checks: {}", checks.join(" "));
                 }
                 for (label, key) in [
-                    ("dnsbl", "dnsbl"),
-                    ("rate limits", "rate_limit"),
-                    ("rules matched", "rules"),
-                    ("fired (effect)", "hits"),
-                    ("if enforced", "would"),
-                    ("upstream said", "upstream_reply"),
-                    ("queue id", "queue_id"),
+                    ("dnsbl", key::DNSBL),
+                    ("rate limits", key::RATE_LIMIT),
+                    ("rules matched", key::RULES),
+                    ("fired (effect)", key::HITS),
+                    ("if enforced", key::WOULD),
+                    ("upstream said", key::UPSTREAM_REPLY),
+                    ("queue id", key::QUEUE_ID),
                 ] {
                     if !get(key).is_empty() {
                         let _ = writeln!(o, "    {label}: {}", get(key));
                     }
                 }
-                if !get("score").is_empty() && get("event") == "transaction" {
-                    let _ = writeln!(o, "    score: {}", get("score"));
+                if !get(key::SCORE).is_empty() && get(key::EVENT) == event_name::TRANSACTION {
+                    let _ = writeln!(o, "    score: {}", get(key::SCORE));
                 }
             }
             _ => {

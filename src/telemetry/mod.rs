@@ -5,7 +5,7 @@ pub mod http;
 pub mod metrics;
 mod txlog;
 
-pub use txlog::{CheckLog, RefusedConnection, TxnRecord, Verdict, queue_id_in};
+pub use txlog::{CheckLog, RefusedConnection, TxnRecord, Verdict, event_name, key, queue_id_in};
 
 use crate::config::{Log, LogFormat};
 use std::fs::{File, OpenOptions};

@@ -3,6 +3,51 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+/// The keys of the transaction and refused-connection lines, written here
+/// and read back by `stats` and `trace` from the same names.
+pub mod key {
+    pub const EVENT: &str = "event";
+    pub const MODE: &str = "mode";
+    pub const SESSION: &str = "session";
+    pub const CLIENT_IP: &str = "client_ip";
+    pub const HELO: &str = "helo";
+    pub const TLS: &str = "tls";
+    pub const TLS_VERSION: &str = "tls_version";
+    pub const TLS_CIPHER: &str = "tls_cipher";
+    pub const MAIL_FROM: &str = "mail_from";
+    pub const RCPT_COUNT: &str = "rcpt_count";
+    pub const SIZE: &str = "size";
+    pub const VERDICT: &str = "verdict";
+    pub const STAGE: &str = "stage";
+    pub const CODE: &str = "code";
+    pub const ENHANCED: &str = "enhanced";
+    pub const REASON: &str = "reason";
+    pub const UPSTREAM_REPLY: &str = "upstream_reply";
+    pub const QUEUE_ID: &str = "queue_id";
+    pub const DURATION_MS: &str = "duration_ms";
+    pub const REVERSE: &str = "reverse";
+    pub const SPF: &str = "spf";
+    pub const DKIM: &str = "dkim";
+    pub const DMARC: &str = "dmarc";
+    pub const ARC: &str = "arc";
+    pub const IPREV: &str = "iprev";
+    pub const GREYLIST: &str = "greylist";
+    pub const RATE_LIMIT: &str = "rate_limit";
+    pub const DNSBL: &str = "dnsbl";
+    pub const RULES: &str = "rules";
+    pub const HITS: &str = "hits";
+    pub const WOULD: &str = "would";
+    pub const SCORE: &str = "score";
+    pub const RCPTS: &str = "rcpts";
+}
+
+/// The `event` values of those lines.
+pub mod event_name {
+    pub const TRANSACTION: &str = "transaction";
+    pub const REFUSED: &str = "refused";
+    pub const RECIPIENTS: &str = "recipients";
+}
+
 /// How a transaction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -24,6 +69,19 @@ impl Verdict {
             Verdict::Tempfail => "tempfail",
             Verdict::Abandoned => "abandoned",
         }
+    }
+
+    /// The verdict `as_str` wrote (`stats` reads the log with it).
+    pub fn parse(s: &str) -> Option<Verdict> {
+        [
+            Verdict::Accept,
+            Verdict::Tag,
+            Verdict::Reject,
+            Verdict::Tempfail,
+            Verdict::Abandoned,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
     }
 
     /// The verdict a reply code stands for.
@@ -108,42 +166,43 @@ impl TxnRecord<'_> {
         if tracing::enabled!(target: "portcullis::txn", tracing::Level::DEBUG)
             && !self.rcpt_addrs.is_empty()
         {
-            tracing::debug!(target: "portcullis::txn", event = "recipients", session = self.session, rcpts = %self.rcpt_addrs.join(" "));
+            tracing::event!(target: "portcullis::txn", tracing::Level::DEBUG, { key::EVENT } = event_name::RECIPIENTS, { key::SESSION } = self.session, { key::RCPTS } = tracing::field::display(self.rcpt_addrs.join(" ")));
         }
-        tracing::info!(
+        tracing::event!(
             target: "portcullis::txn",
-            event = "transaction",
-            mode = self.mode,
-            session = self.session,
-            client_ip = %self.client_ip,
-            helo = self.helo,
-            tls = self.tls,
-            tls_version = self.tls_version,
-            tls_cipher = self.tls_cipher,
-            mail_from = self.mail_from,
-            rcpt_count = self.rcpt_count as u64,
-            size = self.size,
-            verdict = self.verdict.as_str(),
-            stage = self.stage,
-            code = self.code as u64,
-            enhanced = self.enhanced,
-            reason = self.reason,
-            upstream_reply = self.upstream_reply,
-            queue_id = self.queue_id,
-            duration_ms = self.duration.as_secs_f64() * 1000.0,
-            reverse = %self.reverse,
-            spf = self.checks.spf.as_str(),
-            dkim = self.checks.dkim.as_str(),
-            dmarc = self.checks.dmarc.as_str(),
-            arc = self.checks.arc.as_str(),
-            iprev = self.checks.iprev.as_str(),
-            greylist = self.checks.greylist.as_str(),
-            rate_limit = %self.checks.rate_limits.join(" "),
-            dnsbl = %self.checks.dnsbl.join(" "),
-            rules = %self.checks.rules.join(" "),
-            hits = %self.checks.hits.join(" "),
-            would = %self.checks.would.join(" "),
-            score = self.score,
+            tracing::Level::INFO,
+            { key::EVENT } = event_name::TRANSACTION,
+            { key::MODE } = self.mode,
+            { key::SESSION } = self.session,
+            { key::CLIENT_IP } = tracing::field::display(self.client_ip),
+            { key::HELO } = self.helo,
+            { key::TLS } = self.tls,
+            { key::TLS_VERSION } = self.tls_version,
+            { key::TLS_CIPHER } = self.tls_cipher,
+            { key::MAIL_FROM } = self.mail_from,
+            { key::RCPT_COUNT } = self.rcpt_count as u64,
+            { key::SIZE } = self.size,
+            { key::VERDICT } = self.verdict.as_str(),
+            { key::STAGE } = self.stage,
+            { key::CODE } = self.code as u64,
+            { key::ENHANCED } = self.enhanced,
+            { key::REASON } = self.reason,
+            { key::UPSTREAM_REPLY } = self.upstream_reply,
+            { key::QUEUE_ID } = self.queue_id,
+            { key::DURATION_MS } = self.duration.as_secs_f64() * 1000.0,
+            { key::REVERSE } = tracing::field::display(&self.reverse),
+            { key::SPF } = self.checks.spf.as_str(),
+            { key::DKIM } = self.checks.dkim.as_str(),
+            { key::DMARC } = self.checks.dmarc.as_str(),
+            { key::ARC } = self.checks.arc.as_str(),
+            { key::IPREV } = self.checks.iprev.as_str(),
+            { key::GREYLIST } = self.checks.greylist.as_str(),
+            { key::RATE_LIMIT } = tracing::field::display(self.checks.rate_limits.join(" ")),
+            { key::DNSBL } = tracing::field::display(self.checks.dnsbl.join(" ")),
+            { key::RULES } = tracing::field::display(self.checks.rules.join(" ")),
+            { key::HITS } = tracing::field::display(self.checks.hits.join(" ")),
+            { key::WOULD } = tracing::field::display(self.checks.would.join(" ")),
+            { key::SCORE } = self.score,
         );
     }
 }
@@ -163,17 +222,18 @@ impl RefusedConnection<'_> {
     pub fn emit(&self) {
         metrics::counter!("portcullis_connections_refused_total", "reason" => super::metrics::reason_label(self.reason))
             .increment(1);
-        tracing::info!(
+        tracing::event!(
             target: "portcullis::txn",
-            event = "refused",
-            mode = self.mode,
-            session = self.session,
-            client_ip = %self.client_ip,
-            verdict = "reject",
-            stage = "connect",
-            code = self.code as u64,
-            enhanced = self.enhanced,
-            reason = self.reason,
+            tracing::Level::INFO,
+            { key::EVENT } = event_name::REFUSED,
+            { key::MODE } = self.mode,
+            { key::SESSION } = self.session,
+            { key::CLIENT_IP } = tracing::field::display(self.client_ip),
+            { key::VERDICT } = "reject",
+            { key::STAGE } = "connect",
+            { key::CODE } = self.code as u64,
+            { key::ENHANCED } = self.enhanced,
+            { key::REASON } = self.reason,
         );
     }
 }
@@ -203,6 +263,21 @@ pub fn queue_id_in(reply: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::queue_id_in;
+
+    #[test]
+    fn verdicts_read_back_as_written() {
+        use super::Verdict;
+        for v in [
+            Verdict::Accept,
+            Verdict::Tag,
+            Verdict::Reject,
+            Verdict::Tempfail,
+            Verdict::Abandoned,
+        ] {
+            assert_eq!(Verdict::parse(v.as_str()), Some(v));
+        }
+        assert_eq!(Verdict::parse("rejected"), None);
+    }
 
     #[test]
     fn queue_ids_of_the_common_mtas() {

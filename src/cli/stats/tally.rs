@@ -3,6 +3,7 @@
 
 use super::{Count, Day, Greylisting, Hour, Report, WhatIf, Window, percent};
 use crate::cli::logs::{PrefixClock, read_fields};
+use crate::telemetry::{Verdict, event_name, key};
 use std::collections::{BTreeMap, HashMap};
 
 /// One transaction or refused-connection line, reduced to what stats use.
@@ -33,31 +34,31 @@ struct Line {
 /// refused-connection lines.
 fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
     let (time, fields) = read_fields(l, clock)?;
-    let event = fields.get("event")?.clone();
-    if event != "transaction" && event != "refused" {
+    let event = fields.get(key::EVENT)?.clone();
+    if event != event_name::TRANSACTION && event != event_name::REFUSED {
         return None;
     }
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
     Some(Line {
         time,
         event,
-        verdict: get("verdict"),
-        reason: get("reason"),
-        code: get("code"),
-        client_ip: get("client_ip"),
-        mail_from: get("mail_from"),
-        dnsbl: get("dnsbl"),
-        rules: get("rules"),
-        greylist: get("greylist"),
-        rate_limit: get("rate_limit"),
+        verdict: get(key::VERDICT),
+        reason: get(key::REASON),
+        code: get(key::CODE),
+        client_ip: get(key::CLIENT_IP),
+        mail_from: get(key::MAIL_FROM),
+        dnsbl: get(key::DNSBL),
+        rules: get(key::RULES),
+        greylist: get(key::GREYLIST),
+        rate_limit: get(key::RATE_LIMIT),
         mode: fields
-            .get("mode")
+            .get(key::MODE)
             .cloned()
             .unwrap_or_else(|| "proxy".into()),
-        spf: get("spf"),
-        dkim: get("dkim"),
-        dmarc: get("dmarc"),
-        would: get("would"),
+        spf: get(key::SPF),
+        dkim: get(key::DKIM),
+        dmarc: get(key::DMARC),
+        would: get(key::WOULD),
     })
 }
 
@@ -168,7 +169,7 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
         {
             continue;
         }
-        if l.event == "refused" {
+        if l.event == event_name::REFUSED {
             r.refused_connections += 1;
             *refused.entry(l.reason.clone()).or_insert(0) += 1;
             if let Some(name) = l.reason.strip_prefix("rate_limit:") {
@@ -210,12 +211,15 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
             };
             let w = what_if.entry(name.to_string()).or_default();
             w.fired += 1;
-            match word {
-                "reject" => w.reject += 1,
-                "tempfail" => w.tempfail += 1,
+            match Verdict::parse(word) {
+                Some(Verdict::Reject) => w.reject += 1,
+                Some(Verdict::Tempfail) => w.tempfail += 1,
                 _ => continue,
             }
-            if matches!(l.verdict.as_str(), "accept" | "tag") {
+            if matches!(
+                Verdict::parse(&l.verdict),
+                Some(Verdict::Accept | Verdict::Tag)
+            ) {
                 w.accepted += 1;
             }
             *w.senders.entry(sender_domain(&l.mail_from)).or_insert(0) += 1;
@@ -253,15 +257,15 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
         } else {
             l.reason.clone()
         };
-        match l.verdict.as_str() {
-            "reject" => {
+        match Verdict::parse(&l.verdict) {
+            Some(Verdict::Reject) => {
                 h.rejected += 1;
                 *h.reasons.entry(reason.clone()).or_insert(0) += 1;
                 *reasons.entry(reason).or_insert(0) += 1;
                 *nets.entry(network(&l.client_ip)).or_insert(0) += 1;
                 *senders.entry(sender_domain(&l.mail_from)).or_insert(0) += 1;
             }
-            "tempfail" => {
+            Some(Verdict::Tempfail) => {
                 h.tempfailed += 1;
                 *tempfails.entry(reason).or_insert(0) += 1;
             }
