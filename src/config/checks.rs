@@ -1,6 +1,7 @@
 //! Config for DNS and the checks (DNSBL, SPF, DKIM, DMARC, ARC, iprev).
 
-use super::{Secs, deserialize_nonzero_secs};
+use super::Secs;
+use super::units::deserialize_nonzero_secs;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use std::net::{Ipv4Addr, SocketAddr};

@@ -112,6 +112,13 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// For fields declared with `deserialize_with` (the same rule as `Secs`).
+pub(super) fn deserialize_nonzero_secs<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Secs, D::Error> {
+    Secs::deserialize(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
