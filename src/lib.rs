@@ -17,7 +17,7 @@
 //!   imports the other): the proxy's client session, one file per SMTP
 //!   stage, relaying through `upstream`; and a milter for Postfix or
 //!   Sendmail. Both drive a `checks::Screen`.
-//! - `gate`: what both doors stand on: the runtime snapshot a reload swaps,
+//! - `gate`: what both doors stand on: the snapshot a reload swaps (`Snapshot`),
 //!   the shared handles, the peer, and `gate::ledger`, one transaction's
 //!   record and its one log line.
 //! - `checks`: the one check engine (a `Check` per file: limits, rate

@@ -1,5 +1,5 @@
 //! What both front doors (the proxy session and the milter conversation)
-//! stand on: the runtime snapshot a reload swaps, the handles every
+//! stand on: the snapshot a reload swaps (`Snapshot`), the handles every
 //! connection shares, and who is on the other end. Neither door imports
 //! the other; both import this. `ledger`: one transaction's record and
 //! its log line, the same for both doors.
@@ -8,7 +8,7 @@ pub mod ledger;
 
 use crate::checks::Engine;
 use crate::config::Config;
-use crate::rules::{RuleSet, Rules};
+use crate::rules::{RuleSet, RuleWatcher};
 use crate::runtime::limits::{ConnectionLimits, MemoryBudget};
 use crate::telemetry::RefusedConnection;
 use crate::upstream::Upstream;
@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 /// change. It takes the current one when it starts and keeps it to the end; every reload
 /// (config, rules, certificate) builds a new one.
 #[derive(Clone)]
-pub struct Runtime {
+pub struct Snapshot {
     pub cfg: Arc<Config>,
     /// The checks: limits, DNSBL, iprev, SPF, DKIM, DMARC, ARC, rules.
     pub engine: Arc<Engine>,
@@ -34,28 +34,28 @@ pub struct Runtime {
 
 /// What every connection shares, through either door.
 pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
+    pub snapshot: ArcSwap<Snapshot>,
     pub upstream: Arc<Upstream>,
     pub budget: Arc<MemoryBudget>,
     /// Open sessions; tells when the gate is under stress.
     pub limits: Arc<ConnectionLimits>,
-    /// Loads and watches the rules (each reload swaps `runtime`).
-    pub rules: Arc<Rules>,
+    /// Loads and watches the rules (each reload swaps `snapshot`).
+    pub rules: Arc<RuleWatcher>,
     /// Greylisting's memory, kept across reloads.
     pub store: Arc<crate::state::Store>,
 }
 
 impl Shared {
-    /// The runtime new sessions get.
-    pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime.load_full()
+    /// The snapshot new sessions get.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// Checks the current nameservers when anything asks them (a check,
     /// or upstream wanting client names); true when they answer or when
     /// nothing uses DNS.
     pub async fn check_nameservers(&self) -> bool {
-        let rt = self.runtime();
+        let rt = self.snapshot();
         if !rt.engine.uses_dns() && !self.upstream.wants_client_name() {
             return true;
         }
@@ -112,18 +112,18 @@ pub(crate) fn shared_for_tests(yaml: &str, rules: &str) -> Arc<Shared> {
         Arc::new(Config::parse(yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}")));
     let set = RuleSet::load_texts(Path::new("."), &[(PathBuf::from("r.yaml"), rules)])
         .unwrap_or_else(|e| panic!("{e}"));
-    let watcher = Rules::new(PathBuf::from("."), set, Vec::new());
+    let watcher = RuleWatcher::new(PathBuf::from("."), set, Vec::new());
     let set = watcher.current();
     let store = Arc::new(Store::in_memory(1000, Arc::new(SystemClock)));
     let dns = crate::dns::Dns::new(&cfg.dns).unwrap_or_else(|e| panic!("{e}"));
-    let runtime = Runtime {
+    let snapshot = Snapshot {
         engine: Arc::new(Engine::new(&cfg, dns, Arc::clone(&store))),
         rules: Arc::clone(&set),
         tls: None,
         cfg: Arc::clone(&cfg),
     };
     Arc::new(Shared {
-        runtime: ArcSwap::from_pointee(runtime),
+        snapshot: ArcSwap::from_pointee(snapshot),
         upstream: Arc::new(Upstream::new(&cfg).unwrap_or_else(|e| panic!("{e}"))),
         budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
         limits: ConnectionLimits::new(crate::runtime::limits::ConnectionBounds::of(&cfg)),

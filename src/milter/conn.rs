@@ -20,7 +20,7 @@ impl Conversation {
     /// (before the option negotiation: `milter.negotiate_timeout` from
     /// connecting), or sends what is not the protocol.
     pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(mut self, mut io: S) {
-        let cfg = Arc::clone(&self.shared.runtime().cfg);
+        let cfg = Arc::clone(&self.shared.snapshot().cfg);
         let wait = cfg.milter.timeout.0;
         // An MTA reads its replies at once; one that does not is cut off
         // as a client would be.

@@ -27,7 +27,7 @@ impl Conversation {
             self.state = State::Settled;
             return Response::Accept;
         };
-        let rt = self.shared.runtime();
+        let rt = self.shared.snapshot();
         let screen = Screen::new(Arc::clone(&rt.engine), Arc::clone(&rt.rules), ip, false);
         let mut client = Client {
             id: crate::telemetry::session_id(),

@@ -52,7 +52,7 @@ pub(super) enum State {
 /// One SMTP session the MTA holds.
 pub(super) struct Client {
     pub(super) id: String,
-    pub(super) rt: Arc<crate::gate::Runtime>,
+    pub(super) rt: Arc<crate::gate::Snapshot>,
     pub(super) screen: Screen,
     pub(super) ip: IpAddr,
     pub(super) helo: String,

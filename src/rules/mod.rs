@@ -3,8 +3,11 @@
 //! compiled to RegexSets, and swapped atomically on reload. Sessions keep
 //! the set they started with.
 
+mod compile;
 mod engine;
+mod eval;
 mod index;
+mod input;
 pub mod model;
 
 /// A rule file larger than this is not one.
@@ -12,13 +15,15 @@ const MAX_RULE_FILE: u64 = 16 << 20;
 /// Lists hold millions of entries (tens of MB); larger is a mistake.
 const MAX_LIST_FILE: u64 = 256 << 20;
 
-pub use engine::{Hit, Input, MessageFacts, OwnedInput, Rule, RuleAction};
+pub use engine::{Hit, Rule, RuleAction};
+pub use input::{Input, MessageFacts, OwnedInput};
 pub use model::{RuleMode, Stage};
 
 use crate::telemetry::events::RulesReload;
 use crate::yaml;
 use arc_swap::ArcSwap;
-use engine::{Compiled, Compiler};
+use compile::Compiler;
+use engine::Compiled;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -295,7 +300,7 @@ fn locate_nth_rule(text: &str, id: &str, nth: usize, near: Option<&str>) -> (usi
 }
 
 /// The configured rules, or the default `rules` directory when it exists.
-pub fn load(cfg: &crate::config::Config) -> Result<Arc<Rules>, RuleErrors> {
+pub fn load(cfg: &crate::config::Config) -> Result<Arc<RuleWatcher>, RuleErrors> {
     let (dir, required) = match &cfg.rules_dir {
         Some(d) => (d.clone(), true),
         None => (PathBuf::from("rules"), false),
@@ -303,14 +308,14 @@ pub fn load(cfg: &crate::config::Config) -> Result<Arc<Rules>, RuleErrors> {
     let zones = configured_zones(cfg);
     if !required && !dir.is_dir() {
         tracing::info!("no rules directory: running without rules");
-        return Ok(Rules::new(dir, RuleSet::empty(), zones));
+        return Ok(RuleWatcher::new(dir, RuleSet::empty(), zones));
     }
     let set = RuleSet::load_dir(&dir)?;
     let unknown = unknown_zones(&set, &zones, &dir);
     if !unknown.is_empty() {
         return Err(RuleErrors(unknown));
     }
-    Ok(Rules::new(dir, set, zones))
+    Ok(RuleWatcher::new(dir, set, zones))
 }
 
 /// The DNSBL zones a config's checks query, as rules name them.
@@ -345,8 +350,10 @@ pub fn unknown_zones(set: &RuleSet, configured: &[String], dir: &Path) -> Vec<Ru
         .collect()
 }
 
-/// The live rule set with its reload bookkeeping.
-pub struct Rules {
+/// The rules directory: its compiled `RuleSet` in force (swapped whole on
+/// SIGHUP and when a file changes), the file watcher, and the reload
+/// counts.
+pub struct RuleWatcher {
     dir: PathBuf,
     current: ArcSwap<RuleSet>,
     pub reloads_ok: AtomicU64,
@@ -371,9 +378,9 @@ struct Watch {
     outside: Arc<std::sync::RwLock<BTreeSet<PathBuf>>>,
 }
 
-impl Rules {
-    pub fn new(dir: PathBuf, set: RuleSet, zones: Vec<String>) -> Arc<Rules> {
-        Arc::new(Rules {
+impl RuleWatcher {
+    pub fn new(dir: PathBuf, set: RuleSet, zones: Vec<String>) -> Arc<RuleWatcher> {
+        Arc::new(RuleWatcher {
             dir,
             current: ArcSwap::from_pointee(set),
             reloads_ok: AtomicU64::new(0),

@@ -126,7 +126,7 @@ async fn connection(
     // hold for it small, and its stall is seen sooner.
     let _ = socket2::SockRef::from(&sock).set_send_buffer_size(CLIENT_SEND_BUFFER);
     let id = crate::telemetry::session_id();
-    let wait = shared.runtime().cfg.timeouts.command.0;
+    let wait = shared.snapshot().cfg.timeouts.command.0;
     let Ok(local) = sock.local_addr() else { return };
     let (client, local, initial) = if conf.proxy_protocol {
         if !Config::is_trusted_proxy(&conf, peer.ip().to_canonical()) {
@@ -190,7 +190,7 @@ async fn connection(
     };
     // The session watches its deadline at every read and write; this is
     // the backstop for anything else it might wait on.
-    let hard = shared.runtime().cfg.timeouts.session.0 + SESSION_GRACE;
+    let hard = shared.snapshot().cfg.timeouts.session.0 + SESSION_GRACE;
     let session = Session::new(Box::new(sock), peer, shared, signal, initial);
     let deadline = tokio::time::timeout(hard, session.run()).await.is_err();
     ConnectionClosed {

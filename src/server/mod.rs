@@ -16,8 +16,8 @@ use status::StatusPage;
 use crate::checks::Engine;
 use crate::config::{Config, Listen};
 use crate::dns::Dns;
-use crate::gate::{Door, Peer, Runtime, Shared, refused_connection};
-use crate::rules::{RuleSet, Rules};
+use crate::gate::{Door, Peer, Shared, Snapshot, refused_connection};
+use crate::rules::{RuleSet, RuleWatcher};
 use crate::runtime::accept::AcceptHealth;
 use crate::runtime::descriptors;
 use crate::runtime::limits::{ConnectionBounds, ConnectionLimits, MemoryBudget};
@@ -120,22 +120,22 @@ impl Server {
         };
         let rules = crate::rules::load(&cfg)?;
         let store = Arc::new(Store::open(&cfg.state, clock)?);
-        let runtime = build_runtime(Arc::clone(&cfg), rules.current(), &store)?;
+        let snapshot = build_snapshot(Arc::clone(&cfg), rules.current(), &store)?;
         let shared = Arc::new(Shared {
             store,
             upstream: Arc::new(Upstream::new(&cfg)?),
             budget: MemoryBudget::new(cfg.limits.memory_budget.as_usize()),
             limits: ConnectionLimits::new(ConnectionBounds::of(&cfg)),
-            runtime: arc_swap::ArcSwap::from_pointee(runtime),
+            snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
             rules,
         });
-        // A rules reload is a new runtime for new sessions, like any other.
+        // A rules reload is a new snapshot for new sessions, like any other.
         let weak = Arc::downgrade(&shared);
         shared.rules.on_reload(move |set| {
             if let Some(shared) = weak.upgrade() {
-                shared.runtime.rcu(|rt| Runtime {
+                shared.snapshot.rcu(|rt| Snapshot {
                     rules: Arc::clone(&set),
-                    ..Runtime::clone(rt)
+                    ..Snapshot::clone(rt)
                 });
             }
         });
@@ -172,12 +172,12 @@ impl Server {
         self.milters.iter().filter_map(|m| m.local_addr()).collect()
     }
 
-    pub fn rules(&self) -> Arc<Rules> {
+    pub fn rules(&self) -> Arc<RuleWatcher> {
         Arc::clone(&self.shared.rules)
     }
 
     pub fn engine(&self) -> Arc<Engine> {
-        Arc::clone(&self.shared.runtime().engine)
+        Arc::clone(&self.shared.snapshot().engine)
     }
 
     /// Applies a reloaded config where that is safe.
@@ -287,7 +287,7 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         let self_test = Some(tokio::spawn(async move {
             loop {
-                let engine = Arc::clone(&shared.runtime().engine);
+                let engine = Arc::clone(&shared.snapshot().engine);
                 if !engine.dnsbl.zones.is_empty() {
                     engine.dnsbl.self_test().await;
                 }
@@ -307,7 +307,7 @@ impl Server {
                 health,
             )));
         }
-        let cfg = self.shared.runtime().cfg.clone();
+        let cfg = self.shared.snapshot().cfg.clone();
         let milter_limits = ConnectionLimits::new(ConnectionBounds::milter(&cfg));
         for (m, health) in self.milters.into_iter().zip(milter_health) {
             accept_loops.push(tokio::spawn(milter_in::accept_loop(
@@ -330,7 +330,7 @@ impl Server {
             let _ = l.await;
         }
         tracker.close();
-        let deadline = self.shared.runtime().cfg.timeouts.shutdown.0;
+        let deadline = self.shared.snapshot().cfg.timeouts.shutdown.0;
         if tokio::time::timeout(deadline, tracker.wait())
             .await
             .is_err()
@@ -366,17 +366,17 @@ impl Server {
 
 /// What sessions read from a config: the checks with their own DNS, and
 /// the STARTTLS acceptor.
-pub fn build_runtime(
+pub fn build_snapshot(
     cfg: Arc<Config>,
     rules: Arc<RuleSet>,
     store: &Arc<Store>,
-) -> Result<Runtime, ServerError> {
+) -> Result<Snapshot, ServerError> {
     let tls = match &cfg.tls {
         Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
         None => None,
     };
     let dns = Dns::new(&cfg.dns)?;
-    Ok(Runtime {
+    Ok(Snapshot {
         engine: Arc::new(Engine::new(&cfg, dns, Arc::clone(store))),
         rules,
         tls,

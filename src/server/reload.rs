@@ -1,4 +1,4 @@
-//! Reloads on SIGHUP: the config file (a new runtime snapshot for new
+//! Reloads on SIGHUP: the config file (a new snapshot for new
 //! sessions, restart-only keys named) and the certificate.
 
 use super::*;
@@ -57,7 +57,7 @@ impl ConfigReloader {
 
     fn swap(&self, path: &std::path::Path) -> Result<Reloaded, String> {
         let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
-        let running = self.shared.runtime();
+        let running = self.shared.snapshot();
         let plan = crate::config::reload::plan(&running.cfg, new);
         let cfg = Arc::new(plan.effective);
         let zones = crate::rules::configured_zones(&cfg);
@@ -66,7 +66,7 @@ impl ConfigReloader {
             return Err(crate::rules::RuleErrors(unknown).to_string());
         }
         let level_changed = cfg.log.level != running.cfg.log.level;
-        let built = build_runtime(cfg, Arc::clone(&running.rules), &self.shared.store)
+        let built = build_snapshot(cfg, Arc::clone(&running.rules), &self.shared.store)
             .map_err(|e| e.to_string())?;
         if level_changed {
             // Validated at load, so this fails only without a subscriber.
@@ -76,7 +76,7 @@ impl ConfigReloader {
         self.shared.rules.set_zones(zones);
         // The rules stay whatever is current (a rules reload may have
         // swapped them meanwhile).
-        self.shared.runtime.rcu(|rt| Runtime {
+        self.shared.snapshot.rcu(|rt| Snapshot {
             rules: Arc::clone(&rt.rules),
             ..built.clone()
         });
@@ -94,14 +94,14 @@ pub struct TlsReloader(pub(super) Arc<Shared>);
 
 impl TlsReloader {
     pub fn reload(&self) -> Result<(), tls::TlsError> {
-        let rt = self.0.runtime();
+        let rt = self.0.snapshot();
         let Some(t) = &rt.cfg.tls else {
             return Ok(());
         };
         let acceptor = tls::acceptor(&t.cert, &t.key)?;
-        self.0.runtime.rcu(|rt| Runtime {
+        self.0.snapshot.rcu(|rt| Snapshot {
             tls: Some(acceptor.clone()),
-            ..Runtime::clone(rt)
+            ..Snapshot::clone(rt)
         });
         Ok(())
     }
@@ -112,7 +112,7 @@ impl TlsReloader {
 /// the certificate alone; systemd is told RELOADING=1 and READY=1 around it.
 pub struct OnHangup {
     pub log: crate::telemetry::LogTarget,
-    pub rules: Arc<Rules>,
+    pub rules: Arc<RuleWatcher>,
     pub config: ConfigReloader,
     pub tls: TlsReloader,
     /// The config file, when the gate was started with one.

@@ -63,7 +63,7 @@ impl crate::telemetry::http::Status for StatusPage {
         let _ = writeln!(
             o,
             "<p>host {} &middot; up {} &middot; {} sessions open</p>",
-            esc(&self.shared.runtime().cfg.hostname),
+            esc(&self.shared.snapshot().cfg.hostname),
             span(self.started.elapsed()),
             self.limits.open()
         );
@@ -130,7 +130,7 @@ impl crate::telemetry::http::Status for StatusPage {
             let _ = writeln!(o, "<tr><td>{}</td><td>{state}</td></tr>", esc(&h.name));
         }
         let _ = writeln!(o, "</table>");
-        let engine = Arc::clone(&self.shared.runtime().engine);
+        let engine = Arc::clone(&self.shared.snapshot().engine);
         let _ = writeln!(
             o,
             "<h2>Nameservers</h2><table><tr><th>nameserver</th><th>state</th></tr>"
@@ -214,7 +214,7 @@ impl crate::telemetry::http::Status for StatusPage {
                 },
             });
         }
-        let engine = Arc::clone(&self.shared.runtime().engine);
+        let engine = Arc::clone(&self.shared.snapshot().engine);
         let states = engine.dns.nameservers.states();
         let answering = states
             .iter()

@@ -41,7 +41,7 @@
 use crate::checks::pool::SharedMessage;
 use crate::checks::{Hold, Screen, Screened, Stage};
 use crate::config::{BareNewline, Config};
-use crate::gate::{Door, Peer, Runtime, Shared, refused_connection};
+use crate::gate::{Door, Peer, Shared, Snapshot, refused_connection};
 use crate::runtime::Stream;
 use crate::runtime::shutdown::{Phase, ShutdownSignal};
 mod conn;
@@ -164,7 +164,7 @@ pub struct Session {
     /// Runs the checks of this client, with the rules it started with.
     screen: Screen,
     /// Likewise the config, checks and certificate.
-    rt: Arc<Runtime>,
+    rt: Arc<Snapshot>,
 }
 
 impl Session {
@@ -175,7 +175,7 @@ impl Session {
         shutdown: ShutdownSignal,
         initial: Vec<u8>,
     ) -> Session {
-        let rt = shared.runtime();
+        let rt = shared.snapshot();
         let deadline = tokio::time::Instant::now() + rt.cfg.timeouts.session.0;
         // DNSBL and iprev start now and are awaited only when needed.
         let screen = Screen::new(

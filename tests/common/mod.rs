@@ -516,7 +516,7 @@ pub const EMPTY_RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/rules-
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
-    pub rules: std::sync::Arc<portcullis::rules::Rules>,
+    pub rules: std::sync::Arc<portcullis::rules::RuleWatcher>,
     pub engine: std::sync::Arc<portcullis::checks::Engine>,
     pub config: portcullis::server::ConfigReloader,
     pub tls: portcullis::server::TlsReloader,

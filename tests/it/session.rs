@@ -20,7 +20,7 @@ fn shared(cfg: Config) -> Arc<Shared> {
         100,
         Arc::new(portcullis::state::SystemClock),
     ));
-    let runtime = portcullis::server::build_runtime(
+    let snapshot = portcullis::server::build_snapshot(
         Arc::new(cfg.clone()),
         Arc::new(portcullis::rules::RuleSet::empty()),
         &store,
@@ -32,13 +32,13 @@ fn shared(cfg: Config) -> Arc<Shared> {
         limits: portcullis::runtime::limits::ConnectionLimits::new(
             portcullis::runtime::limits::ConnectionBounds::of(&cfg),
         ),
-        rules: portcullis::rules::Rules::new(
+        rules: portcullis::rules::RuleWatcher::new(
             common::EMPTY_RULES.into(),
             portcullis::rules::RuleSet::empty(),
             Vec::new(),
         ),
         store,
-        runtime: arc_swap::ArcSwap::from_pointee(runtime),
+        snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
     })
 }
 

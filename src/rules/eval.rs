@@ -1,0 +1,162 @@
+//! Evaluation: a stage's rules over the facts, each target's regex set run
+//! once per value, on first use.
+
+use super::engine::*;
+use super::input::Input;
+use super::model::{RuleMode, Stage};
+use regex::RegexSet;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+/// Regex results for one evaluation, computed per target on first use.
+struct Matches<'a> {
+    sets: &'a HashMap<Target, RegexSet>,
+    done: HashMap<Target, Vec<bool>>,
+}
+
+impl Compiled {
+    pub fn empty() -> Compiled {
+        Compiled {
+            rules: Vec::new(),
+            sets: HashMap::new(),
+            dnsbl_zones: Default::default(),
+        }
+    }
+
+    /// Rules of `stage` that match `facts`, in order; an enforced `accept`
+    /// stops the evaluation (the remaining rules are skipped).
+    pub fn evaluate(&self, stage: Stage, facts: &Input<'_>) -> Vec<Hit> {
+        let mut m = Matches {
+            sets: &self.sets,
+            done: HashMap::new(),
+        };
+        let mut hits = Vec::new();
+        for r in self.rules.iter().filter(|r| r.stage == stage) {
+            if eval(&r.cond, facts, &mut m) {
+                r.hits.fetch_add(1, Ordering::Relaxed);
+                let shadow = r.mode == RuleMode::Shadow;
+                crate::telemetry::events::RuleHit {
+                    rule: &r.id,
+                    shadow,
+                }
+                .emit();
+                hits.push(Hit {
+                    id: r.id.clone(),
+                    shadow,
+                    action: r.action.clone(),
+                });
+                if !shadow && r.action == RuleAction::Accept {
+                    break;
+                }
+            }
+        }
+        hits
+    }
+}
+
+fn values<'f>(t: &Target, f: &'f Input<'f>) -> Vec<&'f str> {
+    let domain = |a: &'f str| a.rsplit_once('@').map(|(_, d)| d);
+    let local = |a: &'f str| a.rsplit_once('@').map(|(l, _)| l);
+    match t {
+        Target::Reverse => f.reverse.into_iter().collect(),
+        Target::Helo => f.helo.into_iter().collect(),
+        Target::MailFrom => f.mail_from.into_iter().collect(),
+        Target::MailDomain => f.mail_from.and_then(domain).into_iter().collect(),
+        Target::Rcpt => f.rcpts.clone(),
+        Target::RcptLocal => f.rcpts.iter().filter_map(|r| local(r)).collect(),
+        Target::RcptDomain => f.rcpts.iter().filter_map(|r| domain(r)).collect(),
+        Target::Header(name) => f
+            .message
+            .map(|m| {
+                m.headers
+                    .iter()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Target::Subject => f
+            .message
+            .and_then(|m| m.subject.as_deref())
+            .into_iter()
+            .collect(),
+        Target::Body => f
+            .message
+            .map(|m| m.body.iter().map(String::as_str).collect())
+            .unwrap_or_default(),
+        Target::AttachmentName => f
+            .message
+            .map(|m| m.attachment_names.iter().map(String::as_str).collect())
+            .unwrap_or_default(),
+        Target::AttachmentType => f
+            .message
+            .map(|m| m.attachment_types.iter().map(String::as_str).collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
+    match n {
+        Node::All(v) => v.iter().all(|n| eval(n, f, m)),
+        Node::Any(v) => v.iter().any(|n| eval(n, f, m)),
+        Node::Not(n) => !eval(n, f, m),
+        Node::Ip(nets) => f.ip.is_some_and(|ip| nets.contains(ip)),
+        Node::Tls(b) => f.tls == *b,
+        Node::Number(Number::Size, c) => f.size.is_some_and(|s| c.matches(s)),
+        Node::Number(Number::RcptCount, c) => c.matches(f.rcpt_count as u64),
+        Node::Check(kind, words) => {
+            let have: Vec<&str> = match kind {
+                CheckKind::Spf => vec![f.spf],
+                CheckKind::Dkim => vec![f.dkim],
+                // `fail:reject` matches `fail` and `fail:reject`.
+                CheckKind::Dmarc => vec![f.dmarc, f.dmarc.split(':').next().unwrap_or("")],
+                CheckKind::Iprev => vec![f.iprev],
+                CheckKind::Greylist => vec![f.greylist],
+                CheckKind::Dnsbl => f.dnsbl.clone(),
+            };
+            if *kind == CheckKind::Dnsbl && words.iter().any(|w| w == "any") {
+                return !f.dnsbl.is_empty();
+            }
+            have.iter()
+                .any(|h| !h.is_empty() && words.iter().any(|w| w.eq_ignore_ascii_case(h)))
+        }
+        Node::Match(t, leaf) => match leaf {
+            Leaf::Exact { set, case } => values(t, f).iter().any(|v| {
+                if *case {
+                    set.contains(*v)
+                } else {
+                    set.contains(&v.to_lowercase())
+                }
+            }),
+            Leaf::Domain(ds) => values(t, f).iter().any(|v| {
+                let v = match t {
+                    Target::MailFrom | Target::Rcpt => v.rsplit_once('@').map_or(*v, |(_, d)| d),
+                    _ => v,
+                };
+                ds.matches(v)
+            }),
+            Leaf::Regex(idx) => {
+                // Each target's RegexSet runs once per evaluation; later
+                // leaves of the same target only look the result up.
+                if !m.done.contains_key(t) {
+                    let vals = values(t, f);
+                    let any = match m.sets.get(t) {
+                        Some(set) if !vals.is_empty() => {
+                            let mut any = vec![false; set.len()];
+                            for v in &vals {
+                                for i in set.matches(v).into_iter() {
+                                    any[i] = true;
+                                }
+                            }
+                            any
+                        }
+                        _ => Vec::new(),
+                    };
+                    m.done.insert(t.clone(), any);
+                }
+                let hits = m.done.get(t).map(Vec::as_slice).unwrap_or_default();
+                idx.iter().any(|i| hits.get(*i).copied().unwrap_or(false))
+            }
+        },
+    }
+}

@@ -1,0 +1,134 @@
+//! What the rules look at: the dialogue's facts (`Input`, borrowed, or
+//! `OwnedInput` kept across awaits) and the parsed message
+//! (`MessageFacts`).
+
+use std::net::IpAddr;
+
+/// What the rules can look at; fields fill in as the dialogue goes on.
+#[derive(Debug, Default, Clone)]
+pub struct Input<'a> {
+    pub ip: Option<IpAddr>,
+    pub reverse: Option<&'a str>,
+    pub helo: Option<&'a str>,
+    pub mail_from: Option<&'a str>,
+    /// At RCPT: the recipient being checked; at DATA: all of them.
+    pub rcpts: Vec<&'a str>,
+    pub rcpt_count: usize,
+    pub tls: bool,
+    pub size: Option<u64>,
+    pub message: Option<&'a MessageFacts>,
+    pub spf: &'a str,
+    pub dkim: &'a str,
+    pub dmarc: &'a str,
+    pub iprev: &'a str,
+    pub greylist: &'a str,
+    pub dnsbl: Vec<&'a str>,
+}
+
+/// `Input` with everything owned, to evaluate the rules away from the
+/// session (on the blocking pool).
+#[derive(Debug, Default, Clone)]
+pub struct OwnedInput {
+    pub ip: Option<IpAddr>,
+    pub reverse: Option<String>,
+    pub helo: Option<String>,
+    pub mail_from: Option<String>,
+    pub rcpts: Vec<String>,
+    pub rcpt_count: usize,
+    pub tls: bool,
+    pub size: Option<u64>,
+    pub spf: String,
+    pub dkim: String,
+    pub dmarc: String,
+    pub iprev: String,
+    pub greylist: String,
+    pub dnsbl: Vec<String>,
+}
+
+impl OwnedInput {
+    pub fn new(f: &Input<'_>) -> OwnedInput {
+        OwnedInput {
+            ip: f.ip,
+            reverse: f.reverse.map(str::to_string),
+            helo: f.helo.map(str::to_string),
+            mail_from: f.mail_from.map(str::to_string),
+            rcpts: f.rcpts.iter().map(|r| r.to_string()).collect(),
+            rcpt_count: f.rcpt_count,
+            tls: f.tls,
+            size: f.size,
+            spf: f.spf.to_string(),
+            dkim: f.dkim.to_string(),
+            dmarc: f.dmarc.to_string(),
+            iprev: f.iprev.to_string(),
+            greylist: f.greylist.to_string(),
+            dnsbl: f.dnsbl.iter().map(|z| z.to_string()).collect(),
+        }
+    }
+
+    /// The borrowed view, with the parsed message.
+    pub fn view<'a>(&'a self, message: Option<&'a MessageFacts>) -> Input<'a> {
+        Input {
+            ip: self.ip,
+            reverse: self.reverse.as_deref(),
+            helo: self.helo.as_deref(),
+            mail_from: self.mail_from.as_deref(),
+            rcpts: self.rcpts.iter().map(String::as_str).collect(),
+            rcpt_count: self.rcpt_count,
+            tls: self.tls,
+            size: self.size,
+            message,
+            spf: &self.spf,
+            dkim: &self.dkim,
+            dmarc: &self.dmarc,
+            iprev: &self.iprev,
+            greylist: &self.greylist,
+            dnsbl: self.dnsbl.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// A message as the rules see it: decoded (mail-parser), parsed once.
+#[derive(Debug, Default)]
+pub struct MessageFacts {
+    /// Lower-case name, decoded value; every occurrence.
+    pub headers: Vec<(String, String)>,
+    pub subject: Option<String>,
+    /// Decoded text parts (not raw base64).
+    pub body: Vec<String>,
+    pub attachment_names: Vec<String>,
+    /// `type/subtype`, lower-case.
+    pub attachment_types: Vec<String>,
+}
+
+impl MessageFacts {
+    pub fn parse(raw: &[u8]) -> MessageFacts {
+        let Some(msg) = mail_parser::MessageParser::default().parse(raw) else {
+            return MessageFacts::default();
+        };
+        let mut f = MessageFacts {
+            subject: msg.subject().map(str::to_string),
+            ..MessageFacts::default()
+        };
+        for h in msg.headers() {
+            let value = match h.value().as_text() {
+                Some(t) => t.to_string(),
+                None => String::from_utf8_lossy(h.raw_value()).trim().to_string(),
+            };
+            f.headers.push((h.raw_name().to_ascii_lowercase(), value));
+        }
+        f.body = msg.text_bodies().map(|t| t.into_owned()).collect();
+        for a in msg.attachments() {
+            if let Some(n) = a.attachment_name() {
+                f.attachment_names.push(n.to_string());
+            }
+            if let Some(ct) = a.content_type() {
+                let t = match ct.subtype() {
+                    Some(s) => format!("{}/{}", ct.ctype(), s),
+                    None => ct.ctype().to_string(),
+                };
+                f.attachment_types.push(t.to_ascii_lowercase());
+            }
+        }
+        f
+    }
+}
