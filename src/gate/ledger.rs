@@ -144,7 +144,14 @@ impl Ledger {
     pub fn record_abandoned(&self, client: &Client<'_>, why: &str, size: u64) {
         let none = Said::default();
         let reason = format!("client:{why}");
-        let end = match (&self.last_refusal, self.rcpts) {
+        self.record(client, &self.unanswered(&none, &reason, size));
+    }
+
+    /// How a transaction without a final reply ends: as its last refusal
+    /// when no recipient was accepted, else abandoned (`said` and `reason`
+    /// are that ending's).
+    fn unanswered<'a>(&'a self, none: &'a Said, reason: &'a str, size: u64) -> Ending<'a> {
+        match (&self.last_refusal, self.rcpts) {
             (Some(r), 0) => Ending {
                 verdict: Verdict::from_code(r.said.code),
                 stage: Stage::Rcpt,
@@ -157,13 +164,56 @@ impl Ledger {
             _ => Ending {
                 verdict: Verdict::Abandoned,
                 stage: Stage::Rcpt,
-                said: &none,
-                reason: &reason,
+                said: none,
+                reason,
                 upstream: "",
                 queue_id: "",
                 size,
             },
-        };
-        self.record(client, &end);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: u16, enhanced: &str, reason: &str) -> Refusal {
+        let r = Reply::new(code, 0, 0, "").with_text("no");
+        let mut refusal = Refusal::ours(&r, reason.to_string());
+        refusal.said.enhanced = enhanced.to_string();
+        refusal
+    }
+
+    #[test]
+    fn a_transaction_with_no_recipient_accepted_ends_as_its_last_refusal() {
+        let mut l = Ledger::new("a@x.test".into(), Instant::now(), 0.0);
+        l.last_refusal = Some(refused(550, "5.1.1", "rule:TRAP"));
+        let none = Said::default();
+        let end = l.unanswered(&none, "client:quit", 10);
+        assert_eq!(end.verdict, Verdict::Reject);
+        assert_eq!((end.said.code, end.reason), (550, "rule:TRAP"));
+        // A tempfail refusal ends it as a tempfail.
+        l.last_refusal = Some(refused(451, "4.7.1", "greylist"));
+        let end = l.unanswered(&none, "client:quit", 10);
+        assert_eq!((end.verdict, end.reason), (Verdict::Tempfail, "greylist"));
+    }
+
+    #[test]
+    fn a_transaction_with_a_recipient_accepted_is_abandoned_for_why() {
+        let mut l = Ledger::new("a@x.test".into(), Instant::now(), 0.0);
+        l.last_refusal = Some(refused(550, "5.1.1", "rule:TRAP"));
+        l.rcpts = 1;
+        let none = Said::default();
+        let end = l.unanswered(&none, "client:rset", 42);
+        assert_eq!(end.verdict, Verdict::Abandoned);
+        assert_eq!(
+            (end.said.code, end.reason, end.size),
+            (0, "client:rset", 42)
+        );
+        // Nothing refused and nothing accepted (RSET right after MAIL).
+        let l = Ledger::new("a@x.test".into(), Instant::now(), 0.0);
+        let end = l.unanswered(&none, "client:rset", 0);
+        assert_eq!(end.verdict, Verdict::Abandoned);
     }
 }
