@@ -15,8 +15,9 @@
 //!   status page, TLS.
 //! - `session` and `milter`, the two front doors, side by side (neither
 //!   imports the other): the proxy's client session, one file per SMTP
-//!   stage, relaying through `upstream`; and a milter for Postfix or
-//!   Sendmail. Both drive a `checks::Screen`.
+//!   stage, relaying through `upstream`; and the milter for Postfix or
+//!   Sendmail, a named state machine split by stage the same way. Both
+//!   drive a `checks::Screen` and record through `gate::ledger`.
 //! - `gate`: what both doors stand on: the snapshot a reload swaps (`Snapshot`),
 //!   the shared handles, the peer, and `gate::ledger`, one transaction's
 //!   record and its one log line.
