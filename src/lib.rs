@@ -96,12 +96,14 @@ mod tests {
     fn the_doors_do_not_import_each_other() {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         for (door, other) in [("session", "milter"), ("milter", "session")] {
+            let mut imports = 0;
             let mut files = Vec::new();
             sources(&src.join(door), &mut files);
             assert!(!files.is_empty(), "no sources under src/{door}");
             for f in files {
                 let text = std::fs::read_to_string(&f).unwrap();
                 for (i, line) in text.lines().enumerate() {
+                    imports += line.matches("crate::").count();
                     assert!(
                         !line.contains(&format!("crate::{other}")),
                         "{}:{}: the {door} door imports the {other} door",
@@ -110,6 +112,7 @@ mod tests {
                     );
                 }
             }
+            println!("src/{door}: {imports} crate:: imports, none of crate::{other}");
         }
     }
 
@@ -120,6 +123,7 @@ mod tests {
         sources(&src, &mut files);
         let mut wrong = Vec::new();
         let mut seen = 0;
+        let checked = files.len();
         for f in files {
             let rel = f.strip_prefix(&src).unwrap();
             let top = rel.iter().next().unwrap().to_string_lossy();
@@ -146,5 +150,12 @@ mod tests {
             wrong.is_empty(),
             "imports that do not point down: {wrong:#?}"
         );
+        // Shown with --nocapture: what was checked.
+        println!(
+            "{seen} crate:: imports in {checked} files point down through these layers (bottom first):"
+        );
+        for (i, l) in LAYERS.iter().enumerate() {
+            println!("  {i}: {}", l.join(", "));
+        }
     }
 }
