@@ -4,7 +4,7 @@
 use super::{Count, Day, Greylisting, Hour, Report, WhatIf, Window, percent};
 use crate::cli::logs::{PrefixClock, read_fields};
 use crate::telemetry::{Verdict, event_name, key};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// One transaction or refused-connection line, reduced to what stats use.
 #[derive(Debug, Default, Clone)]
@@ -117,49 +117,14 @@ pub fn compute(lines: impl Iterator<Item = String>, w: &Window) -> Report {
 
 /// `compute`, reading journal prefix times by `clock`.
 pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &PrefixClock) -> Report {
-    let mut r = Report::default();
-    let (
-        mut verdicts,
-        mut reasons,
-        mut rules,
-        mut shadow,
-        mut codes,
-        mut zones,
-        mut nets,
-        mut senders,
-    ) = (
-        HashMap::new(),
-        HashMap::new(),
-        HashMap::new(),
-        HashMap::new(),
-        HashMap::new(),
-        HashMap::new(),
-        HashMap::new(),
-        HashMap::new(),
-    );
-    let mut hours: BTreeMap<String, Hour> = BTreeMap::new();
-    let mut refused: HashMap<String, u64> = HashMap::new();
-    let mut greylist: HashMap<String, u64> = HashMap::new();
-    let mut limits: HashMap<String, u64> = HashMap::new();
-    let mut modes: HashMap<String, u64> = HashMap::new();
-    let mut tempfails: HashMap<String, u64> = HashMap::new();
-    let mut what_if: HashMap<String, WhatIfCount> = HashMap::new();
-    let (mut spf, mut dkim, mut dmarc): (
-        HashMap<String, u64>,
-        HashMap<String, u64>,
-        HashMap<String, u64>,
-    ) = Default::default();
-    let (mut told, mut passed) = (
-        std::collections::HashSet::new(),
-        std::collections::HashSet::new(),
-    );
+    let mut t = Tally::default();
     for raw in lines {
         let Some(l) = parse_line(&raw, clock) else {
             continue;
         };
-        r.lines += 1;
+        t.lines += 1;
         if l.time.is_empty() {
-            r.untimed += 1;
+            t.untimed += 1;
             if w.since.is_some() || w.until.is_some() {
                 continue;
             }
@@ -170,46 +135,118 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
             continue;
         }
         if l.event == event_name::REFUSED {
-            r.refused_connections += 1;
-            *refused.entry(l.reason.clone()).or_insert(0) += 1;
-            if let Some(name) = l.reason.strip_prefix("rate_limit:") {
-                *limits.entry(name.to_string()).or_insert(0) += 1;
-            }
-            continue;
+            t.refused_connection(&l);
+        } else {
+            t.transaction(&l);
         }
+    }
+    t.report()
+}
+
+/// Counts by name.
+type Counts = HashMap<String, u64>;
+
+fn bump(m: &mut Counts, name: &str) {
+    *m.entry(name.to_string()).or_insert(0) += 1;
+}
+
+/// The counts so far, one table each, as the lines are read.
+#[derive(Default)]
+struct Tally {
+    lines: u64,
+    untimed: u64,
+    transactions: u64,
+    refused_connections: u64,
+    refused: Counts,
+    modes: Counts,
+    verdicts: Counts,
+    reasons: Counts,
+    tempfails: Counts,
+    spf: Counts,
+    dkim: Counts,
+    dmarc: Counts,
+    rules: Counts,
+    shadow: Counts,
+    codes: Counts,
+    zones: Counts,
+    nets: Counts,
+    senders: Counts,
+    greylist: Counts,
+    limits: Counts,
+    hours: BTreeMap<String, Hour>,
+    what_if: HashMap<String, WhatIfCount>,
+    /// (client network, sender) pairs greylisted, and those that passed.
+    told: HashSet<(String, String)>,
+    passed: HashSet<(String, String)>,
+}
+
+impl Tally {
+    fn refused_connection(&mut self, l: &Line) {
+        self.refused_connections += 1;
+        bump(&mut self.refused, &l.reason);
+        if let Some(name) = l.reason.strip_prefix("rate_limit:") {
+            bump(&mut self.limits, name);
+        }
+    }
+
+    fn transaction(&mut self, l: &Line) {
+        self.transactions += 1;
         for name in l.rate_limit.split_whitespace() {
-            *limits.entry(name.to_string()).or_insert(0) += 1;
+            bump(&mut self.limits, name);
         }
-        if !l.greylist.is_empty() {
-            *greylist.entry(l.greylist.clone()).or_insert(0) += 1;
-            let pair = (network(&l.client_ip), l.mail_from.to_ascii_lowercase());
-            match l.greylist.as_str() {
-                "new" | "early" => {
-                    told.insert(pair);
-                }
-                "passed" => {
-                    passed.insert(pair);
-                }
-                _ => {}
-            }
-        }
-        r.transactions += 1;
-        *modes.entry(l.mode.clone()).or_insert(0) += 1;
+        self.greylisting(l);
+        bump(&mut self.modes, &l.mode);
         for (result, table) in [
-            (&l.spf, &mut spf),
-            (&l.dkim, &mut dkim),
-            (&l.dmarc, &mut dmarc),
+            (&l.spf, &mut self.spf),
+            (&l.dkim, &mut self.dkim),
+            (&l.dmarc, &mut self.dmarc),
         ] {
             if !result.is_empty() {
-                *table.entry(result.clone()).or_insert(0) += 1;
+                bump(table, result);
             }
         }
-        *verdicts.entry(l.verdict.clone()).or_insert(0) += 1;
+        bump(&mut self.verdicts, &l.verdict);
+        self.what_if(l);
+        if !l.code.is_empty() && l.code != "0" {
+            bump(&mut self.codes, &l.code);
+        }
+        for rule in l.rules.split_whitespace() {
+            match rule.strip_suffix("(shadow)") {
+                Some(id) => bump(&mut self.shadow, id),
+                None => bump(&mut self.rules, rule),
+            }
+        }
+        for z in l.dnsbl.split_whitespace() {
+            bump(&mut self.zones, z.split('=').next().unwrap_or(z));
+        }
+        self.outcome(l);
+    }
+
+    /// Greylisting's outcome, and the pairs told to come back or passed.
+    fn greylisting(&mut self, l: &Line) {
+        if l.greylist.is_empty() {
+            return;
+        }
+        bump(&mut self.greylist, &l.greylist);
+        let pair = (network(&l.client_ip), l.mail_from.to_ascii_lowercase());
+        match l.greylist.as_str() {
+            "new" | "early" => {
+                self.told.insert(pair);
+            }
+            "passed" => {
+                self.passed.insert(pair);
+            }
+            _ => {}
+        }
+    }
+
+    /// What each record-mode check or shadow rule would have done alone.
+    fn what_if(&mut self, l: &Line) {
         for entry in l.would.split_whitespace() {
             let Some((name, word)) = entry.rsplit_once('=') else {
                 continue;
             };
-            let w = what_if.entry(name.to_string()).or_default();
+            let w = self.what_if.entry(name.to_string()).or_default();
             w.fired += 1;
             match Verdict::parse(word) {
                 Some(Verdict::Reject) => w.reject += 1,
@@ -222,18 +259,19 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
             ) {
                 w.accepted += 1;
             }
-            *w.senders.entry(sender_domain(&l.mail_from)).or_insert(0) += 1;
-            *w.nets.entry(network(&l.client_ip)).or_insert(0) += 1;
+            bump(&mut w.senders, &sender_domain(&l.mail_from));
+            bump(&mut w.nets, &network(&l.client_ip));
         }
-        if !l.code.is_empty() && l.code != "0" {
-            *codes.entry(l.code.clone()).or_insert(0) += 1;
-        }
+    }
+
+    /// The hour's row, and rejections and tempfails by reason.
+    fn outcome(&mut self, l: &Line) {
         let hour_key: String = if l.time.is_empty() {
             "(no time)".into()
         } else {
             l.time.chars().take(13).collect()
         };
-        let h = hours.entry(hour_key.clone()).or_insert_with(|| Hour {
+        let h = self.hours.entry(hour_key.clone()).or_insert_with(|| Hour {
             hour: hour_key,
             transactions: 0,
             rejected: 0,
@@ -241,55 +279,70 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
             reasons: BTreeMap::new(),
         });
         h.transactions += 1;
-        for rule in l.rules.split_whitespace() {
-            match rule.strip_suffix("(shadow)") {
-                Some(id) => *shadow.entry(id.to_string()).or_insert(0) += 1,
-                None => *rules.entry(rule.to_string()).or_insert(0) += 1,
-            }
-        }
-        for z in l.dnsbl.split_whitespace() {
-            *zones
-                .entry(z.split('=').next().unwrap_or(z).to_string())
-                .or_insert(0) += 1;
-        }
         let reason = if l.reason.is_empty() {
-            "unknown".to_string()
+            "unknown"
         } else {
-            l.reason.clone()
+            l.reason.as_str()
         };
         match Verdict::parse(&l.verdict) {
             Some(Verdict::Reject) => {
                 h.rejected += 1;
-                *h.reasons.entry(reason.clone()).or_insert(0) += 1;
-                *reasons.entry(reason).or_insert(0) += 1;
-                *nets.entry(network(&l.client_ip)).or_insert(0) += 1;
-                *senders.entry(sender_domain(&l.mail_from)).or_insert(0) += 1;
+                *h.reasons.entry(reason.to_string()).or_insert(0) += 1;
+                bump(&mut self.reasons, reason);
+                bump(&mut self.nets, &network(&l.client_ip));
+                bump(&mut self.senders, &sender_domain(&l.mail_from));
             }
             Some(Verdict::Tempfail) => {
                 h.tempfailed += 1;
-                *tempfails.entry(reason).or_insert(0) += 1;
+                bump(&mut self.tempfails, reason);
             }
             _ => {}
         }
     }
-    let t = r.transactions;
-    r.refused_reasons = counts(refused, r.refused_connections, None);
-    r.modes = counts(modes, t, None);
-    r.verdicts = counts(verdicts, t, None);
-    r.reject_reasons = counts(reasons, t, None);
-    r.tempfail_reasons = counts(tempfails, t, None);
-    r.spf = counts(spf, t, None);
-    r.dkim = counts(dkim, t, None);
-    r.dmarc = counts(dmarc, t, None);
-    r.rules = counts(rules, t, None);
-    r.shadow_rules = counts(shadow, t, None);
-    r.codes = counts(codes, t, None);
-    r.dnsbl_zones = counts(zones, t, None);
-    r.top_networks = counts(nets, t, Some(10));
-    r.top_sender_domains = counts(senders, t, Some(10));
-    r.hours = hours.into_values().collect();
+
+    fn report(self) -> Report {
+        let t = self.transactions;
+        let hours: Vec<Hour> = self.hours.into_values().collect();
+        let came_back = self.told.intersection(&self.passed).count() as u64;
+        let greylisted = self.told.len() as u64;
+        Report {
+            lines: self.lines,
+            untimed: self.untimed,
+            transactions: t,
+            refused_connections: self.refused_connections,
+            refused_reasons: counts(self.refused, self.refused_connections, None),
+            modes: counts(self.modes, t, None),
+            verdicts: counts(self.verdicts, t, None),
+            reject_reasons: counts(self.reasons, t, None),
+            tempfail_reasons: counts(self.tempfails, t, None),
+            spf: counts(self.spf, t, None),
+            dkim: counts(self.dkim, t, None),
+            dmarc: counts(self.dmarc, t, None),
+            rules: counts(self.rules, t, None),
+            shadow_rules: counts(self.shadow, t, None),
+            codes: counts(self.codes, t, None),
+            dnsbl_zones: counts(self.zones, t, None),
+            top_networks: counts(self.nets, t, Some(10)),
+            top_sender_domains: counts(self.senders, t, Some(10)),
+            days: days(&hours),
+            hours,
+            what_if: what_if(self.what_if),
+            rate_limits: counts(self.limits, t, None),
+            greylisting: Greylisting {
+                outcomes: counts(self.greylist, t, None),
+                greylisted,
+                came_back,
+                never_retried: greylisted - came_back,
+                came_back_rate: percent(came_back, greylisted),
+            },
+        }
+    }
+}
+
+/// The hours summed by UTC day.
+fn days(hours: &[Hour]) -> Vec<Day> {
     let mut days: BTreeMap<String, Day> = BTreeMap::new();
-    for h in &r.hours {
+    for h in hours {
         let key: String = h.hour.chars().take(10).collect();
         let d = days.entry(key.clone()).or_insert_with(|| Day {
             day: key,
@@ -301,8 +354,12 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
         d.rejected += h.rejected;
         d.tempfailed += h.tempfailed;
     }
-    r.days = days.into_values().collect();
-    let mut what_if: Vec<WhatIf> = what_if
+    days.into_values().collect()
+}
+
+/// The what-if entries, most refusals first.
+fn what_if(m: HashMap<String, WhatIfCount>) -> Vec<WhatIf> {
+    let mut v: Vec<WhatIf> = m
         .into_iter()
         .map(|(name, w)| {
             let refused = w.reject + w.tempfail;
@@ -317,23 +374,12 @@ pub fn compute_at(lines: impl Iterator<Item = String>, w: &Window, clock: &Prefi
             }
         })
         .collect();
-    what_if.sort_by(|a, b| {
+    v.sort_by(|a, b| {
         (b.would_reject + b.would_tempfail, b.fired)
             .cmp(&(a.would_reject + a.would_tempfail, a.fired))
             .then_with(|| a.name.cmp(&b.name))
     });
-    r.what_if = what_if;
-    r.rate_limits = counts(limits, t, None);
-    let came_back = told.intersection(&passed).count() as u64;
-    let greylisted = told.len() as u64;
-    r.greylisting = Greylisting {
-        outcomes: counts(greylist, t, None),
-        greylisted,
-        came_back,
-        never_retried: greylisted - came_back,
-        came_back_rate: percent(came_back, greylisted),
-    };
-    r
+    v
 }
 
 #[cfg(test)]
