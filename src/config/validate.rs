@@ -36,6 +36,20 @@ impl Config {
                 message,
             });
         };
+        self.validate_listeners(&mut fail);
+        self.validate_limits(&mut fail);
+        self.validate_checks(&mut fail);
+        self.validate_services(&mut fail);
+        self.validate_bounds(&mut fail);
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Several(errors)),
+        }
+    }
+
+    /// Our name, the listeners, and the upstream they need.
+    fn validate_listeners(&self, fail: &mut impl FnMut(&str, String)) {
         if !is_domain_like(&self.hostname) {
             fail(
                 "hostname",
@@ -74,6 +88,10 @@ impl Config {
         {
             fail("upstream.helo_name", format!("{h:?} is not a host name"));
         }
+    }
+
+    /// Connection, recipient, error and memory limits, and the network prefixes they count by.
+    fn validate_limits(&self, fail: &mut impl FnMut(&str, String)) {
         let l = &self.limits;
         for (key, v) in [
             ("limits.max_connections", l.max_connections),
@@ -95,6 +113,16 @@ impl Config {
         if l.network_prefix_v6 > 128 {
             fail("limits.network_prefix_v6", "must be 0 to 128".into());
         }
+        if l.memory_budget < l.max_message_size {
+            fail(
+                "limits.memory_budget",
+                format!(
+                    "{} is smaller than limits.max_message_size ({})",
+                    l.memory_budget, l.max_message_size
+                ),
+            );
+        }
+        // Greylisting counts clients by network too.
         let gl = &self.checks.greylist;
         if gl.network_prefix_v4 > 32 {
             fail(
@@ -108,6 +136,10 @@ impl Config {
                 "must be 0 to 128".into(),
             );
         }
+    }
+
+    /// Rate limits (names unique, bursts), DNSBL zones.
+    fn validate_checks(&self, fail: &mut impl FnMut(&str, String)) {
         let mut names = std::collections::HashSet::new();
         for (i, l) in self.checks.rate_limits.iter().enumerate() {
             let key = format!("checks.rate_limits[{i}].name");
@@ -128,6 +160,24 @@ impl Config {
                 );
             }
         }
+        for (i, z) in self.checks.dnsbl.zones.iter().enumerate() {
+            if !is_domain_like(&z.zone) {
+                fail(
+                    &format!("checks.dnsbl.zones[{i}].zone"),
+                    format!("{:?} is not a DNS zone", z.zone),
+                );
+            }
+            if matches!(z.action, Some(Action::Score(_))) {
+                fail(
+                    &format!("checks.dnsbl.zones[{i}].action"),
+                    "use the zone's score: key for scores".into(),
+                );
+            }
+        }
+    }
+
+    /// The state store, stress mode, the SMTP line limits, DNS and the log filter.
+    fn validate_services(&self, fail: &mut impl FnMut(&str, String)) {
         if self.state.max_entries == 0 {
             fail("state.max_entries", "must be at least 1".into());
         }
@@ -146,15 +196,6 @@ impl Config {
         }
         if !(1..=100).contains(&self.stress.at_percent) {
             fail("stress.at_percent", "must be 1 to 100".into());
-        }
-        if l.memory_budget < l.max_message_size {
-            fail(
-                "limits.memory_budget",
-                format!(
-                    "{} is smaller than limits.max_message_size ({})",
-                    l.memory_budget, l.max_message_size
-                ),
-            );
         }
         if !(512..=65536).contains(&self.smtp.max_command_line) {
             fail(
@@ -180,35 +221,14 @@ impl Config {
         if self.dns.min_ttl > self.dns.max_ttl {
             fail("dns.min_ttl", "is larger than dns.max_ttl".into());
         }
-        for (i, z) in self.checks.dnsbl.zones.iter().enumerate() {
-            if !is_domain_like(&z.zone) {
-                fail(
-                    &format!("checks.dnsbl.zones[{i}].zone"),
-                    format!("{:?} is not a DNS zone", z.zone),
-                );
-            }
-            if matches!(z.action, Some(Action::Score(_))) {
-                fail(
-                    &format!("checks.dnsbl.zones[{i}].action"),
-                    "use the zone's score: key for scores".into(),
-                );
-            }
-        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             fail("log.level", format!("invalid filter: {e}"));
         }
-        self.validate_bounds(&mut fail);
-        match errors.len() {
-            0 => Ok(()),
-            1 => Err(errors.remove(0)),
-            _ => Err(ConfigError::Several(errors)),
-        }
     }
 
-    /// Sane minimums and maximums: no duration that overflows a deadline,
-    /// no interval that turns a probe into a flood, no size that switches
-    /// a bound off.
-    fn validate_bounds(&self, fail: &mut impl FnMut(&str, String)) {
+    /// Every duration within its range: none that overflows a deadline,
+    /// none short enough to turn a probe into a flood.
+    fn validate_durations(&self, fail: &mut impl FnMut(&str, String)) {
         let gl = &self.checks.greylist;
         let secs = |s: u64| Duration::from_secs(s);
         let ms = |m: u64| Duration::from_millis(m);
@@ -298,6 +318,15 @@ impl Config {
                 );
             }
         }
+    }
+
+    /// Sane minimums and maximums: no duration that overflows a deadline,
+    /// no interval that turns a probe into a flood, no size that switches
+    /// a bound off.
+    fn validate_bounds(&self, fail: &mut impl FnMut(&str, String)) {
+        self.validate_durations(fail);
+        let secs = |s: u64| Duration::from_secs(s);
+        let u = &self.upstream;
         if let Some(d) = self.greeting.delay
             && d.0 > secs(300)
         {
