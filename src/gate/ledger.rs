@@ -6,6 +6,7 @@
 use super::Door;
 use crate::checks::{Screen, Stage};
 use crate::telemetry::{TxnRecord, Verdict};
+use crate::verdict::Decision;
 use crate::wire::reply::{Reply, UpstreamReply};
 use std::net::IpAddr;
 use std::time::Instant;
@@ -81,9 +82,44 @@ pub struct Ending<'a> {
     pub size: u64,
 }
 
+/// Where a transaction stands, in both doors (each door's state table).
+#[derive(Debug, Clone)]
+pub enum TxnPhase {
+    /// MAIL accepted: recipients are checked (and in proxy mode relayed)
+    /// as they come.
+    Open,
+    /// A verdict reached at MAIL, delivered at each RCPT (delayed reject),
+    /// so that the log line names sender and recipients; upstream never
+    /// hears of the transaction.
+    Doomed { reply: Reply, reason: String },
+    /// Proxy mode: upstream failed mid-transaction; RCPT and DATA get 4xx.
+    Broken,
+}
+
+impl TxnPhase {
+    /// After the MAIL checks: doomed by a refusal, else open.
+    pub fn after_mail(decision: Decision, reason: String) -> TxnPhase {
+        match decision {
+            Decision::Reject(reply) | Decision::Tempfail(reply) => {
+                TxnPhase::Doomed { reply, reason }
+            }
+            Decision::Accept | Decision::Tag => TxnPhase::Open,
+        }
+    }
+
+    /// The MAIL verdict a doomed transaction gives each recipient.
+    pub fn doom(&self) -> Option<(Reply, String)> {
+        match self {
+            TxnPhase::Doomed { reply, reason } => Some((reply.clone(), reason.clone())),
+            TxnPhase::Open | TxnPhase::Broken => None,
+        }
+    }
+}
+
 /// The record of one transaction, from MAIL to its end.
 #[derive(Debug, Clone)]
 pub struct Ledger {
+    pub phase: TxnPhase,
     pub mail_from: String,
     pub started: Instant,
     /// Summed score of the transaction's latest decision.
@@ -96,8 +132,9 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(mail_from: String, started: Instant, score: f64) -> Ledger {
+    pub fn new(mail_from: String, started: Instant, score: f64, phase: TxnPhase) -> Ledger {
         Ledger {
+            phase,
             mail_from,
             started,
             score,
@@ -186,8 +223,20 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_at_mail_dooms_the_transaction_and_is_given_to_each_recipient() {
+        let r = Reply::new(550, 7, 1, "").with_text("listed");
+        let doomed = TxnPhase::after_mail(Decision::Reject(r), "dnsbl:bl.test".into());
+        let (reply, reason) = doomed.doom().unwrap_or_else(|| panic!("{doomed:?}"));
+        assert_eq!((reply.code, reason.as_str()), (550, "dnsbl:bl.test"));
+        assert!(doomed.doom().is_some(), "every recipient gets it");
+        let open = TxnPhase::after_mail(Decision::Tag, "score".into());
+        assert!(matches!(open, TxnPhase::Open) && open.doom().is_none());
+        assert!(TxnPhase::Broken.doom().is_none());
+    }
+
+    #[test]
     fn a_transaction_with_no_recipient_accepted_ends_as_its_last_refusal() {
-        let mut l = Ledger::new("a@x.test".into(), Instant::now(), 0.0);
+        let mut l = Ledger::new("a@x.test".into(), Instant::now(), 0.0, TxnPhase::Open);
         l.last_refusal = Some(refused(550, "5.1.1", "rule:TRAP"));
         let none = Said::default();
         let end = l.unanswered(&none, "client:quit", 10);
@@ -201,7 +250,7 @@ mod tests {
 
     #[test]
     fn a_transaction_with_a_recipient_accepted_is_abandoned_for_why() {
-        let mut l = Ledger::new("a@x.test".into(), Instant::now(), 0.0);
+        let mut l = Ledger::new("a@x.test".into(), Instant::now(), 0.0, TxnPhase::Open);
         l.last_refusal = Some(refused(550, "5.1.1", "rule:TRAP"));
         l.rcpts = 1;
         let none = Said::default();
@@ -212,7 +261,7 @@ mod tests {
             (0, "client:rset", 42)
         );
         // Nothing refused and nothing accepted (RSET right after MAIL).
-        let l = Ledger::new("a@x.test".into(), Instant::now(), 0.0);
+        let l = Ledger::new("a@x.test".into(), Instant::now(), 0.0, TxnPhase::Open);
         let end = l.unanswered(&none, "client:rset", 0);
         assert_eq!(end.verdict, Verdict::Abandoned);
     }

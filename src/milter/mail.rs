@@ -2,10 +2,10 @@
 //! open or doomed by a verdict delivered at each RCPT.
 
 use super::conversation::Conversation;
-use super::txn::{Txn, TxnPhase, reply_code};
+use super::txn::{Txn, reply_code};
 use crate::checks::{Screened, Stage};
+use crate::gate::ledger::TxnPhase;
 use crate::telemetry::Verdict;
-use crate::verdict::Decision;
 use crate::wire::milter::Response;
 use std::time::Instant;
 
@@ -43,13 +43,7 @@ impl Conversation {
             }
             Screened::Verdict(v) => v,
         };
-        let phase = match verdict.decision {
-            Decision::Reject(reply) | Decision::Tempfail(reply) => TxnPhase::Doomed {
-                reply,
-                reason: verdict.reason,
-            },
-            _ => TxnPhase::Open,
-        };
+        let phase = TxnPhase::after_mail(verdict.decision, verdict.reason);
         c.txn = Some(Txn::new(
             sender,
             started,

@@ -4,7 +4,7 @@
 
 use super::conversation::Conversation;
 use super::headers::{Assembled, fields_of};
-use super::txn::{TxnPhase, reply_code};
+use super::txn::reply_code;
 use crate::checks::Stage;
 use crate::checks::pool::SharedMessage;
 use crate::runtime::limits::Held;
@@ -51,10 +51,10 @@ impl Conversation {
         let parse = c.screen.facts().rules.has_stage(Stage::Data);
         t.hold
             .before_checks(parse, t.message.bytes.capacity(), t.message.len());
-        let local = match (&t.phase, t.hold.refusal()) {
-            (TxnPhase::Doomed { reply, reason }, _) => Some((reply.clone(), reason.clone())),
-            (TxnPhase::Open, Some((r, reason))) => Some((r, reason.to_string())),
-            (TxnPhase::Open, None) => None,
+        let local = match (t.ledger.phase.doom(), t.hold.refusal()) {
+            (Some(doom), _) => Some(doom),
+            (None, Some((r, reason))) => Some((r, reason.to_string())),
+            (None, None) => None,
         };
         if let Some((r, reason)) = local {
             t.record(c, Verdict::from_code(r.code), Stage::Data, &r, &reason);

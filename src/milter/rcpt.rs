@@ -3,7 +3,7 @@
 
 use super::conversation::Conversation;
 use super::mail::address;
-use super::txn::{TxnPhase, reply_code};
+use super::txn::reply_code;
 use crate::gate::ledger::Refusal;
 use crate::wire::milter::Response;
 
@@ -16,9 +16,9 @@ impl Conversation {
             return Response::Continue;
         };
         let rcpt = address(args.first().map_or(&[][..], Vec::as_slice));
-        let refusal = match &t.phase {
-            TxnPhase::Doomed { reply, reason } => Some((reply.clone(), reason.clone())),
-            TxnPhase::Open => c.screen.rcpt(&rcpt).await,
+        let refusal = match t.ledger.phase.doom() {
+            Some(doom) => Some(doom),
+            None => c.screen.rcpt(&rcpt).await,
         };
         match refusal {
             Some((r, reason)) => {

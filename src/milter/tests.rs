@@ -2,7 +2,7 @@
 //! states and answers (the table in `mod.rs`), DNS checks off.
 
 use super::conversation::{Conversation, State};
-use super::txn::TxnPhase;
+use crate::gate::ledger::TxnPhase;
 use crate::gate::shared_for_tests;
 use crate::wire::milter::{Command, Family, Response, action, step};
 
@@ -76,9 +76,10 @@ fn rcpt(to: &str) -> Command {
 
 fn phase(c: &mut Conversation) -> Option<&'static str> {
     let t = c.screening()?.txn.as_ref()?;
-    Some(match t.phase {
+    Some(match t.ledger.phase {
         TxnPhase::Open => "open",
         TxnPhase::Doomed { .. } => "doomed",
+        TxnPhase::Broken => "broken",
     })
 }
 

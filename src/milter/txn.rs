@@ -1,28 +1,19 @@
-//! One transaction, MAIL to the end of the message: its phase, the
-//! message being kept, its record (`gate::ledger`) and how it ends.
+//! One transaction, MAIL to the end of the message: its record
+//! (`gate::ledger`, with its phase), the message being kept, and how it
+//! ends.
 
 use super::conversation::{Client, Conversation, State};
 use super::headers::Assembled;
 use crate::checks::{Hold, Stage};
 use crate::gate::Door;
-use crate::gate::ledger::{self, Ending, Ledger, Said};
+use crate::gate::ledger::{self, Ending, Ledger, Said, TxnPhase};
 use crate::runtime::limits::MemoryBudget;
 use crate::telemetry::Verdict;
 use crate::wire::milter::Response;
 use crate::wire::reply::Reply;
 use std::time::Instant;
 
-/// Where a transaction stands (see the table in `mod.rs`).
-pub(super) enum TxnPhase {
-    /// MAIL accepted: recipients are checked as they come.
-    Open,
-    /// A verdict reached at MAIL, delivered at each RCPT (delayed reject,
-    /// as in proxy mode, so that the log line names the recipients).
-    Doomed { reply: Reply, reason: String },
-}
-
 pub(super) struct Txn {
-    pub(super) phase: TxnPhase,
     /// Sender, recipients and refusals, score: what the log line says.
     pub(super) ledger: Ledger,
     pub(super) message: Assembled,
@@ -41,8 +32,7 @@ impl Txn {
         budget: &std::sync::Arc<MemoryBudget>,
     ) -> Txn {
         Txn {
-            phase,
-            ledger: Ledger::new(sender, started, score),
+            ledger: Ledger::new(sender, started, score, phase),
             message: Assembled::default(),
             hold: Hold::new(max_size, budget),
         }

@@ -23,7 +23,7 @@ impl Session {
             self.reply(&reply::UPSTREAM_LOST);
             return Next::Continue;
         }
-        if txn.ledger.rcpts == 0 {
+        if txn.rcpts == 0 {
             // The transaction stays open on both sides, as in Postfix.
             return self.error(reply::NEED_RCPT);
         }
@@ -46,7 +46,7 @@ impl Session {
         let msg = Arc::new(Held::new(received.msg, received.hold.take_reservation()));
         let checked = self.screen.data(&(Arc::clone(&msg) as SharedMessage)).await;
         if let Some(t) = self.txn.as_mut() {
-            t.ledger.score = checked.outcome.score;
+            t.score = checked.outcome.score;
         }
         match checked.outcome.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => {

@@ -26,14 +26,11 @@ impl Session {
             Screened::Verdict(v) => v,
         };
         let score = verdict.score;
-        if let Decision::Reject(reply) | Decision::Tempfail(reply) = verdict.decision {
+        let phase = TxnPhase::after_mail(verdict.decision, verdict.reason);
+        if let TxnPhase::Doomed { .. } = phase {
             // Delayed reject: accept MAIL here (upstream never hears of it) and
             // refuse every RCPT, so the log line names sender and recipients.
-            let phase = TxnPhase::Doomed {
-                reply,
-                reason: verdict.reason,
-            };
-            self.txn = Some(Txn::new(m, started, score, phase));
+            self.txn = Some(Ledger::new(m.address, started, score, phase));
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
         }
@@ -58,7 +55,7 @@ impl Session {
             Ok(r) => {
                 self.relay(&r);
                 if r.is_positive() {
-                    self.txn = Some(Txn::new(m, started, score, TxnPhase::Open));
+                    self.txn = Some(Ledger::new(m.address, started, score, TxnPhase::Open));
                 } else {
                     self.log_mail_refused(&m, started, score, &r, "upstream", &r.text());
                 }

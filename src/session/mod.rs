@@ -53,7 +53,7 @@ mod relay;
 mod starttls;
 mod txn;
 
-use crate::gate::ledger::{Client, Ending, Ledger, Refusal, Said};
+use crate::gate::ledger::{Client, Ending, Ledger, Refusal, Said, TxnPhase};
 use crate::session::ehlo::Offer;
 use crate::telemetry::Verdict;
 use crate::telemetry::events;
@@ -68,7 +68,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
-use txn::{Txn, TxnPhase};
 
 /// The negotiated TLS parameters, for the log line.
 #[derive(Debug, Clone)]
@@ -150,7 +149,7 @@ pub struct Session {
     esmtp: bool,
     tls: Option<TlsInfo>,
     offer: Offer,
-    txn: Option<Txn>,
+    txn: Option<Ledger>,
     upstream: Option<UpstreamConn>,
     /// The HELO name upstream was told about on the open connection.
     upstream_helo: Option<String>,

@@ -13,9 +13,10 @@ impl Session {
                 self.reply(&reply::UPSTREAM_LOST);
                 return Next::Continue;
             }
-            TxnPhase::Doomed { reply, reason } => {
-                let (reply, reason) = (reply.clone(), reason.clone());
-                return self.refuse_rcpt(reply, reason);
+            doomed @ TxnPhase::Doomed { .. } => {
+                if let Some((reply, reason)) = doomed.doom() {
+                    return self.refuse_rcpt(reply, reason);
+                }
             }
         }
         if let Some(p) = self.offer.unsupported_rcpt_param(&r) {
@@ -35,10 +36,10 @@ impl Session {
                 self.relay(&rep);
                 if let Some(t) = self.txn.as_mut() {
                     if rep.is_positive() {
-                        t.ledger.rcpts += 1;
+                        t.rcpts += 1;
                         self.screen.rcpt_accepted(&r.address);
                     } else {
-                        t.ledger.last_refusal = Some(Refusal {
+                        t.last_refusal = Some(Refusal {
                             said: Said::from(&rep),
                             reason: "upstream".into(),
                             upstream: rep.text(),
@@ -58,7 +59,7 @@ impl Session {
     /// the refusal for the log line.
     pub(super) fn refuse_rcpt(&mut self, reply: Reply, reason: String) -> Next {
         if let Some(t) = self.txn.as_mut() {
-            t.ledger.last_refusal = Some(Refusal::ours(&reply, reason));
+            t.last_refusal = Some(Refusal::ours(&reply, reason));
         }
         self.reply(&reply);
         Next::Continue

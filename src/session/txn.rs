@@ -1,34 +1,7 @@
-//! One transaction: its phase, what was said, how it ends (on both
-//! sides), and its one log line.
+//! One transaction (a `gate::ledger::Ledger`, with its `Phase`): how it
+//! ends on both sides, and its one log line.
 
 use super::*;
-
-/// Where a transaction stands (see the state table at the top).
-#[derive(Debug, Clone)]
-pub(super) enum TxnPhase {
-    /// MAIL accepted and relayed; upstream holds the same transaction.
-    Open,
-    /// A verdict reached at MAIL, delivered at each RCPT (delayed reject);
-    /// upstream never heard of this transaction.
-    Doomed { reply: Reply, reason: String },
-    /// Upstream failed mid-transaction: everything else answers 4xx.
-    Broken,
-}
-
-/// One MAIL..end-of-transaction: its phase, and its record.
-pub(super) struct Txn {
-    pub(super) phase: TxnPhase,
-    pub(super) ledger: Ledger,
-}
-
-impl Txn {
-    pub(super) fn new(mail: MailCmd, started: Instant, score: f64, phase: TxnPhase) -> Txn {
-        Txn {
-            ledger: Ledger::new(mail.address, started, score),
-            phase,
-        }
-    }
-}
 
 impl Session {
     /// The one place that ends a transaction on both sides (see the table
@@ -62,7 +35,7 @@ impl Session {
     /// Logs and forgets a transaction that ended without a final reply.
     pub(super) fn end_txn_abandoned(&mut self, why: &str) {
         let Some(t) = self.txn.take() else { return };
-        t.ledger.record_abandoned(&self.client(), why, 0);
+        t.record_abandoned(&self.client(), why, 0);
     }
 
     pub(super) fn finish_txn(
@@ -95,7 +68,7 @@ impl Session {
         size: u64,
     ) {
         let Some(t) = self.txn.as_ref() else { return };
-        t.ledger.record(
+        t.record(
             &self.client(),
             &Ending {
                 verdict,
@@ -122,7 +95,7 @@ impl Session {
         let said = said.into();
         // With what the checks found so far (a rate limit that refused
         // MAIL names itself), as the milter door logs it.
-        Ledger::new(m.address.clone(), started, score).record(
+        Ledger::new(m.address.clone(), started, score, TxnPhase::Open).record(
             &self.client(),
             &Ending {
                 verdict: Verdict::from_code(said.code),
