@@ -7,6 +7,8 @@
 #              examples/bench_dns, warmed first)
 #   opendkim   Debian's OpenDKIM as a verify-only milter, for comparison
 #              (when /usr/sbin/opendkim is installed; .ci/run does not need it)
+# BASE_BIN=path/to/older/portcullis adds "base_off" and "base_on": the same two
+# milters run by another build, so that a change is judged within one run.
 # Postfix discards what it accepts (transport discard:), so the figures are
 # smtpd + cleanup + queue, without delivery.
 #   benches/milter.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
@@ -15,7 +17,7 @@ set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-5000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 PLAIN=12540; OFF=12541; ON=12542; M_OFF=12543; M_ON=12544; DNS=127.0.0.1:15354
-DKIM=12545; M_DKIM=12546
+DKIM=12545; M_DKIM=12546; B_OFF=12547; B_ON=12548; MB_OFF=12549; MB_ON=12550
 TMP=$(mktemp -d); chmod 755 $TMP  # Postfix's own users read its queue under it
 cleanup() {
   postfix -c $TMP/conf stop >/dev/null 2>&1 || true
@@ -31,7 +33,7 @@ cargo build --release --ignore-rust-version -q --bin portcullis --example bench_
 where() { # name port -> the milter's address, as Portcullis and Postfix write it
   if [ -n "${UNIX:-}" ]; then echo "unix:$TMP/$1.sock"; else echo "inet:127.0.0.1:$2"; fi
 }
-gate() { # name milter-port checks-yaml
+gate() { # name milter-port checks-yaml [binary]
   local at; at=$(where $1 $2); at=${at#inet:}
   cat >$TMP/$1.yaml <<YAML
 hostname: gate.bench
@@ -42,15 +44,15 @@ log: {format: json, level: warn}
 checks:
 $3
 YAML
-  (./target/release/portcullis run --config $TMP/$1.yaml >$TMP/$1.log 2>&1 & echo $! >$TMP/$1.pid)
+  (${4:-./target/release/portcullis} run --config $TMP/$1.yaml >$TMP/$1.log 2>&1 & echo $! >$TMP/$1.pid)
 }
-gate off $M_OFF "  spf: {mode: off}
+OFF_CHECKS="  spf: {mode: off}
   dkim: {mode: off}
   dmarc: {mode: off}
   arc: {mode: off}
   iprev: {mode: off}
   dnsbl: {mode: off}"
-gate on $M_ON "  dkim: {mode: off}
+ON_CHECKS="  dkim: {mode: off}
   dmarc: {mode: off}
   arc: {mode: off}
   iprev: {mode: off}
@@ -58,6 +60,12 @@ gate on $M_ON "  dkim: {mode: off}
   dnsbl:
     mode: enforce
     zones: [{zone: bl1.test, action: reject}, {zone: bl2.test, score: 5}, {zone: bl3.test, score: 5}]"
+gate off $M_OFF "$OFF_CHECKS"
+gate on $M_ON "$ON_CHECKS"
+if [ -n "${BASE_BIN:-}" ]; then
+  gate base_off $MB_OFF "$OFF_CHECKS" "$BASE_BIN"
+  gate base_on $MB_ON "$ON_CHECKS" "$BASE_BIN"
+fi
 
 mkdir -p $TMP/conf $TMP/run/queue $TMP/run/data
 chown postfix $TMP/run/data
@@ -80,6 +88,15 @@ cat >>$TMP/conf/master.cf <<CF
   -o smtpd_milters=$(where on $M_ON)
 CF
 TARGETS="plain:$PLAIN milter_off:$OFF milter_on:$ON"
+if [ -n "${BASE_BIN:-}" ]; then
+  cat >>$TMP/conf/master.cf <<CF
+127.0.0.1:$B_OFF inet n - n - - smtpd
+  -o smtpd_milters=$(where base_off $MB_OFF)
+127.0.0.1:$B_ON inet n - n - - smtpd
+  -o smtpd_milters=$(where base_on $MB_ON)
+CF
+  TARGETS="$TARGETS base_off:$B_OFF base_on:$B_ON"
+fi
 if [ -x /usr/sbin/opendkim ]; then
   cat >$TMP/opendkim.conf <<CF
 Mode v
@@ -134,7 +151,7 @@ for t in $TARGETS; do
 done
 printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
 tick=$(getconf CLK_TCK)
-for n in off on; do
+for n in off on ${BASE_BIN:+base_off base_on}; do
   printf 'portcullis (%s) cpu per message: %s us\n' $n \
     "$(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/$n.pid)/stat)"
 done

@@ -38,6 +38,7 @@ impl Conversation {
                     Stage::Mail,
                     &reply,
                     &reason,
+                    "",
                 );
                 return reply_code(&reply);
             }

@@ -57,7 +57,7 @@ impl Conversation {
             (None, None) => None,
         };
         if let Some((r, reason)) = local {
-            t.record(c, Verdict::from_code(r.code), Stage::Data, &r, &reason);
+            t.record(c, Verdict::from_code(r.code), Stage::Data, &r, &reason, "");
             return vec![reply_code(&r)];
         }
         let mut fields = std::mem::take(&mut t.message);
@@ -68,7 +68,7 @@ impl Conversation {
         let reason = checked.outcome.reason.clone();
         match checked.outcome.decision {
             Decision::Reject(r) | Decision::Tempfail(r) => {
-                t.record(c, Verdict::from_code(r.code), Stage::Data, &r, &reason);
+                t.record(c, Verdict::from_code(r.code), Stage::Data, &r, &reason, "");
                 vec![reply_code(&r)]
             }
             d => {
@@ -111,7 +111,7 @@ impl Conversation {
                     Verdict::Accept
                 };
                 let queue_id = queue_id.unwrap_or_default();
-                t.record_queued(c, verdict, Stage::Data, &reply::OK, &reason, &queue_id);
+                t.record(c, verdict, Stage::Data, &reply::OK, &reason, &queue_id);
                 edits
             }
         }

@@ -39,21 +39,9 @@ impl Txn {
     }
 
     /// The transaction's log line, as the proxy writes it, with
-    /// `mode=milter`.
+    /// `mode=milter` and the MTA's queue id (its `i` macro) for an accepted
+    /// message (else empty).
     pub(super) fn record(
-        &self,
-        c: &Client,
-        verdict: Verdict,
-        stage: Stage,
-        r: &Reply,
-        reason: &str,
-    ) {
-        self.record_queued(c, verdict, stage, r, reason, "");
-    }
-
-    /// `record`, with the MTA's queue id (its `i` macro) for an accepted
-    /// message.
-    pub(super) fn record_queued(
         &self,
         c: &Client,
         verdict: Verdict,

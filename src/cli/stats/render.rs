@@ -196,19 +196,11 @@ fn text(o: &mut String, s: &Section<'_>) {
             }
         }
         Section::Hours(hours) => {
-            let rows: Vec<Period<'_>> = hours
-                .iter()
-                .map(|h| (h.hour.as_str(), h.transactions, h.rejected, h.tempfailed))
-                .collect();
-            text_periods(o, "per hour (UTC)", &rows);
+            text_periods(o, "per hour (UTC)", &hour_rows(hours));
         }
         // One day says nothing the hours did not.
         Section::Days(days) if days.len() > 1 => {
-            let rows: Vec<Period<'_>> = days
-                .iter()
-                .map(|d| (d.day.as_str(), d.transactions, d.rejected, d.tempfailed))
-                .collect();
-            text_periods(o, "per day (UTC)", &rows);
+            text_periods(o, "per day (UTC)", &day_rows(days));
         }
         Section::Days(_) => {}
     }
@@ -288,18 +280,10 @@ fn html(o: &mut String, s: &Section<'_>) {
             }
         }
         Section::Hours(hours) => {
-            let rows: Vec<Period<'_>> = hours
-                .iter()
-                .map(|h| (h.hour.as_str(), h.transactions, h.rejected, h.tempfailed))
-                .collect();
-            html_periods(o, "Per hour", &rows);
+            html_periods(o, "Per hour", &hour_rows(hours));
         }
         Section::Days(days) => {
-            let rows: Vec<Period<'_>> = days
-                .iter()
-                .map(|d| (d.day.as_str(), d.transactions, d.rejected, d.tempfailed))
-                .collect();
-            html_periods(o, "Per day", &rows);
+            html_periods(o, "Per day", &day_rows(days));
         }
     }
 }
@@ -318,6 +302,19 @@ fn html_periods(o: &mut String, title: &str, rows: &[Period<'_>]) {
         );
     }
     let _ = writeln!(o, "</table>");
+}
+
+fn hour_rows(hours: &[Hour]) -> Vec<Period<'_>> {
+    hours
+        .iter()
+        .map(|h| (h.hour.as_str(), h.transactions, h.rejected, h.tempfailed))
+        .collect()
+}
+
+fn day_rows(days: &[Day]) -> Vec<Period<'_>> {
+    days.iter()
+        .map(|d| (d.day.as_str(), d.transactions, d.rejected, d.tempfailed))
+        .collect()
 }
 
 /// `name count, name count`, each name as `show` gives it.
