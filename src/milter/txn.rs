@@ -14,7 +14,8 @@ use crate::wire::reply::Reply;
 use std::time::Instant;
 
 pub(super) struct Txn {
-    /// Sender, recipients and refusals, score: what the log line says.
+    /// Sender, recipients and refusals, score, and the phase (a doomed
+    /// transaction carries the MAIL verdict for each RCPT).
     pub(super) ledger: Ledger,
     pub(super) message: Assembled,
     /// The message's size, and whether it is kept within the size limit
