@@ -38,15 +38,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the proxy (with the embedded default config unless --config is given).
+    /// Run the gate in the foreground (systemd runs it so). Without
+    /// --config: /etc/portcullis/portcullis.yaml when installed, else the
+    /// embedded default config.
     Run {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
-    /// Validate the config and the rules; print a summary of the rules.
+    /// Validate the config and the rules without disturbing a running gate:
+    /// print every error, each check's mode, the rules (and which are in
+    /// try-out mode), and whether upstream, the nameservers and the state
+    /// store answer. Exit status 1 when anything must be fixed.
     Check {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also bind the listen addresses: one held by a process other than
+        /// Portcullis is an error.
+        #[arg(long)]
+        bind: bool,
+        /// Do not ask upstream, the nameservers or the state store.
+        #[arg(long)]
+        no_probe: bool,
     },
     /// Rejection rates from Portcullis log files (json or logfmt; .gz too),
     /// or from standard input.
@@ -69,14 +81,18 @@ enum Cmd {
     /// Run the checks and rules for one made-up transaction and print every
     /// result, the score and the reply the client would get.
     Explain {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The client's address.
         #[arg(long)]
         ip: std::net::IpAddr,
+        /// The name the client greets with (HELO/EHLO).
         #[arg(long)]
         helo: String,
+        /// The envelope sender (MAIL FROM); empty for a bounce.
         #[arg(long)]
         from: String,
+        /// An envelope recipient (RCPT TO); repeat for several.
         #[arg(long)]
         rcpt: Vec<String>,
         /// A message file to run the DATA stage on.
@@ -110,6 +126,22 @@ enum Cmd {
         #[command(subcommand)]
         what: Generate,
     },
+}
+
+/// The config file, as every verb that reads one takes it.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The config file [default: /etc/portcullis/portcullis.yaml when it
+    /// exists, else the embedded default].
+    #[arg(long, short, env = "PORTCULLIS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The file named, or the installed one; None: the embedded default.
+    fn path(self) -> Option<PathBuf> {
+        self.config.or_else(portcullis::config::installed_path)
+    }
 }
 
 #[derive(Subcommand)]
@@ -163,18 +195,30 @@ fn main() -> ExitCode {
             out!("{}", String::from_utf8_lossy(&out));
             ExitCode::SUCCESS
         }
-        Cmd::Check { config } => match portcullis::cli::check::check(config.as_deref()) {
-            Ok(report) => {
-                out!("{report}");
-                ExitCode::SUCCESS
+        Cmd::Check {
+            config,
+            bind,
+            no_probe,
+        } => {
+            let found = portcullis::cli::check::check(&portcullis::cli::check::Options {
+                config: config.config.as_deref(),
+                bind,
+                probe: !no_probe,
+            });
+            out!("{}", found.report);
+            for p in &found.errors {
+                eprintln!("{p}");
             }
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("{p}");
-                }
+            if found.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "portcullis: {} problem(s) to fix; nothing was changed",
+                    found.errors.len()
+                );
                 ExitCode::FAILURE
             }
-        },
+        }
         Cmd::Trace { id, files } => match trace(&id, &files) {
             Ok(text) => {
                 out!("{text}");
@@ -209,7 +253,7 @@ fn main() -> ExitCode {
             no_dns,
         } => {
             let run = || -> anyhow::Result<String> {
-                let cfg = Config::load(config.as_deref())?;
+                let cfg = Config::load(config.path().as_deref())?;
                 let msg = match &message {
                     Some(p) => {
                         Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
@@ -242,7 +286,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Run { config } => match run(config) {
+        Cmd::Run { config } => match run(config.path()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("portcullis: {e:#}");

@@ -58,6 +58,19 @@ pub enum Action {
     Score(f64),
 }
 
+impl Action {
+    /// The config's word for it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Action::Accept => "accept",
+            Action::Reject => "reject",
+            Action::Tempfail => "tempfail",
+            Action::Tag => "tag",
+            Action::Score(_) => "score",
+        }
+    }
+}
+
 impl Serialize for Action {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
@@ -324,6 +337,50 @@ impl Default for MessageRules {
             budget: Secs(std::time::Duration::from_secs(10)),
             on_overrun: Overrun::Tempfail,
         }
+    }
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Record => "record",
+            Mode::Enforce => "enforce",
+        }
+    }
+
+    /// What the mode means, for `check`, the start-up log and the status
+    /// page: record mode is the one that surprises.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Mode::Off => "not run",
+            Mode::Record => "actions are logged (would=...), not applied",
+            Mode::Enforce => "actions are applied",
+        }
+    }
+}
+
+impl ChecksConfig {
+    /// Each check's name and the mode in force; rate limits by name.
+    pub fn modes(&self) -> Vec<(String, Mode)> {
+        let mut m: Vec<(String, Mode)> = [
+            ("dnsbl", self.dnsbl.mode),
+            ("spf", self.spf.mode),
+            ("dkim", self.dkim.mode),
+            ("dmarc", self.dmarc.mode),
+            ("arc", self.arc.mode),
+            ("iprev", self.iprev.mode),
+            ("greylist", self.greylist.mode),
+        ]
+        .into_iter()
+        .map(|(n, mode)| (n.to_string(), mode))
+        .collect();
+        m.extend(
+            self.rate_limits
+                .iter()
+                .map(|l| (format!("rate_limit {}", l.name), l.mode)),
+        );
+        m
     }
 }
 

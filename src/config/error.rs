@@ -37,5 +37,16 @@ pub(super) fn locate_key(text: &str, key: &str) -> (usize, usize) {
             return (i + 1, line.len() - t.len() + 1);
         }
     }
+    // Flow style: `log: {level: verbose}`, `- {name: x, rate: 1/1h}`.
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        for (at, _) in line.match_indices(&needle) {
+            if line[..at].ends_with(['{', ' ', ',']) {
+                return (i + 1, at + 1);
+            }
+        }
+    }
     (1, 1)
 }

@@ -32,6 +32,17 @@ use std::time::Duration;
 /// The annotated reference config, embedded as the default.
 pub const DEFAULT_CONFIG: &str = include_str!("../../portcullis.yaml");
 
+/// Where the Debian package installs the config: what the verbs read when
+/// no `--config` (or `PORTCULLIS_CONFIG`) names one.
+pub const INSTALLED_CONFIG: &str = "/etc/portcullis/portcullis.yaml";
+
+/// The config file to read when none was named: the installed one when
+/// there is one, else None (the embedded default).
+pub fn installed_path() -> Option<PathBuf> {
+    let p = Path::new(INSTALLED_CONFIG);
+    p.exists().then(|| p.to_path_buf())
+}
+
 /// Config files are small; anything larger is not one (`/dev/zero`).
 const MAX_CONFIG_FILE: u64 = 1 << 20;
 
@@ -64,28 +75,86 @@ pub fn read_text(path: &Path, limit: u64) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// A config file read for `check`: every problem found, and the config
+/// (with the defaults in force where an entry was in error) so that what
+/// depends on it (the rules directory) can be checked in the same run.
+pub struct Checked {
+    pub config: Option<Config>,
+    pub errors: Vec<ConfigError>,
+}
+
 impl Config {
     /// Loads and validates a config file; `None` means the embedded default.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Checked { config, errors } = Self::load_checked(path);
+        match (config, errors.len()) {
+            (Some(c), 0) => Ok(c),
+            (_, 1) => Err(errors.into_iter().next().expect("one error")),
+            _ => Err(ConfigError::Several(errors)),
+        }
+    }
+
+    /// Loads a config file and finds every problem in it.
+    pub fn load_checked(path: Option<&Path>) -> Checked {
         match path {
             Some(p) => {
-                let text = read_text(p, MAX_CONFIG_FILE).map_err(|source| ConfigError::Io {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-                let mut cfg = Self::parse(&text, p)?;
-                cfg.resolve_paths(p.parent().unwrap_or(Path::new(".")));
-                Ok(cfg)
+                let text = match read_text(p, MAX_CONFIG_FILE) {
+                    Ok(t) => t,
+                    Err(source) => {
+                        return Checked {
+                            config: None,
+                            errors: vec![ConfigError::Io {
+                                path: p.display().to_string(),
+                                source,
+                            }],
+                        };
+                    }
+                };
+                let mut checked = Self::parse_checked(&text, p);
+                if let Some(c) = &mut checked.config {
+                    c.resolve_paths(p.parent().unwrap_or(Path::new(".")));
+                }
+                checked
             }
-            None => Self::parse(DEFAULT_CONFIG, Path::new("<embedded portcullis.yaml>")),
+            None => Self::parse_checked(DEFAULT_CONFIG, Path::new("<embedded portcullis.yaml>")),
         }
     }
 
     /// Parses and validates config text read from `file`.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = yaml::parse(text, file)?;
-        cfg.validate(text, file)?;
-        Ok(cfg)
+        let Checked { config, errors } = Self::parse_checked(text, file);
+        match (config, errors.len()) {
+            (Some(c), 0) => Ok(c),
+            (_, 1) => Err(errors.into_iter().next().expect("one error")),
+            _ => Err(ConfigError::Several(errors)),
+        }
+    }
+
+    /// Parses config text and reports every problem: each entry serde
+    /// refuses, then the checks of values on what parsed. A check of a
+    /// section that had an entry left out is not reported: it would judge
+    /// the default put in its place.
+    pub fn parse_checked(text: &str, file: &Path) -> Checked {
+        let parsed = yaml::parse_all::<Config>(text, file);
+        let broken: Vec<String> = parsed
+            .errors
+            .iter()
+            .map(|e| parent_key(&e.path).to_string())
+            .collect();
+        let mut errors: Vec<ConfigError> =
+            parsed.errors.into_iter().map(ConfigError::Yaml).collect();
+        if let Some(cfg) = &parsed.value {
+            errors.extend(cfg.validate(text, file).into_iter().filter(|e| match e {
+                ConfigError::Invalid { key, .. } => {
+                    !broken.iter().any(|b| key.starts_with(b.as_str()))
+                }
+                _ => true,
+            }));
+        }
+        Checked {
+            config: parsed.value,
+            errors,
+        }
     }
 
     /// Relative paths in a config file mean "beside the config file", not
@@ -96,10 +165,10 @@ impl Config {
                 *p = dir.join(&*p);
             }
         };
-        match &mut self.rules_dir {
-            Some(r) => fix(r),
-            None => self.rules_dir = Some(dir.join("rules")).filter(|r| r.is_dir()),
+        if let Some(r) = &mut self.rules_dir {
+            fix(r);
         }
+        self.config_dir = Some(dir.to_path_buf());
         if let Some(t) = &mut self.tls {
             fix(&mut t.cert);
             fix(&mut t.key);
@@ -112,6 +181,17 @@ impl Config {
         }
     }
 
+    /// The rules directory, and whether the config named it (then it
+    /// must exist): `rules_dir`, else `rules` beside the config file, else
+    /// (the embedded default) `rules` in the working directory.
+    pub fn rules_dir(&self) -> (PathBuf, bool) {
+        match (&self.rules_dir, &self.config_dir) {
+            (Some(d), _) => (d.clone(), true),
+            (None, Some(dir)) => (dir.join("rules"), false),
+            (None, None) => (PathBuf::from("rules"), false),
+        }
+    }
+
     /// The name we use in EHLO towards upstream.
     pub fn upstream_helo(&self) -> &str {
         self.upstream.helo_name.as_deref().unwrap_or(&self.hostname)
@@ -120,6 +200,16 @@ impl Config {
     /// True when `ip` may send a PROXY header on listener `l`.
     pub fn is_trusted_proxy(l: &Listen, ip: IpAddr) -> bool {
         l.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// The entry holding a key: `checks.dnsbl.zones[0]` of
+/// `checks.dnsbl.zones[0].action`, `listen` of `listen[1]`; a top-level
+/// key is its own.
+fn parent_key(key: &str) -> &str {
+    match key.rfind(['.', '[']) {
+        Some(end) if end > 0 => &key[..end],
+        _ => key,
     }
 }
 

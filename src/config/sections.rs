@@ -35,9 +35,14 @@ pub struct Config {
     pub checks: ChecksConfig,
     #[serde(default)]
     pub metrics: Metrics,
-    /// Directory of rule files (`*.yaml`). Unset: `rules` if it exists.
+    /// Directory of rule files (`*.yaml`). Unset: `rules` beside the
+    /// config file, if it exists (for the embedded default: `rules` in
+    /// the working directory).
     #[serde(default)]
     pub rules_dir: Option<PathBuf>,
+    /// The directory of the config file read (None: the embedded default).
+    #[serde(skip)]
+    pub config_dir: Option<PathBuf>,
     #[serde(default)]
     pub log: Log,
     /// Where greylisting keeps what it has seen.

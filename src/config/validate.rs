@@ -23,8 +23,40 @@ fn total_memory() -> Option<u64> {
 }
 
 impl Config {
-    pub(super) fn validate(&self, text: &str, file: &Path) -> Result<(), ConfigError> {
-        // Every problem of the file is reported, not only the first.
+    /// What is valid but probably not what was meant: printed by `check`
+    /// and logged at start-up, never refused.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if log_level_for(&self.log.level, TXN_TARGET).is_none_or(|l| l < tracing::Level::INFO) {
+            w.push(format!(
+                "log.level: {:?} writes no transaction lines ({TXN_TARGET} at info): stats and rejection rates read from the log would be zero; for fewer other lines use \"warn,{TXN_TARGET}=info\"",
+                self.log.level
+            ));
+        }
+        if !self.hostname.contains('.') {
+            w.push(format!(
+                "hostname: {:?} is not a public host name: it is our greeting's name and the authserv-id of the Authentication-Results we add (set this MX's name)",
+                self.hostname
+            ));
+        }
+        let dnsbl = &self.checks.dnsbl;
+        if dnsbl.mode == Mode::Record {
+            for z in &dnsbl.zones {
+                if let Some(a @ (Action::Reject | Action::Tempfail)) = z.action {
+                    w.push(format!(
+                        "checks.dnsbl: record mode (the default when mode is not set): {}'s action {} is logged as would={}, not applied; set checks.dnsbl.mode: enforce to refuse listed clients",
+                        z.zone,
+                        a.word(),
+                        a.word()
+                    ));
+                }
+            }
+        }
+        w
+    }
+
+    /// Every problem of the file, not only the first.
+    pub(super) fn validate(&self, text: &str, file: &Path) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         let mut fail = |key: &str, message: String| {
             let (line, column) = locate_key(text, key);
@@ -41,11 +73,7 @@ impl Config {
         self.validate_checks(&mut fail);
         self.validate_services(&mut fail);
         self.validate_bounds(&mut fail);
-        match errors.len() {
-            0 => Ok(()),
-            1 => Err(errors.remove(0)),
-            _ => Err(ConfigError::Several(errors)),
-        }
+        errors
     }
 
     /// Our name, the listeners, and the upstream they need.
@@ -107,6 +135,15 @@ impl Config {
                 fail(key, "must be at least 1".into());
             }
         }
+        if l.max_connections_per_ip > l.max_connections_per_network {
+            fail(
+                "limits.max_connections_per_ip",
+                format!(
+                    "{} is above limits.max_connections_per_network ({}): it could never be reached",
+                    l.max_connections_per_ip, l.max_connections_per_network
+                ),
+            );
+        }
         if l.network_prefix_v4 > 32 {
             fail("limits.network_prefix_v4", "must be 0 to 32".into());
         }
@@ -159,6 +196,28 @@ impl Config {
                     "must be at least 1".into(),
                 );
             }
+            // Every other duration is capped near a year; a longer period
+            // turns the limit off without saying so.
+            if l.rate.per > Duration::from_secs(366 * 86400) {
+                fail(
+                    &format!("checks.rate_limits[{i}].rate"),
+                    format!(
+                        "the period {} is over a year",
+                        humantime::format_duration(l.rate.per)
+                    ),
+                );
+            }
+            let burst = l.burst.unwrap_or(l.rate.count);
+            if l.count == RateCount::Bytes && burst < self.limits.max_message_size.0 {
+                let key = if l.burst.is_some() { "burst" } else { "rate" };
+                fail(
+                    &format!("checks.rate_limits[{i}].{key}"),
+                    format!(
+                        "a burst of {burst} bytes (unset, it is the rate's count) is less than limits.max_message_size ({}): a message that large could never pass; set burst to at least that",
+                        self.limits.max_message_size
+                    ),
+                );
+            }
         }
         for (i, z) in self.checks.dnsbl.zones.iter().enumerate() {
             if !is_domain_like(&z.zone) {
@@ -171,6 +230,15 @@ impl Config {
                 fail(
                     &format!("checks.dnsbl.zones[{i}].action"),
                     "use the zone's score: key for scores".into(),
+                );
+            }
+            if z.action.is_none() && z.score == 0.0 {
+                fail(
+                    &format!("checks.dnsbl.zones[{i}].zone"),
+                    format!(
+                        "{} has neither action nor score: a listing would change nothing (set action: reject, or a score)",
+                        z.zone
+                    ),
                 );
             }
         }
@@ -223,6 +291,16 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             fail("log.level", format!("invalid filter: {e}"));
+        } else if log_level_for(&self.log.level, TXN_TARGET).is_none()
+            && log_level_for(&self.log.level, "portcullis").is_none()
+        {
+            fail(
+                "log.level",
+                format!(
+                    "{:?} enables nothing Portcullis logs (a level is one of error, warn, info, debug, trace; a target starts with portcullis): use info",
+                    self.log.level
+                ),
+            );
         }
     }
 
@@ -399,8 +477,79 @@ impl Config {
             if l.addr.port() != 0 && self.metrics.listen == Some(l.addr) {
                 fail("metrics.listen", format!("{} is also listen[{i}]", l.addr));
             }
+            for (j, m) in self.milter.listen.iter().enumerate() {
+                if let MilterListen::Tcp(a) = m
+                    && a.port() != 0
+                    && *a == l.addr
+                {
+                    fail(
+                        &format!("milter.listen[{j}]"),
+                        format!("{a} is also listen[{i}]"),
+                    );
+                }
+            }
+        }
+        for (j, m) in self.milter.listen.iter().enumerate() {
+            if let MilterListen::Tcp(a) = m
+                && a.port() != 0
+                && self.metrics.listen == Some(*a)
+            {
+                fail(
+                    &format!("milter.listen[{j}]"),
+                    format!("{a} is also metrics.listen"),
+                );
+            }
         }
     }
+}
+
+/// The target of the transaction lines (what `stats` reads).
+pub const TXN_TARGET: &str = "portcullis::txn";
+
+/// The most verbose level a `log.level` filter enables for events of
+/// `target` outside any span, or None when it enables nothing there: the
+/// most specific directive whose target is a prefix of `target` wins, as
+/// in `tracing_subscriber`'s `EnvFilter`. A bare word that is not a level
+/// is a target (`verbose` enables the target `verbose`, not Portcullis).
+/// Directives with span or field filters are left out: they enable events
+/// only inside spans.
+pub fn log_level_for(filter: &str, target: &str) -> Option<tracing::Level> {
+    let mut best: Option<(usize, Option<tracing::Level>)> = None;
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if d.contains('[') {
+            continue;
+        }
+        let (t, level) = match d.split_once('=') {
+            Some((t, l)) => (t.trim(), l.trim()),
+            None => match parse_level(d) {
+                Some(_) => ("", d),
+                None => (d, "trace"),
+            },
+        };
+        if !target.starts_with(t) {
+            continue;
+        }
+        let Some(level) = parse_level(level) else {
+            continue;
+        };
+        if best.is_none_or(|(len, _)| t.len() >= len) {
+            best = Some((t.len(), level));
+        }
+    }
+    best.and_then(|(_, l)| l)
+}
+
+/// `Some(None)` for `off`.
+fn parse_level(s: &str) -> Option<Option<tracing::Level>> {
+    Some(Some(match s.to_ascii_lowercase().as_str() {
+        "off" => return Some(None),
+        "error" | "1" => tracing::Level::ERROR,
+        "warn" | "2" => tracing::Level::WARN,
+        "info" | "3" => tracing::Level::INFO,
+        "debug" | "4" => tracing::Level::DEBUG,
+        "trace" | "5" => tracing::Level::TRACE,
+        _ => return None,
+    }))
 }
 
 /// A loose host-name check: labels of letters, digits and hyphens.

@@ -26,6 +26,8 @@ pub struct Compiler<'a> {
     read_list: &'a dyn Fn(&str) -> Result<Vec<String>, String>,
     /// DNSBL zones the rules name (to check against the configured ones).
     dnsbl_zones: std::collections::BTreeSet<String>,
+    /// The list files of the rule being compiled that hold no entry.
+    empty_lists: Vec<String>,
 }
 
 impl<'a> Compiler<'a> {
@@ -34,6 +36,7 @@ impl<'a> Compiler<'a> {
             patterns: HashMap::new(),
             read_list,
             dnsbl_zones: Default::default(),
+            empty_lists: Vec::new(),
         }
     }
 
@@ -44,6 +47,7 @@ impl<'a> Compiler<'a> {
             message,
             near,
         };
+        self.empty_lists.clear();
         let cond = self.node(def.when).map_err(|(m, n)| err(m, n))?;
         let needed = node_stage(&cond);
         let stage = match def.stage {
@@ -70,7 +74,17 @@ impl<'a> Compiler<'a> {
             action,
             cond,
             hits: AtomicU64::new(0),
+            empty_lists: std::mem::take(&mut self.empty_lists),
         })
+    }
+
+    /// A list file's entries; an empty one is noted for the summary.
+    fn read(&mut self, list: &str) -> Result<Vec<String>, (String, Option<String>)> {
+        let entries = (self.read_list)(list).map_err(|e| (e, Some(list.to_string())))?;
+        if entries.is_empty() {
+            self.empty_lists.push(list.to_string());
+        }
+        Ok(entries)
     }
 
     fn node(&mut self, c: Cond) -> Result<Node, (String, Option<String>)> {
@@ -89,7 +103,8 @@ impl<'a> Compiler<'a> {
             Cond::ClientIp(m) => {
                 let mut nets = m.cidr.unwrap_or_default();
                 if let Some(list) = &m.list {
-                    for line in (self.read_list)(list).map_err(|e| (e, Some(list.clone())))? {
+                    let entries = self.read(list)?;
+                    for line in entries {
                         let net = line
                             .parse::<IpNet>()
                             .or_else(|_| line.parse::<IpAddr>().map(IpNet::from))
@@ -165,7 +180,7 @@ impl<'a> Compiler<'a> {
         } else if let Some(d) = m.domain {
             Leaf::Domain(DomainSet::new(d.into_vec()))
         } else if let Some(list) = m.list {
-            let entries = (self.read_list)(&list).map_err(|e| (e, Some(list.clone())))?;
+            let entries = self.read(&list)?;
             if target.is_domain()
                 || matches!(target, Target::MailFrom | Target::Rcpt)
                     && entries.iter().all(|e| !e.contains('@'))

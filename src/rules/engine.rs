@@ -141,6 +141,9 @@ pub struct Rule {
     pub(super) cond: Node,
     /// Times the rule matched (shadow rules included).
     pub hits: AtomicU64,
+    /// List files it reads that hold no entry (a condition on one of them
+    /// never matches).
+    pub empty_lists: Vec<String>,
 }
 
 /// A matched rule.

@@ -228,30 +228,53 @@ impl RuleSet {
 
     /// `portcullis check`'s summary: rules per stage and action, shadow rules.
     pub fn summary(&self) -> String {
-        let mut by: BTreeMap<(Stage, &str), usize> = BTreeMap::new();
+        // (applied, shadow) per stage and action: a shadow rule refuses
+        // nothing, so it is not counted as a refusal.
+        let mut by: BTreeMap<(Stage, &str), (usize, usize)> = BTreeMap::new();
         let mut shadow = Vec::new();
+        let mut empty = Vec::new();
         for r in self.rules() {
-            *by.entry((r.stage, r.action.kind())).or_default() += 1;
+            let n = by.entry((r.stage, r.action.kind())).or_default();
             if r.mode == RuleMode::Shadow {
+                n.1 += 1;
                 shadow.push(r.id.as_str());
+            } else {
+                n.0 += 1;
+            }
+            if !r.empty_lists.is_empty() {
+                empty.push(format!("{} ({})", r.id, r.empty_lists.join(", ")));
             }
         }
         let mut out = format!(
-            "{} rules from {} files\n",
+            "{} rules from {} files\n  {:<8} {:<10} {:>7} {:>7}\n",
             self.rules().len(),
-            self.files.len()
+            self.files.len(),
+            "stage",
+            "action",
+            "applied",
+            "shadow"
         );
-        for ((stage, action), n) in by {
-            out.push_str(&format!("  {:<8} {:<10} {n}\n", stage.as_str(), action));
+        for ((stage, action), (applied, shadowed)) in by {
+            out.push_str(&format!(
+                "  {:<8} {:<10} {applied:>7} {shadowed:>7}\n",
+                stage.as_str(),
+                action
+            ));
         }
-        out.push_str(&format!(
-            "  shadow: {}\n",
-            if shadow.is_empty() {
-                "none".to_string()
-            } else {
+        if shadow.is_empty() {
+            out.push_str("  shadow: none\n");
+        } else {
+            out.push_str(&format!(
+                "  shadow: {}\n    (try-out mode: a match is logged as rules=ID(shadow) and changes nothing; set the rule's mode: enforce to apply it)\n",
                 shadow.join(", ")
-            }
-        ));
+            ));
+        }
+        if !empty.is_empty() {
+            out.push_str(&format!(
+                "  empty lists: {} (a condition on an empty list never matches)\n",
+                empty.join(", ")
+            ));
+        }
         out
     }
 }
@@ -301,10 +324,7 @@ fn locate_nth_rule(text: &str, id: &str, nth: usize, near: Option<&str>) -> (usi
 
 /// The configured rules, or the default `rules` directory when it exists.
 pub fn load(cfg: &crate::config::Config) -> Result<Arc<RuleWatcher>, RuleErrors> {
-    let (dir, required) = match &cfg.rules_dir {
-        Some(d) => (d.clone(), true),
-        None => (PathBuf::from("rules"), false),
-    };
+    let (dir, required) = cfg.rules_dir();
     let zones = configured_zones(cfg);
     if !required && !dir.is_dir() {
         tracing::info!("no rules directory: running without rules");

@@ -4,12 +4,14 @@
 mod listener;
 mod milter_in;
 pub mod notify;
+mod preflight;
 pub mod proxy_header;
 mod reload;
 mod status;
 pub mod tls;
 
 use listener::{accept_loop, bind};
+pub use preflight::{bind_test, preflight};
 pub use reload::{ConfigReloader, OnHangup, Reloaded, TlsReloader};
 use status::StatusPage;
 
@@ -411,56 +413,4 @@ pub fn descriptor_warning(cfg: &Config) -> Option<String> {
     descriptors::Needs::of(cfg)
         .shortfall(l.hard)
         .map(|w| format!("descriptors (hard limit of this shell): {w}"))
-}
-
-/// What `run` would fail on that the config file alone cannot tell: the
-/// certificate and key, the log file's directory, addresses already in use.
-/// One line per problem.
-pub fn preflight(cfg: &Config) -> Vec<String> {
-    let mut problems = Vec::new();
-    if let Some(t) = &cfg.tls
-        && let Err(e) = tls::acceptor(&t.cert, &t.key)
-    {
-        problems.push(format!("tls: {e}"));
-    }
-    if let Some(f) = &cfg.log.file
-        && let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        problems.push(format!(
-            "log.file: the directory {} does not exist",
-            dir.display()
-        ));
-    }
-    let addrs = cfg
-        .listen
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (format!("listen[{i}].addr"), l.addr))
-        .chain(
-            cfg.metrics
-                .listen
-                .map(|a| ("metrics.listen".to_string(), a)),
-        );
-    for (key, addr) in addrs {
-        if addr.port() == 0 {
-            continue;
-        }
-        // Bound but never listening, with SO_REUSEADDR: a listener already
-        // there (a running gate, another MTA) still makes this fail, and two
-        // checks at the same moment do not fail each other.
-        let bound = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )
-        .and_then(|s| {
-            s.set_reuse_address(true)?;
-            s.bind(&addr.into())
-        });
-        if let Err(e) = bound {
-            problems.push(format!("{key}: cannot listen on {addr}: {e}"));
-        }
-    }
-    problems
 }

@@ -50,6 +50,9 @@ pub struct Store {
     calls: AtomicU64,
 }
 
+/// How soon a failed probe read is tried again.
+const PROBE_RETRY: Duration = Duration::from_millis(100);
+
 impl Store {
     /// The store a config asks for. Redis is connected lazily and again
     /// after every failure, in the background of the calls.
@@ -105,6 +108,20 @@ impl Store {
     /// Milliseconds since the epoch, by the store's clock.
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// Whether the store answers, within `within`: one read, tried again
+    /// while a Redis connection is still being made. The embedded store
+    /// always answers.
+    pub async fn probe(&self, within: Duration) -> Result<(), StoreError> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            match self.get("portcullis:probe").await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() + PROBE_RETRY >= until => return Err(e),
+                Err(_) => tokio::time::sleep(PROBE_RETRY).await,
+            }
+        }
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {

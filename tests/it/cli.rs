@@ -371,7 +371,11 @@ fn check_finds_every_broken_configuration() {
             .filter_map(|l| l.strip_prefix("# expect: "))
             .collect();
         assert!(!expect.is_empty(), "{}: no # expect: line", f.display());
-        let out = bin().args(["check", "--config"]).arg(f).output().unwrap();
+        let out = bin()
+            .args(["check", "--no-probe", "--config"])
+            .arg(f)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{} passed check", f.display());
         for e in expect {
@@ -380,11 +384,61 @@ fn check_finds_every_broken_configuration() {
     }
     // Not a file at all.
     let out = bin()
-        .args(["check", "--config", "/dev/zero"])
+        .args(["check", "--no-probe", "--config", "/dev/zero"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+}
+
+/// `portcullis check` over the configurations that are valid but probably
+/// not what was meant (tests/configs/warn): each passes (exit 0) and prints
+/// the warnings its `# warn:` lines name, and the report lines its
+/// `# report:` lines name. Their upstream, nameserver and Redis are closed
+/// ports on loopback, so the probes are part of it.
+#[test]
+fn check_warns_about_every_questionable_configuration() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/warn");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{} fixtures", files.len());
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let warn: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# warn: "))
+            .collect();
+        assert!(!warn.is_empty(), "{}: no # warn: line", f.display());
+        let out = bin()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["check", "--config"])
+            .arg(f.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap())
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {report}{}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for w in warn {
+            assert!(
+                report
+                    .lines()
+                    .any(|l| l.starts_with("warning: ") && l.contains(w)),
+                "{}: {w:?} not in {report}",
+                f.display()
+            );
+        }
+        for r in text.lines().filter_map(|l| l.strip_prefix("# report: ")) {
+            assert!(report.contains(r), "{}: {r:?} not in {report}", f.display());
+        }
+    }
 }
 
 /// Relative paths are relative to the config file, wherever the gate is
@@ -620,33 +674,95 @@ fn shell_completions() {
     }
 }
 
-/// `check` names an address another process listens on.
+/// `check` binds nothing unless asked: beside a process holding the
+/// listen address it passes; with `--bind` it names that process, which
+/// is not Portcullis.
 #[test]
-fn check_finds_an_address_in_use() {
+fn check_finds_an_address_in_use_only_when_asked() {
     let dir = std::env::temp_dir().join(format!("portcullis-inuse-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let conf = |port: u16| {
-        let path = dir.join(format!("p{port}.yaml"));
-        std::fs::write(
-            &path,
-            format!("hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"127.0.0.1:25\"}}\n"),
-        )
-        .unwrap();
-        path
-    };
-    let busy = conf(taken.local_addr().unwrap().port());
+    let port = taken.local_addr().unwrap().port();
+    let busy = dir.join(format!("p{port}.yaml"));
+    std::fs::write(
+        &busy,
+        format!("hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"127.0.0.1:25\"}}\n"),
+    )
+    .unwrap();
     let out = bin()
-        .arg("check")
-        .arg("--config")
+        .args(["check", "--no-probe", "--config"])
+        .arg(&busy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = bin()
+        .args(["check", "--no-probe", "--bind", "--config"])
         .arg(&busy)
         .output()
         .unwrap();
     assert!(!out.status.success());
+    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("listen[0].addr: cannot listen on"),
-        "{out:?}"
+        err.contains(&format!(
+            "listen[0].addr: 127.0.0.1:{port} is in use by {}, not Portcullis",
+            me.trim()
+        )),
+        "{err}"
     );
+}
+
+/// The README's `portcullis check && systemctl reload portcullis`: `check`
+/// of the running gate's own config passes while the gate holds every
+/// address it names (SMTP, milter, metrics), with and without `--bind`.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_passes_beside_the_running_gate() {
+    let mta = common::FakeMta::start(common::Script::default()).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-beside-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (port, milter, metrics) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let f = dir.join("gate.yaml");
+    std::fs::write(
+        &f,
+        format!("hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\nmilter: {{listen: [\"127.0.0.1:{milter}\"]}}\nmetrics: {{listen: \"127.0.0.1:{metrics}\"}}\nrules_dir: {}\n{}", mta.addr, common::EMPTY_RULES, common::NO_CHECKS),
+    )
+    .unwrap();
+    let _gate = common::Killed(
+        bin()
+            .args(["run", "--config"])
+            .arg(&f)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::listening(port).await;
+    common::listening(milter).await;
+    common::listening(metrics).await;
+    for extra in [&[][..], &["--bind"][..]] {
+        let out = bin()
+            .arg("check")
+            .args(extra)
+            .arg("--config")
+            .arg(&f)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("config ok: 1 listener(s)"), "{text}");
+        assert!(
+            text.contains(&format!("upstream {} answers", mta.addr)),
+            "{text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `check` warns when the configured limits cannot fit in the descriptors
