@@ -377,16 +377,20 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let server = Server::bind(cfg).await?;
-        let upstream = server.upstream();
-        match upstream.probe().await {
-            Ok(id) => {
-                tracing::info!(upstream = %upstream.addr, identity = id.as_str(), "upstream ready")
+        // A milter-only gate has no upstream: nothing to probe or report.
+        if !server.local_addrs().is_empty() {
+            let upstream = server.upstream();
+            match upstream.probe().await {
+                Ok(id) => {
+                    tracing::info!(upstream = %upstream.addr, identity = id.as_str(), "upstream ready")
+                }
+                // Refuse to run when the client address cannot be passed on.
+                Err(e @ ProbeError::NoIdentity(_)) => return Err(anyhow::anyhow!(e)),
+                // Logged as an error, naming upstream, by the probe itself.
+                Err(_) => {}
             }
-            // Refuse to run when the client address cannot be passed on.
-            Err(e @ ProbeError::NoIdentity(_)) => return Err(anyhow::anyhow!(e)),
-            // Logged as an error, naming upstream, by the probe itself.
-            Err(_) => {}
         }
+        server.announce().await;
         // Rules also reload on file changes, debounced.
         server.rules().watch(std::time::Duration::from_millis(500));
         let hangup = server.on_hangup(log_target, config);

@@ -133,6 +133,22 @@ fn results(out: &mut String, log: &CheckLog) {
     };
     let _ = writeln!(out, "  dnsbl: {}", list(&log.dnsbl, "no listing"));
     let _ = writeln!(out, "  rules: {}", list(&log.rules, "none matched"));
+    // What the log's `would` key says, in words: a record-mode check or a
+    // shadow rule that found something and was not acted on.
+    for w in &log.would {
+        let Some((reason, verdict)) = w.rsplit_once('=') else {
+            continue;
+        };
+        let mode = if reason.starts_with("rule:") {
+            "shadow rule"
+        } else {
+            "record mode"
+        };
+        let _ = writeln!(
+            out,
+            "  {mode}: would {verdict} ({reason}); logged as would={verdict}, not applied"
+        );
+    }
 }
 
 /// The transaction, printed.

@@ -61,8 +61,9 @@ pub struct Config {
 pub struct MilterConfig {
     /// `127.0.0.1:8891`, `[::1]:8891`, or `unix:/run/portcullis/milter.sock`.
     pub listen: Vec<MilterListen>,
-    /// Longest packet taken from the MTA (a body chunk is 64 KiB; a header
-    /// field up to Postfix's header_size_limit, 100 KiB by default).
+    /// Longest packet taken from the MTA, in octets after its 4-octet
+    /// length field (a body chunk is 64 KiB; a header field up to
+    /// Postfix's header_size_limit, 100 KiB by default).
     pub max_packet: Bytes,
     /// How long the MTA may take to send its next packet. The MTA holds the
     /// connection while its client is idle, so this must be longer than

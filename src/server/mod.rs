@@ -196,6 +196,11 @@ impl Server {
         Arc::clone(&self.shared.upstream)
     }
 
+    /// Logs what the gate runs with and probes the state store (start-up).
+    pub async fn announce(&self) {
+        announce(&self.shared).await;
+    }
+
     /// Reloads the TLS certificate and key (SIGHUP). New STARTTLS handshakes
     /// use them; on error the old ones stay in force.
     pub fn tls_reloader(&self) -> TlsReloader {
@@ -404,6 +409,35 @@ pub fn raise_descriptors(cfg: &Config) {
         tracing::warn!("{why}");
     }
 }
+
+/// Logs each check's mode and the config's warnings, and probes the state
+/// store: a store that does not answer is an error line and
+/// `portcullis_state_up 0`, now rather than at the first greylisted
+/// message. At start and after each config reload.
+pub(crate) async fn announce(shared: &Shared) {
+    let cfg = &shared.snapshot().cfg;
+    let modes: Vec<(String, &'static str, &'static str)> = cfg
+        .checks
+        .modes()
+        .into_iter()
+        .map(|(name, m)| (name, m.as_str(), m.meaning()))
+        .collect();
+    crate::telemetry::events::Posture {
+        modes: &modes,
+        warnings: &cfg.warnings(),
+    }
+    .emit();
+    if let Err(e) = shared.store.probe(STATE_PROBE).await {
+        crate::telemetry::events::StateStoreDown {
+            backend: shared.store.backend(),
+            error: &e,
+        }
+        .emit();
+    }
+}
+
+/// How long the state store has to answer `announce`'s probe.
+const STATE_PROBE: Duration = Duration::from_secs(2);
 
 /// When the configured limits would not fit in the descriptors `run`
 /// gets here (the hard limit of this process; under systemd the unit's

@@ -49,8 +49,12 @@ impl ConfigReloader {
             // Tell the admin now, not at the next message, when what the
             // new config points at does not answer.
             self.shared.check_nameservers().await;
-            // A failure is logged (naming upstream) and counted by the probe.
-            let _ = self.shared.upstream.probe().await;
+            // A failure is logged (naming upstream) and counted by the
+            // probe. A milter-only gate has no upstream.
+            if !self.shared.snapshot().cfg.listen.is_empty() {
+                let _ = self.shared.upstream.probe().await;
+            }
+            announce(&self.shared).await;
         }
         result
     }

@@ -92,20 +92,38 @@ impl crate::telemetry::http::Status for StatusPage {
                 esc(&keys.join(", "))
             );
         }
-        let up = self.shared.upstream.health();
+        let snapshot = self.shared.snapshot();
+        // A milter-only gate has no upstream of ours.
+        if !snapshot.cfg.listen.is_empty() {
+            let up = self.shared.upstream.health();
+            let _ = writeln!(
+                o,
+                "<h2>Upstream</h2><p>{}: {}</p>",
+                self.shared.upstream.addr,
+                match (up.answering, &up.last_error) {
+                    (Some(true), _) => "answers".to_string(),
+                    (Some(false), e) => format!(
+                        "DOES NOT ANSWER ({})",
+                        esc(e.as_deref().unwrap_or("unknown error"))
+                    ),
+                    (None, _) => "not probed yet".to_string(),
+                }
+            );
+        }
         let _ = writeln!(
             o,
-            "<h2>Upstream</h2><p>{}: {}</p>",
-            self.shared.upstream.addr,
-            match (up.answering, &up.last_error) {
-                (Some(true), _) => "answers".to_string(),
-                (Some(false), e) => format!(
-                    "DOES NOT ANSWER ({})",
-                    esc(e.as_deref().unwrap_or("unknown error"))
-                ),
-                (None, _) => "not probed yet".to_string(),
-            }
+            "<h2>Checks</h2><table><tr><th>check</th><th>mode</th><th></th></tr>"
         );
+        for (name, mode) in snapshot.cfg.checks.modes() {
+            let _ = writeln!(
+                o,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&name),
+                mode.as_str(),
+                mode.meaning()
+            );
+        }
+        let _ = writeln!(o, "</table>");
         let store = &self.shared.store;
         let _ = writeln!(
             o,

@@ -33,6 +33,43 @@ impl UpstreamState<'_> {
     }
 }
 
+/// What the gate runs with, logged at start and after each config
+/// reload: each check's mode (record mode says its actions are only
+/// logged), and what `check` warns about in the config.
+pub struct Posture<'a> {
+    /// (check, mode, what the mode means).
+    pub modes: &'a [(String, &'static str, &'static str)],
+    pub warnings: &'a [String],
+}
+
+impl Posture<'_> {
+    pub fn emit(&self) {
+        for (check, mode, meaning) in self.modes {
+            tracing::info!(check = %check, mode = *mode, meaning = *meaning, "check mode");
+        }
+        for w in self.warnings {
+            tracing::warn!(warning = %w, "config");
+        }
+    }
+}
+
+/// The state store did not answer the probe at start or after a reload.
+pub struct StateStoreDown<'a> {
+    pub backend: &'static str,
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl StateStoreDown<'_> {
+    pub fn emit(&self) {
+        metrics::gauge!("portcullis_state_up", "backend" => self.backend).set(0.0);
+        tracing::error!(
+            backend = self.backend,
+            error = %self.error,
+            "state store does not answer: greylisting, rate limits and reputation apply their on_error until it does"
+        );
+    }
+}
+
 /// A session's upstream connection failed (or could not be opened).
 pub struct UpstreamFailed<'a> {
     pub session: &'a str,

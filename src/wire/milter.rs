@@ -183,8 +183,9 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder refusing packets of more than `max_packet` octets (length
-    /// field included).
+    /// A decoder refusing packets of more than `max_packet` octets: the
+    /// length field's value (command and data), as the MTA counts it; the
+    /// four octets of the length field itself are not counted.
     pub fn new(max_packet: usize) -> Decoder {
         Decoder {
             buf: Vec::new(),
@@ -238,8 +239,8 @@ impl Decoder {
         if len == 0 {
             return Err(MilterError::Empty);
         }
-        if len.saturating_add(4) > self.max {
-            return Err(MilterError::TooLarge(len.saturating_add(4), self.max));
+        if len > self.max {
+            return Err(MilterError::TooLarge(len, self.max));
         }
         let Some(packet) = rest.get(4..4 + len) else {
             return Ok(None);
@@ -620,7 +621,17 @@ mod tests {
     fn a_packet_over_the_limit_is_refused_from_its_length_alone() {
         let mut d = Decoder::new(100);
         d.feed(&[0, 0, 1, 0]);
-        assert_eq!(d.command(), Err(MilterError::TooLarge(260, 100)));
+        assert_eq!(d.command(), Err(MilterError::TooLarge(256, 100)));
+        // Exactly the limit is taken: the length field is not counted.
+        let mut d = Decoder::new(5);
+        d.feed(&[0, 0, 0, 5, b'B', b'a', b'b', b'c', 0]);
+        assert!(
+            matches!(d.command(), Ok(Some(_))),
+            "a packet of max_packet octets"
+        );
+        let mut d = Decoder::new(4);
+        d.feed(&[0, 0, 0, 5]);
+        assert_eq!(d.command(), Err(MilterError::TooLarge(5, 4)));
         let mut d = Decoder::new(100);
         d.feed(&[0, 0, 0, 0]);
         assert_eq!(d.command(), Err(MilterError::Empty));

@@ -798,3 +798,278 @@ fn check_warns_when_the_limits_cannot_fit_in_the_descriptors() {
     let roomy = check("4096");
     assert!(!roomy.contains("descriptors"), "{roomy}");
 }
+
+/// A `dnsbl` section without `mode` whose zone says `action: reject` is in
+/// record mode, and every place an administrator looks says so: `check`
+/// (the mode, and a warning naming the zone), the start-up log (a
+/// `check mode` line), and `explain` for a listed client ("record mode:
+/// would reject"), while the client's reply is not a refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dnsbl_without_mode_is_shown_as_record_mode_everywhere() {
+    let dns = common::dns::bl_test().await;
+    let mta = common::FakeMta::start(common::Script::default()).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-recmode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    let port = common::free_port();
+    let log = dir.join("gate.log");
+    let f = dir.join("gate.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\ndns: {{nameservers: [\"{}\"]}}\nlog: {{file: \"{}\"}}\nchecks:\n  spf: {{mode: off}}\n  dkim: {{mode: off}}\n  dmarc: {{mode: off}}\n  arc: {{mode: off}}\n  iprev: {{mode: off}}\n  dnsbl:\n    zones:\n      - zone: bl.test\n        action: reject\n",
+            mta.addr,
+            dns.addr,
+            log.display()
+        ),
+    )
+    .unwrap();
+    let out = bin().args(["check", "--config"]).arg(&f).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "dnsbl                  record   actions are logged (would=...), not applied"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: checks.dnsbl: record mode (the default when mode is not set): bl.test's action reject is logged as would=reject, not applied"),
+        "{text}"
+    );
+
+    let gate_proc = common::Killed(bin().args(["run", "--config"]).arg(&f).spawn().unwrap());
+    let gate = common::listening(port).await;
+    let mut c = common::Client::connect_from(gate, "127.0.0.3").await;
+    c.reply().await;
+    c.cmd("EHLO listed.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("QUIT", "221").await;
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut lines = String::new();
+    while !lines.contains("would=\"dnsbl:bl.test=reject\"")
+        && !lines.contains("would=dnsbl:bl.test=reject")
+        && !lines.contains("\"would\":\"dnsbl:bl.test=reject\"")
+    {
+        assert!(Instant::now() < until, "{lines}");
+        std::thread::sleep(Duration::from_millis(50));
+        lines = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let mode_line = lines
+        .lines()
+        .find(|l| l.contains("check mode") && l.contains("\"check\":\"dnsbl\""))
+        .unwrap_or_else(|| panic!("no check mode line for dnsbl: {lines}"));
+    assert!(mode_line.contains("\"mode\":\"record\""), "{mode_line}");
+    assert!(mode_line.contains("not applied"), "{mode_line}");
+    drop(gate_proc);
+
+    let out = bin()
+        .args(["explain", "--config"])
+        .arg(&f)
+        .args([
+            "--ip",
+            "127.0.0.3",
+            "--helo",
+            "listed.test",
+            "--from",
+            "a@sender.test",
+            "--rcpt",
+            "b@example.test",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(
+            "record mode: would reject (dnsbl:bl.test); logged as would=reject, not applied"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("accepted by the checks"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A milter-only gate has no upstream anywhere: no error line about one,
+/// no `portcullis_upstream_up` series, no Upstream on the status page, no
+/// upstream readiness probe.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_milter_only_gate_reports_no_upstream() {
+    let dir = std::env::temp_dir().join(format!("portcullis-milteronly-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (milter, metrics) = (common::free_port(), common::free_port());
+    let log = dir.join("gate.log");
+    let f = dir.join("gate.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "hostname: gate.test\nlisten: []\nmilter: {{listen: [\"127.0.0.1:{milter}\"]}}\nmetrics: {{listen: \"127.0.0.1:{metrics}\"}}\nlog: {{file: \"{}\"}}\nrules_dir: {}\n{}",
+            log.display(),
+            common::EMPTY_RULES,
+            common::NO_CHECKS
+        ),
+    )
+    .unwrap();
+    let _gate = common::Killed(bin().args(["run", "--config"]).arg(&f).spawn().unwrap());
+    common::listening(milter).await;
+    let m = common::listening(metrics).await;
+    // The start-up is logged through to the end (the last line is
+    // `listening`), so an upstream error would be there by now.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut lines = String::new();
+    while !lines.contains("check mode") {
+        assert!(Instant::now() < until, "{lines}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lines = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let scrape = common::http_get(m, "/metrics").await;
+    let status = common::http_get(m, "/").await;
+    let ready = common::http_get(m, "/readyz").await;
+    // Long enough for a background probe to have run and failed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert!(!lines.to_lowercase().contains("upstream"), "{lines}");
+    assert!(!lines.contains("\"level\":\"ERROR\""), "{lines}");
+    assert!(scrape.contains("portcullis_"), "{scrape}");
+    assert!(!scrape.contains("portcullis_upstream_up"), "{scrape}");
+    assert!(
+        !status.contains("Upstream") && status.contains("<h2>Checks</h2>"),
+        "{status}"
+    );
+    assert!(
+        ready.contains("ready\n") && !ready.contains("upstream"),
+        "{ready}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What `check` refuses, `run` refuses too, before binding anything: a log
+/// filter that would write nothing of ours (`verbose`, a target of another
+/// crate), and a bytes rate limit whose burst no large message can pass.
+#[test]
+fn run_refuses_silent_log_filters_and_impossible_bursts() {
+    let dir = std::env::temp_dir().join(format!("portcullis-runrefuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = common::free_port();
+    for (extra, want) in [
+        (
+            "log: {level: verbose}\n",
+            "log.level: \"verbose\" enables nothing Portcullis logs",
+        ),
+        (
+            "log: {level: tokio=trace}\n",
+            "log.level: \"tokio=trace\" enables nothing Portcullis logs",
+        ),
+        (
+            "checks:\n  rate_limits:\n    - {name: volume, key: sender, rate: 1/1h, count: bytes}\n",
+            "checks.rate_limits[0].rate: a burst of 1 bytes",
+        ),
+    ] {
+        let f = dir.join("gate.yaml");
+        std::fs::write(
+            &f,
+            format!("hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"127.0.0.1:1\", client_identity: xclient}}\n{extra}"),
+        )
+        .unwrap();
+        let out = bin().args(["run", "--config"]).arg(&f).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra}: {err}");
+        assert!(err.contains(want), "{extra}: {err}");
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Redis state store that does not answer (a closed port) is an error at
+/// start, not a warning per greylisted message later: an ERROR line and
+/// `portcullis_state_up{backend="redis"} 0`, while the gate runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_state_store_is_an_error_at_start() {
+    let dir = std::env::temp_dir().join(format!("portcullis-statedown-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mta = common::FakeMta::start(common::Script::default()).await;
+    let (port, metrics, closed) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let log = dir.join("gate.log");
+    let f = dir.join("gate.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:{port}\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient}}\nstate: {{backend: redis, url: \"redis://127.0.0.1:{closed}\"}}\nmetrics: {{listen: \"127.0.0.1:{metrics}\"}}\nlog: {{file: \"{}\"}}\nrules_dir: {}\n{}",
+            mta.addr,
+            log.display(),
+            common::EMPTY_RULES,
+            common::NO_CHECKS
+        ),
+    )
+    .unwrap();
+    let _gate = common::Killed(bin().args(["run", "--config"]).arg(&f).spawn().unwrap());
+    let m = common::listening(metrics).await;
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut lines = String::new();
+    while !lines.contains("state store does not answer") {
+        assert!(Instant::now() < until, "{lines}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lines = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let line = lines
+        .lines()
+        .find(|l| l.contains("state store does not answer"))
+        .unwrap();
+    assert!(line.contains("\"level\":\"ERROR\""), "{line}");
+    let scrape = common::http_get(m, "/metrics").await;
+    assert!(
+        scrape.contains("portcullis_state_up{backend=\"redis\"} 0"),
+        "{scrape}"
+    );
+    // It still serves.
+    common::listening(port).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `upstream.tls: starttls` towards an MTA that does not offer STARTTLS:
+/// `check` warns (every MAIL would get 451 4.4.1), and still passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_when_upstream_does_not_offer_starttls() {
+    let mta = common::FakeMta::start(common::Script::default()).await;
+    let dir = std::env::temp_dir().join(format!("portcullis-nostarttls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("gate.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "hostname: gate.test\nlisten: [{{addr: \"127.0.0.1:0\"}}]\nupstream: {{addr: \"{}\", client_identity: xclient, tls: starttls}}\ndns: {{nameservers: [\"127.0.0.1:1\"], timeout: 1s}}\nrules_dir: {}\n",
+            mta.addr,
+            common::EMPTY_RULES
+        ),
+    )
+    .unwrap();
+    let out = bin().args(["check", "--config"]).arg(&f).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let warning = text
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "warning: upstream.tls: starttls, but upstream {} does not take STARTTLS",
+                mta.addr
+            ))
+        })
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(warning.contains("451 4.4.1"), "{warning}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -53,6 +53,14 @@ async fn upstream(cfg: &Config) -> Found {
             id.as_str()
         )),
         Ok(Err(e @ ProbeError::NoIdentity(_))) => f.errors.push(format!("upstream: {e}")),
+        Ok(Err(e))
+            if cfg.upstream.tls == crate::config::UpstreamTls::Starttls
+                && e.to_string().contains("starttls") =>
+        {
+            f.warnings.push(format!(
+                "upstream.tls: starttls, but upstream {addr} does not take STARTTLS ({e}): until it does, every MAIL gets 451 4.4.1 (offer STARTTLS there, or set upstream.tls: none)"
+            ))
+        }
         Ok(Err(e)) => f.warnings.push(format!(
             "upstream {addr} does not answer as configured ({e}): until it does, every MAIL gets 451 4.4.1"
         )),
