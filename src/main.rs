@@ -30,7 +30,18 @@ macro_rules! outln {
 }
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "Anti-spam filtering SMTP proxy")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Anti-spam filtering SMTP proxy",
+    long_about = "Anti-spam filtering SMTP proxy. Portcullis listens on port 25 in front of \
+Postfix or Exim (or inside Postfix as a milter), checks SPF, DKIM, DMARC, DNS \
+blocklists, greylisting, rate limits and the administrator's YAML rules during \
+the SMTP dialogue, and relays each accepted transaction live to the MTA behind \
+it, or refuses it with the right reply code. It keeps no queue: what it accepts \
+upstream has accepted. Each transaction is one log line, which portcullis stats \
+and portcullis trace read."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -38,17 +49,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the gate in the foreground (systemd runs it so). Without
-    /// --config: /etc/portcullis/portcullis.yaml when installed, else the
-    /// embedded default config.
+    /// Run the gate in the foreground
+    ///
+    /// Runs the gate in the foreground, as systemd does (Type=notify).
+    /// Without --config: /etc/portcullis/portcullis.yaml when it exists,
+    /// else the embedded default config.
     Run {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Validate the config and the rules without disturbing a running gate:
-    /// print every error, each check's mode, the rules (and which are in
-    /// try-out mode), and whether upstream, the nameservers and the state
-    /// store answer. Exit status 1 when anything must be fixed.
+    /// Validate the config and the rules, beside a running gate
+    ///
+    /// Safe beside the running gate: it binds nothing unless --bind is
+    /// given. Prints which file it read, every error of the config and
+    /// the rules in one run (file:line:column: key: message), each check's
+    /// mode (record: actions are logged as would=..., not applied), the
+    /// rules and which are shadow (try-out) rules, and warnings: upstream,
+    /// a nameserver or Redis that does not answer, a log filter that writes
+    /// no transaction lines, a host name that is not public. Exit status 1
+    /// when anything must be fixed.
     Check {
         #[command(flatten)]
         config: ConfigArg,
@@ -63,6 +82,8 @@ enum Cmd {
     /// Rejection rates from Portcullis log files (json or logfmt; .gz too),
     /// or from standard input.
     Stats {
+        /// Log files, plain or gzip; standard input when none
+        /// (`journalctl -u portcullis -o short-iso | portcullis stats`).
         files: Vec<PathBuf>,
         /// Only lines at or after this time: an RFC 3339 prefix in UTC
         /// (2026-11-29T08), a span back from now (24h, 7d), today or yesterday.
@@ -152,20 +173,43 @@ enum Generate {
     Completions { shell: clap_complete::Shell },
 }
 
-/// Writes portcullis.8 and portcullis-SUBCOMMAND.8 (the visible ones) to `dir`.
+/// Writes portcullis.8, portcullis-run.8 and portcullis-VERB.1 (the visible
+/// subcommands) to `dir`: the command line's own definition, then the
+/// sections `cli::man` adds (FILES, SIGNALS, EXIT STATUS, ...).
 fn man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
     use clap::CommandFactory;
+    use portcullis::cli::man;
     let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
+    let page = |cmd: clap::Command, sub: &str, commands: Option<String>| {
+        let section = man::section(sub);
+        let m = clap_mangen::Man::new(cmd).section(section);
+        let mut roff = Vec::new();
+        m.render_title(&mut roff)?;
+        m.render_name_section(&mut roff)?;
+        m.render_synopsis_section(&mut roff)?;
+        m.render_description_section(&mut roff)?;
+        m.render_options_section(&mut roff)?;
+        if let Some(c) = commands {
+            roff.extend_from_slice(c.as_bytes());
+        }
+        roff.extend_from_slice(man::extra(sub).as_bytes());
+        let path = dir.join(m.get_filename());
+        std::fs::write(&path, roff)?;
+        Ok::<_, std::io::Error>(path)
+    };
     let mut written = Vec::new();
+    let mut commands = String::from(".SH COMMANDS\n");
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        written.push(
-            clap_mangen::Man::new(sub.clone())
-                .section("8")
-                .generate_to(dir)?,
-        );
+        let verb = sub.get_name().to_string();
+        commands.push_str(&format!(
+            ".TP\n\\fBportcullis\\-{verb}\\fR({})\n{}\n",
+            man::section(&verb),
+            sub.get_about().map(|a| a.to_string()).unwrap_or_default()
+        ));
+        written.push(page(sub.clone(), &verb, None)?);
     }
-    written.push(clap_mangen::Man::new(cmd).section("8").generate_to(dir)?);
+    written.push(page(cmd, "", Some(commands))?);
     Ok(written)
 }
 
@@ -368,6 +412,12 @@ fn stats(
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config.as_deref())?;
+    // What `check` finds missing on this host (a directory for the state
+    // file, a certificate) would fail later, or lose state at shutdown.
+    let problems = portcullis::server::preflight(&cfg);
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
+    }
     let log_target = portcullis::telemetry::init(&cfg.log).map_err(anyhow::Error::msg)?;
     portcullis::server::raise_descriptors(&cfg);
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

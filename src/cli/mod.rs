@@ -7,5 +7,6 @@
 pub mod check;
 pub mod explain;
 pub mod logs;
+pub mod man;
 pub mod stats;
 pub mod trace;

@@ -616,29 +616,120 @@ fn man_pages_for_every_subcommand() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
+    // The daemon in section 8, the offline verbs in section 1.
     assert_eq!(
         names,
         [
-            "portcullis-check.8",
-            "portcullis-explain.8",
+            "portcullis-check.1",
+            "portcullis-explain.1",
             "portcullis-run.8",
-            "portcullis-stats.8",
-            "portcullis-trace.8",
+            "portcullis-stats.1",
+            "portcullis-trace.1",
             "portcullis.8"
         ]
     );
     let run = std::fs::read_to_string(dir.join("portcullis-run.8")).unwrap();
     assert!(run.contains(".TH portcullis-run 8"), "{run}");
-    assert!(run.contains("portcullis\\-run \\- Run the proxy"), "{run}");
+    assert!(run.contains("portcullis\\-run \\- Run the gate"), "{run}");
     assert!(run.contains("\\-\\-config"), "{run}");
     let top = std::fs::read_to_string(dir.join("portcullis.8")).unwrap();
-    for sub in ["run", "check", "stats", "explain", "trace"] {
+    for (sub, section) in [
+        ("run", 8),
+        ("check", 1),
+        ("stats", 1),
+        ("explain", 1),
+        ("trace", 1),
+    ] {
         assert!(
-            top.contains(&format!("portcullis\\-{sub}(8)")),
+            top.contains(&format!("portcullis\\-{sub}\\fR({section})")),
             "{sub}: {top}"
         );
     }
     assert!(!top.contains("generate"), "{top}");
+    // What an administrator looks up, in the pages that answer it.
+    for (page, sections) in [
+        (
+            "portcullis.8",
+            &[
+                "FILES",
+                "SIGNALS",
+                "\"EXIT STATUS\"",
+                "ENVIRONMENT",
+                "EXAMPLES",
+                "\"SEE ALSO\"",
+            ][..],
+        ),
+        (
+            "portcullis-run.8",
+            &[
+                "FILES",
+                "SIGNALS",
+                "\"EXIT STATUS\"",
+                "ENVIRONMENT",
+                "EXAMPLES",
+                "\"SEE ALSO\"",
+            ][..],
+        ),
+        (
+            "portcullis-check.1",
+            &[
+                "FILES",
+                "\"EXIT STATUS\"",
+                "ENVIRONMENT",
+                "EXAMPLES",
+                "\"SEE ALSO\"",
+            ][..],
+        ),
+        (
+            "portcullis-stats.1",
+            &["\"EXIT STATUS\"", "EXAMPLES", "\"SEE ALSO\""][..],
+        ),
+        (
+            "portcullis-trace.1",
+            &["\"EXIT STATUS\"", "EXAMPLES", "\"SEE ALSO\""][..],
+        ),
+        (
+            "portcullis-explain.1",
+            &["\"EXIT STATUS\"", "EXAMPLES", "\"SEE ALSO\""][..],
+        ),
+    ] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        for s in sections {
+            assert!(text.contains(&format!("\n.SH {s}\n")), "{page}: no {s}");
+        }
+        for named in [
+            "/usr/share/doc/portcullis/README.md",
+            "/usr/share/doc/portcullis/rules.md",
+        ] {
+            assert!(text.contains(named), "{page} does not name {named}");
+        }
+    }
+    let top = std::fs::read_to_string(dir.join("portcullis.8")).unwrap();
+    for named in [
+        "/etc/portcullis/portcullis.yaml",
+        "/etc/portcullis/rules/",
+        "/var/lib/portcullis/state.jsonl",
+        "SIGHUP",
+        "SIGTERM",
+        "PORTCULLIS_CONFIG",
+    ] {
+        assert!(top.contains(named), "portcullis.8 does not name {named}");
+    }
+    // Every option has help text: none is listed bare in OPTIONS.
+    for page in &names {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if *l == ".TP" && lines.get(i + 1).is_some_and(|o| o.contains("\\-\\-")) {
+                let help = lines.get(i + 2).copied().unwrap_or("");
+                assert!(
+                    !help.is_empty() && !help.starts_with('.'),
+                    "{page}: {} has no help text",
+                    lines[i + 1]
+                );
+            }
+        }
+    }
 }
 
 /// Completion scripts for bash, zsh and fish name every subcommand and

@@ -51,7 +51,7 @@ fn built_package() -> PathBuf {
         .unwrap_or_else(|| panic!("no .deb in {}: run packaging/build-deb.sh", dir.display()))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 #[ignore = "installs a Debian package (root, dpkg); the package is built by packaging/build-deb.sh, which .ci/run runs"]
 async fn the_package_installs_validates_runs_and_purges() {
     let deb = built_package();
@@ -111,8 +111,10 @@ async fn the_package_installs_validates_runs_and_purges() {
         "/portcullis.service",
         "/usr/share/man/man8/portcullis.8.gz",
         "/usr/share/man/man8/portcullis-run.8.gz",
-        "/usr/share/man/man8/portcullis-check.8.gz",
-        "/usr/share/man/man8/portcullis-stats.8.gz",
+        "/usr/share/man/man1/portcullis-check.1.gz",
+        "/usr/share/man/man1/portcullis-stats.1.gz",
+        "/usr/share/man/man1/portcullis-explain.1.gz",
+        "/usr/share/man/man1/portcullis-trace.1.gz",
         "/usr/share/bash-completion/completions/portcullis",
         "/usr/share/zsh/vendor-completions/_portcullis",
         "/usr/share/fish/vendor_completions.d/portcullis.fish",
@@ -124,6 +126,52 @@ async fn the_package_installs_validates_runs_and_purges() {
     }
     let man = text(&root(&["zcat", "/usr/share/man/man8/portcullis.8.gz"]));
     assert!(man.contains(".TH portcullis 8"), "{man}");
+    // `man portcullis`, as the unit's Documentation= sends an admin there.
+    let page = text(&root(&[
+        "env",
+        "MANPAGER=cat",
+        "MANWIDTH=100",
+        "man",
+        "portcullis",
+    ]));
+    for want in [
+        "FILES",
+        "/etc/portcullis/portcullis.yaml",
+        "SIGNALS",
+        "SIGHUP",
+        "EXIT STATUS",
+        "SEE ALSO",
+        "/usr/share/doc/portcullis/README.md",
+    ] {
+        assert!(page.contains(want), "man portcullis lacks {want}: {page}");
+    }
+    let page = text(&root(&[
+        "env",
+        "MANPAGER=cat",
+        "man",
+        "1",
+        "portcullis-check",
+    ]));
+    assert!(page.contains("--bind"), "{page}");
+
+    // The installed README's links lead to installed files.
+    let doc = Path::new("/usr/share/doc/portcullis");
+    let readme = std::fs::read_to_string(doc.join("README.md")).unwrap();
+    let mut links = 0;
+    for (at, _) in readme.match_indices("](") {
+        let target = readme[at + 2..].split(')').next().unwrap();
+        if target.starts_with("http") || target.starts_with('#') {
+            continue;
+        }
+        links += 1;
+        let path = doc.join(target.split('#').next().unwrap());
+        assert!(
+            path.exists(),
+            "README links to {target}: {} not installed",
+            path.display()
+        );
+    }
+    assert!(links >= 4, "{links} links checked");
 
     // The installed config validates as shipped, read as the service reads it.
     let check = text(&root(&[
@@ -191,6 +239,30 @@ async fn the_package_installs_validates_runs_and_purges() {
     assert!(r.starts_with("250"), "{r}");
     c.cmd("QUIT", "221").await;
     assert_eq!(mta.stored().len(), 1);
+    // `check` beside the running gate, on the addresses it holds, as the
+    // README's `portcullis check && systemctl reload portcullis` runs it;
+    // and without --config it reads the installed config and says so.
+    let check = text(&root(&[
+        "runuser",
+        "-u",
+        "portcullis",
+        "--",
+        "/usr/bin/portcullis",
+        "check",
+        "--bind",
+        "--config",
+        run_conf.to_str().unwrap(),
+    ]));
+    assert!(check.contains("config ok: 1 listener(s)"), "{check}");
+    assert!(
+        check.contains(&format!("upstream {} answers", mta.addr)),
+        "{check}"
+    );
+    let check = text(&root(&["/usr/bin/portcullis", "check", "--no-probe"]));
+    assert!(
+        check.starts_with("config: /etc/portcullis/portcullis.yaml\n"),
+        "{check}"
+    );
     // SIGTERM: drains, saves the state as the portcullis user, exits 0.
     root(&["pkill", "-TERM", "-u", "portcullis", "-x", "portcullis"]);
     let mut child = child;
