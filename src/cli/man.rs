@@ -87,9 +87,9 @@ pub fn extra(sub: &str) -> String {
         "check" => format!(
             "{FILES}.SH \"EXIT STATUS\"\n.TP\n0\nThe config and the rules load; warnings may have been printed.\n.TP\n1\nAt least one error, each printed on standard error.\n{ENVIRONMENT}.SH EXAMPLES\n.nf\nportcullis check && systemctl reload portcullis\nportcullis check \\-\\-config new.yaml \\-\\-bind\n.fi\n"
         ),
-        "stats" => format!(
+        "stats" => 
             ".SH \"EXIT STATUS\"\n0 with a report; 1 when the input holds no Portcullis log line or a file cannot be read.\n.SH EXAMPLES\n.nf\njournalctl \\-u portcullis \\-o short\\-iso \\-\\-since today | portcullis stats\nportcullis stats \\-\\-since 24h /var/log/portcullis/gate.log*\nportcullis stats \\-\\-json gate.log | jq .reject_reasons\nportcullis stats \\-\\-html report.html gate.log\n.fi\n.PP\nRead the journal with \\fB\\-o short\\-iso\\fR (or \\fBshort\\fR): \\fB\\-o cat\\fR drops the time of lines written to the journal.\n"
-        ),
+            .to_string(),
         "explain" => format!(
             "{FILES}.SH \"EXIT STATUS\"\n0 with the explanation; 1 when the config does not load or the message cannot be read.\n{ENVIRONMENT}.SH EXAMPLES\n.nf\nportcullis explain \\-\\-ip 192.0.2.1 \\-\\-helo mx.example.net \\-\\-from a@example.net \\-\\-rcpt b@example.org \\-\\-message spam.eml\n.fi\n"
         ),
