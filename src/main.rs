@@ -395,7 +395,7 @@ fn stats(
         // A silent zero would read as "nothing was refused".
         let input = portcullis::cli::logs::input_name(&files);
         anyhow::bail!(
-            "no Portcullis log lines in {input} (transaction or refused events; from journald use `journalctl -u portcullis -o cat` or `-o short`)"
+            "no Portcullis log lines in {input} (transaction or refused events; from journald use `journalctl -u portcullis -o short-iso`)"
         );
     }
     if let Some(path) = html {

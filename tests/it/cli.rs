@@ -1164,3 +1164,64 @@ async fn check_warns_when_upstream_does_not_offer_starttls() {
     assert!(warning.contains("451 4.4.1"), "{warning}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The README's log-line table names every key the transaction line can
+/// carry (`telemetry::key`), and its metrics table every metric the code
+/// emits: a new key or metric without its row fails here.
+#[test]
+fn the_readme_documents_every_log_key_and_metric() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = |from: &str, to: &str| {
+        let a = readme.find(from).unwrap_or_else(|| panic!("no {from}"));
+        let b = a + readme[a..].find(to).unwrap_or_else(|| panic!("no {to}"));
+        readme[a..b].to_string()
+    };
+    let log_table = section("## The log line", "## Greylisting");
+    let txlog = std::fs::read_to_string(root.join("src/telemetry/txlog.rs")).unwrap();
+    let keys = &txlog[txlog.find("pub mod key").unwrap()..];
+    let keys = &keys[..keys.find("\n}").unwrap()];
+    let mut n = 0;
+    for l in keys.lines() {
+        if let Some(name) = l.split('"').nth(1) {
+            n += 1;
+            assert!(
+                log_table.contains(&format!("`{name}`")),
+                "log key {name} not in the README's table"
+            );
+        }
+    }
+    assert!(n >= 30, "{n} keys");
+    let metrics_table = section("| metric | labels | meaning |", "\n\n");
+    let mut seen = std::collections::BTreeSet::new();
+    for f in walk(&root.join("src")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (at, _) in text.match_indices("\"portcullis_") {
+            let name: String = text[at + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            seen.insert(name);
+        }
+    }
+    assert!(seen.len() >= 25, "{seen:?}");
+    for m in &seen {
+        assert!(
+            metrics_table.contains(&format!("`{m}`")),
+            "metric {m} not in the README's table"
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out
+}
