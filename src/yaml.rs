@@ -67,7 +67,11 @@ pub fn parse_all<T: DeserializeOwned>(text: &str, file: &Path) -> Parsed<T> {
             }
             Err(e) => {
                 let follow_on = !errors.is_empty() && is_follow_on(&e, text);
-                let again = errors.iter().any(|p| p.line == e.line);
+                // The same problem found again after leaving a line out
+                // (serde places some, like a duplicate key, at the map).
+                let again = errors
+                    .iter()
+                    .any(|p| p.line == e.line || (p.path == e.path && p.message == e.message));
                 if !follow_on && !again {
                     errors.push(e);
                 }
@@ -209,5 +213,15 @@ mod tests {
         let text = "name:\n  oops: 1\n";
         let p: Parsed<Doc> = parse_all(text, Path::new("t.yaml"));
         assert_eq!(p.errors.len(), 1);
+        // A duplicate key is reported once, not once per line left out.
+        let text = "name: a\ninner:\n  a: 1\n  b: {}\n  a: 2\n";
+        let p: Parsed<Doc> = parse_all(text, Path::new("t.yaml"));
+        assert_eq!(
+            p.errors.len(),
+            1,
+            "{:?}",
+            p.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+        );
+        assert!(p.errors[0].message.contains("duplicate field `a`"));
     }
 }
