@@ -232,15 +232,6 @@ impl Config {
                     "use the zone's score: key for scores".into(),
                 );
             }
-            if z.action.is_none() && z.score == 0.0 {
-                fail(
-                    &format!("checks.dnsbl.zones[{i}].zone"),
-                    format!(
-                        "{} has neither action nor score: a listing would change nothing (set action: reject, or a score)",
-                        z.zone
-                    ),
-                );
-            }
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Compiler<'a> {
     read_list: &'a dyn Fn(&str) -> Result<Vec<String>, String>,
     /// DNSBL zones the rules name (to check against the configured ones).
     dnsbl_zones: std::collections::BTreeSet<String>,
+    /// Whether a rule asks for a listing on any zone.
+    dnsbl_any: bool,
     /// The list files of the rule being compiled that hold no entry.
     empty_lists: Vec<String>,
 }
@@ -36,6 +38,7 @@ impl<'a> Compiler<'a> {
             patterns: HashMap::new(),
             read_list,
             dnsbl_zones: Default::default(),
+            dnsbl_any: false,
             empty_lists: Vec::new(),
         }
     }
@@ -148,6 +151,7 @@ impl<'a> Compiler<'a> {
             Cond::Dnsbl(v) => {
                 let zones = lower(v);
                 // `any`: listed on any configured zone.
+                self.dnsbl_any |= zones.iter().any(|z| z == "any");
                 self.dnsbl_zones
                     .extend(zones.iter().filter(|z| *z != "any").cloned());
                 Node::Check(CheckKind::Dnsbl, zones)
@@ -218,6 +222,7 @@ impl<'a> Compiler<'a> {
             rules,
             sets,
             dnsbl_zones: self.dnsbl_zones,
+            dnsbl_any: self.dnsbl_any,
         })
     }
 }

@@ -159,4 +159,6 @@ pub struct Compiled {
     pub rules: Vec<Rule>,
     pub(super) sets: HashMap<Target, RegexSet>,
     pub dnsbl_zones: std::collections::BTreeSet<String>,
+    /// A rule asks for a listing on any zone (`dnsbl: [any]`).
+    pub dnsbl_any: bool,
 }

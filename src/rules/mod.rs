@@ -348,6 +348,22 @@ pub fn configured_zones(cfg: &crate::config::Config) -> Vec<String> {
         .collect()
 }
 
+/// Configured DNSBL zones that change nothing: no action, no score, and no
+/// rule names them (or asks for `any` zone). A listing there is only logged.
+pub fn idle_zones(cfg: &crate::config::Config, set: &RuleSet) -> Vec<String> {
+    cfg.checks
+        .dnsbl
+        .zones
+        .iter()
+        .filter(|z| z.action.is_none() && z.score == 0.0 && !set.compiled.dnsbl_any)
+        .filter(|z| {
+            let name = z.zone.trim_end_matches('.').to_ascii_lowercase();
+            !set.dnsbl_zones().any(|r| r.trim_end_matches('.') == name)
+        })
+        .map(|z| z.zone.clone())
+        .collect()
+}
+
 /// DNSBL zones the rules name that the checks do not query: no rule can
 /// ever match them.
 pub fn unknown_zones(set: &RuleSet, configured: &[String], dir: &Path) -> Vec<RuleError> {

@@ -99,6 +99,11 @@ pub fn check(opts: &Options) -> Outcome {
                 rules.dir().display()
             ));
         }
+        for z in crate::rules::idle_zones(&c, &set) {
+            warnings.push(format!(
+                "checks.dnsbl.zones: {z} has neither action nor score, and no rule names it: a listing there changes nothing (set action: reject, or a score)"
+            ));
+        }
         let _ = write!(o, "rules ok: {}", set.summary());
         sample_evaluation(&mut o, &mut warnings, &set, c.checks.message_rules.budget.0);
     }
