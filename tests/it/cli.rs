@@ -351,29 +351,44 @@ fn log_file_is_reopened_on_sighup_for_logrotate() {
     let _ = child.wait();
 }
 
-/// `portcullis check` over the shipped broken configurations: each fails
-/// with the error its `# expect:` lines name (every one of them, so a file
-/// with several problems reports them all in one run).
-#[test]
-fn check_finds_every_broken_configuration() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/broken");
+/// The config fixtures under tests/configs/SUB, with their text, in name
+/// order; at least `min` of them.
+fn fixtures(sub: &str, min: usize) -> Vec<(std::path::PathBuf, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/configs")
+        .join(sub);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 15, "{} fixtures", files.len());
-    for f in &files {
-        let text = std::fs::read_to_string(f).unwrap();
-        let expect: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# expect: "))
-            .collect();
+    assert!(files.len() >= min, "{} fixtures in {sub}", files.len());
+    files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).unwrap();
+            (f, text)
+        })
+        .collect()
+}
+
+/// A fixture's expectations: its comment lines that start with `mark`.
+fn marked<'a>(text: &'a str, mark: &str) -> Vec<&'a str> {
+    text.lines().filter_map(|l| l.strip_prefix(mark)).collect()
+}
+
+/// `portcullis check` over the shipped broken configurations: each fails
+/// with the error its `# expect:` lines name (every one of them, so a file
+/// with several problems reports them all in one run).
+#[test]
+fn check_finds_every_broken_configuration() {
+    for (f, text) in fixtures("broken", 15) {
+        let expect = marked(&text, "# expect: ");
         assert!(!expect.is_empty(), "{}: no # expect: line", f.display());
         let out = bin()
             .args(["check", "--no-probe", "--config"])
-            .arg(f)
+            .arg(&f)
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -398,20 +413,8 @@ fn check_finds_every_broken_configuration() {
 /// ports on loopback, so the probes are part of it.
 #[test]
 fn check_warns_about_every_questionable_configuration() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/warn");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 5, "{} fixtures", files.len());
-    for f in &files {
-        let text = std::fs::read_to_string(f).unwrap();
-        let warn: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# warn: "))
-            .collect();
+    for (f, text) in fixtures("warn", 5) {
+        let warn = marked(&text, "# warn: ");
         assert!(!warn.is_empty(), "{}: no # warn: line", f.display());
         let out = bin()
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -435,7 +438,7 @@ fn check_warns_about_every_questionable_configuration() {
                 f.display()
             );
         }
-        for r in text.lines().filter_map(|l| l.strip_prefix("# report: ")) {
+        for r in marked(&text, "# report: ") {
             assert!(report.contains(r), "{}: {r:?} not in {report}", f.display());
         }
     }
