@@ -460,17 +460,11 @@ fn relative_paths_are_beside_the_config_file() {
         "hostname: gate.test\nlisten: [{addr: \"127.0.0.1:0\"}]\nupstream: {addr: \"127.0.0.1:2\", client_identity: xclient}\nrules_dir: myrules\n",
     )
     .unwrap();
-    let out = bin()
-        .current_dir("/")
-        .args(["check", "--config"])
-        .arg(dir.join("gate.yaml"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = succeeded(
+        bin()
+            .current_dir("/")
+            .args(["check", "--config"])
+            .arg(dir.join("gate.yaml")),
     );
     assert!(
         text.contains(&format!(
@@ -609,9 +603,7 @@ fn a_closed_pipe_on_stdout_is_not_a_panic() {
 /// packaging verb itself is not among them.
 #[test]
 fn man_pages_for_every_subcommand() {
-    let dir = std::env::temp_dir().join(format!("portcullis-man-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("portcullis-man");
     let out = bin().args(["generate", "man"]).arg(&dir).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -958,27 +950,16 @@ async fn a_dnsbl_without_mode_is_shown_as_record_mode_everywhere() {
     assert!(mode_line.contains("not applied"), "{mode_line}");
     drop(gate_proc);
 
-    let out = bin()
-        .args(["explain", "--config"])
-        .arg(&f)
-        .args([
-            "--ip",
-            "127.0.0.3",
-            "--helo",
-            "listed.test",
-            "--from",
-            "a@sender.test",
-            "--rcpt",
-            "b@example.test",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeded(bin().args(["explain", "--config"]).arg(&f).args([
+        "--ip",
+        "127.0.0.3",
+        "--helo",
+        "listed.test",
+        "--from",
+        "a@sender.test",
+        "--rcpt",
+        "b@example.test",
+    ]));
     assert!(
         text.contains(
             "record mode: would reject (dnsbl:bl.test); logged as would=reject, not applied"
@@ -994,9 +975,7 @@ async fn a_dnsbl_without_mode_is_shown_as_record_mode_everywhere() {
 /// upstream readiness probe.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_milter_only_gate_reports_no_upstream() {
-    let dir = std::env::temp_dir().join(format!("portcullis-milteronly-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("portcullis-milteronly");
     let (milter, metrics) = (common::free_port(), common::free_port());
     let log = dir.join("gate.log");
     let f = dir.join("gate.yaml");
@@ -1085,9 +1064,7 @@ fn run_refuses_silent_log_filters_and_impossible_bursts() {
 /// `portcullis_state_up{backend="redis"} 0`, while the gate runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_state_store_is_an_error_at_start() {
-    let dir = std::env::temp_dir().join(format!("portcullis-statedown-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("portcullis-statedown");
     let mta = common::FakeMta::start(common::Script::default()).await;
     let (port, metrics, closed) = (
         common::free_port(),
@@ -1227,4 +1204,24 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// An empty directory of its own for one test.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs a command that must succeed; its standard output.
+fn succeeded(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
