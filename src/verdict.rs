@@ -213,6 +213,17 @@ pub fn iprev_fail(text: Option<&str>, ip: &str) -> Reply {
     Reply::new(550, 7, 25, "").with_text(fill(t, &[("ip", ip)]))
 }
 
+/// A virus found by the antivirus scan: 554 5.7.0 naming it.
+pub fn virus(text: Option<&str>, name: &str) -> Reply {
+    let t = text.unwrap_or("Message refused: virus found ({virus})");
+    Reply::new(554, 7, 0, "").with_text(fill(t, &[("virus", name)]))
+}
+
+/// A scanner asked about the message did not answer in time, or failed.
+pub fn scanner_tempfail() -> Reply {
+    Reply::new(451, 3, 0, "Message scan failed, try again later")
+}
+
 pub fn dns_tempfail() -> Reply {
     Reply::new(451, 4, 3, "Temporary DNS failure, try again later")
 }

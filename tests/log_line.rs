@@ -347,6 +347,7 @@ fn assert_contract(l: &serde_json::Value) {
         "dmarc",
         "arc",
         "iprev",
+        "antivirus",
         "dnsbl",
         "rules",
         "hits",
@@ -792,7 +793,7 @@ async fn rate_limited_mail_through_both_doors(logs: &Captured) {
 /// The same transactions through the proxy and through the milter (each
 /// door on its own gate with the same config, so each starts with the
 /// same state): rate-limited MAIL, refused RCPT, accepted and tagged,
-/// abandoned, oversized, over the memory budget. Their log lines are equal
+/// abandoned, oversized, over the memory budget, a virus (clamd). Their log lines are equal
 /// key for key but for the door (`mode`), the MTA's queue id and reply
 /// (the milter has no upstream of its own), the session and the times.
 async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) {
@@ -819,12 +820,16 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
     cfg.limits.max_message_size = common::config::kib(100);
     cfg.limits.memory_budget = common::config::kib(128);
     cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
+    let clamd = common::clamd::FakeClamd::start(b"VIRUS-MARKER-2d9", "Doors.Test.Virus").await;
+    cfg.checks.antivirus.mode = portcullis::config::Mode::Enforce;
+    cfg.checks.antivirus.clamd = MilterListen::Tcp(clamd.addr);
     let proxy_gate = Gate::start_config(cfg.clone()).await;
     let milter_gate = Gate::start_config(cfg).await;
     let tagged = "Subject: tagme\r\n\r\nhello\r\n".to_string();
     let line = "y".repeat(70) + "\r\n";
     let oversized = format!("Subject: big\r\n\r\n{}", line.repeat(1700)); // ~120 KB
     let over_budget = format!("Subject: parse\r\n\r\n{}", line.repeat(1000)); // ~72 KB
+    let virus = "Subject: invoice\r\n\r\nVIRUS-MARKER-2d9\r\n".to_string();
 
     // Through the proxy.
     let mut c = Client::connect_from(proxy_gate.addr, "127.0.0.41").await;
@@ -848,6 +853,7 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
     for (from, msg, want) in [
         ("big@doors.test", &oversized, "552"),
         ("parse@doors.test", &over_budget, "452"),
+        ("virus@doors.test", &virus, "554"),
     ] {
         c.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
         c.cmd("RCPT TO:<ok@example.test>", "250").await;
@@ -877,6 +883,7 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
     for (from, msg) in [
         ("big@doors.test", &oversized),
         ("parse@doors.test", &over_budget),
+        ("virus@doors.test", &virus),
     ] {
         m.mail(from).await;
         m.rcpt("ok@example.test").await;
@@ -902,6 +909,7 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
         ("abandoned@doors.test", "abandoned"),
         ("big@doors.test", "reject"),
         ("parse@doors.test", "tempfail"),
+        ("virus@doors.test", "reject"),
     ];
     assert_eq!(proxy.len(), wanted.len(), "{proxy:#?}");
     assert_eq!(milter.len(), wanted.len(), "{milter:#?}");
@@ -924,6 +932,15 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
                 .collect()
         };
         assert_eq!(keys(p), keys(m), "the same keys");
+        if from == "virus@doors.test" {
+            assert_eq!(p["antivirus"], "virus:Doors.Test.Virus", "{p:?}");
+            assert_eq!(p["reason"], "antivirus:Doors.Test.Virus", "{p:?}");
+            assert_eq!(
+                (&p["code"], &p["enhanced"]),
+                (&serde_json::json!(554), &serde_json::json!("5.7.0")),
+                "{p:?}"
+            );
+        }
         for k in keys(p) {
             assert_eq!(
                 p[&k], m[&k],

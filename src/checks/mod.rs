@@ -9,6 +9,7 @@
 //! and later checks see the results of earlier ones (DMARC reads SPF and
 //! DKIM; the rules read everything).
 
+pub mod antivirus;
 mod arc;
 mod auth_results;
 mod client_name;
@@ -233,6 +234,8 @@ impl Engine {
             Box::new(dmarc::Dmarc::new(&c.dmarc, Arc::clone(&dns))),
             Box::new(arc::ArcCheck::new(&c.arc, Arc::clone(&dns))),
             Box::new(greylist::Greylist::new(&c.greylist, &c.thresholds, store)),
+            // Before the rules, which may read its verdict.
+            Box::new(antivirus::Antivirus::new(&c.antivirus)),
             Box::new(rules::RuleCheck::new(&c.message_rules)),
             Box::new(auth_results::AuthResults::new(c, &host)),
         ];

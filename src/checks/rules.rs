@@ -46,6 +46,7 @@ impl Facts {
             dmarc: &log.dmarc,
             iprev: &log.iprev,
             greylist: &log.greylist,
+            antivirus: &log.antivirus,
             dnsbl: log.dnsbl_zones.iter().map(String::as_str).collect(),
         }
     }

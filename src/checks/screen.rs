@@ -475,13 +475,9 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         };
     };
     let remove = forged_results(&parsed, raw, host);
-    if facts.txn.found.skipped {
-        return DataChecks {
-            outcome: verdict::decide(&[], engine.thresholds()),
-            headers: auth_results::none(host),
-            remove,
-        };
-    }
+    // Allow-listed: only the checks that apply to everyone (the virus
+    // scan), and a verdict on their findings alone.
+    let skipped = facts.txn.found.skipped;
     let from = parsed.first_from_address().to_string();
     let from_domain = from
         .rsplit_once('@')
@@ -498,8 +494,16 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         headers: String::new(),
         remove,
     };
-    for c in engine.checks.iter().filter(|c| !c.always()) {
+    let before = facts.txn.found.findings.len();
+    for c in engine.checks.iter().filter(|c| !skipped || c.always()) {
         c.data(facts, &mut m).await;
+    }
+    if skipped {
+        return DataChecks {
+            outcome: verdict::decide(&facts.txn.found.findings[before..], engine.thresholds()),
+            headers: auth_results::none(host),
+            remove: m.remove,
+        };
     }
     let found = &facts.txn.found;
     let outcome = decide(found, engine);

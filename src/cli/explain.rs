@@ -117,12 +117,13 @@ fn results(out: &mut String, log: &CheckLog) {
     let show = |v: &str| if v.is_empty() { "-" } else { v }.to_string();
     let _ = writeln!(
         out,
-        "  spf={} dkim={} dmarc={} iprev={} arc={}",
+        "  spf={} dkim={} dmarc={} iprev={} arc={} antivirus={}",
         show(&log.spf),
         show(&log.dkim),
         show(&log.dmarc),
         show(&log.iprev),
-        show(&log.arc)
+        show(&log.arc),
+        show(&log.antivirus)
     );
     let list = |v: &[String], none: &str| {
         if v.is_empty() {

@@ -135,6 +135,8 @@ pub struct ChecksConfig {
     pub arc: ArcConfig,
     pub iprev: IprevConfig,
     pub greylist: GreylistConfig,
+    /// ClamAV's clamd, asked about every message at the end of DATA.
+    pub antivirus: AntivirusConfig,
     /// Named rate limits, held across every instance sharing the state.
     pub rate_limits: Vec<RateLimit>,
     /// Remember clients that passed or failed, as postscreen's cache does.
@@ -371,6 +373,7 @@ impl ChecksConfig {
             ("arc", self.arc.mode),
             ("iprev", self.iprev.mode),
             ("greylist", self.greylist.mode),
+            ("antivirus", self.antivirus.mode),
         ]
         .into_iter()
         .map(|(n, mode)| (n.to_string(), mode))
@@ -397,6 +400,7 @@ impl Default for ChecksConfig {
             arc: ArcConfig::default(),
             iprev: IprevConfig::default(),
             greylist: GreylistConfig::default(),
+            antivirus: AntivirusConfig::default(),
             rate_limits: Vec::new(),
             reputation: ReputationConfig::default(),
             message_rules: MessageRules::default(),
@@ -606,6 +610,47 @@ impl Default for IprevConfig {
             fail: Action::Score(1.0),
             temperror: Action::Accept,
             permerror: Action::Score(1.0),
+            text: None,
+        }
+    }
+}
+
+/// ClamAV at the end of DATA: the message is streamed to `clamd` with
+/// INSTREAM. Off by default: it needs a clamd (and its 1 GiB or more of
+/// signatures in memory).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntivirusConfig {
+    pub mode: Mode,
+    /// clamd's TCPSocket (`127.0.0.1:3310`) or LocalSocket
+    /// (`unix:/run/clamav/clamd.ctl`).
+    pub clamd: super::Endpoint,
+    /// Scans at once over every session (each a connection to clamd);
+    /// more wait for one, within `timeout`.
+    pub connections: usize,
+    /// One message's scan, waiting for a connection included.
+    pub timeout: Secs,
+    /// Larger messages are not scanned (the log says `skipped:size`).
+    /// Keep it within clamd's StreamMaxLength (25 MB by default).
+    pub max_size: super::Bytes,
+    /// A virus found: reject (554 5.7.0 naming it), tempfail, tag or a score.
+    pub virus: Action,
+    /// clamd down, slow or failing: tempfail (451 4.3.0) or accept.
+    pub on_error: Action,
+    /// Reply text for a virus; `{virus}` is its name.
+    pub text: Option<String>,
+}
+
+impl Default for AntivirusConfig {
+    fn default() -> Self {
+        AntivirusConfig {
+            mode: Mode::Off,
+            clamd: super::Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], 3310))),
+            connections: 8,
+            timeout: Secs(Duration::from_secs(30)),
+            max_size: super::Bytes(25 << 20),
+            virus: Action::Reject,
+            on_error: Action::Tempfail,
             text: None,
         }
     }

@@ -15,10 +15,10 @@ mod units;
 mod validate;
 
 pub use checks::{
-    Action, Allow, ArcConfig, ChecksConfig, DkimConfig, DmarcConfig, DnsConfig, DnsblConfig,
-    GreylistConfig, GreylistWhen, IprevConfig, MessageRules, Mode, Overrun, Rate, RateCount,
-    RateKey, RateLimit, RejectAt, ReputationConfig, ReturnFilter, SpfConfig, Thresholds, Zone,
-    ZoneType,
+    Action, Allow, AntivirusConfig, ArcConfig, ChecksConfig, DkimConfig, DmarcConfig, DnsConfig,
+    DnsblConfig, GreylistConfig, GreylistWhen, IprevConfig, MessageRules, Mode, Overrun, Rate,
+    RateCount, RateKey, RateLimit, RejectAt, ReputationConfig, ReturnFilter, SpfConfig, Thresholds,
+    Zone, ZoneType,
 };
 pub use error::ConfigError;
 pub use sections::*;

@@ -96,24 +96,29 @@ impl Default for MilterConfig {
     }
 }
 
-/// Where a milter listener is.
+/// A TCP address or a Unix socket: where a milter listener is, or where a
+/// service we ask (clamd) listens. `127.0.0.1:8891`, `inet:...`, or
+/// `unix:/path/to.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MilterListen {
+pub enum Endpoint {
     Tcp(SocketAddr),
     Unix(PathBuf),
 }
 
-impl<'de> Deserialize<'de> for MilterListen {
+/// Where a milter listener is.
+pub type MilterListen = Endpoint;
+
+impl<'de> Deserialize<'de> for Endpoint {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(serde::de::Error::custom("unix: needs a socket path"));
             }
-            return Ok(MilterListen::Unix(PathBuf::from(path)));
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
         let addr = s.strip_prefix("inet:").unwrap_or(&s);
-        addr.parse().map(MilterListen::Tcp).map_err(|_| {
+        addr.parse().map(Endpoint::Tcp).map_err(|_| {
             serde::de::Error::custom(format!(
                 "{s:?} is not like 127.0.0.1:8891 or unix:/run/portcullis/milter.sock"
             ))
@@ -121,11 +126,17 @@ impl<'de> Deserialize<'de> for MilterListen {
     }
 }
 
-impl Serialize for MilterListen {
+impl Serialize for Endpoint {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            MilterListen::Tcp(a) => s.serialize_str(&a.to_string()),
-            MilterListen::Unix(p) => s.serialize_str(&format!("unix:{}", p.display())),
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
 }

@@ -369,6 +369,12 @@ impl Config {
             ),
             ("state.timeout", self.state.timeout.0, ms(10), secs(10)),
             (
+                "checks.antivirus.timeout",
+                self.checks.antivirus.timeout.0,
+                ms(100),
+                secs(600),
+            ),
+            (
                 "milter.negotiate_timeout",
                 self.milter.negotiate_timeout.0,
                 secs(1),
@@ -400,6 +406,16 @@ impl Config {
             && d.0 > secs(300)
         {
             fail("greeting.delay", "must be at most 5m".into());
+        }
+        let av = &self.checks.antivirus;
+        if av.connections == 0 {
+            fail("checks.antivirus.connections", "must be at least 1".into());
+        }
+        if matches!(av.on_error, Action::Reject | Action::Score(_) | Action::Tag) {
+            fail(
+                "checks.antivirus.on_error",
+                "accept or tempfail (a scanner failure is not a finding about the message)".into(),
+            );
         }
         let m = &self.milter;
         if m.max_connections == 0 {

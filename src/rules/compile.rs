@@ -148,6 +148,10 @@ impl<'a> Compiler<'a> {
                 CheckKind::Greylist,
                 results("greylist", v, GREYLIST_RESULTS)?,
             ),
+            Cond::Antivirus(v) => Node::Check(
+                CheckKind::Antivirus,
+                results("antivirus", v, ANTIVIRUS_RESULTS)?,
+            ),
             Cond::Dnsbl(v) => {
                 let zones = lower(v);
                 // `any`: listed on any configured zone.
@@ -260,6 +264,7 @@ const DMARC_RESULTS: &[&str] = &[
 ];
 const IPREV_RESULTS: &[&str] = &["pass", "fail", "none", "permerror", "temperror"];
 const GREYLIST_RESULTS: &[&str] = &["new", "early", "passed", "allowed", "error"];
+const ANTIVIRUS_RESULTS: &[&str] = &["clean", "virus", "error", "skipped"];
 
 /// Check results of a rule condition, each one the check can report.
 fn results(
@@ -296,7 +301,7 @@ fn node_stage(n: &Node) -> Stage {
         Node::Ip(_) | Node::Tls(_) => Stage::Connect,
         Node::Number(Number::Size, _) | Node::Number(Number::RcptCount, _) => Stage::Data,
         Node::Check(CheckKind::Spf, _) => Stage::Mail,
-        Node::Check(CheckKind::Dkim | CheckKind::Dmarc, _) => Stage::Data,
+        Node::Check(CheckKind::Dkim | CheckKind::Dmarc | CheckKind::Antivirus, _) => Stage::Data,
         Node::Check(CheckKind::Iprev | CheckKind::Dnsbl, _) => Stage::Connect,
         Node::Check(CheckKind::Greylist, _) => Stage::Rcpt,
     }

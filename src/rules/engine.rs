@@ -82,6 +82,7 @@ pub enum CheckKind {
     Iprev,
     Dnsbl,
     Greylist,
+    Antivirus,
 }
 
 #[derive(Debug)]

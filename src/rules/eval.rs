@@ -113,6 +113,8 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                 CheckKind::Dmarc => vec![f.dmarc, f.dmarc.split(':').next().unwrap_or("")],
                 CheckKind::Iprev => vec![f.iprev],
                 CheckKind::Greylist => vec![f.greylist],
+                // `virus:NAME` and `skipped:size` match `virus`, `skipped`.
+                CheckKind::Antivirus => vec![f.antivirus.split(':').next().unwrap_or("")],
                 CheckKind::Dnsbl => f.dnsbl.clone(),
             };
             if *kind == CheckKind::Dnsbl && words.iter().any(|w| w == "any") {

@@ -22,6 +22,7 @@ pub struct Input<'a> {
     pub dmarc: &'a str,
     pub iprev: &'a str,
     pub greylist: &'a str,
+    pub antivirus: &'a str,
     pub dnsbl: Vec<&'a str>,
 }
 
@@ -42,6 +43,7 @@ pub struct OwnedInput {
     pub dmarc: String,
     pub iprev: String,
     pub greylist: String,
+    pub antivirus: String,
     pub dnsbl: Vec<String>,
 }
 
@@ -61,6 +63,7 @@ impl OwnedInput {
             dmarc: f.dmarc.to_string(),
             iprev: f.iprev.to_string(),
             greylist: f.greylist.to_string(),
+            antivirus: f.antivirus.to_string(),
             dnsbl: f.dnsbl.iter().map(|z| z.to_string()).collect(),
         }
     }
@@ -82,6 +85,7 @@ impl OwnedInput {
             dmarc: &self.dmarc,
             iprev: &self.iprev,
             greylist: &self.greylist,
+            antivirus: &self.antivirus,
             dnsbl: self.dnsbl.iter().map(String::as_str).collect(),
         }
     }

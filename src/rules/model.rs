@@ -86,6 +86,8 @@ pub enum Cond {
     Dnsbl(Vec<String>),
     /// Greylisting's outcome for the recipient.
     Greylist(Vec<String>),
+    /// clamd's verdict on the message: clean, virus, error, skipped.
+    Antivirus(Vec<String>),
 }
 
 const COND_KEYS: &[&str] = &[
@@ -114,6 +116,7 @@ const COND_KEYS: &[&str] = &[
     "iprev",
     "dnsbl",
     "greylist",
+    "antivirus",
 ];
 
 impl<'de> Deserialize<'de> for Cond {
@@ -154,6 +157,7 @@ impl<'de> Deserialize<'de> for Cond {
                     "dmarc" => Cond::Dmarc(map.next_value()?),
                     "iprev" => Cond::Iprev(map.next_value()?),
                     "dnsbl" => Cond::Dnsbl(map.next_value()?),
+                    "antivirus" => Cond::Antivirus(map.next_value()?),
                     other => return Err(de::Error::unknown_field(other, COND_KEYS)),
                 };
                 if let Some(extra) = map.next_key::<String>()? {

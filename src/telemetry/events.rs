@@ -53,6 +53,26 @@ impl Posture<'_> {
     }
 }
 
+/// One message asked of clamd: `clean`, `virus`, `error`, or `skipped`
+/// (over `max_size`).
+pub struct AntivirusScan<'a> {
+    pub result: &'static str,
+    pub took: Option<Duration>,
+    pub error: Option<&'a str>,
+}
+
+impl AntivirusScan<'_> {
+    pub fn emit(&self) {
+        metrics::counter!("portcullis_antivirus_scans_total", "result" => self.result).increment(1);
+        if let Some(t) = self.took {
+            metrics::histogram!("portcullis_antivirus_seconds").record(t.as_secs_f64());
+        }
+        if let Some(e) = self.error {
+            tracing::warn!(error = %e, "antivirus: no verdict from clamd");
+        }
+    }
+}
+
 /// The state store did not answer the probe at start or after a reload.
 pub struct StateStoreDown<'a> {
     pub backend: &'static str,

@@ -30,6 +30,7 @@ pub mod key {
     pub const DKIM: &str = "dkim";
     pub const DMARC: &str = "dmarc";
     pub const ARC: &str = "arc";
+    pub const ANTIVIRUS: &str = "antivirus";
     pub const IPREV: &str = "iprev";
     pub const GREYLIST: &str = "greylist";
     pub const RATE_LIMIT: &str = "rate_limit";
@@ -102,6 +103,8 @@ pub struct CheckLog {
     pub dmarc: String,
     pub iprev: String,
     pub arc: String,
+    /// clamd's verdict: `clean`, `virus:NAME`, `error`, `skipped:size`.
+    pub antivirus: String,
     /// Greylisting's outcome for the last recipient it judged.
     pub greylist: String,
     /// Rate limits that were exceeded, by name.
@@ -196,6 +199,7 @@ impl TxnRecord<'_> {
             { key::DMARC } = self.checks.dmarc.as_str(),
             { key::ARC } = self.checks.arc.as_str(),
             { key::IPREV } = self.checks.iprev.as_str(),
+            { key::ANTIVIRUS } = self.checks.antivirus.as_str(),
             { key::GREYLIST } = self.checks.greylist.as_str(),
             { key::RATE_LIMIT } = tracing::field::display(self.checks.rate_limits.join(" ")),
             { key::DNSBL } = tracing::field::display(self.checks.dnsbl.join(" ")),

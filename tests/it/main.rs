@@ -10,6 +10,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod antivirus;
 mod checks;
 mod cli;
 mod dashboard;

@@ -1,5 +1,5 @@
 //! `check`'s probes: does what the config points at answer now? Upstream,
-//! each nameserver, the Redis state store. Each has a deadline, and all run
+//! each nameserver, the Redis state store, clamd. Each has a deadline, and all run
 //! at once. A silent peer is a warning, not an error: the MTA or the
 //! resolver may start after us. An upstream that answers but cannot be
 //! told the client's address is an error: `run` refuses it too.
@@ -23,9 +23,10 @@ pub struct Found {
 }
 
 pub async fn probe(cfg: &Config) -> Found {
-    let (up, dns, state) = tokio::join!(upstream(cfg), nameservers(cfg), state(cfg));
+    let (up, dns, state, clamd) =
+        tokio::join!(upstream(cfg), nameservers(cfg), state(cfg), clamd(cfg));
     let mut found = Found::default();
-    for part in [up, dns, state] {
+    for part in [up, dns, state, clamd] {
         found.answers.extend(part.answers);
         found.warnings.extend(part.warnings);
         found.errors.extend(part.errors);
@@ -109,6 +110,47 @@ async fn state(cfg: &Config) -> Found {
                 "state.url: {url} does not answer as Redis ({e}): greylisting, rate limits and reputation apply their on_error until it does"
             )),
         },
+    }
+    f
+}
+
+/// clamd answers PING with PONG (clamd(8)).
+async fn clamd(cfg: &Config) -> Found {
+    let mut f = Found::default();
+    let av = &cfg.checks.antivirus;
+    if av.mode == crate::config::Mode::Off {
+        return f;
+    }
+    let at = &av.clamd;
+    let ping = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut reply = Vec::new();
+        match at {
+            crate::config::Endpoint::Tcp(a) => {
+                let mut s = tokio::net::TcpStream::connect(a).await?;
+                s.write_all(b"zPING\0").await?;
+                s.read_to_end(&mut reply).await?;
+            }
+            crate::config::Endpoint::Unix(p) => {
+                let mut s = tokio::net::UnixStream::connect(p).await?;
+                s.write_all(b"zPING\0").await?;
+                s.read_to_end(&mut reply).await?;
+            }
+        }
+        Ok::<_, std::io::Error>(reply)
+    };
+    match tokio::time::timeout(PROBE_DEADLINE, ping).await {
+        Ok(Ok(r)) if r.starts_with(b"PONG") => f.answers.push(format!("clamd {at} answers")),
+        Ok(Ok(r)) => f.warnings.push(format!(
+            "checks.antivirus.clamd: {at} is not clamd (it answered {:?} to PING)",
+            String::from_utf8_lossy(&r[..r.len().min(40)])
+        )),
+        Ok(Err(e)) => f.warnings.push(format!(
+            "checks.antivirus.clamd: {at} does not answer ({e}): every message gets checks.antivirus.on_error until it does"
+        )),
+        Err(_) => f.warnings.push(format!(
+            "checks.antivirus.clamd: {at} does not answer within {PROBE_DEADLINE:?}"
+        )),
     }
     f
 }

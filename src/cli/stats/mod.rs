@@ -81,6 +81,9 @@ pub struct Report {
     pub spf: Vec<Count>,
     pub dkim: Vec<Count>,
     pub dmarc: Vec<Count>,
+    /// clamd's verdicts: `clean`, `virus:NAME` (each virus by name),
+    /// `error`, `skipped:size`.
+    pub antivirus: Vec<Count>,
     pub rules: Vec<Count>,
     /// What shadow rules would have hit.
     pub shadow_rules: Vec<Count>,

@@ -33,6 +33,7 @@ impl Report {
             Counts("SPF results", &self.spf),
             Counts("DKIM results", &self.dkim),
             Counts("DMARC results", &self.dmarc),
+            Counts("antivirus (clamd)", &self.antivirus),
             Counts("rules (enforced)", &self.rules),
             Counts("shadow rules (would have hit)", &self.shadow_rules),
             WhatIf(&self.what_if),

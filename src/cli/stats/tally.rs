@@ -26,6 +26,8 @@ struct Line {
     spf: String,
     dkim: String,
     dmarc: String,
+    /// clamd's verdict (`virus:NAME` counted by name).
+    antivirus: String,
     /// `reason=verdict` per record-mode check or shadow rule.
     would: String,
 }
@@ -58,6 +60,7 @@ fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
         spf: get(key::SPF),
         dkim: get(key::DKIM),
         dmarc: get(key::DMARC),
+        antivirus: get(key::ANTIVIRUS),
         would: get(key::WOULD),
     })
 }
@@ -165,6 +168,7 @@ struct Tally {
     spf: Counts,
     dkim: Counts,
     dmarc: Counts,
+    antivirus: Counts,
     rules: Counts,
     shadow: Counts,
     codes: Counts,
@@ -200,6 +204,7 @@ impl Tally {
             (&l.spf, &mut self.spf),
             (&l.dkim, &mut self.dkim),
             (&l.dmarc, &mut self.dmarc),
+            (&l.antivirus, &mut self.antivirus),
         ] {
             if !result.is_empty() {
                 bump(table, result);
@@ -318,6 +323,7 @@ impl Tally {
             spf: counts(self.spf, t, None),
             dkim: counts(self.dkim, t, None),
             dmarc: counts(self.dmarc, t, None),
+            antivirus: counts(self.antivirus, t, None),
             rules: counts(self.rules, t, None),
             shadow_rules: counts(self.shadow, t, None),
             codes: counts(self.codes, t, None),
