@@ -28,6 +28,9 @@ pub enum Target {
     Body,
     AttachmentName,
     AttachmentType,
+    /// Members of ZIP attachments.
+    ArchiveName,
+    ArchiveType,
 }
 
 impl Target {
@@ -55,6 +58,8 @@ impl Target {
             Target::Subject => "subject".into(),
             Target::Body => "body".into(),
             Target::AttachmentName => "attachment_name".into(),
+            Target::ArchiveName => "archive_name".into(),
+            Target::ArchiveType => "archive_type".into(),
             Target::AttachmentType => "attachment_type".into(),
         }
     }
@@ -72,6 +77,13 @@ impl Target {
 pub enum Number {
     Size,
     RcptCount,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachmentFact {
+    EncryptedArchive,
+    ArchiveBomb,
+    DoubleExtension,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +117,8 @@ pub(super) enum Node {
     Ip(NetSet),
     Number(Number, Cmp),
     Tls(bool),
+    /// A fact of the message's attachments, and the value it must have.
+    Attachment(AttachmentFact, bool),
     Check(CheckKind, Vec<String>),
 }
 

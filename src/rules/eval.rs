@@ -93,6 +93,14 @@ fn values<'f>(t: &Target, f: &'f Input<'f>) -> Vec<&'f str> {
             .message
             .map(|m| m.attachment_types.iter().map(String::as_str).collect())
             .unwrap_or_default(),
+        Target::ArchiveName => f
+            .message
+            .map(|m| m.archive_names.iter().map(String::as_str).collect())
+            .unwrap_or_default(),
+        Target::ArchiveType => f
+            .message
+            .map(|m| m.archive_types.iter().map(String::as_str).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -103,6 +111,14 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
         Node::Not(n) => !eval(n, f, m),
         Node::Ip(nets) => f.ip.is_some_and(|ip| nets.contains(ip)),
         Node::Tls(b) => f.tls == *b,
+        Node::Attachment(fact, want) => {
+            let have = f.message.is_some_and(|m| match fact {
+                AttachmentFact::EncryptedArchive => m.encrypted_archive,
+                AttachmentFact::ArchiveBomb => m.archive_bomb,
+                AttachmentFact::DoubleExtension => m.double_extension,
+            });
+            have == *want
+        }
         Node::Number(Number::Size, c) => f.size.is_some_and(|s| c.matches(s)),
         Node::Number(Number::RcptCount, c) => c.matches(f.rcpt_count as u64),
         Node::Check(kind, words) => {

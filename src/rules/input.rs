@@ -100,8 +100,18 @@ pub struct MessageFacts {
     /// Decoded text parts (not raw base64).
     pub body: Vec<String>,
     pub attachment_names: Vec<String>,
-    /// `type/subtype`, lower-case.
+    /// `type/subtype`, lower-case: as declared, and as detected from the
+    /// content when that differs.
     pub attachment_types: Vec<String>,
+    /// The members of ZIP attachments (one level), and their types by content.
+    pub archive_names: Vec<String>,
+    pub archive_types: Vec<String>,
+    /// A ZIP attachment with a member that needs a password.
+    pub encrypted_archive: bool,
+    /// A ZIP attachment past the bounds (entries, ratio, declared size).
+    pub archive_bomb: bool,
+    /// An attachment or member named like `invoice.pdf.exe`.
+    pub double_extension: bool,
 }
 
 impl MessageFacts {
@@ -123,14 +133,33 @@ impl MessageFacts {
         f.body = msg.text_bodies().map(|t| t.into_owned()).collect();
         for a in msg.attachments() {
             if let Some(n) = a.attachment_name() {
+                f.double_extension |= super::archive::double_extension(n);
                 f.attachment_names.push(n.to_string());
             }
-            if let Some(ct) = a.content_type() {
-                let t = match ct.subtype() {
+            let declared = a.content_type().map(|ct| {
+                match ct.subtype() {
                     Some(s) => format!("{}/{}", ct.ctype(), s),
                     None => ct.ctype().to_string(),
-                };
-                f.attachment_types.push(t.to_ascii_lowercase());
+                }
+                .to_ascii_lowercase()
+            });
+            let decoded = a.decoded();
+            let content: &[u8] = &decoded;
+            let detected = super::archive::detected_type(content);
+            if let Some(t) = &declared {
+                f.attachment_types.push(t.clone());
+            }
+            if let Some(d) = detected.filter(|d| declared.as_deref() != Some(*d)) {
+                f.attachment_types.push(d.to_string());
+            }
+            if super::archive::looks_like_zip(content)
+                && let Some(c) = super::archive::zip_members(content)
+            {
+                f.double_extension |= c.names.iter().any(|n| super::archive::double_extension(n));
+                f.encrypted_archive |= c.encrypted;
+                f.archive_bomb |= c.bomb;
+                f.archive_names.extend(c.names);
+                f.archive_types.extend(c.types);
             }
         }
         f

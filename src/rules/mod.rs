@@ -3,6 +3,7 @@
 //! compiled to RegexSets, and swapped atomically on reload. Sessions keep
 //! the set they started with.
 
+pub mod archive;
 mod compile;
 mod engine;
 mod eval;

@@ -75,6 +75,14 @@ pub enum Cond {
     Body(Matcher),
     AttachmentName(Matcher),
     AttachmentType(Matcher),
+    ArchiveName(Matcher),
+    ArchiveType(Matcher),
+    /// A ZIP attachment with a member that needs a password.
+    EncryptedArchive(bool),
+    /// A ZIP attachment past the bounds (entries, ratio, size).
+    ArchiveBomb(bool),
+    /// An attachment or archive member named like `invoice.pdf.exe`.
+    DoubleExtension(bool),
     Size(Cmp),
     RcptCount(Cmp),
     Tls(bool),
@@ -117,6 +125,11 @@ const COND_KEYS: &[&str] = &[
     "dnsbl",
     "greylist",
     "antivirus",
+    "archive_name",
+    "archive_type",
+    "encrypted_archive",
+    "archive_bomb",
+    "double_extension",
 ];
 
 impl<'de> Deserialize<'de> for Cond {
@@ -148,6 +161,11 @@ impl<'de> Deserialize<'de> for Cond {
                     "body" => Cond::Body(map.next_value()?),
                     "attachment_name" => Cond::AttachmentName(map.next_value()?),
                     "attachment_type" => Cond::AttachmentType(map.next_value()?),
+                    "archive_name" => Cond::ArchiveName(map.next_value()?),
+                    "archive_type" => Cond::ArchiveType(map.next_value()?),
+                    "encrypted_archive" => Cond::EncryptedArchive(map.next_value()?),
+                    "archive_bomb" => Cond::ArchiveBomb(map.next_value()?),
+                    "double_extension" => Cond::DoubleExtension(map.next_value()?),
                     "size" => Cond::Size(map.next_value()?),
                     "rcpt_count" => Cond::RcptCount(map.next_value()?),
                     "tls" => Cond::Tls(map.next_value()?),

@@ -11,6 +11,7 @@
 mod common;
 
 mod antivirus;
+mod attachments;
 mod checks;
 mod cli;
 mod dashboard;
