@@ -83,15 +83,23 @@ pub struct Checked {
     pub errors: Vec<ConfigError>,
 }
 
+impl Checked {
+    /// The config when nothing is wrong with it; else its one error, or
+    /// all of them.
+    pub fn into_result(self) -> Result<Config, ConfigError> {
+        let Checked { config, mut errors } = self;
+        match (config, errors.len()) {
+            (Some(c), 0) => Ok(c),
+            (_, 1) => Err(errors.remove(0)),
+            _ => Err(ConfigError::Several(errors)),
+        }
+    }
+}
+
 impl Config {
     /// Loads and validates a config file; `None` means the embedded default.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let Checked { config, errors } = Self::load_checked(path);
-        match (config, errors.len()) {
-            (Some(c), 0) => Ok(c),
-            (_, 1) => Err(errors.into_iter().next().expect("one error")),
-            _ => Err(ConfigError::Several(errors)),
-        }
+        Self::load_checked(path).into_result()
     }
 
     /// Loads a config file and finds every problem in it.
@@ -122,12 +130,7 @@ impl Config {
 
     /// Parses and validates config text read from `file`.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let Checked { config, errors } = Self::parse_checked(text, file);
-        match (config, errors.len()) {
-            (Some(c), 0) => Ok(c),
-            (_, 1) => Err(errors.into_iter().next().expect("one error")),
-            _ => Err(ConfigError::Several(errors)),
-        }
+        Self::parse_checked(text, file).into_result()
     }
 
     /// Parses config text and reports every problem: each entry serde

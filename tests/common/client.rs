@@ -139,3 +139,18 @@ pub fn message(id: &str, body: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// A message with one base64 attachment.
+pub fn with_attachment(name: &str, declared: &str, content: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(content);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "Subject: documents\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nplease see the attachment\r\n--b1\r\nContent-Type: {declared}\r\nContent-Disposition: attachment; filename=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
+        lines.join("\r\n")
+    )
+}

@@ -251,17 +251,7 @@ async fn real_clamd_finds_a_signature_of_its_own_database() {
         av.timeout = portcullis::config::Secs(Duration::from_secs(5))
     })
     .await;
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&attachment);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(76)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    let message = format!(
-        "Subject: invoice\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"invoice.bin\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
-        lines.join("\r\n")
-    );
+    let message = common::with_attachment("invoice.bin", "application/octet-stream", &attachment);
     let mut c = Client::hello(g.addr).await;
     let r = c
         .send_mail("a@sender.test", &["b@example.test"], message.as_bytes())

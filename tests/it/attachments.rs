@@ -3,7 +3,7 @@
 //! encrypted archives and zip bombs, as facts the rules refuse on; every
 //! archive built here.
 
-use crate::common::{self, Client, FakeMta, Gate, Script};
+use crate::common::{self, Client, FakeMta, Gate, Script, with_attachment};
 use common::milter::{Mta, POSTFIX_STEPS};
 use portcullis::config::MilterListen;
 use portcullis::wire::milter::Response;
@@ -49,21 +49,6 @@ fn zip_of(files: &[(&str, &[u8])], encrypted: bool) -> Vec<u8> {
     }
     w.finish().unwrap();
     out.into_inner()
-}
-
-/// A message with one base64 attachment.
-fn with_attachment(name: &str, declared: &str, content: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(content);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(76)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "Subject: documents\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nplease see the attachment\r\n--b1\r\nContent-Type: {declared}\r\nContent-Disposition: attachment; filename=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
-        lines.join("\r\n")
-    )
 }
 
 /// Each shape and the reply text its rule gives (None: delivered).
