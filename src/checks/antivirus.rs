@@ -97,18 +97,35 @@ pub async fn instream<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, message: &[
     }
 }
 
+/// A connection to clamd, over TCP or a Unix socket.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn connect(at: &Endpoint) -> std::io::Result<Box<dyn Io>> {
+    Ok(match at {
+        Endpoint::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a).await?),
+        Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+    })
+}
+
 /// Connects to clamd and scans `message`.
 async fn scan(at: &Endpoint, message: &[u8]) -> Verdict {
-    match at {
-        Endpoint::Tcp(a) => match tokio::net::TcpStream::connect(a).await {
-            Ok(mut s) => instream(&mut s, message).await,
-            Err(e) => Verdict::Error(format!("connecting to clamd at {a}: {e}")),
-        },
-        Endpoint::Unix(p) => match tokio::net::UnixStream::connect(p).await {
-            Ok(mut s) => instream(&mut s, message).await,
-            Err(e) => Verdict::Error(format!("connecting to clamd at {}: {e}", p.display())),
-        },
+    match connect(at).await {
+        Ok(mut s) => instream(&mut s, message).await,
+        Err(e) => Verdict::Error(format!("connecting to clamd at {at}: {e}")),
     }
+}
+
+/// clamd's answer to PING (`PONG` when it is clamd), for `check`.
+pub async fn ping(at: &Endpoint) -> std::io::Result<Vec<u8>> {
+    let mut s = connect(at).await?;
+    s.write_all(b"zPING\0").await?;
+    let mut reply = Vec::new();
+    (&mut s)
+        .take(MAX_REPLY as u64)
+        .read_to_end(&mut reply)
+        .await?;
+    Ok(reply)
 }
 
 pub struct Antivirus {

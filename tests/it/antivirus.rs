@@ -245,6 +245,11 @@ async fn real_clamd_finds_a_signature_of_its_own_database() {
             .unwrap(),
     );
     let clamd_addr = common::listening(port).await;
+    // What `check` asks clamd.
+    let pong = portcullis::checks::antivirus::ping(&Endpoint::Tcp(clamd_addr))
+        .await
+        .unwrap();
+    assert!(pong.starts_with(b"PONG"), "{pong:?}");
 
     let mta = FakeMta::start(Script::default()).await;
     let g = gate(mta.addr, clamd_addr, |av| {

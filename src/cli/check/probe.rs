@@ -122,23 +122,7 @@ async fn clamd(cfg: &Config) -> Found {
         return f;
     }
     let at = &av.clamd;
-    let ping = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut reply = Vec::new();
-        match at {
-            crate::config::Endpoint::Tcp(a) => {
-                let mut s = tokio::net::TcpStream::connect(a).await?;
-                s.write_all(b"zPING\0").await?;
-                s.read_to_end(&mut reply).await?;
-            }
-            crate::config::Endpoint::Unix(p) => {
-                let mut s = tokio::net::UnixStream::connect(p).await?;
-                s.write_all(b"zPING\0").await?;
-                s.read_to_end(&mut reply).await?;
-            }
-        }
-        Ok::<_, std::io::Error>(reply)
-    };
+    let ping = crate::checks::antivirus::ping(at);
     match tokio::time::timeout(PROBE_DEADLINE, ping).await {
         Ok(Ok(r)) if r.starts_with(b"PONG") => f.answers.push(format!("clamd {at} answers")),
         Ok(Ok(r)) => f.warnings.push(format!(
