@@ -225,26 +225,37 @@ impl Upstream {
         Ok(identity)
     }
 
-    /// `auto`: XCLIENT when offered; a silent listener is tried with PROXY v2.
+    /// `auto`: XCLIENT when offered; otherwise PROXY v2 when upstream takes
+    /// it. A silent listener goes straight to PROXY v2. One that greeted but
+    /// offers no XCLIENT is tried with PROXY v2 too: a listener waiting for a
+    /// PROXY header may greet once its own wait runs out and then refuse
+    /// every command (Exim after `proxy_protocol_timeout`, 3 s, as long as
+    /// our greeting wait). A plain SMTP server reads the v2 signature's
+    /// `QUIT` and hangs up, so that try fails and nothing else is sent.
     async fn detect(&self) -> Result<Identity, ProbeError> {
         let wait = AUTO_GREETING_WAIT.min(self.dial.timeouts.connect);
-        match UpstreamConn::connect_silent(&self.dial, wait).await? {
-            Some(_greeting) => {
-                let conn = UpstreamConn::open(&self.dial, Identity::None, None).await?;
+        if UpstreamConn::connect_silent(&self.dial, wait)
+            .await?
+            .is_some()
+        {
+            if let Ok(conn) = UpstreamConn::open(&self.dial, Identity::None, None).await {
                 let xclient = conn.capabilities.xclient_addr();
                 conn.quit().await;
                 if xclient {
-                    Ok(Identity::Xclient)
-                } else {
-                    Err(ProbeError::NoIdentity(self.addr))
+                    return Ok(Identity::Xclient);
                 }
             }
-            None => {
-                let conn = UpstreamConn::open(&self.dial, Identity::ProxyV2, None).await?;
-                conn.quit().await;
-                Ok(Identity::ProxyV2)
-            }
+            return match UpstreamConn::open(&self.dial, Identity::ProxyV2, None).await {
+                Ok(conn) => {
+                    conn.quit().await;
+                    Ok(Identity::ProxyV2)
+                }
+                Err(_) => Err(ProbeError::NoIdentity(self.addr)),
+            };
         }
+        let conn = UpstreamConn::open(&self.dial, Identity::ProxyV2, None).await?;
+        conn.quit().await;
+        Ok(Identity::ProxyV2)
     }
 
     /// Probes again every `probe_interval`; after a failure, sooner, with

@@ -40,6 +40,10 @@ pub struct Script {
     pub ehlo_keywords: Vec<String>,
     /// Expect a PROXY header before the greeting.
     pub expect_proxy: bool,
+    /// With `expect_proxy`: when no header came within this, greet anyway and
+    /// refuse every command with 503, as Exim 4.96 does after its
+    /// `proxy_protocol_timeout`.
+    pub proxy_timeout: Option<Duration>,
     /// Reply overrides by stage: "ehlo", "xclient", "mail", "rcpt", "data", "dot", "rset".
     pub replies: HashMap<&'static str, String>,
     /// Close the connection instead of replying at this stage
@@ -72,6 +76,7 @@ impl Default for Script {
                 "XCLIENT NAME ADDR PROTO HELO PORT".into(),
             ],
             expect_proxy: false,
+            proxy_timeout: None,
             replies: HashMap::new(),
             drop_at: None,
             delay: None,
@@ -300,8 +305,24 @@ async fn serve(
     if script.expect_proxy {
         // Read the PROXY header: v1 up to CRLF, v2 by its length field.
         let mut head = vec![0u8; 16];
-        if c.sock.read_exact(&mut head).await.is_err() {
-            return;
+        let limit = script.proxy_timeout.unwrap_or(Duration::from_secs(3600));
+        match tokio::time::timeout(limit, c.sock.read_exact(&mut head)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                if !c.send(&script.greeting).await {
+                    return;
+                }
+                while c.line().await.is_some() {
+                    if !c
+                        .send("503 Command refused, required Proxy negotiation failed")
+                        .await
+                    {
+                        return;
+                    }
+                }
+                return;
+            }
         }
         if head.starts_with(b"PROXY ") {
             while !head.ends_with(b"\r\n") {

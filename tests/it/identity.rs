@@ -7,6 +7,7 @@ use common::config::test_config;
 use portcullis::config::{Config, IdentityMode};
 
 use common::{Client, FakeMta, Gate, Script};
+use std::time::Duration;
 
 #[tokio::test]
 async fn xclient_sequence_as_upstream_sees_it() {
@@ -115,6 +116,19 @@ async fn auto_picks_xclient_or_proxy_v2() {
     // A silent listener that waits for a PROXY header: auto uses PROXY v2.
     let mut script = Script::default().without_xclient();
     script.expect_proxy = true;
+    let mta = FakeMta::start(script).await;
+    let server = portcullis::server::Server::bind(auto(mta.addr))
+        .await
+        .unwrap();
+    let id = server.upstream().probe().await.unwrap();
+    assert_eq!(id, portcullis::upstream::Identity::ProxyV2);
+
+    // One that greets when its own PROXY header wait runs out before ours
+    // (Exim's proxy_protocol_timeout is 3 s, as is our greeting wait) and
+    // then refuses every command: still PROXY v2, not "no identity".
+    let mut script = Script::default().without_xclient();
+    script.expect_proxy = true;
+    script.proxy_timeout = Some(Duration::from_millis(300));
     let mta = FakeMta::start(script).await;
     let server = portcullis::server::Server::bind(auto(mta.addr))
         .await
