@@ -219,6 +219,22 @@ pub fn virus(text: Option<&str>, name: &str) -> Reply {
     Reply::new(554, 7, 0, "").with_text(fill(t, &[("virus", name)]))
 }
 
+/// A message that links to a domain (or address) on a URL blocklist. The
+/// zone's `text` may use `{domain}`, `{zone}` and `{txt}`.
+pub fn uribl_listed(text: Option<&str>, zone: &str, domain: &str, txt: Option<&str>) -> Reply {
+    let t = text.unwrap_or("Message refused: it links to {domain}, listed on {zone}");
+    let body = fill(
+        t,
+        &[
+            ("domain", domain),
+            ("ip", domain),
+            ("zone", zone),
+            ("txt", txt.unwrap_or("")),
+        ],
+    );
+    Reply::new(554, 7, 1, "").with_text(body)
+}
+
 /// A scanner asked about the message did not answer in time, or failed.
 pub fn scanner_tempfail() -> Reply {
     Reply::new(451, 3, 0, "Message scan failed, try again later")

@@ -82,10 +82,17 @@ pub struct Dnsbl {
     dns: Arc<Dns>,
 }
 
-/// Error answers that must never be read as a listing.
+/// Error answers that must never be read as a listing: outside 127/8,
+/// Spamhaus's 127.255.255.252-255 (typo'd zone, public resolver, over
+/// quota), the DBL's 127.0.1.255 (IP queries refused), and 127.0.0.1,
+/// which RFC 5782 forbids as a listing and URIBL answers to resolvers it
+/// refuses.
 fn is_error_code(a: Ipv4Addr) -> bool {
     let o = a.octets();
-    o[0] != 127 || (o[1] == 255 && o[2] == 255 && o[3] >= 252)
+    o[0] != 127
+        || (o[1] == 255 && o[2] == 255 && o[3] >= 252)
+        || o == [127, 0, 0, 1]
+        || o == [127, 0, 1, 255]
 }
 
 impl Dnsbl {
@@ -110,6 +117,11 @@ impl Dnsbl {
                 .collect(),
             dns,
         }
+    }
+
+    /// The resolver the zones are asked through.
+    pub fn dns(&self) -> &Dns {
+        &self.dns
     }
 
     pub fn ip_zones(&self) -> impl Iterator<Item = &Arc<ZoneState>> {
@@ -338,6 +350,8 @@ mod tests {
             "127.255.255.252",
             "127.255.255.254",
             "127.255.255.255",
+            "127.0.0.1",
+            "127.0.1.255",
             "10.0.0.2",
         ] {
             assert!(is_error_code(e.parse().unwrap()), "{e}");

@@ -26,6 +26,7 @@ pub mod reputation;
 mod rules;
 mod screen;
 mod spf;
+pub mod uribl;
 
 pub use hold::Hold;
 
@@ -34,6 +35,7 @@ pub use screen::{DataChecks, Screen, Screened};
 use crate::config::{Action, ChecksConfig, Config, Mode, Thresholds};
 use crate::dns::Dns;
 use crate::rules::RuleSet;
+use crate::rules::links::Links;
 use crate::state::Store;
 use crate::verdict::Finding;
 use crate::wire::identity::DnsName;
@@ -201,6 +203,20 @@ pub struct Message<'m> {
     pub headers: String,
     /// Forged Authentication-Results fields to drop.
     pub remove: Vec<Range<usize>>,
+    /// What the message links to, found once for the URL blocklists and
+    /// the rules.
+    pub links: Option<Arc<Links>>,
+}
+
+impl Message<'_> {
+    /// The message's links, found on first use.
+    pub fn links(&mut self) -> Arc<Links> {
+        let raw: &[u8] = (**self.shared).as_ref();
+        Arc::clone(
+            self.links
+                .get_or_insert_with(|| Arc::new(Links::parse(raw))),
+        )
+    }
 }
 
 /// The checks of one configuration, shared by all sessions.
@@ -209,6 +225,8 @@ pub struct Engine {
     pub hostname: String,
     pub dns: Arc<Dns>,
     pub dnsbl: Arc<Dnsbl>,
+    /// The URL blocklists' zones (domain and address zones).
+    pub uribl: Arc<Dnsbl>,
     /// What earlier connections showed (None: reputation off).
     pub reputation: Option<reputation::Reputation>,
     checks: Vec<Box<dyn Check>>,
@@ -219,6 +237,7 @@ impl Engine {
     pub fn new(cfg: &Config, dns: Arc<Dns>, store: Arc<Store>) -> Engine {
         let c = &cfg.checks;
         let dnsbl = Arc::new(Dnsbl::new(&c.dnsbl.zones, Arc::clone(&dns)));
+        let uribl = Arc::new(Dnsbl::new(&c.uribl.all_zones(), Arc::clone(&dns)));
         let host = cfg.hostname.clone();
         let reputation = reputation::Reputation::new(&c.reputation, Arc::clone(&store));
         let checks: Vec<Box<dyn Check>> = vec![
@@ -234,8 +253,9 @@ impl Engine {
             Box::new(dmarc::Dmarc::new(&c.dmarc, Arc::clone(&dns))),
             Box::new(arc::ArcCheck::new(&c.arc, Arc::clone(&dns))),
             Box::new(greylist::Greylist::new(&c.greylist, &c.thresholds, store)),
-            // Before the rules, which may read its verdict.
+            // Before the rules, which may read their verdicts.
             Box::new(antivirus::Antivirus::new(&c.antivirus)),
+            Box::new(uribl::Uribl::new(&c.uribl, &host, Arc::clone(&uribl))),
             Box::new(rules::RuleCheck::new(&c.message_rules)),
             Box::new(auth_results::AuthResults::new(c, &host)),
         ];
@@ -244,6 +264,7 @@ impl Engine {
             hostname: host,
             dns,
             dnsbl,
+            uribl,
             reputation,
             checks,
         }
@@ -266,6 +287,7 @@ impl Engine {
         .iter()
         .any(|m| *m != Mode::Off)
             || (c.dnsbl.mode != Mode::Off && !self.dnsbl.zones.is_empty())
+            || (c.uribl.mode != Mode::Off && !self.uribl.zones.is_empty())
     }
 }
 

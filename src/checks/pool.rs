@@ -5,6 +5,7 @@
 //! of blocking threads, with a time budget per message.
 
 use crate::config::{MessageRules, Overrun};
+use crate::rules::links::Links;
 use crate::rules::{Hit, MessageFacts, OwnedInput, RuleSet, Stage};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,7 @@ impl RulePool {
         rules: Arc<RuleSet>,
         facts: OwnedInput,
         message: SharedMessage,
+        links: Option<Arc<Links>>,
     ) -> Result<Vec<Hit>, Overran> {
         let overran = Overran {
             then: self.on_overrun,
@@ -85,7 +87,7 @@ impl RulePool {
                 .map_err(|_| overran)?;
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
-                let parsed = MessageFacts::parse((*message).as_ref());
+                let parsed = MessageFacts::parse_with((*message).as_ref(), links);
                 rules.evaluate(Stage::Data, &facts.view(Some(&parsed)))
             })
             .await

@@ -48,6 +48,7 @@ impl Facts {
             greylist: &log.greylist,
             antivirus: &log.antivirus,
             dnsbl: log.dnsbl_zones.iter().map(String::as_str).collect(),
+            uribl: log.uribl_zones.iter().map(String::as_str).collect(),
         }
     }
 }
@@ -77,7 +78,12 @@ impl Check for RuleCheck {
             }
             let input = OwnedInput::new(&f.rule_input(Stage::Data));
             let rules = Arc::clone(&f.rules);
-            match self.pool.evaluate(rules, input, Arc::clone(m.shared)).await {
+            let links = m.links.clone();
+            match self
+                .pool
+                .evaluate(rules, input, Arc::clone(m.shared), links)
+                .await
+            {
                 Ok(hits) => apply(&hits, &mut f.txn.found),
                 Err(o) => {
                     let found = &mut f.txn.found;

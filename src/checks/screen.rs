@@ -493,6 +493,7 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         arc: None,
         headers: String::new(),
         remove,
+        links: None,
     };
     let before = facts.txn.found.findings.len();
     for c in engine.checks.iter().filter(|c| !skipped || c.always()) {

@@ -137,6 +137,8 @@ pub struct ChecksConfig {
     pub greylist: GreylistConfig,
     /// ClamAV's clamd, asked about every message at the end of DATA.
     pub antivirus: AntivirusConfig,
+    /// Domain blocklists (DBL, SURBL, URIBL) asked about what the message links to.
+    pub uribl: UriblConfig,
     /// Named rate limits, held across every instance sharing the state.
     pub rate_limits: Vec<RateLimit>,
     /// Remember clients that passed or failed, as postscreen's cache does.
@@ -374,6 +376,7 @@ impl ChecksConfig {
             ("iprev", self.iprev.mode),
             ("greylist", self.greylist.mode),
             ("antivirus", self.antivirus.mode),
+            ("uribl", self.uribl.mode),
         ]
         .into_iter()
         .map(|(n, mode)| (n.to_string(), mode))
@@ -401,6 +404,7 @@ impl Default for ChecksConfig {
             iprev: IprevConfig::default(),
             greylist: GreylistConfig::default(),
             antivirus: AntivirusConfig::default(),
+            uribl: UriblConfig::default(),
             rate_limits: Vec::new(),
             reputation: ReputationConfig::default(),
             message_rules: MessageRules::default(),
@@ -652,6 +656,63 @@ impl Default for AntivirusConfig {
             virus: Action::Reject,
             on_error: Action::Tempfail,
             text: None,
+        }
+    }
+}
+
+/// URL blocklists: the registrable domains of the hosts a message links
+/// to (HTML link targets first, then URLs in the text, then bare names),
+/// looked up in domain zones such as dbl.spamhaus.org or multi.surbl.org;
+/// IP-literal links in `ip_zones`. Zones have the DNSBL's `returns`
+/// filters (bit masks for multi.surbl.org), scores, actions, error answers
+/// and self-tests (`test` listed, `invalid` not, as RFC 5782 asks).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UriblConfig {
+    pub mode: Mode,
+    /// Domain zones, asked with the registrable domain (`type` is ignored).
+    pub zones: Vec<Zone>,
+    /// Address zones, asked with the address of IP-literal links.
+    pub ip_zones: Vec<Zone>,
+    /// Distinct domains (and addresses) looked up per message; the rest
+    /// are not. Link targets come first.
+    pub max_domains: usize,
+    /// Every lookup of one message, together; past it, what has not
+    /// answered counts as a DNS failure (`on_error`).
+    pub timeout: Secs,
+    /// Domains (and their subdomains) never looked up: your own, your
+    /// partners', link shorteners you trust. The gate's hostname and the
+    /// recipients' domains are skipped too.
+    pub allow: Vec<String>,
+    /// A zone that did not answer in time or failed: accept or tempfail.
+    pub on_error: Action,
+}
+
+impl UriblConfig {
+    /// The domain zones and the address zones, each of its own type.
+    pub fn all_zones(&self) -> Vec<Zone> {
+        let typed = |zones: &[Zone], kind| {
+            zones
+                .iter()
+                .map(move |z| Zone { kind, ..z.clone() })
+                .collect::<Vec<_>>()
+        };
+        let mut all = typed(&self.zones, ZoneType::Domain);
+        all.extend(typed(&self.ip_zones, ZoneType::Ip));
+        all
+    }
+}
+
+impl Default for UriblConfig {
+    fn default() -> Self {
+        UriblConfig {
+            mode: Mode::Record,
+            zones: Vec::new(),
+            ip_zones: Vec::new(),
+            max_domains: 20,
+            timeout: Secs(Duration::from_secs(3)),
+            allow: Vec::new(),
+            on_error: Action::Accept,
         }
     }
 }

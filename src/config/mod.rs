@@ -18,7 +18,7 @@ pub use checks::{
     Action, Allow, AntivirusConfig, ArcConfig, ChecksConfig, DkimConfig, DmarcConfig, DnsConfig,
     DnsblConfig, GreylistConfig, GreylistWhen, IprevConfig, MessageRules, Mode, Overrun, Rate,
     RateCount, RateKey, RateLimit, RejectAt, ReputationConfig, ReturnFilter, SpfConfig, Thresholds,
-    Zone, ZoneType,
+    UriblConfig, Zone, ZoneType,
 };
 pub use error::ConfigError;
 pub use sections::*;

@@ -219,18 +219,25 @@ impl Config {
                 );
             }
         }
-        for (i, z) in self.checks.dnsbl.zones.iter().enumerate() {
-            if !is_domain_like(&z.zone) {
-                fail(
-                    &format!("checks.dnsbl.zones[{i}].zone"),
-                    format!("{:?} is not a DNS zone", z.zone),
-                );
-            }
-            if matches!(z.action, Some(Action::Score(_))) {
-                fail(
-                    &format!("checks.dnsbl.zones[{i}].action"),
-                    "use the zone's score: key for scores".into(),
-                );
+        let u = &self.checks.uribl;
+        for (list, zones) in [
+            ("checks.dnsbl.zones", &self.checks.dnsbl.zones),
+            ("checks.uribl.zones", &u.zones),
+            ("checks.uribl.ip_zones", &u.ip_zones),
+        ] {
+            for (i, z) in zones.iter().enumerate() {
+                if !is_domain_like(&z.zone) {
+                    fail(
+                        &format!("{list}[{i}].zone"),
+                        format!("{:?} is not a DNS zone", z.zone),
+                    );
+                }
+                if matches!(z.action, Some(Action::Score(_))) {
+                    fail(
+                        &format!("{list}[{i}].action"),
+                        "use the zone's score: key for scores".into(),
+                    );
+                }
             }
         }
     }
@@ -375,6 +382,12 @@ impl Config {
                 secs(600),
             ),
             (
+                "checks.uribl.timeout",
+                self.checks.uribl.timeout.0,
+                ms(100),
+                secs(60),
+            ),
+            (
                 "milter.negotiate_timeout",
                 self.milter.negotiate_timeout.0,
                 secs(1),
@@ -416,6 +429,27 @@ impl Config {
                 "checks.antivirus.on_error",
                 "accept or tempfail (a scanner failure is not a finding about the message)".into(),
             );
+        }
+        let ub = &self.checks.uribl;
+        if ub.max_domains == 0 || ub.max_domains > 100 {
+            fail(
+                "checks.uribl.max_domains",
+                "must be 1 to 100 (each is a lookup per zone while the client waits)".into(),
+            );
+        }
+        if matches!(ub.on_error, Action::Reject | Action::Score(_) | Action::Tag) {
+            fail(
+                "checks.uribl.on_error",
+                "accept or tempfail (a DNS failure is not a finding about the message)".into(),
+            );
+        }
+        for (i, d) in ub.allow.iter().enumerate() {
+            if !is_domain_like(d) {
+                fail(
+                    &format!("checks.uribl.allow[{i}]"),
+                    format!("{d:?} is not a domain"),
+                );
+            }
         }
         let m = &self.milter;
         if m.max_connections == 0 {

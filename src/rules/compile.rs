@@ -136,6 +136,9 @@ impl<'a> Compiler<'a> {
             Cond::Subject(m) => self.leaf(Target::Subject, m)?,
             Cond::Body(m) => self.leaf(Target::Body, m)?,
             Cond::AttachmentName(m) => self.leaf(Target::AttachmentName, m)?,
+            Cond::UrlDomain(m) => self.leaf(Target::UrlDomain, m)?,
+            // Zones, or `any`: listed on any URL blocklist.
+            Cond::Uribl(v) => Node::Check(CheckKind::Uribl, lower(v)),
             Cond::AttachmentType(m) => self.leaf(Target::AttachmentType, m)?,
             Cond::ArchiveName(m) => self.leaf(Target::ArchiveName, m)?,
             Cond::ArchiveType(m) => self.leaf(Target::ArchiveType, m)?,
@@ -307,7 +310,10 @@ fn node_stage(n: &Node) -> Stage {
         Node::Attachment(..) => Stage::Data,
         Node::Number(Number::Size, _) | Node::Number(Number::RcptCount, _) => Stage::Data,
         Node::Check(CheckKind::Spf, _) => Stage::Mail,
-        Node::Check(CheckKind::Dkim | CheckKind::Dmarc | CheckKind::Antivirus, _) => Stage::Data,
+        Node::Check(
+            CheckKind::Dkim | CheckKind::Dmarc | CheckKind::Antivirus | CheckKind::Uribl,
+            _,
+        ) => Stage::Data,
         Node::Check(CheckKind::Iprev | CheckKind::Dnsbl, _) => Stage::Connect,
         Node::Check(CheckKind::Greylist, _) => Stage::Rcpt,
     }

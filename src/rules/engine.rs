@@ -31,6 +31,8 @@ pub enum Target {
     /// Members of ZIP attachments.
     ArchiveName,
     ArchiveType,
+    /// Hosts the message links to.
+    UrlDomain,
 }
 
 impl Target {
@@ -61,6 +63,7 @@ impl Target {
             Target::ArchiveName => "archive_name".into(),
             Target::ArchiveType => "archive_type".into(),
             Target::AttachmentType => "attachment_type".into(),
+            Target::UrlDomain => "url_domain".into(),
         }
     }
 
@@ -68,7 +71,11 @@ impl Target {
     pub(super) fn is_domain(&self) -> bool {
         matches!(
             self,
-            Target::Reverse | Target::Helo | Target::MailDomain | Target::RcptDomain
+            Target::Reverse
+                | Target::Helo
+                | Target::MailDomain
+                | Target::RcptDomain
+                | Target::UrlDomain
         )
     }
 }
@@ -95,6 +102,7 @@ pub enum CheckKind {
     Dnsbl,
     Greylist,
     Antivirus,
+    Uribl,
 }
 
 #[derive(Debug)]

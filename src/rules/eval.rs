@@ -97,6 +97,10 @@ fn values<'f>(t: &Target, f: &'f Input<'f>) -> Vec<&'f str> {
             .message
             .map(|m| m.archive_names.iter().map(String::as_str).collect())
             .unwrap_or_default(),
+        Target::UrlDomain => f
+            .message
+            .map(|m| m.links.hosts.iter().map(String::as_str).collect())
+            .unwrap_or_default(),
         Target::ArchiveType => f
             .message
             .map(|m| m.archive_types.iter().map(String::as_str).collect())
@@ -132,9 +136,12 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                 // `virus:NAME` and `skipped:size` match `virus`, `skipped`.
                 CheckKind::Antivirus => vec![f.antivirus.split(':').next().unwrap_or("")],
                 CheckKind::Dnsbl => f.dnsbl.clone(),
+                CheckKind::Uribl => f.uribl.clone(),
             };
-            if *kind == CheckKind::Dnsbl && words.iter().any(|w| w == "any") {
-                return !f.dnsbl.is_empty();
+            if matches!(kind, CheckKind::Dnsbl | CheckKind::Uribl)
+                && words.iter().any(|w| w == "any")
+            {
+                return !have.is_empty();
             }
             have.iter()
                 .any(|h| !h.is_empty() && words.iter().any(|w| w.eq_ignore_ascii_case(h)))

@@ -24,6 +24,8 @@ pub struct Input<'a> {
     pub greylist: &'a str,
     pub antivirus: &'a str,
     pub dnsbl: Vec<&'a str>,
+    /// URL blocklist zones that listed a link of the message.
+    pub uribl: Vec<&'a str>,
 }
 
 /// `Input` with everything owned, to evaluate the rules away from the
@@ -45,6 +47,7 @@ pub struct OwnedInput {
     pub greylist: String,
     pub antivirus: String,
     pub dnsbl: Vec<String>,
+    pub uribl: Vec<String>,
 }
 
 impl OwnedInput {
@@ -65,6 +68,7 @@ impl OwnedInput {
             greylist: f.greylist.to_string(),
             antivirus: f.antivirus.to_string(),
             dnsbl: f.dnsbl.iter().map(|z| z.to_string()).collect(),
+            uribl: f.uribl.iter().map(|z| z.to_string()).collect(),
         }
     }
 
@@ -87,6 +91,7 @@ impl OwnedInput {
             greylist: &self.greylist,
             antivirus: &self.antivirus,
             dnsbl: self.dnsbl.iter().map(String::as_str).collect(),
+            uribl: self.uribl.iter().map(String::as_str).collect(),
         }
     }
 }
@@ -112,15 +117,26 @@ pub struct MessageFacts {
     pub archive_bomb: bool,
     /// An attachment or member named like `invoice.pdf.exe`.
     pub double_extension: bool,
+    /// What the text and HTML parts link to.
+    pub links: std::sync::Arc<super::links::Links>,
 }
 
 impl MessageFacts {
     pub fn parse(raw: &[u8]) -> MessageFacts {
+        Self::parse_with(raw, None)
+    }
+
+    /// As `parse`, with the links when a check found them already.
+    pub fn parse_with(
+        raw: &[u8],
+        links: Option<std::sync::Arc<super::links::Links>>,
+    ) -> MessageFacts {
         let Some(msg) = mail_parser::MessageParser::default().parse(raw) else {
             return MessageFacts::default();
         };
         let mut f = MessageFacts {
             subject: msg.subject().map(str::to_string),
+            links: links.unwrap_or_else(|| std::sync::Arc::new(super::links::Links::of(&msg))),
             ..MessageFacts::default()
         };
         for h in msg.headers() {

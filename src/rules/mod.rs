@@ -9,6 +9,7 @@ mod engine;
 mod eval;
 mod index;
 mod input;
+pub mod links;
 pub mod model;
 
 /// A rule file larger than this is not one.

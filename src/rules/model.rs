@@ -73,6 +73,9 @@ pub enum Cond {
     Header(HeaderMatcher),
     Subject(Matcher),
     Body(Matcher),
+    /// The hosts the message links to (HTML link targets, URLs and bare
+    /// names in the text), lower-case, IDN in punycode.
+    UrlDomain(Matcher),
     AttachmentName(Matcher),
     AttachmentType(Matcher),
     ArchiveName(Matcher),
@@ -96,6 +99,8 @@ pub enum Cond {
     Greylist(Vec<String>),
     /// clamd's verdict on the message: clean, virus, error, skipped.
     Antivirus(Vec<String>),
+    /// URL blocklist zones that listed a domain the message links to.
+    Uribl(Vec<String>),
 }
 
 const COND_KEYS: &[&str] = &[
@@ -130,6 +135,8 @@ const COND_KEYS: &[&str] = &[
     "encrypted_archive",
     "archive_bomb",
     "double_extension",
+    "url_domain",
+    "uribl",
 ];
 
 impl<'de> Deserialize<'de> for Cond {
@@ -176,6 +183,8 @@ impl<'de> Deserialize<'de> for Cond {
                     "iprev" => Cond::Iprev(map.next_value()?),
                     "dnsbl" => Cond::Dnsbl(map.next_value()?),
                     "antivirus" => Cond::Antivirus(map.next_value()?),
+                    "url_domain" => Cond::UrlDomain(map.next_value()?),
+                    "uribl" => Cond::Uribl(map.next_value()?),
                     other => return Err(de::Error::unknown_field(other, COND_KEYS)),
                 };
                 if let Some(extra) = map.next_key::<String>()? {

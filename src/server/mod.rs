@@ -295,8 +295,10 @@ impl Server {
         let self_test = Some(tokio::spawn(async move {
             loop {
                 let engine = Arc::clone(&shared.snapshot().engine);
-                if !engine.dnsbl.zones.is_empty() {
-                    engine.dnsbl.self_test().await;
+                for lists in [&engine.dnsbl, &engine.uribl] {
+                    if !lists.zones.is_empty() {
+                        lists.self_test().await;
+                    }
                 }
                 tokio::time::sleep(engine.cfg.dnsbl.self_test_interval.0).await;
             }

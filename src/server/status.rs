@@ -164,12 +164,14 @@ impl crate::telemetry::http::Status for StatusPage {
         let _ = writeln!(o, "</table>");
         let _ = writeln!(
             o,
-            "<h2>DNSBL zones</h2><table><tr><th>zone</th><th>state</th><th>errors</th></tr>"
+            "<h2>DNSBL zones</h2><table><tr><th>zone</th><th>for</th><th>state</th><th>errors</th></tr>"
         );
-        for z in &engine.dnsbl.zones {
+        let zones = (engine.dnsbl.zones.iter().map(|z| (z, "client")))
+            .chain(engine.uribl.zones.iter().map(|z| (z, "links")));
+        for (z, what) in zones {
             let _ = writeln!(
                 o,
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{what}</td><td>{}</td><td>{}</td></tr>",
                 esc(&z.conf.zone),
                 if z.usable() { "usable" } else { "disabled" },
                 z.errors.load(Ordering::Relaxed)

@@ -73,6 +73,27 @@ impl AntivirusScan<'_> {
     }
 }
 
+/// The URL blocklist lookups of one message.
+pub struct UriblLookups<'a> {
+    /// Zones that listed a domain of it, each once.
+    pub listed: &'a [String],
+    /// Lookups that failed or did not answer within the budget.
+    pub failed: usize,
+    pub took: Duration,
+}
+
+impl UriblLookups<'_> {
+    pub fn emit(&self) {
+        for zone in self.listed {
+            metrics::counter!("portcullis_uribl_listed_total", "zone" => zone.clone()).increment(1);
+        }
+        if self.failed > 0 {
+            metrics::counter!("portcullis_uribl_failed_total").increment(self.failed as u64);
+        }
+        metrics::histogram!("portcullis_uribl_seconds").record(self.took.as_secs_f64());
+    }
+}
+
 /// The state store did not answer the probe at start or after a reload.
 pub struct StateStoreDown<'a> {
     pub backend: &'static str,

@@ -35,6 +35,7 @@ pub mod key {
     pub const GREYLIST: &str = "greylist";
     pub const RATE_LIMIT: &str = "rate_limit";
     pub const DNSBL: &str = "dnsbl";
+    pub const URIBL: &str = "uribl";
     pub const RULES: &str = "rules";
     pub const HITS: &str = "hits";
     pub const WOULD: &str = "would";
@@ -113,6 +114,11 @@ pub struct CheckLog {
     pub dnsbl: Vec<String>,
     /// The zones of those listings, for the rules.
     pub dnsbl_zones: Vec<String>,
+    /// `zone:domain=code` for each domain the message links to that a
+    /// URL blocklist listed.
+    pub uribl: Vec<String>,
+    /// The zones of those listings, each once, for the rules.
+    pub uribl_zones: Vec<String>,
     /// Rules that matched: `ID`, or `ID(shadow)`.
     pub rules: Vec<String>,
     /// Every check and rule finding with its effect: `spf:softfail=3`,
@@ -203,6 +209,7 @@ impl TxnRecord<'_> {
             { key::GREYLIST } = self.checks.greylist.as_str(),
             { key::RATE_LIMIT } = tracing::field::display(self.checks.rate_limits.join(" ")),
             { key::DNSBL } = tracing::field::display(self.checks.dnsbl.join(" ")),
+            { key::URIBL } = tracing::field::display(self.checks.uribl.join(" ")),
             { key::RULES } = tracing::field::display(self.checks.rules.join(" ")),
             { key::HITS } = tracing::field::display(self.checks.hits.join(" ")),
             { key::WOULD } = tracing::field::display(self.checks.would.join(" ")),

@@ -50,6 +50,8 @@ struct Counting {
     log: Arc<Mutex<Vec<String>>>,
     /// Names (lower case, fully qualified) answered with an error code.
     fail: Vec<(String, ResponseCode)>,
+    /// Names answered only after this long (a slow zone).
+    slow: Vec<(String, std::time::Duration)>,
 }
 
 #[async_trait::async_trait]
@@ -65,6 +67,9 @@ impl RequestHandler for Counting {
                 .lock()
                 .unwrap()
                 .push(format!("{name} {}", info.query.query_type()));
+            if let Some((_, wait)) = self.slow.iter().find(|(n, _)| *n == name) {
+                tokio::time::sleep(*wait).await;
+            }
             if let Some((_, code)) = self.fail.iter().find(|(n, _)| *n == name) {
                 let response = MessageResponseBuilder::new(&request.queries, None)
                     .error_msg(&request.metadata, *code);
@@ -99,6 +104,25 @@ impl FakeDns {
         origins: &[&str],
         records: Vec<Rec>,
         fail: &[(&str, ResponseCode)],
+    ) -> FakeDns {
+        Self::start_full(origins, records, fail, &[]).await
+    }
+
+    /// Like `start`, but queries for a name in `slow` (fully qualified)
+    /// are answered only after its delay.
+    pub async fn start_slow(
+        origins: &[&str],
+        records: Vec<Rec>,
+        slow: &[(&str, std::time::Duration)],
+    ) -> FakeDns {
+        Self::start_full(origins, records, &[], slow).await
+    }
+
+    async fn start_full(
+        origins: &[&str],
+        records: Vec<Rec>,
+        fail: &[(&str, ResponseCode)],
+        slow: &[(&str, std::time::Duration)],
     ) -> FakeDns {
         let mut zones: BTreeMap<String, InMemoryZoneHandler> = BTreeMap::new();
         for o in origins {
@@ -151,6 +175,10 @@ impl FakeDns {
             fail: fail
                 .iter()
                 .map(|(n, c)| (n.to_ascii_lowercase(), *c))
+                .collect(),
+            slow: slow
+                .iter()
+                .map(|(n, d)| (n.to_ascii_lowercase(), *d))
                 .collect(),
         });
         server.register_socket(socket);

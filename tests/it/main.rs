@@ -40,3 +40,4 @@ mod sync;
 mod systemd;
 mod tls;
 mod upstream_faults;
+mod uribl;

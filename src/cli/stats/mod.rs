@@ -89,6 +89,10 @@ pub struct Report {
     pub shadow_rules: Vec<Count>,
     pub codes: Vec<Count>,
     pub dnsbl_zones: Vec<Count>,
+    /// URL blocklist zones that listed a link, per message.
+    pub uribl_zones: Vec<Count>,
+    /// The listed domains (and addresses) the messages linked to, most first.
+    pub uribl_domains: Vec<Count>,
     pub hours: Vec<Hour>,
     pub days: Vec<Day>,
     /// Record-mode checks and shadow rules, if enforced (most refusals first).

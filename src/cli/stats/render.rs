@@ -39,6 +39,8 @@ impl Report {
             WhatIf(&self.what_if),
             Counts("reply codes", &self.codes),
             Counts("DNSBL zones", &self.dnsbl_zones),
+            Counts("URL blocklist zones", &self.uribl_zones),
+            Counts("listed link domains", &self.uribl_domains),
             Counts("greylisting", &self.greylisting.outcomes),
             CameBack(&self.greylisting),
             Counts("rate limits hit", &self.rate_limits),

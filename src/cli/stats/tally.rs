@@ -17,6 +17,8 @@ struct Line {
     client_ip: String,
     mail_from: String,
     dnsbl: String,
+    /// `zone:domain=code` per listed link.
+    uribl: String,
     rules: String,
     greylist: String,
     rate_limit: String,
@@ -50,6 +52,7 @@ fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
         client_ip: get(key::CLIENT_IP),
         mail_from: get(key::MAIL_FROM),
         dnsbl: get(key::DNSBL),
+        uribl: get(key::URIBL),
         rules: get(key::RULES),
         greylist: get(key::GREYLIST),
         rate_limit: get(key::RATE_LIMIT),
@@ -173,6 +176,8 @@ struct Tally {
     shadow: Counts,
     codes: Counts,
     zones: Counts,
+    uribl_zones: Counts,
+    uribl_domains: Counts,
     nets: Counts,
     senders: Counts,
     greylist: Counts,
@@ -223,6 +228,17 @@ impl Tally {
         }
         for z in l.dnsbl.split_whitespace() {
             bump(&mut self.zones, z.split('=').next().unwrap_or(z));
+        }
+        // A zone counts once per message, each listed domain once.
+        let mut zones = HashSet::new();
+        for hit in l.uribl.split_whitespace() {
+            let listing = hit.split('=').next().unwrap_or(hit);
+            if let Some((zone, domain)) = listing.split_once(':') {
+                if zones.insert(zone) {
+                    bump(&mut self.uribl_zones, zone);
+                }
+                bump(&mut self.uribl_domains, domain);
+            }
         }
         self.outcome(l);
     }
@@ -328,6 +344,8 @@ impl Tally {
             shadow_rules: counts(self.shadow, t, None),
             codes: counts(self.codes, t, None),
             dnsbl_zones: counts(self.zones, t, None),
+            uribl_zones: counts(self.uribl_zones, t, None),
+            uribl_domains: counts(self.uribl_domains, t, Some(20)),
             top_networks: counts(self.nets, t, Some(10)),
             top_sender_domains: counts(self.senders, t, Some(10)),
             days: days(&hours),
