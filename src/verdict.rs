@@ -235,6 +235,17 @@ pub fn uribl_listed(text: Option<&str>, zone: &str, domain: &str, txt: Option<&s
     Reply::new(554, 7, 1, "").with_text(body)
 }
 
+/// The external scanner said reject, and `use_action` follows it.
+pub fn scanner_reject(scanner: &str) -> Reply {
+    Reply::new(554, 7, 1, "").with_text(format!("Message refused as spam ({scanner})"))
+}
+
+/// The external scanner said soft reject (rspamd's greylisting or rate
+/// limits), and `use_action` follows it.
+pub fn scanner_soft_reject() -> Reply {
+    Reply::new(451, 7, 1, "Try again later")
+}
+
 /// A scanner asked about the message did not answer in time, or failed.
 pub fn scanner_tempfail() -> Reply {
     Reply::new(451, 3, 0, "Message scan failed, try again later")

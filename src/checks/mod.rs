@@ -24,6 +24,7 @@ pub mod pool;
 pub mod rate_limits;
 pub mod reputation;
 mod rules;
+pub mod scanner;
 mod screen;
 mod spf;
 pub mod uribl;
@@ -256,6 +257,7 @@ impl Engine {
             // Before the rules, which may read their verdicts.
             Box::new(antivirus::Antivirus::new(&c.antivirus)),
             Box::new(uribl::Uribl::new(&c.uribl, &host, Arc::clone(&uribl))),
+            Box::new(scanner::Scanner::new(&c.scanner)),
             Box::new(rules::RuleCheck::new(&c.message_rules)),
             Box::new(auth_results::AuthResults::new(c, &host)),
         ];

@@ -49,6 +49,7 @@ impl Facts {
             antivirus: &log.antivirus,
             dnsbl: log.dnsbl_zones.iter().map(String::as_str).collect(),
             uribl: log.uribl_zones.iter().map(String::as_str).collect(),
+            scanner: &log.scanner,
         }
     }
 }

@@ -519,7 +519,17 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         let hits: Vec<String> = if found.skipped {
             Vec::new()
         } else {
-            effects(&found.findings).collect()
+            // The scanner's symbols after what it added up to.
+            let name = found.log.scanner.split(':').next().unwrap_or("");
+            effects(&found.findings)
+                .chain(
+                    found
+                        .log
+                        .scanner_symbols
+                        .iter()
+                        .map(|s| format!("{name}:{s}")),
+                )
+                .collect()
         };
         headers.push_str(&auth_results::report(outcome.score, &hits));
     }

@@ -134,6 +134,14 @@ fn results(out: &mut String, log: &CheckLog) {
     };
     let _ = writeln!(out, "  dnsbl: {}", list(&log.dnsbl, "no listing"));
     let _ = writeln!(out, "  uribl: {}", list(&log.uribl, "no listed link"));
+    if !log.scanner.is_empty() {
+        let _ = writeln!(
+            out,
+            "  scanner: {} {}",
+            log.scanner,
+            log.scanner_symbols.join(" ")
+        );
+    }
     let _ = writeln!(out, "  rules: {}", list(&log.rules, "none matched"));
     // What the log's `would` key says, in words: a record-mode check or a
     // shadow rule that found something and was not acted on.

@@ -139,6 +139,8 @@ pub struct ChecksConfig {
     pub antivirus: AntivirusConfig,
     /// Domain blocklists (DBL, SURBL, URIBL) asked about what the message links to.
     pub uribl: UriblConfig,
+    /// rspamd or SpamAssassin asked for a second opinion at the end of DATA.
+    pub scanner: ScannerConfig,
     /// Named rate limits, held across every instance sharing the state.
     pub rate_limits: Vec<RateLimit>,
     /// Remember clients that passed or failed, as postscreen's cache does.
@@ -377,6 +379,7 @@ impl ChecksConfig {
             ("greylist", self.greylist.mode),
             ("antivirus", self.antivirus.mode),
             ("uribl", self.uribl.mode),
+            ("scanner", self.scanner.mode),
         ]
         .into_iter()
         .map(|(n, mode)| (n.to_string(), mode))
@@ -405,6 +408,7 @@ impl Default for ChecksConfig {
             greylist: GreylistConfig::default(),
             antivirus: AntivirusConfig::default(),
             uribl: UriblConfig::default(),
+            scanner: ScannerConfig::default(),
             rate_limits: Vec::new(),
             reputation: ReputationConfig::default(),
             message_rules: MessageRules::default(),
@@ -712,6 +716,69 @@ impl Default for UriblConfig {
             max_domains: 20,
             timeout: Secs(Duration::from_secs(3)),
             allow: Vec::new(),
+            on_error: Action::Accept,
+        }
+    }
+}
+
+/// Which scanner `checks.scanner` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScannerKind {
+    /// rspamd's HTTP check API (`/checkv2`) on its normal worker (11333).
+    #[default]
+    Rspamd,
+    /// SpamAssassin's spamd (SPAMC/1.5, port 783).
+    Spamassassin,
+}
+
+impl ScannerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScannerKind::Rspamd => "rspamd",
+            ScannerKind::Spamassassin => "spamassassin",
+        }
+    }
+}
+
+/// An external scanner's opinion on each message, with its trained Bayes
+/// and fuzzy hashes: its score, multiplied by `score_factor`, adds to ours;
+/// with `use_action`, rspamd's own action (reject, soft reject, add
+/// header) or spamd's spam flag applies too.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScannerConfig {
+    pub mode: Mode,
+    pub kind: ScannerKind,
+    /// rspamd's normal worker (`127.0.0.1:11333`) or spamd (`127.0.0.1:783`).
+    pub address: SocketAddr,
+    /// Scans at once over every session; more wait, within `timeout`.
+    pub connections: usize,
+    /// One message's scan, waiting for a connection included.
+    pub timeout: Secs,
+    /// Larger messages are not sent (the log says `skipped:size`).
+    pub max_size: super::Bytes,
+    /// Their score times this is added to ours (0 turns the score off).
+    pub score_factor: f64,
+    /// Also apply the scanner's own verdict: rspamd's `reject` (554 5.7.1),
+    /// `soft reject` (451 4.7.1), `add header`/`rewrite subject` (tag);
+    /// spamd's `Spam: True` (tag).
+    pub use_action: bool,
+    /// The scanner down, slow or failing: accept or tempfail (451 4.3.0).
+    pub on_error: Action,
+}
+
+impl Default for ScannerConfig {
+    fn default() -> Self {
+        ScannerConfig {
+            mode: Mode::Off,
+            kind: ScannerKind::Rspamd,
+            address: SocketAddr::from(([127, 0, 0, 1], 11333)),
+            connections: 8,
+            timeout: Secs(Duration::from_secs(15)),
+            max_size: super::Bytes(20 << 20),
+            score_factor: 1.0,
+            use_action: false,
             on_error: Action::Accept,
         }
     }

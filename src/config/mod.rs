@@ -17,8 +17,8 @@ mod validate;
 pub use checks::{
     Action, Allow, AntivirusConfig, ArcConfig, ChecksConfig, DkimConfig, DmarcConfig, DnsConfig,
     DnsblConfig, GreylistConfig, GreylistWhen, IprevConfig, MessageRules, Mode, Overrun, Rate,
-    RateCount, RateKey, RateLimit, RejectAt, ReputationConfig, ReturnFilter, SpfConfig, Thresholds,
-    UriblConfig, Zone, ZoneType,
+    RateCount, RateKey, RateLimit, RejectAt, ReputationConfig, ReturnFilter, ScannerConfig,
+    ScannerKind, SpfConfig, Thresholds, UriblConfig, Zone, ZoneType,
 };
 pub use error::ConfigError;
 pub use sections::*;

@@ -382,6 +382,12 @@ impl Config {
                 secs(600),
             ),
             (
+                "checks.scanner.timeout",
+                self.checks.scanner.timeout.0,
+                ms(100),
+                secs(600),
+            ),
+            (
                 "checks.uribl.timeout",
                 self.checks.uribl.timeout.0,
                 ms(100),
@@ -427,6 +433,22 @@ impl Config {
         if matches!(av.on_error, Action::Reject | Action::Score(_) | Action::Tag) {
             fail(
                 "checks.antivirus.on_error",
+                "accept or tempfail (a scanner failure is not a finding about the message)".into(),
+            );
+        }
+        let sc = &self.checks.scanner;
+        if sc.connections == 0 {
+            fail("checks.scanner.connections", "must be at least 1".into());
+        }
+        if !sc.score_factor.is_finite() || sc.score_factor < 0.0 {
+            fail(
+                "checks.scanner.score_factor",
+                "must be a number of 0 or more".into(),
+            );
+        }
+        if matches!(sc.on_error, Action::Reject | Action::Score(_) | Action::Tag) {
+            fail(
+                "checks.scanner.on_error",
                 "accept or tempfail (a scanner failure is not a finding about the message)".into(),
             );
         }

@@ -139,6 +139,9 @@ impl<'a> Compiler<'a> {
             Cond::UrlDomain(m) => self.leaf(Target::UrlDomain, m)?,
             // Zones, or `any`: listed on any URL blocklist.
             Cond::Uribl(v) => Node::Check(CheckKind::Uribl, lower(v)),
+            Cond::Scanner(v) => {
+                Node::Check(CheckKind::Scanner, results("scanner", v, SCANNER_RESULTS)?)
+            }
             Cond::AttachmentType(m) => self.leaf(Target::AttachmentType, m)?,
             Cond::ArchiveName(m) => self.leaf(Target::ArchiveName, m)?,
             Cond::ArchiveType(m) => self.leaf(Target::ArchiveType, m)?,
@@ -273,6 +276,18 @@ const DMARC_RESULTS: &[&str] = &[
 const IPREV_RESULTS: &[&str] = &["pass", "fail", "none", "permerror", "temperror"];
 const GREYLIST_RESULTS: &[&str] = &["new", "early", "passed", "allowed", "error"];
 const ANTIVIRUS_RESULTS: &[&str] = &["clean", "virus", "error", "skipped"];
+const SCANNER_RESULTS: &[&str] = &[
+    "no_action",
+    "greylist",
+    "add_header",
+    "rewrite_subject",
+    "soft_reject",
+    "reject",
+    "spam",
+    "ham",
+    "error",
+    "skipped",
+];
 
 /// Check results of a rule condition, each one the check can report.
 fn results(
@@ -311,7 +326,11 @@ fn node_stage(n: &Node) -> Stage {
         Node::Number(Number::Size, _) | Node::Number(Number::RcptCount, _) => Stage::Data,
         Node::Check(CheckKind::Spf, _) => Stage::Mail,
         Node::Check(
-            CheckKind::Dkim | CheckKind::Dmarc | CheckKind::Antivirus | CheckKind::Uribl,
+            CheckKind::Dkim
+            | CheckKind::Dmarc
+            | CheckKind::Antivirus
+            | CheckKind::Uribl
+            | CheckKind::Scanner,
             _,
         ) => Stage::Data,
         Node::Check(CheckKind::Iprev | CheckKind::Dnsbl, _) => Stage::Connect,

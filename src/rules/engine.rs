@@ -103,6 +103,7 @@ pub enum CheckKind {
     Greylist,
     Antivirus,
     Uribl,
+    Scanner,
 }
 
 #[derive(Debug)]

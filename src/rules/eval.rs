@@ -137,6 +137,15 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                 CheckKind::Antivirus => vec![f.antivirus.split(':').next().unwrap_or("")],
                 CheckKind::Dnsbl => f.dnsbl.clone(),
                 CheckKind::Uribl => f.uribl.clone(),
+                // `rspamd:7.50:add_header`, `rspamd:error`, `rspamd:skipped:size`.
+                CheckKind::Scanner => {
+                    let mut parts = f.scanner.split(':').skip(1);
+                    match (parts.next(), parts.next()) {
+                        (Some(w @ ("error" | "skipped")), _) => vec![w],
+                        (Some(_), Some(action)) => vec![action],
+                        _ => Vec::new(),
+                    }
+                }
             };
             if matches!(kind, CheckKind::Dnsbl | CheckKind::Uribl)
                 && words.iter().any(|w| w == "any")

@@ -26,6 +26,8 @@ pub struct Input<'a> {
     pub dnsbl: Vec<&'a str>,
     /// URL blocklist zones that listed a link of the message.
     pub uribl: Vec<&'a str>,
+    /// The external scanner's opinion, as logged.
+    pub scanner: &'a str,
 }
 
 /// `Input` with everything owned, to evaluate the rules away from the
@@ -48,6 +50,7 @@ pub struct OwnedInput {
     pub antivirus: String,
     pub dnsbl: Vec<String>,
     pub uribl: Vec<String>,
+    pub scanner: String,
 }
 
 impl OwnedInput {
@@ -69,6 +72,7 @@ impl OwnedInput {
             antivirus: f.antivirus.to_string(),
             dnsbl: f.dnsbl.iter().map(|z| z.to_string()).collect(),
             uribl: f.uribl.iter().map(|z| z.to_string()).collect(),
+            scanner: f.scanner.to_string(),
         }
     }
 
@@ -92,6 +96,7 @@ impl OwnedInput {
             antivirus: &self.antivirus,
             dnsbl: self.dnsbl.iter().map(String::as_str).collect(),
             uribl: self.uribl.iter().map(String::as_str).collect(),
+            scanner: &self.scanner,
         }
     }
 }

@@ -101,6 +101,10 @@ pub enum Cond {
     Antivirus(Vec<String>),
     /// URL blocklist zones that listed a domain the message links to.
     Uribl(Vec<String>),
+    /// The external scanner's verdict: its action (`reject`,
+    /// `soft_reject`, `add_header`, `no_action`, ...; spamd `spam`,
+    /// `ham`), `error` or `skipped`.
+    Scanner(Vec<String>),
 }
 
 const COND_KEYS: &[&str] = &[
@@ -137,6 +141,7 @@ const COND_KEYS: &[&str] = &[
     "double_extension",
     "url_domain",
     "uribl",
+    "scanner",
 ];
 
 impl<'de> Deserialize<'de> for Cond {
@@ -185,6 +190,7 @@ impl<'de> Deserialize<'de> for Cond {
                     "antivirus" => Cond::Antivirus(map.next_value()?),
                     "url_domain" => Cond::UrlDomain(map.next_value()?),
                     "uribl" => Cond::Uribl(map.next_value()?),
+                    "scanner" => Cond::Scanner(map.next_value()?),
                     other => return Err(de::Error::unknown_field(other, COND_KEYS)),
                 };
                 if let Some(extra) = map.next_key::<String>()? {

@@ -73,6 +73,29 @@ impl AntivirusScan<'_> {
     }
 }
 
+/// One message asked of rspamd or spamd.
+pub struct ScannerScan<'a> {
+    pub scanner: &'static str,
+    /// `ok`, `error`, `skipped`.
+    pub result: &'static str,
+    pub took: Option<Duration>,
+    pub error: Option<&'a str>,
+}
+
+impl ScannerScan<'_> {
+    pub fn emit(&self) {
+        metrics::counter!("portcullis_scanner_scans_total", "scanner" => self.scanner, "result" => self.result)
+            .increment(1);
+        if let Some(t) = self.took {
+            metrics::histogram!("portcullis_scanner_seconds", "scanner" => self.scanner)
+                .record(t.as_secs_f64());
+        }
+        if let Some(e) = self.error {
+            tracing::warn!(scanner = self.scanner, error = %e, "scanner: no opinion");
+        }
+    }
+}
+
 /// The URL blocklist lookups of one message.
 pub struct UriblLookups<'a> {
     /// Zones that listed a domain of it, each once.

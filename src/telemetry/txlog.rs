@@ -36,6 +36,8 @@ pub mod key {
     pub const RATE_LIMIT: &str = "rate_limit";
     pub const DNSBL: &str = "dnsbl";
     pub const URIBL: &str = "uribl";
+    pub const SCANNER: &str = "scanner";
+    pub const SCANNER_SYMBOLS: &str = "scanner_symbols";
     pub const RULES: &str = "rules";
     pub const HITS: &str = "hits";
     pub const WOULD: &str = "would";
@@ -119,6 +121,11 @@ pub struct CheckLog {
     pub uribl: Vec<String>,
     /// The zones of those listings, each once, for the rules.
     pub uribl_zones: Vec<String>,
+    /// The external scanner's opinion: `rspamd:7.50:add_header`,
+    /// `spamassassin:1000.00:spam`, `rspamd:error`, `rspamd:skipped:size`.
+    pub scanner: String,
+    /// Its symbols, highest scores first: `BAYES_SPAM=5.10`.
+    pub scanner_symbols: Vec<String>,
     /// Rules that matched: `ID`, or `ID(shadow)`.
     pub rules: Vec<String>,
     /// Every check and rule finding with its effect: `spf:softfail=3`,
@@ -210,6 +217,8 @@ impl TxnRecord<'_> {
             { key::RATE_LIMIT } = tracing::field::display(self.checks.rate_limits.join(" ")),
             { key::DNSBL } = tracing::field::display(self.checks.dnsbl.join(" ")),
             { key::URIBL } = tracing::field::display(self.checks.uribl.join(" ")),
+            { key::SCANNER } = self.checks.scanner.as_str(),
+            { key::SCANNER_SYMBOLS } = tracing::field::display(self.checks.scanner_symbols.join(" ")),
             { key::RULES } = tracing::field::display(self.checks.rules.join(" ")),
             { key::HITS } = tracing::field::display(self.checks.hits.join(" ")),
             { key::WOULD } = tracing::field::display(self.checks.would.join(" ")),

@@ -17,6 +17,7 @@ pub mod milter;
 pub mod mta;
 pub mod peers;
 pub mod process;
+pub mod scanner;
 pub mod web;
 
 pub use client::*;

@@ -437,3 +437,125 @@ pub fn redis_store(
     let clock = std::sync::Arc::clone(clock) as std::sync::Arc<dyn portcullis::state::Clock>;
     portcullis::state::Store::open(&cfg, clock).unwrap()
 }
+
+/// Debian's rspamd with its stock rules, only its normal worker, on a
+/// free loopback port; DNS pointed at a closed port (no query leaves the
+/// machine), no Redis (no Bayes), state under a temp dir.
+pub struct Rspamd {
+    pub addr: std::net::SocketAddr,
+    run: PathBuf,
+}
+
+impl Rspamd {
+    pub fn start(name: &str) -> Rspamd {
+        let port = peer_port();
+        let base =
+            std::env::temp_dir().join(format!("portcullis-rspamd-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (local, run_dir) = (base.join("local"), base.join("run"));
+        std::fs::create_dir_all(local.join("override.d")).unwrap();
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let o = local.join("override.d");
+        let write = |f: &str, s: String| std::fs::write(o.join(f), s).unwrap();
+        write(
+            "worker-normal.inc",
+            format!("bind_socket = \"127.0.0.1:{port}\";\ncount = 1;\n"),
+        );
+        for w in ["controller", "proxy", "fuzzy"] {
+            write(&format!("worker-{w}.inc"), "enabled = false;\n".into());
+        }
+        write(
+            "options.inc",
+            format!(
+                "pidfile = \"{}/rspamd.pid\";\ndns {{\n  nameserver = [\"127.0.0.1:9\"];\n  timeout = 0.5s;\n  retransmits = 1;\n}}\n",
+                run_dir.display()
+            ),
+        );
+        write(
+            "logging.inc",
+            format!(
+                "type = \"file\";\nfilename = \"{}/rspamd.log\";\nlevel = \"notice\";\n",
+                run_dir.display()
+            ),
+        );
+        run(Command::new("chown").args(["-R", "_rspamd", run_dir.to_str().unwrap()]));
+        let var = |k: &str, v: &Path| format!("--var={k}={}", v.display());
+        // It daemonizes with our stdout still open: reading its output
+        // would wait for the daemon's end.
+        let status = Command::new("rspamd")
+            .args([
+                "-u",
+                "_rspamd",
+                "-g",
+                "_rspamd",
+                "-c",
+                "/etc/rspamd/rspamd.conf",
+            ])
+            .arg(var("LOCAL_CONFDIR", &local))
+            .arg(var("DBDIR", &run_dir))
+            .arg(var("RUNDIR", &run_dir))
+            .arg(var("LOGDIR", &run_dir))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("start rspamd");
+        assert!(status.success(), "rspamd: {status}");
+        wait_port(port);
+        Rspamd {
+            addr: ([127, 0, 0, 1], port).into(),
+            run: run_dir,
+        }
+    }
+}
+
+impl Drop for Rspamd {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.run.join("rspamd.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).output();
+        }
+    }
+}
+
+/// Debian's spamd (SpamAssassin) on a free loopback port, local tests only
+/// (`-L`: no DNS or network rules), one child.
+pub struct Spamd {
+    pub addr: std::net::SocketAddr,
+    run: PathBuf,
+}
+
+impl Spamd {
+    pub fn start(name: &str) -> Spamd {
+        let port = peer_port();
+        let run_dir =
+            std::env::temp_dir().join(format!("portcullis-spamd-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        run(Command::new("chown").args(["-R", "debian-spamd", run_dir.to_str().unwrap()]));
+        let d = run_dir.display();
+        run(Command::new("spamd").args([
+            &format!("--listen=127.0.0.1:{port}"),
+            "-u",
+            "debian-spamd",
+            &format!("--pidfile={d}/spamd.pid"),
+            "-s",
+            &format!("{d}/spamd.log"),
+            "-L",
+            "--max-children=1",
+            &format!("--helper-home-dir={d}"),
+            "-d",
+        ]));
+        wait_port(port);
+        Spamd {
+            addr: ([127, 0, 0, 1], port).into(),
+            run: run_dir,
+        }
+    }
+}
+
+impl Drop for Spamd {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.run.join("spamd.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).output();
+        }
+    }
+}

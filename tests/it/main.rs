@@ -33,6 +33,7 @@ mod relay;
 mod reload;
 mod reputation;
 mod rules;
+mod scanner;
 mod session;
 mod shutdown;
 mod stats;

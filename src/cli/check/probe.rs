@@ -1,5 +1,5 @@
 //! `check`'s probes: does what the config points at answer now? Upstream,
-//! each nameserver, the Redis state store, clamd. Each has a deadline, and all run
+//! each nameserver, the Redis state store, clamd, rspamd or spamd. Each has a deadline, and all run
 //! at once. A silent peer is a warning, not an error: the MTA or the
 //! resolver may start after us. An upstream that answers but cannot be
 //! told the client's address is an error: `run` refuses it too.
@@ -23,10 +23,15 @@ pub struct Found {
 }
 
 pub async fn probe(cfg: &Config) -> Found {
-    let (up, dns, state, clamd) =
-        tokio::join!(upstream(cfg), nameservers(cfg), state(cfg), clamd(cfg));
+    let (up, dns, state, clamd, scanner) = tokio::join!(
+        upstream(cfg),
+        nameservers(cfg),
+        state(cfg),
+        clamd(cfg),
+        scanner(cfg)
+    );
     let mut found = Found::default();
-    for part in [up, dns, state, clamd] {
+    for part in [up, dns, state, clamd, scanner] {
         found.answers.extend(part.answers);
         found.warnings.extend(part.warnings);
         found.errors.extend(part.errors);
@@ -110,6 +115,30 @@ async fn state(cfg: &Config) -> Found {
                 "state.url: {url} does not answer as Redis ({e}): greylisting, rate limits and reputation apply their on_error until it does"
             )),
         },
+    }
+    f
+}
+
+/// rspamd answers `GET /ping` with pong, spamd `PING` with PONG.
+async fn scanner(cfg: &Config) -> Found {
+    let mut f = Found::default();
+    let sc = &cfg.checks.scanner;
+    if sc.mode == crate::config::Mode::Off {
+        return f;
+    }
+    let (name, at) = (sc.kind.as_str(), sc.address);
+    let ping = crate::checks::scanner::ping(sc.kind, at);
+    match tokio::time::timeout(PROBE_DEADLINE, ping).await {
+        Ok(Ok(true)) => f.answers.push(format!("{name} {at} answers")),
+        Ok(Ok(false)) => f.warnings.push(format!(
+            "checks.scanner.address: {at} does not answer as {name} (rspamd: its normal worker, 11333; spamd: 783)"
+        )),
+        Ok(Err(e)) => f.warnings.push(format!(
+            "checks.scanner.address: {name} at {at} does not answer ({e}): every message gets checks.scanner.on_error until it does"
+        )),
+        Err(_) => f.warnings.push(format!(
+            "checks.scanner.address: {name} at {at} does not answer within {PROBE_DEADLINE:?}"
+        )),
     }
     f
 }

@@ -93,6 +93,8 @@ pub struct Report {
     pub uribl_zones: Vec<Count>,
     /// The listed domains (and addresses) the messages linked to, most first.
     pub uribl_domains: Vec<Count>,
+    /// The external scanner's verdicts: `rspamd:reject`, `rspamd:error`.
+    pub scanner: Vec<Count>,
     pub hours: Vec<Hour>,
     pub days: Vec<Day>,
     /// Record-mode checks and shadow rules, if enforced (most refusals first).

@@ -34,6 +34,7 @@ impl Report {
             Counts("DKIM results", &self.dkim),
             Counts("DMARC results", &self.dmarc),
             Counts("antivirus (clamd)", &self.antivirus),
+            Counts("scanner verdicts", &self.scanner),
             Counts("rules (enforced)", &self.rules),
             Counts("shadow rules (would have hit)", &self.shadow_rules),
             WhatIf(&self.what_if),

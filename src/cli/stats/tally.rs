@@ -19,6 +19,8 @@ struct Line {
     dnsbl: String,
     /// `zone:domain=code` per listed link.
     uribl: String,
+    /// `rspamd:7.50:add_header`: counted by scanner and action.
+    scanner: String,
     rules: String,
     greylist: String,
     rate_limit: String,
@@ -53,6 +55,7 @@ fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
         mail_from: get(key::MAIL_FROM),
         dnsbl: get(key::DNSBL),
         uribl: get(key::URIBL),
+        scanner: get(key::SCANNER),
         rules: get(key::RULES),
         greylist: get(key::GREYLIST),
         rate_limit: get(key::RATE_LIMIT),
@@ -178,6 +181,7 @@ struct Tally {
     zones: Counts,
     uribl_zones: Counts,
     uribl_domains: Counts,
+    scanner: Counts,
     nets: Counts,
     senders: Counts,
     greylist: Counts,
@@ -228,6 +232,17 @@ impl Tally {
         }
         for z in l.dnsbl.split_whitespace() {
             bump(&mut self.zones, z.split('=').next().unwrap_or(z));
+        }
+        if !l.scanner.is_empty() {
+            // The score varies from message to message: count the verdict.
+            let mut parts = l.scanner.splitn(3, ':');
+            let (name, second, third) = (parts.next(), parts.next(), parts.next());
+            let verdict = match (name, second, third) {
+                (Some(n), Some(w @ ("error" | "skipped")), _) => format!("{n}:{w}"),
+                (Some(n), Some(_), Some(action)) => format!("{n}:{action}"),
+                _ => l.scanner.clone(),
+            };
+            bump(&mut self.scanner, &verdict);
         }
         // A zone counts once per message, each listed domain once.
         let mut zones = HashSet::new();
@@ -346,6 +361,7 @@ impl Tally {
             dnsbl_zones: counts(self.zones, t, None),
             uribl_zones: counts(self.uribl_zones, t, None),
             uribl_domains: counts(self.uribl_domains, t, Some(20)),
+            scanner: counts(self.scanner, t, None),
             top_networks: counts(self.nets, t, Some(10)),
             top_sender_domains: counts(self.senders, t, Some(10)),
             days: days(&hours),
