@@ -348,6 +348,9 @@ fn assert_contract(l: &serde_json::Value) {
         "arc",
         "iprev",
         "antivirus",
+        "scanner",
+        "scanner_symbols",
+        "uribl",
         "dnsbl",
         "rules",
         "hits",
@@ -823,6 +826,29 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
     let clamd = common::clamd::FakeClamd::start(b"VIRUS-MARKER-2d9", "Doors.Test.Virus").await;
     cfg.checks.antivirus.mode = portcullis::config::Mode::Enforce;
     cfg.checks.antivirus.clamd = MilterListen::Tcp(clamd.addr);
+    // A URL blocklist on a DNS server on loopback, and a scripted rspamd.
+    let dns = common::dns::FakeDns::start(
+        &["test."],
+        vec![
+            common::dns::a("test.dbl.test.", "127.0.1.2"),
+            common::dns::a("spammy.com.dbl.test.", "127.0.1.2"),
+        ],
+    )
+    .await;
+    common::config::with_dns(&mut cfg, dns.addr);
+    cfg.checks.uribl.mode = portcullis::config::Mode::Enforce;
+    cfg.checks.uribl.zones = vec![portcullis::config::Zone {
+        kind: portcullis::config::ZoneType::Domain,
+        action: Some(portcullis::config::Action::Reject),
+        ..common::config::zone("dbl.test")
+    }];
+    let rspamd = common::scanner::FakeRspamd::start(vec![(
+        "CHEAP-PILLS",
+        common::scanner::answer(9.0, "add header", &[("BAYES_SPAM", 5.1), ("FUZZY_DENIED", 3.9)]),
+    )])
+    .await;
+    cfg.checks.scanner.mode = portcullis::config::Mode::Enforce;
+    cfg.checks.scanner.address = rspamd.addr;
     let proxy_gate = Gate::start_config(cfg.clone()).await;
     let milter_gate = Gate::start_config(cfg).await;
     let tagged = "Subject: tagme\r\n\r\nhello\r\n".to_string();
@@ -830,6 +856,8 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
     let oversized = format!("Subject: big\r\n\r\n{}", line.repeat(1700)); // ~120 KB
     let over_budget = format!("Subject: parse\r\n\r\n{}", line.repeat(1000)); // ~72 KB
     let virus = "Subject: invoice\r\n\r\nVIRUS-MARKER-2d9\r\n".to_string();
+    let link = "Subject: deal\r\nContent-Type: text/html\r\n\r\n<a href=\"https://www.spammy.com/\">your bank</a>\r\n".to_string();
+    let pills = "Subject: health\r\n\r\nCHEAP-PILLS\r\n".to_string();
 
     // Through the proxy.
     let mut c = Client::connect_from(proxy_gate.addr, "127.0.0.41").await;
@@ -854,6 +882,8 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
         ("big@doors.test", &oversized, "552"),
         ("parse@doors.test", &over_budget, "452"),
         ("virus@doors.test", &virus, "554"),
+        ("link@doors.test", &link, "554"),
+        ("pills@doors.test", &pills, "250"),
     ] {
         c.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
         c.cmd("RCPT TO:<ok@example.test>", "250").await;
@@ -884,6 +914,8 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
         ("big@doors.test", &oversized),
         ("parse@doors.test", &over_budget),
         ("virus@doors.test", &virus),
+        ("link@doors.test", &link),
+        ("pills@doors.test", &pills),
     ] {
         m.mail(from).await;
         m.rcpt("ok@example.test").await;
@@ -910,6 +942,8 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
         ("big@doors.test", "reject"),
         ("parse@doors.test", "tempfail"),
         ("virus@doors.test", "reject"),
+        ("link@doors.test", "reject"),
+        ("pills@doors.test", "tag"),
     ];
     assert_eq!(proxy.len(), wanted.len(), "{proxy:#?}");
     assert_eq!(milter.len(), wanted.len(), "{milter:#?}");
@@ -940,6 +974,14 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
                 (&serde_json::json!(554), &serde_json::json!("5.7.0")),
                 "{p:?}"
             );
+        }
+        if from == "link@doors.test" {
+            assert_eq!(p["uribl"], "dbl.test:spammy.com=127.0.1.2", "{p:?}");
+            assert_eq!(p["reason"], "uribl:dbl.test", "{p:?}");
+        }
+        if from == "pills@doors.test" {
+            assert_eq!(p["scanner"], "rspamd:9.00:add_header", "{p:?}");
+            assert_eq!(p["scanner_symbols"], "BAYES_SPAM=5.10 FUZZY_DENIED=3.90", "{p:?}");
         }
         for k in keys(p) {
             assert_eq!(
