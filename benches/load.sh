@@ -14,12 +14,18 @@
 # and on a redis-server the script starts; and "state_exact", Redis with
 # bursts of 150, small enough that every count is its own round trip (no leases).
 # It then prints each store's round-trip latency (p50, p99) and calls.
+# LINKS=1 sends, to every target, a ~100 KB HTML message with 50 distinct
+# link domains (smtp-source -F) instead of BODY_BYTES of text, and adds
+# "rules": checks off, the shipped rules on; and "links": the same plus the
+# URL blocklists (two zones, at most 20 domains a message, caches warm).
+# "links" against "rules" is what the link checks cost.
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
+LINKS_PORT=12538; RULES_PORT=12539
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
@@ -79,6 +85,30 @@ if [ -n "${STATE:-}" ]; then
   gate state_exact $STATE_EXACT "$(state_checks "{backend: redis, url: \"redis://127.0.0.1:$REDIS\"}" $M_EXACT 150)" warn $TMP/state_exact.log ""
   TARGETS="$TARGETS state_emb:$STATE_EMB state_redis:$STATE_REDIS state_exact:$STATE_EXACT"
 fi
+MSGFILE=
+if [ -n "${LINKS:-}" ]; then
+  MSGFILE=$TMP/links.eml
+  awk 'BEGIN {
+    printf "From: Shop <news@example-shop.com>\nTo: b@example.test\nSubject: Offers\nMIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n<html><body>\n"
+    n = 0; size = 0
+    while (size < 102400) {
+      line = "<p>Dear customer, our quarterly offers are here. Compare the prices and choose what suits you.</p>"
+      if (size > n * 2000 && n < 50) {
+        line = line sprintf("<a href=\"https://click%d.shop%d.com/t?id=%d\">Offer %d</a>", n, n, n, n); n++
+      }
+      print line; size += length(line) + 1
+    }
+    print "</body></html>"
+  }' >$MSGFILE
+  gate links $LINKS_PORT "$OFF_CHECKS
+  uribl:
+    mode: enforce
+    zones: [{zone: uri1.test, action: reject}, {zone: uri2.test, returns: [\"&0.0.0.8\"], score: 5}]
+rules_dir: $PWD/rules" warn $TMP/links.log ""
+  gate rules $RULES_PORT "$OFF_CHECKS
+rules_dir: $PWD/rules" warn $TMP/rules.log ""
+  TARGETS="$TARGETS rules:$RULES_PORT links:$LINKS_PORT"
+fi
 if [ -n "${BASE_BIN:-}" ]; then
   gate base_off $BASE_OFF "$OFF_CHECKS" warn $TMP/base_off.log "" "$BASE_BIN"
   gate base_on $BASE_ON "$ON_CHECKS" warn $TMP/base_on.log "" "$BASE_BIN"
@@ -90,6 +120,9 @@ for t in $TARGETS; do
 done
 # Warm the checks-on gates' caches.
 smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$ON
+if [ -n "${LINKS:-}" ]; then
+  smtp-source -s 1 -m 5 -F $MSGFILE -f a@example.test -t b@example.test 127.0.0.1:$LINKS_PORT
+fi
 if [ -n "${STATE:-}" ]; then
   # Greylisted, then passed after the delay: the client is allowed from now on.
   for p in $STATE_EMB $STATE_REDIS $STATE_EXACT; do
@@ -107,7 +140,7 @@ fi
 rate() { # port -> msg/s
   local t0 t1
   t0=$(date +%s.%N)
-  smtp-source -s $SESS -m $MSGS -l $BYTES -f a@example.test -t b@example.test 127.0.0.1:$1
+  smtp-source -s $SESS -m $MSGS $(if [ -n "$MSGFILE" ]; then echo "-F $MSGFILE"; else echo "-l $BYTES"; fi) -f a@example.test -t b@example.test 127.0.0.1:$1
   t1=$(date +%s.%N)
   awk -v m=$MSGS -v a=$t0 -v b=$t1 'BEGIN{printf "%.1f", m/(b-a)}'
 }
@@ -128,7 +161,9 @@ for t in $TARGETS; do
   m=$(median "${all[$n]}")
   printf ', %s %.0f (ratio %.2f)' "$n" "$m" "$(awk -v a=$m -v b=$d 'BEGIN{print a/b}')"
 done
-printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
+what="$BYTES-byte bodies"
+[ -n "$MSGFILE" ] && what="a $(wc -c <$MSGFILE)-byte HTML message with 50 link domains"
+printf '   [%d msgs x %d rounds, %d sessions, %s]\n' "$MSGS" "$ROUNDS" "$SESS" "$what"
 # CPU per message (user + system, from /proc): steadier than msg/s on a
 # shared machine, and it shows what a feature costs the gate itself.
 tick=$(getconf CLK_TCK)

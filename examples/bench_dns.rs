@@ -1,6 +1,7 @@
 //! A small authoritative DNS server for the load benchmark (benches/load.sh):
-//! three DNSBL zones that list nobody but their RFC 5782 test entries, and an
-//! SPF record for the benchmark's sender domain. Loopback only.
+//! three DNSBL zones that list nobody but their RFC 5782 test entries, two
+//! URL blocklist zones (uri1.test, uri2.test) likewise, and an SPF record
+//! for the benchmark's sender domain. Loopback only.
 //!   cargo run --example bench_dns -- 127.0.0.1:15353
 
 use hickory_server::Server;
@@ -49,6 +50,19 @@ async fn main() {
         );
         catalog.upsert(
             LowerName::from(Name::from_str(bl).unwrap()),
+            vec![Arc::new(z)],
+        );
+    }
+    for uri in ["uri1.test.", "uri2.test."] {
+        let z = zone(
+            uri,
+            vec![(
+                &format!("test.{uri}"),
+                RData::A(A("127.0.0.8".parse().unwrap())),
+            )],
+        );
+        catalog.upsert(
+            LowerName::from(Name::from_str(uri).unwrap()),
             vec![Arc::new(z)],
         );
     }

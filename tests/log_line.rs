@@ -844,7 +844,11 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
     }];
     let rspamd = common::scanner::FakeRspamd::start(vec![(
         "CHEAP-PILLS",
-        common::scanner::answer(9.0, "add header", &[("BAYES_SPAM", 5.1), ("FUZZY_DENIED", 3.9)]),
+        common::scanner::answer(
+            9.0,
+            "add header",
+            &[("BAYES_SPAM", 5.1), ("FUZZY_DENIED", 3.9)],
+        ),
     )])
     .await;
     cfg.checks.scanner.mode = portcullis::config::Mode::Enforce;
@@ -981,7 +985,10 @@ async fn the_same_transactions_log_the_same_through_both_doors(logs: &Captured) 
         }
         if from == "pills@doors.test" {
             assert_eq!(p["scanner"], "rspamd:9.00:add_header", "{p:?}");
-            assert_eq!(p["scanner_symbols"], "BAYES_SPAM=5.10 FUZZY_DENIED=3.90", "{p:?}");
+            assert_eq!(
+                p["scanner_symbols"], "BAYES_SPAM=5.10 FUZZY_DENIED=3.90",
+                "{p:?}"
+            );
         }
         for k in keys(p) {
             assert_eq!(

@@ -5,6 +5,7 @@
 //! of blocking threads, with a time budget per message.
 
 use crate::config::{MessageRules, Overrun};
+use crate::rules::LinkFacts;
 use crate::rules::links::Links;
 use crate::rules::{Hit, MessageFacts, OwnedInput, RuleSet, Stage};
 use std::sync::Arc;
@@ -87,6 +88,11 @@ impl RulePool {
                 .map_err(|_| overran)?;
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
+                let links = match links {
+                    Some(l) => LinkFacts::Found(l),
+                    None if rules.uses_links() => LinkFacts::Find,
+                    None => LinkFacts::NotWanted,
+                };
                 let parsed = MessageFacts::parse_with((*message).as_ref(), links);
                 rules.evaluate(Stage::Data, &facts.view(Some(&parsed)))
             })

@@ -28,6 +28,8 @@ pub struct Compiler<'a> {
     dnsbl_zones: std::collections::BTreeSet<String>,
     /// Whether a rule asks for a listing on any zone.
     dnsbl_any: bool,
+    /// Whether a rule reads the message's links.
+    uses_links: bool,
     /// The list files of the rule being compiled that hold no entry.
     empty_lists: Vec<String>,
 }
@@ -39,6 +41,7 @@ impl<'a> Compiler<'a> {
             read_list,
             dnsbl_zones: Default::default(),
             dnsbl_any: false,
+            uses_links: false,
             empty_lists: Vec::new(),
         }
     }
@@ -136,7 +139,10 @@ impl<'a> Compiler<'a> {
             Cond::Subject(m) => self.leaf(Target::Subject, m)?,
             Cond::Body(m) => self.leaf(Target::Body, m)?,
             Cond::AttachmentName(m) => self.leaf(Target::AttachmentName, m)?,
-            Cond::UrlDomain(m) => self.leaf(Target::UrlDomain, m)?,
+            Cond::UrlDomain(m) => {
+                self.uses_links = true;
+                self.leaf(Target::UrlDomain, m)?
+            }
             // Zones, or `any`: listed on any URL blocklist.
             Cond::Uribl(v) => Node::Check(CheckKind::Uribl, lower(v)),
             Cond::Scanner(v) => {
@@ -238,6 +244,7 @@ impl<'a> Compiler<'a> {
             sets,
             dnsbl_zones: self.dnsbl_zones,
             dnsbl_any: self.dnsbl_any,
+            uses_links: self.uses_links,
         })
     }
 }

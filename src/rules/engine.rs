@@ -185,4 +185,6 @@ pub struct Compiled {
     pub dnsbl_zones: std::collections::BTreeSet<String>,
     /// A rule asks for a listing on any zone (`dnsbl: [any]`).
     pub dnsbl_any: bool,
+    /// A rule reads `url_domain`: the message's links must be found.
+    pub uses_links: bool,
 }

@@ -21,6 +21,7 @@ impl Compiled {
             sets: HashMap::new(),
             dnsbl_zones: Default::default(),
             dnsbl_any: false,
+            uses_links: false,
         }
     }
 

@@ -101,6 +101,16 @@ impl OwnedInput {
     }
 }
 
+/// What `MessageFacts::parse_with` does about the message's links.
+pub enum LinkFacts {
+    /// A check found them already.
+    Found(std::sync::Arc<super::links::Links>),
+    /// Find them.
+    Find,
+    /// No rule reads them: leave them out.
+    NotWanted,
+}
+
 /// A message as the rules see it: decoded (mail-parser), parsed once.
 #[derive(Debug, Default)]
 pub struct MessageFacts {
@@ -128,20 +138,22 @@ pub struct MessageFacts {
 
 impl MessageFacts {
     pub fn parse(raw: &[u8]) -> MessageFacts {
-        Self::parse_with(raw, None)
+        Self::parse_with(raw, LinkFacts::Find)
     }
 
-    /// As `parse`, with the links when a check found them already.
-    pub fn parse_with(
-        raw: &[u8],
-        links: Option<std::sync::Arc<super::links::Links>>,
-    ) -> MessageFacts {
+    /// As `parse`, with the links a check found already, or none when no
+    /// rule reads them.
+    pub fn parse_with(raw: &[u8], links: LinkFacts) -> MessageFacts {
         let Some(msg) = mail_parser::MessageParser::default().parse(raw) else {
             return MessageFacts::default();
         };
         let mut f = MessageFacts {
             subject: msg.subject().map(str::to_string),
-            links: links.unwrap_or_else(|| std::sync::Arc::new(super::links::Links::of(&msg))),
+            links: match links {
+                LinkFacts::Found(l) => l,
+                LinkFacts::Find => std::sync::Arc::new(super::links::Links::of(&msg)),
+                LinkFacts::NotWanted => std::sync::Arc::default(),
+            },
             ..MessageFacts::default()
         };
         for h in msg.headers() {

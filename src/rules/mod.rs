@@ -18,7 +18,7 @@ const MAX_RULE_FILE: u64 = 16 << 20;
 const MAX_LIST_FILE: u64 = 256 << 20;
 
 pub use engine::{Hit, Rule, RuleAction};
-pub use input::{Input, MessageFacts, OwnedInput};
+pub use input::{Input, LinkFacts, MessageFacts, OwnedInput};
 pub use model::{RuleMode, Stage};
 
 use crate::telemetry::events::RulesReload;
@@ -94,6 +94,12 @@ impl RuleSet {
 
     pub fn evaluate(&self, stage: Stage, facts: &Input<'_>) -> Vec<Hit> {
         self.compiled.evaluate(stage, facts)
+    }
+
+    /// Whether a rule reads the message's links (`url_domain`); if none
+    /// does, the rules never look for them.
+    pub fn uses_links(&self) -> bool {
+        self.compiled.uses_links
     }
 
     /// DNSBL zones the rules name.

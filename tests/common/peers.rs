@@ -439,15 +439,15 @@ pub fn redis_store(
 }
 
 /// Debian's rspamd with its stock rules, only its normal worker, on a
-/// free loopback port; DNS pointed at a closed port (no query leaves the
-/// machine), no Redis (no Bayes), state under a temp dir.
+/// free loopback port; DNS pointed at the test's server (no query leaves
+/// the machine), no Redis (no Bayes), state under a temp dir.
 pub struct Rspamd {
     pub addr: std::net::SocketAddr,
     run: PathBuf,
 }
 
 impl Rspamd {
-    pub fn start(name: &str) -> Rspamd {
+    pub fn start(name: &str, nameserver: std::net::SocketAddr) -> Rspamd {
         let port = peer_port();
         let base =
             std::env::temp_dir().join(format!("portcullis-rspamd-{}-{name}", std::process::id()));
@@ -467,7 +467,7 @@ impl Rspamd {
         write(
             "options.inc",
             format!(
-                "pidfile = \"{}/rspamd.pid\";\ndns {{\n  nameserver = [\"127.0.0.1:9\"];\n  timeout = 0.5s;\n  retransmits = 1;\n}}\n",
+                "pidfile = \"{}/rspamd.pid\";\ndns {{\n  nameserver = [\"{nameserver}\"];\n  timeout = 0.5s;\n  retransmits = 1;\n}}\n",
                 run_dir.display()
             ),
         );
@@ -504,6 +504,19 @@ impl Rspamd {
         Rspamd {
             addr: ([127, 0, 0, 1], port).into(),
             run: run_dir,
+        }
+    }
+}
+
+impl Rspamd {
+    /// Stops it and waits until its port is closed.
+    pub fn stop(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.run.join("rspamd.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).output();
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr).is_ok() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

@@ -210,12 +210,22 @@ async fn rules_see_the_verdict() {
 
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 
-/// Debian's rspamd, started on loopback with a config this test writes:
-/// GTUBE is a reject, and with use_action the client hears 554.
+/// Debian's rspamd, started on loopback with a config this test writes and
+/// DNS from the test's own server: GTUBE is a reject, and with use_action
+/// the client hears 554; a clean message passes with rspamd's symbols in
+/// X-Spam-Report; rspamd stopped gives on_error within the deadline.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs rspamd (Debian package; installed by .ci/run)"]
 async fn real_rspamd_rejects_gtube() {
-    let rspamd = common::peers::Rspamd::start("scanner");
+    let dns = common::dns::FakeDns::start(
+        &["sender.test."],
+        vec![common::dns::txt(
+            "sender.test.",
+            "v=spf1 ip4:127.0.0.0/8 -all",
+        )],
+    )
+    .await;
+    let rspamd = common::peers::Rspamd::start("scanner", dns.addr);
     // What `check` asks.
     let kind = ScannerKind::Rspamd;
     assert!(
@@ -231,6 +241,8 @@ async fn real_rspamd_rejects_gtube() {
     let mta = FakeMta::start(Script::default()).await;
     let mut cfg = config(mta.addr, rspamd.addr);
     cfg.checks.scanner.use_action = true;
+    cfg.checks.scanner.on_error = Action::Tempfail;
+    cfg.checks.scanner.timeout = Secs(Duration::from_secs(5));
     let g = Gate::start_config(cfg).await;
     let msg = format!(
         "From: a@sender.test\r\nTo: b@example.test\r\nSubject: test\r\nDate: Sat, 5 Dec 2026 04:00:00 +0000\r\nMessage-ID: <x@sender.test>\r\n\r\n{GTUBE}\r\n"
@@ -245,6 +257,23 @@ async fn real_rspamd_rejects_gtube() {
     assert!(r.starts_with("250"), "{r}");
     let data = String::from_utf8_lossy(&mta.stored()[0].data).into_owned();
     assert!(data.contains("X-Spam-Report:"), "{data}");
+    // rspamd's own symbols, by name, after its score.
+    assert!(data.contains("rspamd:score="), "{data}");
+    assert!(
+        data.contains("rspamd:") && data.contains("MIME_GOOD"),
+        "{data}"
+    );
+    // rspamd asked the test's DNS server (its RBL and URIBL modules).
+    assert!(!dns.queries().is_empty());
+    rspamd.stop();
+    let start = Instant::now();
+    let r = send(g.addr, "Subject: x\r\n\r\nhi\r\n").await;
+    assert!(r.starts_with("451 4.3.0"), "{r}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// Debian's spamd on loopback: GTUBE is spam (score 1000), tagged.

@@ -292,6 +292,16 @@ async fn rules_see_url_domains_and_uribl_listings() {
     .unwrap();
     let mut cfg = config(mta.addr, dns.addr);
     cfg.rules_dir = Some(dir);
+    // The URL blocklists off: the rules find the links themselves.
+    cfg.checks.uribl.mode = Mode::Off;
+    let g = Gate::start_config(cfg.clone()).await;
+    let (r, _) = send(
+        g.addr,
+        "b@example.test",
+        &html(&["https://x.bit.example.org/abc"]),
+    )
+    .await;
+    assert!(r.starts_with("550 5.7.1 No shortened links"), "{r}");
     cfg.checks.uribl.mode = Mode::Record;
     let g = Gate::start_config(cfg).await;
     let (r, _) = send(
