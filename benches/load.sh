@@ -14,18 +14,21 @@
 # and on a redis-server the script starts; and "state_exact", Redis with
 # bursts of 150, small enough that every count is its own round trip (no leases).
 # It then prints each store's round-trip latency (p50, p99) and calls.
-# LINKS=1 sends, to every target, a ~100 KB HTML message with 50 distinct
-# link domains (smtp-source -F) instead of BODY_BYTES of text, and adds
-# "rules": checks off, the shipped rules on; and "links": the same plus the
-# URL blocklists (two zones, at most 20 domains a message, caches warm).
-# "links" against "rules" is what the link checks cost.
+# LINKS=1 adds "rules": checks off, the shipped rules on (attachments,
+# archives); and "links": the same plus the URL blocklists (two zones, at
+# most 20 domains a message, caches warm). "links" against "rules" is what
+# the link checks cost. HTML=1 sends every target a ~100 KB HTML message
+# with 50 distinct link domains (smtp-source -F) instead of BODY_BYTES of text.
+# SCANNERS=1 adds "clamd" and "rspamd": checks off but ClamAV (a one-signature
+# database) or rspamd (Debian's, stock rules, DNS from bench_dns) asked about
+# every message; it prints the latency each adds per message.
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
-LINKS_PORT=12538; RULES_PORT=12539
+LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
@@ -86,7 +89,7 @@ if [ -n "${STATE:-}" ]; then
   TARGETS="$TARGETS state_emb:$STATE_EMB state_redis:$STATE_REDIS state_exact:$STATE_EXACT"
 fi
 MSGFILE=
-if [ -n "${LINKS:-}" ]; then
+if [ -n "${HTML:-}" ]; then
   MSGFILE=$TMP/links.eml
   awk 'BEGIN {
     printf "From: Shop <news@example-shop.com>\nTo: b@example.test\nSubject: Offers\nMIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n<html><body>\n"
@@ -100,6 +103,8 @@ if [ -n "${LINKS:-}" ]; then
     }
     print "</body></html>"
   }' >$MSGFILE
+fi
+if [ -n "${LINKS:-}" ]; then
   gate links $LINKS_PORT "$OFF_CHECKS
   uribl:
     mode: enforce
@@ -108,6 +113,32 @@ rules_dir: $PWD/rules" warn $TMP/links.log ""
   gate rules $RULES_PORT "$OFF_CHECKS
 rules_dir: $PWD/rules" warn $TMP/rules.log ""
   TARGETS="$TARGETS rules:$RULES_PORT links:$LINKS_PORT"
+fi
+if [ -n "${SCANNERS:-}" ]; then
+  mkdir -p $TMP/clamd/db $TMP/rspamd/local/override.d $TMP/rspamd/run
+  echo "44d88612fea8a8f36de82e1278abb02f:68:Bench.Test.UNOFFICIAL" >$TMP/clamd/db/bench.hdb
+  printf 'Foreground yes\nTCPSocket %s\nTCPAddr 127.0.0.1\nDatabaseDirectory %s\nLogFile %s\n' \
+    $CLAMD $TMP/clamd/db $TMP/clamd/clamd.log >$TMP/clamd/clamd.conf
+  chmod -R a+rX $TMP/clamd
+  (/usr/sbin/clamd -c $TMP/clamd/clamd.conf >/dev/null 2>&1 & echo $! >$TMP/clamd_daemon.pid)
+  o=$TMP/rspamd/local/override.d
+  printf 'bind_socket = "127.0.0.1:%s";\ncount = 1;\n' $RSPAMD >$o/worker-normal.inc
+  for w in controller proxy fuzzy; do echo 'enabled = false;' >$o/worker-$w.inc; done
+  printf 'pidfile = "%s/run/rspamd.pid";\ndns {\n  nameserver = ["%s"];\n  timeout = 0.5s;\n  retransmits = 1;\n}\n' $TMP/rspamd $DNS >$o/options.inc
+  printf 'type = "file";\nfilename = "%s/run/rspamd.log";\nlevel = "notice";\n' $TMP/rspamd >$o/logging.inc
+  chown -R _rspamd $TMP/rspamd/run
+  rspamd -u _rspamd -g _rspamd -c /etc/rspamd/rspamd.conf --var=LOCAL_CONFDIR=$TMP/rspamd/local \
+    --var=DBDIR=$TMP/rspamd/run --var=RUNDIR=$TMP/rspamd/run --var=LOGDIR=$TMP/rspamd/run >/dev/null 2>&1
+  for i in $(seq 100); do sleep 0.2; [ -s $TMP/rspamd/run/rspamd.pid ] && break; done
+  cp $TMP/rspamd/run/rspamd.pid $TMP/rspamd_daemon.pid
+  gate clamd $CLAMD_GATE "$OFF_CHECKS
+  antivirus: {mode: enforce, clamd: \"127.0.0.1:$CLAMD\", connections: 32}" warn $TMP/clamd_gate.log ""
+  gate rspamd $RSPAMD_GATE "$OFF_CHECKS
+  scanner: {mode: enforce, kind: rspamd, address: \"127.0.0.1:$RSPAMD\", connections: 32}" warn $TMP/rspamd_gate.log ""
+  # clamd loads its database before it listens.
+  for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$CLAMD) 2>/dev/null && break; sleep 0.1; done
+  for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$RSPAMD) 2>/dev/null && break; sleep 0.1; done
+  TARGETS="$TARGETS clamd:$CLAMD_GATE rspamd:$RSPAMD_GATE"
 fi
 if [ -n "${BASE_BIN:-}" ]; then
   gate base_off $BASE_OFF "$OFF_CHECKS" warn $TMP/base_off.log "" "$BASE_BIN"
@@ -121,7 +152,8 @@ done
 # Warm the checks-on gates' caches.
 smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$ON
 if [ -n "${LINKS:-}" ]; then
-  smtp-source -s 1 -m 5 -F $MSGFILE -f a@example.test -t b@example.test 127.0.0.1:$LINKS_PORT
+  smtp-source -s 1 -m 5 $(if [ -n "$MSGFILE" ]; then echo "-F $MSGFILE"; else echo "-l $BYTES"; fi) \
+    -f a@example.test -t b@example.test 127.0.0.1:$LINKS_PORT
 fi
 if [ -n "${STATE:-}" ]; then
   # Greylisted, then passed after the delay: the client is allowed from now on.
@@ -177,6 +209,18 @@ if [ -n "${STATE:-}" ]; then
   line="$line, redis-server $(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/redis.pid)/stat) us"
 fi
 echo "$line"
+if [ -n "${SCANNERS:-}" ]; then
+  # With SESS sessions in flight, a message takes SESS/rate seconds.
+  o=$(median "${all[off]}")
+  for n in clamd rspamd; do
+    m=$(median "${all[$n]}")
+    main=$(cat $TMP/${n}_daemon.pid)
+    # The daemon and its workers (rspamd scans in a child process).
+    cpu=$(cat $(for p in $main $(pgrep -P $main); do echo /proc/$p/stat; done) 2>/dev/null |
+      awk -v t=$tick -v m=$((ROUNDS * MSGS + 5)) '{s += $14 + $15} END {printf "%.0f", s / t / m * 1e6}')
+    echo "$n adds $(awk -v s=$SESS -v a=$m -v b=$o 'BEGIN{printf "%.2f", (s/a - s/b) * 1000}') ms per message (median, $SESS sessions); $n itself: $cpu us CPU per message"
+  done
+fi
 if [ -n "${GATE_LOG:-}" ]; then echo "log lines written: $(grep -c '"transaction"' $TMP/logged.log)"; fi
 if [ -n "${STATE:-}" ]; then
   for m in embedded:$M_EMB redis:$M_REDIS redis_exact:$M_EXACT; do

@@ -1,7 +1,8 @@
 //! What an attachment carries, without extracting anything: its type by
 //! content (magic octets, `infer`: the declared Content-Type lies), and for
 //! a ZIP archive its members' names and types, from the central directory
-//! and the first octets of each member. Bounded in entries, octets read and
+//! and the first octets of each member; tar, tar.gz and gzip attachments
+//! likewise, read as a stream. Bounded in entries, octets read and
 //! compression ratio: a zip bomb is a finding, not a hang.
 
 use std::io::Read;
@@ -83,6 +84,117 @@ pub fn zip_members(octets: &[u8]) -> Option<Contents> {
         }
     }
     Some(c)
+}
+
+/// Whether `octets` are a tar archive (`ustar` at offset 257) or gzip.
+pub fn looks_like_tar_or_gzip(octets: &[u8]) -> bool {
+    octets.get(257..262) == Some(b"ustar") || octets.starts_with(&[0x1f, 0x8b])
+}
+
+/// A reader that gives out at most `left` octets, then reports end of
+/// input and remembers, in `hit`, that there was more.
+struct Capped<'a, R> {
+    inner: R,
+    left: u64,
+    hit: &'a std::cell::Cell<bool>,
+}
+
+impl<R: Read> Read for Capped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            if self.inner.read(&mut probe)? > 0 {
+                self.hit.set(true);
+            }
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The members of a tar, tar.gz or gzip attachment, or None when it is
+/// none of them. Read as a stream, never written anywhere: at most
+/// `MAX_ENTRIES` members, and at most `MAX_RATIO` times the compressed
+/// size (and `MAX_DECLARED`) decompressed, past which it is a bomb.
+pub fn tar_or_gzip_members(octets: &[u8]) -> Option<Contents> {
+    let hit = std::cell::Cell::new(false);
+    if octets.starts_with(&[0x1f, 0x8b]) {
+        let cap = (octets.len() as u64)
+            .saturating_mul(MAX_RATIO)
+            .min(MAX_DECLARED);
+        let mut gz = flate2::read::GzDecoder::new(octets);
+        let name = gz
+            .header()
+            .and_then(|h| h.filename())
+            .map(|n| String::from_utf8_lossy(n).into_owned());
+        let mut head = Vec::with_capacity(HEAD as usize);
+        (&mut gz).take(HEAD).read_to_end(&mut head).ok()?;
+        if head.get(257..262) == Some(b"ustar") {
+            let rest = Capped {
+                inner: std::io::Cursor::new(head).chain(gz),
+                left: cap,
+                hit: &hit,
+            };
+            let mut c = tar_entries(rest);
+            c.bomb |= hit.get();
+            return Some(c);
+        }
+        // One compressed file: its name (when the header has it) and type,
+        // and its size by decompressing it, within the cap.
+        let mut c = Contents::default();
+        c.names.extend(name);
+        c.types.extend(detected_type(&head).map(str::to_string));
+        let mut rest = Capped {
+            inner: gz,
+            left: cap,
+            hit: &hit,
+        };
+        let _ = std::io::copy(&mut rest, &mut std::io::sink());
+        c.bomb = hit.get();
+        return Some(c);
+    }
+    if octets.get(257..262) != Some(b"ustar") {
+        return None;
+    }
+    Some(tar_entries(octets))
+}
+
+/// The entries of a tar stream: names, declared sizes, types by content.
+fn tar_entries(stream: impl Read) -> Contents {
+    let mut c = Contents::default();
+    let mut archive = tar::Archive::new(stream);
+    let Ok(entries) = archive.entries() else {
+        return c;
+    };
+    let mut declared: u64 = 0;
+    for (i, entry) in entries.enumerate() {
+        if i >= MAX_ENTRIES {
+            c.bomb = true;
+            break;
+        }
+        // A damaged or cut stream ends the listing; what was read counts.
+        let Ok(entry) = entry else { break };
+        if entry.header().entry_type().is_dir() {
+            continue;
+        }
+        declared = declared.saturating_add(entry.header().size().unwrap_or(0));
+        if declared > MAX_DECLARED {
+            c.bomb = true;
+            break;
+        }
+        if let Ok(path) = entry.path() {
+            c.names.push(path.to_string_lossy().into_owned());
+        }
+        let mut head = Vec::with_capacity(HEAD as usize);
+        let _ = entry.take(HEAD).read_to_end(&mut head);
+        c.types.extend(detected_type(&head).map(str::to_string));
+    }
+    c
 }
 
 /// `invoice.pdf.exe`: an executable extension after another short one, the
@@ -205,5 +317,84 @@ mod tests {
         ] {
             assert!(!double_extension(no), "{no}");
         }
+    }
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(data: &[u8], name: Option<&str>) -> Vec<u8> {
+        let mut g = flate2::GzBuilder::new();
+        if let Some(n) = name {
+            g = g.filename(n);
+        }
+        let mut e = g.write(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn tar_and_tar_gz_members_are_named_and_typed() {
+        let t = tar_of(&[("notes.txt", b"hello"), ("bin/setup.exe", PE)]);
+        for octets in [t.clone(), gzip(&t, Some("bundle.tar"))] {
+            assert!(looks_like_tar_or_gzip(&octets));
+            let c = tar_or_gzip_members(&octets).unwrap();
+            assert_eq!(c.names, ["notes.txt", "bin/setup.exe"]);
+            assert!(
+                c.types
+                    .iter()
+                    .any(|t| t == "application/vnd.microsoft.portable-executable"),
+                "{:?}",
+                c.types
+            );
+            assert!(!c.bomb);
+        }
+    }
+
+    #[test]
+    fn a_gzip_file_is_named_and_typed() {
+        let c = tar_or_gzip_members(&gzip(PE, Some("update.exe"))).unwrap();
+        assert_eq!(c.names, ["update.exe"]);
+        assert_eq!(c.types, ["application/vnd.microsoft.portable-executable"]);
+        assert!(!c.bomb);
+        assert!(tar_or_gzip_members(b"plain text").is_none());
+    }
+
+    #[test]
+    fn gzip_and_tar_bombs_are_found_within_bounds() {
+        // 50 MB of zeros gzip to about 50 KB: decompression stops at 100
+        // times that.
+        let zeros = vec![0u8; 50 << 20];
+        for octets in [
+            gzip(&zeros, Some("zeros.bin")),
+            gzip(&tar_of(&[("zeros.bin", &zeros)]), None),
+        ] {
+            let start = std::time::Instant::now();
+            let c = tar_or_gzip_members(&octets).unwrap();
+            assert!(c.bomb, "{} octets", octets.len());
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(2),
+                "{:?}",
+                start.elapsed()
+            );
+        }
+        let many: Vec<(String, Vec<u8>)> = (0..MAX_ENTRIES + 5)
+            .map(|i| (format!("f{i}.txt"), b"x".to_vec()))
+            .collect();
+        let refs: Vec<(&str, &[u8])> = many
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        let c = tar_or_gzip_members(&tar_of(&refs)).unwrap();
+        assert!(c.bomb);
+        assert_eq!(c.names.len(), MAX_ENTRIES);
     }
 }

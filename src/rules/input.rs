@@ -185,9 +185,14 @@ impl MessageFacts {
             if let Some(d) = detected.filter(|d| declared.as_deref() != Some(*d)) {
                 f.attachment_types.push(d.to_string());
             }
-            if super::archive::looks_like_zip(content)
-                && let Some(c) = super::archive::zip_members(content)
-            {
+            let members = if super::archive::looks_like_zip(content) {
+                super::archive::zip_members(content)
+            } else if super::archive::looks_like_tar_or_gzip(content) {
+                super::archive::tar_or_gzip_members(content)
+            } else {
+                None
+            };
+            if let Some(c) = members {
                 f.double_extension |= c.names.iter().any(|n| super::archive::double_extension(n));
                 f.encrypted_archive |= c.encrypted;
                 f.archive_bomb |= c.bomb;

@@ -51,6 +51,20 @@ fn zip_of(files: &[(&str, &[u8])], encrypted: bool) -> Vec<u8> {
     out.into_inner()
 }
 
+fn tgz_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&b.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
 /// Each shape and the reply text its rule gives (None: delivered).
 fn cases() -> Vec<(&'static str, String, Option<&'static str>)> {
     let zeros = vec![0u8; 50 << 20];
@@ -61,6 +75,15 @@ fn cases() -> Vec<(&'static str, String, Option<&'static str>)> {
                 "docs.zip",
                 "application/zip",
                 &zip_of(&[("readme.txt", b"hi"), ("setup.exe", PE)], false),
+            ),
+            Some("Executables inside archives are not accepted"),
+        ),
+        (
+            "exe in a tar.gz",
+            with_attachment(
+                "backup.tgz",
+                "application/gzip",
+                &tgz_of(&[("run/setup.exe", PE)]),
             ),
             Some("Executables inside archives are not accepted"),
         ),
