@@ -25,6 +25,7 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
         vec![
             a("2.0.0.127.bl.test.", "127.0.0.2"),
             a("3.0.0.127.bl.test.", "127.0.0.2"),
+            a("test.dbl.test.", "127.0.1.2"),
             txt("pass.test.", "v=spf1 ip4:127.0.0.0/8 -all"),
         ],
     )
@@ -50,6 +51,7 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
         action: Some(Action::Reject),
         ..zone("bl.test")
     }];
+    c.uribl.zones = vec![zone("dbl.test")];
     let running = common::start_server_config(cfg).await;
     let (addr, maddr) = (running.addr, running.metrics.expect("metrics listener"));
 
@@ -138,7 +140,8 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
     for want in [
         "<h1>Portcullis ",
         "1 rules from 1 files",
-        "<td>bl.test</td><td>usable</td>",
+        "<td>bl.test</td><td>client</td><td>usable</td>",
+        "<td>dbl.test</td><td>links</td><td>usable</td>",
         "<h2>Upstream</h2>",
         "<p>State store: embedded (0 entries)</p>",
         "answers</p>",
