@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
-TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
+TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid $TMP/rspamd/run/rspamd.pid 2>/dev/null) 2>/dev/null || true; sleep 0.5; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
 (smtp-sink -u nobody 127.0.0.1:$SINK 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
@@ -130,7 +130,8 @@ if [ -n "${SCANNERS:-}" ]; then
   rspamd -u _rspamd -g _rspamd -c /etc/rspamd/rspamd.conf --var=LOCAL_CONFDIR=$TMP/rspamd/local \
     --var=DBDIR=$TMP/rspamd/run --var=RUNDIR=$TMP/rspamd/run --var=LOGDIR=$TMP/rspamd/run >/dev/null 2>&1
   for i in $(seq 100); do sleep 0.2; [ -s $TMP/rspamd/run/rspamd.pid ] && break; done
-  cp $TMP/rspamd/run/rspamd.pid $TMP/rspamd_daemon.pid
+  # A link: rspamd may rewrite its pid file after it has forked.
+  ln -s $TMP/rspamd/run/rspamd.pid $TMP/rspamd_daemon.pid
   gate clamd $CLAMD_GATE "$OFF_CHECKS
   antivirus: {mode: enforce, clamd: \"127.0.0.1:$CLAMD\", connections: 32}" warn $TMP/clamd_gate.log ""
   gate rspamd $RSPAMD_GATE "$OFF_CHECKS
@@ -216,7 +217,8 @@ if [ -n "${SCANNERS:-}" ]; then
     m=$(median "${all[$n]}")
     main=$(cat $TMP/${n}_daemon.pid)
     # The daemon and its workers (rspamd scans in a child process).
-    cpu=$(cat $(for p in $main $(pgrep -P $main); do echo /proc/$p/stat; done) 2>/dev/null |
+    # (a helper process may be gone by the time it is read)
+    cpu=$(for p in $main $(pgrep -P $main || true); do cat /proc/$p/stat 2>/dev/null || true; done |
       awk -v t=$tick -v m=$((ROUNDS * MSGS + 5)) '{s += $14 + $15} END {printf "%.0f", s / t / m * 1e6}')
     echo "$n adds $(awk -v s=$SESS -v a=$m -v b=$o 'BEGIN{printf "%.2f", (s/a - s/b) * 1000}') ms per message (median, $SESS sessions); $n itself: $cpu us CPU per message"
   done
