@@ -152,6 +152,15 @@ impl AsRef<[u8]> for Body {
     }
 }
 
+/// A spawned task that ends when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Asks rspamd's normal worker about `message`.
 async fn ask_rspamd(
     at: SocketAddr,
@@ -167,21 +176,26 @@ async fn ask_rspamd(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| io(&e))?;
-    // The connection's own task ends with the request (one per connection).
-    let driver = tokio::spawn(conn);
+    // The connection's own task, stopped however this scan ends (answered,
+    // failed, or dropped at the deadline): one request per connection.
+    let _driver = AbortOnDrop(tokio::spawn(conn));
     let body = Full::new(bytes::Bytes::from_owner(Body(Arc::clone(message))));
+    // Header values must be visible ASCII: an 8-bit HELO name, sender or
+    // recipient (SMTPUTF8) is left out rather than failing the request.
+    let fits = |v: &str| v.bytes().all(|b| b.is_ascii_graphic());
     let mut req = hyper::Request::post("/checkv2")
         .header(hyper::header::HOST, at.to_string())
-        .header("IP", env.ip.to_string())
-        .header("From", env.sender);
-    // Header values must be visible ASCII: an 8-bit HELO name is left out.
-    if env.helo.bytes().all(|b| b.is_ascii_graphic()) && !env.helo.is_empty() {
+        .header("IP", env.ip.to_string());
+    if fits(env.sender) {
+        req = req.header("From", env.sender);
+    }
+    if fits(env.helo) && !env.helo.is_empty() {
         req = req.header("Helo", env.helo);
     }
-    if let Some(name) = env.reverse {
+    if let Some(name) = env.reverse.filter(|n| fits(n)) {
         req = req.header("Hostname", name);
     }
-    for r in env.rcpts {
+    for r in env.rcpts.iter().filter(|r| fits(r)) {
         req = req.header("Rcpt", r.as_str());
     }
     let req = req.body(body).map_err(|e| io(&e))?;
@@ -192,7 +206,6 @@ async fn ask_rspamd(
         .await
         .map_err(|e| io(&e))?
         .to_bytes();
-    driver.abort();
     if !status.is_success() {
         let text = String::from_utf8_lossy(&body);
         return Err(ScanError::Answer(format!(
