@@ -12,6 +12,29 @@ use crate::wire::reply::Reply;
 use std::fmt::Write;
 
 /// One check result with what it leads to.
+impl Finding {
+    /// A check's finding under its `mode`: acted on in `enforce`, only
+    /// recorded (`would`) in `record`.
+    pub fn under(
+        mode: crate::config::Mode,
+        check: &'static str,
+        action: Action,
+        result: String,
+        reason: String,
+        reply: Reply,
+    ) -> Finding {
+        let enforced = mode == crate::config::Mode::Enforce;
+        Finding {
+            check,
+            result,
+            action: if enforced { action } else { Action::Accept },
+            would: (!enforced).then_some(action),
+            reason,
+            reply,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
     /// `dnsbl`, `spf`, `dkim`, `dmarc`, `arc`, `iprev`, ...

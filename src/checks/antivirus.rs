@@ -8,7 +8,7 @@
 //! failing is `on_error`. Runs for allow-listed clients too: an allowed
 //! sender's compromised account still sends viruses.
 
-use super::{Check, Facts, Hook, Message, act, would};
+use super::{Check, Facts, Hook, Message};
 use crate::config::{Action, AntivirusConfig, Endpoint, Mode};
 use crate::telemetry::events::AntivirusScan;
 use crate::verdict::{self, Finding};
@@ -213,14 +213,14 @@ impl Check for Antivirus {
             }
             .emit();
             if action != Action::Accept {
-                found.findings.push(Finding {
-                    check: "antivirus",
-                    result: v.word(),
-                    action: act(c.mode, action),
-                    would: would(c.mode, action),
+                found.findings.push(Finding::under(
+                    c.mode,
+                    "antivirus",
+                    action,
+                    v.word(),
                     reason,
                     reply,
-                });
+                ));
             }
         })
     }

@@ -1,7 +1,7 @@
 //! DKIM (RFC 6376) at the end of DATA. The signatures are verified when
 //! DKIM or DMARC is on (DMARC needs them); findings only when DKIM is.
 
-use super::{Check, Facts, Hook, Message, act, would};
+use super::{Check, Facts, Hook, Message};
 use crate::config::{Action, ChecksConfig, DkimConfig, Mode};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -53,14 +53,14 @@ impl Check for Dkim {
                 _ => (Action::Accept, verdict::dkim_fail(None, domain)),
             };
             if action != Action::Accept {
-                found.findings.push(Finding {
-                    check: "dkim",
-                    result: best.into(),
-                    action: act(d.mode, action),
-                    would: would(d.mode, action),
-                    reason: format!("dkim:{best}"),
+                found.findings.push(Finding::under(
+                    d.mode,
+                    "dkim",
+                    action,
+                    best.into(),
+                    format!("dkim:{best}"),
                     reply,
-                });
+                ));
             }
         })
     }

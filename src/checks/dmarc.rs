@@ -1,7 +1,7 @@
 //! DMARC (RFC 7489) at the end of DATA, from the SPF result of MAIL and
 //! the DKIM results of the message; the action follows the domain's policy.
 
-use super::{Check, Facts, Hook, Message, act, would};
+use super::{Check, Facts, Hook, Message};
 use crate::config::{Action, DmarcConfig, Mode};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -85,18 +85,18 @@ impl Check for Dmarc {
                 format!("{word}:{policy_word}")
             };
             if action != Action::Accept {
-                found.findings.push(Finding {
-                    check: "dmarc",
-                    result: word.into(),
-                    action: act(c.mode, action),
-                    would: would(c.mode, action),
-                    reason: if policy_word.is_empty() {
+                found.findings.push(Finding::under(
+                    c.mode,
+                    "dmarc",
+                    action,
+                    word.into(),
+                    if policy_word.is_empty() {
                         format!("dmarc:{word}")
                     } else {
                         format!("dmarc:{policy_word}")
                     },
-                    reply: reply.unwrap_or_else(|| verdict::spam_score(0.0)),
-                });
+                    reply.unwrap_or_else(|| verdict::spam_score(0.0)),
+                ));
             }
             m.dmarc = Some(dmarc);
         })

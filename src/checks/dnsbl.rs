@@ -7,7 +7,7 @@
 //! domain lists TEST listed, INVALID not) are checked at start and every
 //! `self_test_interval`; a zone that fails is disabled until it passes.
 
-use super::{Check, Client, Facts, Found, Hook, Pending, act, done, would};
+use super::{Check, Client, Facts, Found, Hook, Pending, done};
 use crate::config::{Action, DnsblConfig, Mode, Zone, ZoneType};
 use crate::dns::{AAnswer, Dns};
 use crate::telemetry::events::DnsblZone;
@@ -261,31 +261,31 @@ impl DnsblCheck {
                     found.log.dnsbl_zones.push(hit.zone.clone());
                     let action = hit.action.unwrap_or(Action::Score(hit.score));
                     let ip = ip.to_string();
-                    found.findings.push(Finding {
-                        check: "dnsbl",
-                        result: codes.join("+"),
-                        action: act(self.cfg.mode, action),
-                        would: would(self.cfg.mode, action),
-                        reason: format!("dnsbl:{}", hit.zone),
-                        reply: verdict::dnsbl_listed(
+                    found.findings.push(Finding::under(
+                        self.cfg.mode,
+                        "dnsbl",
+                        action,
+                        codes.join("+"),
+                        format!("dnsbl:{}", hit.zone),
+                        verdict::dnsbl_listed(
                             hit.text.as_deref(),
                             &hit.zone,
                             &ip,
                             hit.txt.as_deref(),
                         ),
-                    });
+                    ));
                 }
                 ZoneOutcome::Failed(e) => {
                     tracing::warn!(error = %e, "DNSBL lookup failed");
                     if self.cfg.on_error == Action::Tempfail {
-                        found.findings.push(Finding {
-                            check: "dnsbl",
-                            result: "temperror".into(),
-                            action: act(self.cfg.mode, Action::Tempfail),
-                            would: would(self.cfg.mode, Action::Tempfail),
-                            reason: "dnsbl:temperror".into(),
-                            reply: verdict::dns_tempfail(),
-                        });
+                        found.findings.push(Finding::under(
+                            self.cfg.mode,
+                            "dnsbl",
+                            Action::Tempfail,
+                            "temperror".into(),
+                            "dnsbl:temperror".into(),
+                            verdict::dns_tempfail(),
+                        ));
                     }
                 }
                 ZoneOutcome::Clean | ZoneOutcome::Unusable => {}

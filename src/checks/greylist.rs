@@ -10,7 +10,7 @@
 //! agree. Decisions compare the first-seen time kept in the value against
 //! the store's clock; the store's expiry only frees space.
 
-use super::{Check, Facts, Hook, act, done, would};
+use super::{Check, Facts, Hook, done};
 use crate::config::{Action, GreylistConfig, GreylistWhen, Mode, Thresholds};
 use crate::runtime::limits::network;
 use crate::state::{Store, StoreError};
@@ -185,14 +185,14 @@ impl Check for Greylist {
             Greylisted { outcome: word }.emit();
             found.log.greylist = word.to_string();
             if let Some((action, reply)) = finding {
-                found.findings.push(Finding {
-                    check: "greylist",
-                    result: word.into(),
-                    action: act(self.cfg.mode, action),
-                    would: would(self.cfg.mode, action),
-                    reason: format!("greylist:{word}"),
+                found.findings.push(Finding::under(
+                    self.cfg.mode,
+                    "greylist",
+                    action,
+                    word.into(),
+                    format!("greylist:{word}"),
                     reply,
-                });
+                ));
             }
         })
     }

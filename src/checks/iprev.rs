@@ -2,7 +2,7 @@
 //! its address. The lookup starts at connect; its result is a finding of
 //! the connection.
 
-use super::{Check, Client, Facts, Hook, Pending, act, done, would};
+use super::{Check, Client, Facts, Hook, Pending, done};
 use crate::config::{Action, IprevConfig, Mode};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -65,14 +65,14 @@ impl Check for Iprev {
             } else {
                 verdict::iprev_fail(i.text.as_deref(), &f.client.ip.to_string())
             };
-            found.findings.push(Finding {
-                check: "iprev",
-                result: word.into(),
-                action: act(i.mode, action),
-                would: would(i.mode, action),
-                reason: format!("iprev:{word}"),
+            found.findings.push(Finding::under(
+                i.mode,
+                "iprev",
+                action,
+                word.into(),
+                format!("iprev:{word}"),
                 reply,
-            });
+            ));
         }
         done()
     }

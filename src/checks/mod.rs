@@ -33,7 +33,7 @@ pub use hold::Hold;
 
 pub use screen::{DataChecks, Screen, Screened};
 
-use crate::config::{Action, ChecksConfig, Config, Mode, Thresholds};
+use crate::config::{ChecksConfig, Config, Mode, Thresholds};
 use crate::dns::Dns;
 use crate::rules::RuleSet;
 use crate::rules::links::Links;
@@ -290,19 +290,5 @@ impl Engine {
         .any(|m| *m != Mode::Off)
             || (c.dnsbl.mode != Mode::Off && !self.dnsbl.zones.is_empty())
             || (c.uribl.mode != Mode::Off && !self.uribl.zones.is_empty())
-    }
-}
-
-/// What a finding in `record` mode would have done if enforced.
-pub fn would(mode: Mode, action: Action) -> Option<Action> {
-    (mode != Mode::Enforce).then_some(action)
-}
-
-/// `record` mode never acts.
-pub fn act(mode: Mode, action: Action) -> Action {
-    if mode == Mode::Enforce {
-        action
-    } else {
-        Action::Accept
     }
 }

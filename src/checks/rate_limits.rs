@@ -16,7 +16,7 @@
 //! most 1% stricter per instance. Limits whose burst is under 200 are
 //! counted one by one, exactly.
 
-use super::{Check, Facts, Hook, Message, act, done, would};
+use super::{Check, Facts, Hook, Message, done};
 use crate::config::{Action, Mode, RateCount, RateKey, RateLimit};
 use crate::runtime::limits::network;
 use crate::state::{Store, StoreError};
@@ -270,14 +270,14 @@ impl Check for RateLimits {
         Box::pin(async move {
             let size = f.txn.size.unwrap_or(0);
             if let Some(r) = self.take(f, RateCount::Bytes, size).await {
-                f.txn.found.findings.push(Finding {
-                    check: "rate_limit",
-                    result: "exceeded".into(),
-                    action: act(Mode::Enforce, Action::Tempfail),
-                    would: would(Mode::Enforce, Action::Tempfail),
-                    reason: reason(f),
-                    reply: r,
-                });
+                f.txn.found.findings.push(Finding::under(
+                    Mode::Enforce,
+                    "rate_limit",
+                    Action::Tempfail,
+                    "exceeded".into(),
+                    reason(f),
+                    r,
+                ));
             }
         })
     }

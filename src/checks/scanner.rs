@@ -9,7 +9,7 @@
 //! against the memory budget while the scan holds it).
 
 use super::pool::SharedMessage;
-use super::{Check, Facts, Hook, Message, act, would};
+use super::{Check, Facts, Hook, Message};
 use crate::config::{Action, Mode, ScannerConfig, ScannerKind};
 use crate::telemetry::events::ScannerScan;
 use crate::verdict::{self, Finding};
@@ -352,14 +352,14 @@ impl Check for Scanner {
                 Err(_) => {
                     found.log.scanner = format!("{name}:error");
                     if c.on_error == Action::Tempfail {
-                        found.findings.push(Finding {
-                            check: "scanner",
-                            result: "error".into(),
-                            action: act(c.mode, Action::Tempfail),
-                            would: would(c.mode, Action::Tempfail),
-                            reason: format!("{name}:error"),
-                            reply: verdict::scanner_tempfail(),
-                        });
+                        found.findings.push(Finding::under(
+                            c.mode,
+                            "scanner",
+                            Action::Tempfail,
+                            "error".into(),
+                            format!("{name}:error"),
+                            verdict::scanner_tempfail(),
+                        ));
                     }
                     return;
                 }
@@ -376,24 +376,24 @@ impl Check for Scanner {
             let reason = format!("{name}:{}", o.action.replace(' ', "_"));
             let ours = o.score * c.score_factor;
             if ours != 0.0 {
-                found.findings.push(Finding {
-                    check: "scanner",
-                    result: format!("{:.2}", o.score),
-                    action: act(c.mode, Action::Score(ours)),
-                    would: would(c.mode, Action::Score(ours)),
-                    reason: format!("{name}:score"),
-                    reply: verdict::spam_score(ours),
-                });
+                found.findings.push(Finding::under(
+                    c.mode,
+                    "scanner",
+                    Action::Score(ours),
+                    format!("{:.2}", o.score),
+                    format!("{name}:score"),
+                    verdict::spam_score(ours),
+                ));
             }
             if let Some((action, reply)) = self.own_action(&o) {
-                found.findings.push(Finding {
-                    check: "scanner",
-                    result: o.action.clone(),
-                    action: act(c.mode, action),
-                    would: would(c.mode, action),
+                found.findings.push(Finding::under(
+                    c.mode,
+                    "scanner",
+                    action,
+                    o.action.clone(),
                     reason,
                     reply,
-                });
+                ));
             }
         })
     }

@@ -1,7 +1,7 @@
 //! SPF (RFC 7208) at MAIL: the MAIL FROM identity, and the HELO identity
 //! when `spf.helo` is on and the HELO name is a domain.
 
-use super::{Check, Facts, Hook, act, would};
+use super::{Check, Facts, Hook};
 use crate::config::{Mode, SpfConfig};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
@@ -39,14 +39,14 @@ impl Spf {
             )
             .await;
         if out.result() == SpfResult::Fail {
-            f.txn.found.findings.push(Finding {
-                check: "spf",
-                result: "fail".into(),
-                action: act(self.cfg.mode, self.cfg.fail),
-                would: would(self.cfg.mode, self.cfg.fail),
-                reason: "spf:helo_fail".into(),
-                reply: verdict::spf_fail(self.cfg.text.as_deref(), helo, &ip.to_string()),
-            });
+            f.txn.found.findings.push(Finding::under(
+                self.cfg.mode,
+                "spf",
+                self.cfg.fail,
+                "fail".into(),
+                "spf:helo_fail".into(),
+                verdict::spf_fail(self.cfg.text.as_deref(), helo, &ip.to_string()),
+            ));
         }
         f.txn.spf_helo = Some(out);
     }
@@ -91,14 +91,14 @@ impl Spf {
         };
         let found = &mut f.txn.found;
         found.log.spf = word.to_string();
-        found.findings.push(Finding {
-            check: "spf",
-            result: word.into(),
-            action: act(s.mode, action),
-            would: would(s.mode, action),
-            reason: format!("spf:{word}"),
-            reply: reply.unwrap_or_else(|| verdict::spam_score(0.0)),
-        });
+        found.findings.push(Finding::under(
+            s.mode,
+            "spf",
+            action,
+            word.into(),
+            format!("spf:{word}"),
+            reply.unwrap_or_else(|| verdict::spam_score(0.0)),
+        ));
         f.txn.spf_mail = Some(out);
     }
 }

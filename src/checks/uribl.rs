@@ -11,7 +11,7 @@
 //! message however many of its domains are listed; the log names each.
 
 use super::dnsbl::{Dnsbl, Listing, ZoneOutcome};
-use super::{Check, Facts, Found, Hook, Message, act, would};
+use super::{Check, Facts, Found, Hook, Message};
 use crate::config::{Action, Mode, UriblConfig};
 use crate::rules::links::{Links, registrable};
 use crate::telemetry::events::UriblLookups;
@@ -152,29 +152,29 @@ impl Uribl {
             }
             found.log.uribl_zones.push(hit.zone.clone());
             let action = hit.action.unwrap_or(Action::Score(hit.score));
-            found.findings.push(Finding {
-                check: "uribl",
-                result: hit.subject.clone(),
-                action: act(self.cfg.mode, action),
-                would: would(self.cfg.mode, action),
-                reason: format!("uribl:{}", hit.zone),
-                reply: verdict::uribl_listed(
+            found.findings.push(Finding::under(
+                self.cfg.mode,
+                "uribl",
+                action,
+                hit.subject.clone(),
+                format!("uribl:{}", hit.zone),
+                verdict::uribl_listed(
                     hit.text.as_deref(),
                     &hit.zone,
                     &hit.subject,
                     hit.txt.as_deref(),
                 ),
-            });
+            ));
         }
         if failed > 0 && self.cfg.on_error == Action::Tempfail {
-            found.findings.push(Finding {
-                check: "uribl",
-                result: "temperror".into(),
-                action: act(self.cfg.mode, Action::Tempfail),
-                would: would(self.cfg.mode, Action::Tempfail),
-                reason: "uribl:temperror".into(),
-                reply: verdict::dns_tempfail(),
-            });
+            found.findings.push(Finding::under(
+                self.cfg.mode,
+                "uribl",
+                Action::Tempfail,
+                "temperror".into(),
+                "uribl:temperror".into(),
+                verdict::dns_tempfail(),
+            ));
         }
     }
 }
