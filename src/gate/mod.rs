@@ -112,7 +112,7 @@ pub(crate) fn shared_for_tests(yaml: &str, rules: &str) -> Arc<Shared> {
         Arc::new(Config::parse(yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}")));
     let set = RuleSet::load_texts(Path::new("."), &[(PathBuf::from("r.yaml"), rules)])
         .unwrap_or_else(|e| panic!("{e}"));
-    let watcher = RuleWatcher::new(PathBuf::from("."), set, Vec::new());
+    let watcher = RuleWatcher::new(PathBuf::from("."), set, Default::default());
     let set = watcher.current();
     let store = Arc::new(Store::in_memory(1000, Arc::new(SystemClock)));
     let dns = crate::dns::Dns::new(&cfg.dns).unwrap_or_else(|e| panic!("{e}"));

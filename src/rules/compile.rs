@@ -26,6 +26,8 @@ pub struct Compiler<'a> {
     read_list: &'a dyn Fn(&str) -> Result<Vec<String>, String>,
     /// DNSBL zones the rules name (to check against the configured ones).
     dnsbl_zones: std::collections::BTreeSet<String>,
+    /// URL blocklist zones the rules name.
+    uribl_zones: std::collections::BTreeSet<String>,
     /// Whether a rule asks for a listing on any zone.
     dnsbl_any: bool,
     /// Whether a rule reads the message's links.
@@ -40,6 +42,7 @@ impl<'a> Compiler<'a> {
             patterns: HashMap::new(),
             read_list,
             dnsbl_zones: Default::default(),
+            uribl_zones: Default::default(),
             dnsbl_any: false,
             uses_links: false,
             empty_lists: Vec::new(),
@@ -144,7 +147,12 @@ impl<'a> Compiler<'a> {
                 self.leaf(Target::UrlDomain, m)?
             }
             // Zones, or `any`: listed on any URL blocklist.
-            Cond::Uribl(v) => Node::Check(CheckKind::Uribl, lower(v)),
+            Cond::Uribl(v) => {
+                let zones = lower(v);
+                self.uribl_zones
+                    .extend(zones.iter().filter(|z| *z != "any").cloned());
+                Node::Check(CheckKind::Uribl, zones)
+            }
             Cond::Scanner(v) => {
                 Node::Check(CheckKind::Scanner, results("scanner", v, SCANNER_RESULTS)?)
             }
@@ -243,6 +251,7 @@ impl<'a> Compiler<'a> {
             rules,
             sets,
             dnsbl_zones: self.dnsbl_zones,
+            uribl_zones: self.uribl_zones,
             dnsbl_any: self.dnsbl_any,
             uses_links: self.uses_links,
         })

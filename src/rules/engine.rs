@@ -183,6 +183,8 @@ pub struct Compiled {
     pub rules: Vec<Rule>,
     pub(super) sets: HashMap<Target, RegexSet>,
     pub dnsbl_zones: std::collections::BTreeSet<String>,
+    /// URL blocklist zones the rules name.
+    pub uribl_zones: std::collections::BTreeSet<String>,
     /// A rule asks for a listing on any zone (`dnsbl: [any]`).
     pub dnsbl_any: bool,
     /// A rule reads `url_domain`: the message's links must be found.

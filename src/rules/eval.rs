@@ -20,6 +20,7 @@ impl Compiled {
             rules: Vec::new(),
             sets: HashMap::new(),
             dnsbl_zones: Default::default(),
+            uribl_zones: Default::default(),
             dnsbl_any: false,
             uses_links: false,
         }

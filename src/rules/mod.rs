@@ -102,6 +102,11 @@ impl RuleSet {
         self.compiled.uses_links
     }
 
+    /// URL blocklist zones the rules name.
+    pub fn uribl_zones(&self) -> impl Iterator<Item = &str> {
+        self.compiled.uribl_zones.iter().map(String::as_str)
+    }
+
     /// DNSBL zones the rules name.
     pub fn dnsbl_zones(&self) -> impl Iterator<Item = &str> {
         self.compiled.dnsbl_zones.iter().map(String::as_str)
@@ -346,14 +351,25 @@ pub fn load(cfg: &crate::config::Config) -> Result<Arc<RuleWatcher>, RuleErrors>
     Ok(RuleWatcher::new(dir, set, zones))
 }
 
-/// The DNSBL zones a config's checks query, as rules name them.
-pub fn configured_zones(cfg: &crate::config::Config) -> Vec<String> {
-    cfg.checks
-        .dnsbl
-        .zones
-        .iter()
-        .map(|z| z.zone.trim_end_matches('.').to_ascii_lowercase())
-        .collect()
+/// The zones a config's checks query, as rules name them.
+#[derive(Debug, Clone, Default)]
+pub struct Zones {
+    pub dnsbl: Vec<String>,
+    pub uribl: Vec<String>,
+}
+
+/// The DNSBL and URL blocklist zones a config's checks query.
+pub fn configured_zones(cfg: &crate::config::Config) -> Zones {
+    let names = |zones: &[crate::config::Zone]| {
+        zones
+            .iter()
+            .map(|z| z.zone.trim_end_matches('.').to_ascii_lowercase())
+            .collect()
+    };
+    Zones {
+        dnsbl: names(&cfg.checks.dnsbl.zones),
+        uribl: names(&cfg.checks.uribl.all_zones()),
+    }
 }
 
 /// Configured DNSBL zones that change nothing: no action, no score, and no
@@ -372,22 +388,33 @@ pub fn idle_zones(cfg: &crate::config::Config, set: &RuleSet) -> Vec<String> {
         .collect()
 }
 
-/// DNSBL zones the rules name that the checks do not query: no rule can
-/// ever match them.
-pub fn unknown_zones(set: &RuleSet, configured: &[String], dir: &Path) -> Vec<RuleError> {
-    set.dnsbl_zones()
-        .filter(|z| !configured.iter().any(|c| c == z.trim_end_matches('.')))
-        .map(|z| RuleError {
+/// DNSBL and URL blocklist zones the rules name that the checks do not
+/// query: no rule can ever match them.
+pub fn unknown_zones(set: &RuleSet, configured: &Zones, dir: &Path) -> Vec<RuleError> {
+    let named = set
+        .dnsbl_zones()
+        .map(|z| ("dnsbl", "checks.dnsbl.zones", z, &configured.dnsbl))
+        .chain(set.uribl_zones().map(|z| {
+            (
+                "uribl",
+                "checks.uribl.zones or ip_zones",
+                z,
+                &configured.uribl,
+            )
+        }));
+    named
+        .filter(|(_, _, z, known)| !known.iter().any(|c| c == z.trim_end_matches('.')))
+        .map(|(cond, key, z, known)| RuleError {
             file: dir.display().to_string(),
             line: 1,
             column: 1,
             rule: None,
             message: format!(
-                "dnsbl: zone {z:?} is not in checks.dnsbl.zones ({}), so no rule can match it",
-                if configured.is_empty() {
+                "{cond}: zone {z:?} is not in {key} ({}), so no rule can match it",
+                if known.is_empty() {
                     "none configured".to_string()
                 } else {
-                    configured.join(", ")
+                    known.join(", ")
                 }
             ),
         })
@@ -407,7 +434,7 @@ pub struct RuleWatcher {
     listeners: Mutex<Vec<Listener>>,
     /// The DNSBL zones the checks query (kept in step by config reloads):
     /// a rule set naming any other is refused, on reload as at start.
-    zones: std::sync::RwLock<Vec<String>>,
+    zones: std::sync::RwLock<Zones>,
 }
 
 type Listener = Box<dyn Fn(Arc<RuleSet>) + Send + Sync>;
@@ -423,7 +450,7 @@ struct Watch {
 }
 
 impl RuleWatcher {
-    pub fn new(dir: PathBuf, set: RuleSet, zones: Vec<String>) -> Arc<RuleWatcher> {
+    pub fn new(dir: PathBuf, set: RuleSet, zones: Zones) -> Arc<RuleWatcher> {
         Arc::new(RuleWatcher {
             dir,
             current: ArcSwap::from_pointee(set),
@@ -436,12 +463,12 @@ impl RuleWatcher {
     }
 
     /// Zones the current rules name that `zones` (a new config's) lacks.
-    pub fn unknown_zones(&self, zones: &[String]) -> Vec<RuleError> {
+    pub fn unknown_zones(&self, zones: &Zones) -> Vec<RuleError> {
         unknown_zones(&self.current(), zones, &self.dir)
     }
 
-    /// A config reload changed the DNSBL zones.
-    pub fn set_zones(&self, zones: Vec<String>) {
+    /// A config reload changed the zones.
+    pub fn set_zones(&self, zones: Zones) {
         if let Ok(mut z) = self.zones.write() {
             *z = zones;
         }

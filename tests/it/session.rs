@@ -35,7 +35,7 @@ fn shared(cfg: Config) -> Arc<Shared> {
         rules: portcullis::rules::RuleWatcher::new(
             common::EMPTY_RULES.into(),
             portcullis::rules::RuleSet::empty(),
-            Vec::new(),
+            Default::default(),
         ),
         store,
         snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
