@@ -8,14 +8,13 @@
 //! failing is `on_error`. Runs for allow-listed clients too: an allowed
 //! sender's compromised account still sends viruses.
 
+use super::daemon::Daemon;
 use super::{Check, Facts, Hook, Message};
 use crate::config::{Action, AntivirusConfig, Endpoint, Mode};
 use crate::telemetry::events::AntivirusScan;
 use crate::verdict::{self, Finding};
-use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Semaphore;
 
 /// Octets per INSTREAM chunk (clamd reads up to StreamMaxLength in all).
 const CHUNK: usize = 64 * 1024;
@@ -130,33 +129,24 @@ pub async fn ping(at: &Endpoint) -> std::io::Result<Vec<u8>> {
 
 pub struct Antivirus {
     cfg: AntivirusConfig,
-    /// One permit per connection to clamd.
-    slots: Arc<Semaphore>,
+    clamd: Daemon,
 }
 
 impl Antivirus {
     pub fn new(cfg: &AntivirusConfig) -> Antivirus {
         Antivirus {
             cfg: cfg.clone(),
-            slots: Arc::new(Semaphore::new(cfg.connections.max(1))),
+            clamd: Daemon::new(cfg.connections, cfg.timeout.0),
         }
     }
 
     /// The verdict on `message`, within the deadline.
     async fn judge(&self, message: &[u8]) -> Verdict {
-        let work = async {
-            let Ok(_slot) = self.slots.acquire().await else {
-                return Verdict::Error("closed".into());
-            };
-            scan(&self.cfg.clamd, message).await
-        };
-        match tokio::time::timeout(self.cfg.timeout.0, work).await {
-            Ok(v) => v,
-            Err(_) => Verdict::Error(format!(
-                "no verdict within checks.antivirus.timeout ({})",
-                humantime::format_duration(self.cfg.timeout.0)
-            )),
-        }
+        let work = scan(&self.cfg.clamd, message);
+        self.clamd
+            .ask("checks.antivirus.timeout", work)
+            .await
+            .unwrap_or_else(Verdict::Error)
     }
 }
 

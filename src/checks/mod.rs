@@ -13,6 +13,7 @@ pub mod antivirus;
 mod arc;
 mod auth_results;
 mod client_name;
+mod daemon;
 mod dkim;
 mod dmarc;
 pub mod dnsbl;

@@ -8,6 +8,7 @@
 //! The message is handed over without a copy (it is shared, and counted
 //! against the memory budget while the scan holds it).
 
+use super::daemon::Daemon;
 use super::pool::SharedMessage;
 use super::{Check, Facts, Hook, Message};
 use crate::config::{Action, Mode, ScannerConfig, ScannerKind};
@@ -17,7 +18,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
 
 /// Symbols kept for the log and X-Spam-Report (the highest scores).
 const MAX_SYMBOLS: usize = 16;
@@ -252,14 +252,14 @@ pub async fn ping(kind: ScannerKind, at: SocketAddr) -> std::io::Result<bool> {
 
 pub struct Scanner {
     cfg: ScannerConfig,
-    slots: Arc<Semaphore>,
+    daemon: Daemon,
 }
 
 impl Scanner {
     pub fn new(cfg: &ScannerConfig) -> Scanner {
         Scanner {
             cfg: cfg.clone(),
-            slots: Arc::new(Semaphore::new(cfg.connections.max(1))),
+            daemon: Daemon::new(cfg.connections, cfg.timeout.0),
         }
     }
 
@@ -270,11 +270,6 @@ impl Scanner {
         message: &SharedMessage,
     ) -> Result<Opinion, ScanError> {
         let work = async {
-            let _slot = self
-                .slots
-                .acquire()
-                .await
-                .map_err(|_| ScanError::Io("closed".into()))?;
             match self.cfg.kind {
                 ScannerKind::Rspamd => ask_rspamd(self.cfg.address, env, message).await,
                 ScannerKind::Spamassassin => {
@@ -282,13 +277,10 @@ impl Scanner {
                 }
             }
         };
-        match tokio::time::timeout(self.cfg.timeout.0, work).await {
-            Ok(r) => r,
-            Err(_) => Err(ScanError::Io(format!(
-                "no answer within checks.scanner.timeout ({})",
-                humantime::format_duration(self.cfg.timeout.0)
-            ))),
-        }
+        self.daemon
+            .ask("checks.scanner.timeout", work)
+            .await
+            .unwrap_or_else(|e| Err(ScanError::Io(e)))
     }
 
     /// The scanner's own verdict, when `use_action` asks for it.
