@@ -186,6 +186,41 @@ pub fn dnsbl_listed(text: Option<&str>, zone: &str, ip: &str, txt: Option<&str>)
     Reply::new(550, 7, 1, "").with_text(body)
 }
 
+/// A finding the gate accepts that a recipient's policy refuses.
+pub fn policy_refused(reason: &str, tempfail: bool) -> Reply {
+    let text = fill(
+        "Refused by the recipient's policy ({reason})",
+        &[("reason", reason)],
+    );
+    if tempfail {
+        Reply::new(451, 7, 1, "").with_text(format!("{text}, try again later"))
+    } else {
+        Reply::new(550, 7, 1, "").with_text(text)
+    }
+}
+
+/// A recipient whose policy differs from the transaction's: one reply
+/// after DATA covers every recipient, so it comes in its own transaction
+/// (RFC 5321 section 3.3; what Postfix answers past its recipient limit).
+pub fn policy_split() -> Reply {
+    Reply::new(
+        452,
+        5,
+        3,
+        "Recipient has a different policy, send it in another transaction",
+    )
+}
+
+/// A sender or client on a block list.
+pub fn blocked() -> Reply {
+    Reply::new(
+        550,
+        7,
+        1,
+        "Refused: the sender or client is on the recipient's block list",
+    )
+}
+
 pub fn spf_fail(text: Option<&str>, domain: &str, ip: &str) -> Reply {
     let t = text.unwrap_or("SPF fail: {domain} does not designate {ip} as permitted sender");
     Reply::new(550, 7, 23, "").with_text(fill(t, &[("domain", domain), ("ip", ip)]))

@@ -139,6 +139,10 @@ impl Greylist {
     }
 
     fn wanted(&self, f: &Facts) -> bool {
+        let policy = f.txn.policy.as_deref();
+        if policy.and_then(|p| p.mode("greylist")) == Some(Mode::Off) {
+            return false;
+        }
         match self.cfg.when {
             GreylistWhen::Always => true,
             GreylistWhen::Score => {
@@ -152,7 +156,10 @@ impl Greylist {
                         _ => 0.0,
                     })
                     .sum();
-                self.from_score.is_some_and(|t| score >= t)
+                let from = policy
+                    .and_then(|p| p.thresholds.greylist)
+                    .or(self.from_score);
+                from.is_some_and(|t| score >= t)
             }
         }
     }
@@ -165,6 +172,11 @@ impl Check for Greylist {
         }
         Box::pin(async move {
             if !self.wanted(f) {
+                return;
+            }
+            if f.client.dns_allowed {
+                // A DNS allow list vouches for it (checks.dnsbl.allow_threshold).
+                f.txn.found.log.greylist = "skipped:dnswl".into();
                 return;
             }
             let decided = self.decide(f.client.ip, &f.txn.sender, &f.txn.rcpt).await;

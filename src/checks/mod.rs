@@ -21,6 +21,7 @@ pub mod greylist;
 mod hold;
 mod iprev;
 mod limits;
+pub mod policy;
 pub mod pool;
 pub mod rate_limits;
 pub mod reputation;
@@ -38,6 +39,7 @@ use crate::config::{ChecksConfig, Config, Mode, Thresholds};
 use crate::dns::Dns;
 use crate::rules::RuleSet;
 use crate::rules::links::Links;
+use crate::rules::policy::{Lists, Policy};
 use crate::state::Store;
 use crate::verdict::Finding;
 use crate::wire::identity::DnsName;
@@ -123,6 +125,9 @@ pub struct Client {
     pub dnsbl_known_good: bool,
     /// The DNSBL answers for the client's address.
     pub dnsbl: Vec<ZoneOutcome>,
+    /// Its zones' scores sum to `checks.dnsbl.allow_threshold` or less (a
+    /// DNS allow list): no greeting test, no greylisting.
+    pub dns_allowed: bool,
     /// PTR with forward confirmation, when iprev is on.
     pub iprev: Option<IprevOutput>,
     /// XCLIENT NAME and REVERSE_NAME; the first is the verified name.
@@ -160,6 +165,9 @@ pub struct TxnFacts {
     pub spf_helo: Option<SpfOutput>,
     pub spf_mail: Option<SpfOutput>,
     pub found: Found,
+    /// The recipients' policy, once the first recipient chose it (None:
+    /// the gate's).
+    pub policy: Option<Arc<Policy>>,
 }
 
 /// What the checks found so far in a transaction.
@@ -231,6 +239,11 @@ pub struct Engine {
     pub uribl: Arc<Dnsbl>,
     /// What earlier connections showed (None: reputation off).
     pub reputation: Option<reputation::Reputation>,
+    /// The gate's block list (`checks.block`).
+    pub block: Lists,
+    /// Where allow and block entries written by a panel are read (None:
+    /// `checks.allow.store` is off).
+    pub lists_store: Option<Arc<Store>>,
     checks: Vec<Box<dyn Check>>,
 }
 
@@ -242,6 +255,7 @@ impl Engine {
         let uribl = Arc::new(Dnsbl::new(&c.uribl.all_zones(), Arc::clone(&dns)));
         let host = cfg.hostname.clone();
         let reputation = reputation::Reputation::new(&c.reputation, Arc::clone(&store));
+        let lists_store = c.allow.store.then(|| Arc::clone(&store));
         let checks: Vec<Box<dyn Check>> = vec![
             Box::new(limits::Limits::new(&cfg.limits)),
             Box::new(rate_limits::RateLimits::new(
@@ -269,6 +283,8 @@ impl Engine {
             dnsbl,
             uribl,
             reputation,
+            block: Lists::from_config(&c.block.senders, &c.block.clients, "checks.block"),
+            lists_store,
             checks,
         }
     }

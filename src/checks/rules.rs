@@ -54,13 +54,27 @@ impl Facts {
     }
 }
 
+/// The rules of connect, HELO and MAIL over `f`, as at MAIL.
+pub(super) fn mail_stage(f: &mut Facts) {
+    let mut hits = Vec::new();
+    for stage in [Stage::Connect, Stage::Helo, Stage::Mail] {
+        hits.extend(f.rules.evaluate(stage, &f.rule_input(stage)));
+    }
+    apply(&hits, &mut f.txn.found);
+}
+
+/// Takes out of `found` what the rules added to it (for a policy that
+/// applies other rules to the same findings).
+pub(super) fn unapply(found: &mut Found) {
+    found.findings.retain(|f| f.check != "rule");
+    found.log.rules.clear();
+    found.add_headers.clear();
+    found.skipped = false;
+}
+
 impl Check for RuleCheck {
     fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
-        let mut hits = Vec::new();
-        for stage in [Stage::Connect, Stage::Helo, Stage::Mail] {
-            hits.extend(f.rules.evaluate(stage, &f.rule_input(stage)));
-        }
-        apply(&hits, &mut f.txn.found);
+        mail_stage(f);
         done()
     }
 

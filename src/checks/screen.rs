@@ -10,13 +10,17 @@
 //! with `rcpt_accepted` for each recipient the MTA took, and `data`.
 
 use super::auth_results::{self, forged_results};
+use super::dnsbl::ZoneOutcome;
+use super::policy::view;
 use super::pool::{self, SharedMessage};
 use super::reputation::Known;
 use super::{
     CheckLog, Client, Engine, Facts, Found, Message, Pending, TxnFacts, client_name, iprev,
 };
 use crate::config::Action;
+use crate::config::{Mode, Thresholds};
 use crate::rules::RuleSet;
+use crate::rules::policy::{self, Policy};
 use crate::verdict::{self, Decision, Finding, Outcome};
 use crate::wire::identity::DnsName;
 use crate::wire::reply::Reply;
@@ -38,6 +42,22 @@ pub struct Screen {
     /// The connection's own findings, found once and copied into each
     /// transaction.
     connection: Option<Found>,
+    /// The rules the session started with (a policy may use fewer).
+    gate_rules: Arc<RuleSet>,
+    /// With policies or lists per recipient: what the MAIL stage found,
+    /// judged again under each recipient's policy.
+    mail_found: Option<Found>,
+    /// The policy (by address; 0: the gate's) and allow-listing the
+    /// transaction's recipients share.
+    txn_key: Option<(usize, bool)>,
+}
+
+/// What the allow and block lists say of one recipient's sender and client.
+enum Listed {
+    None,
+    /// `entry(origin)`.
+    Allow(String),
+    Block(String),
 }
 
 /// What the checks at MAIL came to.
@@ -72,6 +92,7 @@ impl Screen {
             allowed,
             dnsbl_known_good: false,
             dnsbl: Vec::new(),
+            dns_allowed: false,
             iprev: None,
             names: None,
         };
@@ -79,8 +100,11 @@ impl Screen {
             facts: Facts {
                 client,
                 txn: TxnFacts::default(),
-                rules,
+                rules: Arc::clone(&rules),
             },
+            gate_rules: rules,
+            mail_found: None,
+            txn_key: None,
             engine,
             pending: Pending::default(),
             started: false,
@@ -159,16 +183,17 @@ impl Screen {
     pub fn log(&self) -> CheckLog {
         let found = &self.facts.txn.found;
         let mut log = found.log.clone();
-        log.hits.extend(effects(&found.findings));
-        let t = self.engine.thresholds();
-        for (i, f) in found.findings.iter().enumerate() {
+        let findings = view(self.policy(), &found.findings);
+        log.hits.extend(effects(&findings));
+        let t = self.thresholds();
+        for (i, f) in findings.iter().enumerate() {
             let Some(action) = f.would.filter(|a| *a != Action::Accept) else {
                 continue;
             };
-            let mut enforced = found.findings.clone();
+            let mut enforced = findings.to_vec();
             enforced[i].action = action;
             // Read back by `stats` with `Verdict::parse`.
-            let word = match verdict::decide(&enforced, t).decision {
+            let word = match verdict::decide(&enforced, &t).decision {
                 Decision::Reject(_) => crate::telemetry::Verdict::Reject,
                 Decision::Tempfail(_) => crate::telemetry::Verdict::Tempfail,
                 Decision::Tag => crate::telemetry::Verdict::Tag,
@@ -255,6 +280,9 @@ impl Screen {
             declared_size,
             ..TxnFacts::default()
         };
+        self.facts.rules = Arc::clone(&self.gate_rules);
+        self.mail_found = None;
+        self.txn_key = None;
         let engine = Arc::clone(&self.engine);
         for c in engine.checks.iter().filter(|c| c.always()) {
             c.mail(&mut self.facts).await;
@@ -273,7 +301,130 @@ impl Screen {
                 return Screened::Refused { reply, reason };
             }
         }
-        Screened::Verdict(self.decide())
+        let outcome = self.decide();
+        if self.per_recipient() {
+            // Each recipient's policy and lists judge this at RCPT.
+            self.mail_found = Some(self.facts.txn.found.clone());
+            return Screened::Verdict(Outcome {
+                decision: Decision::Accept,
+                reason: String::new(),
+                score: outcome.score,
+            });
+        }
+        Screened::Verdict(outcome)
+    }
+
+    /// Whether recipients of one transaction can be judged differently
+    /// (policies, or allow and block entries in the state store): then
+    /// the verdict on the MAIL stage is given per recipient, at RCPT.
+    fn per_recipient(&self) -> bool {
+        !self.gate_rules.policies.is_empty() || self.engine.lists_store.is_some()
+    }
+
+    /// The policy and lists for one recipient: a block-listed sender or
+    /// client is refused (550 5.7.1); a recipient judged otherwise than
+    /// the transaction's first is deferred to another transaction (452
+    /// 4.5.3); the first chooses the transaction's policy, under which the
+    /// MAIL stage's verdict is given to each recipient.
+    async fn judge_recipient(&mut self, rcpt: &str) -> Option<(Reply, String)> {
+        let found = self.policy_of(rcpt);
+        let policy = found.as_ref().map(|(p, _)| Arc::clone(p));
+        match self.listed(policy.as_deref(), rcpt).await {
+            Listed::Block(entry) => {
+                let log = &mut self.facts.txn.found.log;
+                log.list = format!("block:{entry}");
+                return Some((verdict::blocked(), "list:block".into()));
+            }
+            listed => {
+                let allowed = match &listed {
+                    Listed::Allow(entry) => Some(entry.clone()),
+                    _ => None,
+                };
+                let key = (
+                    policy.as_ref().map_or(0, |p| Arc::as_ptr(p) as usize),
+                    allowed.is_some(),
+                );
+                if self.txn_key.is_some_and(|k| k != key) && !self.facts.txn.rcpts.is_empty() {
+                    return Some((verdict::policy_split(), "policy:split".into()));
+                }
+                if self.txn_key != Some(key) {
+                    self.adopt(policy, allowed);
+                    self.txn_key = Some(key);
+                }
+            }
+        }
+        let o = self.decide();
+        match o.decision {
+            Decision::Reject(r) | Decision::Tempfail(r) => Some((r, o.reason)),
+            _ => None,
+        }
+    }
+
+    /// The policy for a recipient (None: the gate's), and why.
+    pub fn policy_of(&self, rcpt: &str) -> Option<(Arc<Policy>, policy::Why)> {
+        self.gate_rules
+            .policies
+            .find(rcpt)
+            .map(|(p, why)| (Arc::clone(p), why))
+    }
+
+    /// The transaction takes `policy`: the MAIL stage's findings again,
+    /// with the policy's rules when it names its own, and allow-listed.
+    fn adopt(&mut self, policy: Option<Arc<Policy>>, allowed: Option<String>) {
+        let Some(base) = &self.mail_found else { return };
+        let rules = policy
+            .as_ref()
+            .and_then(|p| p.rules.clone())
+            .unwrap_or_else(|| Arc::clone(&self.gate_rules));
+        let rcpt = std::mem::take(&mut self.facts.txn.rcpt);
+        let list = std::mem::take(&mut self.facts.txn.found.log.list);
+        self.facts.txn.found = base.clone();
+        if !Arc::ptr_eq(&rules, &self.gate_rules) {
+            super::rules::unapply(&mut self.facts.txn.found);
+            self.facts.rules = rules;
+            super::rules::mail_stage(&mut self.facts);
+        } else {
+            self.facts.rules = rules;
+        }
+        let found = &mut self.facts.txn.found;
+        found.log.policy = policy.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+        found.log.list = list;
+        if let Some(entry) = allowed {
+            found.skipped = true;
+            found.log.list = format!("allow:{entry}");
+        }
+        self.facts.txn.rcpt = rcpt;
+        self.facts.txn.policy = policy;
+    }
+
+    /// What the block and allow lists (the gate's, the policy's, the
+    /// state store's) say of this transaction's sender and client.
+    async fn listed(&self, policy: Option<&Policy>, rcpt: &str) -> Listed {
+        let (sender, ip) = (self.facts.txn.sender.as_str(), self.facts.client.ip);
+        if let Some(e) = self.engine.block.matching(sender, ip) {
+            return Listed::Block(e);
+        }
+        if let Some(p) = policy {
+            if let Some(e) = p.block.matching(sender, ip) {
+                return Listed::Block(e);
+            }
+            if let Some(e) = p.allow.matching(sender, ip) {
+                return Listed::Allow(e);
+            }
+        }
+        let Some(store) = &self.engine.lists_store else {
+            return Listed::None;
+        };
+        match lists_in_store(store, sender, ip, rcpt).await {
+            Ok(Some((key, word))) if word == "block" => Listed::Block(format!("{key}(store)")),
+            Ok(Some((key, _))) => Listed::Allow(format!("{key}(store)")),
+            Ok(None) => Listed::None,
+            Err(e) => {
+                // The panel's entries are unreadable: judged without them.
+                tracing::warn!(error = %e, "cannot read allow and block entries from the state store");
+                Listed::None
+            }
+        }
     }
 
     /// RCPT: the limits and the checks of one recipient. Some: refuse this
@@ -287,6 +438,18 @@ impl Screen {
                 return Some(refused);
             }
         }
+        note_domain(&mut self.facts.txn.found.log.rcpt_domains, rcpt);
+        if self.mail_found.is_some() {
+            if let Some(refused) = self.judge_recipient(rcpt).await {
+                return Some(refused);
+            }
+        } else if !self.engine.block.is_empty() && !self.facts.client.allowed {
+            let (sender, ip) = (self.facts.txn.sender.as_str(), self.facts.client.ip);
+            if let Some(e) = self.engine.block.matching(sender, ip) {
+                self.facts.txn.found.log.list = format!("block:{e}");
+                return Some((verdict::blocked(), "list:block".into()));
+            }
+        }
         if self.facts.txn.found.skipped {
             return None;
         }
@@ -298,20 +461,31 @@ impl Screen {
                 return Some(refused);
             }
         }
+        let policy = self.facts.txn.policy.clone();
+        let t = self.thresholds();
         let found = &mut self.facts.txn.found;
         let mut new: Vec<Finding> = found.findings.split_off(before);
         if found.skipped {
             // An allow-list rule: nothing of this recipient counts.
             return None;
         }
+        // Refusing as the policy sees it.
+        let seen = |f: &Finding| match &policy {
+            Some(p) => super::policy::see(p, f),
+            None => Some(f.clone()),
+        };
         let refusing = |f: &Finding| matches!(f.action, Action::Reject | Action::Tempfail);
-        let refusal: Vec<Finding> = new.iter().filter(|f| refusing(f)).cloned().collect();
-        new.retain(|f| !refusing(f));
+        let refusal: Vec<Finding> = new
+            .iter()
+            .filter_map(seen)
+            .filter(|f| refusing(f))
+            .collect();
+        new.retain(|f| !seen(f).is_some_and(|f| refusing(&f)));
         found.findings.extend(new);
         if refusal.is_empty() {
             return None;
         }
-        match verdict::decide(&refusal, engine.thresholds()) {
+        match verdict::decide(&refusal, &t) {
             Outcome {
                 decision: Decision::Reject(r) | Decision::Tempfail(r),
                 reason,
@@ -381,7 +555,16 @@ impl Screen {
     }
 
     fn decide(&self) -> Outcome {
-        decide(&self.facts.txn.found, &self.engine)
+        decide(&self.facts.txn.found, &self.engine, self.policy())
+    }
+
+    /// The transaction's policy (None: the gate's).
+    fn policy(&self) -> Option<&Policy> {
+        self.facts.txn.policy.as_deref()
+    }
+
+    fn thresholds(&self) -> Thresholds {
+        thresholds(&self.engine, self.policy())
     }
 
     fn allowed_sender(&self, sender: &str) -> bool {
@@ -403,9 +586,7 @@ impl Screen {
         }
         self.start();
         let looked_up = self.pending.dnsbl.is_some();
-        if let Some(t) = self.pending.dnsbl.take() {
-            self.facts.client.dnsbl = t.await.unwrap_or_default();
-        }
+        self.settle_dnsbl().await;
         self.settle_names().await;
         let txn = std::mem::take(&mut self.facts.txn);
         let engine = Arc::clone(&self.engine);
@@ -424,6 +605,44 @@ impl Screen {
         found
     }
 
+    /// Waits for the client's DNSBL answers (cancel-safe: the lookup goes
+    /// on if this wait is dropped), and judges them against the allow
+    /// threshold.
+    async fn settle_dnsbl(&mut self) {
+        let Some(t) = self.pending.dnsbl.as_mut() else {
+            return;
+        };
+        let outcomes = t.await.unwrap_or_default();
+        self.pending.dnsbl = None;
+        let cfg = &self.engine.cfg.dnsbl;
+        let score: f64 = outcomes
+            .iter()
+            .map(|o| match o {
+                ZoneOutcome::Listed(hit) => hit.score,
+                _ => 0.0,
+            })
+            .sum();
+        self.facts.client.dns_allowed = cfg.mode == Mode::Enforce
+            && cfg.allow_threshold.is_some_and(|t| score <= t)
+            && outcomes.iter().any(|o| matches!(o, ZoneOutcome::Listed(_)));
+        self.facts.client.dnsbl = outcomes;
+    }
+
+    /// Whether a DNS allow list vouches for the client (its zones' scores
+    /// sum to `checks.dnsbl.allow_threshold` or less), once the lookups
+    /// started at connect have answered. Never resolves when no allow
+    /// threshold is set, so that a greeting test racing it runs its course.
+    pub async fn dns_allowed(&mut self) {
+        if self.engine.cfg.dnsbl.allow_threshold.is_none() || self.facts.client.allowed {
+            return std::future::pending().await;
+        }
+        self.start();
+        self.settle_dnsbl().await;
+        if !self.facts.client.dns_allowed {
+            std::future::pending::<()>().await;
+        }
+    }
+
     async fn settle_names(&mut self) {
         let Some(t) = self.pending.iprev.take() else {
             return;
@@ -436,11 +655,71 @@ impl Screen {
     }
 }
 
-/// The verdict over what was found: nothing counts once the checks were
-/// skipped (an allow-list).
-fn decide(found: &Found, engine: &Engine) -> Outcome {
+/// The verdict over what was found, as the policy sees it: nothing counts
+/// once the checks were skipped (an allow-list).
+fn decide(found: &Found, engine: &Engine, policy: Option<&Policy>) -> Outcome {
     let findings: &[Finding] = if found.skipped { &[] } else { &found.findings };
-    verdict::decide(findings, engine.thresholds())
+    verdict::decide(&view(policy, findings), &thresholds(engine, policy))
+}
+
+/// Adds a recipient's domain to the log's list, once.
+fn note_domain(domains: &mut Vec<String>, rcpt: &str) {
+    let Some((_, d)) = rcpt.rsplit_once('@') else {
+        return;
+    };
+    if !domains.iter().any(|x| x.eq_ignore_ascii_case(d)) && domains.len() < 20 {
+        domains.push(d.to_ascii_lowercase());
+    }
+}
+
+/// Allow and block entries a panel wrote in the state store: the key
+/// `list:SCOPE:ENTRY` holds `allow` or `block`. SCOPE is the recipient's
+/// address, its domain, or `*` (every recipient); ENTRY the sender's
+/// address, its domain or a parent domain, or the client's address. The
+/// narrowest scope wins; within one, a block before an allow.
+async fn lists_in_store(
+    store: &crate::state::Store,
+    sender: &str,
+    ip: std::net::IpAddr,
+    rcpt: &str,
+) -> Result<Option<(String, String)>, crate::state::StoreError> {
+    let rcpt = rcpt.to_ascii_lowercase();
+    let domain = rcpt.rsplit_once('@').map(|(_, d)| d.to_string());
+    let scopes = std::iter::once(rcpt.clone())
+        .chain(domain)
+        .chain(std::iter::once("*".to_string()));
+    let sender = sender.to_ascii_lowercase();
+    let ip = ip.to_string();
+    let entries: Vec<&str> = policy::sender_keys(&sender)
+        .chain(std::iter::once(ip.as_str()))
+        .collect();
+    let keys: Vec<String> = scopes
+        .flat_map(|s| entries.iter().map(move |e| format!("list:{s}:{e}")))
+        .collect();
+    let values = store.get_many(&keys).await?;
+    let per_scope = entries.len();
+    for (keys, values) in keys.chunks(per_scope).zip(values.chunks(per_scope)) {
+        let mut allow = None;
+        for (k, v) in keys.iter().zip(values) {
+            match v.as_deref() {
+                Some("block") => return Ok(Some((k.clone(), "block".into()))),
+                Some("allow") if allow.is_none() => allow = Some(k.clone()),
+                _ => {}
+            }
+        }
+        if let Some(k) = allow {
+            return Ok(Some((k, "allow".into())));
+        }
+    }
+    Ok(None)
+}
+
+/// The thresholds in force under a policy.
+fn thresholds(engine: &Engine, policy: Option<&Policy>) -> Thresholds {
+    match policy {
+        Some(p) => p.thresholds(engine.thresholds()),
+        None => engine.thresholds().clone(),
+    }
 }
 
 /// The findings that had an effect, as the log's `hits` and X-Spam-Report
@@ -466,10 +745,12 @@ fn hit(f: &Finding) -> String {
 async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessage) -> DataChecks {
     let raw: &[u8] = (**shared).as_ref();
     let host = &engine.hostname;
+    let policy = facts.txn.policy.clone();
+    let policy = policy.as_deref();
     let Some(parsed) = AuthenticatedMessage::parse(raw) else {
         // No header block at all: nothing to verify or to remove.
         return DataChecks {
-            outcome: verdict::decide(&facts.txn.found.findings, engine.thresholds()),
+            outcome: decide(&facts.txn.found, engine, policy),
             headers: auth_results::none(host),
             remove: Vec::new(),
         };
@@ -501,18 +782,21 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
     }
     if skipped {
         return DataChecks {
-            outcome: verdict::decide(&facts.txn.found.findings[before..], engine.thresholds()),
+            outcome: verdict::decide(
+                &view(policy, &facts.txn.found.findings[before..]),
+                &thresholds(engine, policy),
+            ),
             headers: auth_results::none(host),
             remove: m.remove,
         };
     }
     let found = &facts.txn.found;
-    let outcome = decide(found, engine);
+    let outcome = decide(found, engine, policy);
     let mut headers = std::mem::take(&mut m.headers);
     auth_results::finish(
         &mut headers,
         &outcome,
-        engine.thresholds(),
+        &thresholds(engine, policy),
         &found.add_headers,
     );
     if engine.cfg.report_header {
@@ -521,7 +805,7 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         } else {
             // The scanner's symbols after what it added up to.
             let name = found.log.scanner.split(':').next().unwrap_or("");
-            effects(&found.findings)
+            effects(&view(policy, &found.findings))
                 .chain(
                     found
                         .log

@@ -34,6 +34,8 @@ pub struct Explained {
     pub mail_log: CheckLog,
     /// Each recipient with its refusal, if the checks refused it.
     pub rcpts: Vec<(String, Option<(Reply, String)>)>,
+    /// Each recipient's policy and why it applies.
+    pub policies: Vec<String>,
     pub data: Option<DataChecks>,
     /// The results of the whole transaction, as its log line has them.
     pub log: CheckLog,
@@ -75,6 +77,7 @@ pub async fn run(mut cfg: Config, input: &Sample) -> Result<Explained, String> {
         mail_log: screen.log(),
         mail,
         rcpts: Vec::new(),
+        policies: Vec::new(),
         data: None,
         log: CheckLog::default(),
     };
@@ -84,6 +87,10 @@ pub async fn run(mut cfg: Config, input: &Sample) -> Result<Explained, String> {
     }) = x.mail
     {
         for r in &input.rcpts {
+            x.policies.push(match screen.policy_of(r) {
+                Some((p, why)) => format!("policy {} ({}: {why})", p.name, p.file.display()),
+                None => "the gate's policy (no policy file covers it)".into(),
+            });
             let refused = screen.rcpt(r).await;
             if refused.is_none() {
                 screen.rcpt_accepted(r);
@@ -143,6 +150,9 @@ fn results(out: &mut String, log: &CheckLog) {
         );
     }
     let _ = writeln!(out, "  rules: {}", list(&log.rules, "none matched"));
+    if !log.list.is_empty() {
+        let _ = writeln!(out, "  list: {}", log.list);
+    }
     // What the log's `would` key says, in words: a record-mode check or a
     // shadow rule that found something and was not acted on.
     for w in &log.would {
@@ -196,7 +206,8 @@ pub async fn explain(cfg: Config, input: Sample) -> Result<String, String> {
         );
         return Ok(out);
     }
-    for (r, refused) in &x.rcpts {
+    for ((r, refused), policy) in x.rcpts.iter().zip(&x.policies) {
+        let _ = writeln!(out, "RCPT <{r}>: {policy}");
         let _ = match refused {
             Some((reply, reason)) => {
                 writeln!(out, "RCPT <{r}>: {} ({reason})", reply_text(reply))

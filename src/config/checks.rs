@@ -128,6 +128,8 @@ pub struct ChecksConfig {
     pub reject_at: RejectAt,
     pub thresholds: Thresholds,
     pub allow: Allow,
+    /// Clients and senders refused at RCPT (550 5.7.1), for every recipient.
+    pub block: Block,
     pub dnsbl: DnsblConfig,
     pub spf: SpfConfig,
     pub dkim: DkimConfig,
@@ -399,6 +401,7 @@ impl Default for ChecksConfig {
             reject_at: RejectAt::Rcpt,
             thresholds: Thresholds::default(),
             allow: Allow::default(),
+            block: Block::default(),
             dnsbl: DnsblConfig::default(),
             spf: SpfConfig::default(),
             dkim: DkimConfig::default(),
@@ -449,6 +452,27 @@ pub struct Allow {
     /// Sender domains (and their subdomains) that skip all checks. Only
     /// sensible together with SPF or DKIM, since senders are easy to forge.
     pub senders: Vec<String>,
+    /// Forwarders that do not seal (by client network): SPF is not held
+    /// against the mail they relay, since it names the first sender.
+    pub forwarders: Vec<IpNet>,
+    /// ARC sealing domains trusted to vouch for what they forward (mailing
+    /// lists, forwarding services): their valid chain, when its first
+    /// ARC-Authentication-Results says the message passed, lifts a DMARC
+    /// failure here.
+    pub arc_sealers: Vec<String>,
+    /// Also read allow and block entries from the state store (keys
+    /// `list:SCOPE:ENTRY`, see the README), so a panel can change them
+    /// without a reload. One read per recipient.
+    pub store: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Block {
+    /// Client networks refused at RCPT.
+    pub clients: Vec<IpNet>,
+    /// Sender addresses, or domains (with their subdomains), refused at RCPT.
+    pub senders: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -491,6 +515,10 @@ pub struct DnsblConfig {
     pub self_test_interval: Secs,
     /// On a DNS failure for a zone: `accept` (fail open) or `tempfail`.
     pub on_error: Action,
+    /// A client whose zones' scores sum to this or less (allow lists such
+    /// as list.dnswl.org carry scores below zero) skips the greeting test
+    /// and greylisting, as postscreen's `dnsbl_allowlist_threshold`.
+    pub allow_threshold: Option<f64>,
 }
 
 impl Default for DnsblConfig {
@@ -500,6 +528,7 @@ impl Default for DnsblConfig {
             zones: Vec::new(),
             self_test_interval: Secs(Duration::from_secs(600)),
             on_error: Action::Accept,
+            allow_threshold: None,
         }
     }
 }

@@ -473,6 +473,28 @@ impl Config {
                 );
             }
         }
+        for (i, s) in self.checks.block.senders.iter().enumerate() {
+            let domain = s.rsplit_once('@').map_or(s.as_str(), |(_, d)| d);
+            if !is_domain_like(domain.trim_end_matches('.')) || !domain.contains('.') {
+                fail(
+                    &format!("checks.block.senders[{i}]"),
+                    format!("{s:?} is not a sender address or domain"),
+                );
+            }
+        }
+        for (i, d) in self.checks.allow.arc_sealers.iter().enumerate() {
+            if !is_domain_like(d.trim_end_matches('.')) {
+                fail(
+                    &format!("checks.allow.arc_sealers[{i}]"),
+                    format!("{d:?} is not a domain"),
+                );
+            }
+        }
+        if let Some(t) = self.checks.dnsbl.allow_threshold
+            && !t.is_finite()
+        {
+            fail("checks.dnsbl.allow_threshold", "must be a number".into());
+        }
         let m = &self.milter;
         if m.max_connections == 0 {
             fail("milter.max_connections", "must be at least 1".into());

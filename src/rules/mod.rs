@@ -11,6 +11,7 @@ mod index;
 mod input;
 pub mod links;
 pub mod model;
+pub mod policy;
 
 /// A rule file larger than this is not one.
 const MAX_RULE_FILE: u64 = 16 << 20;
@@ -76,6 +77,8 @@ pub struct RuleSet {
     /// The list files the rules read (watched for changes like the rules).
     pub lists: Vec<PathBuf>,
     pub loaded_at: SystemTime,
+    /// Policies per recipient domain or address (`policies/*.yaml`).
+    pub policies: policy::Policies,
 }
 
 impl RuleSet {
@@ -85,6 +88,7 @@ impl RuleSet {
             files: Vec::new(),
             lists: Vec::new(),
             loaded_at: SystemTime::now(),
+            policies: policy::Policies::default(),
         }
     }
 
@@ -141,7 +145,24 @@ impl RuleSet {
         }
         let refs: Vec<(PathBuf, &str)> =
             texts.iter().map(|(p, t)| (p.clone(), t.as_str())).collect();
-        Self::load_texts(dir, &refs)
+        let rules = Self::load_texts(dir, &refs);
+        let mut lists = Vec::new();
+        let policies = policy::Policies::load(dir, &refs, &mut lists);
+        match (rules, policies) {
+            (Ok(mut set), Ok(p)) => {
+                set.policies = p;
+                set.lists.extend(lists);
+                set.lists.sort();
+                set.lists.dedup();
+                Ok(set)
+            }
+            (Err(mut e), Err(p)) => {
+                e.0.extend(p);
+                Err(e)
+            }
+            (Err(e), Ok(_)) => Err(e),
+            (Ok(_), Err(p)) => Err(RuleErrors(p)),
+        }
     }
 
     /// Loads rule files given as (path, text); list files are read from `dir`
@@ -236,6 +257,7 @@ impl RuleSet {
             files: files.iter().map(|(p, _)| p.clone()).collect(),
             lists,
             loaded_at: SystemTime::now(),
+            policies: policy::Policies::default(),
         })
     }
 
@@ -356,6 +378,8 @@ pub fn load(cfg: &crate::config::Config) -> Result<Arc<RuleWatcher>, RuleErrors>
 pub struct Zones {
     pub dnsbl: Vec<String>,
     pub uribl: Vec<String>,
+    /// Checks the config has off (a policy cannot switch them on).
+    pub checks_off: Vec<String>,
 }
 
 /// The DNSBL and URL blocklist zones a config's checks query.
@@ -369,6 +393,13 @@ pub fn configured_zones(cfg: &crate::config::Config) -> Zones {
     Zones {
         dnsbl: names(&cfg.checks.dnsbl.zones),
         uribl: names(&cfg.checks.uribl.all_zones()),
+        checks_off: cfg
+            .checks
+            .modes()
+            .into_iter()
+            .filter(|(_, m)| *m == crate::config::Mode::Off)
+            .map(|(n, _)| n)
+            .collect(),
     }
 }
 
@@ -402,7 +433,8 @@ pub fn unknown_zones(set: &RuleSet, configured: &Zones, dir: &Path) -> Vec<RuleE
                 &configured.uribl,
             )
         }));
-    named
+    let mut errors = set.policies.modes_of_checks_off(&configured.checks_off);
+    let unknown = named
         .filter(|(_, _, z, known)| !known.iter().any(|c| c == z.trim_end_matches('.')))
         .map(|(cond, key, z, known)| RuleError {
             file: dir.display().to_string(),
@@ -418,7 +450,9 @@ pub fn unknown_zones(set: &RuleSet, configured: &Zones, dir: &Path) -> Vec<RuleE
                 }
             ),
         })
-        .collect()
+        .collect::<Vec<_>>();
+    errors.extend(unknown);
+    errors
 }
 
 /// The rules directory: its compiled `RuleSet` in force (swapped whole on

@@ -223,12 +223,21 @@ impl Session {
         if let Some(delay) = self.rt.cfg.greeting.delay
             && self.screen.greeting_test_wanted()
         {
-            if self.conn.talks_within(delay.0).await {
-                self.screen.refused_at_connect("pregreet").await;
-                self.refuse_connection(&reply::PREGREET, "pregreet").await;
-                return;
+            // A DNS allow list ends the test early, as postscreen's
+            // dnsbl_allowlist_threshold does.
+            let talked = tokio::select! {
+                talked = self.conn.talks_within(delay.0) => Some(talked),
+                () = self.screen.dns_allowed() => None,
+            };
+            match talked {
+                Some(true) => {
+                    self.screen.refused_at_connect("pregreet").await;
+                    self.refuse_connection(&reply::PREGREET, "pregreet").await;
+                    return;
+                }
+                Some(false) => self.screen.greeting_test_passed().await,
+                None => {}
             }
-            self.screen.greeting_test_passed().await;
         }
         if let Some((r, reason)) = self.screen.refuse_at_connect().await {
             tracing::debug!(session = %self.peer.id, dnsbl = ?self.screen.log().dnsbl, "refused at connect");

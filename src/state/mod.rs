@@ -134,6 +134,17 @@ impl Store {
         .await
     }
 
+    /// The values under `keys`, in order: one round trip (MGET).
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        self.call("get_many", async {
+            match &self.backend {
+                Backend::Embedded(e) => Ok(keys.iter().map(|k| e.get(k)).collect()),
+                Backend::Redis(r) => r.get_many(keys).await,
+            }
+        })
+        .await
+    }
+
     /// The value under `key`; when there is none, stores `value` for
     /// `ttl` and returns None. One round trip.
     pub async fn get_or_set(

@@ -162,6 +162,13 @@ impl Remote {
         self.query(redis::cmd("GET").arg(key)).await
     }
 
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.query(redis::cmd("MGET").arg(keys)).await
+    }
+
     pub async fn get_or_set(
         &self,
         key: &str,

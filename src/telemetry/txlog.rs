@@ -39,6 +39,9 @@ pub mod key {
     pub const SCANNER: &str = "scanner";
     pub const SCANNER_SYMBOLS: &str = "scanner_symbols";
     pub const RULES: &str = "rules";
+    pub const POLICY: &str = "policy";
+    pub const LIST: &str = "list";
+    pub const RCPT_DOMAINS: &str = "rcpt_domains";
     pub const HITS: &str = "hits";
     pub const WOULD: &str = "would";
     pub const SCORE: &str = "score";
@@ -126,6 +129,13 @@ pub struct CheckLog {
     pub scanner: String,
     /// Its symbols, highest scores first: `BAYES_SPAM=5.10`.
     pub scanner_symbols: Vec<String>,
+    /// The recipients' policy (`policies/NAME.yaml`); empty: the gate's.
+    pub policy: String,
+    /// An allow or block entry that decided: `allow:ENTRY(ORIGIN)`, where
+    /// ORIGIN is a policy, a list file's `file:line`, or `store`.
+    pub list: String,
+    /// The domains of the recipients judged (accepted or not).
+    pub rcpt_domains: Vec<String>,
     /// Rules that matched: `ID`, or `ID(shadow)`.
     pub rules: Vec<String>,
     /// Every check and rule finding with its effect: `spf:softfail=3`,
@@ -220,6 +230,9 @@ impl TxnRecord<'_> {
             { key::SCANNER } = self.checks.scanner.as_str(),
             { key::SCANNER_SYMBOLS } = tracing::field::display(self.checks.scanner_symbols.join(" ")),
             { key::RULES } = tracing::field::display(self.checks.rules.join(" ")),
+            { key::POLICY } = self.checks.policy.as_str(),
+            { key::LIST } = self.checks.list.as_str(),
+            { key::RCPT_DOMAINS } = tracing::field::display(self.checks.rcpt_domains.join(" ")),
             { key::HITS } = tracing::field::display(self.checks.hits.join(" ")),
             { key::WOULD } = tracing::field::display(self.checks.would.join(" ")),
             { key::SCORE } = self.score,

@@ -27,6 +27,7 @@ mod milter;
 mod milter_props;
 mod package;
 mod paths;
+mod policies;
 mod props;
 mod rate_limits;
 mod relay;

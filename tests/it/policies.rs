@@ -1,0 +1,325 @@
+//! Policies per recipient domain through real sessions (proxy and
+//! milter): two domains with different thresholds in one transaction
+//! (452 4.5.3 for the second, which then comes in its own transaction and
+//! is judged by its own policy), a domain's allow list skipping a rule but
+//! not the size limit, block lists at RCPT (policy file and the gate's),
+//! a policy's own rule files and greylisting switched off, and a policy
+//! file changed on disk taking effect without a restart.
+
+use crate::common::{self, Client, FakeMta, Gate, Script};
+use common::milter::{Mta, POSTFIX_STEPS};
+use portcullis::config::{Config, MilterListen, Mode};
+use portcullis::wire::milter::Response;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Scores 6 (gate: reject 15, tag 5), or refuses outright.
+const RULES: &str = r#"rules:
+  - {id: PRIZE, description: d, stage: data, when: {subject: {regex: prize}}, action: {score: 6}}
+  - {id: BAD_HELO, description: d, when: {helo: {exact: [bad.test]}}, action: reject}
+"#;
+const STRICT_RULES: &str = r#"rules:
+  - {id: WORD_FREE, description: d, stage: data, when: {subject: {regex: free}}, action: reject}
+"#;
+
+/// A rules directory with the rules above and these policy files.
+fn rules_dir(name: &str, policies: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("portcullis-pol-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::create_dir_all(dir.join("lists")).unwrap();
+    std::fs::write(dir.join("10-base.yaml"), RULES).unwrap();
+    std::fs::write(dir.join("20-strict.yaml"), STRICT_RULES).unwrap();
+    for (f, text) in policies {
+        std::fs::write(dir.join("policies").join(f), text).unwrap();
+    }
+    dir
+}
+
+fn config(mta: &FakeMta, dir: &Path) -> Config {
+    let mut cfg = common::config::test_config(mta.addr);
+    cfg.limits.max_connections_per_ip = 100;
+    cfg.rules_dir = Some(dir.to_path_buf());
+    cfg.milter.listen = vec![MilterListen::Tcp("127.0.0.1:0".parse().unwrap())];
+    cfg
+}
+
+const STRICT: &str = "domains: [strict.test]\nthresholds: {reject: 5}\n";
+
+fn prize() -> Vec<u8> {
+    b"Subject: you won a prize\r\nMessage-ID: <p@sender.test>\r\n\r\nhello\r\n".to_vec()
+}
+
+/// Two domains with different thresholds in one transaction: whichever
+/// comes first decides the transaction's policy, the other gets 452 4.5.3
+/// and nothing of it reaches upstream; in its own transaction each is
+/// judged by its own policy (strict refuses the score of 6, the gate tags
+/// it). Upstream stores the lenient recipient's message once.
+#[tokio::test(flavor = "multi_thread")]
+async fn recipients_of_two_policies_are_split_and_each_judged_by_its_own() {
+    let dir = rules_dir("split", &[("strict.yaml", STRICT)]);
+    let mta = FakeMta::start(Script::default()).await;
+    let g = Gate::start_config(config(&mta, &dir)).await;
+
+    // strict first: the lenient recipient is deferred.
+    let mut c = Client::hello(g.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<x@strict.test>", "250").await;
+    let r = c.cmd("RCPT TO:<y@lenient.test>", "452").await;
+    assert!(r.starts_with("452 4.5.3 "), "{r}");
+    c.cmd("RCPT TO:<z@strict.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(&prize()).await;
+    let r = c.cmd(".", "550").await;
+    assert!(r.contains("5.7.1"), "{r}");
+    // The deferred recipient, in its own transaction: the gate's policy.
+    let r = c
+        .send_mail("a@sender.test", &["y@lenient.test"], &prize())
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    // lenient first: strict is deferred, then refused on its own.
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<w@lenient.test>", "250").await;
+    c.cmd("RCPT TO:<x@strict.test>", "452").await;
+    c.cmd("DATA", "354").await;
+    c.send(&prize()).await;
+    c.cmd(".", "250").await;
+    c.cmd("QUIT", "221").await;
+
+    let stored = mta.stored();
+    let rcpts: Vec<Vec<String>> = stored.iter().map(|s| s.rcpts.clone()).collect();
+    assert_eq!(
+        rcpts,
+        [
+            vec!["<y@lenient.test>".to_string()],
+            vec!["<w@lenient.test>".to_string()]
+        ],
+        "only the lenient recipients, once each"
+    );
+    for s in &stored {
+        let text = String::from_utf8_lossy(&s.data);
+        assert!(text.contains("X-Spam-Flag: YES"), "{text}");
+    }
+    // A deferred recipient reached upstream only in its own transaction.
+    let cmds = mta.commands();
+    for deferred in ["RCPT TO:<y@lenient.test>", "RCPT TO:<x@strict.test>"] {
+        let at: Vec<usize> = (0..cmds.len()).filter(|i| cmds[*i] == deferred).collect();
+        assert_eq!(at.len(), 1, "{deferred} once: {cmds:?}");
+        assert!(
+            cmds[at[0] - 1].starts_with("MAIL FROM"),
+            "{deferred} first of its transaction: {cmds:?}"
+        );
+    }
+}
+
+/// The same through the milter: the deferred recipient gets 452 4.5.3 and
+/// the strict one's message is refused at the end of DATA.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_milter_splits_and_judges_by_policy_too() {
+    let dir = rules_dir("split-milter", &[("strict.yaml", STRICT)]);
+    let mta = FakeMta::start(Script::default()).await;
+    let g = Gate::start_config(config(&mta, &dir)).await;
+    let milter = g.milter.expect("milter listener");
+    let mut m = Mta::connect(milter, POSTFIX_STEPS).await;
+    m.connect_from("192.0.2.9", "sender.test").await;
+    m.helo("sender.test").await;
+    m.mail("a@sender.test").await;
+    assert!(matches!(m.rcpt("x@strict.test").await, Response::Continue));
+    match m.rcpt("y@lenient.test").await {
+        Response::ReplyCode(t) => {
+            let t = String::from_utf8_lossy(&t).into_owned();
+            assert!(t.starts_with("452 4.5.3 "), "{t}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let prize = String::from_utf8(prize()).unwrap();
+    let end = m.message(&prize).await;
+    assert!(
+        end.iter()
+            .any(|r| matches!(r, Response::ReplyCode(t) if t.starts_with(b"550"))),
+        "{end:?}"
+    );
+    // The lenient one alone: accepted (tagged).
+    let mut m = Mta::connect(milter, POSTFIX_STEPS).await;
+    m.connect_from("192.0.2.9", "sender.test").await;
+    m.helo("sender.test").await;
+    m.mail("a@sender.test").await;
+    assert!(matches!(m.rcpt("y@lenient.test").await, Response::Continue));
+    let end = m.message(&prize).await;
+    assert!(
+        !end.iter().any(|r| matches!(r, Response::ReplyCode(_))),
+        "{end:?}"
+    );
+}
+
+/// A domain's allow list: its sender skips the rules (BAD_HELO would
+/// refuse at RCPT) but not the size limit; another domain's recipient of
+/// the same transaction is deferred (its verdict would differ); the log
+/// line names the entry and where it came from.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allow_list_skips_the_checks_but_not_the_limits() {
+    let dir = rules_dir(
+        "allow",
+        &[(
+            "partner.yaml",
+            "domains: [partner.test]\nallow: {files: [lists/partner-allow.txt]}\n",
+        )],
+    );
+    std::fs::write(
+        dir.join("lists/partner-allow.txt"),
+        "# our partner's list server\nfriend.test\n",
+    )
+    .unwrap();
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = config(&mta, &dir);
+    cfg.limits.max_message_size = common::config::kib(4);
+    let g = Gate::start_config(cfg).await;
+    let mut c = Client::connect(g.addr).await;
+    c.reply().await;
+    c.cmd("EHLO bad.test", "250").await;
+    // Not allow-listed: BAD_HELO refuses.
+    c.cmd("MAIL FROM:<a@other.test>", "250").await;
+    c.cmd("RCPT TO:<b@partner.test>", "550").await;
+    c.cmd("RSET", "250").await;
+    // Allow-listed for partner.test only.
+    c.cmd("MAIL FROM:<news@lists.friend.test>", "250").await;
+    c.cmd("RCPT TO:<b@partner.test>", "250").await;
+    c.cmd("RCPT TO:<c@elsewhere.test>", "452").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: hi\r\n\r\nhello\r\n").await;
+    c.cmd(".", "250").await;
+    // The size limit still holds for it.
+    c.cmd("MAIL FROM:<news@lists.friend.test> SIZE=999999", "552")
+        .await;
+    c.cmd("MAIL FROM:<news@lists.friend.test>", "250").await;
+    c.cmd("RCPT TO:<b@partner.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    let big = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(8 * 1024));
+    c.send(big.as_bytes()).await;
+    c.cmd(".", "552").await;
+    c.cmd("QUIT", "221").await;
+    assert_eq!(mta.stored().len(), 1);
+    assert_eq!(mta.stored()[0].rcpts, ["<b@partner.test>"]);
+}
+
+/// Block lists refuse at RCPT with 550 5.7.1, for the policy's
+/// recipients only (file entries) or every recipient (`checks.block`),
+/// and nothing of a blocked recipient reaches upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn block_lists_refuse_at_rcpt() {
+    let dir = rules_dir(
+        "block",
+        &[(
+            "shop.yaml",
+            "domains: [shop.test]\nblock: {senders: [spam.test], clients: [127.0.0.32/27]}\n",
+        )],
+    );
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = config(&mta, &dir);
+    cfg.checks.block.senders = vec!["bad@evil.test".into()];
+    cfg.checks.block.clients = vec!["127.0.0.64/26".parse().unwrap()];
+    let g = Gate::start_config(cfg).await;
+    let mut c = Client::hello(g.addr).await;
+    c.cmd("MAIL FROM:<x@mail.spam.test>", "250").await;
+    let r = c.cmd("RCPT TO:<b@shop.test>", "550").await;
+    assert!(r.starts_with("550 5.7.1 "), "{r}");
+    c.cmd("RCPT TO:<b@other.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<bad@evil.test>", "250").await;
+    c.cmd("RCPT TO:<b@other.test>", "550").await;
+    c.cmd("RCPT TO:<b@shop.test>", "550").await;
+    c.cmd("QUIT", "221").await;
+    // By client network: the policy's, then the gate's.
+    for (from, other) in [("127.0.0.33", "250"), ("127.0.0.77", "550")] {
+        let mut c = Client::connect_from(g.addr, from).await;
+        c.reply().await;
+        c.cmd("EHLO sender.test", "250").await;
+        c.cmd("MAIL FROM:<a@fine.test>", "250").await;
+        c.cmd("RCPT TO:<b@shop.test>", "550").await;
+        c.cmd("RCPT TO:<b@other.test>", other).await;
+        c.cmd("QUIT", "221").await;
+    }
+    // MAIL goes up (the lists are per recipient); no blocked RCPT does.
+    let cmds = mta.commands();
+    let rcpts: Vec<&String> = cmds.iter().filter(|c| c.starts_with("RCPT")).collect();
+    assert_eq!(
+        rcpts,
+        ["RCPT TO:<b@other.test>", "RCPT TO:<b@other.test>"],
+        "{cmds:?}"
+    );
+}
+
+/// A policy's own rule files and check modes: strict.test applies only
+/// 20-strict.yaml (so BAD_HELO of 10-base.yaml does not refuse its
+/// recipients, and WORD_FREE does), and greylisting is off for it while
+/// the gate greylists everyone else.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_applies_its_own_rules_and_check_modes() {
+    let dir = rules_dir(
+        "own-rules",
+        &[(
+            "strict.yaml",
+            "domains: [strict.test]\nrules: [20-strict.yaml]\nchecks: {greylist: {mode: off}}\n",
+        )],
+    );
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = config(&mta, &dir);
+    cfg.checks.greylist.mode = Mode::Enforce;
+    let g = Gate::start_config(cfg).await;
+    let mut c = Client::connect(g.addr).await;
+    c.reply().await;
+    c.cmd("EHLO bad.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    // The gate: BAD_HELO refuses (before greylisting could defer).
+    c.cmd("RCPT TO:<b@other.test>", "550").await;
+    c.cmd("RCPT TO:<b@strict.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: free stuff\r\n\r\nhello\r\n").await;
+    c.cmd(".", "550").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<b@strict.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: hello\r\n\r\nhello\r\n").await;
+    c.cmd(".", "250").await;
+    c.cmd("QUIT", "221").await;
+    let mut c = Client::hello(g.addr).await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    let r = c.cmd("RCPT TO:<b@other.test>", "451").await;
+    assert!(r.contains("4.7.1"), "greylisted: {r}");
+    c.cmd("QUIT", "221").await;
+    assert_eq!(mta.stored().len(), 1);
+}
+
+/// A policy file written while the gate runs takes effect without a
+/// restart (the rules directory is watched); a broken one is refused and
+/// the policies in force stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_reload_with_the_rules() {
+    let dir = rules_dir("reload", &[]);
+    let mta = FakeMta::start(Script::default()).await;
+    let g = common::start_server_config(config(&mta, &dir)).await;
+    assert!(g.rules.watch(Duration::from_millis(200)));
+    let verdict = |g: std::net::SocketAddr| async move {
+        let mut c = Client::hello(g).await;
+        let r = c
+            .send_mail("a@sender.test", &["x@strict.test"], &prize())
+            .await;
+        c.cmd("QUIT", "221").await;
+        r[..3].to_string()
+    };
+    assert_eq!(verdict(g.addr).await, "250");
+    std::fs::write(dir.join("policies/strict.yaml"), STRICT).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while verdict(g.addr).await != "550" {
+        assert!(std::time::Instant::now() < deadline, "policy not reloaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Broken: the one in force stays.
+    std::fs::write(
+        dir.join("policies/strict.yaml"),
+        "domains: [strict.test]\nthresholds: {rejekt: 5}\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(verdict(g.addr).await, "550");
+}
