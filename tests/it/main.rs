@@ -16,6 +16,7 @@ mod checks;
 mod cli;
 mod dashboard;
 mod differential;
+mod dnswl;
 mod e2e_milter;
 mod e2e_peers;
 mod faults_sink;
