@@ -264,10 +264,19 @@ impl Engine {
             )),
             Box::new(dnsbl::DnsblCheck::new(&c.dnsbl, Arc::clone(&dnsbl))),
             Box::new(iprev::Iprev::new(&c.iprev, Arc::clone(&dns))),
-            Box::new(spf::Spf::new(&c.spf, &host, Arc::clone(&dns))),
+            Box::new(spf::Spf::new(
+                &c.spf,
+                &host,
+                &c.allow.forwarders,
+                Arc::clone(&dns),
+            )),
             Box::new(dkim::Dkim::new(c, Arc::clone(&dns))),
             Box::new(dmarc::Dmarc::new(&c.dmarc, Arc::clone(&dns))),
-            Box::new(arc::ArcCheck::new(&c.arc, Arc::clone(&dns))),
+            Box::new(arc::ArcCheck::new(
+                &c.arc,
+                &c.allow.arc_sealers,
+                Arc::clone(&dns),
+            )),
             Box::new(greylist::Greylist::new(&c.greylist, &c.thresholds, store)),
             // Before the rules, which may read their verdicts.
             Box::new(antivirus::Antivirus::new(&c.antivirus)),

@@ -2,9 +2,10 @@
 //! when `spf.helo` is on and the HELO name is a domain.
 
 use super::{Check, Facts, Hook};
-use crate::config::{Mode, SpfConfig};
+use crate::config::{Action, Mode, SpfConfig};
 use crate::dns::Dns;
 use crate::verdict::{self, Finding};
+use ipnet::IpNet;
 use mail_auth::SpfResult;
 use mail_auth::dns::Parameters;
 use mail_auth::spf::verify::SpfParameters;
@@ -15,14 +16,27 @@ pub struct Spf {
     cfg: SpfConfig,
     hostname: String,
     dns: Arc<Dns>,
+    /// `allow.forwarders`: their SPF results are recorded, never held
+    /// against them (SPF names the first sender, not the forwarder).
+    forwarders: Vec<IpNet>,
 }
 
 impl Spf {
-    pub fn new(cfg: &SpfConfig, hostname: &str, dns: Arc<Dns>) -> Spf {
+    pub fn new(cfg: &SpfConfig, hostname: &str, forwarders: &[IpNet], dns: Arc<Dns>) -> Spf {
         Spf {
             cfg: cfg.clone(),
             hostname: hostname.to_string(),
             dns,
+            forwarders: forwarders.to_vec(),
+        }
+    }
+
+    /// What a result leads to for this client: nothing from a forwarder.
+    fn action(&self, f: &Facts, action: Action) -> Action {
+        if self.forwarders.iter().any(|n| n.contains(&f.client.ip)) {
+            Action::Accept
+        } else {
+            action
         }
     }
 
@@ -39,10 +53,11 @@ impl Spf {
             )
             .await;
         if out.result() == SpfResult::Fail {
+            let action = self.action(f, self.cfg.fail);
             f.txn.found.findings.push(Finding::under(
                 self.cfg.mode,
                 "spf",
-                self.cfg.fail,
+                action,
                 "fail".into(),
                 "spf:helo_fail".into(),
                 verdict::spf_fail(self.cfg.text.as_deref(), helo, &ip.to_string()),
@@ -89,6 +104,7 @@ impl Spf {
                 Some(verdict::spf_permerror(&domain)),
             ),
         };
+        let action = self.action(f, action);
         let found = &mut f.txn.found;
         found.log.spf = word.to_string();
         found.findings.push(Finding::under(

@@ -47,7 +47,11 @@ async fn a_negative_dnswl_score_lifts_a_client_over_the_greeting_test_and_greyli
     assert!(took < Duration::from_millis(1500), "greeted after {took:?}");
     c.cmd("EHLO mx.sender.test", "250").await;
     let r = c
-        .send_mail("a@sender.test", &["b@example.test"], b"Subject: hi\r\n\r\nhi\r\n")
+        .send_mail(
+            "a@sender.test",
+            &["b@example.test"],
+            b"Subject: hi\r\n\r\nhi\r\n",
+        )
         .await;
     assert!(r.starts_with("250"), "{r}");
     c.cmd("QUIT", "221").await;

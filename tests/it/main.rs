@@ -20,6 +20,7 @@ mod dnswl;
 mod e2e_milter;
 mod e2e_peers;
 mod faults_sink;
+mod forwarders;
 mod greylist;
 mod hostile;
 mod identity;
