@@ -81,8 +81,10 @@ async fn forwarded(w: &World, recorded: Recorded, tamper: bool) -> String {
         .unwrap();
     let signed = format!("{}{original}", sig.to_header());
     // The list checks what it received from the origin's server.
-    let mut dcfg = DnsConfig::default();
-    dcfg.nameservers = vec![w.dns.addr];
+    let dcfg = DnsConfig {
+        nameservers: vec![w.dns.addr],
+        ..DnsConfig::default()
+    };
     let dns = portcullis::dns::Dns::new(&dcfg).unwrap();
     let (auth, cache) = dns.auth();
     let msg = AuthenticatedMessage::parse(signed.as_bytes()).unwrap();
@@ -97,7 +99,7 @@ async fn forwarded(w: &World, recorded: Recorded, tamper: bool) -> String {
         "a@origin.test",
     );
     let spf = auth
-        .check_host(Parameters::new(spf_params.clone()).with_cache(cache))
+        .check_host(Parameters::new(spf_params).with_cache(cache))
         .await;
     let dmarc = auth
         .verify_dmarc(
