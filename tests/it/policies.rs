@@ -323,3 +323,187 @@ async fn policies_reload_with_the_rules() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(verdict(g.addr).await, "550");
 }
+
+/// Writes `list:SCOPE:ENTRY` as a panel would.
+type Writer<'a> = Box<dyn Fn(&str, &str) + 'a>;
+
+/// Allow and block entries read from the state store at each recipient:
+/// written while the gate runs, they take effect with no reload; the
+/// narrowest scope wins (address, then domain, then `*`); a block of the
+/// sender's parent domain counts; removing the entry lifts it.
+async fn store_lists_scenario(addr: std::net::SocketAddr, set: Writer<'_>, mta: &FakeMta) {
+    let mut c = Client::hello(addr).await;
+    c.cmd("MAIL FROM:<x@mail.spam.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    set("list:*:spam.test", "block");
+    set("list:vip@example.test:spam.test", "allow");
+    c.cmd("MAIL FROM:<x@mail.spam.test>", "250").await;
+    let r = c.cmd("RCPT TO:<b@example.test>", "550").await;
+    assert!(r.starts_with("550 5.7.1"), "{r}");
+    c.cmd("RCPT TO:<vip@example.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    // An allow skips the rules (BAD_HELO) for that recipient alone.
+    set("list:example.test:friend.test", "allow");
+    let mut c = Client::connect(addr).await;
+    c.reply().await;
+    c.cmd("EHLO bad.test", "250").await;
+    c.cmd("MAIL FROM:<a@friend.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("RCPT TO:<b@other.test>", "452").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: hi\r\n\r\nhi\r\n").await;
+    c.cmd(".", "250").await;
+    c.cmd("MAIL FROM:<a@friend.test>", "250").await;
+    c.cmd("RCPT TO:<b@other.test>", "550").await;
+    c.cmd("QUIT", "221").await;
+    // Lifted.
+    set("list:*:spam.test", "");
+    let mut c = Client::hello(addr).await;
+    c.cmd("MAIL FROM:<x@mail.spam.test>", "250").await;
+    c.cmd("RCPT TO:<b@example.test>", "250").await;
+    c.cmd("QUIT", "221").await;
+    assert_eq!(mta.stored().len(), 1);
+    assert_eq!(mta.stored()[0].rcpts, ["<b@example.test>"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lists_in_the_embedded_store_apply_without_a_reload() {
+    let dir = rules_dir("store-embedded", &[]);
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = config(&mta, &dir);
+    cfg.checks.allow.store = true;
+    let g = common::start_server_config(cfg).await;
+    let store = g.engine.lists_store.clone().expect("store lists on");
+    let rt = tokio::runtime::Handle::current();
+    let set: Writer = Box::new(move |k: &str, v: &str| {
+        let (store, k, v) = (std::sync::Arc::clone(&store), k.to_string(), v.to_string());
+        tokio::task::block_in_place(|| {
+            rt.block_on(async move {
+                store.set(&k, &v, Duration::from_secs(3600)).await.unwrap();
+            })
+        });
+    });
+    store_lists_scenario(g.addr, set, &mta).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server and redis-cli (installed by .ci/run)"]
+async fn a_block_entry_written_to_redis_applies_without_a_reload() {
+    let redis = common::peers::Redis::start();
+    let dir = rules_dir("store-redis", &[]);
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = config(&mta, &dir);
+    cfg.state.backend = portcullis::config::StateBackend::Redis;
+    cfg.state.url = redis.url();
+    cfg.checks.allow.store = true;
+    let g = Gate::start_config(cfg).await;
+    let port = redis.url().rsplit(':').next().unwrap().to_string();
+    let set: Writer = Box::new(move |k: &str, v: &str| {
+        let mut cmd = std::process::Command::new("redis-cli");
+        cmd.args(["-p", &port]);
+        if v.is_empty() {
+            cmd.args(["DEL", k]);
+        } else {
+            cmd.args(["SET", k, v]);
+        }
+        let out = cmd.output().expect("redis-cli");
+        assert!(out.status.success(), "{out:?}");
+    });
+    store_lists_scenario(g.addr, set, &mta).await;
+}
+
+/// `check` refuses a broken policy with file:line:column errors and exits
+/// 1; `explain` says which policy each recipient got and why, and judges
+/// the message by it.
+#[test]
+fn check_locates_policy_errors_and_explain_names_the_policy() {
+    let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    let dir = rules_dir("cli", &[("strict.yaml", STRICT)]);
+    let mut cfg = common::config::test_config("127.0.0.1:25".parse().unwrap());
+    cfg.rules_dir = Some(dir.clone());
+    let cfg_path = dir.join("portcullis.json");
+    common::config::write_config(&cfg_path, &cfg);
+    let msg = dir.join("prize.eml");
+    std::fs::write(&msg, prize()).unwrap();
+    let out = bin()
+        .args(["explain", "--config"])
+        .arg(&cfg_path)
+        .args([
+            "--ip",
+            "192.0.2.10",
+            "--helo",
+            "mx.sender.test",
+            "--from",
+            "a@sender.test",
+        ])
+        .args([
+            "--rcpt",
+            "x@strict.test",
+            "--rcpt",
+            "y@lenient.test",
+            "--no-dns",
+        ])
+        .arg("--message")
+        .arg(&msg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "RCPT <x@strict.test>: policy strict (",
+        "strict.yaml: the recipient's domain is strict.test)",
+        "RCPT <y@lenient.test>: the gate's policy (no policy file covers it)",
+        "RCPT <y@lenient.test>: 452 4.5.3",
+        "reply after DATA: 550 5.7.1",
+    ] {
+        assert!(text.contains(want), "{want:?} missing in:\n{text}");
+    }
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("policies ok: 1 in"), "{text}");
+
+    std::fs::write(
+        dir.join("policies/broken.yaml"),
+        "domains: [broken.test]\nchecks:\n  spf: {mode: enforce}\n  greylist: {mode: sometimes}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("policies/broken.yaml:4:20: checks.?.mode: checks.greylist.mode: unknown variant `sometimes`"),
+        "{text}"
+    );
+    // A mode for a check the gate has off can change nothing: refused.
+    std::fs::write(
+        dir.join("policies/broken.yaml"),
+        "domains: [broken.test]\nchecks:\n  spf: {mode: enforce}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("policies/broken.yaml:3:3: checks.spf: the gate has spf off"),
+        "{text}"
+    );
+}

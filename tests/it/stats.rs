@@ -313,6 +313,60 @@ fn transactions_are_counted_by_front_door() {
     assert!(text.contains("rule:X"), "{text}");
 }
 
+/// Rejection rates per policy and per recipient domain (a transaction
+/// counts for each of its recipients' domains), in the text, HTML and JSON
+/// reports.
+#[test]
+fn rejection_rates_by_policy_and_recipient_domain() {
+    let line = |policy: &str, domains: &str, verdict: &str| {
+        format!(
+            r#"{{"timestamp":"2026-11-30T10:00:00Z","event":"transaction","client_ip":"192.0.2.1","mail_from":"a@s.test","verdict":"{verdict}","code":250,"reason":"","policy":"{policy}","rcpt_domains":"{domains}"}}"#
+        )
+    };
+    let log = [
+        line("strict", "strict.test", "reject"),
+        line("strict", "strict.test", "accept"),
+        line("strict", "strict.test", "tempfail"),
+        line("", "a.test b.test", "reject"),
+        line("", "a.test", "accept"),
+    ]
+    .join("\n");
+    let path = std::env::temp_dir().join(format!(
+        "portcullis-stats-policy-{}.log",
+        std::process::id()
+    ));
+    std::fs::write(&path, log + "\n").unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stats(&["--json", path.to_str().unwrap()])).unwrap();
+    let cols = ["transactions", "rejected", "tempfailed"];
+    assert_eq!(
+        rows(&json["policies"], "name", &cols),
+        [
+            ("strict".to_string(), vec![3, 1, 1]),
+            ("(gate)".to_string(), vec![2, 1, 0])
+        ]
+    );
+    assert_eq!(
+        rows(&json["rcpt_domains"], "name", &cols),
+        [
+            ("strict.test".to_string(), vec![3, 1, 1]),
+            ("a.test".to_string(), vec![2, 1, 0]),
+            ("b.test".to_string(), vec![1, 1, 0])
+        ]
+    );
+    let text = stats(&[path.to_str().unwrap()]);
+    assert!(text.contains("by policy"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("strict.test") && l.trim_end().ends_with("33.33%")),
+        "{text}"
+    );
+    let page = path.with_extension("html");
+    stats(&["--html", page.to_str().unwrap(), path.to_str().unwrap()]);
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<h2>By recipient domain</h2>"), "{html}");
+}
+
 /// The fixture as `journalctl -u portcullis -o short` prints it (a syslog
 /// prefix on every line, and journald's own lines between): the same
 /// figures as the plain file.

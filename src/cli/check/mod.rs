@@ -105,6 +105,14 @@ pub fn check(opts: &Options) -> Outcome {
             ));
         }
         let _ = write!(o, "rules ok: {}", set.summary());
+        if !set.policies.is_empty() {
+            let covered: usize = set.policies.all.len();
+            let _ = writeln!(
+                o,
+                "policies ok: {covered} in {}",
+                rules.dir().join(crate::rules::policy::DIR).display()
+            );
+        }
         sample_evaluation(&mut o, &mut warnings, &set, c.checks.message_rules.budget.0);
     }
     if opts.probe {

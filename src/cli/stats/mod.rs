@@ -30,6 +30,16 @@ pub struct Hour {
     pub reasons: BTreeMap<String, u64>,
 }
 
+/// Transactions judged under one name (a recipient domain, a policy), and
+/// how many were refused.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rate {
+    pub name: String,
+    pub transactions: u64,
+    pub rejected: u64,
+    pub tempfailed: u64,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Day {
     /// `2026-11-29` (UTC).
@@ -95,6 +105,11 @@ pub struct Report {
     pub uribl_domains: Vec<Count>,
     /// The external scanner's verdicts: `rspamd:reject`, `rspamd:error`.
     pub scanner: Vec<Count>,
+    /// By policy (`(gate)` for recipients without one), most first.
+    pub policies: Vec<Rate>,
+    /// By recipient domain (a transaction counts for each of its
+    /// recipients' domains), most first, at most 50.
+    pub rcpt_domains: Vec<Rate>,
     pub hours: Vec<Hour>,
     pub days: Vec<Day>,
     /// Record-mode checks and shadow rules, if enforced (most refusals first).

@@ -1,7 +1,7 @@
 //! The report as text and as a self-contained HTML page, both from one
 //! list of sections (`Report::sections`): a new table is one line there.
 
-use super::{Count, Day, Greylisting, Hour, Report, WhatIf, percent};
+use super::{Count, Day, Greylisting, Hour, Rate, Report, WhatIf, percent};
 use std::fmt::Write;
 
 /// One part of the report, in the order both outputs give them.
@@ -13,6 +13,8 @@ enum Section<'a> {
     CameBack(&'a Greylisting),
     Hours(&'a [Hour]),
     Days(&'a [Day]),
+    /// Rejection rates by a name: (title, first column, rows).
+    Rates(&'static str, &'static str, &'a [Rate]),
 }
 
 /// A period's row: when, transactions, rejected, tempfailed.
@@ -38,6 +40,8 @@ impl Report {
             Counts("rules (enforced)", &self.rules),
             Counts("shadow rules (would have hit)", &self.shadow_rules),
             WhatIf(&self.what_if),
+            Rates("by policy", "policy", &self.policies),
+            Rates("by recipient domain", "domain", &self.rcpt_domains),
             Counts("reply codes", &self.codes),
             Counts("DNSBL zones", &self.dnsbl_zones),
             Counts("URL blocklist zones", &self.uribl_zones),
@@ -207,7 +211,20 @@ fn text(o: &mut String, s: &Section<'_>) {
             text_periods(o, "per day (UTC)", &day_rows(days));
         }
         Section::Days(_) => {}
+        // Nothing to compare with one policy.
+        Section::Rates(title, _, rows)
+            if rows.len() > 1 || rows.iter().any(|r| r.name != "(gate)") =>
+        {
+            text_periods(o, title, &rate_rows(rows));
+        }
+        Section::Rates(..) => {}
     }
+}
+
+fn rate_rows(rows: &[Rate]) -> Vec<Period<'_>> {
+    rows.iter()
+        .map(|r| (r.name.as_str(), r.transactions, r.rejected, r.tempfailed))
+        .collect()
 }
 
 fn text_periods(o: &mut String, title: &str, rows: &[Period<'_>]) {
@@ -284,18 +301,21 @@ fn html(o: &mut String, s: &Section<'_>) {
             }
         }
         Section::Hours(hours) => {
-            html_periods(o, "Per hour", &hour_rows(hours));
+            html_periods(o, "Per hour", "UTC", &hour_rows(hours));
         }
         Section::Days(days) => {
-            html_periods(o, "Per day", &day_rows(days));
+            html_periods(o, "Per day", "UTC", &day_rows(days));
+        }
+        Section::Rates(title, column, rows) => {
+            html_periods(o, &capitalised(title), column, &rate_rows(rows));
         }
     }
 }
 
-fn html_periods(o: &mut String, title: &str, rows: &[Period<'_>]) {
+fn html_periods(o: &mut String, title: &str, column: &str, rows: &[Period<'_>]) {
     let _ = writeln!(
         o,
-        "<h2>{title}</h2>\n<table><tr><th>UTC</th><th>transactions</th><th>rejected</th><th>tempfailed</th><th>reject rate %</th></tr>"
+        "<h2>{title}</h2>\n<table><tr><th>{column}</th><th>transactions</th><th>rejected</th><th>tempfailed</th><th>reject rate %</th></tr>"
     );
     for (when, t, r, tf) in rows {
         let _ = writeln!(

@@ -1,7 +1,7 @@
 //! The tally: our transaction and refused-connection lines counted into
 //! a `Report`, within a time window.
 
-use super::{Count, Day, Greylisting, Hour, Report, WhatIf, Window, percent};
+use super::{Count, Day, Greylisting, Hour, Rate, Report, WhatIf, Window, percent};
 use crate::cli::logs::{PrefixClock, read_fields};
 use crate::telemetry::{Verdict, event_name, key};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -34,6 +34,8 @@ struct Line {
     antivirus: String,
     /// `reason=verdict` per record-mode check or shadow rule.
     would: String,
+    policy: String,
+    rcpt_domains: String,
 }
 
 /// Parses one log line; `None` for lines that are not our transaction or
@@ -68,6 +70,8 @@ fn parse_line(l: &str, clock: &PrefixClock) -> Option<Line> {
         dmarc: get(key::DMARC),
         antivirus: get(key::ANTIVIRUS),
         would: get(key::WOULD),
+        policy: get(key::POLICY),
+        rcpt_domains: get(key::RCPT_DOMAINS),
     })
 }
 
@@ -102,6 +106,28 @@ struct WhatIfCount {
     accepted: u64,
     senders: HashMap<String, u64>,
     nets: HashMap<String, u64>,
+}
+
+/// Rejection rates by name, most transactions first.
+fn rates(m: HashMap<String, [u64; 3]>, top: Option<usize>) -> Vec<Rate> {
+    let mut v: Vec<Rate> = m
+        .into_iter()
+        .map(|(name, [transactions, rejected, tempfailed])| Rate {
+            name,
+            transactions,
+            rejected,
+            tempfailed,
+        })
+        .collect();
+    v.sort_by(|a, b| {
+        b.transactions
+            .cmp(&a.transactions)
+            .then(a.name.cmp(&b.name))
+    });
+    if let Some(n) = top {
+        v.truncate(n);
+    }
+    v
 }
 
 fn counts(m: HashMap<String, u64>, total: u64, top: Option<usize>) -> Vec<Count> {
@@ -182,6 +208,9 @@ struct Tally {
     uribl_zones: Counts,
     uribl_domains: Counts,
     scanner: Counts,
+    /// (transactions, rejected, tempfailed) by policy and by recipient domain.
+    policies: HashMap<String, [u64; 3]>,
+    rcpt_domains: HashMap<String, [u64; 3]>,
     nets: Counts,
     senders: Counts,
     greylist: Counts,
@@ -204,6 +233,24 @@ impl Tally {
 
     fn transaction(&mut self, l: &Line) {
         self.transactions += 1;
+        let verdict = Verdict::parse(&l.verdict);
+        let add = |m: &mut HashMap<String, [u64; 3]>, name: &str| {
+            let r = m.entry(name.to_string()).or_insert([0; 3]);
+            r[0] += 1;
+            r[1] += u64::from(verdict == Some(Verdict::Reject));
+            r[2] += u64::from(verdict == Some(Verdict::Tempfail));
+        };
+        add(
+            &mut self.policies,
+            if l.policy.is_empty() {
+                "(gate)"
+            } else {
+                &l.policy
+            },
+        );
+        for d in l.rcpt_domains.split_whitespace() {
+            add(&mut self.rcpt_domains, d);
+        }
         for name in l.rate_limit.split_whitespace() {
             bump(&mut self.limits, name);
         }
@@ -362,6 +409,8 @@ impl Tally {
             uribl_zones: counts(self.uribl_zones, t, None),
             uribl_domains: counts(self.uribl_domains, t, Some(20)),
             scanner: counts(self.scanner, t, None),
+            policies: rates(self.policies, None),
+            rcpt_domains: rates(self.rcpt_domains, Some(50)),
             top_networks: counts(self.nets, t, Some(10)),
             top_sender_domains: counts(self.senders, t, Some(10)),
             days: days(&hours),
