@@ -662,6 +662,19 @@ fn decide(found: &Found, engine: &Engine, policy: Option<&Policy>) -> Outcome {
     verdict::decide(&view(policy, findings), &thresholds(engine, policy))
 }
 
+/// A Message-ID value as the log has it: without angle brackets or
+/// folding, at most 200 characters.
+fn message_id(value: &[u8]) -> String {
+    String::from_utf8_lossy(value)
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .chars()
+        .filter(|c| !c.is_control() && !c.is_whitespace())
+        .take(200)
+        .collect()
+}
+
 /// Adds a recipient's domain to the log's list, once.
 fn note_domain(domains: &mut Vec<String>, rcpt: &str) {
     let Some((_, d)) = rcpt.rsplit_once('@') else {
@@ -756,6 +769,14 @@ async fn check_message(engine: &Engine, facts: &mut Facts, shared: &SharedMessag
         };
     };
     let remove = forged_results(&parsed, raw, host);
+    // For finding the message again (`replay --log`, the MTA's log); a
+    // bounded, single-line copy.
+    facts.txn.found.log.message_id = parsed
+        .headers()
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(b"Message-ID"))
+        .map(|(_, v)| message_id(v))
+        .unwrap_or_default();
     // Allow-listed: only the checks that apply to everyone (the virus
     // scan), and a verdict on their findings alone.
     let skipped = facts.txn.found.skipped;

@@ -42,29 +42,79 @@ pub struct Explained {
 }
 
 /// Runs the transaction through the screen of `cfg`.
-pub async fn run(mut cfg: Config, input: &Sample) -> Result<Explained, String> {
-    if input.no_dns {
-        let c = &mut cfg.checks;
-        for m in [
-            &mut c.spf.mode,
-            &mut c.dkim.mode,
-            &mut c.dmarc.mode,
-            &mut c.iprev.mode,
-            &mut c.arc.mode,
-            &mut c.dnsbl.mode,
-        ] {
-            *m = Mode::Off;
-        }
+pub async fn run(cfg: Config, input: &Sample) -> Result<Explained, String> {
+    Judge::new(cfg, input.no_dns)?.judge(input).await
+}
+
+/// The checks and rules of one config, loaded once, for judging made-up
+/// or replayed transactions one after another.
+pub struct Judge {
+    engine: Arc<Engine>,
+    rules: Arc<crate::rules::RuleSet>,
+    names: bool,
+}
+
+impl Judge {
+    /// `no_dns`: the DNS-based checks off.
+    pub fn new(cfg: Config, no_dns: bool) -> Result<Judge, String> {
+        Self::with(cfg, no_dns, |_| {})
     }
-    let rules = crate::rules::load(&cfg)
-        .map_err(|e| e.to_string())?
-        .current();
-    let dns = Dns::new(&cfg.dns).map_err(|e| e.to_string())?;
-    // No memory: to greylisting every triplet is new.
-    let store = Arc::new(Store::in_memory(1000, Arc::new(SystemClock)));
-    let engine = Arc::new(Engine::new(&cfg, dns, store));
+
+    /// Like `new`, after `adjust` has changed the checks' config.
+    pub fn with(
+        mut cfg: Config,
+        no_dns: bool,
+        adjust: impl FnOnce(&mut crate::config::ChecksConfig),
+    ) -> Result<Judge, String> {
+        if no_dns {
+            let c = &mut cfg.checks;
+            for m in [
+                &mut c.spf.mode,
+                &mut c.dkim.mode,
+                &mut c.dmarc.mode,
+                &mut c.iprev.mode,
+                &mut c.arc.mode,
+                &mut c.dnsbl.mode,
+                &mut c.uribl.mode,
+            ] {
+                *m = Mode::Off;
+            }
+        }
+        adjust(&mut cfg.checks);
+        let rules = crate::rules::load(&cfg)
+            .map_err(|e| e.to_string())?
+            .current();
+        let dns = Dns::new(&cfg.dns).map_err(|e| e.to_string())?;
+        // No memory: to greylisting every triplet is new.
+        let store = Arc::new(Store::in_memory(100_000, Arc::new(SystemClock)));
+        let engine = Arc::new(Engine::new(&cfg, dns, store));
+        Ok(Judge {
+            engine,
+            rules,
+            names: !no_dns,
+        })
+    }
+
+    /// One transaction through the screen.
+    pub async fn judge(&self, input: &Sample) -> Result<Explained, String> {
+        judge(
+            Arc::clone(&self.engine),
+            Arc::clone(&self.rules),
+            self.names,
+            input,
+        )
+        .await
+    }
+}
+
+async fn judge(
+    engine: Arc<Engine>,
+    rules: Arc<crate::rules::RuleSet>,
+    names: bool,
+    input: &Sample,
+) -> Result<Explained, String> {
     // The client's name as an MTA asking for it (XCLIENT) would see it.
-    let mut screen = Screen::new(engine, rules, input.ip, !input.no_dns);
+    let mut screen = Screen::new(engine, rules, input.ip, names);
     let admitted = screen.admit().await;
     screen.helo(&input.helo);
     screen.tls(input.tls);

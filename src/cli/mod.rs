@@ -8,5 +8,6 @@ pub mod check;
 pub mod explain;
 pub mod logs;
 pub mod man;
+pub mod replay;
 pub mod stats;
 pub mod trace;

@@ -40,6 +40,7 @@ pub mod key {
     pub const SCANNER_SYMBOLS: &str = "scanner_symbols";
     pub const RULES: &str = "rules";
     pub const POLICY: &str = "policy";
+    pub const MESSAGE_ID: &str = "message_id";
     pub const LIST: &str = "list";
     pub const RCPT_DOMAINS: &str = "rcpt_domains";
     pub const HITS: &str = "hits";
@@ -129,6 +130,8 @@ pub struct CheckLog {
     pub scanner: String,
     /// Its symbols, highest scores first: `BAYES_SPAM=5.10`.
     pub scanner_symbols: Vec<String>,
+    /// The message's Message-ID (without brackets), once DATA was read.
+    pub message_id: String,
     /// The recipients' policy (`policies/NAME.yaml`); empty: the gate's.
     pub policy: String,
     /// An allow or block entry that decided: `allow:ENTRY(ORIGIN)`, where
@@ -231,6 +234,7 @@ impl TxnRecord<'_> {
             { key::SCANNER_SYMBOLS } = tracing::field::display(self.checks.scanner_symbols.join(" ")),
             { key::RULES } = tracing::field::display(self.checks.rules.join(" ")),
             { key::POLICY } = self.checks.policy.as_str(),
+            { key::MESSAGE_ID } = self.checks.message_id.as_str(),
             { key::LIST } = self.checks.list.as_str(),
             { key::RCPT_DOMAINS } = tracing::field::display(self.checks.rcpt_domains.join(" ")),
             { key::HITS } = tracing::field::display(self.checks.hits.join(" ")),

@@ -34,6 +34,7 @@ mod props;
 mod rate_limits;
 mod relay;
 mod reload;
+mod replay;
 mod reputation;
 mod rules;
 mod scanner;
