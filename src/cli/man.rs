@@ -14,7 +14,7 @@ pub fn section(sub: &str) -> &'static str {
 
 /// Every page's SEE ALSO: the other pages and the installed documents.
 fn see_also(sub: &str) -> String {
-    let mut pages: Vec<String> = ["", "run", "check", "stats", "explain", "trace"]
+    let mut pages: Vec<String> = ["", "run", "check", "stats", "explain", "replay", "trace"]
         .iter()
         .filter(|s| **s != sub)
         .map(|s| {
@@ -92,6 +92,9 @@ pub fn extra(sub: &str) -> String {
             .to_string(),
         "explain" => format!(
             "{FILES}.SH \"EXIT STATUS\"\n0 with the explanation; 1 when the config does not load or the message cannot be read.\n{ENVIRONMENT}.SH EXAMPLES\n.nf\nportcullis explain \\-\\-ip 192.0.2.1 \\-\\-helo mx.example.net \\-\\-from a@example.net \\-\\-rcpt b@example.org \\-\\-message spam.eml\n.fi\n"
+        ),
+        "replay" => format!(
+            "{FILES}.SH \"EXIT STATUS\"\n0 when every path was read (messages that could not be judged are reported on their line and counted); 1 when the config does not load or a path cannot be read.\n{ENVIRONMENT}.SH EXAMPLES\n.nf\nportcullis replay \\-\\-no\\-dns ~/Maildir\nportcullis replay \\-\\-log /var/log/portcullis/gate.log /var/mail/archive.mbox\n.fi\n"
         ),
         "trace" => ".SH \"EXIT STATUS\"\n0 with the session's lines; 1 when the id is in no line.\n.SH EXAMPLES\n.nf\njournalctl \\-u portcullis \\-o short\\-iso | portcullis trace 6b0d751000001e\nportcullis trace 4XyZ1234 /var/log/portcullis/gate.log*\n.fi\n".to_string(),
         _ => String::new(),

@@ -617,6 +617,7 @@ fn man_pages_for_every_subcommand() {
         [
             "portcullis-check.1",
             "portcullis-explain.1",
+            "portcullis-replay.1",
             "portcullis-run.8",
             "portcullis-stats.1",
             "portcullis-trace.1",

@@ -114,6 +114,7 @@ async fn the_package_installs_validates_runs_and_purges() {
         "/usr/share/man/man1/portcullis-check.1.gz",
         "/usr/share/man/man1/portcullis-stats.1.gz",
         "/usr/share/man/man1/portcullis-explain.1.gz",
+        "/usr/share/man/man1/portcullis-replay.1.gz",
         "/usr/share/man/man1/portcullis-trace.1.gz",
         "/usr/share/bash-completion/completions/portcullis",
         "/usr/share/zsh/vendor-completions/_portcullis",
