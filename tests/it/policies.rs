@@ -507,3 +507,151 @@ fn check_locates_policy_errors_and_explain_names_the_policy() {
         "{text}"
     );
 }
+
+/// The messages in a Maildir, once `n` have arrived (or the wait ran out).
+fn maildir(dir: &Path, n: usize, within: Duration) -> Vec<String> {
+    let until = std::time::Instant::now() + within;
+    loop {
+        let files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        if files.len() >= n || std::time::Instant::now() > until {
+            let mut all: Vec<String> = files
+                .iter()
+                .map(|f| std::fs::read_to_string(f).unwrap())
+                .collect();
+            all.sort();
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Real Postfix in front as the sending client (its queue and `smtp`
+/// client, relaying to the gate), real Postfix behind as the final MTA:
+/// one message to two recipients whose policies differ. The gate defers
+/// the second with 452 4.5.3; Postfix's client delivers the first, keeps
+/// the second in its queue and sends it again in a transaction of its
+/// own, which the gate judges by that recipient's policy. Both arrive,
+/// each once, and the sending queue ends empty.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Postfix and swaks (installed by .ci/run)"]
+async fn postfix_in_front_delivers_a_split_transaction_as_two() {
+    use common::peers::{Postfix, run};
+    let fin = Postfix::start_with(
+        "policy-final",
+        "virtual_mailbox_domains = example.test, strict.example.test\n",
+    );
+    let dir = rules_dir(
+        "e2e",
+        &[(
+            "strict.yaml",
+            "domains: [strict.example.test]\nthresholds: {tag: 100}\n",
+        )],
+    );
+    let mut cfg = common::config::in_front_of(fin.port, portcullis::config::IdentityMode::Auto);
+    cfg.rules_dir = Some(dir.clone());
+    cfg.limits.max_connections_per_ip = 100;
+    let gate = Gate::start_config(cfg).await;
+    // The sender: relays everything to the gate, and retries deferred
+    // recipients after a second instead of Postfix's default minutes.
+    let send = Postfix::start_with(
+        "policy-send",
+        &format!(
+            "virtual_mailbox_domains =\nrelayhost = [127.0.0.1]:{}\nminimal_backoff_time = 1s\nmaximal_backoff_time = 2s\nqueue_run_delay = 1s\nsmtp_helo_name = mx.sender.test\n",
+            gate.addr.port()
+        ),
+    );
+    let port = send.port;
+    let out = tokio::task::spawn_blocking(move || {
+        run(std::process::Command::new("swaks").args([
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--from",
+            "alice@sender.test",
+            "--to",
+            "bob@example.test,carol@strict.example.test",
+            "--header",
+            "Subject: you won a prize",
+            "--body",
+            "Two policies, one message.\n",
+            "--timeout",
+            "20",
+        ]))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let inbox = fin.inbox();
+    let mails = tokio::task::spawn_blocking(move || maildir(&inbox, 2, Duration::from_secs(40)))
+        .await
+        .unwrap();
+    assert_eq!(mails.len(), 2, "{mails:#?}");
+    let to = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("Delivered-To: "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut rcpts: Vec<String> = mails.iter().map(|m| to(m)).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["bob@example.test", "carol@strict.example.test"]);
+    // Each judged by its own policy: PRIZE scores 6, over the gate's tag
+    // threshold (5) and under this policy's (100).
+    for m in &mails {
+        assert!(m.contains("X-Spam-Score: 6.0"), "{m}");
+        let tagged = m.contains("X-Spam-Flag: YES");
+        assert_eq!(tagged, to(m) == "bob@example.test", "{m}");
+    }
+    // The sender saw the deferral and retried.
+    let log = std::fs::read_to_string(send.run.join("maillog")).unwrap_or_default();
+    assert!(
+        log.contains("452 4.5.3 Recipient has a different policy"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("status=sent").count(),
+        2,
+        "each recipient sent once: {log}"
+    );
+    // swaks straight at the gate: the second recipient is deferred, the
+    // first delivered.
+    let gate_port = gate.addr.port();
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("swaks")
+            .args(["--server", "127.0.0.1", "--port", &gate_port.to_string()])
+            .args(["--helo", "mx.sender.test", "--from", "alice@sender.test"])
+            .args(["--to", "dave@example.test,erin@strict.example.test"])
+            .args(["--timeout", "20"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("<** 452 4.5.3 "), "{out}");
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let inbox = fin.inbox();
+    let mails = tokio::task::spawn_blocking(move || maildir(&inbox, 3, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(
+        mails.iter().any(|m| to(m) == "dave@example.test")
+            && !mails.iter().any(|m| to(m) == "erin@strict.example.test"),
+        "{mails:#?}"
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let q = run(std::process::Command::new("postqueue")
+            .arg("-c")
+            .arg(&send.conf)
+            .arg("-p"));
+        if q.contains("Mail queue is empty") {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "still queued: {q}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
