@@ -22,6 +22,10 @@
 # SCANNERS=1 adds "clamd" and "rspamd": checks off but ClamAV (a one-signature
 # database) or rspamd (Debian's, stock rules, DNS from bench_dns) asked about
 # every message; it prints the latency each adds per message.
+# POLICIES=1 adds "rules" (checks off, the shipped rules), "pol1" (the
+# same plus one policy file, for the recipients' domain) and "pol200" (200
+# policy files, one of them for that domain): what per-recipient policies
+# cost, and whether it grows with their number.
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
@@ -29,6 +33,7 @@ cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
+POL1=12544; POL200=12545
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid $TMP/rspamd/run/rspamd.pid 2>/dev/null) 2>/dev/null || true; sleep 0.5; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
@@ -113,6 +118,25 @@ rules_dir: $PWD/rules" warn $TMP/links.log ""
   gate rules $RULES_PORT "$OFF_CHECKS
 rules_dir: $PWD/rules" warn $TMP/rules.log ""
   TARGETS="$TARGETS rules:$RULES_PORT links:$LINKS_PORT"
+fi
+if [ -n "${POLICIES:-}" ]; then
+  for n in 1 200; do
+    d=$TMP/rules$n; cp -r rules $d; mkdir -p $d/policies
+    printf 'domains: [example.test]\nthresholds: {reject: 20, tag: 4}\nchecks: {greylist: {mode: off}}\n' >$d/policies/example.test.yaml
+    for i in $(seq 2 $n); do
+      printf 'domains: [d%d.test, "*.d%d.test"]\nthresholds: {reject: %d}\nallow: {senders: [partner%d.test]}\n' $i $i $((10 + i % 7)) $i >$d/policies/d$i.test.yaml
+    done
+  done
+  if [ -z "${LINKS:-}" ]; then
+    gate rules $RULES_PORT "$OFF_CHECKS
+rules_dir: $PWD/rules" warn $TMP/rules.log ""
+    TARGETS="$TARGETS rules:$RULES_PORT"
+  fi
+  gate pol1 $POL1 "$OFF_CHECKS
+rules_dir: $TMP/rules1" warn $TMP/pol1.log ""
+  gate pol200 $POL200 "$OFF_CHECKS
+rules_dir: $TMP/rules200" warn $TMP/pol200.log ""
+  TARGETS="$TARGETS pol1:$POL1 pol200:$POL200"
 fi
 if [ -n "${SCANNERS:-}" ]; then
   mkdir -p $TMP/clamd/db $TMP/rspamd/local/override.d $TMP/rspamd/run

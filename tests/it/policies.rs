@@ -655,3 +655,33 @@ async fn postfix_in_front_delivers_a_split_transaction_as_two() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The example policy shipped with the rules loads once renamed, and the
+/// shipped rules directory loads with it in place.
+#[test]
+fn the_shipped_example_policy_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let text = std::fs::read_to_string(root.join("policies/example.org.yaml.example")).unwrap();
+    let dir = std::env::temp_dir().join(format!("portcullis-pol-example-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    for f in std::fs::read_dir(&root).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir.join("lists")).unwrap();
+    for f in std::fs::read_dir(root.join("lists")).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dir.join("lists").join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.join("policies/example.org.yaml"), text).unwrap();
+    let set = portcullis::rules::RuleSet::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = set
+        .policies
+        .find("a@mail.example.org")
+        .expect("example policy");
+    assert_eq!(p.name, "example.org");
+    assert_eq!(p.thresholds.reject, Some(10.0));
+}
