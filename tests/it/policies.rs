@@ -153,9 +153,9 @@ async fn the_milter_splits_and_judges_by_policy_too() {
 }
 
 /// A domain's allow list: its sender skips the rules (BAD_HELO would
-/// refuse at RCPT) but not the size limit; another domain's recipient of
-/// the same transaction is deferred (its verdict would differ); the log
-/// line names the entry and where it came from.
+/// refuse at RCPT) but not the size limit nor the virus scan; another
+/// domain's recipient of the same transaction is deferred (its verdict
+/// would differ).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_allow_list_skips_the_checks_but_not_the_limits() {
     let dir = rules_dir(
@@ -171,8 +171,11 @@ async fn an_allow_list_skips_the_checks_but_not_the_limits() {
     )
     .unwrap();
     let mta = FakeMta::start(Script::default()).await;
+    let clamd = common::clamd::FakeClamd::start(b"TEST-VIRUS-MARK", "Test.Virus").await;
     let mut cfg = config(&mta, &dir);
     cfg.limits.max_message_size = common::config::kib(4);
+    cfg.checks.antivirus.mode = Mode::Enforce;
+    cfg.checks.antivirus.clamd = portcullis::config::Endpoint::Tcp(clamd.addr);
     let g = Gate::start_config(cfg).await;
     let mut c = Client::connect(g.addr).await;
     c.reply().await;
@@ -197,9 +200,17 @@ async fn an_allow_list_skips_the_checks_but_not_the_limits() {
     let big = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(8 * 1024));
     c.send(big.as_bytes()).await;
     c.cmd(".", "552").await;
+    // And the virus scan.
+    c.cmd("MAIL FROM:<news@lists.friend.test>", "250").await;
+    c.cmd("RCPT TO:<b@partner.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: invoice\r\n\r\nTEST-VIRUS-MARK\r\n").await;
+    let r = c.cmd(".", "554").await;
+    assert!(r.contains("Test.Virus"), "{r}");
     c.cmd("QUIT", "221").await;
     assert_eq!(mta.stored().len(), 1);
     assert_eq!(mta.stored()[0].rcpts, ["<b@partner.test>"]);
+    assert_eq!(clamd.scanned(), 2, "the clean and the infected message");
 }
 
 /// Block lists refuse at RCPT with 550 5.7.1, for the policy's
