@@ -58,6 +58,24 @@ impl fmt::Display for RuleError {
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct RuleErrors(pub Vec<RuleError>);
 
+impl From<crate::yaml::YamlError> for RuleError {
+    /// A file that is not valid YAML of the expected shape, where serde
+    /// stopped.
+    fn from(e: crate::yaml::YamlError) -> RuleError {
+        RuleError {
+            file: e.file,
+            line: e.line,
+            column: e.column,
+            rule: None,
+            message: if e.path.is_empty() || e.path == "." {
+                e.message
+            } else {
+                format!("{}: {}", e.path, e.message)
+            },
+        }
+    }
+}
+
 impl fmt::Display for RuleErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {
@@ -190,17 +208,7 @@ impl RuleSet {
             let parsed: model::RuleFile = match yaml::parse(text, path) {
                 Ok(f) => f,
                 Err(e) => {
-                    errors.push(RuleError {
-                        file: e.file,
-                        line: e.line,
-                        column: e.column,
-                        rule: None,
-                        message: if e.path.is_empty() || e.path == "." {
-                            e.message
-                        } else {
-                            format!("{}: {}", e.path, e.message)
-                        },
-                    });
+                    errors.push(RuleError::from(e));
                     continue;
                 }
             };

@@ -346,17 +346,7 @@ impl Policies {
             let def: PolicyFile = match crate::yaml::parse(text, path) {
                 Ok(d) => d,
                 Err(e) => {
-                    errors.push(RuleError {
-                        file: e.file,
-                        line: e.line,
-                        column: e.column,
-                        rule: None,
-                        message: if e.path.is_empty() || e.path == "." {
-                            e.message
-                        } else {
-                            format!("{}: {}", e.path, e.message)
-                        },
-                    });
+                    errors.push(RuleError::from(e));
                     continue;
                 }
             };

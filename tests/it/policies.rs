@@ -211,6 +211,25 @@ async fn an_allow_list_skips_the_checks_but_not_the_limits() {
     assert_eq!(mta.stored().len(), 1);
     assert_eq!(mta.stored()[0].rcpts, ["<b@partner.test>"]);
     assert_eq!(clamd.scanned(), 2, "the clean and the infected message");
+    // The log line names the entry and where it came from.
+    let mut cfg = config(&mta, &dir);
+    cfg.checks.antivirus.mode = Mode::Off;
+    let x = portcullis::cli::explain::run(
+        cfg,
+        &portcullis::cli::explain::Sample {
+            ip: "192.0.2.1".parse().unwrap(),
+            helo: "bad.test".into(),
+            from: "news@lists.friend.test".into(),
+            rcpts: vec!["b@partner.test".into()],
+            message: Some(b"Subject: hi\r\n\r\nhi\r\n".to_vec()),
+            tls: false,
+            no_dns: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(x.log.list, "allow:friend.test(lists/partner-allow.txt:2)");
+    assert_eq!(x.log.policy, "partner");
 }
 
 /// Block lists refuse at RCPT with 550 5.7.1, for the policy's
@@ -481,20 +500,23 @@ fn check_locates_policy_errors_and_explain_names_the_policy() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("policies ok: 1 in"), "{text}");
+    // `check` exits 1 on a broken policy; what it said.
+    let refused = || {
+        let out = bin()
+            .args(["check", "--config"])
+            .arg(&cfg_path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
 
     std::fs::write(
         dir.join("policies/broken.yaml"),
         "domains: [broken.test]\nchecks:\n  spf: {mode: enforce}\n  greylist: {mode: sometimes}\n",
     )
     .unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(&cfg_path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = refused();
     assert!(
         text.contains("policies/broken.yaml:4:20: checks.?.mode: checks.greylist.mode: unknown variant `sometimes`"),
         "{text}"
@@ -505,14 +527,7 @@ fn check_locates_policy_errors_and_explain_names_the_policy() {
         "domains: [broken.test]\nchecks:\n  spf: {mode: enforce}\n",
     )
     .unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(&cfg_path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = refused();
     assert!(
         text.contains("policies/broken.yaml:3:3: checks.spf: the gate has spf off"),
         "{text}"
