@@ -8,7 +8,7 @@ N=${1:-5000}; M=${2:-100}
 cd "$(dirname "$0")/.."
 SINK_PORT=${SINK_PORT:-12625}; GATE_PORT=${GATE_PORT:-12626}
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf $TMP' EXIT
-ulimit -n $((N + 1000))
+ulimit -n $(( N + 1000 < $(ulimit -Hn) ? N + 1000 : $(ulimit -Hn) ))
 cargo build --release --ignore-rust-version -q
 (smtp-sink -u nobody 127.0.0.1:$SINK_PORT 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
 cat >$TMP/gate.yaml <<YAML

@@ -787,7 +787,13 @@ where
     // Idle connections give their buffers back after a second.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = gate.rss_kib();
-    ((during - before) * 1024 / n as u64, during, held)
+    // Saturating: with so little per connection, memory freed by an
+    // earlier flood and used again can leave RSS lower than before.
+    (
+        during.saturating_sub(before) * 1024 / n as u64,
+        during,
+        held,
+    )
 }
 
 /// An idle MTA connection costs about what an idle SMTP session does

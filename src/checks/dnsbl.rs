@@ -298,7 +298,7 @@ impl Check for DnsblCheck {
     fn start(&self, client: &Client, pending: &mut Pending) {
         if self.on() && !client.dnsbl_known_good && self.dnsbl.ip_zones().next().is_some() {
             let (bl, ip) = (Arc::clone(&self.dnsbl), client.ip);
-            pending.dnsbl = Some(tokio::spawn(async move { bl.check_ip(ip).await }));
+            pending.dnsbl = Some(super::Lookup::spawn(async move { bl.check_ip(ip).await }));
         }
     }
 

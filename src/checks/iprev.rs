@@ -30,7 +30,7 @@ pub fn start_lookup(dns: &Arc<Dns>, client: &Client, pending: &mut Pending) {
         return;
     }
     let (dns, ip) = (Arc::clone(dns), client.ip);
-    pending.iprev = Some(tokio::spawn(async move {
+    pending.iprev = Some(super::Lookup::spawn(async move {
         let (auth, cache) = dns.auth();
         auth.verify_iprev(mail_auth::dns::Parameters::new(ip).with_cache(cache))
             .await

@@ -52,9 +52,37 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::task::JoinHandle;
 
 pub use crate::wire::stage::Stage;
+
+/// A lookup running in a task of its own, whose answer is kept apart from
+/// the task: the task (sized for the resolver's future, a KiB or two) is
+/// freed as soon as it answers, not when the session gets round to
+/// reading the answer, which for a client that idles may be never.
+pub struct Lookup<T>(tokio::sync::oneshot::Receiver<T>);
+
+impl<T: Send + 'static> Lookup<T> {
+    pub fn spawn(work: impl Future<Output = T> + Send + 'static) -> Lookup<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // The session may have ended: then nobody wants the answer.
+            let _ = tx.send(work.await);
+        });
+        Lookup(rx)
+    }
+}
+
+impl<T> Future for Lookup<T> {
+    /// Err: the lookup's task ended without an answer (it panicked).
+    type Output = Result<T, tokio::sync::oneshot::error::RecvError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
 
 /// What a hook returns: it has added its findings when it resolves.
 pub type Hook<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -144,9 +172,9 @@ impl Client {
 /// Lookups started at connect and awaited when a stage needs them.
 #[derive(Default)]
 pub struct Pending {
-    pub dnsbl: Option<JoinHandle<Vec<ZoneOutcome>>>,
+    pub dnsbl: Option<Lookup<Vec<ZoneOutcome>>>,
     /// PTR plus forward confirmation: for iprev and for upstream.
-    pub iprev: Option<JoinHandle<IprevOutput>>,
+    pub iprev: Option<Lookup<IprevOutput>>,
     /// Keep the iprev result as a check result (not only the names).
     pub iprev_is_check: bool,
 }
@@ -168,6 +196,41 @@ pub struct TxnFacts {
     /// The recipients' policy, once the first recipient chose it (None:
     /// the gate's).
     pub policy: Option<Arc<Policy>>,
+}
+
+/// A transaction's facts, allocated on first change: a client that never
+/// sends MAIL (most of a flood) costs no room for them. Reads before then
+/// see an empty transaction.
+#[derive(Debug, Clone, Default)]
+pub struct LazyTxn(Option<Box<TxnFacts>>);
+
+static NO_TXN: std::sync::LazyLock<TxnFacts> = std::sync::LazyLock::new(TxnFacts::default);
+
+impl LazyTxn {
+    pub fn new(t: TxnFacts) -> LazyTxn {
+        LazyTxn(Some(Box::new(t)))
+    }
+
+    /// Starts over with `t`, reusing the room of the last transaction.
+    pub fn set(&mut self, t: TxnFacts) {
+        match &mut self.0 {
+            Some(b) => **b = t,
+            None => self.0 = Some(Box::new(t)),
+        }
+    }
+}
+
+impl std::ops::Deref for LazyTxn {
+    type Target = TxnFacts;
+    fn deref(&self) -> &TxnFacts {
+        self.0.as_deref().unwrap_or(&NO_TXN)
+    }
+}
+
+impl std::ops::DerefMut for LazyTxn {
+    fn deref_mut(&mut self) -> &mut TxnFacts {
+        self.0.get_or_insert_with(Box::default)
+    }
 }
 
 /// What the checks found so far in a transaction.
@@ -194,7 +257,7 @@ pub use crate::telemetry::CheckLog;
 #[derive(Clone)]
 pub struct Facts {
     pub client: Client,
-    pub txn: TxnFacts,
+    pub txn: LazyTxn,
     /// The rules this client's session started with.
     pub rules: Arc<RuleSet>,
 }

@@ -270,12 +270,13 @@ impl Check for RateLimits {
         Box::pin(async move {
             let size = f.txn.size.unwrap_or(0);
             if let Some(r) = self.take(f, RateCount::Bytes, size).await {
+                let why = reason(f);
                 f.txn.found.findings.push(Finding::under(
                     Mode::Enforce,
                     "rate_limit",
                     Action::Tempfail,
                     "exceeded".into(),
-                    reason(f),
+                    why,
                     r,
                 ));
             }

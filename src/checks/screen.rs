@@ -41,12 +41,12 @@ pub struct Screen {
     known: Known,
     /// The connection's own findings, found once and copied into each
     /// transaction.
-    connection: Option<Found>,
+    connection: Option<Box<Found>>,
     /// The rules the session started with (a policy may use fewer).
     gate_rules: Arc<RuleSet>,
     /// With policies or lists per recipient: what the MAIL stage found,
     /// judged again under each recipient's policy.
-    mail_found: Option<Found>,
+    mail_found: Option<Box<Found>>,
     /// The policy (by address; 0: the gate's) and allow-listing the
     /// transaction's recipients share.
     txn_key: Option<(usize, bool)>,
@@ -99,7 +99,7 @@ impl Screen {
         Screen {
             facts: Facts {
                 client,
-                txn: TxnFacts::default(),
+                txn: super::LazyTxn::default(),
                 rules: Arc::clone(&rules),
             },
             gate_rules: rules,
@@ -235,7 +235,9 @@ impl Screen {
         self.start();
         for c in engine.checks.iter().filter(|c| !c.always()) {
             c.admit(&mut self.facts).await;
-            if let Some(refused) = self.facts.txn.found.refuse_now.take() {
+            if self.facts.txn.found.refuse_now.is_some()
+                && let Some(refused) = self.facts.txn.found.refuse_now.take()
+            {
                 return Some(refused);
             }
         }
@@ -265,7 +267,7 @@ impl Screen {
     /// For `reject_at: connect`: the verdict on the connection before the
     /// greeting (the DNSBL listings of its address, iprev).
     pub async fn greeting(&mut self) -> Outcome {
-        self.facts.txn = TxnFacts::default();
+        self.facts.txn.set(TxnFacts::default());
         if !self.facts.client.allowed {
             self.facts.txn.found = self.connection().await;
         }
@@ -275,11 +277,11 @@ impl Screen {
     /// MAIL: the limits, then (unless the client or sender is allow-listed)
     /// the connection's findings and every check of the MAIL stage.
     pub async fn mail(&mut self, sender: &str, declared_size: Option<u64>) -> Screened {
-        self.facts.txn = TxnFacts {
+        self.facts.txn.set(TxnFacts {
             sender: sender.to_string(),
             declared_size,
             ..TxnFacts::default()
-        };
+        });
         self.facts.rules = Arc::clone(&self.gate_rules);
         self.mail_found = None;
         self.txn_key = None;
@@ -304,7 +306,7 @@ impl Screen {
         let outcome = self.decide();
         if self.per_recipient() {
             // Each recipient's policy and lists judge this at RCPT.
-            self.mail_found = Some(self.facts.txn.found.clone());
+            self.mail_found = Some(Box::new(self.facts.txn.found.clone()));
             return Screened::Verdict(Outcome {
                 decision: Decision::Accept,
                 reason: String::new(),
@@ -378,7 +380,7 @@ impl Screen {
             .unwrap_or_else(|| Arc::clone(&self.gate_rules));
         let rcpt = std::mem::take(&mut self.facts.txn.rcpt);
         let list = std::mem::take(&mut self.facts.txn.found.log.list);
-        self.facts.txn.found = base.clone();
+        self.facts.txn.found = (**base).clone();
         if !Arc::ptr_eq(&rules, &self.gate_rules) {
             super::rules::unapply(&mut self.facts.txn.found);
             self.facts.rules = rules;
@@ -582,7 +584,7 @@ impl Screen {
     /// connect, runs each check's connect stage once.
     async fn connection(&mut self) -> Found {
         if let Some(found) = &self.connection {
-            return found.clone();
+            return (**found).clone();
         }
         self.start();
         let looked_up = self.pending.dnsbl.is_some();
@@ -593,7 +595,8 @@ impl Screen {
         for c in engine.checks.iter().filter(|c| !c.always()) {
             c.connect(&mut self.facts).await;
         }
-        let found = std::mem::replace(&mut self.facts.txn, txn).found;
+        let mut connected = std::mem::replace(&mut self.facts.txn, txn);
+        let found = std::mem::take(&mut connected.found);
         let refused = found
             .findings
             .iter()
@@ -601,7 +604,7 @@ impl Screen {
         if let Some(r) = engine.reputation.as_ref().filter(|_| looked_up && !refused) {
             r.dnsbl_passed(self.facts.client.ip).await;
         }
-        self.connection = Some(found.clone());
+        self.connection = Some(Box::new(found.clone()));
         found
     }
 

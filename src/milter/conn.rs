@@ -3,6 +3,7 @@
 //! the buffers back while the MTA is quiet.
 
 use super::conversation::{Conversation, Flow};
+use crate::runtime::scratch::read_quiet;
 use crate::wire::milter::Decoder;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,10 @@ impl Conversation {
     /// Serves the MTA until it quits, goes silent past `milter.timeout`
     /// (before the option negotiation: `milter.negotiate_timeout` from
     /// connecting), or sends what is not the protocol.
-    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(mut self, mut io: S) {
+    ///
+    /// Boxed, and each packet's handling boxed: what an idle MTA
+    /// connection holds is little more than the conversation.
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(mut self: Box<Self>, mut io: S) {
         let cfg = Arc::clone(&self.shared.snapshot().cfg);
         let wait = cfg.milter.timeout.0;
         // An MTA reads its replies at once; one that does not is cut off
@@ -37,7 +41,7 @@ impl Conversation {
             loop {
                 match decoder.command() {
                     Ok(Some(c)) => {
-                        if let Flow::Quit = self.handle(c, &mut out).await {
+                        if let Flow::Quit = Box::pin(self.handle(c, &mut out)).await {
                             let _ = write(&mut io, &out, write_limit).await;
                             break 'conversation "quit";
                         }
@@ -66,14 +70,11 @@ impl Conversation {
             let read = match tokio::time::timeout_at(quick, io.read_buf(&mut buf)).await {
                 Ok(r) => Ok(r),
                 Err(_) => {
-                    // Quiet: an idle MTA connection keeps no large buffer.
-                    if buf.capacity() > IDLE_READ {
-                        buf = Vec::with_capacity(IDLE_READ);
-                    }
+                    // Quiet: an idle MTA connection keeps no buffer.
                     out = Vec::new();
                     decoder.shrink();
                     want = IDLE_READ;
-                    tokio::time::timeout_at(until, io.read_buf(&mut buf)).await
+                    tokio::time::timeout_at(until, read_quiet(&mut io, &mut buf, &mut [])).await
                 }
             };
             match read {

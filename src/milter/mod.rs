@@ -65,7 +65,7 @@ pub async fn serve<S>(io: S, id: String, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    Conversation::new(id, shared).run(io).await;
+    Box::new(Conversation::new(id, shared)).run(io).await;
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 pub mod accept;
 pub mod descriptors;
 pub mod limits;
+pub mod scratch;
 pub mod shutdown;
 
 use tokio::io::{AsyncRead, AsyncWrite};

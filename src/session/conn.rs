@@ -38,7 +38,7 @@ impl ClientConn {
             io,
             rbuf: initial,
             rpos: 0,
-            wbuf: Vec::with_capacity(256),
+            wbuf: Vec::new(),
             shutdown,
             deadline,
         }
@@ -141,13 +141,32 @@ impl ClientConn {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
         }
-        self.rbuf.reserve(chunk);
+        // Between commands nothing is pending: an idle session keeps no
+        // buffer, and what arrives is read into the thread's scratch
+        // buffer and kept at its size. Message data is read straight in.
+        let scratch = chunk <= COMMAND_READ && self.rbuf.is_empty();
+        if !scratch {
+            self.rbuf.reserve(chunk);
+        }
         let until = until.min(self.deadline);
-        let (io, rbuf, shutdown) = (&mut self.io, &mut self.rbuf, &mut self.shutdown);
+        let (io, rbuf, wbuf, shutdown) = (
+            &mut self.io,
+            &mut self.rbuf,
+            &mut self.wbuf,
+            &mut self.shutdown,
+        );
+        let read = async {
+            if scratch {
+                // Quiet: nothing to read, nothing to write.
+                crate::runtime::scratch::read_quiet(io, rbuf, &mut [wbuf]).await
+            } else {
+                io.read_buf(rbuf).await
+            }
+        };
         tokio::select! {
             biased;
             _ = shutdown.reached(stop_at) => Fill::Shutdown,
-            r = tokio::time::timeout_at(until, io.read_buf(rbuf)) => match r {
+            r = tokio::time::timeout_at(until, read) => match r {
                 Ok(Ok(0)) | Ok(Err(_)) => Fill::Closed,
                 Ok(Ok(_)) => Fill::Data,
                 Err(_) => Fill::Timeout,
@@ -330,13 +349,23 @@ impl Session {
 
     /// Flushes queued replies and reads more input.
     pub(super) async fn fill(&mut self, until: tokio::time::Instant, chunk: usize) -> Fill {
-        match self.flush().await {
+        match self.flush_boxed().await {
             Flushed::Done => {}
             Flushed::Failed => return Fill::Closed,
             Flushed::Shutdown => return Fill::Shutdown,
         }
         let stop_at = self.stop_phase();
         self.conn.read_more(until, chunk, stop_at).await
+    }
+
+    /// `flush` from the waits every idle session sits in: boxed, and only
+    /// when there is something to write, so that a write's state is not
+    /// part of every idle session's future.
+    async fn flush_boxed(&mut self) -> Flushed {
+        if self.conn.queued() == 0 && self.write_failed.is_none() {
+            return Flushed::Done;
+        }
+        Box::pin(self.flush()).await
     }
 
     /// The next command line, without its line end.
@@ -352,7 +381,7 @@ impl Session {
             // Pipelining does not entitle a client to unbounded replies:
             // past the cap, its next command waits until they are written.
             if self.conn.queued() >= REPLY_QUEUE_CAP {
-                match self.flush().await {
+                match self.flush_boxed().await {
                     Flushed::Done => {}
                     Flushed::Failed => return Line::Closed,
                     Flushed::Shutdown => return Line::Shutdown,

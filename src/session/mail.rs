@@ -30,7 +30,7 @@ impl Session {
         if let TxnPhase::Doomed { .. } = phase {
             // Delayed reject: accept MAIL here (upstream never hears of it) and
             // refuse every RCPT, so the log line names sender and recipients.
-            self.txn = Some(Ledger::new(m.address, started, score, phase));
+            self.txn = Some(Box::new(Ledger::new(m.address, started, score, phase)));
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
         }
@@ -55,7 +55,12 @@ impl Session {
             Ok(r) => {
                 self.relay(&r);
                 if r.is_positive() {
-                    self.txn = Some(Ledger::new(m.address, started, score, TxnPhase::Open));
+                    self.txn = Some(Box::new(Ledger::new(
+                        m.address,
+                        started,
+                        score,
+                        TxnPhase::Open,
+                    )));
                 } else {
                     self.log_mail_refused(&m, started, score, &r, "upstream", &r.text());
                 }

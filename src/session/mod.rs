@@ -149,8 +149,8 @@ pub struct Session {
     esmtp: bool,
     tls: Option<TlsInfo>,
     offer: Offer,
-    txn: Option<Ledger>,
-    upstream: Option<UpstreamConn>,
+    txn: Option<Box<Ledger>>,
+    upstream: Option<Box<UpstreamConn>>,
     /// The HELO name upstream was told about on the open connection.
     upstream_helo: Option<String>,
     errors: usize,
@@ -213,43 +213,26 @@ impl Session {
     }
 
     /// Runs the session to its end.
-    pub async fn run(mut self) {
-        // Connection rate limits and what earlier connections showed; the
-        // checks' lookups start here, while the greeting test runs.
-        if let Some((r, reason)) = self.screen.admit().await {
-            self.refuse_connection(&r, &reason).await;
+    ///
+    /// The session's future is what every connection holds while it is
+    /// idle, so the steps that await much (the opening checks, each
+    /// command, the farewell) are boxed: their state exists only while
+    /// they run, and an idle session is little more than `Session`.
+    ///
+    /// Boxed: an `async fn` taking the session by value would hold it
+    /// twice (the argument and its moved copy).
+    pub async fn run(mut self: Box<Self>) {
+        self.serve().await
+    }
+
+    async fn serve(&mut self) {
+        if !Box::pin(self.open()).await {
             return;
         }
-        if let Some(delay) = self.rt.cfg.greeting.delay
-            && self.screen.greeting_test_wanted()
-        {
-            // A DNS allow list ends the test early, as postscreen's
-            // dnsbl_allowlist_threshold does.
-            let talked = tokio::select! {
-                talked = self.conn.talks_within(delay.0) => Some(talked),
-                () = self.screen.dns_allowed() => None,
-            };
-            match talked {
-                Some(true) => {
-                    self.screen.refused_at_connect("pregreet").await;
-                    self.refuse_connection(&reply::PREGREET, "pregreet").await;
-                    return;
-                }
-                Some(false) => self.screen.greeting_test_passed().await,
-                None => {}
-            }
-        }
-        if let Some((r, reason)) = self.screen.refuse_at_connect().await {
-            tracing::debug!(session = %self.peer.id, dnsbl = ?self.screen.log().dnsbl, "refused at connect");
-            self.refuse_connection(&r, &reason).await;
-            return;
-        }
-        let greeting = format!("220 {} ESMTP Portcullis\r\n", self.rt.cfg.hostname);
-        self.conn.queue_raw(greeting.as_bytes());
         loop {
             let line = self.next_line().await;
             let next = match line {
-                Line::Command(l) => self.handle(&l).await,
+                Line::Command(l) => Box::pin(self.handle(&l)).await,
                 Line::TooLong => self.error(reply::LINE_TOO_LONG),
                 Line::BareNewline => self.error(reply::BARE_NEWLINE_IN_COMMAND),
                 Line::Closed => Next::Close,
@@ -281,12 +264,57 @@ impl Session {
                 break;
             }
         }
+        Box::pin(self.finish()).await;
+    }
+
+    /// The transaction left open, the last replies, the close, and QUIT
+    /// upstream.
+    async fn finish(&mut self) {
         self.end_txn_abandoned(self.gone());
         let _ = self.flush().await;
         self.close().await;
         if let Some(up) = self.upstream.take() {
             up.quit().await;
         }
+    }
+
+    /// Before the greeting: admission, the greeting test, a refusal at
+    /// connect; then the greeting is queued. False: the client was
+    /// refused and the connection closed.
+    async fn open(&mut self) -> bool {
+        // Connection rate limits and what earlier connections showed; the
+        // checks' lookups start here, while the greeting test runs.
+        if let Some((r, reason)) = self.screen.admit().await {
+            self.refuse_connection(&r, &reason).await;
+            return false;
+        }
+        if let Some(delay) = self.rt.cfg.greeting.delay
+            && self.screen.greeting_test_wanted()
+        {
+            // A DNS allow list ends the test early, as postscreen's
+            // dnsbl_allowlist_threshold does.
+            let talked = tokio::select! {
+                talked = self.conn.talks_within(delay.0) => Some(talked),
+                () = self.screen.dns_allowed() => None,
+            };
+            match talked {
+                Some(true) => {
+                    self.screen.refused_at_connect("pregreet").await;
+                    self.refuse_connection(&reply::PREGREET, "pregreet").await;
+                    return false;
+                }
+                Some(false) => self.screen.greeting_test_passed().await,
+                None => {}
+            }
+        }
+        if let Some((r, reason)) = self.screen.refuse_at_connect().await {
+            tracing::debug!(session = %self.peer.id, dnsbl = ?self.screen.log().dnsbl, "refused at connect");
+            self.refuse_connection(&r, &reason).await;
+            return false;
+        }
+        let greeting = format!("220 {} ESMTP Portcullis\r\n", self.rt.cfg.hostname);
+        self.conn.queue_raw(greeting.as_bytes());
+        true
     }
 
     fn cfg(&self) -> &Config {

@@ -24,7 +24,7 @@ impl Session {
         };
         match self.shared.upstream.open(&who).await {
             Ok(conn) => {
-                self.upstream = Some(conn);
+                self.upstream = Some(Box::new(conn));
                 self.upstream_helo = self.helo.clone();
                 Ok(())
             }

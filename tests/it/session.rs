@@ -78,13 +78,13 @@ fn start(shared: Arc<Shared>, shutdown: &Shutdown) -> (Pipe, tokio::task::JoinHa
         local: "192.0.2.1:25".parse().unwrap(),
     };
     let task = tokio::spawn(
-        Session::new(
+        Box::new(Session::new(
             Box::new(server),
             peer,
             shared,
             shutdown.signal(),
             Vec::new(),
-        )
+        ))
         .run(),
     );
     (
