@@ -65,6 +65,26 @@ pub fn one_mail(dir: &Path) -> String {
     panic!("no mail arrived in {}", dir.display());
 }
 
+/// Every message in a Maildir's directory once `n` have arrived, or
+/// whatever is there when `within` has passed; sorted.
+pub fn mails(dir: &Path, n: usize, within: Duration) -> Vec<String> {
+    let until = Instant::now() + within;
+    loop {
+        let files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        if files.len() >= n || Instant::now() > until {
+            let mut all: Vec<String> = files
+                .iter()
+                .map(|f| std::fs::read_to_string(f).unwrap())
+                .collect();
+            all.sort();
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub struct Postfix {
     pub conf: PathBuf,
     pub run: PathBuf,

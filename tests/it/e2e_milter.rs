@@ -37,21 +37,7 @@ fn swaks(port: u16, ip: &str, from: &str, data: Option<&Path>, extra: &[&str]) -
 
 /// Every message in the Maildir once `n` have arrived (10 s at most).
 fn mails(dir: &Path, n: usize) -> Vec<String> {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let files: Vec<_> = std::fs::read_dir(dir)
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
-        if files.len() >= n || Instant::now() > until {
-            let mut all: Vec<String> = files
-                .iter()
-                .map(|f| std::fs::read_to_string(f).unwrap())
-                .collect();
-            all.sort();
-            return all;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::peers::mails(dir, n, Duration::from_secs(10))
 }
 
 #[tokio::test(flavor = "multi_thread")]

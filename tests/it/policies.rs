@@ -534,25 +534,6 @@ fn check_locates_policy_errors_and_explain_names_the_policy() {
     );
 }
 
-/// The messages in a Maildir, once `n` have arrived (or the wait ran out).
-fn maildir(dir: &Path, n: usize, within: Duration) -> Vec<String> {
-    let until = std::time::Instant::now() + within;
-    loop {
-        let files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
-        if files.len() >= n || std::time::Instant::now() > until {
-            let mut all: Vec<String> = files
-                .iter()
-                .map(|f| std::fs::read_to_string(f).unwrap())
-                .collect();
-            all.sort();
-            return all;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Real Postfix in front as the sending client (its queue and `smtp`
 /// client, relaying to the gate), real Postfix behind as the final MTA:
 /// one message to two recipients whose policies differ. The gate defers
@@ -611,9 +592,11 @@ async fn postfix_in_front_delivers_a_split_transaction_as_two() {
     .unwrap();
     assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
     let inbox = fin.inbox();
-    let mails = tokio::task::spawn_blocking(move || maildir(&inbox, 2, Duration::from_secs(40)))
-        .await
-        .unwrap();
+    let mails = tokio::task::spawn_blocking(move || {
+        common::peers::mails(&inbox, 2, Duration::from_secs(40))
+    })
+    .await
+    .unwrap();
     assert_eq!(mails.len(), 2, "{mails:#?}");
     let to = |m: &str| {
         m.lines()
@@ -660,9 +643,11 @@ async fn postfix_in_front_delivers_a_split_transaction_as_two() {
     assert!(out.contains("<** 452 4.5.3 "), "{out}");
     assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
     let inbox = fin.inbox();
-    let mails = tokio::task::spawn_blocking(move || maildir(&inbox, 3, Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let mails = tokio::task::spawn_blocking(move || {
+        common::peers::mails(&inbox, 3, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
     assert!(
         mails.iter().any(|m| to(m) == "dave@example.test")
             && !mails.iter().any(|m| to(m) == "erin@strict.example.test"),
