@@ -332,11 +332,7 @@ impl Screen {
         let found = self.policy_of(rcpt);
         let policy = found.as_ref().map(|(p, _)| Arc::clone(p));
         match self.listed(policy.as_deref(), rcpt).await {
-            Listed::Block(entry) => {
-                let log = &mut self.facts.txn.found.log;
-                log.list = format!("block:{entry}");
-                return Some((verdict::blocked(), "list:block".into()));
-            }
+            Listed::Block(entry) => return Some(self.blocked(&entry)),
             listed => {
                 let allowed = match &listed {
                     Listed::Allow(entry) => Some(entry.clone()),
@@ -399,11 +395,28 @@ impl Screen {
         self.facts.txn.policy = policy;
     }
 
+    /// The entry of the gate's block list (`checks.block`) this
+    /// transaction's sender or client matches.
+    fn gate_block(&self) -> Option<String> {
+        if self.engine.block.is_empty() {
+            return None;
+        }
+        let (sender, ip) = (self.facts.txn.sender.as_str(), self.facts.client.ip);
+        self.engine.block.matching(sender, ip)
+    }
+
+    /// A recipient refused by a block list's `entry`: the reply and reason,
+    /// and the entry in the log line.
+    fn blocked(&mut self, entry: &str) -> (Reply, String) {
+        self.facts.txn.found.log.list = format!("block:{entry}");
+        (verdict::blocked(), "list:block".into())
+    }
+
     /// What the block and allow lists (the gate's, the policy's, the
     /// state store's) say of this transaction's sender and client.
     async fn listed(&self, policy: Option<&Policy>, rcpt: &str) -> Listed {
         let (sender, ip) = (self.facts.txn.sender.as_str(), self.facts.client.ip);
-        if let Some(e) = self.engine.block.matching(sender, ip) {
+        if let Some(e) = self.gate_block() {
             return Listed::Block(e);
         }
         if let Some(p) = policy {
@@ -445,12 +458,10 @@ impl Screen {
             if let Some(refused) = self.judge_recipient(rcpt).await {
                 return Some(refused);
             }
-        } else if !self.engine.block.is_empty() && !self.facts.client.allowed {
-            let (sender, ip) = (self.facts.txn.sender.as_str(), self.facts.client.ip);
-            if let Some(e) = self.engine.block.matching(sender, ip) {
-                self.facts.txn.found.log.list = format!("block:{e}");
-                return Some((verdict::blocked(), "list:block".into()));
-            }
+        } else if !self.facts.client.allowed
+            && let Some(entry) = self.gate_block()
+        {
+            return Some(self.blocked(&entry));
         }
         if self.facts.txn.found.skipped {
             return None;
