@@ -232,6 +232,36 @@ pub struct UpstreamConfig {
     /// Name expected in upstream's certificate (default: its IP address).
     #[serde(default)]
     pub tls_name: Option<String>,
+    /// Ready connections kept for the next client session.
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+/// Upstream connections kept open between client sessions (XCLIENT or no
+/// client identity; a PROXY header is per connection, so never reused).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Idle connections kept at most; 0 turns reuse off.
+    pub max_idle: usize,
+    /// An idle connection is closed after this (well below upstream's own
+    /// idle limit: Postfix smtpd_timeout is 300s).
+    pub idle_timeout: Secs,
+    /// A connection is not reused once this old.
+    pub max_age: Secs,
+    /// Nor after this many transactions.
+    pub max_transactions: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_idle: 16,
+            idle_timeout: Secs(Duration::from_secs(5)),
+            max_age: Secs(Duration::from_secs(300)),
+            max_transactions: 100,
+        }
+    }
 }
 
 /// `upstream` left out: an address no MTA has, refused by validation
@@ -246,6 +276,7 @@ fn no_upstream() -> UpstreamConfig {
         tls: UpstreamTls::None,
         tls_ca: None,
         tls_name: None,
+        pool: PoolConfig::default(),
     }
 }
 

@@ -130,6 +130,10 @@ impl Config {
             ),
             ("limits.max_recipients", l.max_recipients),
             ("limits.max_errors", l.max_errors),
+            (
+                "upstream.pool.max_transactions",
+                self.upstream.pool.max_transactions as usize,
+            ),
         ] {
             if v == 0 {
                 fail(key, "must be at least 1".into());
@@ -337,6 +341,18 @@ impl Config {
             (
                 "upstream.probe_interval",
                 u.probe_interval.0,
+                secs(1),
+                secs(86400),
+            ),
+            (
+                "upstream.pool.idle_timeout",
+                u.pool.idle_timeout.0,
+                secs(1),
+                secs(3600),
+            ),
+            (
+                "upstream.pool.max_age",
+                u.pool.max_age.0,
                 secs(1),
                 secs(86400),
             ),

@@ -229,6 +229,7 @@ impl Server {
         let watchdog = notify::spawn_watchdog();
         // Milter-only (no SMTP listener): there is no upstream to watch.
         let refresh = (!self.listeners.is_empty()).then(|| self.shared.upstream.spawn_refresh());
+        let reaper = (!self.listeners.is_empty()).then(|| self.shared.upstream.spawn_pool_reaper());
         // Each listener's accept health, for the log, metrics and /readyz.
         let smtp_health: Vec<Arc<AcceptHealth>> = self
             .listeners
@@ -354,6 +355,11 @@ impl Server {
         if let Some(r) = refresh {
             r.abort();
         }
+        if let Some(r) = reaper {
+            r.abort();
+        }
+        // Upstream hears QUIT on every connection it was keeping for us.
+        self.shared.upstream.close_pool().await;
         if let Some(w) = watchdog {
             w.abort();
         }

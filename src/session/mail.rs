@@ -34,25 +34,8 @@ impl Session {
             self.reply(&reply::MAIL_OK);
             return Next::Continue;
         }
-        match self.ensure_upstream().await {
-            Ok(()) => {}
-            Err(Unavailable::Down) => {
-                let r = reply::UPSTREAM_UNAVAILABLE;
-                self.log_mail_refused(&m, started, score, &r, "upstream:unavailable", "");
-                self.reply(&r);
-                return Next::Continue;
-            }
-            Err(Unavailable::Refused(r)) => {
-                self.log_mail_refused(&m, started, score, &r, "upstream:helo", &r.text());
-                self.relay(&r);
-                return Next::Continue;
-            }
-        }
-        let Some(up) = self.upstream.as_mut() else {
-            return Next::Continue;
-        };
-        match up.mail(&m.line).await {
-            Ok(r) => {
+        match self.relay_mail(&m.line).await {
+            MailUp::Replied(r) => {
                 self.relay(&r);
                 if r.is_positive() {
                     self.txn = Some(Box::new(Ledger::new(
@@ -65,7 +48,16 @@ impl Session {
                     self.log_mail_refused(&m, started, score, &r, "upstream", &r.text());
                 }
             }
-            Err(e) => {
+            MailUp::Unavailable(Unavailable::Down) => {
+                let r = reply::UPSTREAM_UNAVAILABLE;
+                self.log_mail_refused(&m, started, score, &r, "upstream:unavailable", "");
+                self.reply(&r);
+            }
+            MailUp::Unavailable(Unavailable::Refused(r)) => {
+                self.log_mail_refused(&m, started, score, &r, "upstream:helo", &r.text());
+                self.relay(&r);
+            }
+            MailUp::Lost(e) => {
                 self.upstream_failed(&e);
                 self.log_mail_refused(
                     &m,
@@ -80,4 +72,36 @@ impl Session {
         }
         Next::Continue
     }
+
+    /// MAIL to upstream, on the session's connection or a new one. A pooled
+    /// connection that passed its check and then failed at once is the
+    /// pool's trouble, not the client's: MAIL is tried once more on a
+    /// fresh connection before answering.
+    async fn relay_mail(&mut self, line: &[u8]) -> MailUp {
+        for attempt in 0..2 {
+            if let Err(u) = self.ensure_upstream().await {
+                return MailUp::Unavailable(u);
+            }
+            let Some(up) = self.upstream.as_mut() else {
+                return MailUp::Unavailable(Unavailable::Down);
+            };
+            let reused = up.reused;
+            match up.mail(line).await {
+                Ok(r) => return MailUp::Replied(r),
+                Err(e) if reused && attempt == 0 => {
+                    tracing::debug!(session = %self.peer.id, error = %e, "pooled upstream connection failed at MAIL; retrying on a fresh one");
+                    self.drop_upstream();
+                }
+                Err(e) => return MailUp::Lost(e),
+            }
+        }
+        MailUp::Unavailable(Unavailable::Down)
+    }
+}
+
+/// How relaying a MAIL went.
+enum MailUp {
+    Replied(UpstreamReply),
+    Unavailable(Unavailable),
+    Lost(UpstreamError),
 }

@@ -267,15 +267,18 @@ impl Session {
         Box::pin(self.finish()).await;
     }
 
-    /// The transaction left open, the last replies, the close, and QUIT
-    /// upstream.
+    /// The transaction left open, the last replies, the close, and the
+    /// upstream connection back to the pool (or QUIT: a transaction left
+    /// open there is never handed to another client).
     async fn finish(&mut self) {
         self.end_txn_abandoned(self.gone());
         let _ = self.flush().await;
-        self.close().await;
+        // Before the close: once a client sees its connection end, the
+        // next session finds the upstream connection ready.
         if let Some(up) = self.upstream.take() {
-            up.quit().await;
+            self.shared.upstream.release(up);
         }
+        self.close().await;
     }
 
     /// Before the greeting: admission, the greeting test, a refusal at

@@ -11,7 +11,7 @@ impl Session {
             return Ok(());
         }
         if let Some(old) = self.upstream.take() {
-            old.quit().await;
+            self.shared.upstream.release(old);
         }
         let (name, reverse_name) = self.screen.client_names().await;
         let who = ClientIdentity {
@@ -24,7 +24,7 @@ impl Session {
         };
         match self.shared.upstream.open(&who).await {
             Ok(conn) => {
-                self.upstream = Some(Box::new(conn));
+                self.upstream = Some(conn);
                 self.upstream_helo = self.helo.clone();
                 Ok(())
             }

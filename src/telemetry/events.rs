@@ -33,6 +33,17 @@ impl UpstreamState<'_> {
     }
 }
 
+/// How a client session got its upstream connection (`opened`, `reused`
+/// from the pool) or that a pooled one failed its check (`went_bad`).
+pub fn upstream_connection(kind: &'static str) {
+    metrics::counter!("portcullis_upstream_connections_total", "kind" => kind).increment(1);
+}
+
+/// Upstream connections idle in the pool now.
+pub fn upstream_pool_idle(n: usize) {
+    metrics::gauge!("portcullis_upstream_pool_idle").set(n as f64);
+}
+
 /// What the gate runs with, logged at start and after each config
 /// reload: each check's mode (record mode says its actions are only
 /// logged), and what `check` warns about in the config.

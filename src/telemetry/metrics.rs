@@ -97,6 +97,14 @@ fn describe() {
         "portcullis_dns_up",
         "1 when any configured nameserver answers"
     );
+    describe_counter!(
+        "portcullis_upstream_connections_total",
+        "Upstream connections for client sessions: opened, reused from the pool, went_bad there"
+    );
+    describe_gauge!(
+        "portcullis_upstream_pool_idle",
+        "Upstream connections idle in the pool"
+    );
     describe_gauge!(
         "portcullis_upstream_up",
         "1 when upstream answered its latest probe or connection"

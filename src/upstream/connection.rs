@@ -117,6 +117,12 @@ pub struct UpstreamConn {
     /// Upstream accepted a MAIL whose transaction has not ended yet (by its
     /// final reply after the dot, or by RSET).
     open_txn: bool,
+    /// When it was opened, and the messages sent on it (the pool's limits).
+    pub(super) born: tokio::time::Instant,
+    pub(super) transactions: u32,
+    /// Taken from the pool, and MAIL not yet answered on it for this
+    /// session: a failure now is the idle connection's, not the session's.
+    pub reused: bool,
 }
 
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -157,6 +163,9 @@ impl UpstreamConn {
             timeouts: dial.timeouts,
             capabilities: Capabilities::default(),
             open_txn: false,
+            born: tokio::time::Instant::now(),
+            transactions: 0,
+            reused: false,
         };
         if matches!(identity, Identity::ProxyV1 | Identity::ProxyV2) {
             let (src, dst) = match client {
@@ -190,23 +199,63 @@ impl UpstreamConn {
         if identity == Identity::Xclient
             && let Some(c) = client
         {
-            let offered = conn.capabilities.xclient.clone().unwrap_or_default();
-            let line = xclient_line(c, &offered);
-            let reply = conn.command(line.as_bytes(), UpStage::Xclient).await?;
-            if reply.code != 220 {
-                return Err(UpstreamError::Refused {
-                    stage: UpStage::Xclient,
-                    reply,
-                });
-            }
-            // After XCLIENT upstream greets again and wants a fresh EHLO,
-            // now under the client's HELO name.
-            match c.helo.as_deref() {
-                Some(helo) => conn.ehlo(helo, UpStage::ClientHelo).await?,
-                None => conn.ehlo(&dial.helo, UpStage::Ehlo).await?,
-            }
+            conn.xclient(c, &dial.helo).await?;
         }
         Ok(conn)
+    }
+
+    /// Tells upstream who the client is. Upstream then starts over as for
+    /// a new connection from that client (Postfix resets the session and
+    /// greets again), so a pooled connection keeps nothing of its last
+    /// client: every attribute upstream offers is set.
+    async fn xclient(&mut self, c: &ClientIdentity, our_helo: &str) -> Result<(), UpstreamError> {
+        let offered = self.capabilities.xclient.clone().unwrap_or_default();
+        let line = xclient_line(c, &offered);
+        let reply = self.command(line.as_bytes(), UpStage::Xclient).await?;
+        if reply.code != 220 {
+            return Err(UpstreamError::Refused {
+                stage: UpStage::Xclient,
+                reply,
+            });
+        }
+        // After XCLIENT upstream greets again and wants a fresh EHLO, now
+        // under the client's HELO name.
+        match c.helo.as_deref() {
+            Some(helo) => self.ehlo(helo, UpStage::ClientHelo).await,
+            None => self.ehlo(our_helo, UpStage::Ehlo).await,
+        }
+    }
+
+    /// Makes a pooled connection ready for a new client session: XCLIENT
+    /// for the new client, or RSET when no identity is passed. The reply
+    /// is the health check: anything but the expected one means the
+    /// connection went bad while idle.
+    pub(super) async fn reuse(
+        &mut self,
+        identity: Identity,
+        client: &ClientIdentity,
+        our_helo: &str,
+    ) -> Result<(), UpstreamError> {
+        match identity {
+            Identity::Xclient => self.xclient(client, our_helo).await,
+            _ => {
+                let reply = self.rset().await?;
+                if reply.code == 250 {
+                    Ok(())
+                } else {
+                    Err(UpstreamError::Refused {
+                        stage: UpStage::Rset,
+                        reply,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether the connection is between transactions with nothing unread:
+    /// the only state in which it may wait for another client.
+    pub(super) fn is_clean(&self) -> bool {
+        !self.open_txn && self.rbuf.is_empty()
     }
 
     async fn starttls(
@@ -265,6 +314,9 @@ impl UpstreamConn {
             timeouts: dial.timeouts,
             capabilities: Capabilities::default(),
             open_txn: false,
+            born: tokio::time::Instant::now(),
+            transactions: 0,
+            reused: false,
         };
         match conn.read_reply(UpStage::Greeting, wait).await {
             Ok(r) => {
@@ -333,6 +385,7 @@ impl UpstreamConn {
     /// Relays a MAIL command line; a positive reply opens a transaction.
     pub async fn mail(&mut self, line: &[u8]) -> Result<UpstreamReply, UpstreamError> {
         let r = self.command(line, UpStage::Mail).await?;
+        self.reused = false;
         if r.is_positive() {
             self.open_txn = true;
         }
@@ -399,6 +452,7 @@ impl UpstreamConn {
         let r = self.read_reply(UpStage::Message, limit).await?;
         // The reply after the dot ends the transaction, whatever it says.
         self.open_txn = false;
+        self.transactions = self.transactions.saturating_add(1);
         Ok(r)
     }
 

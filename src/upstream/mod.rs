@@ -10,11 +10,13 @@
 
 mod capabilities;
 mod connection;
+mod pool;
 mod tls;
 
 pub use crate::wire::identity::{ClientIdentity, DnsName, Identity, proxy_header, xclient_line};
 pub use capabilities::Capabilities;
 pub use connection::{Dial, UpStage, UpTimeouts, UpstreamConn, UpstreamError};
+pub use pool::Pool;
 pub use tls::UpstreamTlsError;
 
 use crate::config::{Config, IdentityMode as Mode, UpstreamTls as UpstreamTlsMode};
@@ -61,6 +63,8 @@ pub struct Upstream {
     state: RwLock<State>,
     /// One probe at a time; others wait for its result.
     probing: tokio::sync::Mutex<()>,
+    /// Ready connections between client sessions.
+    pub pool: Pool,
 }
 
 /// The first retry after a failed probe; doubled up to `probe_interval`.
@@ -111,6 +115,7 @@ impl Upstream {
                 ..State::default()
             }),
             probing: tokio::sync::Mutex::new(()),
+            pool: Pool::new(&cfg.upstream.pool),
         })
     }
 
@@ -135,6 +140,18 @@ impl Upstream {
     }
 
     fn record(&self, caps: Option<Capabilities>, identity: Option<Identity>, err: Option<String>) {
+        // The common case, a connection confirming what is known, takes
+        // no write lock and allocates nothing.
+        if identity.is_none()
+            && err.is_none()
+            && let Ok(s) = self.state.read()
+            && s.answering == Some(true)
+            && caps
+                .as_ref()
+                .is_none_or(|c| s.capabilities.as_deref() == Some(c))
+        {
+            return;
+        }
         let Ok(mut s) = self.state.write() else {
             return;
         };
@@ -282,19 +299,90 @@ impl Upstream {
         })
     }
 
-    /// Opens a connection for one client session, passing its identity.
-    pub async fn open(&self, client: &ClientIdentity) -> Result<UpstreamConn, OpenError> {
+    /// A connection for one client session, passing its identity: a
+    /// pooled one made the client's own, or else a fresh one.
+    pub async fn open(&self, client: &ClientIdentity) -> Result<Box<UpstreamConn>, OpenError> {
         let identity = match self.identity() {
             Some(id) => id,
             None => self.probe().await.map_err(OpenError::Probe)?,
         };
+        while self.pool.reuses(identity) {
+            let (taken, stale) = self.pool.take(identity);
+            close_all(stale);
+            let Some(mut conn) = taken else { break };
+            match conn.reuse(identity, client, &self.dial.helo).await {
+                Ok(()) => {
+                    crate::telemetry::events::upstream_connection("reused");
+                    conn.reused = true;
+                    self.record(Some(conn.capabilities.clone()), None, None);
+                    return Ok(conn);
+                }
+                // Upstream is fine; it will not take the client's HELO name.
+                Err(
+                    e @ UpstreamError::Refused {
+                        stage: UpStage::ClientHelo,
+                        ..
+                    },
+                ) => {
+                    close_all([conn]);
+                    return Err(OpenError::Upstream(e));
+                }
+                Err(e) => {
+                    tracing::debug!(upstream = %self.addr, error = %e, "pooled upstream connection went bad; taking another");
+                    crate::telemetry::events::upstream_connection("went_bad");
+                    close_all([conn]);
+                }
+            }
+        }
         // Every EHLO reply we see refreshes what we offer clients.
         let conn = UpstreamConn::open(&self.dial, identity, Some(client))
             .await
             .map_err(OpenError::Upstream)?;
+        crate::telemetry::events::upstream_connection("opened");
         self.record(Some(conn.capabilities.clone()), None, None);
-        Ok(conn)
+        Ok(Box::new(conn))
     }
+
+    /// A session is done with its connection: kept for the next one when
+    /// it can be, otherwise QUIT (in the background: the session need not
+    /// wait for upstream's goodbye).
+    pub fn release(&self, conn: Box<UpstreamConn>) {
+        let kept = match self.identity() {
+            Some(identity) => self.pool.put(conn, identity),
+            None => Some(conn),
+        };
+        if let Some(conn) = kept {
+            close_all([conn]);
+        }
+    }
+
+    /// Closes idle connections once they reach their limits.
+    pub fn spawn_pool_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(me.pool.sweep_interval()).await;
+                close_all(me.pool.expired());
+            }
+        })
+    }
+
+    /// Shutting down: QUIT every idle connection and keep none from now on.
+    pub async fn close_pool(&self) {
+        let idle = self.pool.drain();
+        futures_util::future::join_all(idle.into_iter().map(|c| c.quit())).await;
+    }
+}
+
+/// QUITs connections in the background.
+fn close_all(conns: impl IntoIterator<Item = Box<UpstreamConn>>) {
+    let conns: Vec<_> = conns.into_iter().collect();
+    if conns.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        futures_util::future::join_all(conns.into_iter().map(|c| c.quit())).await;
+    });
 }
 
 #[derive(Debug, thiserror::Error)]

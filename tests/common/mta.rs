@@ -20,6 +20,8 @@ pub struct Stored {
     pub data: Vec<u8>,
     /// The transaction came over STARTTLS.
     pub tls: bool,
+    /// The number of the connection it came over (from 1).
+    pub conn: usize,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +55,8 @@ pub struct Script {
     pub delay: Option<(&'static str, Duration)>,
     /// Misbehave only this many times (then behave); None = always.
     pub faults: Option<usize>,
+    /// Behave this many times at a fault's stage before misbehaving.
+    pub spare: usize,
     /// Read DATA like a careless MTA that any bare CR/LF "." line fools
     /// (and that drops NULs): a smuggling leak then shows as a 2nd message.
     pub lenient: bool,
@@ -61,6 +65,9 @@ pub struct Script {
     /// Refuse EHLO/HELO names containing this, as a Postfix with
     /// restrictions on the HELO name would.
     pub refuse_helo: Option<&'static str>,
+    /// Like Postfix at its smtpd_timeout: when no command comes for this
+    /// long, say 421 and hang up.
+    pub idle_close: Option<Duration>,
 }
 
 impl Default for Script {
@@ -81,9 +88,11 @@ impl Default for Script {
             drop_at: None,
             delay: None,
             faults: None,
+            spare: 0,
             lenient: false,
             tls: None,
             refuse_helo: None,
+            idle_close: None,
         }
     }
 }
@@ -125,7 +134,10 @@ impl FakeMta {
         let rec = Arc::new(Mutex::new(Recorded::default()));
         let r2 = Arc::clone(&rec);
         let script = Arc::new(script);
-        let faults = Arc::new(AtomicUsize::new(script.faults.unwrap_or(usize::MAX)));
+        let faults = Arc::new(Faults {
+            left: AtomicUsize::new(script.faults.unwrap_or(usize::MAX)),
+            spare: AtomicUsize::new(script.spare),
+        });
         let accept = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 tokio::spawn(serve(
@@ -168,6 +180,21 @@ impl FakeMta {
         rec.commands
             .iter()
             .filter(|(n, _)| n == conn)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// Connections that reached the greeting.
+    pub fn connections(&self) -> usize {
+        self.rec.lock().unwrap().connections
+    }
+
+    /// The commands connection `n` (from 1) received, in order.
+    pub fn commands_on(&self, n: usize) -> Vec<String> {
+        let rec = self.rec.lock().unwrap();
+        rec.commands
+            .iter()
+            .filter(|(c, _)| *c == n)
             .map(|(_, c)| c.clone())
             .collect()
     }
@@ -271,17 +298,26 @@ impl Conn {
     }
 }
 
-/// Takes one fault from the budget; false once it is spent.
-fn fault(left: &AtomicUsize) -> bool {
-    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
+/// The misbehaviour budget: spared chances first, then faults.
+struct Faults {
+    left: AtomicUsize,
+    spare: AtomicUsize,
+}
+
+/// Takes one fault from the budget; false while sparing or once it is spent.
+fn fault(f: &Faults) -> bool {
+    let take = |n: &AtomicUsize| {
+        n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    };
+    !take(&f.spare) && take(&f.left)
 }
 
 async fn serve(
     sock: TcpStream,
     script: Arc<Script>,
     rec: Arc<Mutex<Recorded>>,
-    faults: Arc<AtomicUsize>,
+    faults: Arc<Faults>,
 ) {
     let mut c = Conn {
         sock: Box::new(sock),
@@ -358,7 +394,18 @@ async fn serve(
     let mut xclient = None;
     let mut mail = None;
     let mut rcpts: Vec<String> = Vec::new();
-    while let Some(line) = c.line().await {
+    loop {
+        let line = match script.idle_close {
+            None => c.line().await,
+            Some(limit) => match tokio::time::timeout(limit, c.line()).await {
+                Ok(l) => l,
+                Err(_) => {
+                    c.send("421 4.4.2 fake.test Error: timeout exceeded").await;
+                    return;
+                }
+            },
+        };
+        let Some(line) = line else { break };
         rec.lock().unwrap().commands.push((conn_no, line.clone()));
         let upper = line.to_ascii_uppercase();
         let verb = upper.split(' ').next().unwrap_or("").to_string();
@@ -415,6 +462,11 @@ async fn serve(
                     .any(|a| a.split_once('=').is_some_and(|(_, v)| v.len() > 255)) =>
             {
                 c.send("501 5.5.4 Error: attribute value too long").await
+            }
+            // Like Postfix: not inside a transaction.
+            "XCLIENT" if mail.is_some() => {
+                c.send("503 5.5.1 Error: MAIL transaction in progress")
+                    .await
             }
             "XCLIENT" => {
                 xclient = Some(line.clone());
@@ -491,6 +543,7 @@ async fn serve(
                         rcpts: std::mem::take(&mut rcpts),
                         data,
                         tls,
+                        conn: conn_no,
                     });
                 }
                 mail = None;

@@ -510,3 +510,68 @@ async fn greylisted_through_haproxy_and_two_instances_into_postfix() {
         "every accepted message stored by Postfix, once"
     );
 }
+
+/// Two clients one after the other through one reused upstream connection
+/// into a real Postfix: the second XCLIENT, outside any transaction, makes
+/// Postfix start over as for a new client, so each message carries its own
+/// client's address and HELO name, and Postfix counted both XCLIENTs on
+/// one connection.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Postfix and swaks (installed by .ci/run)"]
+async fn a_reused_connection_into_postfix_keeps_each_client_apart() {
+    let pf = Postfix::start("pool");
+    let gate = gate_for(pf.port, IdentityMode::Xclient).await;
+    let addr = gate.addr;
+    for (ip, helo) in [
+        ("127.0.0.9", "first.sender.test"),
+        ("127.0.0.10", "second.sender.test"),
+    ] {
+        let out = tokio::task::spawn_blocking(move || swaks(addr, ip, &["--helo", helo]))
+            .await
+            .unwrap();
+        assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    }
+    let mails = common::peers::mails(&pf.inbox(), 2, Duration::from_secs(20));
+    assert_eq!(mails.len(), 2);
+    for (ip, helo) in [
+        ("127.0.0.9", "first.sender.test"),
+        ("127.0.0.10", "second.sender.test"),
+    ] {
+        let own = format!("from {helo} (unknown [{ip}])");
+        let mine: Vec<&String> = mails.iter().filter(|m| m.contains(&own)).collect();
+        assert_eq!(mine.len(), 1, "{own}: {mails:?}");
+        let other = if ip == "127.0.0.9" {
+            "second.sender.test"
+        } else {
+            "first.sender.test"
+        };
+        assert!(!mine[0].contains(other), "{}", mine[0]);
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut log = String::new();
+    while Instant::now() < until && !log.contains("client=unknown[127.0.0.10]") {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        log = std::fs::read_to_string(pf.run.join("maillog")).unwrap_or_default();
+    }
+    assert!(log.contains("client=unknown[127.0.0.9]"), "{log}");
+    assert!(log.contains("client=unknown[127.0.0.10]"), "{log}");
+    // One smtpd took both, with no disconnect in between: one connection.
+    let lines: Vec<&str> = log.lines().collect();
+    let at = |ip: &str| {
+        let needle = format!("client=unknown[{ip}]");
+        let i = lines.iter().position(|l| l.contains(&needle)).unwrap();
+        let pid = lines[i]
+            .split("smtpd[")
+            .nth(1)
+            .unwrap()
+            .split(']')
+            .next()
+            .unwrap();
+        (i, pid.to_string())
+    };
+    let ((first, pid), (second, pid2)) = (at("127.0.0.9"), at("127.0.0.10"));
+    assert_eq!(pid, pid2, "{log}");
+    let between = &lines[first..second];
+    let gone = format!("smtpd[{pid}]: disconnect");
+    assert!(!between.iter().any(|l| l.contains(&gone)), "{log}");
+}

@@ -30,6 +30,7 @@ mod milter_props;
 mod package;
 mod paths;
 mod policies;
+mod pool;
 mod props;
 mod rate_limits;
 mod relay;

@@ -1,0 +1,147 @@
+//! Ready upstream connections kept between client sessions.
+//!
+//! Most senders deliver one message per connection; without a pool each
+//! of them costs upstream a connect, a greeting, EHLO (twice with XCLIENT)
+//! and QUIT. A connection goes back to the pool only between transactions
+//! with nothing unread, and the next session makes it its own with
+//! XCLIENT (upstream starts over as for a new client) or, when no client
+//! identity is passed, RSET. The reply is the health check; a connection
+//! that fails it is closed and the session takes another or a fresh one,
+//! so a connection that went bad while idle costs the client nothing.
+//! With a PROXY header the client's address is per connection: no reuse.
+
+use super::connection::UpstreamConn;
+use crate::config::PoolConfig;
+use crate::telemetry::events;
+use crate::wire::identity::Identity;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+struct Idle {
+    conn: Box<UpstreamConn>,
+    /// How the connection identifies clients (`auto` may change its mind
+    /// at a later probe; a connection is reused only the same way).
+    identity: Identity,
+    since: Instant,
+}
+
+pub struct Pool {
+    max_idle: usize,
+    idle_timeout: Duration,
+    max_age: Duration,
+    max_transactions: u32,
+    /// Most recently used last: sessions take the warmest, the reaper
+    /// closes from the front.
+    idle: Mutex<Vec<Idle>>,
+    /// Shutting down: nothing is kept any more.
+    closing: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(cfg: &PoolConfig) -> Pool {
+        Pool {
+            max_idle: cfg.max_idle,
+            idle_timeout: cfg.idle_timeout.0,
+            max_age: cfg.max_age.0,
+            max_transactions: cfg.max_transactions,
+            idle: Mutex::new(Vec::new()),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether connections identified this way may be reused at all.
+    pub fn reuses(&self, identity: Identity) -> bool {
+        self.max_idle > 0
+            && matches!(identity, Identity::Xclient | Identity::None)
+            && !self.closing.load(Ordering::Relaxed)
+    }
+
+    fn worn(&self, conn: &UpstreamConn, now: Instant) -> bool {
+        now.duration_since(conn.born) >= self.max_age || conn.transactions >= self.max_transactions
+    }
+
+    /// The most recently used idle connection identified as `identity`,
+    /// with those found stale on the way (for the caller to close).
+    pub fn take(&self, identity: Identity) -> (Option<Box<UpstreamConn>>, Vec<Box<UpstreamConn>>) {
+        let now = Instant::now();
+        let mut stale = Vec::new();
+        let Ok(mut idle) = self.idle.lock() else {
+            return (None, stale);
+        };
+        while let Some(i) = idle.pop() {
+            if i.identity == identity
+                && now.duration_since(i.since) < self.idle_timeout
+                && !self.worn(&i.conn, now)
+            {
+                events::upstream_pool_idle(idle.len());
+                return (Some(i.conn), stale);
+            }
+            stale.push(i.conn);
+        }
+        events::upstream_pool_idle(0);
+        (None, stale)
+    }
+
+    /// Keeps a connection a session is done with, when it is clean and
+    /// within the limits and there is room; otherwise hands it back to be
+    /// closed.
+    pub fn put(&self, conn: Box<UpstreamConn>, identity: Identity) -> Option<Box<UpstreamConn>> {
+        if !self.reuses(identity) || !conn.is_clean() || self.worn(&conn, Instant::now()) {
+            return Some(conn);
+        }
+        let Ok(mut idle) = self.idle.lock() else {
+            return Some(conn);
+        };
+        if idle.len() >= self.max_idle {
+            return Some(conn);
+        }
+        idle.push(Idle {
+            conn,
+            identity,
+            since: Instant::now(),
+        });
+        events::upstream_pool_idle(idle.len());
+        None
+    }
+
+    /// Takes out the connections idle too long or too old.
+    pub fn expired(&self) -> Vec<Box<UpstreamConn>> {
+        let now = Instant::now();
+        let Ok(mut idle) = self.idle.lock() else {
+            return Vec::new();
+        };
+        let (old, keep): (Vec<Idle>, Vec<Idle>) =
+            std::mem::take(&mut *idle).into_iter().partition(|i| {
+                now.duration_since(i.since) >= self.idle_timeout || self.worn(&i.conn, now)
+            });
+        *idle = keep;
+        events::upstream_pool_idle(idle.len());
+        old.into_iter().map(|i| i.conn).collect()
+    }
+
+    /// Shutting down: keeps nothing from now on and hands over every idle
+    /// connection to be closed.
+    pub fn drain(&self) -> Vec<Box<UpstreamConn>> {
+        self.closing.store(true, Ordering::Relaxed);
+        let Ok(mut idle) = self.idle.lock() else {
+            return Vec::new();
+        };
+        events::upstream_pool_idle(0);
+        std::mem::take(&mut *idle)
+            .into_iter()
+            .map(|i| i.conn)
+            .collect()
+    }
+
+    /// Idle connections now.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// How often the reaper looks for expired connections.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+}
