@@ -26,6 +26,12 @@
 # same plus one policy file, for the recipients' domain) and "pol200" (200
 # policy files, one of them for that domain): what per-recipient policies
 # cost, and whether it grows with their number.
+# Every target is run with one message per connection (smtp-source's
+# default) and, with REUSED=1, also with connections reused (-d), each
+# mode with its own medians and ratios. POOL=1 adds "nopool": checks off
+# with upstream connection reuse turned off (upstream.pool.max_idle 0).
+# At the end: upstream connections each gate opened per 1,000 client
+# sessions (from its metrics).
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
@@ -33,18 +39,23 @@ cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
-POL1=12544; POL200=12545
+POL1=12544; POL200=12545; NOPOOL=12546; METRICS_BASE=12600
 TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid $TMP/rspamd/run/rspamd.pid 2>/dev/null) 2>/dev/null || true; sleep 0.5; rm -rf $TMP' EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
 (smtp-sink -u nobody 127.0.0.1:$SINK 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
 (./target/release/examples/bench_dns $DNS >$TMP/dns.log 2>&1 & echo $! >$TMP/dns.pid)
 
-gate() { # name port checks-yaml log-level stdout-file extra-log-yaml [binary]
+gate() { # name port checks-yaml log-level stdout-file extra-log-yaml [binary] [upstream-extra-yaml]
+  # Every gate serves metrics (port METRICS_BASE + its port's last two
+  # digits) unless its checks bring their own.
+  local metrics=""
+  case "$3" in *"metrics:"*) ;; *) metrics="metrics: {listen: \"127.0.0.1:$((METRICS_BASE + $2 % 100))\"}";; esac
   cat >$TMP/$1.yaml <<YAML
 hostname: gate.bench
 listen: [{addr: "127.0.0.1:$2"}]
-upstream: {addr: "127.0.0.1:$SINK", client_identity: none}
+upstream: {addr: "127.0.0.1:$SINK", client_identity: none${8:-}}
+$metrics
 limits: {max_connections: 5000, max_connections_per_ip: 5000, max_connections_per_network: 5000}
 dns: {nameservers: ["$DNS"], min_ttl: 300s}
 log: {format: json, level: "$4"$6}
@@ -165,6 +176,10 @@ if [ -n "${SCANNERS:-}" ]; then
   for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$RSPAMD) 2>/dev/null && break; sleep 0.1; done
   TARGETS="$TARGETS clamd:$CLAMD_GATE rspamd:$RSPAMD_GATE"
 fi
+if [ -n "${POOL:-}" ]; then
+  gate nopool $NOPOOL "$OFF_CHECKS" warn $TMP/nopool.log "" "" ", pool: {max_idle: 0}"
+  TARGETS="$TARGETS nopool:$NOPOOL"
+fi
 if [ -n "${BASE_BIN:-}" ]; then
   gate base_off $BASE_OFF "$OFF_CHECKS" warn $TMP/base_off.log "" "$BASE_BIN"
   gate base_on $BASE_ON "$ON_CHECKS" warn $TMP/base_on.log "" "$BASE_BIN"
@@ -194,56 +209,81 @@ if [ -n "${BASE_BIN:-}" ]; then
   smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$BASE_ON
 fi
 
-rate() { # port -> msg/s
-  local t0 t1
+MODES="single"
+[ -n "${REUSED:-}" ] && MODES="single reused"
+rate() { # port mode -> msg/s
+  local t0 t1 reuse=""
+  [ "$2" = reused ] && reuse=-d
   t0=$(date +%s.%N)
-  smtp-source -s $SESS -m $MSGS $(if [ -n "$MSGFILE" ]; then echo "-F $MSGFILE"; else echo "-l $BYTES"; fi) -f a@example.test -t b@example.test 127.0.0.1:$1
+  smtp-source $reuse -s $SESS -m $MSGS $(if [ -n "$MSGFILE" ]; then echo "-F $MSGFILE"; else echo "-l $BYTES"; fi) -f a@example.test -t b@example.test 127.0.0.1:$1
   t1=$(date +%s.%N)
   awk -v m=$MSGS -v a=$t0 -v b=$t1 'BEGIN{printf "%.1f", m/(b-a)}'
 }
 declare -A all
+# CPU ticks of each gate per mode: read before and after each run.
+declare -A cpu
+ticks() { awk '{print $14 + $15}' /proc/$(cat $TMP/$1.pid)/stat; }
 for r in $(seq $ROUNDS); do
-  line="round $r:"
-  for t in $TARGETS; do
-    v=$(rate ${t#*:}); all[${t%%:*}]+="$v "
-    line="$line ${t%%:*} $v"
+  for mode in $MODES; do
+    line="round $r ($mode):"
+    for t in $TARGETS; do
+      n=${t%%:*}
+      [ $n != direct ] && before=$(ticks $n)
+      v=$(rate ${t#*:} $mode); all[$n.$mode]+="$v "
+      [ $n != direct ] && cpu[$n.$mode]=$(( ${cpu[$n.$mode]:-0} + $(ticks $n) - before ))
+      line="$line $n $v"
+    done
+    echo "$line msg/s"
   done
-  echo "$line msg/s"
 done
 median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-d=$(median "${all[direct]}")
-printf 'median msg/s: direct %.0f' "$d"
-for t in $TARGETS; do
-  n=${t%%:*}; [ $n = direct ] && continue
-  m=$(median "${all[$n]}")
-  printf ', %s %.0f (ratio %.2f)' "$n" "$m" "$(awk -v a=$m -v b=$d 'BEGIN{print a/b}')"
-done
 what="$BYTES-byte bodies"
 [ -n "$MSGFILE" ] && what="a $(wc -c <$MSGFILE)-byte HTML message with 50 link domains"
-printf '   [%d msgs x %d rounds, %d sessions, %s]\n' "$MSGS" "$ROUNDS" "$SESS" "$what"
-# CPU per message (user + system, from /proc): steadier than msg/s on a
-# shared machine, and it shows what a feature costs the gate itself.
 tick=$(getconf CLK_TCK)
-line="cpu per message:"
-for t in $TARGETS; do
-  n=${t%%:*}; [ $n = direct ] && continue
-  pid=$(cat $TMP/$n.pid)
-  line="$line $n $(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$pid/stat) us"
+for mode in $MODES; do
+  d=$(median "${all[direct.$mode]}")
+  printf 'median msg/s (%s): direct %.0f' "$mode" "$d"
+  for t in $TARGETS; do
+    n=${t%%:*}; [ $n = direct ] && continue
+    m=$(median "${all[$n.$mode]}")
+    printf ', %s %.0f (ratio %.2f)' "$n" "$m" "$(awk -v a=$m -v b=$d 'BEGIN{print a/b}')"
+  done
+  printf '   [%d msgs x %d rounds, %d sessions, %s]\n' "$MSGS" "$ROUNDS" "$SESS" "$what"
+  # CPU per message (user + system, from /proc): steadier than msg/s on a
+  # shared machine, and it shows what a feature costs the gate itself.
+  line="cpu per message ($mode):"
+  for t in $TARGETS; do
+    n=${t%%:*}; [ $n = direct ] && continue
+    line="$line $n $(awk -v c=${cpu[$n.$mode]} -v t=$tick -v m=$((ROUNDS * MSGS)) 'BEGIN{printf "%.0f", c / t / m * 1e6}') us"
+  done
+  echo "$line"
 done
 if [ -n "${STATE:-}" ]; then
-  line="$line, redis-server $(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/redis.pid)/stat) us"
+  echo "redis-server: $(awk -v t=$tick -v m=$((ROUNDS * MSGS * $(echo $MODES | wc -w))) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/redis.pid)/stat) us CPU per message"
 fi
+# Upstream connections opened per 1,000 client sessions, from each gate's
+# metrics (the gates with their own metrics port are skipped).
+line="upstream connections per 1,000 client sessions:"
+for t in $TARGETS; do
+  n=${t%%:*}; p=${t#*:}; [ $n = direct ] && continue
+  grep -q "127.0.0.1:$((METRICS_BASE + p % 100))" $TMP/$n.yaml || continue
+  metrics=$( (exec 3<>/dev/tcp/127.0.0.1/$((METRICS_BASE + p % 100)); printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3; cat <&3) 2>/dev/null || true)
+  sessions=$(echo "$metrics" | awk '$1 == "portcullis_connections_total" {print $2}')
+  opened=$(echo "$metrics" | awk 'index($1, "portcullis_upstream_connections_total{") == 1 && index($1, "kind=\"opened\"") {print $2}')
+  # (a build from before the metric: n/a)
+  line="$line $n $(awk -v o="$opened" -v s=${sessions:-0} 'BEGIN{ if (s > 0 && o != "") printf "%.1f", o / s * 1000; else printf "n/a" }')"
+done
 echo "$line"
 if [ -n "${SCANNERS:-}" ]; then
   # With SESS sessions in flight, a message takes SESS/rate seconds.
-  o=$(median "${all[off]}")
+  o=$(median "${all[off.single]}")
   for n in clamd rspamd; do
-    m=$(median "${all[$n]}")
+    m=$(median "${all[$n.single]}")
     main=$(cat $TMP/${n}_daemon.pid)
     # The daemon and its workers (rspamd scans in a child process).
     # (a helper process may be gone by the time it is read)
     cpu=$(for p in $main $(pgrep -P $main || true); do cat /proc/$p/stat 2>/dev/null || true; done |
-      awk -v t=$tick -v m=$((ROUNDS * MSGS + 5)) '{s += $14 + $15} END {printf "%.0f", s / t / m * 1e6}')
+      awk -v t=$tick -v m=$((ROUNDS * MSGS * $(echo $MODES | wc -w) + 5)) '{s += $14 + $15} END {printf "%.0f", s / t / m * 1e6}')
     echo "$n adds $(awk -v s=$SESS -v a=$m -v b=$o 'BEGIN{printf "%.2f", (s/a - s/b) * 1000}') ms per message (median, $SESS sessions); $n itself: $cpu us CPU per message"
   done
 fi
