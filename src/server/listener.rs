@@ -13,6 +13,14 @@ const CLIENT_SEND_BUFFER: usize = 32 * 1024;
 
 /// Binds with our own backlog: the default (128) overflows under bursts and
 /// leaves clients waiting for SYN-ACK retransmits.
+///
+/// The client sockets' options are set here, once: Linux copies a
+/// listening socket's TCP_NODELAY and SO_SNDBUF to every socket it
+/// accepts, which saves two system calls per connection. We only ever
+/// write replies to a client (a pipelined batch's are a few KiB; a TLS
+/// handshake's certificate chain a few more): a small send buffer keeps
+/// what a client that never reads can make the kernel hold for it small,
+/// and its stall is seen sooner.
 pub(super) fn bind(l: &Listen) -> std::io::Result<TcpListener> {
     let sock = if l.addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -20,6 +28,8 @@ pub(super) fn bind(l: &Listen) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    sock.set_nodelay(true)?;
+    sock.set_send_buffer_size(CLIENT_SEND_BUFFER as u32)?;
     sock.bind(l.addr)?;
     sock.listen(l.backlog)
 }
@@ -160,16 +170,18 @@ async fn admit(
     limits: Arc<ConnectionLimits>,
     signal: shutdown::ShutdownSignal,
 ) -> Option<Admitted> {
-    let _ = sock.set_nodelay(true);
-    // We only ever write replies to a client (a pipelined batch's are a
-    // few KiB; a TLS handshake's certificate chain a few more): a small
-    // send buffer keeps what a client that never reads can make the kernel
-    // hold for it small, and its stall is seen sooner.
-    let _ = socket2::SockRef::from(&sock).set_send_buffer_size(CLIENT_SEND_BUFFER);
+    // Socket options come from the listener (see `bind`).
     let id = crate::telemetry::session_id();
     let wait = shared.snapshot().cfg.timeouts.command.0;
-    let Ok(local) = sock.local_addr() else {
-        return None;
+    // The address the client reached: the listener's own unless it listens
+    // on every address (one system call saved per connection).
+    let local = if conf.addr.ip().is_unspecified() || conf.addr.port() == 0 {
+        match sock.local_addr() {
+            Ok(a) => a,
+            Err(_) => return None,
+        }
+    } else {
+        conf.addr
     };
     let (client, local, initial) = if conf.proxy_protocol {
         if !Config::is_trusted_proxy(&conf, peer.ip().to_canonical()) {
@@ -244,6 +256,26 @@ async fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The options `bind` sets on the listener reach each accepted socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        let conf: Listen =
+            serde_json::from_str(r#"{"addr": "127.0.0.1:0"}"#).expect("a listen entry");
+        let l = bind(&conf).unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (sock, _) = l.accept().await.unwrap();
+        assert!(sock.nodelay().unwrap());
+        assert!(
+            !client.nodelay().unwrap(),
+            "not a default that proves nothing"
+        );
+        // The kernel doubles what is asked for.
+        let sndbuf = socket2::SockRef::from(&sock).send_buffer_size().unwrap();
+        assert_eq!(sndbuf, 2 * CLIENT_SEND_BUFFER);
+        let default = socket2::SockRef::from(&client).send_buffer_size().unwrap();
+        assert_ne!(default, sndbuf);
+    }
 
     /// What each idle connection holds: its task's future (the session's
     /// state machine included) and the session. Measured at 10,000 and

@@ -123,6 +123,9 @@ pub struct UpstreamConn {
     /// Taken from the pool, and MAIL not yet answered on it for this
     /// session: a failure now is the idle connection's, not the session's.
     pub reused: bool,
+    /// A reused connection's RSET (its health check) goes in one write
+    /// with the next MAIL when upstream offers PIPELINING.
+    pending_rset: bool,
 }
 
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -166,6 +169,7 @@ impl UpstreamConn {
             born: tokio::time::Instant::now(),
             transactions: 0,
             reused: false,
+            pending_rset: false,
         };
         if matches!(identity, Identity::ProxyV1 | Identity::ProxyV2) {
             let (src, dst) = match client {
@@ -238,6 +242,11 @@ impl UpstreamConn {
     ) -> Result<(), UpstreamError> {
         match identity {
             Identity::Xclient => self.xclient(client, our_helo).await,
+            // Checked with the reply to RSET ahead of MAIL's (see `mail`).
+            _ if self.capabilities.pipelining => {
+                self.pending_rset = true;
+                Ok(())
+            }
             _ => {
                 let reply = self.rset().await?;
                 if reply.code == 250 {
@@ -317,6 +326,7 @@ impl UpstreamConn {
             born: tokio::time::Instant::now(),
             transactions: 0,
             reused: false,
+            pending_rset: false,
         };
         match conn.read_reply(UpStage::Greeting, wait).await {
             Ok(r) => {
@@ -383,8 +393,33 @@ impl UpstreamConn {
     }
 
     /// Relays a MAIL command line; a positive reply opens a transaction.
+    /// A reused connection's pending RSET goes first, in the same write:
+    /// anything but 250 to it is an error (the connection went bad idle).
     pub async fn mail(&mut self, line: &[u8]) -> Result<UpstreamReply, UpstreamError> {
-        let r = self.command(line, UpStage::Mail).await?;
+        if std::mem::take(&mut self.pending_rset) {
+            let mut both = Vec::with_capacity(line.len() + 8);
+            both.extend_from_slice(b"RSET\r\n");
+            both.extend_from_slice(line);
+            both.extend_from_slice(b"\r\n");
+            self.write(&both, UpStage::Rset).await?;
+            let rset = self
+                .read_reply(UpStage::Rset, self.timeouts.command)
+                .await?;
+            if rset.code != 250 {
+                return Err(UpstreamError::Refused {
+                    stage: UpStage::Rset,
+                    reply: rset,
+                });
+            }
+        } else {
+            let mut buf = Vec::with_capacity(line.len() + 2);
+            buf.extend_from_slice(line);
+            buf.extend_from_slice(b"\r\n");
+            self.write(&buf, UpStage::Mail).await?;
+        }
+        let r = self
+            .read_reply(UpStage::Mail, self.timeouts.command)
+            .await?;
         self.reused = false;
         if r.is_positive() {
             self.open_txn = true;

@@ -165,29 +165,32 @@ async fn a_mail_refused_by_upstream_for_its_size_leaves_nothing_for_the_next_cli
 async fn a_pooled_connection_upstream_closed_while_idle_costs_the_client_nothing() {
     // Upstream hangs up idle connections after 300 ms (as Postfix does at
     // its smtpd_timeout), well before the pool's own idle limit.
-    let script = Script {
-        idle_close: Some(Duration::from_millis(300)),
-        ..Script::default()
-    };
-    let mta = FakeMta::start(script).await;
-    let gate = Gate::start(mta.addr).await;
-    let r = session(gate.addr, "127.0.0.2", "first.example", "a@one.test").await;
-    assert!(r.starts_with("250"), "{r}");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    // The pooled connection fails its XCLIENT (421, then closed); the
-    // session takes a fresh one and the client sees only success.
-    let r = session(gate.addr, "127.0.0.3", "second.example", "b@two.test").await;
-    assert!(r.starts_with("250"), "{r}");
-    let stored = mta.stored();
-    assert_eq!(stored.len(), 2);
-    assert_ne!(stored[0].conn, stored[1].conn);
-    assert!(
-        stored[1]
-            .xclient
-            .as_deref()
-            .unwrap()
-            .contains("ADDR=127.0.0.3")
-    );
+    for identity in [IdentityMode::Xclient, IdentityMode::None] {
+        let script = Script {
+            idle_close: Some(Duration::from_millis(300)),
+            ..Script::default()
+        };
+        let mta = FakeMta::start(script).await;
+        let mut cfg = test_config(mta.addr);
+        cfg.upstream.client_identity = identity;
+        let gate = Gate::start_config(cfg).await;
+        let r = session(gate.addr, "127.0.0.2", "first.example", "a@one.test").await;
+        assert!(r.starts_with("250"), "{r}");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        // The pooled connection fails its XCLIENT, or the RSET sent in one
+        // write with MAIL (421, then closed); the session takes a fresh
+        // one and the client sees only success.
+        let r = session(gate.addr, "127.0.0.3", "second.example", "b@two.test").await;
+        assert!(r.starts_with("250"), "{identity:?}: {r}");
+        let stored = mta.stored();
+        assert_eq!(stored.len(), 2);
+        assert_ne!(stored[0].conn, stored[1].conn);
+        assert_eq!(stored[1].mail, "<b@two.test>");
+        if identity == IdentityMode::Xclient {
+            let x = stored[1].xclient.as_deref().unwrap();
+            assert!(x.contains("ADDR=127.0.0.3"), "{x}");
+        }
+    }
 }
 
 #[tokio::test]
