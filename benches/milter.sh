@@ -7,6 +7,10 @@
 #              examples/bench_dns, warmed first)
 #   opendkim   Debian's OpenDKIM as a verify-only milter, for comparison
 #              (when /usr/sbin/opendkim is installed; .ci/run does not need it)
+#   rspamd     Debian's rspamd as a milter (its proxy worker in milter mode,
+#              scanning itself, two processes, Debian's stock modules, DNS
+#              from bench_dns; a minimal config the script writes), when
+#              /usr/bin/rspamd is installed
 # BASE_BIN=path/to/older/portcullis adds "base_off" and "base_on": the same two
 # milters run by another build, so that a change is judged within one run.
 # Postfix discards what it accepts (transport discard:), so the figures are
@@ -18,10 +22,11 @@ ROUNDS=${1:-5}; MSGS=${2:-5000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 PLAIN=12540; OFF=12541; ON=12542; M_OFF=12543; M_ON=12544; DNS=127.0.0.1:15354
 DKIM=12545; M_DKIM=12546; B_OFF=12547; B_ON=12548; MB_OFF=12549; MB_ON=12550
+RSPAMD=12551; M_RSPAMD=12552
 TMP=$(mktemp -d); chmod 755 $TMP  # Postfix's own users read its queue under it
 cleanup() {
   postfix -c $TMP/conf stop >/dev/null 2>&1 || true
-  kill $(cat $TMP/*.pid 2>/dev/null) 2>/dev/null || true
+  kill $(cat $TMP/*.pid $TMP/rspamd/run/rspamd.pid 2>/dev/null) 2>/dev/null || true
   rm -rf $TMP
 }
 trap cleanup EXIT
@@ -111,6 +116,28 @@ CF
 CF
   TARGETS="$TARGETS opendkim:$DKIM"
 fi
+if [ -x /usr/bin/rspamd ]; then
+  o=$TMP/rspamd/local/override.d
+  mkdir -p $o $TMP/rspamd/run
+  if [ -n "${UNIX:-}" ]; then at="$TMP/rspamd.sock mode=0666"; else at="127.0.0.1:$M_RSPAMD"; fi
+  printf 'bind_socket = "%s";\nmilter = yes;\ntimeout = 120s;\ncount = 2;\nupstream "local" {\n  default = yes;\n  self_scan = yes;\n}\n' "$at" >$o/worker-proxy.inc
+  for w in controller normal fuzzy; do echo 'enabled = false;' >$o/worker-$w.inc; done
+  printf 'pidfile = "%s/run/rspamd.pid";\ndns {\n  nameserver = ["%s"];\n  timeout = 0.5s;\n  retransmits = 1;\n}\n' $TMP/rspamd $DNS >$o/options.inc
+  printf 'type = "file";\nfilename = "%s/run/rspamd.log";\nlevel = "notice";\n' $TMP/rspamd >$o/logging.inc
+  chown -R _rspamd $TMP/rspamd/run
+  rspamd -u _rspamd -g _rspamd -c /etc/rspamd/rspamd.conf --var=LOCAL_CONFDIR=$TMP/rspamd/local \
+    --var=DBDIR=$TMP/rspamd/run --var=RUNDIR=$TMP/rspamd/run --var=LOGDIR=$TMP/rspamd/run >/dev/null 2>&1
+  for i in $(seq 100); do sleep 0.2; [ -s $TMP/rspamd/run/rspamd.pid ] && break; done
+  rspamd_at=$(where rspamd $M_RSPAMD)
+  cat >>$TMP/conf/master.cf <<CF
+127.0.0.1:$RSPAMD inet n - n - - smtpd
+  -o smtpd_milters=$rspamd_at
+CF
+  TARGETS="$TARGETS rspamd:$RSPAMD"
+  if [ -z "${UNIX:-}" ]; then
+    for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$M_RSPAMD) 2>/dev/null && break; sleep 0.1; done
+  fi
+fi
 sleep 1  # the milters bind
 [ -n "${UNIX:-}" ] && chmod 666 $TMP/*.sock  # Postfix runs as postfix
 postfix -c $TMP/conf check
@@ -152,6 +179,16 @@ done
 printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
 tick=$(getconf CLK_TCK)
 for n in off on ${BASE_BIN:+base_off base_on}; do
-  printf 'portcullis (%s) cpu per message: %s us\n' $n \
-    "$(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/$n.pid)/stat)"
+  printf 'portcullis (%s) cpu per message: %s us, RSS %s MB\n' $n \
+    "$(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f", ($14 + $15) / t / m * 1e6}' /proc/$(cat $TMP/$n.pid)/stat)" \
+    "$(awk '/VmRSS/ {printf "%.0f", $2 / 1024}' /proc/$(cat $TMP/$n.pid)/status)"
 done
+if [[ "$TARGETS" == *rspamd:* ]]; then
+  main=$(cat $TMP/rspamd/run/rspamd.pid)
+  # The main process and its workers (the proxy scans in its workers).
+  cpu=$(for p in $main $(pgrep -P $main || true); do cat /proc/$p/stat 2>/dev/null || true; done |
+    awk -v t=$tick -v m=$((ROUNDS * MSGS + 40)) '{s += $14 + $15} END {printf "%.0f", s / t / m * 1e6}')
+  rss=$(for p in $main $(pgrep -P $main || true); do cat /proc/$p/status 2>/dev/null || true; done |
+    awk '/VmRSS/ {s += $2} END {printf "%.0f", s / 1024}')
+  echo "rspamd cpu per message: $cpu us, RSS $rss MB (all its processes)"
+fi
