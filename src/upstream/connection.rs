@@ -146,6 +146,15 @@ async fn connect(dial: &Dial) -> Result<TcpStream, UpstreamError> {
     }
 }
 
+/// The reply when it has the code expected, else a refusal at `stage`.
+fn expect(reply: UpstreamReply, code: u16, stage: UpStage) -> Result<UpstreamReply, UpstreamError> {
+    if reply.code == code {
+        Ok(reply)
+    } else {
+        Err(UpstreamError::Refused { stage, reply })
+    }
+}
+
 impl UpstreamConn {
     /// Connects, sends a PROXY header if asked, reads the greeting, says
     /// EHLO, starts TLS if configured, and with `Identity::Xclient` sends
@@ -183,12 +192,7 @@ impl UpstreamConn {
         let greeting = conn
             .read_reply(UpStage::Greeting, dial.timeouts.connect)
             .await?;
-        if greeting.code != 220 {
-            return Err(UpstreamError::Refused {
-                stage: UpStage::Greeting,
-                reply: greeting,
-            });
-        }
+        expect(greeting, 220, UpStage::Greeting)?;
         // With a PROXY header the address is passed; the client's HELO name
         // goes in our EHLO, so upstream sees both as the client gave them.
         let (helo, stage) = match (identity, client.and_then(|c| c.helo.as_deref())) {
@@ -216,12 +220,7 @@ impl UpstreamConn {
         let offered = self.capabilities.xclient.clone().unwrap_or_default();
         let line = xclient_line(c, &offered);
         let reply = self.command(line.as_bytes(), UpStage::Xclient).await?;
-        if reply.code != 220 {
-            return Err(UpstreamError::Refused {
-                stage: UpStage::Xclient,
-                reply,
-            });
-        }
+        expect(reply, 220, UpStage::Xclient)?;
         // After XCLIENT upstream greets again and wants a fresh EHLO, now
         // under the client's HELO name.
         match c.helo.as_deref() {
@@ -249,14 +248,7 @@ impl UpstreamConn {
             }
             _ => {
                 let reply = self.rset().await?;
-                if reply.code == 250 {
-                    Ok(())
-                } else {
-                    Err(UpstreamError::Refused {
-                        stage: UpStage::Rset,
-                        reply,
-                    })
-                }
+                expect(reply, 250, UpStage::Rset).map(drop)
             }
         }
     }
@@ -273,12 +265,7 @@ impl UpstreamConn {
         name: ServerName<'static>,
     ) -> Result<(), UpstreamError> {
         let reply = self.command(b"STARTTLS", UpStage::Tls).await?;
-        if reply.code != 220 {
-            return Err(UpstreamError::Refused {
-                stage: UpStage::Tls,
-                reply,
-            });
-        }
+        expect(reply, 220, UpStage::Tls)?;
         let plain = std::mem::replace(
             &mut self.stream,
             Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
@@ -303,10 +290,7 @@ impl UpstreamConn {
 
     async fn ehlo(&mut self, name: &str, stage: UpStage) -> Result<(), UpstreamError> {
         let line = format!("EHLO {name}");
-        let reply = self.command(line.as_bytes(), stage).await?;
-        if reply.code != 250 {
-            return Err(UpstreamError::Refused { stage, reply });
-        }
+        let reply = expect(self.command(line.as_bytes(), stage).await?, 250, stage)?;
         self.capabilities = Capabilities::from_ehlo(&reply);
         Ok(())
     }
@@ -396,26 +380,19 @@ impl UpstreamConn {
     /// A reused connection's pending RSET goes first, in the same write:
     /// anything but 250 to it is an error (the connection went bad idle).
     pub async fn mail(&mut self, line: &[u8]) -> Result<UpstreamReply, UpstreamError> {
-        if std::mem::take(&mut self.pending_rset) {
-            let mut both = Vec::with_capacity(line.len() + 8);
-            both.extend_from_slice(b"RSET\r\n");
-            both.extend_from_slice(line);
-            both.extend_from_slice(b"\r\n");
-            self.write(&both, UpStage::Rset).await?;
-            let rset = self
+        let rset = std::mem::take(&mut self.pending_rset);
+        let mut buf = Vec::with_capacity(line.len() + 8);
+        if rset {
+            buf.extend_from_slice(b"RSET\r\n");
+        }
+        buf.extend_from_slice(line);
+        buf.extend_from_slice(b"\r\n");
+        self.write(&buf, UpStage::Mail).await?;
+        if rset {
+            let reply = self
                 .read_reply(UpStage::Rset, self.timeouts.command)
                 .await?;
-            if rset.code != 250 {
-                return Err(UpstreamError::Refused {
-                    stage: UpStage::Rset,
-                    reply: rset,
-                });
-            }
-        } else {
-            let mut buf = Vec::with_capacity(line.len() + 2);
-            buf.extend_from_slice(line);
-            buf.extend_from_slice(b"\r\n");
-            self.write(&buf, UpStage::Mail).await?;
+            expect(reply, 250, UpStage::Rset)?;
         }
         let r = self
             .read_reply(UpStage::Mail, self.timeouts.command)

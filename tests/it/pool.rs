@@ -56,6 +56,18 @@ async fn session(gate: std::net::SocketAddr, ip: &str, helo: &str, from: &str) -
     r
 }
 
+/// A client from 127.0.0.2 (HELO first.example, sender a@one.test), then
+/// one from 127.0.0.3 (second.example, b@two.test), each delivering.
+async fn two_clients(gate: std::net::SocketAddr) {
+    for (ip, helo, from) in [
+        ("127.0.0.2", "first.example", "a@one.test"),
+        ("127.0.0.3", "second.example", "b@two.test"),
+    ] {
+        let r = session(gate, ip, helo, from).await;
+        assert!(r.starts_with("250"), "{ip}: {r}");
+    }
+}
+
 fn verbs(cmds: &[String]) -> Vec<String> {
     cmds.iter()
         .map(|c| c.split(' ').next().unwrap_or("").to_ascii_uppercase())
@@ -66,10 +78,7 @@ fn verbs(cmds: &[String]) -> Vec<String> {
 async fn a_pooled_connection_carries_no_client_identity_or_helo_to_the_next_client() {
     let mta = FakeMta::start(Script::default()).await;
     let gate = Gate::start(mta.addr).await;
-    let r = session(gate.addr, "127.0.0.2", "first.example", "a@one.test").await;
-    assert!(r.starts_with("250"), "{r}");
-    let r = session(gate.addr, "127.0.0.3", "second.example", "b@two.test").await;
-    assert!(r.starts_with("250"), "{r}");
+    two_clients(gate.addr).await;
 
     let stored = mta.stored();
     assert_eq!(stored.len(), 2);
@@ -202,10 +211,7 @@ async fn a_pooled_connection_failing_at_mail_is_retried_on_a_fresh_one() {
     script.spare = 1;
     let mta = FakeMta::start(script).await;
     let gate = Gate::start(mta.addr).await;
-    let r = session(gate.addr, "127.0.0.2", "first.example", "a@one.test").await;
-    assert!(r.starts_with("250"), "{r}");
-    let r = session(gate.addr, "127.0.0.3", "second.example", "b@two.test").await;
-    assert!(r.starts_with("250"), "{r}");
+    two_clients(gate.addr).await;
     let stored = mta.stored();
     assert_eq!(stored.len(), 2);
     assert_ne!(stored[0].conn, stored[1].conn);
@@ -334,8 +340,7 @@ async fn without_client_identity_a_reused_connection_is_reset_first() {
     let mut cfg = test_config(mta.addr);
     cfg.upstream.client_identity = IdentityMode::None;
     let gate = Gate::start_config(cfg).await;
-    session(gate.addr, "127.0.0.2", "first.example", "a@one.test").await;
-    session(gate.addr, "127.0.0.3", "second.example", "b@two.test").await;
+    two_clients(gate.addr).await;
     let stored = mta.stored();
     assert_eq!(stored.len(), 2);
     assert_eq!(stored[0].conn, stored[1].conn);
@@ -357,8 +362,7 @@ async fn with_a_proxy_header_no_connection_is_reused() {
     let mut cfg = test_config(mta.addr);
     cfg.upstream.client_identity = IdentityMode::ProxyV2;
     let gate = Gate::start_config(cfg).await;
-    session(gate.addr, "127.0.0.2", "first.example", "a@one.test").await;
-    session(gate.addr, "127.0.0.3", "second.example", "b@two.test").await;
+    two_clients(gate.addr).await;
     let stored = mta.stored();
     assert_eq!(stored.len(), 2);
     assert_ne!(stored[0].conn, stored[1].conn);
