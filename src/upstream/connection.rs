@@ -120,6 +120,9 @@ pub struct UpstreamConn {
     /// When it was opened, and the messages sent on it (the pool's limits).
     pub(super) born: tokio::time::Instant,
     pub(super) transactions: u32,
+    /// Replies of 4xx and 5xx upstream gave on this connection: Postfix
+    /// counts them per connection, whoever the client (see the pool).
+    pub(super) errors: u32,
     /// Taken from the pool, and MAIL not yet answered on it for this
     /// session: a failure now is the idle connection's, not the session's.
     pub reused: bool,
@@ -177,6 +180,7 @@ impl UpstreamConn {
             open_txn: false,
             born: tokio::time::Instant::now(),
             transactions: 0,
+            errors: 0,
             reused: false,
             pending_rset: false,
         };
@@ -309,6 +313,7 @@ impl UpstreamConn {
             open_txn: false,
             born: tokio::time::Instant::now(),
             transactions: 0,
+            errors: 0,
             reused: false,
             pending_rset: false,
         };
@@ -343,6 +348,9 @@ impl UpstreamConn {
             match parse_reply(&self.rbuf) {
                 Ok(Some((reply, used))) => {
                     self.rbuf.drain(..used);
+                    if reply.code >= 400 {
+                        self.errors = self.errors.saturating_add(1);
+                    }
                     return Ok(reply);
                 }
                 Ok(None) => {}

@@ -19,6 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Error replies after which a connection is not handed on: Postfix counts
+/// 4xx and 5xx replies per connection and, past `smtpd_soft_error_limit`
+/// (10), sleeps before every reply, past `smtpd_hard_error_limit` (20)
+/// hangs up. One client's unknown recipients must not slow the next.
+const MAX_ERRORS: u32 = 5;
+
 struct Idle {
     conn: Box<UpstreamConn>,
     /// How the connection identifies clients (`auto` may change its mind
@@ -59,7 +65,9 @@ impl Pool {
     }
 
     fn worn(&self, conn: &UpstreamConn, now: Instant) -> bool {
-        now.duration_since(conn.born) >= self.max_age || conn.transactions >= self.max_transactions
+        now.duration_since(conn.born) >= self.max_age
+            || conn.transactions >= self.max_transactions
+            || conn.errors >= MAX_ERRORS
     }
 
     /// The most recently used idle connection identified as `identity`,

@@ -384,3 +384,42 @@ async fn shutdown_says_quit_on_every_pooled_connection() {
         .unwrap();
     assert_eq!(quits_on(&mta, "XCLIENT", 1).await, 1);
 }
+
+/// Postfix counts error replies per connection, whoever the client, and
+/// past its soft limit (10) sleeps before every reply: a connection that
+/// gave 5 is not handed to the next client; one that gave fewer is.
+#[tokio::test]
+async fn a_connection_with_many_error_replies_is_not_handed_on() {
+    let mta = FakeMta::start(Script::default()).await;
+    let gate = Gate::start(mta.addr).await;
+    for unknown in [4, 5] {
+        let mut c = Client::connect_from(gate.addr, "127.0.0.2").await;
+        c.reply().await;
+        c.cmd("EHLO first.example", "250").await;
+        c.cmd("MAIL FROM:<a@one.test>", "250").await;
+        for i in 0..unknown {
+            c.cmd(&format!("RCPT TO:<unknown{i}@example.test>"), "550")
+                .await;
+        }
+        c.cmd("RSET", "250").await;
+        c.cmd("QUIT", "221").await;
+        assert!(c.closed().await);
+    }
+    let r = session(gate.addr, "127.0.0.3", "second.example", "b@two.test").await;
+    assert!(r.starts_with("250"), "{r}");
+    // The first connection (4 errors) served the second client; the
+    // second client's connection (4 + 5 errors) was closed, and the
+    // third client got a fresh one.
+    let conns = conns_with(&mta, "XCLIENT");
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    let first = *conns.first().unwrap();
+    assert_eq!(mta.commands_on(first).last().unwrap(), "QUIT");
+    assert_eq!(mta.stored()[0].conn, *conns.last().unwrap());
+    assert_eq!(
+        mta.commands_on(first)
+            .iter()
+            .filter(|c| c.starts_with("XCLIENT"))
+            .count(),
+        2
+    );
+}
