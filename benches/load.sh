@@ -150,21 +150,15 @@ rules_dir: $TMP/rules200" warn $TMP/pol200.log ""
   TARGETS="$TARGETS pol1:$POL1 pol200:$POL200"
 fi
 if [ -n "${SCANNERS:-}" ]; then
-  mkdir -p $TMP/clamd/db $TMP/rspamd/local/override.d $TMP/rspamd/run
+  mkdir -p $TMP/clamd/db
   echo "44d88612fea8a8f36de82e1278abb02f:68:Bench.Test.UNOFFICIAL" >$TMP/clamd/db/bench.hdb
   printf 'Foreground yes\nTCPSocket %s\nTCPAddr 127.0.0.1\nDatabaseDirectory %s\nLogFile %s\n' \
     $CLAMD $TMP/clamd/db $TMP/clamd/clamd.log >$TMP/clamd/clamd.conf
   chmod -R a+rX $TMP/clamd
   (/usr/sbin/clamd -c $TMP/clamd/clamd.conf >/dev/null 2>&1 & echo $! >$TMP/clamd_daemon.pid)
-  o=$TMP/rspamd/local/override.d
-  printf 'bind_socket = "127.0.0.1:%s";\ncount = 1;\n' $RSPAMD >$o/worker-normal.inc
-  for w in controller proxy fuzzy; do echo 'enabled = false;' >$o/worker-$w.inc; done
-  printf 'pidfile = "%s/run/rspamd.pid";\ndns {\n  nameserver = ["%s"];\n  timeout = 0.5s;\n  retransmits = 1;\n}\n' $TMP/rspamd $DNS >$o/options.inc
-  printf 'type = "file";\nfilename = "%s/run/rspamd.log";\nlevel = "notice";\n' $TMP/rspamd >$o/logging.inc
-  chown -R _rspamd $TMP/rspamd/run
-  rspamd -u _rspamd -g _rspamd -c /etc/rspamd/rspamd.conf --var=LOCAL_CONFDIR=$TMP/rspamd/local \
-    --var=DBDIR=$TMP/rspamd/run --var=RUNDIR=$TMP/rspamd/run --var=LOGDIR=$TMP/rspamd/run >/dev/null 2>&1
-  for i in $(seq 100); do sleep 0.2; [ -s $TMP/rspamd/run/rspamd.pid ] && break; done
+  . benches/rspamd.sh
+  start_rspamd $TMP/rspamd $DNS normal "bind_socket = \"127.0.0.1:$RSPAMD\";
+count = 1;"
   # A link: rspamd may rewrite its pid file after it has forked.
   ln -s $TMP/rspamd/run/rspamd.pid $TMP/rspamd_daemon.pid
   gate clamd $CLAMD_GATE "$OFF_CHECKS

@@ -117,17 +117,16 @@ CF
   TARGETS="$TARGETS opendkim:$DKIM"
 fi
 if [ -x /usr/bin/rspamd ]; then
-  o=$TMP/rspamd/local/override.d
-  mkdir -p $o $TMP/rspamd/run
   if [ -n "${UNIX:-}" ]; then at="$TMP/rspamd.sock mode=0666"; else at="127.0.0.1:$M_RSPAMD"; fi
-  printf 'bind_socket = "%s";\nmilter = yes;\ntimeout = 120s;\ncount = 2;\nupstream "local" {\n  default = yes;\n  self_scan = yes;\n}\n' "$at" >$o/worker-proxy.inc
-  for w in controller normal fuzzy; do echo 'enabled = false;' >$o/worker-$w.inc; done
-  printf 'pidfile = "%s/run/rspamd.pid";\ndns {\n  nameserver = ["%s"];\n  timeout = 0.5s;\n  retransmits = 1;\n}\n' $TMP/rspamd $DNS >$o/options.inc
-  printf 'type = "file";\nfilename = "%s/run/rspamd.log";\nlevel = "notice";\n' $TMP/rspamd >$o/logging.inc
-  chown -R _rspamd $TMP/rspamd/run
-  rspamd -u _rspamd -g _rspamd -c /etc/rspamd/rspamd.conf --var=LOCAL_CONFDIR=$TMP/rspamd/local \
-    --var=DBDIR=$TMP/rspamd/run --var=RUNDIR=$TMP/rspamd/run --var=LOGDIR=$TMP/rspamd/run >/dev/null 2>&1
-  for i in $(seq 100); do sleep 0.2; [ -s $TMP/rspamd/run/rspamd.pid ] && break; done
+  . benches/rspamd.sh
+  start_rspamd $TMP/rspamd $DNS proxy "bind_socket = \"$at\";
+milter = yes;
+timeout = 120s;
+count = 2;
+upstream \"local\" {
+  default = yes;
+  self_scan = yes;
+}"
   rspamd_at=$(where rspamd $M_RSPAMD)
   cat >>$TMP/conf/master.cf <<CF
 127.0.0.1:$RSPAMD inet n - n - - smtpd
