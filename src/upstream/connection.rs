@@ -159,6 +159,22 @@ fn expect(reply: UpstreamReply, code: u16, stage: UpStage) -> Result<UpstreamRep
 }
 
 impl UpstreamConn {
+    /// A connection just made, before its greeting.
+    fn new(tcp: TcpStream, dial: &Dial) -> UpstreamConn {
+        UpstreamConn {
+            stream: Box::new(tcp),
+            rbuf: Vec::with_capacity(1024),
+            timeouts: dial.timeouts,
+            capabilities: Capabilities::default(),
+            open_txn: false,
+            born: tokio::time::Instant::now(),
+            transactions: 0,
+            errors: 0,
+            reused: false,
+            pending_rset: false,
+        }
+    }
+
     /// Connects, sends a PROXY header if asked, reads the greeting, says
     /// EHLO, starts TLS if configured, and with `Identity::Xclient` sends
     /// XCLIENT and EHLO again.
@@ -172,18 +188,7 @@ impl UpstreamConn {
             stage: UpStage::Connect,
             source,
         })?;
-        let mut conn = UpstreamConn {
-            stream: Box::new(tcp),
-            rbuf: Vec::with_capacity(1024),
-            timeouts: dial.timeouts,
-            capabilities: Capabilities::default(),
-            open_txn: false,
-            born: tokio::time::Instant::now(),
-            transactions: 0,
-            errors: 0,
-            reused: false,
-            pending_rset: false,
-        };
+        let mut conn = UpstreamConn::new(tcp, dial);
         if matches!(identity, Identity::ProxyV1 | Identity::ProxyV2) {
             let (src, dst) = match client {
                 Some(c) => (c.addr, c.local),
@@ -305,18 +310,7 @@ impl UpstreamConn {
         dial: &Dial,
         wait: Duration,
     ) -> Result<Option<UpstreamReply>, UpstreamError> {
-        let mut conn = UpstreamConn {
-            stream: Box::new(connect(dial).await?),
-            rbuf: Vec::new(),
-            timeouts: dial.timeouts,
-            capabilities: Capabilities::default(),
-            open_txn: false,
-            born: tokio::time::Instant::now(),
-            transactions: 0,
-            errors: 0,
-            reused: false,
-            pending_rset: false,
-        };
+        let mut conn = UpstreamConn::new(connect(dial).await?, dial);
         match conn.read_reply(UpStage::Greeting, wait).await {
             Ok(r) => {
                 let _ = conn.command(b"QUIT", UpStage::Rset).await;

@@ -369,20 +369,21 @@ impl Upstream {
 
     /// Shutting down: QUIT every idle connection and keep none from now on.
     pub async fn close_pool(&self) {
-        let idle = self.pool.drain();
-        futures_util::future::join_all(idle.into_iter().map(|c| c.quit())).await;
+        quit_all(self.pool.drain()).await;
     }
+}
+
+/// QUITs connections, all at once.
+async fn quit_all(conns: impl IntoIterator<Item = Box<UpstreamConn>>) {
+    futures_util::future::join_all(conns.into_iter().map(|c| c.quit())).await;
 }
 
 /// QUITs connections in the background.
 fn close_all(conns: impl IntoIterator<Item = Box<UpstreamConn>>) {
     let conns: Vec<_> = conns.into_iter().collect();
-    if conns.is_empty() {
-        return;
+    if !conns.is_empty() {
+        tokio::spawn(quit_all(conns));
     }
-    tokio::spawn(async move {
-        futures_util::future::join_all(conns.into_iter().map(|c| c.quit())).await;
-    });
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -70,6 +70,11 @@ impl Pool {
             || conn.errors >= MAX_ERRORS
     }
 
+    /// Idle past `idle_timeout`, or worn: to be closed, not handed on.
+    fn stale(&self, i: &Idle, now: Instant) -> bool {
+        now.duration_since(i.since) >= self.idle_timeout || self.worn(&i.conn, now)
+    }
+
     /// The most recently used idle connection identified as `identity`,
     /// with those found stale on the way (for the caller to close).
     pub fn take(&self, identity: Identity) -> (Option<Box<UpstreamConn>>, Vec<Box<UpstreamConn>>) {
@@ -79,10 +84,7 @@ impl Pool {
             return (None, stale);
         };
         while let Some(i) = idle.pop() {
-            if i.identity == identity
-                && now.duration_since(i.since) < self.idle_timeout
-                && !self.worn(&i.conn, now)
-            {
+            if i.identity == identity && !self.stale(&i, now) {
                 events::upstream_pool_idle(idle.len());
                 return (Some(i.conn), stale);
             }
@@ -120,10 +122,9 @@ impl Pool {
         let Ok(mut idle) = self.idle.lock() else {
             return Vec::new();
         };
-        let (old, keep): (Vec<Idle>, Vec<Idle>) =
-            std::mem::take(&mut *idle).into_iter().partition(|i| {
-                now.duration_since(i.since) >= self.idle_timeout || self.worn(&i.conn, now)
-            });
+        let (old, keep): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut *idle)
+            .into_iter()
+            .partition(|i| self.stale(i, now));
         *idle = keep;
         events::upstream_pool_idle(idle.len());
         old.into_iter().map(|i| i.conn).collect()
