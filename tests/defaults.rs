@@ -583,17 +583,25 @@ async fn idle_milter_connections_past_the_descriptors_starve_no_listener() {
     assert_eq!(logged, 1);
 
     // The attackers go: everything comes back (/readyz after its 10 s).
+    // The upstream probe that failed for want of descriptors is retried
+    // within a second, however long the flood lasted: it once backed off
+    // past 30 s on a slow machine and /readyz stayed 503 with every
+    // descriptor free.
     drop(first);
     drop(second);
-    let until = Instant::now() + Duration::from_secs(30);
+    let gone = Instant::now();
     loop {
         let ready = common::http_get(gate.metrics, "/readyz").await;
         if ready.starts_with("HTTP/1.1 200") {
             break;
         }
-        assert!(Instant::now() < until, "not ready again: {ready}");
+        assert!(
+            gone.elapsed() < Duration::from_secs(20),
+            "not ready again: {ready}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    println!("ready again {:?} after the attackers went", gone.elapsed());
     let mut c = common::Client::connect(gate.smtp).await;
     assert!(c.reply().await.starts_with("220"));
     match milter_conn(

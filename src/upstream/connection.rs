@@ -77,6 +77,12 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the failure is ours (out of descriptors or socket memory),
+    /// not upstream's: it passes when our connections go, not with backoff.
+    pub fn is_local(&self) -> bool {
+        matches!(self, UpstreamError::Connect { source, .. } if crate::runtime::descriptors::exhausted(source))
+    }
+
     pub fn stage(&self) -> UpStage {
         match self {
             UpstreamError::Connect { .. } => UpStage::Connect,

@@ -70,6 +70,42 @@ pub struct Upstream {
 /// The first retry after a failed probe; doubled up to `probe_interval`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
+/// When the refresh loop probes next.
+#[derive(Debug)]
+struct Backoff {
+    interval: Duration,
+    retry: Duration,
+}
+
+impl Backoff {
+    fn new(interval: Duration) -> Self {
+        Backoff {
+            interval,
+            retry: FIRST_RETRY,
+        }
+    }
+
+    /// The wait after a probe's result: the interval after a success;
+    /// after upstream failed, 1 s, 2 s, 4 s ... up to the interval. A
+    /// failure of ours (out of descriptors under a flood) is retried at
+    /// 1 s without growing the backoff, so /readyz recovers as soon as the
+    /// flood's connections go, not one backed-off interval later.
+    fn after<T>(&mut self, result: &Result<T, ProbeError>) -> Duration {
+        match result {
+            Ok(_) => {
+                self.retry = FIRST_RETRY;
+                self.interval
+            }
+            Err(ProbeError::Unreachable(e)) if e.is_local() => FIRST_RETRY.min(self.interval),
+            Err(_) => {
+                let wait = self.retry.min(self.interval);
+                self.retry = (self.retry * 2).min(self.interval);
+                wait
+            }
+        }
+    }
+}
+
 /// How long the `auto` probe waits for a greeting before trying PROXY v2.
 const AUTO_GREETING_WAIT: Duration = Duration::from_secs(3);
 
@@ -280,21 +316,13 @@ impl Upstream {
     pub fn spawn_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let mut retry = FIRST_RETRY;
+            let mut backoff = Backoff::new(me.probe_interval);
             loop {
-                let wait = match me.probe().await {
-                    Ok(_) => {
-                        retry = FIRST_RETRY;
-                        me.probe_interval
-                    }
-                    Err(e) => {
-                        tracing::debug!(upstream = %me.addr, error = %e, retry_in = ?retry, "upstream probe failed");
-                        let wait = retry.min(me.probe_interval);
-                        retry = (retry * 2).min(me.probe_interval);
-                        wait
-                    }
-                };
-                tokio::time::sleep(wait).await;
+                let result = me.probe().await;
+                if let Err(e) = &result {
+                    tracing::debug!(upstream = %me.addr, error = %e, "upstream probe failed");
+                }
+                tokio::time::sleep(backoff.after(&result)).await;
             }
         })
     }
@@ -392,4 +420,39 @@ pub enum OpenError {
     Probe(ProbeError),
     #[error("{0}")]
     Upstream(UpstreamError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(os: i32) -> Result<(), ProbeError> {
+        Err(ProbeError::Unreachable(UpstreamError::Connect {
+            addr: SocketAddr::from(([127, 0, 0, 1], 25)),
+            source: std::io::Error::from_raw_os_error(os),
+        }))
+    }
+
+    #[test]
+    fn upstream_failures_back_off_and_a_success_resets() {
+        let mut b = Backoff::new(Duration::from_secs(30));
+        let waits: Vec<u64> = (0..7).map(|_| b.after(&refused(111)).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(b.after(&Ok(())), Duration::from_secs(30));
+        assert_eq!(b.after(&refused(111)), Duration::from_secs(1));
+    }
+
+    /// Out of descriptors is our trouble: a long flood must not leave the
+    /// next probe (and /readyz's recovery) one backed-off interval away.
+    #[test]
+    fn a_failure_for_want_of_our_descriptors_is_retried_at_once() {
+        let mut b = Backoff::new(Duration::from_secs(30));
+        for _ in 0..10 {
+            assert_eq!(b.after(&refused(24)), Duration::from_secs(1)); // EMFILE
+        }
+        // Nor does it grow the backoff for upstream's own failures.
+        assert_eq!(b.after(&refused(111)), Duration::from_secs(1));
+        assert_eq!(b.after(&refused(23)), Duration::from_secs(1)); // ENFILE
+        assert_eq!(b.after(&refused(111)), Duration::from_secs(2));
+    }
 }

@@ -113,10 +113,16 @@ impl Postfix {
             let t = std::fs::read_to_string(here.join(f)).unwrap();
             let mut text = render(&t, &run_dir, port, proxy_port);
             if f == "main.cf" {
-                text.push_str(extra);
+                text = with_overrides(&text, extra);
             }
             std::fs::write(conf.join(f), text).unwrap();
         }
+        // No warnings: every Postfix process repeats a main.cf warning at
+        // start, postlogd too before it logs to the file, and past 10
+        // queued datagrams (net.unix.max_dgram_qlen) postlogd blocks on
+        // its own socket for good (seen in CI: `postfix stop` then hung).
+        let warned = run(Command::new("postconf").arg("-c").arg(&conf).arg("-n"));
+        assert!(!warned.contains("warning"), "{warned}");
         run(Command::new("chown").args(["postfix", run_dir.join("data").to_str().unwrap()]));
         run(Command::new("chown").args(["nobody:nogroup", run_dir.join("mail").to_str().unwrap()]));
         run(Command::new("postfix").arg("-c").arg(&conf).arg("check"));
@@ -136,13 +142,64 @@ impl Postfix {
     }
 }
 
+/// `main.cf` with `extra`'s parameters in place of the template's
+/// (appended twice, Postfix warns in every process; see `start_with`).
+fn with_overrides(template: &str, extra: &str) -> String {
+    let name = |l: &str| {
+        l.split_once('=')
+            .filter(|_| !l.starts_with([' ', '\t', '#']))
+            .map(|(n, _)| n.trim().to_string())
+    };
+    let set: std::collections::HashSet<String> = extra.lines().filter_map(name).collect();
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in template.lines() {
+        if line.starts_with([' ', '\t']) && !line.trim().is_empty() {
+            // A continuation of the line before.
+        } else {
+            skipping = name(line).is_some_and(|n| set.contains(&n));
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(extra);
+    out
+}
+
 impl Drop for Postfix {
+    /// `postfix stop`, within 20 s; past that (a wedged instance), its
+    /// master's process group is killed, so that no test run hangs here.
     fn drop(&mut self) {
-        let _ = Command::new("postfix")
+        let stop = Command::new("postfix")
             .arg("-c")
             .arg(&self.conf)
             .arg("stop")
-            .output();
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(mut stop) = stop else {
+            return;
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = stop.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = stop.kill();
+        let _ = stop.wait();
+        let pid =
+            std::fs::read_to_string(self.run.join("queue/pid/master.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<u32>() {
+            eprintln!("postfix stop hung; killing master {pid} and its children");
+            // The master starts its own session: its group is its pid.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}"), &pid.to_string()])
+                .status();
+        }
     }
 }
 
