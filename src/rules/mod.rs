@@ -5,6 +5,7 @@
 
 pub mod archive;
 mod compile;
+pub mod cost;
 mod engine;
 mod eval;
 mod index;
@@ -97,6 +98,8 @@ pub struct RuleSet {
     pub loaded_at: SystemTime,
     /// Policies per recipient domain or address (`policies/*.yaml`).
     pub policies: policy::Policies,
+    /// What its DATA stage has cost per KiB (where the check pool runs it).
+    pub data_cost: cost::DataCost,
 }
 
 impl RuleSet {
@@ -107,6 +110,7 @@ impl RuleSet {
             lists: Vec::new(),
             loaded_at: SystemTime::now(),
             policies: policy::Policies::default(),
+            data_cost: cost::DataCost::default(),
         }
     }
 
@@ -266,6 +270,7 @@ impl RuleSet {
             lists,
             loaded_at: SystemTime::now(),
             policies: policy::Policies::default(),
+            data_cost: cost::DataCost::default(),
         })
     }
 
