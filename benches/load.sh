@@ -4,7 +4,13 @@
 # noisy: compare within a run, quote medians and ratios).
 #   benches/load.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
 # Three targets per round: direct; Portcullis with checks off; Portcullis
-# with SPF + 3 DNSBL zones on (DNS from examples/bench_dns, warmed first).
+# with SPF, 2 DNSBL zones and the shipped rules on (DNS from
+# examples/bench_dns, warmed first). With Postfix installed and run as
+# root, a fourth, "postfix": Postfix 3.x as a store-and-forward relay into
+# the same smtp-sink (its rate is what smtpd accepts, each message fsynced
+# to its queue, and its deliveries waited for, untimed, before the next
+# target runs; its CPU is every Postfix process's, from master's own and
+# its children's). NO_POSTFIX=1 leaves it out.
 # GATE_LOG=1 adds a fourth: checks off with json info logging to a file
 # (log.file), to compare against "off" (logging at warn: no per-message line).
 # BASE_BIN=path/to/older/portcullis adds "base_off" and "base_on": the same
@@ -39,8 +45,14 @@ cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
-POL1=12544; POL200=12545; NOPOOL=12546; METRICS_BASE=12600
-TMP=$(mktemp -d); trap 'kill $(cat $TMP/*.pid $TMP/rspamd/run/rspamd.pid 2>/dev/null) 2>/dev/null || true; sleep 0.5; rm -rf $TMP' EXIT
+POL1=12544; POL200=12545; NOPOOL=12546; POSTFIX=12547; METRICS_BASE=12600
+TMP=$(mktemp -d)
+cleanup() {
+  [ -d $TMP/postfix ] && { postfix -c $TMP/postfix/conf stop >/dev/null 2>&1 || true; }
+  kill $(cat $TMP/*.pid $TMP/rspamd/run/rspamd.pid 2>/dev/null) 2>/dev/null || true
+  sleep 0.5; rm -rf $TMP
+}
+trap cleanup EXIT
 
 cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
 (smtp-sink -u nobody 127.0.0.1:$SINK 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
@@ -77,7 +89,8 @@ ON_CHECKS="  dkim: {mode: off}
   spf: {mode: enforce}
   dnsbl:
     mode: enforce
-    zones: [{zone: bl1.test, action: reject}, {zone: bl2.test, score: 5}, {zone: bl3.test, score: 5}]"
+    zones: [{zone: bl1.test, action: reject}, {zone: bl2.test, score: 5}]
+rules_dir: $PWD/rules"
 gate off $OFF "$OFF_CHECKS" warn $TMP/off.log ""
 gate on $ON "$ON_CHECKS" warn $TMP/on.log ""
 TARGETS="direct:$SINK off:$OFF on:$ON"
@@ -174,6 +187,26 @@ if [ -n "${POOL:-}" ]; then
   gate nopool $NOPOOL "$OFF_CHECKS" warn $TMP/nopool.log "" "" ", pool: {max_idle: 0}"
   TARGETS="$TARGETS nopool:$NOPOOL"
 fi
+if [ -z "${NO_POSTFIX:-}" ] && command -v postfix >/dev/null && [ "$(id -u)" = 0 ]; then
+  # Postfix as the relay an administrator might put here instead; its
+  # queue under TMP (readable by Postfix's own users).
+  P=$TMP/postfix; mkdir -p $P/conf $P/run/queue $P/run/data; chmod 755 $TMP $P
+  chown postfix $P/run/data
+  sed -e "s|@RUN@|$P/run|g" tests/peers/postfix/main.cf | grep -v '^virtual_' >$P/conf/main.cf
+  cat >>$P/conf/main.cf <<CF
+relay_domains = example.test
+transport_maps = inline:{example.test=smtp:[127.0.0.1]:$SINK}
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+default_process_limit = 200
+CF
+  sed -e "s|@PORT@|$POSTFIX|; /@PROXY_PORT@/,\$d" tests/peers/postfix/master.cf >$P/conf/master.cf
+  postfix -c $P/conf check
+  postfix -c $P/conf start
+  for i in $(seq 100); do [ -s $P/run/queue/pid/master.pid ] && break; sleep 0.1; done
+  awk '{print $1}' $P/run/queue/pid/master.pid >$TMP/postfix.pid
+  TARGETS="$TARGETS postfix:$POSTFIX"
+fi
 if [ -n "${BASE_BIN:-}" ]; then
   gate base_off $BASE_OFF "$OFF_CHECKS" warn $TMP/base_off.log "" "$BASE_BIN"
   gate base_on $BASE_ON "$ON_CHECKS" warn $TMP/base_on.log "" "$BASE_BIN"
@@ -183,8 +216,11 @@ for t in $TARGETS; do
   p=${t#*:}
   for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
-# Warm the checks-on gates' caches.
+# Warm the checks-on gates' caches (and Postfix's processes).
 smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$ON
+if [[ "$TARGETS" == *postfix:* ]]; then
+  smtp-source -s 2 -m 20 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$POSTFIX
+fi
 if [ -n "${LINKS:-}" ]; then
   smtp-source -s 1 -m 5 $(if [ -n "$MSGFILE" ]; then echo "-F $MSGFILE"; else echo "-l $BYTES"; fi) \
     -f a@example.test -t b@example.test 127.0.0.1:$LINKS_PORT
@@ -213,10 +249,30 @@ rate() { # port mode -> msg/s
   t1=$(date +%s.%N)
   awk -v m=$MSGS -v a=$t0 -v b=$t1 'BEGIN{printf "%.1f", m/(b-a)}'
 }
+# Postfix delivers what it queued after smtp-source is done: wait for
+# that (its CPU counted, its time not) before the next target runs.
+drained() {
+  local t0; t0=$(date +%s)
+  until postqueue -c $TMP/postfix/conf -p 2>/dev/null | grep -q 'Mail queue is empty'; do
+    [ $(( $(date +%s) - t0 )) -ge 120 ] && { echo "postfix: queue not empty after 120 s" >&2; break; }
+    sleep 0.2
+  done
+}
 declare -A all
 # CPU ticks of each gate per mode: read before and after each run.
 declare -A cpu
-ticks() { awk '{print $14 + $15}' /proc/$(cat $TMP/$1.pid)/stat; }
+ticks() {
+  local pid; pid=$(cat $TMP/$1.pid)
+  if [ $1 = postfix ]; then
+    # master's own, its children's that exited (reaped: cutime, cstime),
+    # and those alive.
+    { awk '{print $14 + $15 + $16 + $17}' /proc/$pid/stat
+      for c in $(pgrep -P $pid || true); do awk '{print $14 + $15}' /proc/$c/stat 2>/dev/null || true; done
+    } | awk '{s += $1} END {print s}'
+  else
+    awk '{print $14 + $15}' /proc/$pid/stat
+  fi
+}
 for r in $(seq $ROUNDS); do
   for mode in $MODES; do
     line="round $r ($mode):"
@@ -224,6 +280,7 @@ for r in $(seq $ROUNDS); do
       n=${t%%:*}
       [ $n != direct ] && before=$(ticks $n)
       v=$(rate ${t#*:} $mode); all[$n.$mode]+="$v "
+      [ $n = postfix ] && drained
       [ $n != direct ] && cpu[$n.$mode]=$(( ${cpu[$n.$mode]:-0} + $(ticks $n) - before ))
       line="$line $n $v"
     done
@@ -260,7 +317,7 @@ fi
 line="upstream connections per 1,000 client sessions:"
 for t in $TARGETS; do
   n=${t%%:*}; p=${t#*:}; [ $n = direct ] && continue
-  grep -q "127.0.0.1:$((METRICS_BASE + p % 100))" $TMP/$n.yaml || continue
+  grep -qs "127.0.0.1:$((METRICS_BASE + p % 100))" $TMP/$n.yaml || continue
   metrics=$( (exec 3<>/dev/tcp/127.0.0.1/$((METRICS_BASE + p % 100)); printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3; cat <&3) 2>/dev/null || true)
   sessions=$(echo "$metrics" | awk '$1 == "portcullis_connections_total" {print $2}')
   opened=$(echo "$metrics" | awk 'index($1, "portcullis_upstream_connections_total{") == 1 && index($1, "kind=\"opened\"") {print $2}')

@@ -8,6 +8,9 @@ use portcullis::upstream::ProbeError;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Writes to standard output. A reader that went away (`portcullis check
 /// | head`) ends the process quietly, as Unix tools do, instead of the
 /// panic `println!` gives on a broken pipe.

@@ -157,15 +157,16 @@ pub struct Client {
     /// DNS allow list): no greeting test, no greylisting.
     pub dns_allowed: bool,
     /// PTR with forward confirmation, when iprev is on.
-    pub iprev: Option<IprevOutput>,
+    /// (Boxed, as `names`: every idle session holds a `Client`.)
+    pub iprev: Option<Box<IprevOutput>>,
     /// XCLIENT NAME and REVERSE_NAME; the first is the verified name.
-    pub names: Option<(DnsName, DnsName)>,
+    pub names: Option<Box<(DnsName, DnsName)>>,
 }
 
 impl Client {
     /// The verified reverse name, once the lookup has finished.
     pub fn reverse(&self) -> Option<&str> {
-        self.names.as_ref().and_then(|(name, _)| name.known())
+        self.names.as_deref().and_then(|(name, _)| name.known())
     }
 }
 

@@ -21,7 +21,7 @@ pub struct Known {
     pub greeting_passed: bool,
     pub dnsbl_passed: bool,
     /// Refused at connect lately, and why.
-    pub failed: Option<String>,
+    pub failed: Option<Box<str>>,
 }
 
 impl Reputation {
@@ -37,7 +37,7 @@ impl Reputation {
         let failed = self.get("f", ip).await;
         if failed.is_some() {
             return Known {
-                failed,
+                failed: failed.map(String::into_boxed_str),
                 ..Known::default()
             };
         }

@@ -210,7 +210,12 @@ impl Screen {
     pub async fn client_names(&mut self) -> (DnsName, DnsName) {
         self.start();
         self.settle_names().await;
-        self.facts.client.names.clone().unwrap_or_default()
+        self.facts
+            .client
+            .names
+            .as_deref()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Whether to serve this client at all (connection rate limits), before
@@ -662,9 +667,9 @@ impl Screen {
             return;
         };
         let Ok(r) = t.await else { return };
-        self.facts.client.names = Some(client_name::from_iprev(&r));
+        self.facts.client.names = Some(Box::new(client_name::from_iprev(&r)));
         if self.pending.iprev_is_check {
-            self.facts.client.iprev = Some(r);
+            self.facts.client.iprev = Some(Box::new(r));
         }
     }
 }

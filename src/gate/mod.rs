@@ -66,7 +66,7 @@ impl Shared {
 /// Who is on the other end.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub id: String,
+    pub id: crate::telemetry::SessionId,
     pub addr: SocketAddr,
     pub local: SocketAddr,
 }

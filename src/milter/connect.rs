@@ -12,6 +12,7 @@ use std::sync::Arc;
 impl Conversation {
     /// A new SMTP session: `Screening`, or `Settled` for a local
     /// submission (accepted unchecked) or a client refused at connect.
+    /// The answer is for CONNECT; `Settled` keeps it for MAIL too.
     pub(super) async fn connect(&mut self, family: Family) -> Response {
         self.end_session("quit");
         let ip = match &family {
@@ -24,7 +25,7 @@ impl Conversation {
         let Some(ip) = ip else {
             // A local submission (sendmail(1), non_smtpd_milters): no client
             // to check.
-            self.state = State::Settled;
+            self.state = State::Settled(Response::Accept);
             return Response::Accept;
         };
         let rt = self.shared.snapshot();
@@ -45,8 +46,9 @@ impl Conversation {
         match refused {
             Some((r, reason)) => {
                 refused_connection(Door::Milter, &client.id, ip, &r, &reason);
-                self.state = State::Settled;
-                reply_code(&r)
+                let answer = reply_code(&r);
+                self.state = State::Settled(answer.clone());
+                answer
             }
             None => {
                 self.state = State::Screening(Box::new(client));
@@ -55,17 +57,16 @@ impl Conversation {
         }
     }
 
-    pub(super) fn helo(&mut self, name: &[u8]) -> Response {
+    pub(super) fn helo(&mut self, name: &[u8]) {
         let tls = self
             .macro_value("{tls_version}")
             .map(|v| (v, self.macro_value("{cipher}").unwrap_or_default()));
         let Some(c) = self.screening() else {
-            return Response::Continue;
+            return;
         };
         c.helo = String::from_utf8_lossy(name).into_owned();
         c.screen.helo(&c.helo);
         c.screen.tls(tls.is_some());
         c.tls = tls;
-        Response::Continue
     }
 }

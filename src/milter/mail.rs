@@ -1,7 +1,7 @@
 //! MAIL: the sender's checks; refused now (logged), or a transaction,
 //! open or doomed by a verdict delivered at each RCPT.
 
-use super::conversation::Conversation;
+use super::conversation::{Conversation, State};
 use super::txn::{Txn, reply_code};
 use crate::checks::{Screened, Stage};
 use crate::gate::ledger::TxnPhase;
@@ -12,6 +12,11 @@ use std::time::Instant;
 impl Conversation {
     pub(super) async fn mail(&mut self, args: &[Vec<u8>]) -> Response {
         self.abandon("rset");
+        // Settled at CONNECT: its answer again (the first time, when the MTA
+        // did not wait at CONNECT).
+        if let State::Settled(answer) = &self.state {
+            return answer.clone();
+        }
         let authenticated = self.macro_value("{auth_authen}").is_some();
         let budget = std::sync::Arc::clone(&self.shared.budget);
         let Some(c) = self.screening() else {

@@ -20,7 +20,7 @@
 //! | state       | holds                                   | packets that act (others: Continue, or no reply where agreed) |
 //! |-------------|-----------------------------------------|----------------------------------------------------------------|
 //! | `Idle`      | nothing                                 | CONNECT                                                        |
-//! | `Settled`   | nothing: the MTA decides the rest        | CONNECT (a new session), QUIT_NC                               |
+//! | `Settled`   | the answer given at CONNECT             | CONNECT (a new session), MAIL (that answer again), QUIT_NC     |
 //! | `Screening` | `Client`, no `txn`                      | CONNECT, HELO, MAIL, QUIT_NC                                   |
 //! | `Screening` | `TxnPhase::Open`                        | the above, RCPT (checked), header, body, end of message, ABORT |
 //! | `Screening` | `TxnPhase::Doomed`                      | the above, RCPT (refused with the MAIL verdict)                |
@@ -34,6 +34,11 @@
 //! | RCPT           | rcpt         | the MAIL verdict, or the RCPT checks                                  |
 //! | header, body   | message      | the message kept within `checks::Hold`                                |
 //! | end of message | message      | the DATA checks: our reply, or accepted with header edits             |
+//!
+//! CONNECT and HELO are not waited for when the MTA offers it (Postfix
+//! does): a refusal reached at CONNECT is given at MAIL, as Postfix's
+//! `smtpd_delay_reject` does with its own client restrictions; with
+//! `reject_at: connect` CONNECT is answered at once.
 //!
 //! Transitions that end a transaction (`txn.rs`; each logs one line):
 //!
@@ -61,7 +66,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Serves one MTA connection to its end (several SMTP sessions when the
 /// MTA reuses it).
-pub async fn serve<S>(io: S, id: String, shared: Arc<Shared>)
+pub async fn serve<S>(io: S, id: crate::telemetry::SessionId, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

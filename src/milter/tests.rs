@@ -17,7 +17,10 @@ fn conversation(extra: &str) -> Conversation {
     let yaml = format!(
         "hostname: gate.test\nlisten: []\nmilter: {{listen: [127.0.0.1:0], quarantine_tagged: true}}\nlimits: {{max_message_size: 2000}}\nchecks:\n  spf: {{mode: off}}\n  dkim: {{mode: off}}\n  dmarc: {{mode: off}}\n  arc: {{mode: off}}\n  iprev: {{mode: off}}\n  dnsbl: {{mode: off}}\n  thresholds: {{tag: 3}}\n{extra}"
     );
-    Conversation::new("m1".into(), shared_for_tests(&yaml, RULES))
+    Conversation::new(
+        crate::telemetry::session_id(),
+        shared_for_tests(&yaml, RULES),
+    )
 }
 
 /// Sends one packet; the answers it wrote, decoded.
@@ -96,14 +99,109 @@ async fn a_local_submission_is_settled_and_accepted_unchecked() {
     )
     .await;
     assert_eq!(answer, encoded(&[Response::Accept]));
-    assert!(matches!(c.state, State::Settled));
-    // Even a HELO the rules refuse is not asked about.
+    assert!(matches!(c.state, State::Settled(_)));
+    // Even a HELO the rules refuse is not asked about; a MAIL (were the
+    // MTA to send one) is accepted, not checked.
     send(&mut c, Command::Helo(b"bad.test".to_vec())).await;
+    assert_eq!(
+        send(&mut c, mail("a@x.test")).await,
+        encoded(&[Response::Accept])
+    );
+    assert_eq!(phase(&mut c), None);
+}
+
+/// What Postfix offers: every no-reply step.
+const POSTFIX_STEPS: u32 = 0x1f_ffff;
+
+async fn negotiate_as_postfix(c: &mut Conversation) -> u32 {
+    let offer = Command::Negotiate {
+        version: 6,
+        actions: 0x1ff,
+        steps: POSTFIX_STEPS,
+    };
+    let answer = send(c, offer).await;
+    let mut d = crate::wire::milter::Decoder::new(1 << 16);
+    d.feed(&answer);
+    match d.response() {
+        Ok(Some(Response::Negotiate { steps, .. })) => steps,
+        other => panic!("not a negotiation answer: {other:?}"),
+    }
+}
+
+const CONN_LIMIT: &str =
+    "  rate_limits: [{name: conn, key: client_address, rate: 1/1m, count: connections}]\n";
+
+/// Where Postfix offers it, CONNECT and HELO are not waited for (two
+/// round trips fewer per session): nothing is written for them, and a
+/// refusal reached at CONNECT is given at MAIL, at every MAIL of that
+/// session, as `smtpd_delay_reject` would.
+#[tokio::test]
+async fn connect_and_helo_are_not_waited_for_and_a_connect_refusal_comes_at_mail() {
+    let mut c = conversation(CONN_LIMIT);
+    let steps = negotiate_as_postfix(&mut c).await;
+    assert_ne!(steps & step::NO_REPLY_CONNECT, 0);
+    assert_ne!(steps & step::NO_REPLY_HELO, 0);
+    // Not the steps we refuse at.
+    assert_eq!(steps & (step::NO_REPLY_MAIL | step::NO_REPLY_RCPT), 0);
+
+    assert!(
+        connect(&mut c, "192.0.2.7", "mx.sender.test")
+            .await
+            .is_empty()
+    );
+    assert!(matches!(c.state, State::Screening(_)));
     assert_eq!(
         send(&mut c, mail("a@x.test")).await,
         encoded(&[Response::Continue])
     );
-    assert_eq!(phase(&mut c), None);
+    assert!(send(&mut c, Command::QuitNewConnection).await.is_empty());
+
+    // Over its connection rate: nothing at CONNECT or HELO, the 421 at MAIL.
+    assert!(
+        connect(&mut c, "192.0.2.7", "mx.sender.test")
+            .await
+            .is_empty()
+    );
+    assert!(matches!(c.state, State::Settled(_)));
+    for _ in 0..2 {
+        let answer = send(&mut c, mail("a@x.test")).await;
+        assert!(
+            String::from_utf8_lossy(&answer).contains("421 4.7.0"),
+            "{answer:?}"
+        );
+        assert_eq!(phase(&mut c), None);
+    }
+    // The next session starts afresh.
+    assert!(send(&mut c, Command::QuitNewConnection).await.is_empty());
+    assert!(
+        connect(&mut c, "192.0.2.8", "mx.other.test")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        send(&mut c, mail("a@x.test")).await,
+        encoded(&[Response::Continue])
+    );
+}
+
+/// `reject_at: connect` asks for the refusal before the greeting: CONNECT
+/// is then waited for and answered (HELO still is not).
+#[tokio::test]
+async fn reject_at_connect_keeps_connect_answered() {
+    let mut c = conversation(&format!("  reject_at: connect\n{CONN_LIMIT}"));
+    let steps = negotiate_as_postfix(&mut c).await;
+    assert_eq!(steps & step::NO_REPLY_CONNECT, 0);
+    assert_ne!(steps & step::NO_REPLY_HELO, 0);
+    assert_eq!(
+        connect(&mut c, "192.0.2.7", "mx.sender.test").await,
+        encoded(&[Response::Continue])
+    );
+    assert!(send(&mut c, Command::QuitNewConnection).await.is_empty());
+    let answer = connect(&mut c, "192.0.2.7", "mx.sender.test").await;
+    assert!(
+        String::from_utf8_lossy(&answer).contains("421 4.7.0"),
+        "{answer:?}"
+    );
 }
 
 #[tokio::test]

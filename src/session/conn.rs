@@ -262,6 +262,25 @@ impl ClientConn {
     }
 }
 
+/// Why a write to the client failed (a byte, not a `&str`: every session
+/// holds one).
+#[derive(Clone, Copy)]
+pub(super) enum WriteFailed {
+    Error,
+    Timeout,
+    TimeoutStress,
+}
+
+impl WriteFailed {
+    fn as_str(self) -> &'static str {
+        match self {
+            WriteFailed::Error => "write_error",
+            WriteFailed::Timeout => "write_timeout",
+            WriteFailed::TimeoutStress => "write_timeout_stress",
+        }
+    }
+}
+
 /// Why queued replies could not be written.
 pub(super) enum FlushError {
     Shutdown,
@@ -321,14 +340,15 @@ impl Session {
             Ok(()) => Flushed::Done,
             Err(FlushError::Shutdown) => Flushed::Shutdown,
             Err(FlushError::Io(e)) => {
-                let reason = if e.kind() != std::io::ErrorKind::TimedOut {
-                    "write_error"
+                let failed = if e.kind() != std::io::ErrorKind::TimedOut {
+                    WriteFailed::Error
                 } else if by_stress {
-                    "write_timeout_stress"
+                    WriteFailed::TimeoutStress
                 } else {
-                    "write_timeout"
+                    WriteFailed::Timeout
                 };
-                self.write_failed = Some(reason);
+                self.write_failed = Some(failed);
+                let reason = failed.as_str();
                 events::ClientWriteStall {
                     session: &self.peer.id,
                     client: self.peer.addr.ip(),
@@ -342,9 +362,16 @@ impl Session {
         }
     }
 
+    /// When the client connected: its deadline less the session's time
+    /// (one instant kept per session, not two).
+    fn connected(&self) -> tokio::time::Instant {
+        let d = self.conn.deadline;
+        d.checked_sub(self.rt.cfg.timeouts.session.0).unwrap_or(d)
+    }
+
     /// Why the client went away, for a transaction it leaves open.
     pub(super) fn gone(&self) -> &'static str {
-        self.write_failed.unwrap_or("disconnect")
+        self.write_failed.map_or("disconnect", WriteFailed::as_str)
     }
 
     /// Flushes queued replies and reads more input.
@@ -399,7 +426,7 @@ impl Session {
             let mut too_slow = false;
             if stressed {
                 until = until.min(started + stress.command.0);
-                let to_mail = self.connected + stress.time_to_mail.0;
+                let to_mail = self.connected() + stress.time_to_mail.0;
                 if !self.reached_mail && to_mail < until {
                     until = to_mail;
                     too_slow = true;

@@ -147,19 +147,17 @@ pub struct Session {
     peer: Peer,
     helo: Option<String>,
     esmtp: bool,
-    tls: Option<TlsInfo>,
+    /// Boxed: most sessions never have it, and every idle one holds this.
+    tls: Option<Box<TlsInfo>>,
     offer: Offer,
     txn: Option<Box<Ledger>>,
     upstream: Option<Box<UpstreamConn>>,
-    /// The HELO name upstream was told about on the open connection.
-    upstream_helo: Option<String>,
-    errors: usize,
-    /// When the client connected, and whether it has sent MAIL yet (under
-    /// stress the time to MAIL is bounded).
-    connected: tokio::time::Instant,
+    errors: u32,
+    /// Whether the client has sent MAIL yet (under stress the time to
+    /// MAIL is bounded).
     reached_mail: bool,
     /// Why a write to the client failed (it ended the session).
-    write_failed: Option<&'static str>,
+    write_failed: Option<conn::WriteFailed>,
     /// Runs the checks of this client, with the rules it started with.
     screen: Screen,
     /// Likewise the config, checks and certificate.
@@ -194,9 +192,7 @@ impl Session {
             offer: Offer::default(),
             txn: None,
             upstream: None,
-            upstream_helo: None,
             errors: 0,
-            connected: tokio::time::Instant::now(),
             reached_mail: false,
             write_failed: None,
             shared,
@@ -331,7 +327,7 @@ impl Session {
     /// A protocol error: reply, and hang up after `max_errors` (fewer
     /// under stress).
     fn error(&mut self, r: Reply) -> Next {
-        self.errors += 1;
+        self.errors = self.errors.saturating_add(1);
         let max = if self.shared.limits.stressed() {
             self.cfg()
                 .stress
@@ -340,7 +336,7 @@ impl Session {
         } else {
             self.cfg().limits.max_errors
         };
-        if self.errors >= max {
+        if usize::try_from(self.errors).is_ok_and(|n| n >= max) {
             self.reply(&reply::TOO_MANY_ERRORS);
             return Next::Close;
         }

@@ -7,7 +7,11 @@ impl Session {
     /// Opens the upstream connection if needed (lazily, at the first MAIL),
     /// or reopens it when the client changed its HELO name.
     pub(super) async fn ensure_upstream(&mut self) -> Result<(), Unavailable> {
-        if self.upstream.is_some() && self.upstream_helo == self.helo {
+        if self
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.client_helo == self.helo)
+        {
             return Ok(());
         }
         if let Some(old) = self.upstream.take() {
@@ -23,9 +27,9 @@ impl Session {
             esmtp: self.esmtp,
         };
         match self.shared.upstream.open(&who).await {
-            Ok(conn) => {
+            Ok(mut conn) => {
+                conn.client_helo = self.helo.clone();
                 self.upstream = Some(conn);
-                self.upstream_helo = self.helo.clone();
                 Ok(())
             }
             // Upstream is up; it refused the client's HELO name: the
@@ -84,7 +88,6 @@ impl Session {
     /// longer complete.
     pub(super) fn drop_upstream(&mut self) {
         self.upstream = None;
-        self.upstream_helo = None;
         if let Some(t) = self.txn.as_mut()
             && matches!(t.phase, TxnPhase::Open)
         {

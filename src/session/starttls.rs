@@ -19,7 +19,7 @@ impl Session {
         let limit = self.cfg().timeouts.command.0;
         match self.conn.upgrade(acceptor, limit).await {
             Some(info) => {
-                self.tls = Some(info);
+                self.tls = Some(Box::new(info));
                 self.screen.tls(true);
                 self.end_transaction("starttls", UpReset::Close).await;
                 self.helo = None;

@@ -14,7 +14,6 @@ impl Session {
                 if let Some(conn) = self.upstream.take() {
                     conn.quit().await;
                 }
-                self.upstream_helo = None;
             }
             UpReset::IfOpen | UpReset::Always => {
                 let Some(conn) = self.upstream.as_mut() else {

@@ -196,7 +196,7 @@ pub fn set_level(level: &str) -> Result<(), String> {
 /// A new session id: 14 hex digits, the process's start second and a
 /// counter, unique per process run (proxy sessions and milter
 /// conversations alike).
-pub fn session_id() -> String {
+pub fn session_id() -> SessionId {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -207,5 +207,64 @@ pub fn session_id() -> String {
             .unwrap_or(0)
     });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:08x}{:06x}", epoch as u32, n)
+    SessionId::new(epoch as u32, n)
+}
+
+/// A session id, kept inline: every idle session holds one (and the
+/// connection task a copy), and as `String`s they were two allocations
+/// per connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SessionId {
+    len: u8,
+    /// 8 hex digits of the epoch and 6 to 16 of the counter.
+    digits: [u8; 24],
+}
+
+impl SessionId {
+    fn new(epoch: u32, n: u64) -> SessionId {
+        use std::io::Write;
+        let mut digits = [0u8; 24];
+        let mut w = &mut digits[..];
+        // Cannot fail: 8 + at most 16 digits fit.
+        let _ = write!(w, "{epoch:08x}{n:06x}");
+        let len = (24 - w.len()) as u8;
+        SessionId { len, digits }
+    }
+}
+
+impl std::ops::Deref for SessionId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.digits[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+#[cfg(test)]
+mod session_id_tests {
+    use super::SessionId;
+
+    #[test]
+    fn a_session_id_is_its_hex_digits() {
+        assert_eq!(&*SessionId::new(0x6751_2c00, 1), "67512c00000001");
+        assert_eq!(
+            SessionId::new(0xffff_ffff, u64::MAX).to_string(),
+            "ffffffffffffffffffffffff"
+        );
+        assert_eq!(
+            format!("{:?}", SessionId::new(1, 0x1234567)),
+            "\"000000011234567\""
+        );
+    }
 }

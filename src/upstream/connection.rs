@@ -135,6 +135,9 @@ pub struct UpstreamConn {
     /// A reused connection's RSET (its health check) goes in one write
     /// with the next MAIL when upstream offers PIPELINING.
     pending_rset: bool,
+    /// The client HELO name this connection was opened or reused with
+    /// (the session compares it with the client's current one).
+    pub client_helo: Option<String>,
 }
 
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -178,6 +181,7 @@ impl UpstreamConn {
             errors: 0,
             reused: false,
             pending_rset: false,
+            client_helo: None,
         }
     }
 

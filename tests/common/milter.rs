@@ -100,23 +100,26 @@ impl Mta {
         }
     }
 
-    /// Macros for a stage, then the command.
+    /// Macros for a stage, then the command; the filter's answer unless
+    /// it agreed not to answer this step (`no_reply`).
     pub async fn with_macros(
         &mut self,
         stage: u8,
         macros: &[(&str, &str)],
         c: Command,
-    ) -> Response {
+        no_reply: u32,
+    ) -> Option<Response> {
         let pairs = macros
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect();
         self.send(Command::Macros { stage, pairs }).await;
-        self.ask(c).await
+        self.step(c, no_reply).await
     }
 
-    /// Connect from `ip` (port 54321) named `name`.
-    pub async fn connect_from(&mut self, ip: &str, name: &str) -> Response {
+    /// Connect from `ip` (port 54321) named `name`: the filter's answer,
+    /// or `None` where it agreed not to answer CONNECT (Postfix's offer).
+    pub async fn connect_from(&mut self, ip: &str, name: &str) -> Option<Response> {
         let family = if ip.contains(':') {
             Family::Inet6 {
                 port: 54321,
@@ -135,12 +138,15 @@ impl Mta {
                 hostname: name.as_bytes().to_vec(),
                 family,
             },
+            step::NO_REPLY_CONNECT,
         )
         .await
     }
 
-    pub async fn helo(&mut self, name: &str) -> Response {
-        self.ask(Command::Helo(name.as_bytes().to_vec())).await
+    /// HELO: the filter's answer, or `None` where it agreed not to answer.
+    pub async fn helo(&mut self, name: &str) -> Option<Response> {
+        self.step(Command::Helo(name.as_bytes().to_vec()), step::NO_REPLY_HELO)
+            .await
     }
 
     pub async fn mail(&mut self, from: &str) -> Response {

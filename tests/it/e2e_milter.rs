@@ -9,7 +9,7 @@ use crate::common;
 use common::config::{secs, test_config, zone};
 use common::dns::{FakeDns, a, txt};
 use common::peers::Postfix;
-use portcullis::config::{Action, MilterListen, Mode, Zone};
+use portcullis::config::{Action, MilterListen, Mode, RateCount, RateKey, Zone};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -90,6 +90,14 @@ async fn inside_postfix_as_a_milter() {
         action: Some(Action::Reject),
         ..zone("bl.test")
     }];
+    // Four connections a minute per address: only 127.0.0.9 goes past.
+    c.rate_limits = vec![common::config::rate_limit(
+        "conn",
+        RateKey::ClientAddress,
+        RateCount::Connections,
+        4,
+        60,
+    )];
     // The real binary, logging to a file that `stats` then reads.
     let dir = std::env::temp_dir().join(format!("portcullis-e2e-milter-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -260,6 +268,26 @@ async fn inside_postfix_as_a_milter() {
         assert!(r.starts_with(want), "message {i}: {r}");
     }
     c.cmd("QUIT", "221").await;
+
+    // Past its connection rate: refused at connect, and Postfix does not
+    // wait for our CONNECT answer, so the client is greeted, its EHLO
+    // answered, and our 421 comes at MAIL, then the hang-up: Postfix's own
+    // smtpd_delay_reject, two round trips fewer for every client.
+    let smtp = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..4 {
+        let mut c = common::Client::connect_from(smtp, "127.0.0.9").await;
+        assert!(c.reply().await.starts_with("220"));
+        c.cmd("QUIT", "221").await;
+    }
+    let mut c = common::Client::connect_from(smtp, "127.0.0.9").await;
+    assert!(c.reply().await.starts_with("220"));
+    c.cmd("EHLO over.sender.test", "250").await;
+    c.cmd(
+        "MAIL FROM:<alice@pass.test>",
+        "421 4.7.0 Rate limit conn reached",
+    )
+    .await;
+    assert!(c.closed().await, "421 closes the session");
     let all = mails(&pf.inbox(), 4);
     assert_eq!(all.len(), 4, "signed, tryout, multi 1 and 3");
     assert!(all.iter().any(|m| m.contains("Subject: multi 3")));
@@ -329,6 +357,7 @@ async fn inside_postfix_as_a_milter() {
     for want in [
         "milter-reject: RCPT from unknown[127.0.0.2]: 550 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test",
         "milter-reject: END-OF-MESSAGE from unknown[127.0.0.7]: 5.7.1 Forbidden phrase",
+        "milter-reject: MAIL from unknown[127.0.0.9]: 421 4.7.0 Rate limit conn reached",
         &format!(
             "connect to Milter service inet:127.0.0.1:{}: Connection refused",
             milter.port()

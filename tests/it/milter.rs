@@ -65,6 +65,8 @@ async fn negotiation_then_a_clean_message_gets_our_header_fields() {
         action::ADD_HEADERS | action::CHANGE_HEADERS | action::QUARANTINE
     );
     for s in [
+        step::NO_REPLY_CONNECT,
+        step::NO_REPLY_HELO,
         step::NO_REPLY_HEADER,
         step::NO_REPLY_EOH,
         step::NO_REPLY_BODY,
@@ -75,14 +77,17 @@ async fn negotiation_then_a_clean_message_gets_our_header_fields() {
         assert_ne!(m.steps & s, 0, "step {s:#x}");
     }
     assert_eq!(
-        m.steps & (step::NO_CONNECT | step::NO_MAIL | step::NO_RCPT),
+        m.steps
+            & (step::NO_CONNECT
+                | step::NO_MAIL
+                | step::NO_RCPT
+                | step::NO_REPLY_MAIL
+                | step::NO_REPLY_RCPT),
         0
     );
-    assert_eq!(
-        m.connect_from("192.0.2.10", "client.example").await,
-        Response::Continue
-    );
-    assert_eq!(m.helo("client.example").await, Response::Continue);
+    // CONNECT and HELO are not waited for: nothing written.
+    assert_eq!(m.connect_from("192.0.2.10", "client.example").await, None);
+    assert_eq!(m.helo("client.example").await, None);
     assert_eq!(m.mail("a@sender.test").await, Response::Continue);
     assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
     let end = m
@@ -151,10 +156,7 @@ async fn a_listed_client_is_refused_at_each_rcpt_with_our_reply() {
     with_checks(&mut cfg, &dns);
     let (_gate, addr) = gate(cfg).await;
     let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
-    assert_eq!(
-        m.connect_from("127.0.0.3", "listed.example").await,
-        Response::Continue
-    );
+    assert_eq!(m.connect_from("127.0.0.3", "listed.example").await, None);
     m.helo("listed.example").await;
     // Delayed to RCPT, as in proxy mode.
     assert_eq!(m.mail("a@sender.test").await, Response::Continue);
@@ -165,13 +167,21 @@ async fn a_listed_client_is_refused_at_each_rcpt_with_our_reply() {
     m.send(Command::Abort).await;
     // The next client on this connection is not refused.
     m.send(Command::QuitNewConnection).await;
-    assert_eq!(
-        m.connect_from("127.0.0.9", "clean.example").await,
-        Response::Continue
-    );
+    assert_eq!(m.connect_from("127.0.0.9", "clean.example").await, None);
     m.helo("clean.example").await;
     m.mail("a@sender.test").await;
     assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
+}
+
+/// A client address may connect once a minute.
+fn one_connection_a_minute() -> Vec<portcullis::config::RateLimit> {
+    vec![common::config::rate_limit(
+        "conn",
+        RateKey::ClientAddress,
+        RateCount::Connections,
+        1,
+        60,
+    )]
 }
 
 #[tokio::test]
@@ -183,27 +193,54 @@ async fn refused_at_connect_and_by_a_connection_rate_limit() {
     let mut cfg = milter_config(&mta);
     with_checks(&mut cfg, &dns);
     cfg.checks.reject_at = RejectAt::Connect;
-    cfg.checks.rate_limits = vec![common::config::rate_limit(
-        "conn",
-        RateKey::ClientAddress,
-        RateCount::Connections,
-        1,
-        60,
-    )];
+    cfg.checks.rate_limits = one_connection_a_minute();
     let (_gate, addr) = gate(cfg).await;
     let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
-    let r = code_text(&m.connect_from("127.0.0.3", "listed.example").await);
+    // Refusing before the greeting was asked for: CONNECT is waited for.
+    assert_eq!(m.steps & step::NO_REPLY_CONNECT, 0);
+    let r = code_text(&m.connect_from("127.0.0.3", "listed.example").await.unwrap());
     assert!(r.starts_with("554 5.7.1 "), "{r}");
-    // Settled: the rest of this client's commands are not checked again.
-    assert_eq!(m.helo("listed.example").await, Response::Continue);
+    // Settled: the rest of this client's commands are not checked again;
+    // a MAIL (Postfix sends none after a refused CONNECT) gets it again.
+    assert_eq!(m.helo("listed.example").await, None);
+    let r = code_text(&m.mail("a@sender.test").await);
+    assert!(r.starts_with("554 5.7.1 "), "{r}");
     m.send(Command::QuitNewConnection).await;
     assert_eq!(
         m.connect_from("127.0.0.9", "a.example").await,
-        Response::Continue
+        Some(Response::Continue)
     );
     m.send(Command::QuitNewConnection).await;
-    let r = code_text(&m.connect_from("127.0.0.9", "a.example").await);
+    let r = code_text(&m.connect_from("127.0.0.9", "a.example").await.unwrap());
     assert!(r.starts_with("421 4.7.0 Rate limit conn reached"), "{r}");
+}
+
+/// The default, delayed reject: CONNECT is not waited for, so a client
+/// over its connection rate hears the 421 at MAIL (as Postfix's
+/// `smtpd_delay_reject` would give it), at each MAIL of that session.
+#[tokio::test]
+async fn a_connect_refusal_not_waited_for_is_given_at_mail() {
+    let mta = FakeMta::start(Script::default()).await;
+    let mut cfg = milter_config(&mta);
+    cfg.checks.rate_limits = one_connection_a_minute();
+    let (_gate, addr) = gate(cfg).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    assert_ne!(m.steps & step::NO_REPLY_CONNECT, 0);
+    assert_eq!(m.connect_from("127.0.0.9", "a.example").await, None);
+    assert_eq!(m.helo("a.example").await, None);
+    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    m.send(Command::Abort).await;
+    m.send(Command::QuitNewConnection).await;
+    assert_eq!(m.connect_from("127.0.0.9", "a.example").await, None);
+    assert_eq!(m.helo("a.example").await, None);
+    for _ in 0..2 {
+        let r = code_text(&m.mail("a@sender.test").await);
+        assert!(r.starts_with("421 4.7.0 Rate limit conn reached"), "{r}");
+    }
+    // The next session is not refused for the last one.
+    m.send(Command::QuitNewConnection).await;
+    assert_eq!(m.connect_from("127.0.0.10", "b.example").await, None);
+    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
 }
 
 fn rules(name: &str, text: &str) -> std::path::PathBuf {
@@ -274,7 +311,8 @@ async fn local_submissions_and_authenticated_clients_are_not_checked() {
     let mut cfg = milter_config(&mta);
     with_checks(&mut cfg, &dns);
     let (_gate, addr) = gate(cfg).await;
-    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    // Told at once where CONNECT is waited for; else at MAIL.
+    let mut m = Mta::connect(addr, 0).await;
     let r = m
         .ask(Command::Connect {
             hostname: b"localhost".to_vec(),
@@ -282,6 +320,13 @@ async fn local_submissions_and_authenticated_clients_are_not_checked() {
         })
         .await;
     assert_eq!(r, Response::Accept);
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    m.send(Command::Connect {
+        hostname: b"localhost".to_vec(),
+        family: Family::Unknown,
+    })
+    .await;
+    assert_eq!(m.mail("root@localhost").await, Response::Accept);
     m.send(Command::QuitNewConnection).await;
     // A listed address, but the MTA says it authenticated.
     m.connect_from("127.0.0.3", "listed.example").await;
@@ -291,9 +336,10 @@ async fn local_submissions_and_authenticated_clients_are_not_checked() {
             b'M',
             &[("{auth_authen}", "alice")],
             Command::Mail(vec![b"<alice@sender.test>".to_vec()]),
+            0,
         )
         .await;
-    assert_eq!(r, Response::Continue);
+    assert_eq!(r, Some(Response::Continue));
     assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
 }
 
@@ -343,10 +389,8 @@ async fn a_milter_only_config_needs_no_smtp_listener() {
     assert!(e.to_string().contains("milter.listen"), "{e}");
     let (_gate, addr) = gate(cfg).await;
     let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
-    assert_eq!(
-        m.connect_from("192.0.2.10", "c.example").await,
-        Response::Continue
-    );
+    assert_eq!(m.connect_from("192.0.2.10", "c.example").await, None);
+    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
 }
 
 /// A Unix socket listener: mode 0660 (the MTA's group), negotiation and a
@@ -378,6 +422,8 @@ async fn a_unix_socket_listener_serves_and_is_removed_at_shutdown() {
         },
     }
     .encode(&mut out);
+    // CONNECT is not waited for: MAIL is what gets the second answer.
+    Command::Mail(vec![b"<a@sender.test>".to_vec()]).encode(&mut out);
     sock.write_all(&out).await.unwrap();
     let mut d = portcullis::wire::milter::Decoder::new(1 << 16);
     let mut got = Vec::new();
@@ -471,10 +517,8 @@ async fn a_silent_mta_is_dropped_after_the_timeout() {
     silent.mail("a@sender.test").await;
     let started = std::time::Instant::now();
     let mut other = Mta::connect(addr, POSTFIX_STEPS).await;
-    assert_eq!(
-        other.connect_from("192.0.2.11", "b.example").await,
-        Response::Continue
-    );
+    assert_eq!(other.connect_from("192.0.2.11", "b.example").await, None);
+    assert_eq!(other.mail("a@sender.test").await, Response::Continue);
     assert!(silent.closed().await);
     let took = started.elapsed();
     assert!(
@@ -526,4 +570,37 @@ async fn the_checks_parse_is_held_within_the_memory_budget() {
     // The second, alone now, is checked and accepted.
     let b = second.end_of_message().await;
     assert_eq!(b.last(), Some(&Response::Continue), "{b:?}");
+}
+
+/// Postfix writes a macro packet, then its command, without TCP_NODELAY:
+/// under Nagle's algorithm the command waits until the macro packet is
+/// acknowledged. The filter acknowledges at once what it does not answer
+/// (a delayed ACK held each such command 40 ms), and what it answers its
+/// answer acknowledges.
+#[tokio::test]
+async fn a_command_after_its_macros_is_not_held_by_a_delayed_ack() {
+    let mta = FakeMta::start(Script::default()).await;
+    let (_gate, addr) = gate(milter_config(&mta)).await;
+    let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
+    assert_eq!(
+        m.connect_from("192.0.2.1", "client.example.test").await,
+        None
+    );
+    m.helo("client.example.test").await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let r = m
+            .with_macros(
+                b'M',
+                &[("{mail_addr}", "a@sender.test")],
+                Command::Mail(vec![b"<a@sender.test>".to_vec()]),
+                0,
+            )
+            .await;
+        assert_eq!(r, Some(Response::Continue));
+    }
+    let took = started.elapsed();
+    println!("20 MAILs after their macros: {took:?}");
+    // Held by delayed ACKs they take 20 x 40 ms.
+    assert!(took < std::time::Duration::from_millis(400), "{took:?}");
 }

@@ -73,7 +73,7 @@ impl Pipe {
 fn start(shared: Arc<Shared>, shutdown: &Shutdown) -> (Pipe, tokio::task::JoinHandle<()>) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer = Peer {
-        id: "test-session".into(),
+        id: portcullis::telemetry::session_id(),
         addr: "192.0.2.10:40000".parse().unwrap(),
         local: "192.0.2.1:25".parse().unwrap(),
     };
