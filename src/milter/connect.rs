@@ -38,6 +38,7 @@ impl Conversation {
             helo: String::new(),
             tls: None,
             txn: None,
+            mail_refused: None,
         };
         let refused = match client.screen.admit().await {
             Some(r) => Some(r),

@@ -15,13 +15,15 @@ use std::sync::Arc;
 const ACTIONS: u32 = action::ADD_HEADERS | action::CHANGE_HEADERS | action::QUARANTINE;
 
 /// Steps the MTA need not wait for our reply to, and header values with
-/// their leading space (exactly what DKIM signed). We refuse at MAIL, RCPT
-/// and the end of the message; a refusal reached at CONNECT is given at
-/// MAIL, as Postfix's own `smtpd_delay_reject` does (unless `reject_at:
-/// connect` asks for it at once), and HELO never refuses by itself. Each
-/// step not waited for saves the MTA a round trip per session.
+/// their leading space (exactly what DKIM signed). We refuse at RCPT and
+/// at the end of the message; a refusal reached at CONNECT or MAIL is
+/// given at each RCPT, as Postfix's own `smtpd_delay_reject` does with its
+/// restrictions (unless `reject_at: connect` asks for a connect refusal at
+/// once), and HELO never refuses by itself. Each step not waited for
+/// saves the MTA a round trip.
 const STEPS: u32 = step::NO_REPLY_CONNECT
     | step::NO_REPLY_HELO
+    | step::NO_REPLY_MAIL
     | step::NO_REPLY_HEADER
     | step::NO_REPLY_EOH
     | step::NO_REPLY_BODY
@@ -64,6 +66,9 @@ pub(super) struct Client {
     pub(super) helo: String,
     pub(super) tls: Option<(String, String)>,
     pub(super) txn: Option<Txn>,
+    /// The refusal of this transaction's MAIL (logged then), for each
+    /// RCPT: the MTA may not have waited for it at MAIL.
+    pub(super) mail_refused: Option<Response>,
 }
 
 /// What to do after a packet.
@@ -106,7 +111,10 @@ impl Conversation {
                 self.helo(&name);
                 self.unless(step::NO_REPLY_HELO)
             }
-            Command::Mail(args) => Some(self.mail(&args).await),
+            Command::Mail(args) => {
+                let r = self.mail(&args).await;
+                self.unless_with(step::NO_REPLY_MAIL, r)
+            }
             Command::Rcpt(args) => Some(self.rcpt(&args).await),
             Command::Data => self.unless(step::NO_REPLY_DATA),
             Command::Header { name, value } => {

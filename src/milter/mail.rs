@@ -1,5 +1,6 @@
-//! MAIL: the sender's checks; refused now (logged), or a transaction,
-//! open or doomed by a verdict delivered at each RCPT.
+//! MAIL: the sender's checks; refused now (logged, and given again at
+//! each RCPT when the MTA did not wait for it), or a transaction, open or
+//! doomed by a verdict delivered at each RCPT.
 
 use super::conversation::{Conversation, State};
 use super::txn::{Txn, reply_code};
@@ -13,7 +14,8 @@ impl Conversation {
     pub(super) async fn mail(&mut self, args: &[Vec<u8>]) -> Response {
         self.abandon("rset");
         // Settled at CONNECT: its answer again (the first time, when the MTA
-        // did not wait at CONNECT).
+        // did not wait at CONNECT; and again at RCPT, should it not wait
+        // here either).
         if let State::Settled(answer) = &self.state {
             return answer.clone();
         }
@@ -45,7 +47,9 @@ impl Conversation {
                     &reason,
                     "",
                 );
-                return reply_code(&reply);
+                let answer = reply_code(&reply);
+                c.mail_refused = Some(answer.clone());
+                return answer;
             }
             Screened::Verdict(v) => v,
         };

@@ -20,7 +20,7 @@
 //! | state       | holds                                   | packets that act (others: Continue, or no reply where agreed) |
 //! |-------------|-----------------------------------------|----------------------------------------------------------------|
 //! | `Idle`      | nothing                                 | CONNECT                                                        |
-//! | `Settled`   | the answer given at CONNECT             | CONNECT (a new session), MAIL (that answer again), QUIT_NC     |
+//! | `Settled`   | the answer given at CONNECT             | CONNECT (a new session), MAIL, RCPT (that answer again), QUIT_NC |
 //! | `Screening` | `Client`, no `txn`                      | CONNECT, HELO, MAIL, QUIT_NC                                   |
 //! | `Screening` | `TxnPhase::Open`                        | the above, RCPT (checked), header, body, end of message, ABORT |
 //! | `Screening` | `TxnPhase::Doomed`                      | the above, RCPT (refused with the MAIL verdict)                |
@@ -30,15 +30,16 @@
 //! | OPTNEG, macros | conversation | the actions and steps agreed; macros kept for the connection          |
 //! | CONNECT        | connect      | admission and connect checks: `Screening`, or refused to `Settled`    |
 //! | HELO           | connect      | the name and TLS (macros) for the checks                              |
-//! | MAIL           | mail         | the MAIL checks: refused now, or a `Txn` (`Open` or `Doomed`)         |
-//! | RCPT           | rcpt         | the MAIL verdict, or the RCPT checks                                  |
+//! | MAIL           | mail         | the MAIL checks: refused now (and at each RCPT), or a `Txn` (`Open` or `Doomed`) |
+//! | RCPT           | rcpt         | a MAIL refusal or verdict, or the RCPT checks                         |
 //! | header, body   | message      | the message kept within `checks::Hold`                                |
 //! | end of message | message      | the DATA checks: our reply, or accepted with header edits             |
 //!
-//! CONNECT and HELO are not waited for when the MTA offers it (Postfix
-//! does): a refusal reached at CONNECT is given at MAIL, as Postfix's
-//! `smtpd_delay_reject` does with its own client restrictions; with
-//! `reject_at: connect` CONNECT is answered at once.
+//! CONNECT, HELO and MAIL are not waited for when the MTA offers it
+//! (Postfix does): a refusal reached at CONNECT or MAIL is logged then and
+//! given at each RCPT, as Postfix's `smtpd_delay_reject` does with its own
+//! client and sender restrictions; with `reject_at: connect` CONNECT is
+//! answered at once. An MTA that waits at MAIL gets the refusal there.
 //!
 //! Transitions that end a transaction (`txn.rs`; each logs one line):
 //!

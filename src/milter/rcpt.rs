@@ -1,7 +1,8 @@
-//! RCPT: the MAIL verdict of a doomed transaction, or the recipient's
-//! checks.
+//! RCPT: a refusal reached at CONNECT or MAIL (given here when the MTA
+//! did not wait for it there), the MAIL verdict of a doomed transaction,
+//! or the recipient's checks.
 
-use super::conversation::Conversation;
+use super::conversation::{Conversation, State};
 use super::mail::address;
 use super::txn::reply_code;
 use crate::gate::ledger::Refusal;
@@ -9,9 +10,15 @@ use crate::wire::milter::Response;
 
 impl Conversation {
     pub(super) async fn rcpt(&mut self, args: &[Vec<u8>]) -> Response {
+        if let State::Settled(answer) = &self.state {
+            return answer.clone();
+        }
         let Some(c) = self.screening() else {
             return Response::Continue;
         };
+        if let Some(refused) = &c.mail_refused {
+            return refused.clone();
+        }
         let Some(t) = c.txn.as_mut() else {
             return Response::Continue;
         };

@@ -131,18 +131,19 @@ async fn negotiate_as_postfix(c: &mut Conversation) -> u32 {
 const CONN_LIMIT: &str =
     "  rate_limits: [{name: conn, key: client_address, rate: 1/1m, count: connections}]\n";
 
-/// Where Postfix offers it, CONNECT and HELO are not waited for (two
-/// round trips fewer per session): nothing is written for them, and a
-/// refusal reached at CONNECT is given at MAIL, at every MAIL of that
-/// session, as `smtpd_delay_reject` would.
+/// Where Postfix offers it, CONNECT, HELO and MAIL are not waited for
+/// (three round trips fewer per session): nothing is written for them,
+/// and a refusal reached at CONNECT or MAIL is given at each RCPT, as
+/// `smtpd_delay_reject` would.
 #[tokio::test]
-async fn connect_and_helo_are_not_waited_for_and_a_connect_refusal_comes_at_mail() {
+async fn connect_helo_and_mail_are_not_waited_for_and_their_refusals_come_at_rcpt() {
     let mut c = conversation(CONN_LIMIT);
     let steps = negotiate_as_postfix(&mut c).await;
     assert_ne!(steps & step::NO_REPLY_CONNECT, 0);
     assert_ne!(steps & step::NO_REPLY_HELO, 0);
-    // Not the steps we refuse at.
-    assert_eq!(steps & (step::NO_REPLY_MAIL | step::NO_REPLY_RCPT), 0);
+    assert_ne!(steps & step::NO_REPLY_MAIL, 0);
+    // Not the step that answers them.
+    assert_eq!(steps & step::NO_REPLY_RCPT, 0);
 
     assert!(
         connect(&mut c, "192.0.2.7", "mx.sender.test")
@@ -150,13 +151,35 @@ async fn connect_and_helo_are_not_waited_for_and_a_connect_refusal_comes_at_mail
             .is_empty()
     );
     assert!(matches!(c.state, State::Screening(_)));
+    assert!(send(&mut c, mail("a@x.test")).await.is_empty());
+    assert_eq!(phase(&mut c), Some("open"));
     assert_eq!(
-        send(&mut c, mail("a@x.test")).await,
+        send(&mut c, rcpt("b@y.test")).await,
+        encoded(&[Response::Continue])
+    );
+    // A MAIL refused (its declared size): nothing said at MAIL, the
+    // refusal at each RCPT, until the transaction ends.
+    send(&mut c, Command::Abort).await;
+    let too_big = Command::Mail(vec![b"<a@x.test>".to_vec(), b"SIZE=5000".to_vec()]);
+    assert!(send(&mut c, too_big).await.is_empty());
+    assert_eq!(phase(&mut c), None);
+    for to in ["b@y.test", "c@y.test"] {
+        let answer = send(&mut c, rcpt(to)).await;
+        assert!(
+            String::from_utf8_lossy(&answer).contains("552 5.3.4"),
+            "{answer:?}"
+        );
+    }
+    send(&mut c, Command::Abort).await;
+    assert!(send(&mut c, mail("a@x.test")).await.is_empty());
+    assert_eq!(
+        send(&mut c, rcpt("b@y.test")).await,
         encoded(&[Response::Continue])
     );
     assert!(send(&mut c, Command::QuitNewConnection).await.is_empty());
 
-    // Over its connection rate: nothing at CONNECT or HELO, the 421 at MAIL.
+    // Over its connection rate: nothing at CONNECT, HELO or MAIL; the 421
+    // at each RCPT.
     assert!(
         connect(&mut c, "192.0.2.7", "mx.sender.test")
             .await
@@ -164,7 +187,8 @@ async fn connect_and_helo_are_not_waited_for_and_a_connect_refusal_comes_at_mail
     );
     assert!(matches!(c.state, State::Settled(_)));
     for _ in 0..2 {
-        let answer = send(&mut c, mail("a@x.test")).await;
+        assert!(send(&mut c, mail("a@x.test")).await.is_empty());
+        let answer = send(&mut c, rcpt("b@y.test")).await;
         assert!(
             String::from_utf8_lossy(&answer).contains("421 4.7.0"),
             "{answer:?}"
@@ -178,8 +202,9 @@ async fn connect_and_helo_are_not_waited_for_and_a_connect_refusal_comes_at_mail
             .await
             .is_empty()
     );
+    assert!(send(&mut c, mail("a@x.test")).await.is_empty());
     assert_eq!(
-        send(&mut c, mail("a@x.test")).await,
+        send(&mut c, rcpt("b@y.test")).await,
         encoded(&[Response::Continue])
     );
 }

@@ -73,6 +73,7 @@ impl Conversation {
         let Some(c) = self.screening() else {
             return;
         };
+        c.mail_refused = None;
         let Some(t) = c.txn.take() else {
             return;
         };

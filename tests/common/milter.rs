@@ -149,9 +149,14 @@ impl Mta {
             .await
     }
 
-    pub async fn mail(&mut self, from: &str) -> Response {
-        self.ask(Command::Mail(vec![format!("<{from}>").into_bytes()]))
-            .await
+    /// MAIL: the filter's answer, or `None` where it agreed not to answer
+    /// (its refusal then comes at RCPT).
+    pub async fn mail(&mut self, from: &str) -> Option<Response> {
+        self.step(
+            Command::Mail(vec![format!("<{from}>").into_bytes()]),
+            step::NO_REPLY_MAIL,
+        )
+        .await
     }
 
     pub async fn rcpt(&mut self, to: &str) -> Response {

@@ -269,10 +269,11 @@ async fn inside_postfix_as_a_milter() {
     }
     c.cmd("QUIT", "221").await;
 
-    // Past its connection rate: refused at connect, and Postfix does not
-    // wait for our CONNECT answer, so the client is greeted, its EHLO
-    // answered, and our 421 comes at MAIL, then the hang-up: Postfix's own
-    // smtpd_delay_reject, two round trips fewer for every client.
+    // Past its connection rate: refused at connect, and Postfix waits for
+    // our answer neither at CONNECT nor at MAIL, so the client is greeted,
+    // its EHLO and MAIL answered, and our 421 comes at RCPT, then the
+    // hang-up: Postfix's own smtpd_delay_reject, three round trips fewer
+    // for every client.
     let smtp = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..4 {
         let mut c = common::Client::connect_from(smtp, "127.0.0.9").await;
@@ -282,8 +283,9 @@ async fn inside_postfix_as_a_milter() {
     let mut c = common::Client::connect_from(smtp, "127.0.0.9").await;
     assert!(c.reply().await.starts_with("220"));
     c.cmd("EHLO over.sender.test", "250").await;
+    c.cmd("MAIL FROM:<alice@pass.test>", "250").await;
     c.cmd(
-        "MAIL FROM:<alice@pass.test>",
+        "RCPT TO:<bob@example.test>",
         "421 4.7.0 Rate limit conn reached",
     )
     .await;
@@ -357,7 +359,7 @@ async fn inside_postfix_as_a_milter() {
     for want in [
         "milter-reject: RCPT from unknown[127.0.0.2]: 550 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test",
         "milter-reject: END-OF-MESSAGE from unknown[127.0.0.7]: 5.7.1 Forbidden phrase",
-        "milter-reject: MAIL from unknown[127.0.0.9]: 421 4.7.0 Rate limit conn reached",
+        "milter-reject: RCPT from unknown[127.0.0.9]: 421 4.7.0 Rate limit conn reached",
         &format!(
             "connect to Milter service inet:127.0.0.1:{}: Connection refused",
             milter.port()

@@ -77,18 +77,14 @@ async fn negotiation_then_a_clean_message_gets_our_header_fields() {
         assert_ne!(m.steps & s, 0, "step {s:#x}");
     }
     assert_eq!(
-        m.steps
-            & (step::NO_CONNECT
-                | step::NO_MAIL
-                | step::NO_RCPT
-                | step::NO_REPLY_MAIL
-                | step::NO_REPLY_RCPT),
+        m.steps & (step::NO_CONNECT | step::NO_MAIL | step::NO_RCPT | step::NO_REPLY_RCPT),
         0
     );
-    // CONNECT and HELO are not waited for: nothing written.
+    // CONNECT, HELO and MAIL are not waited for: nothing written.
+    assert_ne!(m.steps & step::NO_REPLY_MAIL, 0);
     assert_eq!(m.connect_from("192.0.2.10", "client.example").await, None);
     assert_eq!(m.helo("client.example").await, None);
-    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    assert_eq!(m.mail("a@sender.test").await, None);
     assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
     let end = m
         .message("From: a@sender.test\r\nSubject: hello\r\n\r\nbody\r\n")
@@ -159,7 +155,7 @@ async fn a_listed_client_is_refused_at_each_rcpt_with_our_reply() {
     assert_eq!(m.connect_from("127.0.0.3", "listed.example").await, None);
     m.helo("listed.example").await;
     // Delayed to RCPT, as in proxy mode.
-    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    assert_eq!(m.mail("a@sender.test").await, None);
     for rcpt in ["b@example.test", "c@example.test"] {
         let r = code_text(&m.rcpt(rcpt).await);
         assert!(r.starts_with("550 5.7.1 ") && r.contains("bl.test"), "{r}");
@@ -201,9 +197,10 @@ async fn refused_at_connect_and_by_a_connection_rate_limit() {
     let r = code_text(&m.connect_from("127.0.0.3", "listed.example").await.unwrap());
     assert!(r.starts_with("554 5.7.1 "), "{r}");
     // Settled: the rest of this client's commands are not checked again;
-    // a MAIL (Postfix sends none after a refused CONNECT) gets it again.
+    // a RCPT (Postfix sends none after a refused CONNECT) gets it again.
     assert_eq!(m.helo("listed.example").await, None);
-    let r = code_text(&m.mail("a@sender.test").await);
+    assert_eq!(m.mail("a@sender.test").await, None);
+    let r = code_text(&m.rcpt("b@example.test").await);
     assert!(r.starts_with("554 5.7.1 "), "{r}");
     m.send(Command::QuitNewConnection).await;
     assert_eq!(
@@ -215,11 +212,11 @@ async fn refused_at_connect_and_by_a_connection_rate_limit() {
     assert!(r.starts_with("421 4.7.0 Rate limit conn reached"), "{r}");
 }
 
-/// The default, delayed reject: CONNECT is not waited for, so a client
-/// over its connection rate hears the 421 at MAIL (as Postfix's
-/// `smtpd_delay_reject` would give it), at each MAIL of that session.
+/// The default, delayed reject: CONNECT and MAIL are not waited for, so a
+/// client over its connection rate hears the 421 at RCPT (as Postfix's
+/// `smtpd_delay_reject` would give it), at each RCPT of that session.
 #[tokio::test]
-async fn a_connect_refusal_not_waited_for_is_given_at_mail() {
+async fn a_connect_refusal_not_waited_for_is_given_at_rcpt() {
     let mta = FakeMta::start(Script::default()).await;
     let mut cfg = milter_config(&mta);
     cfg.checks.rate_limits = one_connection_a_minute();
@@ -228,19 +225,24 @@ async fn a_connect_refusal_not_waited_for_is_given_at_mail() {
     assert_ne!(m.steps & step::NO_REPLY_CONNECT, 0);
     assert_eq!(m.connect_from("127.0.0.9", "a.example").await, None);
     assert_eq!(m.helo("a.example").await, None);
-    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    assert_eq!(m.mail("a@sender.test").await, None);
+    assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
     m.send(Command::Abort).await;
     m.send(Command::QuitNewConnection).await;
     assert_eq!(m.connect_from("127.0.0.9", "a.example").await, None);
     assert_eq!(m.helo("a.example").await, None);
     for _ in 0..2 {
-        let r = code_text(&m.mail("a@sender.test").await);
-        assert!(r.starts_with("421 4.7.0 Rate limit conn reached"), "{r}");
+        assert_eq!(m.mail("a@sender.test").await, None);
+        for to in ["b@example.test", "c@example.test"] {
+            let r = code_text(&m.rcpt(to).await);
+            assert!(r.starts_with("421 4.7.0 Rate limit conn reached"), "{r}");
+        }
+        m.send(Command::Abort).await;
     }
     // The next session is not refused for the last one.
     m.send(Command::QuitNewConnection).await;
     assert_eq!(m.connect_from("127.0.0.10", "b.example").await, None);
-    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    assert_eq!(m.mail("a@sender.test").await, None);
 }
 
 fn rules(name: &str, text: &str) -> std::path::PathBuf {
@@ -326,7 +328,8 @@ async fn local_submissions_and_authenticated_clients_are_not_checked() {
         family: Family::Unknown,
     })
     .await;
-    assert_eq!(m.mail("root@localhost").await, Response::Accept);
+    assert_eq!(m.mail("root@localhost").await, None);
+    assert_eq!(m.rcpt("root@example.test").await, Response::Accept);
     m.send(Command::QuitNewConnection).await;
     // A listed address, but the MTA says it authenticated.
     m.connect_from("127.0.0.3", "listed.example").await;
@@ -336,10 +339,10 @@ async fn local_submissions_and_authenticated_clients_are_not_checked() {
             b'M',
             &[("{auth_authen}", "alice")],
             Command::Mail(vec![b"<alice@sender.test>".to_vec()]),
-            0,
+            step::NO_REPLY_MAIL,
         )
         .await;
-    assert_eq!(r, Some(Response::Continue));
+    assert_eq!(r, None);
     assert_eq!(m.rcpt("b@example.test").await, Response::Continue);
 }
 
@@ -390,7 +393,7 @@ async fn a_milter_only_config_needs_no_smtp_listener() {
     let (_gate, addr) = gate(cfg).await;
     let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
     assert_eq!(m.connect_from("192.0.2.10", "c.example").await, None);
-    assert_eq!(m.mail("a@sender.test").await, Response::Continue);
+    assert_eq!(m.mail("a@sender.test").await, None);
 }
 
 /// A Unix socket listener: mode 0660 (the MTA's group), negotiation and a
@@ -422,8 +425,10 @@ async fn a_unix_socket_listener_serves_and_is_removed_at_shutdown() {
         },
     }
     .encode(&mut out);
-    // CONNECT is not waited for: MAIL is what gets the second answer.
+    // CONNECT and MAIL are not waited for: RCPT is what gets the second
+    // answer.
     Command::Mail(vec![b"<a@sender.test>".to_vec()]).encode(&mut out);
+    Command::Rcpt(vec![b"<b@example.test>".to_vec()]).encode(&mut out);
     sock.write_all(&out).await.unwrap();
     let mut d = portcullis::wire::milter::Decoder::new(1 << 16);
     let mut got = Vec::new();
@@ -518,7 +523,7 @@ async fn a_silent_mta_is_dropped_after_the_timeout() {
     let started = std::time::Instant::now();
     let mut other = Mta::connect(addr, POSTFIX_STEPS).await;
     assert_eq!(other.connect_from("192.0.2.11", "b.example").await, None);
-    assert_eq!(other.mail("a@sender.test").await, Response::Continue);
+    assert_eq!(other.mail("a@sender.test").await, None);
     assert!(silent.closed().await);
     let took = started.elapsed();
     assert!(
@@ -587,20 +592,21 @@ async fn a_command_after_its_macros_is_not_held_by_a_delayed_ack() {
         None
     );
     m.helo("client.example.test").await;
+    m.mail("a@sender.test").await;
     let started = std::time::Instant::now();
     for _ in 0..20 {
         let r = m
             .with_macros(
-                b'M',
-                &[("{mail_addr}", "a@sender.test")],
-                Command::Mail(vec![b"<a@sender.test>".to_vec()]),
-                0,
+                b'R',
+                &[("{rcpt_addr}", "b@example.test")],
+                Command::Rcpt(vec![b"<b@example.test>".to_vec()]),
+                step::NO_REPLY_RCPT,
             )
             .await;
         assert_eq!(r, Some(Response::Continue));
     }
     let took = started.elapsed();
-    println!("20 MAILs after their macros: {took:?}");
+    println!("20 RCPTs after their macros: {took:?}");
     // Held by delayed ACKs they take 20 x 40 ms.
     assert!(took < std::time::Duration::from_millis(400), "{took:?}");
 }
