@@ -74,12 +74,14 @@ impl Session {
     }
 
     /// MAIL to upstream, on the session's connection or a new one. A pooled
-    /// connection that passed its check and then failed at once is the
-    /// pool's trouble, not the client's: MAIL is tried once more on a
-    /// fresh connection before answering.
+    /// connection that failed at MAIL (its health check, RSET, goes in the
+    /// same write) is the pool's trouble, not the client's: MAIL is tried
+    /// once more on a fresh connection before answering, never on another
+    /// pooled one (when upstream drops every connection after a message,
+    /// the pool may hold several dead ones).
     async fn relay_mail(&mut self, line: &[u8]) -> MailUp {
         for attempt in 0..2 {
-            if let Err(u) = self.ensure_upstream().await {
+            if let Err(u) = self.ensure_upstream(attempt == 0).await {
                 return MailUp::Unavailable(u);
             }
             let Some(up) = self.upstream.as_mut() else {

@@ -5,8 +5,9 @@ use super::*;
 
 impl Session {
     /// Opens the upstream connection if needed (lazily, at the first MAIL),
-    /// or reopens it when the client changed its HELO name.
-    pub(super) async fn ensure_upstream(&mut self) -> Result<(), Unavailable> {
+    /// or reopens it when the client changed its HELO name; from the pool
+    /// when `pooled`.
+    pub(super) async fn ensure_upstream(&mut self, pooled: bool) -> Result<(), Unavailable> {
         if self
             .upstream
             .as_ref()
@@ -26,7 +27,7 @@ impl Session {
             reverse_name,
             esmtp: self.esmtp,
         };
-        match self.shared.upstream.open(&who).await {
+        match self.shared.upstream.open(&who, pooled).await {
             Ok(mut conn) => {
                 conn.client_helo = self.helo.clone();
                 self.upstream = Some(conn);

@@ -328,13 +328,18 @@ impl Upstream {
     }
 
     /// A connection for one client session, passing its identity: a
-    /// pooled one made the client's own, or else a fresh one.
-    pub async fn open(&self, client: &ClientIdentity) -> Result<Box<UpstreamConn>, OpenError> {
+    /// pooled one made the client's own (when `pooled`), or else a fresh
+    /// one.
+    pub async fn open(
+        &self,
+        client: &ClientIdentity,
+        pooled: bool,
+    ) -> Result<Box<UpstreamConn>, OpenError> {
         let identity = match self.identity() {
             Some(id) => id,
             None => self.probe().await.map_err(OpenError::Probe)?,
         };
-        while self.pool.reuses(identity) {
+        while pooled && self.pool.reuses(identity) {
             let (taken, stale) = self.pool.take(identity);
             close_all(stale);
             let Some(mut conn) = taken else { break };

@@ -217,6 +217,44 @@ async fn a_pooled_connection_failing_at_mail_is_retried_on_a_fresh_one() {
     assert_ne!(stored[0].conn, stored[1].conn);
 }
 
+/// Upstream hung up on every pooled connection (smtp-sink -A does after
+/// each message; Postfix at its idle timeout): after the first one fails
+/// its RSET at MAIL the session goes to a fresh connection, not to the
+/// next dead one in the pool (seen in CI: 451 to the client).
+#[tokio::test]
+async fn a_session_whose_pooled_connection_failed_does_not_take_another_pooled_one() {
+    let script = Script {
+        idle_close: Some(Duration::from_millis(300)),
+        ..Script::default()
+    };
+    let mta = FakeMta::start(script).await;
+    let mut cfg = test_config(mta.addr);
+    cfg.upstream.client_identity = IdentityMode::None;
+    let gate = Gate::start_config(cfg).await;
+    // Two sessions at once: two upstream connections, both pooled after.
+    let mut a = Client::hello(gate.addr).await;
+    let mut b = Client::hello(gate.addr).await;
+    for (c, from) in [(&mut a, "a@one.test"), (&mut b, "b@two.test")] {
+        let r = c
+            .send_mail(from, &["rcpt@example.test"], &message(from, "hi\r\n"))
+            .await;
+        assert!(r.starts_with("250"), "{r}");
+    }
+    for c in [&mut a, &mut b] {
+        c.cmd("QUIT", "221").await;
+        assert!(c.closed().await);
+    }
+    let stored = mta.stored();
+    assert_ne!(stored[0].conn, stored[1].conn);
+    // Both go dead in the pool.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let r = session(gate.addr, "127.0.0.4", "third.example", "c@three.test").await;
+    assert!(r.starts_with("250"), "{r}");
+    let stored = mta.stored();
+    assert_eq!(stored.len(), 3);
+    assert!(stored[2].conn != stored[0].conn && stored[2].conn != stored[1].conn);
+}
+
 #[tokio::test]
 async fn upstream_failing_on_a_reused_connection_still_delivers_exactly_once() {
     for stage in ["rcpt", "data", "body", "dot"] {
