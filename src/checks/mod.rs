@@ -58,29 +58,43 @@ pub use crate::wire::stage::Stage;
 /// A lookup running in a task of its own, whose answer is kept apart from
 /// the task: the task (sized for the resolver's future, a KiB or two) is
 /// freed as soon as it answers, not when the session gets round to
-/// reading the answer, which for a client that idles may be never.
-pub struct Lookup<T>(tokio::sync::oneshot::Receiver<T>);
+/// reading the answer, which for a client that idles may be never. A
+/// lookup the cache answers at once needs no task (nor the thread
+/// wake-up that spawning one costs): its answer is kept here.
+pub enum Lookup<T> {
+    Ready(Option<Box<T>>),
+    Running(tokio::sync::oneshot::Receiver<T>),
+}
 
 impl<T: Send + 'static> Lookup<T> {
     pub fn spawn(work: impl Future<Output = T> + Send + 'static) -> Lookup<T> {
+        use futures_util::FutureExt;
+        let mut work = Box::pin(work);
+        if let Some(answer) = (&mut work).now_or_never() {
+            return Lookup::Ready(Some(Box::new(answer)));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             // The session may have ended: then nobody wants the answer.
             let _ = tx.send(work.await);
         });
-        Lookup(rx)
+        Lookup::Running(rx)
     }
 }
 
 impl<T> Future for Lookup<T> {
-    /// Err: the lookup's task ended without an answer (it panicked).
-    type Output = Result<T, tokio::sync::oneshot::error::RecvError>;
+    /// None: the lookup's task ended without an answer (it panicked), or
+    /// the answer was taken already.
+    type Output = Option<T>;
 
     fn poll(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
+        match self.get_mut() {
+            Lookup::Ready(answer) => std::task::Poll::Ready(answer.take().map(|a| *a)),
+            Lookup::Running(rx) => Pin::new(rx).poll(cx).map(Result::ok),
+        }
     }
 }
 
@@ -380,5 +394,23 @@ impl Engine {
         .any(|m| *m != Mode::Off)
             || (c.dnsbl.mode != Mode::Off && !self.dnsbl.zones.is_empty())
             || (c.uribl.mode != Mode::Off && !self.uribl.zones.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    use super::Lookup;
+
+    #[tokio::test]
+    async fn an_answer_ready_at_once_needs_no_task_and_others_get_one() {
+        let cached = Lookup::spawn(async { 7 });
+        assert!(matches!(cached, Lookup::Ready(Some(_))));
+        assert_eq!(cached.await, Some(7));
+        let queried = Lookup::spawn(async {
+            tokio::task::yield_now().await;
+            8
+        });
+        assert!(matches!(queried, Lookup::Running(_)));
+        assert_eq!(queried.await, Some(8));
     }
 }

@@ -666,7 +666,7 @@ impl Screen {
         let Some(t) = self.pending.iprev.take() else {
             return;
         };
-        let Ok(r) = t.await else { return };
+        let Some(r) = t.await else { return };
         self.facts.client.names = Some(Box::new(client_name::from_iprev(&r)));
         if self.pending.iprev_is_check {
             self.facts.client.iprev = Some(Box::new(r));
