@@ -273,10 +273,13 @@ ticks() {
     awk '{print $14 + $15}' /proc/$pid/stat
   fi
 }
+# Each round starts one target further on: a fixed order measured later
+# targets about 8% faster (an A/A run, the same binary as BASE_BIN).
+rotated() { local -a a=($TARGETS); local k=$(( $1 % ${#a[@]} )); echo "${a[@]:k} ${a[@]:0:k}"; }
 for r in $(seq $ROUNDS); do
   for mode in $MODES; do
     line="round $r ($mode):"
-    for t in $TARGETS; do
+    for t in $(rotated $r); do
       n=${t%%:*}
       [ $n != direct ] && before=$(ticks $n)
       v=$(rate ${t#*:} $mode); all[$n.$mode]+="$v "

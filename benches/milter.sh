@@ -160,9 +160,12 @@ rate() { # port -> msg/s
   awk -v m=$MSGS -v a=$t0 -v b=$t1 'BEGIN{printf "%.1f", m/(b-a)}'
 }
 declare -A all
+# Each round starts one target further on (a fixed order favours the
+# later targets; see load.sh).
+rotated() { local -a a=($TARGETS); local k=$(( $1 % ${#a[@]} )); echo "${a[@]:k} ${a[@]:0:k}"; }
 for r in $(seq $ROUNDS); do
   line="round $r:"
-  for t in $TARGETS; do
+  for t in $(rotated $r); do
     v=$(rate ${t#*:}); all[${t%%:*}]+="$v "
     line="$line ${t%%:*} $v"
   done
