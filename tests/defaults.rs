@@ -143,10 +143,10 @@ async fn settle_rss(pid: u32) {
         if last.len() >= 5 {
             let recent = &last[last.len() - 5..];
             let (lo, hi) = (recent.iter().min(), recent.iter().max());
-            if let (Some(lo), Some(hi)) = (lo, hi) {
-                if hi - lo <= 64 {
-                    return;
-                }
+            if let (Some(lo), Some(hi)) = (lo, hi)
+                && hi - lo <= 64
+            {
+                return;
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
