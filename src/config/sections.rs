@@ -235,6 +235,11 @@ pub struct UpstreamConfig {
     /// Ready connections kept for the next client session.
     #[serde(default)]
     pub pool: PoolConfig,
+    /// The message goes as one BDAT chunk (RFC 3030) when upstream offers
+    /// CHUNKING (Postfix 3.4+, Exim): a round trip fewer than DATA and its
+    /// 354, and no dot-stuffing. False: always DATA.
+    #[serde(default = "default_chunking")]
+    pub chunking: bool,
 }
 
 /// Upstream connections kept open between client sessions (XCLIENT or no
@@ -277,6 +282,7 @@ fn no_upstream() -> UpstreamConfig {
         tls_ca: None,
         tls_name: None,
         pool: PoolConfig::default(),
+        chunking: default_chunking(),
     }
 }
 
@@ -476,6 +482,10 @@ impl Default for Log {
 
 fn default_identity() -> IdentityMode {
     IdentityMode::Auto
+}
+
+fn default_chunking() -> bool {
+    true
 }
 
 fn default_probe_interval() -> Secs {

@@ -319,6 +319,11 @@ mod tests {
     #[test]
     fn queue_ids_of_the_common_mtas() {
         assert_eq!(queue_id_in("2.0.0 Ok: queued as 4F2B91C0A2"), "4F2B91C0A2");
+        // Postfix's reply to BDAT names the size.
+        assert_eq!(
+            queue_id_in("2.0.0 Ok: 332 bytes queued as D4F939A407C"),
+            "D4F939A407C"
+        );
         assert_eq!(queue_id_in("OK id=1tQ2xY-000123-AB"), "1tQ2xY-000123-AB");
         assert_eq!(
             queue_id_in("2.0.0 4AUAbc12345678 Message accepted for delivery"),

@@ -11,6 +11,8 @@ pub struct Capabilities {
     pub dsn: bool,
     pub enhanced_status_codes: bool,
     pub starttls: bool,
+    /// BDAT (RFC 3030): the message in one chunk, its size said first.
+    pub chunking: bool,
     /// XCLIENT attribute names, upper-cased, when XCLIENT is offered.
     pub xclient: Option<Vec<String>>,
 }
@@ -31,6 +33,7 @@ impl Capabilities {
                 "DSN" => c.dsn = true,
                 "ENHANCEDSTATUSCODES" => c.enhanced_status_codes = true,
                 "STARTTLS" => c.starttls = true,
+                "CHUNKING" => c.chunking = true,
                 "XCLIENT" => c.xclient = Some(words.map(|w| w.to_ascii_uppercase()).collect()),
                 _ => {}
             }
@@ -59,6 +62,7 @@ mod tests {
         assert!(c.pipelining && c.eight_bit_mime && c.dsn && c.smtputf8 && c.enhanced_status_codes);
         assert_eq!(c.size, Some(10240000));
         assert!(c.xclient_addr());
+        assert!(c.chunking);
         assert!(!c.starttls);
     }
 
@@ -70,5 +74,6 @@ mod tests {
         let c = Capabilities::from_ehlo(&r);
         assert!(c.pipelining && c.eight_bit_mime);
         assert!(!c.xclient_addr());
+        assert!(!c.chunking);
     }
 }

@@ -143,6 +143,7 @@ impl Upstream {
                     data: t.data.0,
                 },
                 tls,
+                chunking: cfg.upstream.chunking,
             },
             mode: cfg.upstream.client_identity,
             probe_interval: cfg.upstream.probe_interval.0,

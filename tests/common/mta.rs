@@ -106,6 +106,11 @@ impl Script {
         self.drop_at = Some(stage);
         self
     }
+    /// Offers CHUNKING and takes BDAT, as Postfix 3.4+ does.
+    pub fn with_chunking(mut self) -> Self {
+        self.ehlo_keywords.push("CHUNKING".into());
+        self
+    }
     pub fn without_xclient(mut self) -> Self {
         self.ehlo_keywords.retain(|k| !k.starts_with("XCLIENT"));
         self
@@ -273,6 +278,24 @@ impl Conn {
         }
     }
 
+    /// A BDAT chunk: exactly `size` octets, whatever they hold. None:
+    /// closed first (or, with `drop_mid`, hung up once some arrived).
+    async fn chunk(&mut self, size: usize, drop_mid: bool) -> Option<Vec<u8>> {
+        loop {
+            if self.buf.len() >= size {
+                return Some(self.buf.drain(..size).collect());
+            }
+            if drop_mid && !self.buf.is_empty() {
+                return None;
+            }
+            let mut tmp = [0u8; 65536];
+            match self.sock.read(&mut tmp).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
     /// Strict DATA reading: only CRLF.CRLF ends; unstuffs. None: closed first.
     async fn data(&mut self, drop_mid: bool) -> Option<Vec<u8>> {
         let mut out = Vec::new();
@@ -394,6 +417,9 @@ async fn serve(
     let mut xclient = None;
     let mut mail = None;
     let mut rcpts: Vec<String> = Vec::new();
+    let chunking = script.ehlo_keywords.iter().any(|k| k == "CHUNKING");
+    // BDAT chunks of the transaction so far.
+    let mut chunks: Vec<u8> = Vec::new();
     loop {
         let line = match script.idle_close {
             None => c.line().await,
@@ -550,7 +576,60 @@ async fn serve(
                 rcpts.clear();
                 c.send(&r).await
             }
+            "BDAT" if chunking => {
+                let mut words = upper.split_ascii_whitespace().skip(1);
+                let size = words.next().and_then(|n| n.parse::<usize>().ok());
+                let last = words.next() == Some("LAST");
+                let Some(size) = size else {
+                    c.send("501 5.5.4 Syntax: BDAT count [LAST]").await;
+                    continue;
+                };
+                if drops("data") {
+                    return;
+                }
+                // Read even when refused (RFC 3030): the chunk follows anyway.
+                let Some(chunk) = c.chunk(size, drops("body")).await else {
+                    rec.lock().unwrap().data_aborted += 1;
+                    return;
+                };
+                if mail.is_none() || rcpts.is_empty() {
+                    chunks.clear();
+                    let r = if mail.is_none() {
+                        "503 5.5.1 Error: need RCPT command"
+                    } else {
+                        "554 5.5.1 Error: no valid recipients"
+                    };
+                    c.send(r).await
+                } else if !last {
+                    chunks.extend_from_slice(&chunk);
+                    c.send(&format!("250 2.0.0 Ok: {size} octets")).await
+                } else {
+                    chunks.extend_from_slice(&chunk);
+                    if drops("dot") {
+                        return;
+                    }
+                    tokio::time::sleep(delay("dot")).await;
+                    let r = stage_reply("dot", "250 2.0.0 Ok: queued as FAKE");
+                    let data = std::mem::take(&mut chunks);
+                    if r.starts_with('2') {
+                        rec.lock().unwrap().stored.push(Stored {
+                            helo: helo.clone(),
+                            xclient: xclient.clone(),
+                            proxy: proxy.clone(),
+                            mail: mail.take().unwrap_or_default(),
+                            rcpts: std::mem::take(&mut rcpts),
+                            data,
+                            tls,
+                            conn: conn_no,
+                        });
+                        mail = None;
+                        rcpts.clear();
+                    }
+                    c.send(&r).await
+                }
+            }
             "RSET" => {
+                chunks.clear();
                 mail = None;
                 rcpts.clear();
                 c.send(&stage_reply("rset", "250 2.0.0 Ok")).await

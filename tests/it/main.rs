@@ -13,6 +13,7 @@ mod common;
 mod antivirus;
 mod attachments;
 mod checks;
+mod chunking;
 mod cli;
 mod dashboard;
 mod differential;
