@@ -433,7 +433,8 @@ impl UpstreamConn {
     /// DATA, then the message as `parts` (our headers first, then the
     /// client's message in pieces, each made of whole CRLF lines), each
     /// dot-stuffed, then the terminator. Returns the reply to DATA if it is
-    /// not 354, else the final reply.
+    /// not 354, else the final reply. When upstream offers CHUNKING (and
+    /// the config allows it), one BDAT chunk instead (`bdat`).
     pub async fn data(&mut self, parts: &[&[u8]]) -> Result<UpstreamReply, UpstreamError> {
         if self.chunking && self.capabilities.chunking {
             return self.bdat(parts).await;
