@@ -126,10 +126,7 @@ impl Conversation {
                 self.keep(Assembled::end_of_headers);
                 self.unless(step::NO_REPLY_EOH)
             }
-            Command::Body(chunk) => {
-                self.keep(|m| m.body(&chunk));
-                self.unless(step::NO_REPLY_BODY)
-            }
+            Command::Body(chunk) => self.body(&chunk),
             Command::EndOfMessage(chunk) => {
                 self.keep(|m| m.body(&chunk));
                 for r in self.end_of_message().await {
@@ -153,6 +150,12 @@ impl Conversation {
             r.encode(out);
         }
         Flow::Go
+    }
+
+    /// A piece of the body (the connection lends it from its read buffer).
+    pub(super) fn body(&mut self, chunk: &[u8]) -> Option<Response> {
+        self.keep(|m| m.body(chunk));
+        self.unless(step::NO_REPLY_BODY)
     }
 
     /// The options: what we want of what the MTA offers.

@@ -196,11 +196,18 @@ impl Decoder {
 
     /// Bytes as read from the peer.
     pub fn feed(&mut self, bytes: &[u8]) {
+        self.buffer().extend_from_slice(bytes);
+    }
+
+    /// The buffer to read into (append to it): a reader that reads straight
+    /// here spares a copy of every byte, body chunks included. What was
+    /// decoded goes first when it is half of the buffer or more.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
         if self.at > 0 && self.at >= self.buf.len() / 2 {
             self.buf.drain(..self.at);
             self.at = 0;
         }
-        self.buf.extend_from_slice(bytes);
+        &mut self.buf
     }
 
     /// Gives back a large buffer with nothing pending in it (the peer is
@@ -222,17 +229,33 @@ impl Decoder {
         self.next(Command::decode)
     }
 
-    /// The next whole response, if one has arrived.
-    pub fn response(&mut self) -> Result<Option<Response>, MilterError> {
-        self.next(Response::decode)
+    /// The next packet if it is a whole piece of the body ('B'): its data
+    /// borrowed from the buffer, so that the chunk goes from the read
+    /// straight into the message (`command` would copy it into a
+    /// `Command::Body` of its own). Anything else is left for `command`.
+    pub fn body(&mut self) -> Result<Option<&[u8]>, MilterError> {
+        let start = self.at;
+        let Some(len) = self.length()? else {
+            return Ok(None);
+        };
+        let end = start + 4 + len;
+        if self.buf.len() < end || self.buf[start + 4] != b'B' {
+            return Ok(None);
+        }
+        // The buffer is emptied by the next call, not now: the chunk is lent.
+        self.at = end;
+        Ok(Some(&self.buf[start + 5..end]))
     }
 
-    fn next<T>(
-        &mut self,
-        decode: impl FnOnce(u8, &[u8]) -> Result<T, MilterError>,
-    ) -> Result<Option<T>, MilterError> {
-        let rest = &self.buf[self.at..];
-        let Some(head) = rest.get(..4) else {
+    /// The length of the next packet once its length field has arrived,
+    /// refused when empty or over the limit. A buffer fully decoded is
+    /// emptied first.
+    fn length(&mut self) -> Result<Option<usize>, MilterError> {
+        if self.at > 0 && self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+        }
+        let Some(head) = self.buf.get(self.at..self.at + 4) else {
             return Ok(None);
         };
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
@@ -242,6 +265,22 @@ impl Decoder {
         if len > self.max {
             return Err(MilterError::TooLarge(len, self.max));
         }
+        Ok(Some(len))
+    }
+
+    /// The next whole response, if one has arrived.
+    pub fn response(&mut self) -> Result<Option<Response>, MilterError> {
+        self.next(Response::decode)
+    }
+
+    fn next<T>(
+        &mut self,
+        decode: impl FnOnce(u8, &[u8]) -> Result<T, MilterError>,
+    ) -> Result<Option<T>, MilterError> {
+        let Some(len) = self.length()? else {
+            return Ok(None);
+        };
+        let rest = &self.buf[self.at..];
         let Some(packet) = rest.get(4..4 + len) else {
             return Ok(None);
         };
@@ -656,5 +695,48 @@ mod tests {
         let mut d = Decoder::new(100);
         d.feed(b"\0\0\0\x01z");
         assert_eq!(d.command(), Err(MilterError::UnknownCode('z')));
+    }
+
+    /// Body chunks are lent from the buffer, read straight into it, in any
+    /// split; every other packet is left for `command`, in order.
+    #[test]
+    fn body_chunks_are_lent_and_other_packets_left_in_order() {
+        let mut wire = Vec::new();
+        for c in [
+            Command::EndOfHeaders,
+            Command::Body(b"first chunk\r\n".to_vec()),
+            Command::Body(b"second\r\n".to_vec()),
+            Command::EndOfMessage(Vec::new()),
+        ] {
+            c.encode(&mut wire);
+        }
+        for split in 1..wire.len() {
+            let mut d = Decoder::new(1024);
+            let (mut seen, mut body) = (Vec::new(), Vec::new());
+            for piece in [&wire[..split], &wire[split..]] {
+                d.buffer().extend_from_slice(piece);
+                loop {
+                    if let Some(chunk) = d.body().unwrap() {
+                        body.extend_from_slice(chunk);
+                        seen.push("body".to_string());
+                        continue;
+                    }
+                    match d.command().unwrap() {
+                        Some(c) => seen.push(c.to_string()),
+                        None => break,
+                    }
+                }
+            }
+            assert_eq!(seen, ["eoh", "body", "body", "eom"], "split at {split}");
+            assert_eq!(body, b"first chunk\r\nsecond\r\n");
+            assert_eq!(d.pending(), 0);
+        }
+        // The same limits as `command`.
+        let mut d = Decoder::new(4);
+        d.feed(&[0, 0, 0, 5]);
+        assert_eq!(d.body(), Err(MilterError::TooLarge(5, 4)));
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 0]);
+        assert_eq!(d.body(), Err(MilterError::Empty));
     }
 }
