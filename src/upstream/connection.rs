@@ -146,6 +146,62 @@ pub struct UpstreamConn {
 
 const WRITE_CHUNK: usize = 64 * 1024;
 
+/// A message's bytes framed into one bounded buffer as they go: a message
+/// costs `WRITE_CHUNK` here whatever its shape, and runs longer than that
+/// are written straight from the message.
+struct Framer {
+    chunk: Vec<u8>,
+}
+
+impl Framer {
+    fn new(total: usize) -> Framer {
+        Framer {
+            chunk: Vec::with_capacity(WRITE_CHUNK.min(total + 32)),
+        }
+    }
+
+    async fn put<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        w: &mut W,
+        piece: &[u8],
+    ) -> std::io::Result<()> {
+        if self.chunk.len() + piece.len() > WRITE_CHUNK {
+            w.write_all(&self.chunk).await?;
+            self.chunk.clear();
+            if piece.len() > WRITE_CHUNK {
+                return w.write_all(piece).await;
+            }
+        }
+        self.chunk.extend_from_slice(piece);
+        Ok(())
+    }
+
+    async fn flush<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        w: &mut W,
+    ) -> std::io::Result<()> {
+        w.write_all(&self.chunk).await
+    }
+}
+
+/// The message written within `limit` (`timeouts.data`).
+async fn written(
+    limit: Duration,
+    send: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), UpstreamError> {
+    match timeout(limit, send).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(UpstreamError::Io {
+            stage: UpStage::Message,
+            source,
+        }),
+        Err(_) => Err(UpstreamError::Timeout {
+            stage: UpStage::Message,
+            limit,
+        }),
+    }
+}
+
 async fn connect(dial: &Dial) -> Result<TcpStream, UpstreamError> {
     let addr = dial.addr;
     match timeout(dial.timeouts.connect, TcpStream::connect(addr)).await {
@@ -445,43 +501,19 @@ impl UpstreamConn {
             return Ok(go);
         }
         let limit = self.timeouts.data;
-        let send = async {
-            // Framed into one bounded buffer as it goes: a message costs
-            // `WRITE_CHUNK` here whatever its shape; long runs of content
-            // are written straight from the message.
-            let total: usize = parts.iter().map(|p| p.len()).sum();
-            let mut chunk: Vec<u8> = Vec::with_capacity(WRITE_CHUNK.min(total + 8));
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let stream = &mut self.stream;
+        written(limit, async {
+            let mut out = Framer::new(total);
             for part in parts {
                 for piece in Stuffed::new(part) {
-                    if chunk.len() + piece.len() > WRITE_CHUNK {
-                        self.stream.write_all(&chunk).await?;
-                        chunk.clear();
-                        if piece.len() > WRITE_CHUNK {
-                            self.stream.write_all(piece).await?;
-                            continue;
-                        }
-                    }
-                    chunk.extend_from_slice(piece);
+                    out.put(stream, piece).await?;
                 }
             }
-            chunk.extend_from_slice(b".\r\n");
-            self.stream.write_all(&chunk).await
-        };
-        match timeout(limit, send).await {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => {
-                return Err(UpstreamError::Io {
-                    stage: UpStage::Message,
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    stage: UpStage::Message,
-                    limit,
-                });
-            }
-        }
+            out.put(stream, b".\r\n").await?;
+            out.flush(stream).await
+        })
+        .await?;
         let r = self.read_reply(UpStage::Message, limit).await?;
         // The reply after the dot ends the transaction, whatever it says.
         self.open_txn = false;
@@ -502,42 +534,20 @@ impl UpstreamConn {
             .map(|p| p.len() + if crlf(p) { 2 } else { 0 })
             .sum();
         let limit = self.timeouts.data;
-        let send = async {
-            let mut chunk: Vec<u8> = Vec::with_capacity(WRITE_CHUNK.min(total + 32));
-            chunk.extend_from_slice(format!("BDAT {total} LAST\r\n").as_bytes());
+        let stream = &mut self.stream;
+        written(limit, async {
+            let mut out = Framer::new(total);
+            out.put(stream, format!("BDAT {total} LAST\r\n").as_bytes())
+                .await?;
             for part in parts {
-                if chunk.len() + part.len() > WRITE_CHUNK {
-                    self.stream.write_all(&chunk).await?;
-                    chunk.clear();
-                    if part.len() > WRITE_CHUNK {
-                        self.stream.write_all(part).await?;
-                    } else {
-                        chunk.extend_from_slice(part);
-                    }
-                } else {
-                    chunk.extend_from_slice(part);
-                }
+                out.put(stream, part).await?;
                 if crlf(part) {
-                    chunk.extend_from_slice(b"\r\n");
+                    out.put(stream, b"\r\n").await?;
                 }
             }
-            self.stream.write_all(&chunk).await
-        };
-        match timeout(limit, send).await {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => {
-                return Err(UpstreamError::Io {
-                    stage: UpStage::Message,
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    stage: UpStage::Message,
-                    limit,
-                });
-            }
-        }
+            out.flush(stream).await
+        })
+        .await?;
         let r = self.read_reply(UpStage::Message, limit).await?;
         // Accepted, the transaction is over; a refused chunk leaves it
         // failed but open (RFC 3030 says no more), so RSET ends it.
