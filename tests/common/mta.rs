@@ -213,6 +213,13 @@ impl FakeMta {
     }
 }
 
+/// The verbs of command lines (upper-case), e.g. from `commands_on`.
+pub fn verbs(cmds: &[String]) -> Vec<String> {
+    cmds.iter()
+        .map(|c| c.split(' ').next().unwrap_or("").to_ascii_uppercase())
+        .collect()
+}
+
 struct Conn {
     sock: Box<dyn portcullis::runtime::Stream>,
     buf: Vec<u8>,

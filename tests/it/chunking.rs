@@ -6,7 +6,7 @@
 use crate::common;
 
 use common::config::test_config;
-use common::{Client, FakeMta, Gate, Script, message};
+use common::{Client, FakeMta, Gate, Script, message, verbs};
 
 /// Dots, 8-bit text, a forged Authentication-Results field of ours (to be
 /// removed: the message then goes in several parts) and no final CRLF.
@@ -141,14 +141,10 @@ async fn a_refused_chunk_is_relayed_and_the_next_transaction_starts_clean() {
     );
     // RFC 3030 leaves the refused transaction failed but not ended: RSET
     // ends it before the next MAIL.
-    let verbs: Vec<String> = mta
-        .commands()
-        .iter()
-        .map(|c| c.split(' ').next().unwrap_or("").to_ascii_uppercase())
-        .filter(|v| ["MAIL", "RCPT", "BDAT", "RSET"].contains(&v.as_str()))
-        .collect();
+    let mut transaction = verbs(&mta.commands());
+    transaction.retain(|v| ["MAIL", "RCPT", "BDAT", "RSET"].contains(&v.as_str()));
     assert_eq!(
-        verbs,
+        transaction,
         ["MAIL", "RCPT", "BDAT", "RSET", "MAIL", "RCPT", "BDAT"]
     );
 }

@@ -6,7 +6,7 @@
 use crate::common;
 
 use common::config::{secs, test_config};
-use common::{Client, FakeMta, Gate, Script, message};
+use common::{Client, FakeMta, Gate, Script, message, verbs};
 use portcullis::config::IdentityMode;
 
 use std::collections::BTreeSet;
@@ -66,12 +66,6 @@ async fn two_clients(gate: std::net::SocketAddr) {
         let r = session(gate, ip, helo, from).await;
         assert!(r.starts_with("250"), "{ip}: {r}");
     }
-}
-
-fn verbs(cmds: &[String]) -> Vec<String> {
-    cmds.iter()
-        .map(|c| c.split(' ').next().unwrap_or("").to_ascii_uppercase())
-        .collect()
 }
 
 #[tokio::test]
