@@ -123,15 +123,16 @@ impl Check for RuleCheck {
 /// `accept` (allow-list) rule ends the checks of the transaction.
 fn apply(hits: &[Hit], found: &mut Found) {
     for h in hits {
-        found.log.rules.push(if h.shadow {
-            format!("{}(shadow)", h.id)
-        } else {
-            h.id.clone()
-        });
+        found.log.rules.push(h.logged.clone());
         let (action, reply) = match &h.action {
             RuleAction::Reject(r) => (Action::Reject, r.clone()),
             RuleAction::Tempfail(r) => (Action::Tempfail, r.clone()),
-            RuleAction::Score(s) => (Action::Score(*s), verdict::spam_score(*s)),
+            RuleAction::Score(s) => (
+                Action::Score(*s),
+                h.score_reply
+                    .get_or_init(|| verdict::spam_score(*s))
+                    .clone(),
+            ),
             // A shadow allow-list or header rule only logs its match.
             RuleAction::Accept => {
                 found.skipped |= !h.shadow;
@@ -151,7 +152,7 @@ fn apply(hits: &[Hit], found: &mut Found) {
             result: "match".into(),
             action: if h.shadow { Action::Accept } else { action },
             would: h.shadow.then_some(action),
-            reason: format!("rule:{}", h.id),
+            reason: h.reason.clone(),
             reply,
         });
     }

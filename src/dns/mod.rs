@@ -134,7 +134,16 @@ impl Dns {
     /// A records of `name` (fully qualified), plus its TXT when found and
     /// `want_txt`. Cached; concurrent identical lookups share one query.
     pub async fn lookup_a(&self, name: &str, want_txt: bool) -> Result<AAnswer, DnsFailure> {
-        let key: Box<str> = format!("{name}|{want_txt}").into();
+        let mut key = String::with_capacity(name.len() + 6);
+        key.push_str(name);
+        key.push_str(if want_txt { "|true" } else { "|false" });
+        let key: Box<str> = key.into();
+        // A hit is a plain read; only a miss sets up the shared query.
+        if let Some(t) = self.answers.get(&key).await {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            DnsLookup::CacheHit.emit();
+            return Ok(t.answer);
+        }
         let mut fresh = false;
         let got = self
             .answers

@@ -3,10 +3,9 @@
 
 use super::engine::*;
 use super::index::{DomainSet, NetSet};
-use super::model::{ActionDef, Cond, Matcher, ReplyDef, RuleDef, Stage};
+use super::model::{ActionDef, Cond, Matcher, ReplyDef, RuleDef, RuleMode, Stage};
 use crate::wire::reply::Reply;
 use ipnet::IpNet;
-use regex::RegexSet;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
@@ -76,6 +75,7 @@ impl<'a> Compiler<'a> {
         let action =
             compile_action(&def.action, &id).map_err(|m| err(m, Some("action:".into())))?;
         Ok(Rule {
+            hit: Matched::new(&id, def.mode == RuleMode::Shadow, action.clone()),
             id,
             description: def.description,
             stage,
@@ -244,7 +244,7 @@ impl<'a> Compiler<'a> {
     pub fn finish(self, rules: Vec<Rule>) -> Result<Compiled, String> {
         let mut sets = HashMap::new();
         for (t, p) in self.patterns {
-            let set = RegexSet::new(&p).map_err(|e| format!("{}: {e}", t.name()))?;
+            let set = Patterns::new(&p).map_err(|e| format!("{}: {e}", t.name()))?;
             sets.insert(t, set);
         }
         Ok(Compiled {

@@ -4,13 +4,12 @@
 use super::engine::*;
 use super::input::Input;
 use super::model::{RuleMode, Stage};
-use regex::RegexSet;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 /// Regex results for one evaluation, computed per target on first use.
 struct Matches<'a> {
-    sets: &'a HashMap<Target, RegexSet>,
+    sets: &'a HashMap<Target, Patterns>,
     done: HashMap<Target, Vec<bool>>,
 }
 
@@ -43,11 +42,7 @@ impl Compiled {
                     shadow,
                 }
                 .emit();
-                hits.push(Hit {
-                    id: r.id.clone(),
-                    shadow,
-                    action: r.action.clone(),
-                });
+                hits.push(std::sync::Arc::clone(&r.hit));
                 if !shadow && r.action == RuleAction::Accept {
                     break;
                 }
@@ -159,7 +154,9 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
         }
         Node::Match(t, leaf) => match leaf {
             Leaf::Exact { set, case } => values(t, f).iter().any(|v| {
-                if *case {
+                // Lower-case ASCII (most values) is looked up as it is.
+                let lower = v.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase());
+                if *case || lower {
                     set.contains(*v)
                 } else {
                     set.contains(&v.to_lowercase())
@@ -181,9 +178,7 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                         Some(set) if !vals.is_empty() => {
                             let mut any = vec![false; set.len()];
                             for v in &vals {
-                                for i in set.matches(v).into_iter() {
-                                    any[i] = true;
-                                }
+                                set.mark(v, &mut any);
                             }
                             any
                         }

@@ -19,7 +19,7 @@ const MAX_RULE_FILE: u64 = 16 << 20;
 /// Lists hold millions of entries (tens of MB); larger is a mistake.
 const MAX_LIST_FILE: u64 = 256 << 20;
 
-pub use engine::{Hit, Rule, RuleAction};
+pub use engine::{Hit, Matched, Rule, RuleAction};
 pub use input::{Input, LinkFacts, MessageFacts, OwnedInput};
 pub use model::{RuleMode, Stage};
 
