@@ -19,6 +19,8 @@ pub struct Spf {
     /// `allow.forwarders`: their SPF results are recorded, never held
     /// against them (SPF names the first sender, not the forwarder).
     forwarders: Vec<IpNet>,
+    /// The reply of a result that has none of its own, made once.
+    no_reply: crate::wire::reply::Reply,
 }
 
 impl Spf {
@@ -28,6 +30,7 @@ impl Spf {
             hostname: hostname.to_string(),
             dns,
             forwarders: forwarders.to_vec(),
+            no_reply: verdict::spam_score(0.0),
         }
     }
 
@@ -80,28 +83,35 @@ impl Spf {
                 .with_cache(cache),
             )
             .await;
-        let domain = out.domain().to_string();
-        let ip = ip.to_string();
+        // Only the results with a reply of their own format anything.
+        let domain = out.domain();
         let s = &self.cfg;
-        let (word, action, reply) = match out.result() {
-            SpfResult::Pass => ("pass", s.pass, None),
+        let (word, reason, action, reply) = match out.result() {
+            SpfResult::Pass => ("pass", "spf:pass", s.pass, None),
             SpfResult::Fail => (
                 "fail",
+                "spf:fail",
                 s.fail,
-                Some(verdict::spf_fail(s.text.as_deref(), &domain, &ip)),
+                Some(verdict::spf_fail(
+                    s.text.as_deref(),
+                    domain,
+                    &ip.to_string(),
+                )),
             ),
-            SpfResult::SoftFail => ("softfail", s.softfail, None),
-            SpfResult::Neutral => ("neutral", s.neutral, None),
-            SpfResult::None => ("none", s.none, None),
+            SpfResult::SoftFail => ("softfail", "spf:softfail", s.softfail, None),
+            SpfResult::Neutral => ("neutral", "spf:neutral", s.neutral, None),
+            SpfResult::None => ("none", "spf:none", s.none, None),
             SpfResult::TempError => (
                 "temperror",
+                "spf:temperror",
                 s.temperror,
-                Some(verdict::spf_temperror(&domain)),
+                Some(verdict::spf_temperror(domain)),
             ),
             SpfResult::PermError => (
                 "permerror",
+                "spf:permerror",
                 s.permerror,
-                Some(verdict::spf_permerror(&domain)),
+                Some(verdict::spf_permerror(domain)),
             ),
         };
         let action = self.action(f, action);
@@ -112,8 +122,8 @@ impl Spf {
             "spf",
             action,
             word.into(),
-            format!("spf:{word}"),
-            reply.unwrap_or_else(|| verdict::spam_score(0.0)),
+            reason.into(),
+            reply.unwrap_or_else(|| self.no_reply.clone()),
         ));
         f.txn.spf_mail = Some(out);
     }

@@ -21,7 +21,9 @@ pub struct CompileError {
 
 /// Compiles rule definitions. `read_list` loads a list file by its name.
 pub struct Compiler<'a> {
-    patterns: HashMap<Target, Vec<String>>,
+    /// Each target's regexes, at its slot.
+    patterns: Vec<(Target, Vec<String>)>,
+    slots: HashMap<Target, usize>,
     read_list: &'a dyn Fn(&str) -> Result<Vec<String>, String>,
     /// DNSBL zones the rules name (to check against the configured ones).
     dnsbl_zones: std::collections::BTreeSet<String>,
@@ -38,7 +40,8 @@ pub struct Compiler<'a> {
 impl<'a> Compiler<'a> {
     pub fn new(read_list: &'a dyn Fn(&str) -> Result<Vec<String>, String>) -> Self {
         Compiler {
-            patterns: HashMap::new(),
+            patterns: Vec::new(),
+            slots: HashMap::new(),
             read_list,
             dnsbl_zones: Default::default(),
             uribl_zones: Default::default(),
@@ -226,26 +229,29 @@ impl<'a> Compiler<'a> {
                 }
             }
         } else {
+            let slot = *self.slots.entry(target.clone()).or_insert_with(|| {
+                self.patterns.push((target.clone(), Vec::new()));
+                self.patterns.len() - 1
+            });
             let mut idx = Vec::new();
             for r in m.regex.map(OneOrManyExt::into_list).unwrap_or_default() {
                 let pattern = if case { r.clone() } else { format!("(?i){r}") };
                 // Compile alone first: a bad pattern is reported as itself.
                 regex::Regex::new(&pattern)
                     .map_err(|e| (format!("bad regex {r:?}: {e}"), Some(r.clone())))?;
-                let list = self.patterns.entry(target.clone()).or_default();
+                let list = &mut self.patterns[slot].1;
                 idx.push(list.len());
                 list.push(pattern);
             }
-            Leaf::Regex(idx)
+            Leaf::Regex { slot, idx }
         };
         Ok(Node::Match(target, leaf))
     }
 
     pub fn finish(self, rules: Vec<Rule>) -> Result<Compiled, String> {
-        let mut sets = HashMap::new();
+        let mut sets = Vec::with_capacity(self.patterns.len());
         for (t, p) in self.patterns {
-            let set = Patterns::new(&p).map_err(|e| format!("{}: {e}", t.name()))?;
-            sets.insert(t, set);
+            sets.push(Patterns::new(&p).map_err(|e| format!("{}: {e}", t.name()))?);
         }
         Ok(Compiled {
             rules,

@@ -9,7 +9,7 @@ use super::index::{DomainSet, NetSet};
 use super::model::{Cmp, RuleMode, Stage};
 use crate::wire::reply::Reply;
 use regex::{Regex, RegexSet};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 
 /// What a value is matched in.
@@ -113,8 +113,11 @@ pub(super) enum Leaf {
         case: bool,
     },
     Domain(DomainSet),
-    /// Indices into the target's RegexSet.
-    Regex(Vec<usize>),
+    /// The target's slot in `Compiled::sets`, and indices into its patterns.
+    Regex {
+        slot: usize,
+        idx: Vec<usize>,
+    },
 }
 
 #[derive(Debug)]
@@ -259,7 +262,8 @@ impl Matched {
 /// Every rule plus the regex sets, ready to match.
 pub struct Compiled {
     pub rules: Vec<Rule>,
-    pub(super) sets: HashMap<Target, Patterns>,
+    /// Each target's regexes, at the slot its leaves name.
+    pub(super) sets: Vec<Patterns>,
     pub dnsbl_zones: std::collections::BTreeSet<String>,
     /// URL blocklist zones the rules name.
     pub uribl_zones: std::collections::BTreeSet<String>,

@@ -4,20 +4,20 @@
 use super::engine::*;
 use super::input::Input;
 use super::model::{RuleMode, Stage};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 /// Regex results for one evaluation, computed per target on first use.
 struct Matches<'a> {
-    sets: &'a HashMap<Target, Patterns>,
-    done: HashMap<Target, Vec<bool>>,
+    sets: &'a [Patterns],
+    /// By slot; empty until the target's patterns ran.
+    done: Vec<Option<Vec<bool>>>,
 }
 
 impl Compiled {
     pub fn empty() -> Compiled {
         Compiled {
             rules: Vec::new(),
-            sets: HashMap::new(),
+            sets: Vec::new(),
             dnsbl_zones: Default::default(),
             uribl_zones: Default::default(),
             dnsbl_any: false,
@@ -30,7 +30,7 @@ impl Compiled {
     pub fn evaluate(&self, stage: Stage, facts: &Input<'_>) -> Vec<Hit> {
         let mut m = Matches {
             sets: &self.sets,
-            done: HashMap::new(),
+            done: Vec::new(),
         };
         let mut hits = Vec::new();
         for r in self.rules.iter().filter(|r| r.stage == stage) {
@@ -169,12 +169,18 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                 };
                 ds.matches(v)
             }),
-            Leaf::Regex(idx) => {
-                // Each target's RegexSet runs once per evaluation; later
+            Leaf::Regex { slot, idx } => {
+                // Each target's patterns run once per evaluation; later
                 // leaves of the same target only look the result up.
-                if !m.done.contains_key(t) {
+                if m.done.len() < m.sets.len() {
+                    m.done.resize(m.sets.len(), None);
+                }
+                let Some(done) = m.done.get_mut(*slot) else {
+                    return false;
+                };
+                let hits = done.get_or_insert_with(|| {
                     let vals = values(t, f);
-                    let any = match m.sets.get(t) {
+                    match m.sets.get(*slot) {
                         Some(set) if !vals.is_empty() => {
                             let mut any = vec![false; set.len()];
                             for v in &vals {
@@ -183,10 +189,8 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                             any
                         }
                         _ => Vec::new(),
-                    };
-                    m.done.insert(t.clone(), any);
-                }
-                let hits = m.done.get(t).map(Vec::as_slice).unwrap_or_default();
+                    }
+                });
                 idx.iter().any(|i| hits.get(*i).copied().unwrap_or(false))
             }
         },
