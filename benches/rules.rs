@@ -1,5 +1,7 @@
 //! 1,000 header rules and 1,000 body rules against a typical 20 KB message
 //! and a 1 MB message: parse (mail-parser) + evaluate, and evaluate alone.
+//! And the shipped rules (`rules/`) against a 2 KB message, at MAIL and at
+//! DATA: what every message pays with the defaults.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use portcullis::rules::{Input, MessageFacts, RuleSet, Stage};
@@ -63,7 +65,6 @@ fn bench(c: &mut Criterion) {
     let yaml = rules_yaml();
     let set = RuleSet::load_texts(&dir, &[(PathBuf::from("bench.yaml"), yaml.as_str())]).unwrap();
     assert_eq!(set.rules().len(), 2000);
-    let _ = Path::new("");
     for (name, size) in [("20KB", 20 * 1024), ("1MB", 1 << 20)] {
         let raw = message(size);
         let mut g = c.benchmark_group(format!("rules_2000_{name}"));
@@ -90,6 +91,37 @@ fn bench(c: &mut Criterion) {
         });
         g.finish();
     }
+
+    let shipped = RuleSet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules")).unwrap();
+    let raw = message(2000);
+    let parsed = MessageFacts::parse(&raw);
+    let mut g = c.benchmark_group("shipped_rules_2KB");
+    let client = Input {
+        ip: Some("192.0.2.1".parse().unwrap()),
+        helo: Some("mx1"),
+        mail_from: Some("alice@sender.test"),
+        rcpt_count: 1,
+        spf: "pass",
+        ..Input::default()
+    };
+    g.bench_function("mail", |b| {
+        b.iter(|| {
+            for stage in [Stage::Connect, Stage::Helo, Stage::Mail] {
+                black_box(shipped.evaluate(stage, black_box(&client)));
+            }
+        })
+    });
+    g.bench_function("data", |b| {
+        b.iter(|| {
+            let facts = Input {
+                message: Some(&parsed),
+                rcpts: vec!["bob@example.test"],
+                ..client.clone()
+            };
+            black_box(shipped.evaluate(Stage::Data, &facts))
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench);
