@@ -183,14 +183,26 @@ pub struct TxnRecord<'a> {
 }
 
 impl TxnRecord<'_> {
-    pub fn emit(&self) {
+    /// Whether a transaction line would be written anywhere (a file or the
+    /// console at info level or finer): when not, only `count` is needed,
+    /// and the line's fields need not be gathered.
+    pub fn wanted() -> bool {
+        tracing::enabled!(target: "portcullis::txn", tracing::Level::INFO)
+    }
+
+    /// A transaction's metrics, without its line.
+    pub fn count(verdict: Verdict, reason: &str, size: u64) {
         metrics::counter!(
             "portcullis_transactions_total",
-            "verdict" => self.verdict.as_str(),
-            "reason" => super::metrics::reason_label(self.reason)
+            "verdict" => verdict.as_str(),
+            "reason" => super::metrics::reason_label(reason)
         )
         .increment(1);
-        metrics::counter!("portcullis_data_bytes_total").increment(self.size);
+        metrics::counter!("portcullis_data_bytes_total").increment(size);
+    }
+
+    pub fn emit(&self) {
+        Self::count(self.verdict, self.reason, self.size);
         // Recipient addresses only at debug level (they are personal data).
         if tracing::enabled!(target: "portcullis::txn", tracing::Level::DEBUG)
             && !self.rcpt_addrs.is_empty()
