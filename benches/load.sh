@@ -28,6 +28,9 @@
 # SCANNERS=1 adds "clamd" and "rspamd": checks off but ClamAV (a one-signature
 # database) or rspamd (Debian's, stock rules, DNS from bench_dns) asked about
 # every message; it prints the latency each adds per message.
+# SPLIT=1 adds "spf", "dnsbl" and "rules_only": checks off but SPF, the
+# two DNSBL zones, or the shipped rules alone, so that what "on" costs
+# over "off" is split by check.
 # POLICIES=1 adds "rules" (checks off, the shipped rules), "pol1" (the
 # same plus one policy file, for the recipients' domain) and "pol200" (200
 # policy files, one of them for that domain): what per-recipient policies
@@ -46,6 +49,7 @@ SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DN
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
 POL1=12544; POL200=12545; NOPOOL=12546; POSTFIX=12547; METRICS_BASE=12600
+SPLIT_SPF=12548; SPLIT_DNSBL=12549; SPLIT_RULES=12550
 TMP=$(mktemp -d)
 cleanup() {
   [ -d $TMP/postfix ] && { postfix -c $TMP/postfix/conf stop >/dev/null 2>&1 || true; }
@@ -183,6 +187,17 @@ count = 1;"
   for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$RSPAMD) 2>/dev/null && break; sleep 0.1; done
   TARGETS="$TARGETS clamd:$CLAMD_GATE rspamd:$RSPAMD_GATE"
 fi
+if [ -n "${SPLIT:-}" ]; then
+  gate spf $SPLIT_SPF "$(grep -v 'spf:' <<<"$OFF_CHECKS")
+  spf: {mode: enforce}" warn $TMP/spf.log ""
+  gate dnsbl $SPLIT_DNSBL "$(grep -v 'dnsbl:' <<<"$OFF_CHECKS")
+  dnsbl:
+    mode: enforce
+    zones: [{zone: bl1.test, action: reject}, {zone: bl2.test, score: 5}]" warn $TMP/dnsbl.log ""
+  gate rules_only $SPLIT_RULES "$OFF_CHECKS
+rules_dir: $PWD/rules" warn $TMP/rules_only.log ""
+  TARGETS="$TARGETS spf:$SPLIT_SPF dnsbl:$SPLIT_DNSBL rules_only:$SPLIT_RULES"
+fi
 if [ -n "${POOL:-}" ]; then
   gate nopool $NOPOOL "$OFF_CHECKS" warn $TMP/nopool.log "" "" ", pool: {max_idle: 0}"
   TARGETS="$TARGETS nopool:$NOPOOL"
@@ -237,6 +252,11 @@ if [ -n "${STATE:-}" ]; then
 fi
 if [ -n "${BASE_BIN:-}" ]; then
   smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$BASE_ON
+fi
+if [ -n "${SPLIT:-}" ]; then
+  for p in $SPLIT_SPF $SPLIT_DNSBL $SPLIT_RULES; do
+    smtp-source -s 1 -m 5 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p
+  done
 fi
 
 MODES="single"
