@@ -4,7 +4,7 @@
 //! DATA: what every message pays with the defaults.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use portcullis::rules::{Input, MessageFacts, RuleSet, Stage};
+use portcullis::rules::{Input, LinkFacts, MessageFacts, RuleSet, Stage};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
@@ -109,6 +109,20 @@ fn bench(c: &mut Criterion) {
             for stage in [Stage::Connect, Stage::Helo, Stage::Mail] {
                 black_box(shipped.evaluate(stage, black_box(&client)));
             }
+        })
+    });
+    g.bench_function("parse", |b| b.iter(|| MessageFacts::parse(black_box(&raw))));
+    g.bench_function("parse_for_these_rules", |b| {
+        b.iter(|| {
+            let wanted = |h: &str| shipped.reads_header(h);
+            MessageFacts::parse_with(black_box(&raw), LinkFacts::NotWanted, &wanted)
+        })
+    });
+    g.bench_function("mime_parse_alone", |b| {
+        b.iter(|| {
+            mail_parser::MessageParser::default()
+                .parse(black_box(&raw[..]))
+                .map(|m| m.parts().len())
         })
     });
     g.bench_function("data", |b| {

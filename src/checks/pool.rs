@@ -138,7 +138,7 @@ fn evaluate_now(
         None => LinkFacts::NotWanted,
     };
     let raw = (**message).as_ref();
-    let parsed = MessageFacts::parse_with(raw, links);
+    let parsed = MessageFacts::parse_with(raw, links, &|h| rules.reads_header(h));
     let hits = rules.evaluate(Stage::Data, &facts.view(Some(&parsed)));
     rules.data_cost.record(raw.len(), started.elapsed());
     hits
@@ -204,6 +204,27 @@ mod tests {
         // A message past INLINE_RULES_BYTES goes to the pool however quick.
         quick.data_cost.record(1000, Duration::from_micros(5));
         assert!(!evaluate(&pool, &quick, message(INLINE_RULES_BYTES + 1)).await);
+    }
+
+    /// The message is parsed with only the headers the rules read (any
+    /// case); rules on those headers still see every occurrence.
+    #[test]
+    fn only_the_headers_the_rules_read_are_kept() {
+        let text = "rules:\n  - id: LIST\n    description: x\n    when: {header: {name: X-Mailer, regex: 'bulk'}}\n    action: {score: 1}\n";
+        let rules = RuleSet::load_texts(Path::new("."), &[(PathBuf::from("r.yaml"), text)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(rules.reads_header("x-mailer") && rules.reads_header("X-MAILER"));
+        assert!(!rules.reads_header("subject"));
+        let raw = b"From: a@example.test\r\nx-mailer: quiet\r\nSubject: hi\r\nX-MAILER: bulk 1.0\r\n\r\nbody\r\n";
+        let parsed =
+            MessageFacts::parse_with(raw, LinkFacts::NotWanted, &|h| rules.reads_header(h));
+        let names: Vec<&str> = parsed.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["x-mailer", "x-mailer"]);
+        assert_eq!(parsed.subject.as_deref(), Some("hi"));
+        assert_eq!(MessageFacts::parse(raw).headers.len(), 4);
+        let message: SharedMessage = Arc::new(raw.to_vec());
+        let hits = evaluate_now(&rules, &OwnedInput::default(), &message, None);
+        assert_eq!(hits.len(), 1, "{hits:?}");
     }
 
     #[tokio::test]

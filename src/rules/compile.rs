@@ -33,6 +33,8 @@ pub struct Compiler<'a> {
     dnsbl_any: bool,
     /// Whether a rule reads the message's links.
     uses_links: bool,
+    /// Lower-case names of the headers the rules read.
+    headers_read: Vec<String>,
     /// The list files of the rule being compiled that hold no entry.
     empty_lists: Vec<String>,
 }
@@ -47,6 +49,7 @@ impl<'a> Compiler<'a> {
             uribl_zones: Default::default(),
             dnsbl_any: false,
             uses_links: false,
+            headers_read: Vec::new(),
             empty_lists: Vec::new(),
         }
     }
@@ -140,7 +143,11 @@ impl<'a> Compiler<'a> {
             Cond::RcptDomain(m) => self.leaf(Target::RcptDomain, m)?,
             Cond::Header(h) => {
                 let m = h.matcher();
-                self.leaf(Target::Header(h.name.to_ascii_lowercase()), m)?
+                let name = h.name.to_ascii_lowercase();
+                if !self.headers_read.contains(&name) {
+                    self.headers_read.push(name.clone());
+                }
+                self.leaf(Target::Header(name), m)?
             }
             Cond::Subject(m) => self.leaf(Target::Subject, m)?,
             Cond::Body(m) => self.leaf(Target::Body, m)?,
@@ -260,6 +267,7 @@ impl<'a> Compiler<'a> {
             uribl_zones: self.uribl_zones,
             dnsbl_any: self.dnsbl_any,
             uses_links: self.uses_links,
+            headers_read: self.headers_read,
         })
     }
 }

@@ -272,6 +272,8 @@ pub struct Compiled {
     pub dnsbl_any: bool,
     /// A rule reads `url_domain`: the message's links must be found.
     pub uses_links: bool,
+    /// Lower-case names of the headers the rules read.
+    pub headers_read: Vec<String>,
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ impl Compiled {
             uribl_zones: Default::default(),
             dnsbl_any: false,
             uses_links: false,
+            headers_read: Vec::new(),
         }
     }
 

@@ -138,12 +138,13 @@ pub struct MessageFacts {
 
 impl MessageFacts {
     pub fn parse(raw: &[u8]) -> MessageFacts {
-        Self::parse_with(raw, LinkFacts::Find)
+        Self::parse_with(raw, LinkFacts::Find, &|_| true)
     }
 
     /// As `parse`, with the links a check found already, or none when no
-    /// rule reads them.
-    pub fn parse_with(raw: &[u8], links: LinkFacts) -> MessageFacts {
+    /// rule reads them, and only the headers `wanted` names (decoding
+    /// every header into strings cost more than the MIME parse itself).
+    pub fn parse_with(raw: &[u8], links: LinkFacts, wanted: &dyn Fn(&str) -> bool) -> MessageFacts {
         let Some(msg) = mail_parser::MessageParser::default().parse(raw) else {
             return MessageFacts::default();
         };
@@ -156,7 +157,7 @@ impl MessageFacts {
             },
             ..MessageFacts::default()
         };
-        for h in msg.headers() {
+        for h in msg.headers().iter().filter(|h| wanted(h.raw_name())) {
             let value = match h.value().as_text() {
                 Some(t) => t.to_string(),
                 None => String::from_utf8_lossy(h.raw_value()).trim().to_string(),

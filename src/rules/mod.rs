@@ -128,6 +128,12 @@ impl RuleSet {
         self.compiled.uses_links
     }
 
+    /// Whether a rule reads the header `name` (any case).
+    pub fn reads_header(&self, name: &str) -> bool {
+        let read = &self.compiled.headers_read;
+        read.iter().any(|h| h.eq_ignore_ascii_case(name))
+    }
+
     /// URL blocklist zones the rules name.
     pub fn uribl_zones(&self) -> impl Iterator<Item = &str> {
         self.compiled.uribl_zones.iter().map(String::as_str)
