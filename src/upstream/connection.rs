@@ -184,21 +184,16 @@ impl Framer {
     }
 }
 
-/// The message written within `limit` (`timeouts.data`).
-async fn written(
+/// `io` within `limit`: its failure or the timeout, as at `stage`.
+async fn within<T>(
+    stage: UpStage,
     limit: Duration,
-    send: impl std::future::Future<Output = std::io::Result<()>>,
-) -> Result<(), UpstreamError> {
-    match timeout(limit, send).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(source)) => Err(UpstreamError::Io {
-            stage: UpStage::Message,
-            source,
-        }),
-        Err(_) => Err(UpstreamError::Timeout {
-            stage: UpStage::Message,
-            limit,
-        }),
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, UpstreamError> {
+    match timeout(limit, io).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(UpstreamError::Io { stage, source }),
+        Err(_) => Err(UpstreamError::Timeout { stage, limit }),
     }
 }
 
@@ -350,22 +345,15 @@ impl UpstreamConn {
             &mut self.stream,
             Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
         );
-        let limit = self.timeouts.command;
-        match timeout(limit, connector.connect(name, plain)).await {
-            Ok(Ok(tls)) => {
-                self.stream = Box::new(tls);
-                self.rbuf.clear();
-                Ok(())
-            }
-            Ok(Err(source)) => Err(UpstreamError::Io {
-                stage: UpStage::Tls,
-                source,
-            }),
-            Err(_) => Err(UpstreamError::Timeout {
-                stage: UpStage::Tls,
-                limit,
-            }),
-        }
+        let tls = within(
+            UpStage::Tls,
+            self.timeouts.command,
+            connector.connect(name, plain),
+        )
+        .await?;
+        self.stream = Box::new(tls);
+        self.rbuf.clear();
+        Ok(())
     }
 
     async fn ehlo(&mut self, name: &str, stage: UpStage) -> Result<(), UpstreamError> {
@@ -393,14 +381,7 @@ impl UpstreamConn {
     }
 
     async fn write(&mut self, bytes: &[u8], stage: UpStage) -> Result<(), UpstreamError> {
-        match timeout(self.timeouts.command, self.stream.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(UpstreamError::Io { stage, source }),
-            Err(_) => Err(UpstreamError::Timeout {
-                stage,
-                limit: self.timeouts.command,
-            }),
-        }
+        within(stage, self.timeouts.command, self.stream.write_all(bytes)).await
     }
 
     async fn read_reply(
@@ -503,7 +484,7 @@ impl UpstreamConn {
         let limit = self.timeouts.data;
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let stream = &mut self.stream;
-        written(limit, async {
+        within(UpStage::Message, limit, async {
             let mut out = Framer::new(total);
             for part in parts {
                 for piece in Stuffed::new(part) {
@@ -535,7 +516,7 @@ impl UpstreamConn {
             .sum();
         let limit = self.timeouts.data;
         let stream = &mut self.stream;
-        written(limit, async {
+        within(UpStage::Message, limit, async {
             let mut out = Framer::new(total);
             out.put(stream, format!("BDAT {total} LAST\r\n").as_bytes())
                 .await?;
