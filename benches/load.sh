@@ -39,6 +39,8 @@
 # default) and, with REUSED=1, also with connections reused (-d), each
 # mode with its own medians and ratios. POOL=1 adds "nopool": checks off
 # with upstream connection reuse turned off (upstream.pool.max_idle 0).
+# THREADS=N adds "off_tN" and "on_tN": the same two gates with N
+# connection threads (`threads: N`; the others have one per CPU).
 # At the end: upstream connections each gate opened per 1,000 client
 # sessions (from its metrics).
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
@@ -49,7 +51,7 @@ SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DN
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
 POL1=12544; POL200=12545; NOPOOL=12546; POSTFIX=12547; METRICS_BASE=12600
-SPLIT_SPF=12548; SPLIT_DNSBL=12549; SPLIT_RULES=12550
+SPLIT_SPF=12548; SPLIT_DNSBL=12549; SPLIT_RULES=12550; OFF_T=12551; ON_T=12552
 TMP=$(mktemp -d)
 cleanup() {
   [ -d $TMP/postfix ] && { postfix -c $TMP/postfix/conf stop >/dev/null 2>&1 || true; }
@@ -197,6 +199,13 @@ if [ -n "${SPLIT:-}" ]; then
   gate rules_only $SPLIT_RULES "$OFF_CHECKS
 rules_dir: $PWD/rules" warn $TMP/rules_only.log ""
   TARGETS="$TARGETS spf:$SPLIT_SPF dnsbl:$SPLIT_DNSBL rules_only:$SPLIT_RULES"
+fi
+if [ -n "${THREADS:-}" ]; then
+  gate off_t$THREADS $OFF_T "$OFF_CHECKS
+threads: $THREADS" warn $TMP/off_t.log ""
+  gate on_t$THREADS $ON_T "$ON_CHECKS
+threads: $THREADS" warn $TMP/on_t.log ""
+  TARGETS="$TARGETS off_t$THREADS:$OFF_T on_t$THREADS:$ON_T"
 fi
 if [ -n "${POOL:-}" ]; then
   gate nopool $NOPOOL "$OFF_CHECKS" warn $TMP/nopool.log "" "" ", pool: {max_idle: 0}"

@@ -49,6 +49,8 @@ fn keeping_restart_only(mut new: Config, running: &Config) -> Config {
     // Bound sockets and the upstream connection's fixed parameters.
     new.listen = running.listen.clone();
     new.milter.listen = running.milter.listen.clone();
+    // The connection threads are started once, with the listeners.
+    new.threads = running.threads;
     new.upstream = running.upstream.clone();
     new.metrics = running.metrics.clone();
     // The log subscriber is installed once per process; only its level

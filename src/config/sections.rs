@@ -51,6 +51,11 @@ pub struct Config {
     /// The milter front door (inside Postfix or Sendmail).
     #[serde(default)]
     pub milter: MilterConfig,
+    /// Connection threads, each accepting on every listener and serving
+    /// what it accepted (0: one per two CPUs, at least one). Read at
+    /// start only.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 /// Milter listeners: the MTA (Postfix `smtpd_milters`, Sendmail

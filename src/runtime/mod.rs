@@ -7,6 +7,7 @@ pub mod descriptors;
 pub mod limits;
 pub mod scratch;
 pub mod shutdown;
+pub mod workers;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 

@@ -21,21 +21,46 @@ const CLIENT_SEND_BUFFER: usize = 32 * 1024;
 /// handshake's certificate chain a few more): a small send buffer keeps
 /// what a client that never reads can make the kernel hold for it small,
 /// and its stall is seen sooner.
-pub(super) fn bind(l: &Listen) -> std::io::Result<TcpListener> {
-    let sock = if l.addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    sock.set_reuseaddr(true)?;
-    sock.set_nodelay(true)?;
-    sock.set_send_buffer_size(CLIENT_SEND_BUFFER as u32)?;
-    sock.bind(l.addr)?;
-    sock.listen(l.backlog)
+///
+/// `n` sockets on the same address, one per connection thread
+/// (`SO_REUSEPORT`; with port 0 the others take the first one's port).
+pub(super) fn bind(l: &Listen, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    each_thread(l.addr, n, |sock| {
+        sock.set_tcp_nodelay(true)?;
+        sock.set_send_buffer_size(CLIENT_SEND_BUFFER)?;
+        Ok(l.backlog)
+    })
+}
+
+/// `n` listening sockets on `addr` (`SO_REUSEPORT`), each set up by
+/// `options`, which gives the backlog. Not yet registered with a runtime:
+/// each accept loop does that on its own thread.
+pub(super) fn each_thread(
+    addr: SocketAddr,
+    n: usize,
+    options: impl Fn(&socket2::Socket) -> std::io::Result<u32>,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut all: Vec<std::net::TcpListener> = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let at = match all.first() {
+            Some(first) => first.local_addr()?,
+            None => addr,
+        };
+        let sock = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_reuse_address(true)?;
+        sock.set_reuse_port(true)?;
+        let backlog = options(&sock)?;
+        sock.bind(&at.into())?;
+        sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+        sock.set_nonblocking(true)?;
+        all.push(sock.into());
+    }
+    Ok(all)
 }
 
 pub(super) async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     conf: Listen,
     shared: Arc<Shared>,
     limits: Arc<ConnectionLimits>,
@@ -45,6 +70,14 @@ pub(super) async fn accept_loop(
 ) {
     let mut signal = shutdown.signal();
     let conf = Arc::new(conf);
+    // On the runtime of the thread that runs the loop.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %conf.addr, error = %e, "cannot accept");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             _ = signal.reached(Phase::Draining) => break,
@@ -54,6 +87,7 @@ pub(super) async fn accept_loop(
             Ok((sock, peer)) => {
                 health.accepted();
                 health.spare.restore();
+                // On this thread, as its socket is.
                 tracker.spawn(connection(
                     sock,
                     peer,
@@ -267,7 +301,8 @@ mod tests {
     async fn accepted_sockets_inherit_the_listeners_options() {
         let conf: Listen =
             serde_json::from_str(r#"{"addr": "127.0.0.1:0"}"#).expect("a listen entry");
-        let l = bind(&conf).unwrap();
+        let l = bind(&conf, 1).unwrap().remove(0);
+        let l = TcpListener::from_std(l).unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (sock, _) = l.accept().await.unwrap();
         assert!(sock.nodelay().unwrap());

@@ -15,7 +15,22 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::task::TaskTracker;
 
+/// A bound milter listener, not yet registered with a runtime: on TCP a
+/// socket per connection thread (`SO_REUSEPORT`), each with its own accept
+/// loop; a Unix socket has one loop (Linux spreads only TCP and UDP).
 pub enum MilterListener {
+    Tcp(Vec<std::net::TcpListener>),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// One accept loop's socket.
+pub enum Socket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// The same, registered with the loop's runtime.
+enum Live {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
 }
@@ -23,7 +38,7 @@ pub enum MilterListener {
 impl MilterListener {
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {
-            MilterListener::Tcp(l) => l.local_addr().ok(),
+            MilterListener::Tcp(l) => l.first()?.local_addr().ok(),
             MilterListener::Unix(..) => None,
         }
     }
@@ -31,26 +46,35 @@ impl MilterListener {
     /// As the config writes it: `127.0.0.1:8891` or `unix:/path`.
     pub fn name(&self) -> String {
         match self {
-            MilterListener::Tcp(l) => l
+            MilterListener::Tcp(_) => self
                 .local_addr()
-                .map_or_else(|_| "tcp".into(), |a| a.to_string()),
+                .map_or_else(|| "tcp".into(), |a| a.to_string()),
             MilterListener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// A socket for each accept loop, the first for the first thread.
+    pub fn each_thread(self) -> Vec<Socket> {
+        match self {
+            MilterListener::Tcp(all) => all.into_iter().map(Socket::Tcp).collect(),
+            MilterListener::Unix(l, p) => vec![Socket::Unix(l, p)],
         }
     }
 }
 
-pub fn bind(l: &MilterListen) -> Result<MilterListener, super::ServerError> {
+/// The MTA's connections wait in a backlog as long as std's default.
+const BACKLOG: u32 = 128;
+
+/// Binds `l`; on TCP `threads` sockets (see `MilterListener`).
+pub fn bind(l: &MilterListen, threads: usize) -> Result<MilterListener, super::ServerError> {
     match l {
         MilterListen::Tcp(addr) => {
-            let bound = std::net::TcpListener::bind(addr)
-                .and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    TcpListener::from_std(s)
-                })
-                .map_err(|source| super::ServerError::Bind {
+            let bound = super::listener::each_thread(*addr, threads, |_| Ok(BACKLOG)).map_err(
+                |source| super::ServerError::Bind {
                     addr: *addr,
                     source,
-                })?;
+                },
+            )?;
             Ok(MilterListener::Tcp(bound))
         }
         MilterListen::Unix(path) => {
@@ -64,7 +88,8 @@ pub fn bind(l: &MilterListen) -> Result<MilterListener, super::ServerError> {
                 path: path.clone(),
                 source,
             };
-            let bound = UnixListener::bind(path).map_err(fail)?;
+            let bound = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
+            bound.set_nonblocking(true).map_err(fail)?;
             // The MTA connects as its own user: read and write for our
             // group (run with the MTA's group, e.g. systemd
             // SupplementaryGroups=postfix), nothing for others.
@@ -76,7 +101,7 @@ pub fn bind(l: &MilterListen) -> Result<MilterListener, super::ServerError> {
 }
 
 pub async fn accept_loop(
-    listener: MilterListener,
+    socket: Socket,
     shared: Arc<Shared>,
     shutdown: Arc<Shutdown>,
     tracker: TaskTracker,
@@ -84,6 +109,18 @@ pub async fn accept_loop(
     health: Arc<AcceptHealth>,
 ) {
     let mut signal = shutdown.signal();
+    // On the runtime of the thread that runs the loop.
+    let registered = match socket {
+        Socket::Tcp(l) => TcpListener::from_std(l).map(Live::Tcp),
+        Socket::Unix(l, p) => UnixListener::from_std(l).map(|l| Live::Unix(l, p)),
+    };
+    let listener = match registered {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot accept milter connections");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             _ = signal.reached(Phase::Draining) => break,
@@ -123,7 +160,7 @@ pub async fn accept_loop(
             }
         }
     }
-    if let MilterListener::Unix(_, path) = &listener {
+    if let Live::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);
     }
 }
@@ -133,14 +170,14 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(l: &MilterListener) -> std::io::Result<Accepted> {
+async fn accept(l: &Live) -> std::io::Result<Accepted> {
     Ok(match l {
-        MilterListener::Tcp(l) => {
+        Live::Tcp(l) => {
             let (sock, peer) = l.accept().await?;
             let _ = sock.set_nodelay(true);
             Accepted::Tcp(sock, peer)
         }
-        MilterListener::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
+        Live::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
     })
 }
 

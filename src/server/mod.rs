@@ -24,6 +24,7 @@ use crate::runtime::accept::AcceptHealth;
 use crate::runtime::descriptors;
 use crate::runtime::limits::{ConnectionBounds, ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
+use crate::runtime::workers::workers;
 use crate::session::Session;
 use crate::state::{Clock, Store, SystemClock};
 use crate::telemetry::events::{ConfigReload, ConnectionClosed, ConnectionOpened};
@@ -65,7 +66,8 @@ pub enum ServerError {
 pub struct Server {
     /// One reloader (and its counters) for SIGHUP and the status page.
     config_reloads: ConfigReloader,
-    listeners: Vec<(TcpListener, Listen)>,
+    /// Each SMTP listener's sockets, one per connection thread.
+    listeners: Vec<(Vec<std::net::TcpListener>, Listen)>,
     milters: Vec<milter_in::MilterListener>,
     metrics: Option<TcpListener>,
     shared: Arc<Shared>,
@@ -91,9 +93,10 @@ impl Server {
         clock: Arc<dyn Clock>,
     ) -> Result<Server, ServerError> {
         let cfg = Arc::new(cfg);
+        let threads = workers(cfg.threads).map_or(1, |w| w.len());
         let mut listeners = Vec::new();
         for l in &cfg.listen {
-            let sock = bind(l).map_err(|source| ServerError::Bind {
+            let sock = bind(l, threads).map_err(|source| ServerError::Bind {
                 addr: l.addr,
                 source,
             })?;
@@ -101,7 +104,7 @@ impl Server {
         }
         let mut milters = Vec::new();
         for l in &cfg.milter.listen {
-            milters.push(milter_in::bind(l)?);
+            milters.push(milter_in::bind(l, threads)?);
         }
         if !milters.is_empty() {
             tracing::info!(
@@ -165,7 +168,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|(l, _)| l.first()?.local_addr().ok())
             .collect()
     }
 
@@ -306,28 +309,46 @@ impl Server {
         }));
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
-        for ((listener, conf), health) in self.listeners.into_iter().zip(smtp_health) {
-            accept_loops.push(tokio::spawn(accept_loop(
-                listener,
-                conf,
-                Arc::clone(&self.shared),
-                Arc::clone(&self.limits),
-                Arc::clone(&self.shutdown),
-                tracker.clone(),
-                health,
-            )));
+        // Each connection thread accepts on its own socket of every
+        // listener, and serves what it accepted.
+        let threads = workers(0);
+        let on_thread =
+            |i: usize, run: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| match threads {
+                Some(w) => w.spawn_on(i, run),
+                None => tokio::spawn(run),
+            };
+        for ((sockets, conf), health) in self.listeners.into_iter().zip(smtp_health) {
+            for (i, listener) in sockets.into_iter().enumerate() {
+                accept_loops.push(on_thread(
+                    i,
+                    Box::pin(accept_loop(
+                        listener,
+                        conf.clone(),
+                        Arc::clone(&self.shared),
+                        Arc::clone(&self.limits),
+                        Arc::clone(&self.shutdown),
+                        tracker.clone(),
+                        Arc::clone(&health),
+                    )),
+                ));
+            }
         }
         let cfg = self.shared.snapshot().cfg.clone();
         let milter_limits = ConnectionLimits::new(ConnectionBounds::milter(&cfg));
         for (m, health) in self.milters.into_iter().zip(milter_health) {
-            accept_loops.push(tokio::spawn(milter_in::accept_loop(
-                m,
-                Arc::clone(&self.shared),
-                Arc::clone(&self.shutdown),
-                tracker.clone(),
-                Arc::clone(&milter_limits),
-                health,
-            )));
+            for (i, socket) in m.each_thread().into_iter().enumerate() {
+                accept_loops.push(on_thread(
+                    i,
+                    Box::pin(milter_in::accept_loop(
+                        socket,
+                        Arc::clone(&self.shared),
+                        Arc::clone(&self.shutdown),
+                        tracker.clone(),
+                        Arc::clone(&milter_limits),
+                        Arc::clone(&health),
+                    )),
+                ));
+            }
         }
         stop.await;
         notify::stopping();

@@ -142,6 +142,9 @@ pub struct UpstreamConn {
     pub client_helo: Option<String>,
     /// BDAT allowed by the config (used when upstream offers CHUNKING).
     chunking: bool,
+    /// The connection thread whose runtime serves its socket (the pool
+    /// hands it to a session there first).
+    pub(super) home: Option<usize>,
 }
 
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -238,6 +241,7 @@ impl UpstreamConn {
             pending_rset: false,
             client_helo: None,
             chunking: dial.chunking,
+            home: crate::runtime::workers::current(),
         }
     }
 

@@ -76,22 +76,34 @@ impl Pool {
     }
 
     /// The most recently used idle connection identified as `identity`,
-    /// with those found stale on the way (for the caller to close).
+    /// preferring one opened on this connection thread (its socket is
+    /// served by this thread's runtime), with those found stale or
+    /// identified otherwise (for the caller to close).
     pub fn take(&self, identity: Identity) -> (Option<Box<UpstreamConn>>, Vec<Box<UpstreamConn>>) {
         let now = Instant::now();
         let mut stale = Vec::new();
         let Ok(mut idle) = self.idle.lock() else {
             return (None, stale);
         };
-        while let Some(i) = idle.pop() {
-            if i.identity == identity && !self.stale(&i, now) {
-                events::upstream_pool_idle(idle.len());
-                return (Some(i.conn), stale);
+        let here = crate::runtime::workers::current();
+        let (mut mine, mut any) = (None, None);
+        for k in (0..idle.len()).rev() {
+            if idle[k].identity != identity || self.stale(&idle[k], now) {
+                stale.push(idle.remove(k).conn);
+                // What was found above `k` moved down by one.
+                mine = mine.map(|m: usize| m - 1);
+                any = any.map(|m: usize| m - 1);
+                continue;
             }
-            stale.push(i.conn);
+            any = any.or(Some(k));
+            if idle[k].conn.home == here {
+                mine = Some(k);
+                break;
+            }
         }
-        events::upstream_pool_idle(0);
-        (None, stale)
+        let conn = mine.or(any).map(|k| idle.remove(k).conn);
+        events::upstream_pool_idle(idle.len());
+        (conn, stale)
     }
 
     /// Keeps a connection a session is done with, when it is clean and
