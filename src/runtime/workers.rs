@@ -7,7 +7,7 @@
 //! and no thread is woken to look for work another has. On tokio's
 //! work-stealing runtime a wake-up of a session's task also woke an idle
 //! worker to steal, which cost more than the session's own code (see
-//! README, Performance: "One thread per core").
+//! README, Performance: "Connection threads").
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -35,7 +35,7 @@ pub fn current() -> Option<usize> {
 /// Half the CPUs by default: the gate shares its host with the MTA behind
 /// it and with the kernel's networking, which does most of a relay's
 /// work. On a 2-core machine one thread took 81 µs of CPU per message
-/// where two took 102 (`benches/load.sh`, README "One thread per core").
+/// where two took 102 (`benches/load.sh`, README "Connection threads").
 pub fn workers(threads: usize) -> Option<&'static Workers> {
     static WORKERS: OnceLock<Option<Workers>> = OnceLock::new();
     WORKERS

@@ -317,6 +317,38 @@ mod tests {
         assert_ne!(default, sndbuf);
     }
 
+    /// One socket per connection thread on the same address (port 0: the
+    /// first one's), and the kernel spreads connections over them.
+    #[tokio::test]
+    async fn each_thread_gets_a_socket_on_the_same_port() {
+        let all = each_thread("127.0.0.1:0".parse().unwrap(), 3, |_| Ok(64)).unwrap();
+        let port = all[0].local_addr().unwrap().port();
+        assert!(all.iter().all(|l| l.local_addr().unwrap().port() == port));
+        let all: Vec<TcpListener> = all
+            .into_iter()
+            .map(|l| TcpListener::from_std(l).unwrap())
+            .collect();
+        let mut clients = Vec::new();
+        for _ in 0..60 {
+            clients.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        }
+        // Each socket's backlog, drained.
+        let mut per_socket = Vec::new();
+        for l in &all {
+            let mut n = 0;
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), l.accept()).await
+            {
+                n += 1;
+            }
+            per_socket.push(n);
+        }
+        assert_eq!(per_socket.iter().sum::<usize>(), 60, "{per_socket:?}");
+        assert!(
+            per_socket.iter().filter(|n| **n > 0).count() > 1,
+            "spread over the sockets: {per_socket:?}"
+        );
+    }
+
     /// What each idle connection holds: its task's future (the session's
     /// state machine included) and the session. Measured at 10,000 and
     /// 5,216 bytes (debug build) before the session's states were boxed
