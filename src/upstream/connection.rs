@@ -332,6 +332,28 @@ impl UpstreamConn {
         }
     }
 
+    /// A connection over `tcp` said to be opened on connection thread
+    /// `home`, for the pool's tests.
+    #[cfg(test)]
+    pub(super) fn for_tests(tcp: TcpStream, home: Option<usize>) -> UpstreamConn {
+        let second = Duration::from_secs(1);
+        let dial = Dial {
+            addr: ([127, 0, 0, 1], 0).into(),
+            helo: "gate.test".into(),
+            timeouts: UpTimeouts {
+                connect: second,
+                command: second,
+                data: second,
+            },
+            tls: None,
+            chunking: false,
+        };
+        UpstreamConn {
+            home,
+            ..UpstreamConn::new(tcp, &dial)
+        }
+    }
+
     /// Whether the connection is between transactions with nothing unread:
     /// the only state in which it may wait for another client.
     pub(super) fn is_clean(&self) -> bool {

@@ -166,3 +166,41 @@ impl Pool {
         (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session takes the connection opened on its own thread (served by
+    /// its runtime) before a more recent one from another thread, and that
+    /// one when there is no other.
+    #[tokio::test]
+    async fn a_connection_from_the_takers_own_thread_goes_first() {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = upstream.local_addr().unwrap();
+        let open = |home| async move {
+            let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+            Box::new(UpstreamConn::for_tests(tcp, home))
+        };
+        let pool = Pool::new(&PoolConfig::default());
+        // This test's thread is no connection thread.
+        let here = crate::runtime::workers::current();
+        assert_eq!(here, None);
+        assert!(pool.put(open(here).await, Identity::None).is_none());
+        assert!(pool.put(open(Some(7)).await, Identity::None).is_none());
+        let (first, stale) = pool.take(Identity::None);
+        assert!(stale.is_empty());
+        assert_eq!(
+            first.map(|c| c.home),
+            Some(here),
+            "the older one, from here"
+        );
+        let (second, _) = pool.take(Identity::None);
+        assert_eq!(
+            second.map(|c| c.home),
+            Some(Some(7)),
+            "then the other thread's"
+        );
+        assert_eq!(pool.idle(), 0);
+    }
+}
