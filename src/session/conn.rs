@@ -54,6 +54,11 @@ impl ClientConn {
         self.wbuf.extend_from_slice(bytes);
     }
 
+    /// Queues a reply written in place (no buffer of its own).
+    pub(super) fn queue_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.wbuf);
+    }
+
     /// Reply bytes queued and not yet written.
     pub(super) fn queued(&self) -> usize {
         self.wbuf.len()

@@ -4,6 +4,7 @@
 use super::{Next, Session, UpReset};
 use crate::upstream::Capabilities;
 use crate::wire::command::{MailCmd, RcptCmd};
+use std::io::Write;
 
 /// What this session offered the client, fixed at EHLO time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -19,44 +20,48 @@ impl Offer {
     /// `upstream` is `None` until upstream has answered a probe; then we offer
     /// only what needs nothing from it.
     pub fn new(upstream: Option<&Capabilities>, max_size: u64, starttls: bool) -> Offer {
-        let up = upstream.cloned().unwrap_or_default();
+        // Read in place: a copy would copy the XCLIENT names, at every EHLO
+        // (a client may send thousands).
+        let up = |f: fn(&Capabilities) -> bool| upstream.is_some_and(f);
         // Never announce more than upstream takes.
-        let size = match up.size {
+        let size = match upstream.and_then(|u| u.size) {
             Some(s) if s > 0 => s.min(max_size),
             _ => max_size,
         };
         Offer {
             size,
-            eight_bit_mime: up.eight_bit_mime,
-            smtputf8: up.smtputf8,
-            dsn: up.dsn,
+            eight_bit_mime: up(|u| u.eight_bit_mime),
+            smtputf8: up(|u| u.smtputf8),
+            dsn: up(|u| u.dsn),
             starttls,
         }
     }
 
     /// The multi-line 250 reply to EHLO.
+    /// Written straight into `out`, allocating nothing else: a client that
+    /// pipelines EHLO after EHLO gets it thousands of times.
     pub fn write_reply(&self, hostname: &str, out: &mut Vec<u8>) {
-        let mut lines: Vec<String> = vec![hostname.to_string(), "PIPELINING".into()];
-        lines.push(format!("SIZE {}", self.size));
-        if self.eight_bit_mime {
-            lines.push("8BITMIME".into());
-        }
-        if self.smtputf8 {
-            lines.push("SMTPUTF8".into());
-        }
-        if self.dsn {
-            lines.push("DSN".into());
-        }
-        if self.starttls {
-            lines.push("STARTTLS".into());
-        }
-        lines.push("ENHANCEDSTATUSCODES".into());
-        let last = lines.len() - 1;
-        for (i, l) in lines.iter().enumerate() {
-            out.extend_from_slice(if i == last { b"250 " } else { b"250-" });
-            out.extend_from_slice(l.as_bytes());
+        let line = |out: &mut Vec<u8>, keyword: &[u8]| {
+            out.extend_from_slice(b"250-");
+            out.extend_from_slice(keyword);
             out.extend_from_slice(b"\r\n");
+        };
+        line(out, hostname.as_bytes());
+        line(out, b"PIPELINING");
+        // Into a Vec, io::Write cannot fail.
+        let _ = write!(out, "250-SIZE {}\r\n", self.size);
+        for (offered, keyword) in [
+            (self.eight_bit_mime, &b"8BITMIME"[..]),
+            (self.smtputf8, b"SMTPUTF8"),
+            (self.dsn, b"DSN"),
+            (self.starttls, b"STARTTLS"),
+        ] {
+            if offered {
+                line(out, keyword);
+            }
         }
+        // The last line: "250 ", not "250-".
+        out.extend_from_slice(b"250 ENHANCEDSTATUSCODES\r\n");
     }
 
     /// The first MAIL parameter we did not offer, if any.
@@ -96,12 +101,14 @@ impl Session {
         let starttls = self.tls.is_none() && self.rt.tls.clone().is_some();
         self.offer = Offer::new(caps.as_deref(), cfg.limits.max_message_size.0, starttls);
         if esmtp {
-            let mut out = Vec::with_capacity(256);
-            self.offer.write_reply(&cfg.hostname, &mut out);
-            self.conn.queue_raw(&out);
+            self.conn
+                .queue_with(|out| self.offer.write_reply(&cfg.hostname, out));
         } else {
-            let line = format!("250 {}\r\n", cfg.hostname);
-            self.conn.queue_raw(line.as_bytes());
+            self.conn.queue_with(|out| {
+                out.extend_from_slice(b"250 ");
+                out.extend_from_slice(cfg.hostname.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            });
         }
         Next::Continue
     }
