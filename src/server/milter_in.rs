@@ -69,12 +69,19 @@ const BACKLOG: u32 = 128;
 pub fn bind(l: &MilterListen, threads: usize) -> Result<MilterListener, super::ServerError> {
     match l {
         MilterListen::Tcp(addr) => {
-            let bound = super::listener::each_thread(*addr, threads, |_| Ok(BACKLOG)).map_err(
-                |source| super::ServerError::Bind {
-                    addr: *addr,
-                    source,
-                },
-            )?;
+            // Linux copies TCP_NODELAY to each accepted socket: one
+            // system call per MTA connection saved.
+            let options = |sock: &socket2::Socket| {
+                sock.set_tcp_nodelay(true)?;
+                Ok(BACKLOG)
+            };
+            let bound =
+                super::listener::each_thread(*addr, threads, options).map_err(|source| {
+                    super::ServerError::Bind {
+                        addr: *addr,
+                        source,
+                    }
+                })?;
             Ok(MilterListener::Tcp(bound))
         }
         MilterListen::Unix(path) => {
@@ -174,7 +181,6 @@ async fn accept(l: &Live) -> std::io::Result<Accepted> {
     Ok(match l {
         Live::Tcp(l) => {
             let (sock, peer) = l.accept().await?;
-            let _ = sock.set_nodelay(true);
             Accepted::Tcp(sock, peer)
         }
         Live::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
@@ -257,5 +263,31 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.sock).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An MTA connection has TCP_NODELAY from the listener (our replies
+    /// are small and each is waited for), without a system call of its
+    /// own.
+    #[tokio::test]
+    async fn mta_connections_inherit_nodelay() {
+        let l = MilterListen::Tcp("127.0.0.1:0".parse().unwrap());
+        let Socket::Tcp(l) = bind(&l, 1).unwrap().each_thread().remove(0) else {
+            panic!("a TCP listener");
+        };
+        let l = TcpListener::from_std(l).unwrap();
+        let mta = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let live = Live::Tcp(l);
+        let Accepted::Tcp(sock, _) = accept(&live).await.unwrap() else {
+            panic!("a TCP connection");
+        };
+        assert!(sock.nodelay().unwrap());
+        assert!(!mta.nodelay().unwrap(), "not a default that proves nothing");
     }
 }
