@@ -5,6 +5,9 @@
 #   milter_off Portcullis as a milter with every check off
 #   milter_on  Portcullis as a milter with SPF, 2 DNSBL zones and the
 #              shipped rules (DNS from examples/bench_dns, warmed first)
+#   null       a milter that checks nothing (examples/null_milter.rs: the
+#              same steps agreed as Portcullis, a thread per connection):
+#              the floor any milter pays through Postfix
 #   opendkim   Debian's OpenDKIM as a verify-only milter, for comparison
 #              (when /usr/sbin/opendkim is installed; .ci/run does not need it)
 #   rspamd     Debian's rspamd as a milter (its proxy worker in milter mode,
@@ -22,7 +25,7 @@ ROUNDS=${1:-5}; MSGS=${2:-5000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 PLAIN=12540; OFF=12541; ON=12542; M_OFF=12543; M_ON=12544; DNS=127.0.0.1:15354
 DKIM=12545; M_DKIM=12546; B_OFF=12547; B_ON=12548; MB_OFF=12549; MB_ON=12550
-RSPAMD=12551; M_RSPAMD=12552
+RSPAMD=12551; M_RSPAMD=12552; NULL=12554; M_NULL=12553
 TMP=$(mktemp -d); chmod 755 $TMP  # Postfix's own users read its queue under it
 cleanup() {
   postfix -c $TMP/conf stop >/dev/null 2>&1 || true
@@ -31,7 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
+cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns --example null_milter
 (./target/release/examples/bench_dns $DNS >$TMP/dns.log 2>&1 & echo $! >$TMP/dns.pid)
 
 # UNIX=1: the milters listen on Unix sockets instead of loopback TCP.
@@ -94,6 +97,14 @@ cat >>$TMP/conf/master.cf <<CF
   -o smtpd_milters=$(where on $M_ON)
 CF
 TARGETS="plain:$PLAIN milter_off:$OFF milter_on:$ON"
+if [ -z "${UNIX:-}" ]; then
+  (./target/release/examples/null_milter 127.0.0.1:$M_NULL >$TMP/null.log 2>&1 & echo $! >$TMP/null.pid)
+  cat >>$TMP/conf/master.cf <<CF
+127.0.0.1:$NULL inet n - n - - smtpd
+  -o smtpd_milters=inet:127.0.0.1:$M_NULL
+CF
+  TARGETS="$TARGETS null:$NULL"
+fi
 if [ -n "${BASE_BIN:-}" ]; then
   cat >>$TMP/conf/master.cf <<CF
 127.0.0.1:$B_OFF inet n - n - - smtpd
@@ -181,9 +192,10 @@ for t in $TARGETS; do
 done
 printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
 tick=$(getconf CLK_TCK)
-for n in off on ${BASE_BIN:+base_off base_on}; do
+for n in off on ${BASE_BIN:+base_off base_on} $([ -f $TMP/null.pid ] && echo null); do
   # user and system apart: most of it is the kernel's (loopback TCP, wake-ups).
-  printf 'portcullis (%s) cpu per message: %s, RSS %s MB\n' $n \
+  if [ $n = null ]; then what="null milter"; else what="portcullis ($n)"; fi
+  printf '%s cpu per message: %s, RSS %s MB\n' "$what" \
     "$(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f us (user %.0f, system %.0f)", ($14 + $15) / t / m * 1e6, $14 / t / m * 1e6, $15 / t / m * 1e6}' /proc/$(cat $TMP/$n.pid)/stat)" \
     "$(awk '/VmRSS/ {printf "%.0f", $2 / 1024}' /proc/$(cat $TMP/$n.pid)/status)"
 done

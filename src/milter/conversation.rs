@@ -21,7 +21,7 @@ const ACTIONS: u32 = action::ADD_HEADERS | action::CHANGE_HEADERS | action::QUAR
 /// restrictions (unless `reject_at: connect` asks for a connect refusal at
 /// once), and HELO never refuses by itself. Each step not waited for
 /// saves the MTA a round trip.
-const STEPS: u32 = step::NO_REPLY_CONNECT
+pub const STEPS: u32 = step::NO_REPLY_CONNECT
     | step::NO_REPLY_HELO
     | step::NO_REPLY_MAIL
     | step::NO_REPLY_HEADER

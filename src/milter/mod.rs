@@ -59,7 +59,7 @@ mod message;
 mod rcpt;
 mod txn;
 
-pub use conversation::Conversation;
+pub use conversation::{Conversation, STEPS};
 
 use crate::gate::Shared;
 use std::sync::Arc;
