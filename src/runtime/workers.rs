@@ -58,9 +58,13 @@ fn start(i: usize) -> Option<Handle> {
         .map_err(|e| tracing::error!(error = %e, "cannot start a connection thread"))
         .ok()?;
     let handle = rt.handle().clone();
+    // Sessions log where the thread that started the server logs: the
+    // global subscriber in the daemon, a test's own (scoped) one in tests.
+    let logs = tracing::dispatcher::get_default(Clone::clone);
     std::thread::Builder::new()
         .name(format!("portcullis-conn-{i}"))
         .spawn(move || {
+            let _logs = tracing::dispatcher::set_default(&logs);
             CURRENT.with(|c| c.set(Some(i)));
             rt.block_on(std::future::pending::<()>())
         })
