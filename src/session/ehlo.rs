@@ -38,6 +38,7 @@ impl Offer {
     }
 
     /// The multi-line 250 reply to EHLO.
+    ///
     /// Written straight into `out`, allocating nothing else: a client that
     /// pipelines EHLO after EHLO gets it thousands of times.
     pub fn write_reply(&self, hostname: &str, out: &mut Vec<u8>) {
