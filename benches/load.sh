@@ -40,7 +40,7 @@
 # mode with its own medians and ratios. POOL=1 adds "nopool": checks off
 # with upstream connection reuse turned off (upstream.pool.max_idle 0).
 # THREADS=N adds "off_tN" and "on_tN": the same two gates with N
-# connection threads (`threads: N`; the others have one per CPU).
+# connection threads (`threads: N`; the others have the default, one per two CPUs).
 # At the end: upstream connections each gate opened per 1,000 client
 # sessions (from its metrics).
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.

@@ -1,6 +1,7 @@
-//! The connection threads: one single-threaded runtime per CPU, each with
-//! its own accept loop on every listener (`SO_REUSEPORT`: the kernel
-//! spreads new connections over the threads' sockets).
+//! The connection threads: single-threaded runtimes (`threads`; by
+//! default one per two CPUs), each with its own accept loop on every
+//! listener (`SO_REUSEPORT`: the kernel spreads new connections over the
+//! threads' sockets).
 //!
 //! A connection's reads, writes and timers stay on the thread that
 //! accepted it, with that thread's epoll: no task moves between threads,

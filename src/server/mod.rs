@@ -24,7 +24,7 @@ use crate::runtime::accept::AcceptHealth;
 use crate::runtime::descriptors;
 use crate::runtime::limits::{ConnectionBounds, ConnectionLimits, MemoryBudget};
 use crate::runtime::shutdown::{self, Phase, Shutdown};
-use crate::runtime::workers::workers;
+use crate::runtime::workers::{Workers, workers};
 use crate::session::Session;
 use crate::state::{Clock, Store, SystemClock};
 use crate::telemetry::events::{ConfigReload, ConnectionClosed, ConnectionOpened};
@@ -68,6 +68,9 @@ pub struct Server {
     config_reloads: ConfigReloader,
     /// Each SMTP listener's sockets, one per connection thread.
     listeners: Vec<(Vec<std::net::TcpListener>, Listen)>,
+    /// The connection threads the sockets were bound for (None: none could
+    /// start, and connections run on the caller's runtime).
+    workers: Option<&'static Workers>,
     milters: Vec<milter_in::MilterListener>,
     metrics: Option<TcpListener>,
     shared: Arc<Shared>,
@@ -93,7 +96,8 @@ impl Server {
         clock: Arc<dyn Clock>,
     ) -> Result<Server, ServerError> {
         let cfg = Arc::new(cfg);
-        let threads = workers(cfg.threads).map_or(1, |w| w.len());
+        let workers = workers(cfg.threads);
+        let threads = workers.map_or(1, Workers::len);
         let mut listeners = Vec::new();
         for l in &cfg.listen {
             let sock = bind(l, threads).map_err(|source| ServerError::Bind {
@@ -157,6 +161,7 @@ impl Server {
         Ok(Server {
             config_reloads,
             listeners,
+            workers,
             milters,
             metrics,
             limits: Arc::clone(&shared.limits),
@@ -311,12 +316,12 @@ impl Server {
         let mut accept_loops = Vec::new();
         // Each connection thread accepts on its own socket of every
         // listener, and serves what it accepted.
-        let threads = workers(0);
-        let on_thread =
-            |i: usize, run: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| match threads {
+        let on_thread = |i: usize, run: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+            match self.workers {
                 Some(w) => w.spawn_on(i, run),
                 None => tokio::spawn(run),
-            };
+            }
+        };
         for ((sockets, conf), health) in self.listeners.into_iter().zip(smtp_health) {
             for (i, listener) in sockets.into_iter().enumerate() {
                 accept_loops.push(on_thread(

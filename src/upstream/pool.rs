@@ -90,8 +90,8 @@ impl Pool {
         for k in (0..idle.len()).rev() {
             if idle[k].identity != identity || self.stale(&idle[k], now) {
                 stale.push(idle.remove(k).conn);
-                // What was found above `k` moved down by one.
-                mine = mine.map(|m: usize| m - 1);
+                // What was found above `k` moved down by one (`mine` is
+                // only ever found last).
                 any = any.map(|m: usize| m - 1);
                 continue;
             }
