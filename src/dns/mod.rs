@@ -61,7 +61,12 @@ pub struct Dns {
     hurried: MessageAuthenticator,
     pub nameservers: Nameservers,
     records: RecordCache,
+    /// DNSBL answers by name: A records alone (only the zones' self-tests
+    /// ask for these: a few names, so a small cache), and with the TXT
+    /// reason (every listing check). Two caches, so that a hit looks the
+    /// name up as it is, with no key to build.
     answers: moka::future::Cache<Box<str>, Timed>,
+    answers_txt: moka::future::Cache<Box<str>, Timed>,
     min_ttl: Duration,
     max_ttl: Duration,
     pub stats: DnsStats,
@@ -99,6 +104,10 @@ impl Dns {
             nameservers: Nameservers::new(cfg).map_err(|e| DnsFailure(e.to_string()))?,
             records: RecordCache::new(cfg.cache_size, cfg.min_ttl.0, cfg.max_ttl.0),
             answers: moka::future::Cache::builder()
+                .max_capacity(cfg.cache_size.min(1024))
+                .expire_after(TtlExpiry)
+                .build(),
+            answers_txt: moka::future::Cache::builder()
                 .max_capacity(cfg.cache_size)
                 .expire_after(TtlExpiry)
                 .build(),
@@ -134,20 +143,20 @@ impl Dns {
     /// A records of `name` (fully qualified), plus its TXT when found and
     /// `want_txt`. Cached; concurrent identical lookups share one query.
     pub async fn lookup_a(&self, name: &str, want_txt: bool) -> Result<AAnswer, DnsFailure> {
-        let mut key = String::with_capacity(name.len() + 6);
-        key.push_str(name);
-        key.push_str(if want_txt { "|true" } else { "|false" });
-        let key: Box<str> = key.into();
+        let answers = if want_txt {
+            &self.answers_txt
+        } else {
+            &self.answers
+        };
         // A hit is a plain read; only a miss sets up the shared query.
-        if let Some(t) = self.answers.get(&key).await {
+        if let Some(t) = answers.get(name).await {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             DnsLookup::CacheHit.emit();
             return Ok(t.answer);
         }
         let mut fresh = false;
-        let got = self
-            .answers
-            .try_get_with(key, async {
+        let got = answers
+            .try_get_with(Box::from(name), async {
                 fresh = true;
                 self.stats.queries.fetch_add(1, Ordering::Relaxed);
                 let start = Instant::now();

@@ -165,6 +165,16 @@ impl Patterns {
         }
     }
 
+    /// Whether pattern `i` matches any of `values`.
+    pub(super) fn any_match(&self, i: usize, values: &[&str]) -> bool {
+        match self {
+            Patterns::Each(v) => v
+                .get(i)
+                .is_some_and(|r| values.iter().any(|s| r.is_match(s))),
+            Patterns::Set(s) => values.iter().any(|v| s.matches(v).matched(i)),
+        }
+    }
+
     /// Sets `hit[i]` for each pattern `i` that matches `value`.
     pub(super) fn mark(&self, value: &str, hit: &mut [bool]) {
         match self {

@@ -1,5 +1,7 @@
-//! Evaluation: a stage's rules over the facts, each target's regex set run
-//! once per value, on first use.
+//! Evaluation: a stage's rules over the facts. A target's regexes run on
+//! first use: a set all at once, regexes run one by one each when a leaf
+//! first asks for it (a rule whose first condition fails never runs the
+//! regexes of its others).
 
 use super::engine::*;
 use super::input::Input;
@@ -7,10 +9,47 @@ use super::model::{RuleMode, Stage};
 use std::sync::atomic::Ordering;
 
 /// Regex results for one evaluation, computed per target on first use.
-struct Matches<'a> {
+struct Matches<'a, 'f> {
     sets: &'a [Patterns],
-    /// By slot; empty until the target's patterns ran.
-    done: Vec<Option<Vec<bool>>>,
+    /// By slot; None until a leaf of the target asked.
+    done: Vec<Option<Slot<'f>>>,
+}
+
+/// One target's values and what is known of its patterns over them.
+struct Slot<'f> {
+    values: Vec<&'f str>,
+    /// By pattern: None until it ran.
+    known: Vec<Option<bool>>,
+}
+
+impl<'f> Slot<'f> {
+    fn new(patterns: &Patterns, values: Vec<&'f str>) -> Slot<'f> {
+        let known = if values.is_empty() {
+            vec![Some(false); patterns.len()]
+        } else if let Patterns::Set(_) = patterns {
+            // One scan answers every pattern of a set.
+            let mut any = vec![false; patterns.len()];
+            for v in &values {
+                patterns.mark(v, &mut any);
+            }
+            any.into_iter().map(Some).collect()
+        } else {
+            vec![None; patterns.len()]
+        };
+        Slot { values, known }
+    }
+
+    fn hit(&mut self, patterns: &Patterns, i: usize) -> bool {
+        match self.known.get(i) {
+            Some(Some(b)) => *b,
+            Some(None) => {
+                let b = patterns.any_match(i, &self.values);
+                self.known[i] = Some(b);
+                b
+            }
+            None => false,
+        }
+    }
 }
 
 impl Compiled {
@@ -28,7 +67,7 @@ impl Compiled {
 
     /// Rules of `stage` that match `facts`, in order; an enforced `accept`
     /// stops the evaluation (the remaining rules are skipped).
-    pub fn evaluate(&self, stage: Stage, facts: &Input<'_>) -> Vec<Hit> {
+    pub fn evaluate<'f>(&self, stage: Stage, facts: &'f Input<'f>) -> Vec<Hit> {
         let mut m = Matches {
             sets: &self.sets,
             done: Vec::new(),
@@ -106,7 +145,7 @@ fn values<'f>(t: &Target, f: &'f Input<'f>) -> Vec<&'f str> {
     }
 }
 
-fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
+fn eval<'f>(n: &Node, f: &'f Input<'f>, m: &mut Matches<'_, 'f>) -> bool {
     match n {
         Node::All(v) => v.iter().all(|n| eval(n, f, m)),
         Node::Any(v) => v.iter().any(|n| eval(n, f, m)),
@@ -171,29 +210,83 @@ fn eval(n: &Node, f: &Input<'_>, m: &mut Matches<'_>) -> bool {
                 ds.matches(v)
             }),
             Leaf::Regex { slot, idx } => {
-                // Each target's patterns run once per evaluation; later
-                // leaves of the same target only look the result up.
+                // Each pattern runs at most once per evaluation; later
+                // leaves asking for it only look the result up.
                 if m.done.len() < m.sets.len() {
-                    m.done.resize(m.sets.len(), None);
+                    m.done.resize_with(m.sets.len(), || None);
                 }
-                let Some(done) = m.done.get_mut(*slot) else {
+                let (Some(set), Some(done)) = (m.sets.get(*slot), m.done.get_mut(*slot)) else {
                     return false;
                 };
-                let hits = done.get_or_insert_with(|| {
-                    let vals = values(t, f);
-                    match m.sets.get(*slot) {
-                        Some(set) if !vals.is_empty() => {
-                            let mut any = vec![false; set.len()];
-                            for v in &vals {
-                                set.mark(v, &mut any);
-                            }
-                            any
-                        }
-                        _ => Vec::new(),
-                    }
-                });
-                idx.iter().any(|i| hits.get(*i).copied().unwrap_or(false))
+                let s = done.get_or_insert_with(|| Slot::new(set, values(t, f)));
+                idx.iter().any(|i| s.hit(set, *i))
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regex::Regex;
+
+    fn regex_leaf(i: usize) -> Node {
+        Node::Match(
+            Target::Helo,
+            Leaf::Regex {
+                slot: 0,
+                idx: vec![i],
+            },
+        )
+    }
+
+    /// Regexes run one by one run only when a leaf needs them: the
+    /// second condition of an `all` whose first failed never runs.
+    #[test]
+    fn a_pattern_runs_only_when_a_leaf_needs_it() {
+        let sets = [Patterns::Each(vec![
+            Regex::new("^mx").unwrap(),
+            Regex::new(r"\.example$").unwrap(),
+        ])];
+        let input = Input {
+            helo: Some("mail.example"),
+            ..Input::default()
+        };
+        let mut m = Matches {
+            sets: &sets,
+            done: Vec::new(),
+        };
+        let rule = Node::All(vec![regex_leaf(0), regex_leaf(1)]);
+        assert!(!eval(&rule, &input, &mut m));
+        let known = &m.done[0].as_ref().unwrap().known;
+        assert_eq!(known, &[Some(false), None], "the second never ran");
+        // Another rule asks for the second: it runs once, the first is
+        // looked up.
+        let rule = Node::Any(vec![regex_leaf(0), regex_leaf(1)]);
+        assert!(eval(&rule, &input, &mut m));
+        let known = &m.done[0].as_ref().unwrap().known;
+        assert_eq!(known, &[Some(false), Some(true)]);
+    }
+
+    /// A set answers all its patterns in one scan, as before.
+    #[test]
+    fn a_set_is_scanned_once_for_all_its_patterns() {
+        let patterns: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let sets = [Patterns::new(&patterns).unwrap()];
+        assert!(matches!(sets[0], Patterns::Set(_)));
+        let input = Input {
+            helo: Some("bad"),
+            ..Input::default()
+        };
+        let mut m = Matches {
+            sets: &sets,
+            done: Vec::new(),
+        };
+        assert!(eval(&regex_leaf(3), &input, &mut m));
+        let known = &m.done[0].as_ref().unwrap().known;
+        assert_eq!(
+            known,
+            &[Some(true), Some(true), Some(false), Some(true), Some(false)]
+        );
     }
 }

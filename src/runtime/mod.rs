@@ -3,6 +3,7 @@
 //! the byte-stream trait.
 
 pub mod accept;
+pub mod deadline;
 pub mod descriptors;
 pub mod limits;
 pub mod scratch;

@@ -220,7 +220,13 @@ impl ClientConn {
         if self.rpos >= self.rbuf.len() {
             return false;
         }
-        let p = reader.feed(&self.rbuf[self.rpos..], msg);
+        let pending = &self.rbuf[self.rpos..];
+        if msg.capacity() == 0 && reader.is_storing() {
+            // Room for what has arrived, at once: growing line by line
+            // would reallocate a dozen times for a small message.
+            msg.reserve(pending.len());
+        }
+        let p = reader.feed(pending, msg);
         self.rpos += p.consumed;
         p.done
     }
@@ -228,6 +234,13 @@ impl ClientConn {
     /// After a message: the read buffer may have grown large; do not keep
     /// it while the session idles.
     pub(super) fn shrink(&mut self) {
+        if self.rpos >= self.rbuf.len() {
+            // The usual case, nothing after the dot yet: free it whole
+            // rather than copy into a smaller one.
+            self.rbuf = Vec::new();
+            self.rpos = 0;
+            return;
+        }
         self.rbuf.drain(..self.rpos);
         self.rpos = 0;
         self.rbuf.shrink_to(COMMAND_READ);

@@ -2,6 +2,7 @@
 
 use super::capabilities::Capabilities;
 use crate::runtime::Stream;
+use crate::runtime::deadline::Deadline;
 use crate::wire::data::Stuffed;
 use crate::wire::identity::{ClientIdentity, Identity, proxy_header, xclient_line};
 use crate::wire::reply::{UpstreamReply, parse_reply};
@@ -145,6 +146,8 @@ pub struct UpstreamConn {
     /// The connection thread whose runtime serves its socket (the pool
     /// hands it to a session there first).
     pub(super) home: Option<usize>,
+    /// The reply waits' timer, kept between replies.
+    deadline: Deadline,
 }
 
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -242,6 +245,7 @@ impl UpstreamConn {
             client_helo: None,
             chunking: dial.chunking,
             home: crate::runtime::workers::current(),
+            deadline: Deadline::new(),
         }
     }
 
@@ -429,11 +433,12 @@ impl UpstreamConn {
                 Err(_) => return Err(UpstreamError::BadReply { stage }),
             }
             self.rbuf.reserve(1024);
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
-                Ok(Ok(0)) => return Err(UpstreamError::Closed { stage }),
-                Ok(Ok(_)) => {}
-                Ok(Err(source)) => return Err(UpstreamError::Io { stage, source }),
-                Err(_) => return Err(UpstreamError::Timeout { stage, limit }),
+            let read = self.stream.read_buf(&mut self.rbuf);
+            match self.deadline.within(deadline, read).await {
+                Some(Ok(0)) => return Err(UpstreamError::Closed { stage }),
+                Some(Ok(_)) => {}
+                Some(Err(source)) => return Err(UpstreamError::Io { stage, source }),
+                None => return Err(UpstreamError::Timeout { stage, limit }),
             }
         }
     }
