@@ -48,7 +48,14 @@ pub struct Needs {
     pub smtp: u64,
     pub milter: u64,
     pub http: u64,
+    /// The connection threads' own: each has its runtime's epoll and
+    /// eventfd, and a socket of its own on every TCP listener (SMTP and
+    /// milter; `SO_REUSEPORT`).
+    pub threads: u64,
 }
+
+/// Descriptors of one connection thread's runtime (epoll, eventfd).
+const PER_THREAD: u64 = 2;
 
 impl Needs {
     pub fn of(cfg: &Config) -> Needs {
@@ -68,12 +75,22 @@ impl Needs {
             } else {
                 0
             },
+            threads: {
+                let tcp = cfg.listen.len()
+                    + cfg
+                        .milter
+                        .listen
+                        .iter()
+                        .filter(|l| matches!(l, crate::config::Endpoint::Tcp(_)))
+                        .count();
+                crate::runtime::workers::count(cfg.threads) as u64 * (PER_THREAD + tcp as u64)
+            },
         }
     }
 
     /// With the base reserve and one spare per listener kind.
     pub fn total(&self) -> u64 {
-        BASE + self.smtp + self.milter + self.http + 3
+        BASE + self.smtp + self.milter + self.http + self.threads + 3
     }
 
     /// Why the limits do not fit in `limit` descriptors, or None.
@@ -83,10 +100,11 @@ impl Needs {
             format!(
                 "the configured limits can hold {total} descriptors (SMTP {}: two per \
                  limits.max_connections, milter {}: milter.max_connections, HTTP {}, \
-                 {BASE} for the rest) but the process may open {limit}: raise LimitNOFILE \
-                 (ulimit -n) or lower the limits; past it, connections are answered 421 \
-                 or refused and /readyz says why",
-                self.smtp, self.milter, self.http
+                 connection threads {}: their runtimes and listening sockets, {BASE} for \
+                 the rest) but the process may open {limit}: raise LimitNOFILE (ulimit \
+                 -n) or lower the limits (or threads); past it, connections are answered \
+                 421 or refused and /readyz says why",
+                self.smtp, self.milter, self.http, self.threads
             )
         })
     }
@@ -162,7 +180,25 @@ mod tests {
         );
         cfg.milter.listen.clear();
         cfg.metrics.listen = None;
-        assert_eq!(Needs::of(&cfg).total(), BASE + 2000 + 3);
+        cfg.threads = 1;
+        assert_eq!(Needs::of(&cfg).total(), BASE + 2000 + 3 + 3);
+    }
+
+    /// Each connection thread has its own socket on every TCP listener
+    /// and its runtime's two descriptors; a Unix milter socket is one.
+    #[test]
+    fn connection_threads_count_their_listening_sockets() {
+        let mut cfg = Config::parse(
+            "hostname: t\nlisten: [{addr: 127.0.0.1:25}, {addr: 127.0.0.1:587}]\nupstream: {addr: 127.0.0.1:10025}\nmilter: {listen: [127.0.0.1:8891, unix:/run/m.sock]}\nthreads: 32\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap();
+        // Two SMTP listeners and one TCP milter listener: 3 sockets a thread.
+        assert_eq!(Needs::of(&cfg).threads, 32 * (2 + 3));
+        let why = Needs::of(&cfg).shortfall(2000).unwrap();
+        assert!(why.contains("connection threads 160"), "{why}");
+        cfg.threads = 1;
+        assert_eq!(Needs::of(&cfg).threads, 2 + 3);
     }
 
     #[test]

@@ -41,14 +41,18 @@ pub fn workers(threads: usize) -> Option<&'static Workers> {
     static WORKERS: OnceLock<Option<Workers>> = OnceLock::new();
     WORKERS
         .get_or_init(|| {
-            let n = match threads {
-                0 => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
-                n => n,
-            };
-            let handles: Vec<Handle> = (0..n).filter_map(start).collect();
+            let handles: Vec<Handle> = (0..count(threads)).filter_map(start).collect();
             (!handles.is_empty()).then_some(Workers { handles })
         })
         .as_ref()
+}
+
+/// How many connection threads the `threads` setting asks for.
+pub fn count(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+        n => n,
+    }
 }
 
 /// One thread running a single-threaded runtime until the process ends.
