@@ -109,6 +109,7 @@ async fn scrape_counts_a_known_session_sequence_and_status_page_shows_health() {
     assert_eq!(v(r#"portcullis_dnsbl_zone_usable{zone="bl.test"}"#), 1.0);
     assert!(v("portcullis_dns_queries_total") >= 2.0);
     assert!(v("portcullis_data_bytes_total") > 0.0);
+    assert!(v(r#"portcullis_upstream_connections_total{kind="opened"}"#) >= 1.0);
     assert_eq!(v("portcullis_memory_budget_bytes"), 0.0);
     assert!(
         body.contains("portcullis_dns_query_seconds_bucket"),

@@ -138,8 +138,14 @@ impl Dnsbl {
         zone_name(&reversed(ip), zone)
     }
 
-    /// Looks `subject` up in `zone` (an IP for ip zones, a domain for domain zones).
-    pub async fn lookup(dns: &Dns, zone: &ZoneState, subject: &str, name: &str) -> ZoneOutcome {
+    /// Looks `subject` up in `zone` (an IP for ip zones, a domain for
+    /// domain zones); it is written out only for a listing.
+    pub async fn lookup(
+        dns: &Dns,
+        zone: &ZoneState,
+        subject: &(impl std::fmt::Display + ?Sized),
+        name: &str,
+    ) -> ZoneOutcome {
         if !zone.usable() {
             return ZoneOutcome::Unusable;
         }
@@ -175,11 +181,11 @@ impl Dnsbl {
     /// All ip zones for `ip`, queried in parallel. The address is reversed
     /// and written out once for all of them.
     pub async fn check_ip(&self, ip: IpAddr) -> Vec<ZoneOutcome> {
-        let (reversed, subject) = (reversed(ip), ip.to_string());
+        let reversed = reversed(ip);
         let lookups = self.ip_zones().map(|z| {
             let name = zone_name(&reversed, &z.conf.zone);
-            let (dns, subject) = (&self.dns, &subject);
-            async move { Self::lookup(dns, z, subject, &name).await }
+            let dns = &self.dns;
+            async move { Self::lookup(dns, z, &ip, &name).await }
         });
         join_all(lookups).await
     }

@@ -5,6 +5,8 @@
 //!
 //! A leaf: it imports nothing from the crate, so any layer may emit.
 
+use super::metrics::Cached;
+use metrics::{Counter, Gauge};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -36,12 +38,23 @@ impl UpstreamState<'_> {
 /// How a client session got its upstream connection (`opened`, `reused`
 /// from the pool) or that a pooled one failed its check (`went_bad`).
 pub fn upstream_connection(kind: &'static str) {
-    metrics::counter!("portcullis_upstream_connections_total", "kind" => kind).increment(1);
+    static OPENED: Cached<Counter> = Cached::new();
+    static REUSED: Cached<Counter> = Cached::new();
+    let make = || metrics::counter!("portcullis_upstream_connections_total", "kind" => kind);
+    match kind {
+        "opened" => OPENED.with(make, |c| c.increment(1)),
+        "reused" => REUSED.with(make, |c| c.increment(1)),
+        _ => make().increment(1),
+    }
 }
 
 /// Upstream connections idle in the pool now.
 pub fn upstream_pool_idle(n: usize) {
-    metrics::gauge!("portcullis_upstream_pool_idle").set(n as f64);
+    static IDLE: Cached<Gauge> = Cached::new();
+    IDLE.with(
+        || metrics::gauge!("portcullis_upstream_pool_idle"),
+        |g| g.set(n as f64),
+    );
 }
 
 /// What the gate runs with, logged at start and after each config
@@ -234,10 +247,19 @@ impl RulesReload<'_> {
 /// A client connection was admitted (a slot taken).
 pub struct ConnectionOpened;
 
+static TOTAL: Cached<Counter> = Cached::new();
+static OPEN: Cached<Gauge> = Cached::new();
+
 impl ConnectionOpened {
     pub fn emit(&self) {
-        metrics::counter!("portcullis_connections_total").increment(1);
-        metrics::gauge!("portcullis_connections_open").increment(1.0);
+        TOTAL.with(
+            || metrics::counter!("portcullis_connections_total"),
+            |c| c.increment(1),
+        );
+        OPEN.with(
+            || metrics::gauge!("portcullis_connections_open"),
+            |g| g.increment(1.0),
+        );
     }
 }
 
@@ -254,7 +276,10 @@ impl ConnectionClosed<'_> {
             metrics::counter!("portcullis_session_deadline_total").increment(1);
             tracing::info!(session = %self.session, "session deadline passed: closed");
         }
-        metrics::gauge!("portcullis_connections_open").decrement(1.0);
+        OPEN.with(
+            || metrics::gauge!("portcullis_connections_open"),
+            |g| g.decrement(1.0),
+        );
     }
 }
 
@@ -412,7 +437,11 @@ pub struct MemoryHeld(pub usize);
 
 impl MemoryHeld {
     pub fn emit(&self) {
-        metrics::gauge!("portcullis_memory_budget_bytes").set(self.0 as f64);
+        static HELD: Cached<Gauge> = Cached::new();
+        HELD.with(
+            || metrics::gauge!("portcullis_memory_budget_bytes"),
+            |g| g.set(self.0 as f64),
+        );
     }
 }
 
@@ -528,7 +557,11 @@ impl DnsLookup {
     pub fn emit(&self) {
         match self {
             DnsLookup::CacheHit => {
-                metrics::counter!("portcullis_dns_cache_hits_total").increment(1)
+                static HITS: Cached<Counter> = Cached::new();
+                HITS.with(
+                    || metrics::counter!("portcullis_dns_cache_hits_total"),
+                    |c| c.increment(1),
+                );
             }
             DnsLookup::Queried(took) => {
                 metrics::counter!("portcullis_dns_queries_total").increment(1);

@@ -198,7 +198,11 @@ impl TxnRecord<'_> {
             "reason" => super::metrics::reason_label(reason)
         )
         .increment(1);
-        metrics::counter!("portcullis_data_bytes_total").increment(size);
+        static BYTES: super::metrics::Cached<metrics::Counter> = super::metrics::Cached::new();
+        BYTES.with(
+            || metrics::counter!("portcullis_data_bytes_total"),
+            |c| c.increment(size),
+        );
     }
 
     pub fn emit(&self) {
