@@ -89,6 +89,7 @@ impl<'a> Compiler<'a> {
             action,
             cond,
             hits: AtomicU64::new(0),
+            metric: Default::default(),
             empty_lists: std::mem::take(&mut self.empty_lists),
         })
     }

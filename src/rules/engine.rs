@@ -228,6 +228,8 @@ pub struct Rule {
     pub(super) cond: Node,
     /// Times the rule matched (shadow rules included).
     pub hits: AtomicU64,
+    /// Its `portcullis_rule_hits_total` handle, made at its first match.
+    pub metric: crate::telemetry::metrics::Cached<metrics::Counter>,
     /// List files it reads that hold no entry (a condition on one of them
     /// never matches).
     pub empty_lists: Vec<String>,

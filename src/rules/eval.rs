@@ -80,6 +80,7 @@ impl Compiled {
                 crate::telemetry::events::RuleHit {
                     rule: &r.id,
                     shadow,
+                    metric: &r.metric,
                 }
                 .emit();
                 hits.push(std::sync::Arc::clone(&r.hit));

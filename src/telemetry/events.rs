@@ -462,16 +462,20 @@ impl RulesOverrun<'_> {
 pub struct RuleHit<'a> {
     pub rule: &'a str,
     pub shadow: bool,
+    /// The rule's own handle (a rule's id and mode are fixed).
+    pub metric: &'a Cached<Counter>,
 }
 
 impl RuleHit<'_> {
     pub fn emit(&self) {
-        metrics::counter!(
-            "portcullis_rule_hits_total",
-            "rule" => self.rule.to_string(),
-            "shadow" => if self.shadow { "true" } else { "false" }
-        )
-        .increment(1);
+        let make = || {
+            metrics::counter!(
+                "portcullis_rule_hits_total",
+                "rule" => self.rule.to_string(),
+                "shadow" => if self.shadow { "true" } else { "false" }
+            )
+        };
+        self.metric.with(make, |c| c.increment(1));
     }
 }
 

@@ -136,6 +136,16 @@ impl<T> Cached<T> {
     }
 }
 
+impl<T> std::fmt::Debug for Cached<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Cached(kept)"
+        } else {
+            "Cached"
+        })
+    }
+}
+
 impl<T> Default for Cached<T> {
     fn default() -> Cached<T> {
         Cached::new()
