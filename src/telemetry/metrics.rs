@@ -134,6 +134,19 @@ impl<T> Cached<T> {
     pub const fn new() -> Cached<T> {
         Cached(OnceLock::new())
     }
+
+    /// Runs `f` on the kept handle, making it with `make` the first time.
+    pub fn with(&self, make: impl FnOnce() -> T, f: impl FnOnce(&T)) {
+        if let Some(h) = self.0.get() {
+            return f(h);
+        }
+        let h = make();
+        if matches!(HANDLE.get(), Some(Some(_))) {
+            f(self.0.get_or_init(|| h));
+        } else {
+            f(&h);
+        }
+    }
 }
 
 impl<T> std::fmt::Debug for Cached<T> {
@@ -149,21 +162,6 @@ impl<T> std::fmt::Debug for Cached<T> {
 impl<T> Default for Cached<T> {
     fn default() -> Cached<T> {
         Cached::new()
-    }
-}
-
-impl<T> Cached<T> {
-    /// Runs `f` on the kept handle, making it with `make` the first time.
-    pub fn with(&self, make: impl FnOnce() -> T, f: impl FnOnce(&T)) {
-        if let Some(h) = self.0.get() {
-            return f(h);
-        }
-        let h = make();
-        if matches!(HANDLE.get(), Some(Some(_))) {
-            f(self.0.get_or_init(|| h));
-        } else {
-            f(&h);
-        }
     }
 }
 
