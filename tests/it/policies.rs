@@ -598,7 +598,13 @@ async fn postfix_in_front_delivers_a_split_transaction_as_two() {
     })
     .await
     .unwrap();
-    assert_eq!(mails.len(), 2, "{mails:#?}");
+    // On a miss, both Postfixes' logs say whether the retry was late,
+    // refused again, or never made.
+    let logs = || {
+        let read = |p: &Postfix| std::fs::read_to_string(p.run.join("maillog")).unwrap_or_default();
+        format!("sender:\n{}\nfinal:\n{}", read(&send), read(&fin))
+    };
+    assert_eq!(mails.len(), 2, "{mails:#?}\n{}", logs());
     let to = |m: &str| {
         m.lines()
             .find_map(|l| l.strip_prefix("Delivered-To: "))
