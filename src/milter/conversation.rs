@@ -5,8 +5,7 @@ use super::headers::Assembled;
 use super::txn::Txn;
 use crate::checks::Screen;
 use crate::gate::Shared;
-use crate::wire::milter::{Command, Response, VERSION, action, step};
-use std::collections::HashMap;
+use crate::wire::milter::{Command, Response, VERSION, action, stage, step};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -38,7 +37,7 @@ pub struct Conversation {
     /// What was agreed: the steps the MTA will not wait for, and ours.
     pub(super) steps: u32,
     pub(super) actions: u32,
-    pub(super) macros: HashMap<Vec<u8>, Vec<u8>>,
+    pub(super) macros: Macros,
     /// The SMTP session the MTA holds now.
     pub(super) state: State,
     /// The option negotiation is done (until then a short deadline).
@@ -84,7 +83,7 @@ impl Conversation {
             id,
             steps: 0,
             actions: 0,
-            macros: HashMap::new(),
+            macros: Macros::default(),
             state: State::Idle,
             negotiated: false,
         }
@@ -100,7 +99,7 @@ impl Conversation {
                 steps,
             } => Some(self.negotiate(version, actions, steps)),
             Command::Macros { pairs, .. } => {
-                self.macros.extend(pairs);
+                self.macros.set(pairs);
                 None
             }
             Command::Connect { family, .. } => {
@@ -167,10 +166,22 @@ impl Conversation {
         self.actions = ACTIONS & actions;
         self.steps = wanted & steps;
         self.negotiated = true;
+        // Where the MTA lets us name the macros we want, it sends only
+        // those: fewer to send, parse and store for every message.
+        let macros = if actions & action::SET_MACROS != 0 {
+            self.actions |= action::SET_MACROS;
+            Macros::WANTED_AT
+                .iter()
+                .map(|(stage, names)| (*stage, names.as_bytes().to_vec()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Response::Negotiate {
             version: VERSION.min(version),
             actions: self.actions,
             steps: self.steps,
+            macros,
         }
     }
 
@@ -191,7 +202,7 @@ impl Conversation {
 
     pub(super) fn macro_value(&self, name: &str) -> Option<String> {
         self.macros
-            .get(name.as_bytes())
+            .get(name)
             .filter(|v| !v.is_empty())
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
@@ -202,5 +213,54 @@ impl Conversation {
             State::Screening(c) => Some(c),
             State::Idle | State::Settled(_) => None,
         }
+    }
+}
+
+/// The MTA's macros this gate reads; any others it sends are dropped.
+#[derive(Debug, Default)]
+pub(super) struct Macros([Option<Vec<u8>>; Macros::NAMES.len()]);
+
+impl Macros {
+    const NAMES: [&'static str; 4] = ["i", "{tls_version}", "{cipher}", "{auth_authen}"];
+
+    /// What to ask for at each stage (with `action::SET_MACROS`): the queue
+    /// ID for the log at the end of the message, TLS at HELO, the SASL
+    /// login at MAIL. Every stage names one, even where it is never defined
+    /// (the queue ID at CONNECT): Postfix sends its own default list for a
+    /// stage whose list is empty.
+    const WANTED_AT: [(u32, &'static str); 7] = [
+        (stage::CONNECT, "i"),
+        (stage::HELO, "{tls_version} {cipher}"),
+        (stage::MAIL, "i {auth_authen}"),
+        (stage::RCPT, "i"),
+        (stage::DATA, "i"),
+        (stage::END_OF_HEADERS, "i"),
+        (stage::END_OF_MESSAGE, "i"),
+    ];
+
+    /// A stage's macros: each replaces an earlier value (they last for the
+    /// SMTP session, as the MTA defines them).
+    fn set(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
+        for (name, value) in pairs {
+            if let Some(i) = Self::NAMES.iter().position(|n| n.as_bytes() == name) {
+                self.0[i] = Some(value);
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        debug_assert!(Self::NAMES.contains(&name), "{name} is never kept");
+        let i = Self::NAMES.iter().position(|n| *n == name)?;
+        self.0[i].as_deref()
+    }
+
+    /// How many values are held.
+    #[cfg(test)]
+    pub(super) fn kept(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+
+    pub(super) fn clear(&mut self) {
+        *self = Macros::default();
     }
 }

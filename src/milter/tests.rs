@@ -376,3 +376,105 @@ async fn quit_new_connection_ends_the_session_and_forgets_the_macros() {
     assert!(matches!(c.state, State::Idle));
     assert!(c.macro_value("{tls_version}").is_none());
 }
+
+/// Offered by Postfix (`SMFIF_SETSYMLIST`), we name the macros we read,
+/// and name some macro at every stage: an empty list would bring the
+/// MTA's own default list for that stage.
+#[tokio::test]
+async fn the_macros_read_are_the_only_ones_asked_for() {
+    let mut c = conversation("");
+    let answer = send(
+        &mut c,
+        Command::Negotiate {
+            version: 6,
+            actions: 0x1ff,
+            steps: POSTFIX_STEPS,
+        },
+    )
+    .await;
+    let mut d = crate::wire::milter::Decoder::new(1 << 16);
+    d.feed(&answer);
+    let Ok(Some(Response::Negotiate {
+        actions, macros, ..
+    })) = d.response()
+    else {
+        panic!("not a negotiation answer: {answer:?}");
+    };
+    assert_ne!(actions & action::SET_MACROS, 0);
+    let at = |s: u32| -> Vec<String> {
+        let (_, names) = macros.iter().find(|(stage, _)| *stage == s).unwrap();
+        String::from_utf8_lossy(names)
+            .split(' ')
+            .map(str::to_string)
+            .collect()
+    };
+    use crate::wire::milter::stage;
+    assert_eq!(at(stage::HELO), ["{tls_version}", "{cipher}"]);
+    assert!(at(stage::MAIL).contains(&"{auth_authen}".to_string()));
+    assert_eq!(at(stage::END_OF_MESSAGE), ["i"]);
+    let mut stages: Vec<u32> = macros.iter().map(|(s, _)| *s).collect();
+    stages.sort();
+    assert_eq!(stages, (0..=6).collect::<Vec<u32>>());
+    for (_, names) in &macros {
+        assert!(!names.is_empty());
+    }
+
+    // An MTA that does not offer it gets no lists (and sends all it has).
+    let mut c = conversation("");
+    let answer = send(
+        &mut c,
+        Command::Negotiate {
+            version: 6,
+            actions: action::ADD_HEADERS | action::CHANGE_HEADERS,
+            steps: POSTFIX_STEPS,
+        },
+    )
+    .await;
+    let mut d = crate::wire::milter::Decoder::new(1 << 16);
+    d.feed(&answer);
+    let Ok(Some(Response::Negotiate {
+        actions, macros, ..
+    })) = d.response()
+    else {
+        panic!("not a negotiation answer: {answer:?}");
+    };
+    assert_eq!(actions & action::SET_MACROS, 0);
+    assert!(macros.is_empty());
+}
+
+/// Macros the gate does not read are dropped as they arrive; the ones it
+/// reads are kept and replaced by later values.
+#[tokio::test]
+async fn only_the_macros_read_are_kept() {
+    let mut c = conversation("");
+    negotiate(&mut c).await;
+    let pairs = |p: &[(&str, &str)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+        p.iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    send(
+        &mut c,
+        Command::Macros {
+            stage: b'M',
+            pairs: pairs(&[
+                ("j", "mx.example.test"),
+                ("{mail_addr}", "a@x.test"),
+                ("i", "Q1"),
+                ("{auth_authen}", "alice"),
+            ]),
+        },
+    )
+    .await;
+    send(
+        &mut c,
+        Command::Macros {
+            stage: b'E',
+            pairs: pairs(&[("i", "Q2"), ("{rcpt_addr}", "b@y.test")]),
+        },
+    )
+    .await;
+    assert_eq!(c.macro_value("i").as_deref(), Some("Q2"));
+    assert_eq!(c.macro_value("{auth_authen}").as_deref(), Some("alice"));
+    assert_eq!(c.macros.kept(), 2);
+}

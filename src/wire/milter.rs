@@ -30,6 +30,17 @@ pub mod action {
     pub const SET_MACROS: u32 = 0x100;
 }
 
+/// The stages a macro list is asked for (SMFIM_*).
+pub mod stage {
+    pub const CONNECT: u32 = 0;
+    pub const HELO: u32 = 1;
+    pub const MAIL: u32 = 2;
+    pub const RCPT: u32 = 3;
+    pub const DATA: u32 = 4;
+    pub const END_OF_MESSAGE: u32 = 5;
+    pub const END_OF_HEADERS: u32 = 6;
+}
+
 /// Protocol steps (SMFIP_*): what the MTA need not send, or need not wait
 /// for a reply to.
 pub mod step {
@@ -121,11 +132,13 @@ pub enum Command {
 /// What the filter answers (SMFIR_*).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    /// 'O': what we take of the offer.
+    /// 'O': what we take of the offer, and (with `action::SET_MACROS`)
+    /// the macros wanted at each stage (`stage::*`), space separated.
     Negotiate {
         version: u32,
         actions: u32,
         steps: u32,
+        macros: Vec<(u32, Vec<u8>)>,
     },
     /// 'c'
     Continue,
@@ -467,11 +480,19 @@ impl Response {
     fn decode(code: u8, data: &[u8]) -> Result<Response, MilterError> {
         let mut f = Fields { data, code };
         let r = match code {
-            b'O' => Response::Negotiate {
-                version: f.u32()?,
-                actions: f.u32()?,
-                steps: f.u32()?,
-            },
+            b'O' => {
+                let (version, actions, steps) = (f.u32()?, f.u32()?, f.u32()?);
+                let mut macros = Vec::new();
+                while !f.data.is_empty() {
+                    macros.push((f.u32()?, f.string()?));
+                }
+                Response::Negotiate {
+                    version,
+                    actions,
+                    steps,
+                    macros,
+                }
+            }
             b'c' => Response::Continue,
             b'a' => Response::Accept,
             b'r' => Response::Reject,
@@ -511,7 +532,14 @@ impl Response {
                 version,
                 actions,
                 steps,
-            } => p.code(b'O').u32(*version).u32(*actions).u32(*steps),
+                macros,
+            } => {
+                p.code(b'O').u32(*version).u32(*actions).u32(*steps);
+                for (stage, names) in macros {
+                    p.u32(*stage).string(names);
+                }
+                &mut p
+            }
             Response::Continue => p.code(b'c'),
             Response::Accept => p.code(b'a'),
             Response::Reject => p.code(b'r'),

@@ -40,6 +40,7 @@ impl Mta {
             version,
             actions,
             steps,
+            ..
         } = r
         else {
             panic!("not a negotiation reply: {r:?}");

@@ -59,10 +59,11 @@ async fn negotiation_then_a_clean_message_gets_our_header_fields() {
     with_checks(&mut cfg, &dns);
     let (_gate, addr) = gate(cfg).await;
     let mut m = Mta::connect(addr, POSTFIX_STEPS).await;
-    // The actions we use, and every reply we need not give.
+    // The actions we use (and the list of macros we read), and every
+    // reply we need not give.
     assert_eq!(
         m.actions,
-        action::ADD_HEADERS | action::CHANGE_HEADERS | action::QUARANTINE
+        action::ADD_HEADERS | action::CHANGE_HEADERS | action::QUARANTINE | action::SET_MACROS
     );
     for s in [
         step::NO_REPLY_CONNECT,

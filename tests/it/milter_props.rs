@@ -53,13 +53,18 @@ fn command() -> impl Strategy<Value = Command> {
 
 fn response() -> impl Strategy<Value = Response> {
     prop_oneof![
-        (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(version, actions, steps)| {
-            Response::Negotiate {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            proptest::collection::vec((any::<u32>(), text()), 0..8)
+        )
+            .prop_map(|(version, actions, steps, macros)| Response::Negotiate {
                 version,
                 actions,
                 steps,
-            }
-        }),
+                macros,
+            }),
         Just(Response::Continue),
         Just(Response::Accept),
         Just(Response::Reject),
