@@ -54,6 +54,7 @@ fn serve(mut mta: TcpStream) -> std::io::Result<()> {
                     version: VERSION.min(version),
                     actions: 0,
                     steps: STEPS & steps,
+                    macros: Vec::new(),
                 }),
                 Command::Rcpt(_) | Command::EndOfMessage(_) => Some(Response::Continue),
                 Command::Quit => return Ok(()),
