@@ -113,14 +113,60 @@ fn describe() {
 
 /// The class of a reason for a label: `dnsbl:zen.spamhaus.org` stays,
 /// `score:a,b,c` becomes `score`, and several reasons keep the first.
-pub fn reason_label(reason: &str) -> String {
+pub fn reason_label(reason: &str) -> &str {
     if reason.is_empty() {
-        return "none".into();
+        return "none";
     }
     if reason.starts_with("score:") {
-        return "score".into();
+        return "score";
     }
-    reason.split(',').next().unwrap_or(reason).to_string()
+    reason.split(',').next().unwrap_or(reason)
+}
+
+/// Whether the recorder is installed (handles made before it go nowhere).
+fn installed() -> bool {
+    matches!(HANDLE.get(), Some(Some(_)))
+}
+
+/// Reason classes whose transaction counters a thread keeps (rule ids and
+/// zones are few; past this many, the registry is asked each time).
+const KEPT_REASONS: usize = 256;
+
+/// Counts a transaction in `portcullis_transactions_total{verdict, reason}`.
+/// Each message moves it, so the handles are kept per thread by reason
+/// class and verdict: the macro's registry lookup builds the key and
+/// hashes it each time.
+pub fn count_transaction(verdict: &'static str, reason: &str) {
+    type Kept = std::collections::HashMap<Box<str>, Vec<(&'static str, metrics::Counter)>>;
+    thread_local! {
+        static KEPT: std::cell::RefCell<Kept> = std::cell::RefCell::default();
+    }
+    let label = reason_label(reason);
+    let make = || {
+        metrics::counter!(
+            "portcullis_transactions_total",
+            "verdict" => verdict,
+            "reason" => label.to_string()
+        )
+    };
+    if !installed() {
+        return make().increment(1);
+    }
+    KEPT.with_borrow_mut(|kept| {
+        if let Some(by_verdict) = kept.get_mut(label) {
+            if let Some((_, c)) = by_verdict.iter().find(|(v, _)| *v == verdict) {
+                return c.increment(1);
+            }
+            let c = make();
+            c.increment(1);
+            return by_verdict.push((verdict, c));
+        }
+        let c = make();
+        c.increment(1);
+        if kept.len() < KEPT_REASONS {
+            kept.insert(label.into(), vec![(verdict, c)]);
+        }
+    });
 }
 
 /// A metric handle looked up once and kept, for the metrics every
@@ -141,7 +187,7 @@ impl<T> Cached<T> {
             return f(h);
         }
         let h = make();
-        if matches!(HANDLE.get(), Some(Some(_))) {
+        if installed() {
             f(self.0.get_or_init(|| h));
         } else {
             f(&h);
@@ -188,5 +234,25 @@ mod tests {
         assert_eq!(made, 1);
         let text = handle.render();
         assert!(text.contains("test_cached_total 6"), "{text}");
+    }
+
+    /// Kept transaction counters count by verdict and reason class, as the
+    /// registry's own would.
+    #[test]
+    fn kept_transaction_counters_count_by_verdict_and_reason() {
+        let handle = install().expect("recorder");
+        for _ in 0..3 {
+            count_transaction("reject", "test_kept:a,rule:b");
+        }
+        count_transaction("tag", "test_kept:a");
+        count_transaction("reject", "test_kept:c");
+        let text = handle.render();
+        for line in [
+            r#"portcullis_transactions_total{verdict="reject",reason="test_kept:a"} 3"#,
+            r#"portcullis_transactions_total{verdict="tag",reason="test_kept:a"} 1"#,
+            r#"portcullis_transactions_total{verdict="reject",reason="test_kept:c"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -192,12 +192,7 @@ impl TxnRecord<'_> {
 
     /// A transaction's metrics, without its line.
     pub fn count(verdict: Verdict, reason: &str, size: u64) {
-        metrics::counter!(
-            "portcullis_transactions_total",
-            "verdict" => verdict.as_str(),
-            "reason" => super::metrics::reason_label(reason)
-        )
-        .increment(1);
+        super::metrics::count_transaction(verdict.as_str(), reason);
         static BYTES: super::metrics::Cached<metrics::Counter> = super::metrics::Cached::new();
         BYTES.with(
             || metrics::counter!("portcullis_data_bytes_total"),
@@ -273,7 +268,7 @@ pub struct RefusedConnection<'a> {
 
 impl RefusedConnection<'_> {
     pub fn emit(&self) {
-        metrics::counter!("portcullis_connections_refused_total", "reason" => super::metrics::reason_label(self.reason))
+        metrics::counter!("portcullis_connections_refused_total", "reason" => super::metrics::reason_label(self.reason).to_string())
             .increment(1);
         tracing::event!(
             target: "portcullis::txn",
@@ -301,14 +296,21 @@ pub fn queue_id_in(reply: &str) -> &str {
             .unwrap_or(s.len());
         &s[..end]
     }
-    if let Some((_, rest)) = reply.split_once("queued as ") {
-        return word(rest);
+    // Searchers built once: every accepted message's reply is searched.
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static QUEUED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new("queued as "));
+    static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new("id="));
+    static EXIM: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(" Message accepted"));
+    let at = |f: &Finder<'_>| f.find(reply.as_bytes());
+    if let Some(i) = at(&QUEUED) {
+        return word(&reply[i + "queued as ".len()..]);
     }
-    if let Some((_, rest)) = reply.split_once("id=") {
-        return word(rest);
+    if let Some(i) = at(&ID) {
+        return word(&reply[i + "id=".len()..]);
     }
-    match reply.split_once(" Message accepted") {
-        Some((id, _)) => word(id.rsplit(' ').next().unwrap_or("")),
+    match at(&EXIM) {
+        Some(i) => word(reply[..i].rsplit(' ').next().unwrap_or("")),
         None => "",
     }
 }

@@ -47,20 +47,41 @@ impl Reply {
     }
 
     /// Appends the wire form (CRLF terminated, multi-line if `text` has `\n`).
+    /// The numbers are written digit by digit: a reply is written for
+    /// every command, and `format!` cost two allocations per line.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let mut lines = self.text.split('\n').peekable();
         while let Some(line) = lines.next() {
-            let sep = if lines.peek().is_some() { '-' } else { ' ' };
-            out.extend_from_slice(format!("{}{}", self.code, sep).as_bytes());
+            push_decimal(out, self.code);
+            out.push(if lines.peek().is_some() { b'-' } else { b' ' });
             if let Some(e) = self.enhanced {
-                out.extend_from_slice(
-                    format!("{}.{}.{} ", self.class(), e.subject, e.detail).as_bytes(),
-                );
+                push_decimal(out, self.class());
+                out.push(b'.');
+                push_decimal(out, e.subject);
+                out.push(b'.');
+                push_decimal(out, e.detail);
+                out.push(b' ');
             }
             out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
             out.extend_from_slice(b"\r\n");
         }
     }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 // The replies Portcullis itself gives; one table so codes stay consistent.
@@ -261,6 +282,15 @@ mod tests {
         out.clear();
         START_DATA.write_to(&mut out);
         assert_eq!(out, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+        // Every width of number the digits are written for.
+        out.clear();
+        Reply::new(554, 10, 65535, "x").write_to(&mut out);
+        assert_eq!(out, b"554 5.10.65535 x\r\n");
+        for n in [0u16, 7, 10, 99, 100, 599, 1000, 65535] {
+            out.clear();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
     }
 
     #[test]
