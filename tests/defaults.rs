@@ -499,7 +499,9 @@ async fn milter_conn(gate: SocketAddr, from: IpAddr, negotiate: bool, limit: Dur
             return Milter::Refused;
         }
     }
-    let mut tmp = [0u8; 64];
+    // Room for the whole negotiation answer (with its macro lists), so
+    // that nothing of it is left to be read later.
+    let mut tmp = [0u8; 1024];
     match tokio::time::timeout(limit, tokio::io::AsyncReadExt::read(&mut s, &mut tmp)).await {
         Ok(Ok(0)) | Ok(Err(_)) => Milter::Refused,
         Ok(Ok(_)) => Milter::Held(s),

@@ -94,8 +94,8 @@ impl ClientConn {
         mut limit: impl FnMut() -> Duration,
         stop_at: Phase,
     ) -> Result<(), FlushError> {
-        if self.wbuf.is_empty() {
-            return Ok(());
+        if let Some(written) = self.write_now() {
+            return written;
         }
         let started = tokio::time::Instant::now();
         let watch_shutdown = self.shutdown.phase() < stop_at;
@@ -132,6 +132,32 @@ impl ClientConn {
             self.wbuf = Vec::new();
         }
         written
+    }
+
+    /// Writes the queued replies if the socket takes them all at once, as
+    /// it does for a client that reads its replies: then no timer, no
+    /// shutdown watch and no boxed write are set up. None: some are left
+    /// queued (the socket is full), for `flush` to wait on.
+    pub(super) fn write_now(&mut self) -> Option<Result<(), FlushError>> {
+        use futures_util::FutureExt;
+        if self.wbuf.is_empty() {
+            return Some(Ok(()));
+        }
+        while !self.wbuf.is_empty() {
+            match self.io.write(&self.wbuf).now_or_never()? {
+                Ok(0) => return Some(Err(FlushError::Io(std::io::ErrorKind::WriteZero.into()))),
+                Ok(n) => {
+                    self.wbuf.drain(..n);
+                }
+                Err(e) => return Some(Err(FlushError::Io(e))),
+            }
+        }
+        // TLS hands its records to the socket here.
+        let flushed = self.io.flush().now_or_never()?;
+        if self.wbuf.capacity() > REPLY_QUEUE_CAP {
+            self.wbuf = Vec::new();
+        }
+        Some(flushed.map_err(FlushError::Io))
     }
 
     /// Reads more input (after the flush the caller did), until `until`
@@ -407,7 +433,8 @@ impl Session {
     /// when there is something to write, so that a write's state is not
     /// part of every idle session's future.
     async fn flush_boxed(&mut self) -> Flushed {
-        if self.conn.queued() == 0 && self.write_failed.is_none() {
+        // A write error is left to `flush` to meet again, log and keep.
+        if self.write_failed.is_none() && matches!(self.conn.write_now(), Some(Ok(()))) {
             return Flushed::Done;
         }
         Box::pin(self.flush()).await
@@ -459,5 +486,45 @@ impl Session {
                 Fill::Shutdown => return Line::Shutdown,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::shutdown::Shutdown;
+    use tokio::io::AsyncReadExt;
+
+    fn conn(io: tokio::io::DuplexStream, shutdown: &Shutdown) -> ClientConn {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        ClientConn::new(Box::new(io), Vec::new(), shutdown.signal(), deadline)
+    }
+
+    /// A reader's replies go out at once; a full socket leaves the rest
+    /// queued for the flush that waits (with its timeout); a gone peer
+    /// is an error.
+    #[tokio::test]
+    async fn replies_are_written_at_once_when_the_socket_takes_them() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let running = Shutdown::new();
+        let mut c = conn(ours, &running);
+        c.queue(&reply::MAIL_OK);
+        assert!(matches!(c.write_now(), Some(Ok(()))));
+        assert_eq!(c.queued(), 0);
+        let mut got = vec![0u8; 64];
+        let n = theirs.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"250 2.1.0 Sender OK\r\n");
+
+        // 100 bytes into a 64-byte pipe nobody reads.
+        c.queue_raw(&[b'x'; 100]);
+        assert!(c.write_now().is_none());
+        assert_eq!(c.queued(), 36);
+        // The waiting flush gives up at its limit.
+        let r = c.flush(|| Duration::from_millis(50), Phase::Abort).await;
+        assert!(matches!(r, Err(FlushError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut));
+
+        drop(theirs);
+        c.queue(&reply::MAIL_OK);
+        assert!(matches!(c.write_now(), Some(Err(_))));
     }
 }
