@@ -377,29 +377,32 @@ async fn quit_new_connection_ends_the_session_and_forgets_the_macros() {
     assert!(c.macro_value("{tls_version}").is_none());
 }
 
+/// The actions we take and the macro lists we ask for, when the MTA offers
+/// `actions` and every step.
+async fn offered(actions: u32) -> (u32, Vec<(u32, Vec<u8>)>) {
+    let mut c = conversation("");
+    let offer = Command::Negotiate {
+        version: 6,
+        actions,
+        steps: POSTFIX_STEPS,
+    };
+    let answer = send(&mut c, offer).await;
+    let mut d = crate::wire::milter::Decoder::new(1 << 16);
+    d.feed(&answer);
+    match d.response() {
+        Ok(Some(Response::Negotiate {
+            actions, macros, ..
+        })) => (actions, macros),
+        other => panic!("not a negotiation answer: {other:?}"),
+    }
+}
+
 /// Offered by Postfix (`SMFIF_SETSYMLIST`), we name the macros we read,
 /// and name some macro at every stage: an empty list would bring the
 /// MTA's own default list for that stage.
 #[tokio::test]
 async fn the_macros_read_are_the_only_ones_asked_for() {
-    let mut c = conversation("");
-    let answer = send(
-        &mut c,
-        Command::Negotiate {
-            version: 6,
-            actions: 0x1ff,
-            steps: POSTFIX_STEPS,
-        },
-    )
-    .await;
-    let mut d = crate::wire::milter::Decoder::new(1 << 16);
-    d.feed(&answer);
-    let Ok(Some(Response::Negotiate {
-        actions, macros, ..
-    })) = d.response()
-    else {
-        panic!("not a negotiation answer: {answer:?}");
-    };
+    let (actions, macros) = offered(0x1ff).await;
     assert_ne!(actions & action::SET_MACROS, 0);
     let at = |s: u32| -> Vec<String> {
         let (_, names) = macros.iter().find(|(stage, _)| *stage == s).unwrap();
@@ -420,24 +423,7 @@ async fn the_macros_read_are_the_only_ones_asked_for() {
     }
 
     // An MTA that does not offer it gets no lists (and sends all it has).
-    let mut c = conversation("");
-    let answer = send(
-        &mut c,
-        Command::Negotiate {
-            version: 6,
-            actions: action::ADD_HEADERS | action::CHANGE_HEADERS,
-            steps: POSTFIX_STEPS,
-        },
-    )
-    .await;
-    let mut d = crate::wire::milter::Decoder::new(1 << 16);
-    d.feed(&answer);
-    let Ok(Some(Response::Negotiate {
-        actions, macros, ..
-    })) = d.response()
-    else {
-        panic!("not a negotiation answer: {answer:?}");
-    };
+    let (actions, macros) = offered(action::ADD_HEADERS | action::CHANGE_HEADERS).await;
     assert_eq!(actions & action::SET_MACROS, 0);
     assert!(macros.is_empty());
 }
