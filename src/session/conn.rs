@@ -140,9 +140,6 @@ impl ClientConn {
     /// queued (the socket is full), for `flush` to wait on.
     pub(super) fn write_now(&mut self) -> Option<Result<(), FlushError>> {
         use futures_util::FutureExt;
-        if self.wbuf.is_empty() {
-            return Some(Ok(()));
-        }
         while !self.wbuf.is_empty() {
             match self.io.write(&self.wbuf).now_or_never()? {
                 Ok(0) => return Some(Err(FlushError::Io(std::io::ErrorKind::WriteZero.into()))),
@@ -152,7 +149,9 @@ impl ClientConn {
                 Err(e) => return Some(Err(FlushError::Io(e))),
             }
         }
-        // TLS hands its records to the socket here.
+        // TLS hands its records to the socket here, and may still hold some
+        // that an earlier call wrote into it: flushed even when nothing is
+        // queued (a plain socket's flush is a no-op).
         let flushed = self.io.flush().now_or_never()?;
         if self.wbuf.capacity() > REPLY_QUEUE_CAP {
             self.wbuf = Vec::new();
@@ -526,5 +525,85 @@ mod tests {
         drop(theirs);
         c.queue(&reply::MAIL_OK);
         assert!(matches!(c.write_now(), Some(Err(_))));
+    }
+
+    /// A stream that takes every write into a buffer of its own (as TLS
+    /// does) and whose flush is pending `pending_flushes` times: a full
+    /// socket under TLS.
+    struct Buffering {
+        pending_flushes: usize,
+        flushed: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl tokio::io::AsyncRead for Buffering {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Buffering {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.pending_flushes > 0 {
+                self.pending_flushes -= 1;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            self.flushed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Replies the stream took but has not flushed are not written yet:
+    /// with nothing left queued, the next write still flushes, and only a
+    /// finished flush counts as done.
+    #[tokio::test]
+    async fn replies_taken_but_not_flushed_are_not_done() {
+        let flushed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let io = Buffering {
+            pending_flushes: 2,
+            flushed: Arc::clone(&flushed),
+        };
+        let running = Shutdown::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut c = ClientConn::new(Box::new(io), Vec::new(), running.signal(), deadline);
+        c.queue(&reply::MAIL_OK);
+        assert!(c.write_now().is_none());
+        assert_eq!(c.queued(), 0);
+        assert!(c.write_now().is_none(), "done before the flush");
+        assert!(!flushed.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(matches!(c.write_now(), Some(Ok(()))));
+        assert!(flushed.load(std::sync::atomic::Ordering::SeqCst));
+        // And the waiting flush waits for it too.
+        let io = Buffering {
+            pending_flushes: 3,
+            flushed: Arc::clone(&flushed),
+        };
+        flushed.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut c = ClientConn::new(Box::new(io), Vec::new(), running.signal(), deadline);
+        c.queue(&reply::MAIL_OK);
+        let r = c.flush(|| Duration::from_secs(5), Phase::Abort).await;
+        assert!(r.is_ok());
+        assert!(flushed.load(std::sync::atomic::Ordering::SeqCst));
     }
 }
