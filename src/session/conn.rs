@@ -128,10 +128,15 @@ impl ClientConn {
             }
         };
         self.wbuf.drain(..done);
+        self.release_written();
+        written
+    }
+
+    /// Frees a write buffer that a burst of replies grew, once written.
+    fn release_written(&mut self) {
         if self.wbuf.capacity() > REPLY_QUEUE_CAP && self.wbuf.is_empty() {
             self.wbuf = Vec::new();
         }
-        written
     }
 
     /// Writes the queued replies if the socket takes them all at once, as
@@ -153,9 +158,7 @@ impl ClientConn {
         // that an earlier call wrote into it: flushed even when nothing is
         // queued (a plain socket's flush is a no-op).
         let flushed = self.io.flush().now_or_never()?;
-        if self.wbuf.capacity() > REPLY_QUEUE_CAP {
-            self.wbuf = Vec::new();
-        }
+        self.release_written();
         Some(flushed.map_err(FlushError::Io))
     }
 
