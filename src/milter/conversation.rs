@@ -264,3 +264,27 @@ impl Macros {
         *self = Macros::default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Macros;
+
+    /// A name kept is asked for at some stage, and a name asked for is
+    /// kept: the two tables must not drift apart.
+    #[test]
+    fn the_names_kept_are_the_names_asked_for() {
+        let asked: Vec<&str> = Macros::WANTED_AT
+            .iter()
+            .flat_map(|(_, names)| names.split(' '))
+            .collect();
+        for name in Macros::NAMES {
+            assert!(asked.contains(&name), "{name} is kept but never asked for");
+        }
+        for name in &asked {
+            assert!(
+                Macros::NAMES.contains(name),
+                "{name} is asked for but never kept"
+            );
+        }
+    }
+}
