@@ -55,7 +55,7 @@ impl Conversation {
                 }
                 match decoder.command() {
                     Ok(Some(c)) => {
-                        if let Flow::Quit = Box::pin(self.handle(c, &mut out)).await {
+                        if let Flow::Quit = self.handle(c, &mut out).await {
                             let _ = write(&mut io, &out, write_limit).await;
                             break 'conversation "quit";
                         }

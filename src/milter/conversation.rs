@@ -91,6 +91,13 @@ impl Conversation {
 
     /// Answers one packet (into `out`, nothing where the MTA was told not
     /// to wait).
+    ///
+    /// Most packets are answered at once; the four that run checks
+    /// (connect, MAIL, RCPT, the end of the message) each await a boxed
+    /// future of their own. A future is as large as its largest state, and
+    /// each packet's was made and moved whole: 3.5 KB allocated and copied
+    /// for every macro, header or DATA packet when this whole function was
+    /// boxed per packet.
     pub(super) async fn handle(&mut self, c: Command, out: &mut Vec<u8>) -> Flow {
         let answer = match c {
             Command::Negotiate {
@@ -103,7 +110,7 @@ impl Conversation {
                 None
             }
             Command::Connect { family, .. } => {
-                let r = self.connect(family).await;
+                let r = Box::pin(self.connect(family)).await;
                 self.unless_with(step::NO_REPLY_CONNECT, r)
             }
             Command::Helo(name) => {
@@ -111,10 +118,10 @@ impl Conversation {
                 self.unless(step::NO_REPLY_HELO)
             }
             Command::Mail(args) => {
-                let r = self.mail(&args).await;
+                let r = Box::pin(self.mail(&args)).await;
                 self.unless_with(step::NO_REPLY_MAIL, r)
             }
-            Command::Rcpt(args) => Some(self.rcpt(&args).await),
+            Command::Rcpt(args) => Some(Box::pin(self.rcpt(&args)).await),
             Command::Data => self.unless(step::NO_REPLY_DATA),
             Command::Header { name, value } => {
                 let leading = self.leading_space();
@@ -128,7 +135,7 @@ impl Conversation {
             Command::Body(chunk) => self.body(&chunk),
             Command::EndOfMessage(chunk) => {
                 self.keep(|m| m.body(&chunk));
-                for r in self.end_of_message().await {
+                for r in Box::pin(self.end_of_message()).await {
                     r.encode(out);
                 }
                 return Flow::Go;

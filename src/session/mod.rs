@@ -232,7 +232,7 @@ impl Session {
         loop {
             let line = self.next_line().await;
             let next = match line {
-                Line::Command(l) => Box::pin(self.handle(&l)).await,
+                Line::Command(l) => self.handle(&l).await,
                 Line::TooLong => self.error(reply::LINE_TOO_LONG),
                 Line::BareNewline => self.error(reply::BARE_NEWLINE_IN_COMMAND),
                 Line::Closed => Next::Close,
@@ -348,6 +348,10 @@ impl Session {
         Next::Continue
     }
 
+    /// One command. Each that awaits (upstream, the checks) runs as a
+    /// boxed future of its own, sized for that command: a future is as
+    /// large as its largest state, and this whole function boxed per
+    /// command was 4 KB allocated and copied for each, NOOP and QUIT too.
     async fn handle(&mut self, line: &[u8]) -> Next {
         if memchr::memchr(0, line).is_some() {
             return self.error(reply::NUL_IN_COMMAND);
@@ -374,13 +378,13 @@ impl Session {
             }
         };
         match cmd {
-            Command::Ehlo(host) => self.hello(host, true).await,
-            Command::Helo(host) => self.hello(host, false).await,
-            Command::Mail(m) => self.mail(m).await,
-            Command::Rcpt(r) => self.rcpt(r).await,
-            Command::Data => self.data().await,
+            Command::Ehlo(host) => Box::pin(self.hello(host, true)).await,
+            Command::Helo(host) => Box::pin(self.hello(host, false)).await,
+            Command::Mail(m) => Box::pin(self.mail(m)).await,
+            Command::Rcpt(r) => Box::pin(self.rcpt(r)).await,
+            Command::Data => Box::pin(self.data()).await,
             Command::Rset => {
-                self.end_transaction("rset", UpReset::Always).await;
+                Box::pin(self.end_transaction("rset", UpReset::Always)).await;
                 self.reply(&reply::RSET_OK);
                 Next::Continue
             }
@@ -401,8 +405,50 @@ impl Session {
                 self.reply(&reply::BYE);
                 Next::Close
             }
-            Command::StartTls => self.starttls().await,
+            Command::StartTls => Box::pin(self.starttls()).await,
             Command::NotImplemented(_) => self.error(reply::NOT_IMPLEMENTED),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command's future is made and moved (into its box) whole, at its
+    /// largest state's size, for every command: the dispatch is small and
+    /// each command that awaits boxes only its own, and the rare upstream
+    /// steps (a probe, a new connection) are boxed apart. Debug-build
+    /// sizes before: the dispatch 4,120 bytes for any command, EHLO 3,544,
+    /// MAIL 3,984; after: 144, 1,232, 2,656.
+    #[tokio::test]
+    async fn a_command_s_future_is_sized_for_that_command() {
+        let shared = crate::gate::shared_for_tests(
+            "hostname: gate.test\nlisten: [{addr: 127.0.0.1:0}]\nupstream: {addr: 127.0.0.1:2525}\n",
+            "rules: []\n",
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let shutdown = crate::runtime::shutdown::Shutdown::new();
+        let peer = Peer {
+            id: crate::telemetry::session_id(),
+            addr,
+            local: addr,
+        };
+        let mut s = Session::new(Box::new(sock), peer, shared, shutdown.signal(), Vec::new());
+        let dispatch = std::mem::size_of_val(&s.handle(b"NOOP"));
+        let Ok(Command::Ehlo(host)) = command::parse(b"EHLO client.test") else {
+            panic!("EHLO parses");
+        };
+        let hello = std::mem::size_of_val(&s.hello(host, true));
+        let Ok(Command::Mail(m)) = command::parse(b"MAIL FROM:<a@sender.test>") else {
+            panic!("MAIL parses");
+        };
+        let mail = std::mem::size_of_val(&s.mail(m));
+        println!("dispatch {dispatch}, EHLO {hello}, MAIL {mail} bytes");
+        assert!(dispatch <= 256, "the dispatch is {dispatch} bytes");
+        assert!(hello <= 1_600, "EHLO's future is {hello} bytes");
+        assert!(mail <= 3_000, "MAIL's future is {mail} bytes");
     }
 }

@@ -232,6 +232,12 @@ impl Upstream {
         if let Some(c) = self.capabilities() {
             return Some(c);
         }
+        Box::pin(self.learn_capabilities()).await
+    }
+
+    /// Upstream's capabilities not known yet: probe (or wait for the probe
+    /// under way), up to the connect timeout.
+    async fn learn_capabilities(&self) -> Option<Arc<Capabilities>> {
         let limit = self.dial.timeouts.connect;
         match self.probing.try_lock() {
             Ok(_guard) => {
@@ -336,9 +342,12 @@ impl Upstream {
         client: &ClientIdentity,
         pooled: bool,
     ) -> Result<Box<UpstreamConn>, OpenError> {
+        // The rare steps (a probe, a new connection) are boxed, so that
+        // the common one, a pooled connection, does not make and move a
+        // future sized for them (sessions box each command's future).
         let identity = match self.identity() {
             Some(id) => id,
-            None => self.probe().await.map_err(OpenError::Probe)?,
+            None => Box::pin(self.probe()).await.map_err(OpenError::Probe)?,
         };
         while pooled && self.pool.reuses(identity) {
             let (taken, stale) = self.pool.take(identity);
@@ -369,7 +378,7 @@ impl Upstream {
             }
         }
         // Every EHLO reply we see refreshes what we offer clients.
-        let conn = UpstreamConn::open(&self.dial, identity, Some(client))
+        let conn = Box::pin(UpstreamConn::open(&self.dial, identity, Some(client)))
             .await
             .map_err(OpenError::Upstream)?;
         crate::telemetry::events::upstream_connection("opened");
