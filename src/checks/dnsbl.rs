@@ -149,7 +149,17 @@ impl Dnsbl {
         if !zone.usable() {
             return ZoneOutcome::Unusable;
         }
-        match dns.lookup_a(name, true).await {
+        Self::outcome(zone, subject, name, dns.lookup_a(name, true).await)
+    }
+
+    /// What `zone`'s answer (or failure) for `name` says of `subject`.
+    fn outcome(
+        zone: &ZoneState,
+        subject: &(impl std::fmt::Display + ?Sized),
+        name: &str,
+        answer: Result<AAnswer, crate::dns::DnsFailure>,
+    ) -> ZoneOutcome {
+        match answer {
             Ok(AAnswer::NotFound) => ZoneOutcome::Clean,
             Ok(AAnswer::Found { addrs, txt }) => {
                 if let Some(bad) = addrs.iter().find(|a| is_error_code(**a)) {
@@ -176,6 +186,28 @@ impl Dnsbl {
             }
             Err(e) => ZoneOutcome::Failed(e.to_string()),
         }
+    }
+
+    /// `check_ip` when the cache has every zone's answer: no query, no
+    /// future, no task. None when one of them has to be asked.
+    pub fn check_ip_cached(&self, ip: IpAddr) -> Option<Vec<ZoneOutcome>> {
+        let reversed = reversed(ip);
+        let mut out = Vec::new();
+        for z in self.ip_zones() {
+            if !z.usable() {
+                out.push(ZoneOutcome::Unusable);
+                continue;
+            }
+            let name = zone_name(&reversed, &z.conf.zone);
+            let answer = self.dns.peek_a(&name, true)?;
+            out.push(Self::outcome(z, &ip, &name, Ok(answer)));
+        }
+        let asked = out
+            .iter()
+            .filter(|o| !matches!(o, ZoneOutcome::Unusable))
+            .count();
+        self.dns.note_cache_hits(asked as u64);
+        Some(out)
     }
 
     /// All ip zones for `ip`, queried in parallel. The address is reversed
@@ -346,8 +378,14 @@ impl DnsblCheck {
 impl Check for DnsblCheck {
     fn start(&self, client: &Client, pending: &mut Pending) {
         if self.on() && !client.dnsbl_known_good && self.dnsbl.ip_zones().next().is_some() {
-            let (bl, ip) = (Arc::clone(&self.dnsbl), client.ip);
-            pending.dnsbl = Some(super::Lookup::spawn(async move { bl.check_ip(ip).await }));
+            let ip = client.ip;
+            pending.dnsbl = Some(match self.dnsbl.check_ip_cached(ip) {
+                Some(answers) => super::Lookup::Ready(Some(Box::new(answers))),
+                None => {
+                    let bl = Arc::clone(&self.dnsbl);
+                    super::Lookup::spawn(async move { bl.check_ip(ip).await })
+                }
+            });
         }
     }
 

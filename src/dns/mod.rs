@@ -4,8 +4,9 @@
 //! - Record caches for SPF/DKIM/DMARC/iprev lookups (`RecordCache`, handed to
 //!   mail-auth), each entry kept for its TTL clamped to `[min_ttl, max_ttl]`,
 //!   negative answers included.
-//! - A DNSBL answer cache with the same TTL rule, in which concurrent
-//!   identical lookups are coalesced into one query (moka `try_get_with`).
+//! - A DNSBL answer cache with the same TTL rule, read without a future
+//!   (a hit at connect needs no task), and concurrent identical misses
+//!   coalesced into one query (`flights`).
 //!
 //! Nothing here ever consults the system resolver.
 
@@ -19,9 +20,10 @@ use crate::config::DnsConfig;
 use crate::telemetry::events::DnsLookup;
 use mail_auth::MessageAuthenticator;
 use mail_auth::hickory_resolver::config::ResolverOpts;
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The answer to an A query (with the zone's TXT reason when listed).
@@ -64,12 +66,51 @@ pub struct Dns {
     /// DNSBL answers by name: A records alone (only the zones' self-tests
     /// ask for these: a few names, so a small cache), and with the TXT
     /// reason (every listing check). Two caches, so that a hit looks the
-    /// name up as it is, with no key to build.
-    answers: moka::future::Cache<Box<str>, Timed>,
-    answers_txt: moka::future::Cache<Box<str>, Timed>,
+    /// name up as it is, with no key to build. Synchronous caches: a hit
+    /// is a plain read, with no future to build and poll (moka's async
+    /// `get` and the join of a client's zones were most of a connection's
+    /// DNSBL cost when every answer was cached).
+    answers: moka::sync::Cache<Box<str>, Timed>,
+    answers_txt: moka::sync::Cache<Box<str>, Timed>,
+    /// The misses being asked, by name and TXT wanted: a lookup of a name
+    /// already being asked waits for that answer instead of asking again.
+    flights: Flights,
     min_ttl: Duration,
     max_ttl: Duration,
     pub stats: DnsStats,
+}
+
+/// One query under way, and everyone waiting for its answer.
+type Flight = tokio::sync::OnceCell<Result<Timed, DnsFailure>>;
+
+/// The flights under way, by name and TXT wanted.
+type Flights = Mutex<HashMap<(Box<str>, bool), Arc<Flight>>>;
+
+/// Takes a finished (or abandoned) flight off the board, so that the next
+/// lookup of that name reads the cache, or asks again after a failure.
+struct Landed<'a> {
+    flights: &'a Flights,
+    key: (Box<str>, bool),
+    flight: &'a Arc<Flight>,
+}
+
+impl Drop for Landed<'_> {
+    fn drop(&mut self) {
+        let mut flights = lock(self.flights);
+        if flights
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, self.flight))
+        {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 struct TtlExpiry;
@@ -103,14 +144,15 @@ impl Dns {
             hurried: authenticator(health::DOWN_TIMEOUT.min(cfg.timeout.0), 0)?,
             nameservers: Nameservers::new(cfg).map_err(|e| DnsFailure(e.to_string()))?,
             records: RecordCache::new(cfg.cache_size, cfg.min_ttl.0, cfg.max_ttl.0),
-            answers: moka::future::Cache::builder()
+            answers: moka::sync::Cache::builder()
                 .max_capacity(cfg.cache_size.min(1024))
                 .expire_after(TtlExpiry)
                 .build(),
-            answers_txt: moka::future::Cache::builder()
+            answers_txt: moka::sync::Cache::builder()
                 .max_capacity(cfg.cache_size)
                 .expire_after(TtlExpiry)
                 .build(),
+            flights: Mutex::new(HashMap::new()),
             min_ttl: cfg.min_ttl.0,
             max_ttl: cfg.max_ttl.0,
             stats: DnsStats::default(),
@@ -143,25 +185,29 @@ impl Dns {
     /// A records of `name` (fully qualified), plus its TXT when found and
     /// `want_txt`. Cached; concurrent identical lookups share one query.
     pub async fn lookup_a(&self, name: &str, want_txt: bool) -> Result<AAnswer, DnsFailure> {
-        let answers = if want_txt {
-            &self.answers_txt
-        } else {
-            &self.answers
-        };
-        // A hit is a plain read; only a miss sets up the shared query.
-        if let Some(t) = answers.get(name).await {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            DnsLookup::CacheHit.emit();
-            return Ok(t.answer);
+        if let Some(a) = self.peek_a(name, want_txt) {
+            self.note_cache_hits(1);
+            return Ok(a);
         }
+        let key = (Box::<str>::from(name), want_txt);
+        let flight = Arc::clone(lock(&self.flights).entry(key.clone()).or_default());
         let mut fresh = false;
-        let got = answers
-            .try_get_with(Box::from(name), async {
+        let got = flight
+            .get_or_init(|| async {
+                let _landed = Landed {
+                    flights: &self.flights,
+                    key,
+                    flight: &flight,
+                };
                 fresh = true;
                 self.stats.queries.fetch_add(1, Ordering::Relaxed);
                 let start = Instant::now();
                 let r = self.query_a(name, want_txt).await;
                 DnsLookup::Queried(start.elapsed()).emit();
+                // Cached before the flight lands: a lookup after it reads this.
+                if let Ok(t) = &r {
+                    self.cache(want_txt).insert(Box::from(name), t.clone());
+                }
                 r
             })
             .await;
@@ -170,12 +216,36 @@ impl Dns {
             DnsLookup::CacheHit.emit();
         }
         match got {
-            Ok(t) => Ok(t.answer),
+            Ok(t) => Ok(t.answer.clone()),
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 DnsLookup::Failed.emit();
-                Err((*e).clone())
+                Err(e.clone())
             }
+        }
+    }
+
+    /// The cached answer of `lookup_a`, with no query and no future; None
+    /// when it would have to ask. Not counted: a caller that uses what it
+    /// found says so with `note_cache_hits` (one that goes on to
+    /// `lookup_a` would count the same hit twice).
+    pub fn peek_a(&self, name: &str, want_txt: bool) -> Option<AAnswer> {
+        self.cache(want_txt).get(name).map(|t| t.answer)
+    }
+
+    /// Counts `n` answers taken from the cache.
+    pub fn note_cache_hits(&self, n: u64) {
+        self.stats.cache_hits.fetch_add(n, Ordering::Relaxed);
+        for _ in 0..n {
+            DnsLookup::CacheHit.emit();
+        }
+    }
+
+    fn cache(&self, want_txt: bool) -> &moka::sync::Cache<Box<str>, Timed> {
+        if want_txt {
+            &self.answers_txt
+        } else {
+            &self.answers
         }
     }
 

@@ -737,6 +737,47 @@ async fn cache_hits_send_no_packet_and_concurrent_lookups_coalesce() {
     assert_eq!(dns.count("7.0.0.127.bl.test."), 1);
 }
 
+/// A client whose zones are all cached is answered at connect without a
+/// query, a future or a task (`check_ip_cached`): nothing before the first
+/// lookup, then the same outcomes as the lookup, listed and clean, with no
+/// packet; a zone whose entry is missing sends it back to the lookup.
+#[tokio::test]
+async fn cached_zone_answers_are_read_without_a_lookup() {
+    use portcullis::checks::dnsbl::{Dnsbl, ZoneOutcome};
+    let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
+    let resolver = portcullis::dns::Dns::new(&portcullis::config::DnsConfig {
+        nameservers: vec![dns.addr],
+        ..Default::default()
+    })
+    .unwrap();
+    let bl = Dnsbl::new(&[zone("bl.test"), zone("dbl.test")], resolver);
+    let (listed, clean) = ("127.0.0.2".parse().unwrap(), "127.0.0.9".parse().unwrap());
+    assert_eq!(bl.check_ip_cached(listed), None, "nothing cached yet");
+    let asked = bl.check_ip(listed).await;
+    assert!(matches!(asked[0], ZoneOutcome::Listed(_)), "{asked:?}");
+    let before = dns.queries().len();
+    let hits = bl
+        .dns()
+        .stats
+        .cache_hits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(bl.check_ip_cached(listed), Some(asked));
+    assert_eq!(dns.queries().len(), before, "read from the cache");
+    assert_eq!(
+        bl.dns()
+            .stats
+            .cache_hits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        hits + 2,
+        "a hit per zone"
+    );
+    // Clean in both: cached as NXDOMAIN.
+    assert_eq!(bl.check_ip_cached(clean), None);
+    let asked = bl.check_ip(clean).await;
+    assert_eq!(asked, vec![ZoneOutcome::Clean, ZoneOutcome::Clean]);
+    assert_eq!(bl.check_ip_cached(clean), Some(asked));
+}
+
 #[tokio::test]
 async fn allow_lists_skip_the_checks() {
     let dns = FakeDns::start(ORIGINS, zones(vec![])).await;
