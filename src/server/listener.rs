@@ -364,25 +364,12 @@ mod tests {
             "hostname: gate.test\nlisten: [{addr: 127.0.0.1:0}]\nupstream: {addr: 127.0.0.1:2525}\n",
             "rules: []\n",
         );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let sock = TcpStream::connect(addr).await.unwrap();
         let conf = Arc::new(shared.snapshot().cfg.listen[0].clone());
         let limits = Arc::clone(&shared.limits);
         let shutdown = shutdown::Shutdown::new();
-        let peer = Peer {
-            id: crate::telemetry::session_id(),
-            addr,
-            local: addr,
-        };
-        let sock2 = TcpStream::connect(addr).await.unwrap();
-        let s = Session::new(
-            Box::new(sock2),
-            peer,
-            Arc::clone(&shared),
-            shutdown.signal(),
-            Vec::new(),
-        );
+        let (s, l) = crate::session::for_tests(Arc::clone(&shared), shutdown.signal()).await;
+        let addr = l.local_addr().unwrap();
+        let sock = TcpStream::connect(addr).await.unwrap();
         let session = std::mem::size_of_val(&s);
         println!("session: {session} bytes");
         assert!(session <= 512, "session is {session} bytes");

@@ -411,6 +411,27 @@ impl Session {
     }
 }
 
+/// A session over a loopback connection, for tests that look at it
+/// without running it; and the listener it came through.
+#[cfg(test)]
+pub(crate) async fn for_tests(
+    shared: Arc<Shared>,
+    signal: ShutdownSignal,
+) -> (Session, tokio::net::TcpListener) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let peer = Peer {
+        id: crate::telemetry::session_id(),
+        addr,
+        local: addr,
+    };
+    (
+        Session::new(Box::new(sock), peer, shared, signal, Vec::new()),
+        l,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,16 +448,8 @@ mod tests {
             "hostname: gate.test\nlisten: [{addr: 127.0.0.1:0}]\nupstream: {addr: 127.0.0.1:2525}\n",
             "rules: []\n",
         );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         let shutdown = crate::runtime::shutdown::Shutdown::new();
-        let peer = Peer {
-            id: crate::telemetry::session_id(),
-            addr,
-            local: addr,
-        };
-        let mut s = Session::new(Box::new(sock), peer, shared, shutdown.signal(), Vec::new());
+        let (mut s, _listener) = for_tests(shared, shutdown.signal()).await;
         let dispatch = std::mem::size_of_val(&s.handle(b"NOOP"));
         let Ok(Command::Ehlo(host)) = command::parse(b"EHLO client.test") else {
             panic!("EHLO parses");
