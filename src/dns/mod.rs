@@ -199,6 +199,11 @@ impl Dns {
                     key,
                     flight: &flight,
                 };
+                // A flight that landed between our miss and this one's
+                // start has cached the answer: no second query.
+                if let Some(t) = self.cache(want_txt).get(name) {
+                    return Ok(t);
+                }
                 fresh = true;
                 self.stats.queries.fetch_add(1, Ordering::Relaxed);
                 let start = Instant::now();
