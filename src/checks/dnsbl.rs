@@ -192,7 +192,7 @@ impl Dnsbl {
     /// future, no task. None when one of them has to be asked.
     pub fn check_ip_cached(&self, ip: IpAddr) -> Option<Vec<ZoneOutcome>> {
         let reversed = reversed(ip);
-        let mut out = Vec::new();
+        let (mut out, mut hits) = (Vec::new(), 0);
         for z in self.ip_zones() {
             if !z.usable() {
                 out.push(ZoneOutcome::Unusable);
@@ -200,13 +200,10 @@ impl Dnsbl {
             }
             let name = zone_name(&reversed, &z.conf.zone);
             let answer = self.dns.peek_a(&name, true)?;
+            hits += 1;
             out.push(Self::outcome(z, &ip, &name, Ok(answer)));
         }
-        let asked = out
-            .iter()
-            .filter(|o| !matches!(o, ZoneOutcome::Unusable))
-            .count();
-        self.dns.note_cache_hits(asked as u64);
+        self.dns.note_cache_hits(hits);
         Some(out)
     }
 
