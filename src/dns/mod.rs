@@ -217,8 +217,7 @@ impl Dns {
             })
             .await;
         if !fresh {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            DnsLookup::CacheHit.emit();
+            self.note_cache_hits(1);
         }
         match got {
             Ok(t) => Ok(t.answer.clone()),
