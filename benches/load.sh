@@ -3,9 +3,12 @@
 # smtp-source -> smtp-sink directly, alternating in one run (machines are
 # noisy: compare within a run, quote medians and ratios).
 #   benches/load.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
-# Three targets per round: direct; Portcullis with checks off; Portcullis
+# Four targets per round: direct; Portcullis with checks off; Portcullis
 # with SPF, 2 DNSBL zones and the shipped rules on (DNS from
-# examples/bench_dns, warmed first). With Postfix installed and run as
+# examples/bench_dns, warmed first); "null", a relay that checks nothing
+# (examples/null_relay.rs: the same reads and writes per message as
+# Portcullis, upstream connections kept, one thread): the floor any proxy
+# pays that keeps its client in step with the MTA. With Postfix installed and run as
 # root, a fourth, "postfix": Postfix 3.x as a store-and-forward relay into
 # the same smtp-sink (its rate is what smtpd accepts, each message fsynced
 # to its queue, and its deliveries waited for, untimed, before the next
@@ -50,7 +53,7 @@ cd "$(dirname "$0")/.."
 SINK=12525; OFF=12526; ON=12527; LOGGED=12528; BASE_OFF=12529; BASE_ON=12530; DNS=127.0.0.1:15353
 STATE_EMB=12531; STATE_REDIS=12532; REDIS=12533; M_EMB=12534; M_REDIS=12535; STATE_EXACT=12536; M_EXACT=12537
 LINKS_PORT=12538; RULES_PORT=12539; CLAMD_GATE=12540; RSPAMD_GATE=12541; CLAMD=12542; RSPAMD=12543
-POL1=12544; POL200=12545; NOPOOL=12546; POSTFIX=12547; METRICS_BASE=12600
+POL1=12544; POL200=12545; NOPOOL=12546; POSTFIX=12547; NULL_RELAY=12556; METRICS_BASE=12600
 SPLIT_SPF=12548; SPLIT_DNSBL=12549; SPLIT_RULES=12550; OFF_T=12551; ON_T=12552
 TMP=$(mktemp -d)
 cleanup() {
@@ -60,7 +63,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns
+cargo build --release --ignore-rust-version -q --bin portcullis --example bench_dns --example null_relay
 (smtp-sink -u nobody 127.0.0.1:$SINK 1000 >$TMP/sink.log 2>&1 & echo $! >$TMP/sink.pid)
 (./target/release/examples/bench_dns $DNS >$TMP/dns.log 2>&1 & echo $! >$TMP/dns.pid)
 
@@ -99,7 +102,8 @@ ON_CHECKS="  dkim: {mode: off}
 rules_dir: $PWD/rules"
 gate off $OFF "$OFF_CHECKS" warn $TMP/off.log ""
 gate on $ON "$ON_CHECKS" warn $TMP/on.log ""
-TARGETS="direct:$SINK off:$OFF on:$ON"
+(./target/release/examples/null_relay 127.0.0.1:$NULL_RELAY 127.0.0.1:$SINK >$TMP/null.log 2>&1 & echo $! >$TMP/null.pid)
+TARGETS="direct:$SINK off:$OFF on:$ON null:$NULL_RELAY"
 if [ -n "${GATE_LOG:-}" ]; then
   gate logged $LOGGED "$OFF_CHECKS" info $TMP/logged.out ", file: \"$TMP/logged.log\""
   TARGETS="$TARGETS logged:$LOGGED"

