@@ -8,6 +8,9 @@
 #   null       a milter that checks nothing (examples/null_milter.rs: the
 #              same steps agreed as Portcullis, a thread per connection):
 #              the floor any milter pays through Postfix
+#   null_tokio the same on one thread with a current-thread tokio runtime,
+#              a task per connection, as Portcullis serves them: the floor
+#              for a milter built as Portcullis is
 #   opendkim   Debian's OpenDKIM as a verify-only milter, for comparison
 #              (when /usr/sbin/opendkim is installed; .ci/run does not need it)
 #   rspamd     Debian's rspamd as a milter (its proxy worker in milter mode,
@@ -25,7 +28,7 @@ ROUNDS=${1:-5}; MSGS=${2:-5000}; SESS=${3:-20}; BYTES=${4:-2000}
 cd "$(dirname "$0")/.."
 PLAIN=12540; OFF=12541; ON=12542; M_OFF=12543; M_ON=12544; DNS=127.0.0.1:15354
 DKIM=12545; M_DKIM=12546; B_OFF=12547; B_ON=12548; MB_OFF=12549; MB_ON=12550
-RSPAMD=12551; M_RSPAMD=12552; NULL=12554; M_NULL=12553
+RSPAMD=12551; M_RSPAMD=12552; NULL=12554; M_NULL=12553; NULLT=12557; M_NULLT=12558
 TMP=$(mktemp -d); chmod 755 $TMP  # Postfix's own users read its queue under it
 cleanup() {
   postfix -c $TMP/conf stop >/dev/null 2>&1 || true
@@ -99,11 +102,14 @@ CF
 TARGETS="plain:$PLAIN milter_off:$OFF milter_on:$ON"
 if [ -z "${UNIX:-}" ]; then
   (./target/release/examples/null_milter 127.0.0.1:$M_NULL >$TMP/null.log 2>&1 & echo $! >$TMP/null.pid)
+  (./target/release/examples/null_milter 127.0.0.1:$M_NULLT --tokio >$TMP/null_tokio.log 2>&1 & echo $! >$TMP/null_tokio.pid)
   cat >>$TMP/conf/master.cf <<CF
 127.0.0.1:$NULL inet n - n - - smtpd
   -o smtpd_milters=inet:127.0.0.1:$M_NULL
+127.0.0.1:$NULLT inet n - n - - smtpd
+  -o smtpd_milters=inet:127.0.0.1:$M_NULLT
 CF
-  TARGETS="$TARGETS null:$NULL"
+  TARGETS="$TARGETS null:$NULL null_tokio:$NULLT"
 fi
 if [ -n "${BASE_BIN:-}" ]; then
   cat >>$TMP/conf/master.cf <<CF
@@ -192,9 +198,9 @@ for t in $TARGETS; do
 done
 printf '   [%d msgs x %d rounds, %d sessions, %d-byte bodies]\n' "$MSGS" "$ROUNDS" "$SESS" "$BYTES"
 tick=$(getconf CLK_TCK)
-for n in off on ${BASE_BIN:+base_off base_on} $([ -f $TMP/null.pid ] && echo null); do
+for n in off on ${BASE_BIN:+base_off base_on} $([ -f $TMP/null.pid ] && echo null null_tokio); do
   # user and system apart: most of it is the kernel's (loopback TCP, wake-ups).
-  if [ $n = null ]; then what="null milter"; else what="portcullis ($n)"; fi
+  case $n in null) what="null milter";; null_tokio) what="null milter (tokio)";; *) what="portcullis ($n)";; esac
   printf '%s cpu per message: %s, RSS %s MB\n' "$what" \
     "$(awk -v t=$tick -v m=$((ROUNDS * MSGS)) '{printf "%.0f us (user %.0f, system %.0f)", ($14 + $15) / t / m * 1e6, $14 / t / m * 1e6, $15 / t / m * 1e6}' /proc/$(cat $TMP/$n.pid)/stat)" \
     "$(awk '/VmRSS/ {printf "%.0f", $2 / 1024}' /proc/$(cat $TMP/$n.pid)/status)"
