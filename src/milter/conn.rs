@@ -3,6 +3,7 @@
 //! the buffers back while the MTA is quiet.
 
 use super::conversation::{Conversation, Flow};
+use crate::runtime::deadline::Deadline;
 use crate::runtime::scratch::read_quiet;
 use crate::wire::milter::Decoder;
 use std::sync::Arc;
@@ -38,6 +39,9 @@ impl Conversation {
         let mut decoder = Decoder::new(cfg.milter.max_packet.as_usize());
         let mut want = IDLE_READ;
         let mut out = Vec::new();
+        // One timer for every read, moved on at each (about 6 a message),
+        // as upstream connections keep theirs.
+        let mut deadline = Deadline::new();
         let why = 'conversation: loop {
             loop {
                 match decoder.body() {
@@ -81,22 +85,22 @@ impl Conversation {
             let into = decoder.buffer();
             into.reserve(want);
             let quick = until.min(tokio::time::Instant::now() + BUSY);
-            let read = match tokio::time::timeout_at(quick, io.read_buf(into)).await {
-                Ok(r) => Ok(r),
-                Err(_) => {
+            let read = match deadline.within(quick, io.read_buf(into)).await {
+                Some(r) => Some(r),
+                None => {
                     // Quiet: an idle MTA connection keeps no buffer.
                     out = Vec::new();
                     decoder.shrink();
                     want = IDLE_READ;
-                    tokio::time::timeout_at(until, read_quiet(&mut io, decoder.buffer(), &mut []))
-                        .await
+                    let quiet = read_quiet(&mut io, decoder.buffer(), &mut []);
+                    deadline.within(until, quiet).await
                 }
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) => break "disconnect",
-                Err(_) if !self.negotiated => break "negotiate_timeout",
-                Err(_) => break "timeout",
-                Ok(Ok(n)) => {
+                Some(Ok(0)) | Some(Err(_)) => break "disconnect",
+                None if !self.negotiated => break "negotiate_timeout",
+                None => break "timeout",
+                Some(Ok(n)) => {
                     if n >= want {
                         want = (want * 8).min(READ);
                     }
