@@ -9,6 +9,7 @@ use crate::verdict::{Decision, Outcome};
 use mail_auth::headers::HeaderWriter;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{AuthenticatedMessage, AuthenticationResults};
+use std::fmt::Write as _;
 use std::ops::Range;
 
 /// Writes our Authentication-Results header from the results of the
@@ -67,10 +68,12 @@ pub fn finish(headers: &mut String, outcome: &Outcome, t: &Thresholds, added: &[
     let tagged = outcome.decision == Decision::Tag;
     if tagged || t.tag.is_some() {
         let flag = if tagged { "YES" } else { "NO" };
-        headers.push_str(&format!(
+        // Written in place: no String of its own per message.
+        let _ = write!(
+            headers,
             "X-Spam-Flag: {flag}\r\nX-Spam-Score: {:.1}\r\n",
             outcome.score
-        ));
+        );
     }
     for h in added {
         headers.push_str(h);

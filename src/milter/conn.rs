@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const READ: usize = 64 * 1024;
 /// Read size while the MTA is quiet (a command or macro packet).
 const IDLE_READ: usize = 512;
+/// What the reply buffer starts with.
+const REPLIES: usize = 512;
 /// A connection quiet this long gives its buffers back.
 const BUSY: Duration = Duration::from_secs(1);
 
@@ -38,7 +40,9 @@ impl Conversation {
         // is quiet, grown while it sends a message.
         let mut decoder = Decoder::new(cfg.milter.max_packet.as_usize());
         let mut want = IDLE_READ;
-        let mut out = Vec::new();
+        // Room for the replies to a packet group (our header edits at the
+        // end of a message are the longest).
+        let mut out = Vec::with_capacity(REPLIES);
         // One timer for every read, moved on at each (about 6 a message),
         // as upstream connections keep theirs.
         let mut deadline = Deadline::new();

@@ -125,7 +125,7 @@ impl Conversation {
             Command::Data => self.unless(step::NO_REPLY_DATA),
             Command::Header { name, value } => {
                 let leading = self.leading_space();
-                self.keep(|m| m.header(&name, &value, leading));
+                self.keep(move |m| m.header(name, &value, leading));
                 self.unless(step::NO_REPLY_HEADER)
             }
             Command::EndOfHeaders => {

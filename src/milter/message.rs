@@ -3,7 +3,7 @@
 //! checks, and on acceptance our header edits.
 
 use super::conversation::Conversation;
-use super::headers::{Assembled, fields_of};
+use super::headers::{Assembled, HEADER_BLOCK, fields_of};
 use super::txn::reply_code;
 use crate::checks::Stage;
 use crate::checks::pool::SharedMessage;
@@ -27,6 +27,9 @@ impl Conversation {
             add(&mut unkept);
             t.hold.grew(t.hold.size() + unkept.len() as u64, 0);
             return;
+        }
+        if t.message.bytes.capacity() == 0 {
+            t.message.bytes.reserve(HEADER_BLOCK);
         }
         add(&mut t.message);
         if !t
