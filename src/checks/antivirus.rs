@@ -151,6 +151,10 @@ impl Antivirus {
 }
 
 impl Check for Antivirus {
+    fn off(&self) -> bool {
+        self.cfg.mode == Mode::Off
+    }
+
     fn always(&self) -> bool {
         true
     }

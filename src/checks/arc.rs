@@ -62,6 +62,10 @@ fn says_dmarc_pass(value: &[u8]) -> bool {
 }
 
 impl Check for ArcCheck {
+    fn off(&self) -> bool {
+        self.cfg.mode == Mode::Off
+    }
+
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             if self.cfg.mode == Mode::Off || m.parsed.arc_seals().is_empty() {

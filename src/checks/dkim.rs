@@ -27,6 +27,11 @@ impl Dkim {
 }
 
 impl Check for Dkim {
+    /// DKIM is verified for DMARC even with its own mode off.
+    fn off(&self) -> bool {
+        self.cfg.mode == Mode::Off && !self.for_dmarc
+    }
+
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             if self.cfg.mode == Mode::Off && !self.for_dmarc {

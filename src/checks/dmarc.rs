@@ -26,6 +26,10 @@ impl Dmarc {
 }
 
 impl Check for Dmarc {
+    fn off(&self) -> bool {
+        self.cfg.mode == Mode::Off
+    }
+
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             let Some(spf) = f

@@ -373,6 +373,10 @@ impl DnsblCheck {
 }
 
 impl Check for DnsblCheck {
+    fn off(&self) -> bool {
+        !self.on()
+    }
+
     fn start(&self, client: &Client, pending: &mut Pending) {
         if self.on() && !client.dnsbl_known_good && self.dnsbl.ip_zones().next().is_some() {
             let ip = client.ip;

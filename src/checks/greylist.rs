@@ -166,6 +166,10 @@ impl Greylist {
 }
 
 impl Check for Greylist {
+    fn off(&self) -> bool {
+        self.cfg.mode == Mode::Off
+    }
+
     fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
         if self.cfg.mode == Mode::Off {
             return done();

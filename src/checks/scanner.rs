@@ -303,6 +303,10 @@ impl Scanner {
 }
 
 impl Check for Scanner {
+    fn off(&self) -> bool {
+        self.cfg.mode == Mode::Off
+    }
+
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             let c = &self.cfg;

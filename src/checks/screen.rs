@@ -912,6 +912,34 @@ mod tests {
         }
     }
 
+    /// A check that is off is left out of the engine (its stages are not
+    /// called for every message); one on, or needed by another, stays.
+    #[test]
+    fn checks_that_are_off_are_left_out_of_the_engine() {
+        let engine = |checks: &str| {
+            let yaml = format!(
+                "hostname: gate.test\nlisten: [{{addr: 127.0.0.1:0}}]\nupstream: {{addr: 127.0.0.1:2525}}\nchecks:\n{checks}"
+            );
+            let cfg = Config::parse(&yaml, Path::new("test.yaml")).unwrap();
+            let store = Store::in_memory(1000, Arc::new(crate::state::SystemClock));
+            Engine::new(&cfg, Dns::new(&cfg.dns).unwrap(), Arc::new(store))
+                .checks
+                .len()
+        };
+        let off = "  spf: {mode: off}\n  dkim: {mode: off}\n  dmarc: {mode: off}\n  arc: {mode: off}\n  dnsbl: {mode: off}\n  greylist: {mode: off}\n  uribl: {mode: off}\n  antivirus: {mode: off}\n  scanner: {mode: off}\n";
+        // The limits, the rate limits, iprev, the rules and our
+        // Authentication-Results field.
+        assert_eq!(engine(off), 5);
+        // DMARC on: DKIM is verified for it, with its own mode off.
+        let dmarc = off.replace("dmarc: {mode: off}", "dmarc: {mode: record}");
+        assert_eq!(engine(&dmarc), 7);
+        // SPF on alone.
+        assert_eq!(
+            engine(&off.replace("spf: {mode: off}", "spf: {mode: enforce}")),
+            6
+        );
+    }
+
     #[tokio::test]
     async fn connect_without_listings_is_greeted() {
         let mut s = screen(&config(""), "192.0.2.1");

@@ -130,6 +130,10 @@ impl Spf {
 }
 
 impl Check for Spf {
+    fn off(&self) -> bool {
+        self.cfg.mode == Mode::Off
+    }
+
     fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
         Box::pin(async move {
             if self.cfg.mode == Mode::Off {

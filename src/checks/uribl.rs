@@ -180,6 +180,10 @@ impl Uribl {
 }
 
 impl Check for Uribl {
+    fn off(&self) -> bool {
+        !self.on()
+    }
+
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             if !self.on() {
