@@ -162,7 +162,7 @@ impl Check for Antivirus {
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             let c = &self.cfg;
-            if c.mode == Mode::Off {
+            if self.off() {
                 return;
             }
             let message: &[u8] = m.shared.as_ref().as_ref();

@@ -68,7 +68,7 @@ impl Check for ArcCheck {
 
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
-            if self.cfg.mode == Mode::Off || m.parsed.arc_seals().is_empty() {
+            if self.off() || m.parsed.arc_seals().is_empty() {
                 return;
             }
             let (auth, cache) = self.dns.auth();

@@ -34,7 +34,7 @@ impl Check for Dkim {
 
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
-            if self.cfg.mode == Mode::Off && !self.for_dmarc {
+            if self.off() {
                 return;
             }
             let (auth, cache) = self.dns.auth();

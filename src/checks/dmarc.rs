@@ -32,12 +32,7 @@ impl Check for Dmarc {
 
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
-            let Some(spf) = f
-                .txn
-                .spf_mail
-                .as_ref()
-                .filter(|_| self.cfg.mode != Mode::Off)
-            else {
+            let Some(spf) = f.txn.spf_mail.as_ref().filter(|_| !self.off()) else {
                 return;
             };
             let (auth, cache) = self.dns.auth();

@@ -171,7 +171,7 @@ impl Check for Greylist {
     }
 
     fn rcpt<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
-        if self.cfg.mode == Mode::Off {
+        if self.off() {
             return done();
         }
         Box::pin(async move {

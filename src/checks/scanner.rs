@@ -310,7 +310,7 @@ impl Check for Scanner {
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
             let c = &self.cfg;
-            if c.mode == Mode::Off {
+            if self.off() {
                 return;
             }
             let name = c.kind.as_str();

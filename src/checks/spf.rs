@@ -136,7 +136,7 @@ impl Check for Spf {
 
     fn mail<'a>(&'a self, f: &'a mut Facts) -> Hook<'a> {
         Box::pin(async move {
-            if self.cfg.mode == Mode::Off {
+            if self.off() {
                 return;
             }
             self.helo_identity(f).await;

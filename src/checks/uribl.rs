@@ -186,7 +186,7 @@ impl Check for Uribl {
 
     fn data<'a, 'm: 'a>(&'m self, f: &'a mut Facts, m: &'a mut Message<'m>) -> Hook<'a> {
         Box::pin(async move {
-            if !self.on() {
+            if self.off() {
                 return;
             }
             let start = Instant::now();
