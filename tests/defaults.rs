@@ -731,12 +731,16 @@ async fn a_milter_connection_that_never_negotiates_is_closed_in_seconds() {
 /// reconnecting as soon as it is dropped; /readyz and /metrics (asked from
 /// another address, as a scraper or load balancer would) answer within a
 /// second throughout. Before: 32 idle connections made them time out.
+/// The gate's descriptors stay within the listener's 256 connections over
+/// what it held before, sampled throughout (an evicted connection counts
+/// until it is closed: before, 400 to 800 were open at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_http_connections_do_not_blind_the_health_port() {
     let _serial = SERIAL.lock().await;
     let _ = rlimit::increase_nofile_limit(20_000);
     let mta = FakeMta::start(Script::default()).await;
     let gate = Gate::start("http", mta.addr, "", None).await;
+    let baseline = gate.descriptors();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut attackers = Vec::new();
     for i in 0..2000 {
@@ -776,7 +780,9 @@ async fn idle_and_slowloris_http_connections_do_not_blind_the_health_port() {
     let mut worst = Duration::ZERO;
     let until = Instant::now() + Duration::from_secs(12);
     let mut probes = 0;
+    let mut most = 0;
     while Instant::now() < until {
+        most = most.max(gate.descriptors());
         for path in ["/readyz", "/metrics"] {
             let started = Instant::now();
             let r =
@@ -800,12 +806,15 @@ async fn idle_and_slowloris_http_connections_do_not_blind_the_health_port() {
     }
     println!(
         "2000 attackers ({connections} connections counted from those that ended): \
-         {probes} probes, slowest {worst:?}; gate {} descriptors, RSS {} KiB",
-        gate.descriptors(),
+         {probes} probes, slowest {worst:?}; gate descriptors {baseline} before, \
+         at most {most} during; RSS {} KiB",
         gate.rss_kib()
     );
     assert!(worst < Duration::from_secs(1), "{worst:?}");
-    assert!(gate.descriptors() < 400, "{}", gate.descriptors());
+    // 256 (served or evicted and not yet closed), one accepted and
+    // waiting, and a few the gate opens on its own (the nameserver check's
+    // sockets); 3 over were seen.
+    assert!(most <= baseline + 256 + 10, "{most} over {baseline}");
 }
 
 /// RSS growth per idle connection, in bytes: `open` opens `n` of them.
