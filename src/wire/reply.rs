@@ -171,22 +171,38 @@ impl UpstreamReply {
 
     /// The text of the last line, without the code (for logs).
     pub fn text(&self) -> String {
+        String::from_utf8_lossy(self.last_text()).into_owned()
+    }
+
+    fn last_text(&self) -> &[u8] {
         let body = self.raw.strip_suffix(b"\r\n").unwrap_or(&self.raw);
         let last = body.rsplit(|&b| b == b'\n').next().unwrap_or(body);
-        String::from_utf8_lossy(last.get(4..).unwrap_or_default()).into_owned()
+        last.get(4..).unwrap_or_default()
     }
 
     /// The enhanced status code at the start of the last line, if any.
+    /// Read in place: this runs for every reply upstream gives.
     pub fn enhanced(&self) -> String {
-        let text = self.text();
-        let first = text.split(' ').next().unwrap_or("");
-        let parts: Vec<&str> = first.split('.').collect();
-        let ok = parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-            && parts[0].parse::<u16>().ok() == Some(self.class());
-        if ok { first.to_string() } else { String::new() }
+        let text = self.last_text();
+        let first = text.split(|&b| b == b' ').next().unwrap_or_default();
+        let number = |p: &[u8]| {
+            (!p.is_empty() && p.len() <= 3 && p.iter().all(u8::is_ascii_digit))
+                .then(|| p.iter().fold(0u16, |v, d| v * 10 + u16::from(d - b'0')))
+        };
+        let mut parts = first.split(|&b| b == b'.');
+        let ok = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(class), Some(subject), Some(detail), None) => {
+                number(class) == Some(self.class())
+                    && number(subject).is_some()
+                    && number(detail).is_some()
+            }
+            _ => false,
+        };
+        if ok {
+            String::from_utf8_lossy(first).into_owned()
+        } else {
+            String::new()
+        }
     }
 
     /// Each line's text without the code and separator (for EHLO keywords).
@@ -314,6 +330,20 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.enhanced(), "");
+        for (raw, enhanced) in [
+            (&b"250-a\r\n250 2.0.0 Ok: queued\r\n"[..], "2.0.0"),
+            (b"550 5.7.1\r\n", "5.7.1"),
+            (b"550 05.7.1 x\r\n", "05.7.1"),
+            (b"550 5.1.1.1 x\r\n", ""),
+            (b"550 5.1 x\r\n", ""),
+            (b"550 5..1 x\r\n", ""),
+            (b"550 5.1234.1 x\r\n", ""),
+            (b"550 5.a.1 x\r\n", ""),
+            (b"550 x 5.1.1\r\n", ""),
+        ] {
+            let (r, _) = parse_reply(raw).unwrap().unwrap();
+            assert_eq!(r.enhanced(), enhanced, "{raw:?}");
+        }
         let (r, _) = parse_reply(b"250\n").unwrap().unwrap();
         assert_eq!(r.raw, b"250\r\n");
         assert_eq!(
