@@ -5,15 +5,22 @@
 # The installed config is the reference portcullis.yaml with the state file
 # switched on (/var/lib/portcullis, the unit's StateDirectory); man pages and
 # completions come from the CLI definition of the binary just built.
+#
+# PROFILE=dev packages the debug build that the tests use instead of a
+# release build (.ci/run does: the package test checks what is installed
+# and that it runs, not its speed; cargo-deb warns that it is meant for
+# releases). Default: release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=${PROFILE:-release}
+case $profile in dev) bin=target/debug/portcullis ;; *) bin=target/$profile/portcullis ;; esac
 
-cargo build --release --ignore-rust-version --bin portcullis
+cargo build --profile "$profile" --ignore-rust-version --bin portcullis
 out=target/package
 rm -rf "$out"; mkdir -p "$out/man" "$out/completions"
-target/release/portcullis generate man "$out/man" >/dev/null
+$bin generate man "$out/man" >/dev/null
 for shell in bash zsh fish; do
-  target/release/portcullis generate completions "$shell" >"$out/completions/portcullis.$shell"
+  $bin generate completions "$shell" >"$out/completions/portcullis.$shell"
 done
 
 # The installed README: links to files of the source tree point to what the
@@ -42,7 +49,7 @@ sed "s|^  # file: /var/lib/portcullis/state.jsonl|$want|" portcullis.yaml >"$out
 grep -qxF "$want" "$out/portcullis.yaml" || { echo "state.file line not found in portcullis.yaml" >&2; exit 1; }
 # The reference config must pass; the installed one (its state file's
 # directory exists only once installed) is checked by tests/it/package.rs.
-target/release/portcullis check --no-probe --config portcullis.yaml >/dev/null
+$bin check --no-probe --config portcullis.yaml >/dev/null
 
 # --strip: the release profile keeps line tables for profiling; the package need not.
-cargo deb --no-build --strip "$@"
+cargo deb --no-build --strip --profile "$profile" "$@"
