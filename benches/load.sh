@@ -46,6 +46,8 @@
 # connection threads (`threads: N`; the others have the default, one per two CPUs).
 # At the end: upstream connections each gate opened per 1,000 client
 # sessions (from its metrics).
+# PERF=<target> profiles one gate instead (benches/perf.sh: perf and
+# inferno, a flame graph in target/perf/); PERF_D=1 with connections reused.
 # Needs smtp-source and smtp-sink (Debian package postfix). Loopback only.
 set -euo pipefail
 ROUNDS=${1:-5}; MSGS=${2:-20000}; SESS=${3:-20}; BYTES=${4:-2000}
@@ -272,6 +274,15 @@ if [ -n "${SPLIT:-}" ]; then
   done
 fi
 
+# PERF=<target> (with PERF_D=1: connections reused): profile that gate
+# instead of the rounds (benches/perf.sh).
+if [ -n "${PERF:-}" ]; then
+  . benches/perf.sh
+  port=""; for t in $TARGETS; do [ "${t%%:*}" = "$PERF" ] && port=${t#*:}; done
+  [ -n "$port" ] || { echo "PERF=$PERF: not a target of this run ($TARGETS)" >&2; exit 1; }
+  profile_target "$PERF" "$port" 2000 ${PERF_D:+-d} -s $SESS -l $BYTES
+  exit 0
+fi
 MODES="single"
 [ -n "${REUSED:-}" ] && MODES="single reused"
 rate() { # port mode -> msg/s

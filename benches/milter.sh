@@ -21,6 +21,8 @@
 # milters run by another build, so that a change is judged within one run.
 # Postfix discards what it accepts (transport discard:), so the figures are
 # smtpd + cleanup + queue, without delivery.
+# PERF=<milter> profiles one milter instead (benches/perf.sh: perf and
+# inferno, a flame graph in target/perf/).
 #   benches/milter.sh [ROUNDS] [MESSAGES] [SESSIONS] [BODY_BYTES]
 # Needs Postfix (smtp-source, postfix) and root (Postfix's own users).
 set -euo pipefail
@@ -169,6 +171,17 @@ for t in $TARGETS; do
   smtp-source -s 2 -m 20 -l 100 -f a@example.test -t b@example.test 127.0.0.1:$p
 done
 
+# PERF=<milter> (off, on, null, null_tokio, base_off, base_on): profile
+# that milter through its Postfix instead of the rounds (benches/perf.sh).
+if [ -n "${PERF:-}" ]; then
+  . benches/perf.sh
+  port=""; for t in $TARGETS; do
+    case ${t%%:*} in "$PERF"|"milter_$PERF") port=${t#*:};; esac
+  done
+  [ -n "$port" ] || { echo "PERF=$PERF: not a target of this run ($TARGETS)" >&2; exit 1; }
+  profile_target "$PERF" "$port" 1000 -s $SESS -l $BYTES
+  exit 0
+fi
 rate() { # port -> msg/s
   local t0 t1
   t0=$(date +%s.%N)
