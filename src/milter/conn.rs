@@ -5,7 +5,7 @@
 use super::conversation::{Conversation, Flow};
 use crate::runtime::deadline::Deadline;
 use crate::runtime::scratch::read_quiet;
-use crate::wire::milter::Decoder;
+use crate::wire::milter::{Decoder, MilterError, Response};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -48,9 +48,9 @@ impl Conversation {
         let mut deadline = Deadline::new();
         let why = 'conversation: loop {
             loop {
-                match decoder.body() {
-                    Ok(Some(chunk)) => {
-                        if let Some(r) = self.body(chunk) {
+                match self.lent(&mut decoder) {
+                    Ok(Some(answer)) => {
+                        if let Some(r) = answer {
                             r.encode(&mut out);
                         }
                         continue;
@@ -115,6 +115,23 @@ impl Conversation {
             tracing::info!(milter = %self.id, "no option negotiation in time; closing");
         }
         self.end_session(why);
+    }
+}
+
+impl Conversation {
+    /// Serves the next packet if it is one of those a message brings most
+    /// (a body chunk, a header field, macros), lent from the read buffer
+    /// rather than decoded into copies: Some(its answer, if any), or None
+    /// when the next packet is another or not whole yet.
+    fn lent(&mut self, decoder: &mut Decoder) -> Result<Option<Option<Response>>, MilterError> {
+        if let Some(chunk) = decoder.body()? {
+            return Ok(Some(self.body(chunk)));
+        }
+        if let Some((name, value)) = decoder.header()? {
+            return Ok(Some(self.header(name, value)));
+        }
+        let macros = &mut self.macros;
+        Ok(decoder.macros(|n, v| macros.set(n, v))?.map(|()| None))
     }
 }
 

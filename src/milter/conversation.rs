@@ -106,7 +106,9 @@ impl Conversation {
                 steps,
             } => Some(self.negotiate(version, actions, steps)),
             Command::Macros { pairs, .. } => {
-                self.macros.set(pairs);
+                for (name, value) in &pairs {
+                    self.macros.set(name, value);
+                }
                 None
             }
             Command::Connect { family, .. } => {
@@ -123,11 +125,7 @@ impl Conversation {
             }
             Command::Rcpt(args) => Some(Box::pin(self.rcpt(&args)).await),
             Command::Data => self.unless(step::NO_REPLY_DATA),
-            Command::Header { name, value } => {
-                let leading = self.leading_space();
-                self.keep(move |m| m.header(name, &value, leading));
-                self.unless(step::NO_REPLY_HEADER)
-            }
+            Command::Header { name, value } => self.header(&name, &value),
             Command::EndOfHeaders => {
                 self.keep(Assembled::end_of_headers);
                 self.unless(step::NO_REPLY_EOH)
@@ -162,6 +160,13 @@ impl Conversation {
     pub(super) fn body(&mut self, chunk: &[u8]) -> Option<Response> {
         self.keep(|m| m.body(chunk));
         self.unless(step::NO_REPLY_BODY)
+    }
+
+    /// A header field (lent as a body chunk is).
+    pub(super) fn header(&mut self, name: &[u8], value: &[u8]) -> Option<Response> {
+        let leading = self.leading_space();
+        self.keep(|m| m.header(name, value, leading));
+        self.unless(step::NO_REPLY_HEADER)
     }
 
     /// The options: what we want of what the MTA offers.
@@ -245,13 +250,14 @@ impl Macros {
         (stage::END_OF_MESSAGE, "i"),
     ];
 
-    /// A stage's macros: each replaces an earlier value (they last for the
-    /// SMTP session, as the MTA defines them).
-    fn set(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
-        for (name, value) in pairs {
-            if let Some(i) = Self::NAMES.iter().position(|n| n.as_bytes() == name) {
-                self.0[i] = Some(value);
-            }
+    /// One of a stage's macros: it replaces an earlier value (they last
+    /// for the SMTP session, as the MTA defines them), in the room the
+    /// earlier one had.
+    pub(super) fn set(&mut self, name: &[u8], value: &[u8]) {
+        if let Some(i) = Self::NAMES.iter().position(|n| n.as_bytes() == name) {
+            let kept = self.0[i].get_or_insert_with(Vec::new);
+            kept.clear();
+            kept.extend_from_slice(value);
         }
     }
 

@@ -12,8 +12,8 @@ pub const HEADER_BLOCK: usize = 1024;
 #[derive(Default)]
 pub struct Assembled {
     pub bytes: Vec<u8>,
-    /// Where each header field starts, and its name.
-    fields: Vec<(usize, Vec<u8>)>,
+    /// Where each header field starts, and its name's length.
+    fields: Vec<(usize, usize)>,
 }
 
 impl Assembled {
@@ -22,10 +22,10 @@ impl Assembled {
     /// put back, as the MTA took it away. Line breaks in a folded value
     /// become CRLF.
     ///
-    /// The name is kept as the packet brought it (no copy of its own).
-    pub fn header(&mut self, name: Vec<u8>, value: &[u8], leading_space: bool) {
-        self.bytes.extend_from_slice(&name);
-        self.fields.push((self.bytes.len() - name.len(), name));
+    /// The name is found again in the message (no copy of its own).
+    pub fn header(&mut self, name: &[u8], value: &[u8], leading_space: bool) {
+        self.fields.push((self.bytes.len(), name.len()));
+        self.bytes.extend_from_slice(name);
         self.bytes.push(b':');
         if !leading_space {
             self.bytes.push(b' ');
@@ -55,15 +55,17 @@ impl Assembled {
 
     /// The field starting at `offset`: its name and which one of that
     /// name it is (from 1, names compared without case), as the MTA
-    /// counts for a change.
-    pub fn field_at(&self, offset: usize) -> Option<(Vec<u8>, u32)> {
+    /// counts for a change. `message`: these bytes, once handed over to
+    /// the checks.
+    pub fn field_at(&self, message: &[u8], offset: usize) -> Option<(Vec<u8>, u32)> {
+        let name_of = |&(at, len): &(usize, usize)| message.get(at..at + len);
         let i = self.fields.iter().position(|(at, _)| *at == offset)?;
-        let name = &self.fields[i].1;
+        let name = name_of(&self.fields[i])?;
         let nth = self.fields[..=i]
             .iter()
-            .filter(|(_, n)| n.eq_ignore_ascii_case(name))
+            .filter(|f| name_of(f).is_some_and(|n| n.eq_ignore_ascii_case(name)))
             .count();
-        Some((name.clone(), u32::try_from(nth).unwrap_or(u32::MAX)))
+        Some((name.to_vec(), u32::try_from(nth).unwrap_or(u32::MAX)))
     }
 }
 
@@ -101,9 +103,9 @@ mod tests {
     #[test]
     fn a_message_is_rebuilt_as_sent() {
         let mut m = Assembled::default();
-        m.header(b"From".to_vec(), b" a@b.test", true);
-        m.header(b"Subject".to_vec(), b" folded\n\tline", true);
-        m.header(b"X-Other".to_vec(), b"no space", false);
+        m.header(b"From", b" a@b.test", true);
+        m.header(b"Subject", b" folded\n\tline", true);
+        m.header(b"X-Other", b"no space", false);
         m.end_of_headers();
         m.body(b"body\r\n");
         assert_eq!(
@@ -115,16 +117,20 @@ mod tests {
     #[test]
     fn fields_are_counted_by_name_without_case() {
         let mut m = Assembled::default();
-        m.header(b"Authentication-Results".to_vec(), b" a", true);
-        m.header(b"Subject".to_vec(), b" s", true);
+        m.header(b"Authentication-Results", b" a", true);
+        m.header(b"Subject", b" s", true);
         let second = m.len();
-        m.header(b"authentication-results".to_vec(), b" b", true);
+        m.header(b"authentication-results", b" b", true);
+        let bytes = &m.bytes;
         assert_eq!(
-            m.field_at(second),
+            m.field_at(bytes, second),
             Some((b"authentication-results".to_vec(), 2))
         );
-        assert_eq!(m.field_at(0), Some((b"Authentication-Results".to_vec(), 1)));
-        assert_eq!(m.field_at(3), None);
+        assert_eq!(
+            m.field_at(bytes, 0),
+            Some((b"Authentication-Results".to_vec(), 1))
+        );
+        assert_eq!(m.field_at(bytes, 3), None);
     }
 
     #[test]

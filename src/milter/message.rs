@@ -80,7 +80,8 @@ impl Conversation {
                     // From the last, so that deleting one does not renumber
                     // the next.
                     for range in checked.remove.iter().rev() {
-                        if let Some((name, index)) = fields.field_at(range.start) {
+                        if let Some((name, index)) = fields.field_at((*held).as_ref(), range.start)
+                        {
                             edits.push(Response::ChangeHeader {
                                 index,
                                 name,

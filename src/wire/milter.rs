@@ -247,15 +247,54 @@ impl Decoder {
     /// straight into the message (`command` would copy it into a
     /// `Command::Body` of its own). Anything else is left for `command`.
     pub fn body(&mut self) -> Result<Option<&[u8]>, MilterError> {
+        self.lend(b'B')
+    }
+
+    /// The next packet if it is a whole header field ('L'): its name and
+    /// value borrowed from the buffer (as `body`), not copied into a
+    /// `Command::Header` of their own. Anything else is left for `command`.
+    pub fn header(&mut self) -> Result<Option<(&[u8], &[u8])>, MilterError> {
+        let Some(data) = self.lend(b'L')? else {
+            return Ok(None);
+        };
+        let mut f = Fields { data, code: b'L' };
+        let field = (f.str()?, f.str()?);
+        f.end(Some(field))
+    }
+
+    /// The next packet if it is a whole macro packet ('D'): `each` is
+    /// given every name and value, borrowed from the buffer (as `body`),
+    /// instead of a `Command::Macros` of copies. Anything else is left for
+    /// `command`. A malformed packet is an error after the pairs before
+    /// the fault were given.
+    pub fn macros(
+        &mut self,
+        mut each: impl FnMut(&[u8], &[u8]),
+    ) -> Result<Option<()>, MilterError> {
+        let Some(data) = self.lend(b'D')? else {
+            return Ok(None);
+        };
+        let mut f = Fields { data, code: b'D' };
+        f.byte()?;
+        while !f.data.is_empty() {
+            let (name, value) = (f.str()?, f.str()?);
+            each(name, value);
+        }
+        Ok(Some(()))
+    }
+
+    /// The data of the next packet if it is whole and its command is
+    /// `code`, lent from the buffer.
+    fn lend(&mut self, code: u8) -> Result<Option<&[u8]>, MilterError> {
         let start = self.at;
         let Some(len) = self.length()? else {
             return Ok(None);
         };
         let end = start + 4 + len;
-        if self.buf.len() < end || self.buf[start + 4] != b'B' {
+        if self.buf.len() < end || self.buf[start + 4] != code {
             return Ok(None);
         }
-        // The buffer is emptied by the next call, not now: the chunk is lent.
+        // The buffer is emptied by the next call, not now: the data is lent.
         self.at = end;
         Ok(Some(&self.buf[start + 5..end]))
     }
@@ -322,12 +361,17 @@ impl<'a> Fields<'a> {
     }
 
     fn string(&mut self) -> Result<Vec<u8>, MilterError> {
+        self.str().map(<[u8]>::to_vec)
+    }
+
+    /// The next NUL-terminated string, borrowed.
+    fn str(&mut self) -> Result<&'a [u8], MilterError> {
         let end = self
             .data
             .iter()
             .position(|&b| b == 0)
             .ok_or_else(|| self.bad("a string without its NUL"))?;
-        let s = self.data[..end].to_vec();
+        let s = &self.data[..end];
         self.data = &self.data[end + 1..];
         Ok(s)
     }
@@ -766,5 +810,97 @@ mod tests {
         let mut d = Decoder::new(100);
         d.feed(&[0, 0, 0, 0]);
         assert_eq!(d.body(), Err(MilterError::Empty));
+    }
+
+    /// Header fields and macros are lent too, with what `command` would
+    /// have decoded, in any split; other packets stay for `command`, in
+    /// order; malformed ones are the same errors.
+    #[test]
+    fn header_fields_and_macros_are_lent_as_command_decodes_them() {
+        let packets = [
+            Command::Macros {
+                stage: b'M',
+                pairs: vec![
+                    (b"i".to_vec(), b"4XyZ".to_vec()),
+                    (b"{auth_authen}".to_vec(), Vec::new()),
+                ],
+            },
+            Command::Mail(vec![b"<a@b.test>".to_vec()]),
+            Command::Header {
+                name: b"Subject".to_vec(),
+                value: b" folded\n\tline".to_vec(),
+            },
+            Command::Macros {
+                stage: b'N',
+                pairs: Vec::new(),
+            },
+            Command::Header {
+                name: b"X-Empty".to_vec(),
+                value: Vec::new(),
+            },
+            Command::EndOfHeaders,
+        ];
+        let mut wire = Vec::new();
+        for c in &packets {
+            c.encode(&mut wire);
+        }
+        for split in 1..wire.len() {
+            let mut d = Decoder::new(1024);
+            let mut seen: Vec<Command> = Vec::new();
+            for piece in [&wire[..split], &wire[split..]] {
+                d.buffer().extend_from_slice(piece);
+                loop {
+                    if let Some((name, value)) = d.header().unwrap() {
+                        seen.push(Command::Header {
+                            name: name.to_vec(),
+                            value: value.to_vec(),
+                        });
+                        continue;
+                    }
+                    let mut pairs = Vec::new();
+                    if d.macros(|n, v| pairs.push((n.to_vec(), v.to_vec())))
+                        .unwrap()
+                        .is_some()
+                    {
+                        // The stage is not lent: this gate keeps macros
+                        // by name, whatever the stage.
+                        let stage = match seen.len() {
+                            0 => b'M',
+                            _ => b'N',
+                        };
+                        seen.push(Command::Macros { stage, pairs });
+                        continue;
+                    }
+                    match d.command().unwrap() {
+                        Some(c) => seen.push(c),
+                        None => break,
+                    }
+                }
+            }
+            assert_eq!(seen, packets, "split at {split}");
+            assert_eq!(d.pending(), 0);
+        }
+        for wire in [&b"\0\0\0\x04Lx\0y"[..], b"\0\0\0\x06Lx\0y\0z"] {
+            let mut d = Decoder::new(100);
+            d.feed(wire);
+            assert!(
+                matches!(d.header(), Err(MilterError::Malformed { code: 'L', .. })),
+                "{wire:?}"
+            );
+        }
+        for wire in [&b"\0\0\0\x04Dx\0y"[..], b"\0\0\0\x01D"] {
+            let mut d = Decoder::new(100);
+            d.feed(wire);
+            assert!(
+                matches!(
+                    d.macros(|_, _| {}),
+                    Err(MilterError::Malformed { code: 'D', .. })
+                ),
+                "{wire:?}"
+            );
+        }
+        let mut d = Decoder::new(4);
+        d.feed(&[0, 0, 0, 5]);
+        assert_eq!(d.header(), Err(MilterError::TooLarge(5, 4)));
     }
 }
