@@ -253,7 +253,7 @@ impl Decoder {
     /// The next packet if it is a whole header field ('L'): its name and
     /// value borrowed from the buffer (as `body`), not copied into a
     /// `Command::Header` of their own. Anything else is left for `command`.
-    pub fn header(&mut self) -> Result<Option<(&[u8], &[u8])>, MilterError> {
+    pub fn header(&mut self) -> Result<Option<Field<'_>>, MilterError> {
         let Some(data) = self.lend(b'L')? else {
             return Ok(None);
         };
@@ -345,6 +345,9 @@ impl Decoder {
         r.map(Some)
     }
 }
+
+/// A header field lent by `Decoder::header`: its name and value.
+pub type Field<'a> = (&'a [u8], &'a [u8]);
 
 /// Reads NUL-terminated strings off a packet's data.
 struct Fields<'a> {
