@@ -6,6 +6,7 @@ use super::txn::Txn;
 use crate::checks::Screen;
 use crate::gate::Shared;
 use crate::wire::milter::{Command, Response, VERSION, action, stage, step};
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -184,7 +185,7 @@ impl Conversation {
             self.actions |= action::SET_MACROS;
             Macros::WANTED_AT
                 .iter()
-                .map(|(stage, names)| (*stage, names.as_bytes().to_vec()))
+                .map(|(stage, names)| (*stage, Cow::Borrowed(names.as_bytes())))
                 .collect()
         } else {
             Vec::new()

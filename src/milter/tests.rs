@@ -379,7 +379,7 @@ async fn quit_new_connection_ends_the_session_and_forgets_the_macros() {
 
 /// The actions we take and the macro lists we ask for, when the MTA offers
 /// `actions` and every step.
-async fn offered(actions: u32) -> (u32, Vec<(u32, Vec<u8>)>) {
+async fn offered(actions: u32) -> (u32, Vec<(u32, std::borrow::Cow<'static, [u8]>)>) {
     let mut c = conversation("");
     let offer = Command::Negotiate {
         version: 6,

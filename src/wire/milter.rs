@@ -9,6 +9,7 @@
 //! packet longer than its limit as soon as the length is read, before
 //! buffering it (a hostile or broken peer cannot make it hold more).
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// The protocol version we speak (Postfix `milter_protocol = 6`).
@@ -133,12 +134,13 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     /// 'O': what we take of the offer, and (with `action::SET_MACROS`)
-    /// the macros wanted at each stage (`stage::*`), space separated.
+    /// the macros wanted at each stage (`stage::*`), space separated
+    /// (ours are constants, not copied for each MTA connection).
     Negotiate {
         version: u32,
         actions: u32,
         steps: u32,
-        macros: Vec<(u32, Vec<u8>)>,
+        macros: Vec<(u32, Cow<'static, [u8]>)>,
     },
     /// 'c'
     Continue,
@@ -531,7 +533,7 @@ impl Response {
                 let (version, actions, steps) = (f.u32()?, f.u32()?, f.u32()?);
                 let mut macros = Vec::new();
                 while !f.data.is_empty() {
-                    macros.push((f.u32()?, f.string()?));
+                    macros.push((f.u32()?, Cow::Owned(f.string()?)));
                 }
                 Response::Negotiate {
                     version,

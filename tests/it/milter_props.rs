@@ -63,7 +63,7 @@ fn response() -> impl Strategy<Value = Response> {
                 version,
                 actions,
                 steps,
-                macros,
+                macros: macros.into_iter().map(|(s, n)| (s, n.into())).collect(),
             }),
         Just(Response::Continue),
         Just(Response::Accept),
