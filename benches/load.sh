@@ -304,17 +304,19 @@ drained() {
 }
 declare -A all
 # CPU ticks of each gate per mode: read before and after each run.
-declare -A cpu
+# The user part apart (USER_ONLY=1 ticks): most of a relay's CPU is the
+# kernel's, the same for every relay that makes the same system calls.
+declare -A cpu ucpu
 ticks() {
   local pid; pid=$(cat $TMP/$1.pid)
   if [ $1 = postfix ]; then
     # master's own, its children's that exited (reaped: cutime, cstime),
     # and those alive.
-    { awk '{print $14 + $15 + $16 + $17}' /proc/$pid/stat
-      for c in $(pgrep -P $pid || true); do awk '{print $14 + $15}' /proc/$c/stat 2>/dev/null || true; done
+    { awk -v u=${USER_ONLY:-} '{print u ? $14 + $16 : $14 + $15 + $16 + $17}' /proc/$pid/stat
+      for c in $(pgrep -P $pid || true); do awk -v u=${USER_ONLY:-} '{print u ? $14 : $14 + $15}' /proc/$c/stat 2>/dev/null || true; done
     } | awk '{s += $1} END {print s}'
   else
-    awk '{print $14 + $15}' /proc/$pid/stat
+    awk -v u=${USER_ONLY:-} '{print u ? $14 : $14 + $15}' /proc/$pid/stat
   fi
 }
 # Each round starts one target further on: a fixed order measured later
@@ -325,10 +327,11 @@ for r in $(seq $ROUNDS); do
     line="round $r ($mode):"
     for t in $(rotated $r); do
       n=${t%%:*}
-      [ $n != direct ] && before=$(ticks $n)
+      [ $n != direct ] && before=$(ticks $n) && ubefore=$(USER_ONLY=1 ticks $n)
       v=$(rate ${t#*:} $mode); all[$n.$mode]+="$v "
       [ $n = postfix ] && drained
-      [ $n != direct ] && cpu[$n.$mode]=$(( ${cpu[$n.$mode]:-0} + $(ticks $n) - before ))
+      [ $n != direct ] && cpu[$n.$mode]=$(( ${cpu[$n.$mode]:-0} + $(ticks $n) - before )) &&
+        ucpu[$n.$mode]=$(( ${ucpu[$n.$mode]:-0} + $(USER_ONLY=1 ticks $n) - ubefore ))
       line="$line $n $v"
     done
     echo "$line msg/s"
@@ -349,10 +352,11 @@ for mode in $MODES; do
   printf '   [%d msgs x %d rounds, %d sessions, %s]\n' "$MSGS" "$ROUNDS" "$SESS" "$what"
   # CPU per message (user + system, from /proc): steadier than msg/s on a
   # shared machine, and it shows what a feature costs the gate itself.
+  # Then the user part alone, in brackets.
   line="cpu per message ($mode):"
   for t in $TARGETS; do
     n=${t%%:*}; [ $n = direct ] && continue
-    line="$line $n $(awk -v c=${cpu[$n.$mode]} -v t=$tick -v m=$((ROUNDS * MSGS)) 'BEGIN{printf "%.0f", c / t / m * 1e6}') us"
+    line="$line $n $(awk -v c=${cpu[$n.$mode]} -v u=${ucpu[$n.$mode]} -v t=$tick -v m=$((ROUNDS * MSGS)) 'BEGIN{printf "%.0f us (user %.0f)", c / t / m * 1e6, u / t / m * 1e6}')"
   done
   echo "$line"
 done
