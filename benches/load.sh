@@ -303,20 +303,20 @@ drained() {
   done
 }
 declare -A all
-# CPU ticks of each gate per mode: read before and after each run.
-# The user part apart (USER_ONLY=1 ticks): most of a relay's CPU is the
-# kernel's, the same for every relay that makes the same system calls.
+# CPU ticks of each gate per mode, and their user part: read before and
+# after each run. Most of a relay's CPU is the kernel's, the same for
+# every relay that makes the same system calls.
 declare -A cpu ucpu
-ticks() {
+ticks() { # gate -> "total user"
   local pid; pid=$(cat $TMP/$1.pid)
   if [ $1 = postfix ]; then
     # master's own, its children's that exited (reaped: cutime, cstime),
     # and those alive.
-    { awk -v u=${USER_ONLY:-} '{print u ? $14 + $16 : $14 + $15 + $16 + $17}' /proc/$pid/stat
-      for c in $(pgrep -P $pid || true); do awk -v u=${USER_ONLY:-} '{print u ? $14 : $14 + $15}' /proc/$c/stat 2>/dev/null || true; done
-    } | awk '{s += $1} END {print s}'
+    { awk '{print $14 + $15 + $16 + $17, $14 + $16}' /proc/$pid/stat
+      for c in $(pgrep -P $pid || true); do awk '{print $14 + $15, $14}' /proc/$c/stat 2>/dev/null || true; done
+    } | awk '{s += $1; u += $2} END {print s, u}'
   else
-    awk -v u=${USER_ONLY:-} '{print u ? $14 : $14 + $15}' /proc/$pid/stat
+    awk '{print $14 + $15, $14}' /proc/$pid/stat
   fi
 }
 # Each round starts one target further on: a fixed order measured later
@@ -327,11 +327,14 @@ for r in $(seq $ROUNDS); do
     line="round $r ($mode):"
     for t in $(rotated $r); do
       n=${t%%:*}
-      [ $n != direct ] && before=$(ticks $n) && ubefore=$(USER_ONLY=1 ticks $n)
+      [ $n != direct ] && read -r before ubefore < <(ticks $n)
       v=$(rate ${t#*:} $mode); all[$n.$mode]+="$v "
       [ $n = postfix ] && drained
-      [ $n != direct ] && cpu[$n.$mode]=$(( ${cpu[$n.$mode]:-0} + $(ticks $n) - before )) &&
-        ucpu[$n.$mode]=$(( ${ucpu[$n.$mode]:-0} + $(USER_ONLY=1 ticks $n) - ubefore ))
+      if [ $n != direct ]; then
+        read -r after uafter < <(ticks $n)
+        cpu[$n.$mode]=$(( ${cpu[$n.$mode]:-0} + after - before ))
+        ucpu[$n.$mode]=$(( ${ucpu[$n.$mode]:-0} + uafter - ubefore ))
+      fi
       line="$line $n $v"
     done
     echo "$line msg/s"
